@@ -1,0 +1,79 @@
+/*
+ * LoRA linear, plain (loralib Linear) and grouped (loralib MergedLinear), forward and backward.
+ *
+ *   y  = x·Wᵀ + b + s · scatter_K( xa_k · B_kᵀ )        xa = drop(x)·Aᵀ   (M x R*K)
+ *
+ * Shapes: x (M, IN); weight viewed as (OUT, IN) whatever its storage (fan_in_fan_out stores it as
+ * (IN, OUT): the boundary swaps the strides, nothing is copied); bias (OUT) or absent;
+ * lora_a (R*K, IN); lora_b (SEG*K, R) where SEG = OUT/G. The output is cut into G contiguous
+ * blocks of SEG rows; block g carries an adapter when enabled[g], and the k-th enabled block uses
+ * rows [k*R, (k+1)*R) of lora_a and rows [k*SEG, (k+1)*SEG) of lora_b. A plain LoRA linear is
+ * G = 1, enabled = {1}. No dense ΔW is ever built: every LoRA product is rank R.
+ *
+ * xa (M x R*K, unscaled) is the only activation the op keeps for backward besides x itself, which
+ * the caller keeps by reference; the dropout mask is regenerated from (seed, offset).
+ *
+ * Backward, with gb = g_blocks·B (M x R*K):
+ *   grad_b_k = s · g_kᵀ·xa_k        grad_a = s · gbᵀ·drop(x)
+ *   grad_x   = g·W + s · drop'(gb·A)  (drop' applies the same mask and 1/(1-p))
+ *   grad_bias = Σ_rows g            grad_weight = gᵀ·x  (in W's (OUT, IN) view)
+ */
+#ifndef CPEFT_LORA_LINEAR_H
+#define CPEFT_LORA_LINEAR_H
+
+#include "cpeft/core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CPEFT_MAX_GROUPS 64
+
+typedef struct {
+    cpeft_dtype dtype;          /* of every float tensor below */
+    int64_t m, in, out, r;
+    int64_t groups;             /* G >= 1, divides OUT */
+    uint8_t enabled[CPEFT_MAX_GROUPS]; /* enabled[g] != 0: block g has an adapter; K = count */
+    cpeft_mat x;                /* M x IN */
+    cpeft_mat weight;           /* OUT x IN view */
+    cpeft_vec bias;             /* OUT, or data == NULL */
+    cpeft_mat lora_a;           /* R*K x IN */
+    cpeft_mat lora_b;           /* SEG*K x R */
+    double scale;               /* s = lora_alpha / r (finite) */
+    cpeft_dropout dropout;
+} cpeft_lora_linear_args;
+
+typedef struct {
+    cpeft_mat y;                /* M x OUT, written */
+    cpeft_mat xa;               /* M x R*K, written (kept by the caller for backward) */
+} cpeft_lora_linear_fwd_out;
+
+typedef struct {
+    cpeft_mat grad_out;         /* M x OUT */
+    cpeft_mat xa;               /* M x R*K, from forward */
+} cpeft_lora_linear_bwd_in;
+
+typedef struct {                /* each: data == NULL when not requested */
+    cpeft_mat grad_x;           /* M x IN */
+    cpeft_mat grad_a;           /* R*K x IN */
+    cpeft_mat grad_b;           /* SEG*K x R */
+    cpeft_vec grad_bias;        /* OUT */
+    cpeft_mat grad_weight;      /* OUT x IN view of W's storage */
+} cpeft_lora_linear_bwd_out;
+
+int cpeft_lora_linear_fwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_linear_fwd_out *o,
+                              cpeft_status *st);
+int cpeft_lora_linear_bwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_linear_bwd_in *in,
+                              const cpeft_lora_linear_bwd_out *o, cpeft_status *st);
+
+/* CUDA twins: same contract; all pointers are device pointers on one device, work is queued on
+ * `stream` (a cudaStream_t) and nothing synchronizes. */
+int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_fwd_out *o,
+                               void *stream, cpeft_status *st);
+int cpeft_lora_linear_bwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_bwd_in *in,
+                               const cpeft_lora_linear_bwd_out *o, void *stream, cpeft_status *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CPEFT_LORA_LINEAR_H */
