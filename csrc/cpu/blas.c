@@ -1,0 +1,377 @@
+/* Strided-matrix BLAS wrapper and small strided loops for the CPU compute layer (see blas.h). */
+#include "blas.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+
+int64_t cpeft_chunk_rows(cpeft_dtype dtype, int64_t cols)
+{
+    int64_t row_bytes = (cols > 0 ? cols : 1) * (int64_t)cpeft_dtype_size(dtype);
+    int64_t rows = CPEFT_CHUNK_BYTES / row_bytes;
+    return rows > 0 ? rows : 1;
+}
+
+void *cpeft_mat_at(cpeft_dtype dtype, cpeft_mat m, int64_t i, int64_t j)
+{
+    return (char *)m.data + (i * m.row_stride + j * m.col_stride) * (int64_t)cpeft_dtype_size(dtype);
+}
+
+cpeft_mat cpeft_mat_sub(cpeft_dtype dtype, cpeft_mat m, int64_t row0, int64_t nrows,
+                        int64_t col0, int64_t ncols)
+{
+    cpeft_mat sub = m;
+    sub.data = cpeft_mat_at(dtype, m, row0, col0);
+    sub.rows = nrows;
+    sub.cols = ncols;
+    return sub;
+}
+
+cpeft_mat cpeft_mat_compact(void *data, int64_t rows, int64_t cols)
+{
+    cpeft_mat m = {data, rows, cols, cols > 0 ? cols : 1, 1};
+    return m;
+}
+
+void *cpeft_alloc_temp(cpeft_dtype dtype, int64_t count, const char *what, cpeft_status *st)
+{
+    size_t bytes = (size_t)(count > 0 ? count : 1) * cpeft_dtype_size(dtype);
+    void *p = malloc(bytes);
+    if (p == NULL)
+        cpeft_fail(st, CPEFT_ERR_NOMEM, "could not allocate the %s temporary (%zu bytes)", what,
+                   bytes);
+    return p;
+}
+
+int cpeft_op_begin(cpeft_dtype dtype, const char *op, cpeft_status *st)
+{
+    st->code = CPEFT_OK;
+    st->message[0] = '\0';
+    if (dtype == CPEFT_FLOAT32 || dtype == CPEFT_FLOAT64)
+        return CPEFT_OK;
+    return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                      "%s: CPU ops take float32 or float64 data, got dtype code %d", op,
+                      (int)dtype);
+}
+
+int cpeft_check_indices_cpu(cpeft_dtype index_dtype, cpeft_vec indices, int64_t n,
+                            int64_t num_embeddings, const char *op, cpeft_status *st)
+{
+    if (index_dtype != CPEFT_INT32 && index_dtype != CPEFT_INT64)
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: indices must be int32 or int64, got dtype "
+                          "code %d", op, (int)index_dtype);
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t v = cpeft_index_at(index_dtype, indices, i);
+        if (v < 0 || v >= num_embeddings)
+            return cpeft_fail(st, CPEFT_ERR_INDEX,
+                              "%s: indices[%lld] = %lld is out of range for an embedding of "
+                              "%lld rows", op, (long long)i, (long long)v,
+                              (long long)num_embeddings);
+    }
+    return CPEFT_OK;
+}
+
+/*
+ * How a view is handed to row-major CBLAS: the stored matrix is m itself (col_major == 0,
+ * leading dimension = row_stride) or mᵀ (col_major == 1, leading dimension = col_stride).
+ * The stride of a dimension of extent <= 1 is never used by BLAS but is checked against
+ * max(1, extent), so it is replaced by the smallest legal value.
+ */
+typedef struct {
+    int col_major;
+    int64_t ld;
+} blas_layout;
+
+static int blas_layout_of(cpeft_mat m, blas_layout *out)
+{
+    int64_t row_major_min_ld = m.cols > 1 ? m.cols : 1;
+    int64_t col_major_min_ld = m.rows > 1 ? m.rows : 1;
+    if (m.cols <= 1 || m.col_stride == 1) {
+        int64_t ld = m.rows <= 1 ? row_major_min_ld : m.row_stride;
+        if (ld >= row_major_min_ld) {
+            out->col_major = 0;
+            out->ld = ld;
+            return 1;
+        }
+    }
+    if (m.rows <= 1 || m.row_stride == 1) {
+        int64_t ld = m.cols <= 1 ? col_major_min_ld : m.col_stride;
+        if (ld >= col_major_min_ld) {
+            out->col_major = 1;
+            out->ld = ld;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int fits_blasint(int64_t v)
+{
+    return v >= 0 && v <= INT_MAX;
+}
+
+/* C = beta * C for the K == 0 product; beta == 0 writes zeros without reading C. */
+static void scale_in_place(cpeft_dtype dtype, cpeft_mat c, double beta)
+{
+    if (beta == 1.0)
+        return;
+    if (beta == 0.0) {
+        cpeft_fill_zero_cpu(dtype, c);
+        return;
+    }
+    for (int64_t i = 0; i < c.rows; ++i)
+        for (int64_t j = 0; j < c.cols; ++j) {
+            void *p = cpeft_mat_at(dtype, c, i, j);
+            if (dtype == CPEFT_FLOAT32)
+                *(float *)p = (float)(beta * *(float *)p);
+            else
+                *(double *)p = beta * *(double *)p;
+        }
+}
+
+int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cpeft_mat a,
+                   cpeft_mat b, double beta, cpeft_mat c, cpeft_status *st)
+{
+    int64_t m = trans_a ? a.cols : a.rows;
+    int64_t k = trans_a ? a.rows : a.cols;
+    int64_t kb = trans_b ? b.cols : b.rows;
+    int64_t n = trans_b ? b.rows : b.cols;
+    if (kb != k || c.rows != m || c.cols != n)
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                          "gemm: shapes do not chain: op(A) %lld x %lld, op(B) %lld x %lld, "
+                          "C %lld x %lld (%s:%d)",
+                          (long long)m, (long long)k, (long long)kb, (long long)n,
+                          (long long)c.rows, (long long)c.cols, __FILE__, __LINE__);
+    if (m == 0 || n == 0)
+        return CPEFT_OK;
+    if (k == 0) {
+        scale_in_place(dtype, c, beta);
+        return CPEFT_OK;
+    }
+
+    blas_layout la, lb, lc;
+    if (!blas_layout_of(a, &la) || !blas_layout_of(b, &lb) || !blas_layout_of(c, &lc))
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                          "gemm: an operand is not a BLAS-able view (strides A %lld,%lld "
+                          "B %lld,%lld C %lld,%lld) (%s:%d)",
+                          (long long)a.row_stride, (long long)a.col_stride,
+                          (long long)b.row_stride, (long long)b.col_stride,
+                          (long long)c.row_stride, (long long)c.col_stride, __FILE__, __LINE__);
+
+    /* Row-major CBLAS transposes an operand when the requested op and its storage disagree. */
+    int ta = trans_a ^ la.col_major;
+    int tb = trans_b ^ lb.col_major;
+    const void *pa = a.data, *pb = b.data;
+    int64_t lda = la.ld, ldb = lb.ld;
+    if (lc.col_major) {
+        /* A column-major C is Cᵀ row-major: Cᵀ = op(B)ᵀ·op(A)ᵀ, so swap operands and sizes. */
+        const void *pt = pa; pa = pb; pb = pt;
+        int64_t lt = lda; lda = ldb; ldb = lt;
+        int tt = ta; ta = !tb; tb = !tt;
+        int64_t mt = m; m = n; n = mt;
+    }
+    if (!fits_blasint(m) || !fits_blasint(n) || !fits_blasint(k) || !fits_blasint(lda) ||
+        !fits_blasint(ldb) || !fits_blasint(lc.ld))
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                          "gemm: a size or leading dimension exceeds the 32-bit BLAS range "
+                          "(M %lld, N %lld, K %lld) (%s:%d)",
+                          (long long)m, (long long)n, (long long)k, __FILE__, __LINE__);
+
+    enum CBLAS_TRANSPOSE cta = ta ? CblasTrans : CblasNoTrans;
+    enum CBLAS_TRANSPOSE ctb = tb ? CblasTrans : CblasNoTrans;
+    if (dtype == CPEFT_FLOAT32)
+        scipy_cblas_sgemm(CblasRowMajor, cta, ctb, (blasint)m, (blasint)n, (blasint)k,
+                          (float)alpha, (const float *)pa, (blasint)lda, (const float *)pb,
+                          (blasint)ldb, (float)beta, (float *)c.data, (blasint)lc.ld);
+    else if (dtype == CPEFT_FLOAT64)
+        scipy_cblas_dgemm(CblasRowMajor, cta, ctb, (blasint)m, (blasint)n, (blasint)k, alpha,
+                          (const double *)pa, (blasint)lda, (const double *)pb, (blasint)ldb,
+                          beta, (double *)c.data, (blasint)lc.ld);
+    else
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "gemm: unsupported dtype code %d", (int)dtype);
+    return CPEFT_OK;
+}
+
+int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out,
+                     cpeft_status *st)
+{
+    if (a.cols == 0)
+        return CPEFT_OK;
+    /* out viewed as 1 x cols: a strided out becomes a column-major view with ld = stride. */
+    cpeft_mat out_row = {out.data, 1, a.cols, a.cols, out.len <= 1 ? 1 : out.stride};
+    if (a.rows == 0) {
+        cpeft_fill_zero_cpu(dtype, out_row);
+        return CPEFT_OK;
+    }
+    void *ones = cpeft_alloc_temp(dtype, a.rows, "column-sum ones vector", st);
+    if (ones == NULL)
+        return st->code;
+    for (int64_t i = 0; i < a.rows; ++i) {
+        if (dtype == CPEFT_FLOAT32)
+            ((float *)ones)[i] = 1.0f;
+        else
+            ((double *)ones)[i] = 1.0;
+    }
+    /* out (1 x cols) = alpha * ones (1 x rows) · A: a GEMM with M = 1 is a GEMV, and the GEMM
+     * wrapper already handles every storage order of A and of out. */
+    int rc = cpeft_gemm_cpu(dtype, 0, 0, alpha, cpeft_mat_compact(ones, 1, a.rows), a, 0.0,
+                            out_row, st);
+    free(ones);
+    return rc;
+}
+
+/* Loops below are written once per element type; T is float or double. */
+#define DEFINE_STRIDED_LOOPS(T, SUFFIX)                                                        \
+    static void fill_zero_##SUFFIX(cpeft_mat m)                                               \
+    {                                                                                          \
+        T *base = (T *)m.data;                                                                 \
+        for (int64_t i = 0; i < m.rows; ++i)                                                   \
+            for (int64_t j = 0; j < m.cols; ++j)                                               \
+                base[i * m.row_stride + j * m.col_stride] = (T)0;                              \
+    }                                                                                          \
+    static void fill_rows_##SUFFIX(cpeft_mat m, cpeft_vec v)                                  \
+    {                                                                                          \
+        T *base = (T *)m.data;                                                                 \
+        const T *src = (const T *)v.data;                                                      \
+        for (int64_t i = 0; i < m.rows; ++i)                                                   \
+            for (int64_t j = 0; j < m.cols; ++j)                                               \
+                base[i * m.row_stride + j * m.col_stride] = src[j * v.stride];                 \
+    }                                                                                          \
+    static void scaled_copy_##SUFFIX(cpeft_mat src, cpeft_vec l, int along_cols,             \
+                                     cpeft_mat dst)                                            \
+    {                                                                                          \
+        const T *s = (const T *)src.data;                                                      \
+        const T *lv = (const T *)l.data;                                                       \
+        T *d = (T *)dst.data;                                                                  \
+        for (int64_t i = 0; i < src.rows; ++i)                                                 \
+            for (int64_t j = 0; j < src.cols; ++j)                                             \
+                d[i * dst.row_stride + j * dst.col_stride] =                                   \
+                    s[i * src.row_stride + j * src.col_stride] *                               \
+                    lv[(along_cols ? j : i) * l.stride];                                       \
+    }                                                                                          \
+    static void gather_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,              \
+                                     cpeft_mat src, cpeft_vec l, cpeft_mat dst)                \
+    {                                                                                          \
+        const T *s = (const T *)src.data;                                                      \
+        const T *lv = (const T *)l.data;                                                       \
+        T *d = (T *)dst.data;                                                                  \
+        for (int64_t n = 0; n < dst.rows; ++n) {                                               \
+            const T *row = s + cpeft_index_at(index_dtype, indices, n) * src.row_stride;       \
+            T *out = d + n * dst.row_stride;                                                   \
+            if (lv != NULL)                                                                    \
+                for (int64_t j = 0; j < dst.cols; ++j)                                         \
+                    out[j * dst.col_stride] = row[j * src.col_stride] * lv[j * l.stride];      \
+            else                                                                               \
+                for (int64_t j = 0; j < dst.cols; ++j)                                         \
+                    out[j * dst.col_stride] = row[j * src.col_stride];                         \
+        }                                                                                      \
+    }                                                                                          \
+    static void scatter_add_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,         \
+                                          int64_t padding_idx, cpeft_mat src, cpeft_vec l,     \
+                                          cpeft_mat dst)                                       \
+    {                                                                                          \
+        const T *s = (const T *)src.data;                                                      \
+        const T *lv = (const T *)l.data;                                                       \
+        T *d = (T *)dst.data;                                                                  \
+        for (int64_t n = 0; n < src.rows; ++n) {                                               \
+            int64_t idx = cpeft_index_at(index_dtype, indices, n);                             \
+            if (idx == padding_idx)                                                            \
+                continue;                                                                      \
+            const T *row = s + n * src.row_stride;                                             \
+            T *out = d + idx * dst.row_stride;                                                 \
+            if (lv != NULL)                                                                    \
+                for (int64_t j = 0; j < src.cols; ++j)                                         \
+                    out[j * dst.col_stride] += row[j * src.col_stride] * lv[j * l.stride];     \
+            else                                                                               \
+                for (int64_t j = 0; j < src.cols; ++j)                                         \
+                    out[j * dst.col_stride] += row[j * src.col_stride];                        \
+        }                                                                                      \
+    }                                                                                          \
+    static void scale_vec_##SUFFIX(cpeft_vec v, cpeft_vec l)                                  \
+    {                                                                                          \
+        T *d = (T *)v.data;                                                                    \
+        const T *lv = (const T *)l.data;                                                       \
+        for (int64_t i = 0; i < v.len; ++i)                                                    \
+            d[i * v.stride] *= lv[i * l.stride];                                               \
+    }
+
+DEFINE_STRIDED_LOOPS(float, f32)
+DEFINE_STRIDED_LOOPS(double, f64)
+
+cpeft_mat cpeft_mat_transpose(cpeft_mat m)
+{
+    cpeft_mat t = {m.data, m.cols, m.rows, m.col_stride, m.row_stride};
+    return t;
+}
+
+/* Loops run the contiguous dimension innermost; a column-major view is handled through its
+ * transpose, which is row-major. */
+static int is_column_major(cpeft_mat m)
+{
+    return m.rows > 1 && m.row_stride == 1 && m.col_stride != 1;
+}
+
+void cpeft_fill_zero_cpu(cpeft_dtype dtype, cpeft_mat m)
+{
+    if (is_column_major(m))
+        m = cpeft_mat_transpose(m);
+    if (dtype == CPEFT_FLOAT32)
+        fill_zero_f32(m);
+    else
+        fill_zero_f64(m);
+}
+
+void cpeft_fill_rows_cpu(cpeft_dtype dtype, cpeft_mat m, cpeft_vec v)
+{
+    if (dtype == CPEFT_FLOAT32)
+        fill_rows_f32(m, v);
+    else
+        fill_rows_f64(m, v);
+}
+
+void cpeft_scaled_copy_cpu(cpeft_dtype dtype, cpeft_mat src, cpeft_vec l, int along_cols,
+                           cpeft_mat dst)
+{
+    if (is_column_major(src) && is_column_major(dst)) {
+        src = cpeft_mat_transpose(src);
+        dst = cpeft_mat_transpose(dst);
+        along_cols = !along_cols;
+    }
+    if (dtype == CPEFT_FLOAT32)
+        scaled_copy_f32(src, l, along_cols, dst);
+    else
+        scaled_copy_f64(src, l, along_cols, dst);
+}
+
+void cpeft_scale_mat_cpu(cpeft_dtype dtype, cpeft_mat m, cpeft_vec l, int along_cols)
+{
+    cpeft_scaled_copy_cpu(dtype, m, l, along_cols, m);
+}
+
+void cpeft_scale_vec_cpu(cpeft_dtype dtype, cpeft_vec v, cpeft_vec l)
+{
+    if (dtype == CPEFT_FLOAT32)
+        scale_vec_f32(v, l);
+    else
+        scale_vec_f64(v, l);
+}
+
+void cpeft_gather_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                           cpeft_mat src, cpeft_vec l, cpeft_mat dst)
+{
+    if (dtype == CPEFT_FLOAT32)
+        gather_rows_f32(index_dtype, indices, src, l, dst);
+    else
+        gather_rows_f64(index_dtype, indices, src, l, dst);
+}
+
+void cpeft_scatter_add_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                                int64_t padding_idx, cpeft_mat src, cpeft_vec l, cpeft_mat dst)
+{
+    if (dtype == CPEFT_FLOAT32)
+        scatter_add_rows_f32(index_dtype, indices, padding_idx, src, l, dst);
+    else
+        scatter_add_rows_f64(index_dtype, indices, padding_idx, src, l, dst);
+}

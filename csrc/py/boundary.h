@@ -1,0 +1,128 @@
+/*
+ * The C boundary of cpeft (csrc/py/): the only C code that sees Python objects. It parses
+ * arguments, imports tensors (tensor.h), validates everything once, releases the GIL around the
+ * compute functions declared in csrc/include/cpeft/, and turns their cpeft_status into exceptions.
+ *
+ * NumPy: one translation unit (module.c) defines CPEFT_MODULE_TU and runs import_array(); the
+ * others share its API table through PY_ARRAY_UNIQUE_SYMBOL (set by setup.py together with
+ * NPY_TARGET_VERSION, so a build against NumPy 2.x headers loads on NumPy >= 1.23).
+ */
+#ifndef CPEFT_PY_BOUNDARY_H
+#define CPEFT_PY_BOUNDARY_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#ifndef CPEFT_MODULE_TU
+#define NO_IMPORT_ARRAY
+#endif
+#include <numpy/arrayobject.h>
+
+#include "cpeft/core.h"
+#include "cpeft/dropout.h"
+#include "cpeft/ia3.h"
+#include "cpeft/lora_embedding.h"
+#include "cpeft/lora_linear.h"
+#include "cpeft/merge.h"
+#include "dlpack.h"
+
+#define CPEFT_NO_CUDA_MESSAGE \
+    "cpeft was built without CUDA; reinstall with CPEFT_CUDA=1 on a machine with the CUDA toolkit"
+
+/* Per-module state (multi-phase init): traversed and cleared by the module's GC hooks. */
+typedef struct {
+    PyObject *CudaError;   /* cpeft.CudaError, a RuntimeError subclass */
+} cpeft_state;
+
+cpeft_state *cpeft_get_state(PyObject *module);
+
+/* ---- errors.c ------------------------------------------------------------------------------- */
+
+/* Raise the exception matching st->code (see cpeft_code in core.h); always returns -1. */
+int cpeft_raise_status(const cpeft_state *state, const cpeft_status *st);
+/* Replace the pending exception with `type`(formatted message + ": " + str(original)), chaining
+ * the original as __cause__. Used where a producer's own error needs the argument's name. */
+void cpeft_reraise_with_context(PyObject *type, const char *fmt, ...);
+
+/* ---- args.c: scalar arguments, each message naming the argument ----------------------------- */
+
+int cpeft_parse_stream(PyObject *obj, uintptr_t *stream);
+/* A real number (float, int, NumPy scalar); obj NULL leaves *value as it is. */
+int cpeft_parse_real(PyObject *obj, const char *name, double *value);
+int cpeft_check_finite(double value, const char *name);
+int cpeft_check_probability(double p, const char *name);
+int cpeft_parse_u64(PyObject *obj, const char *name, uint64_t *value);
+/* enable_lora: None (one group, enabled) or a sequence of at most CPEFT_MAX_GROUPS truthy/falsy
+ * items dividing out_features, at least one enabled. */
+int cpeft_parse_groups(PyObject *obj, int64_t out_features, int64_t *groups, uint8_t *enabled,
+                       int64_t *enabled_count);
+/* padding_idx: None -> -1, an int in [-V, V) -> normalized to [0, V). */
+int cpeft_parse_padding_idx(PyObject *obj, int64_t num_embeddings, int64_t *padding_idx);
+
+/* ---- device.c: the CUDA device of a call is made current for its compute, then restored ------ */
+
+int cpeft_device_enter(int device_id, int *previous, cpeft_status *st);
+void cpeft_device_leave(int previous);
+int cpeft_cuda_device_count(void);
+
+/*
+ * Run the CPU or CUDA twin of a compute function without the GIL and store its status code in rc.
+ * The CUDA branch makes the tensors' device current and restores the caller's afterwards.
+ */
+#define CPEFT_DISPATCH(call, rc, cpu_expr, cuda_expr)                                   \
+    do {                                                                               \
+        Py_BEGIN_ALLOW_THREADS                                                         \
+        if (cpeft_call_on_cuda(call)) {                                                \
+            int previous_device_;                                                      \
+            (rc) = cpeft_device_enter((call)->device_id, &previous_device_,            \
+                                      &(call)->status);                                \
+            if ((rc) == CPEFT_OK) {                                                    \
+                (rc) = (cuda_expr);                                                    \
+                cpeft_device_leave(previous_device_);                                  \
+            }                                                                          \
+        }                                                                              \
+        else {                                                                         \
+            (rc) = (cpu_expr);                                                         \
+        }                                                                              \
+        Py_END_ALLOW_THREADS                                                           \
+    } while (0)
+
+/* ---- entry points (module.c's method table) ------------------------------------------------- */
+
+PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_merge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_unmerge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_merge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_unmerge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs);
+
+extern const char cpeft_doc_lora_linear_forward[];
+extern const char cpeft_doc_lora_linear_backward[];
+extern const char cpeft_doc_lora_embedding_forward[];
+extern const char cpeft_doc_lora_embedding_backward[];
+extern const char cpeft_doc_ia3_linear_forward[];
+extern const char cpeft_doc_ia3_linear_backward[];
+extern const char cpeft_doc_ia3_embedding_forward[];
+extern const char cpeft_doc_ia3_embedding_backward[];
+extern const char cpeft_doc_lora_merge[];
+extern const char cpeft_doc_lora_unmerge[];
+extern const char cpeft_doc_lora_embedding_merge[];
+extern const char cpeft_doc_lora_embedding_unmerge[];
+extern const char cpeft_doc_ia3_merge[];
+extern const char cpeft_doc_ia3_unmerge[];
+extern const char cpeft_doc_ia3_embedding_merge[];
+extern const char cpeft_doc_ia3_embedding_unmerge[];
+extern const char cpeft_doc_dropout_mask[];
+
+#endif /* CPEFT_PY_BOUNDARY_H */

@@ -1,0 +1,95 @@
+/*
+ * CPU-only builds: the CUDA twins of the compute functions exist so every entry point links, and
+ * each reports CPEFT_ERR_UNSUPPORTED. The boundary already refuses CUDA tensors in such a build
+ * (tensor.c), so these run only if something bypasses it. Not compiled when CUDA is enabled.
+ */
+#include "cpeft/core.h"
+#include "cpeft/dropout.h"
+#include "cpeft/ia3.h"
+#include "cpeft/lora_embedding.h"
+#include "cpeft/lora_linear.h"
+#include "cpeft/merge.h"
+
+#define CPEFT_NO_CUDA \
+    "cpeft was built without CUDA; reinstall with CPEFT_CUDA=1 on a machine with the CUDA toolkit"
+
+int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_fwd_out *o,
+                               void *stream, cpeft_status *st)
+{
+    (void)a, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_lora_linear_bwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_bwd_in *in,
+                               const cpeft_lora_linear_bwd_out *o, void *stream, cpeft_status *st)
+{
+    (void)a, (void)in, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_lora_embedding_fwd_cuda(const cpeft_lora_embedding_args *a, cpeft_mat y, void *stream,
+                                  cpeft_status *st)
+{
+    (void)a, (void)y, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
+                                  const cpeft_lora_embedding_bwd_in *in,
+                                  const cpeft_lora_embedding_bwd_out *o, void *stream,
+                                  cpeft_status *st)
+{
+    (void)a, (void)in, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_ia3_linear_fwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_linear_fwd_out *o,
+                              void *stream, cpeft_status *st)
+{
+    (void)a, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_linear_bwd_in *in,
+                              const cpeft_ia3_linear_bwd_out *o, void *stream, cpeft_status *st)
+{
+    (void)a, (void)in, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_ia3_embedding_fwd_cuda(const cpeft_ia3_embedding_args *a, cpeft_mat y, void *stream,
+                                 cpeft_status *st)
+{
+    (void)a, (void)y, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_ia3_embedding_bwd_cuda(const cpeft_ia3_embedding_args *a, cpeft_mat grad_out,
+                                 const cpeft_ia3_embedding_bwd_out *o, void *stream,
+                                 cpeft_status *st)
+{
+    (void)a, (void)grad_out, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_merge_record *rec,
+                          void *stream, cpeft_status *st)
+{
+    (void)a, (void)direction, (void)rec, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_ia3_merge_cuda(cpeft_dtype dtype, cpeft_mat target, cpeft_vec l, int along_cols,
+                         int direction, cpeft_merge_record *rec, void *stream, cpeft_status *st)
+{
+    (void)dtype, (void)target, (void)l, (void)along_cols, (void)direction, (void)rec,
+        (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask,
+                            void *stream, cpeft_status *st)
+{
+    (void)dtype, (void)d, (void)mask, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}

@@ -1,0 +1,53 @@
+/*
+ * Validation shared between an op family's forward/backward entry points and its merge entry
+ * points (py_merge.c): the adapter tensors and their shape relations are checked in one place so
+ * the messages are the same whichever entry point the caller used.
+ */
+#ifndef CPEFT_PY_OPS_H
+#define CPEFT_PY_OPS_H
+
+#include "tensor.h"
+
+/*
+ * weight (OUT, IN), or (IN, OUT) with fan_in_fan_out; lora_a (R*K, IN); lora_b (OUT/G*K, R);
+ * enable_lora splitting OUT into G groups of which K carry an adapter; a finite scale. Fills
+ * every field of `a` except x, bias, m and dropout. x (or NULL for merges) must share the dtype
+ * and have IN features; it is checked right after the weight so a layout mistake is reported
+ * against the weight rather than the adapter. weight_role is CPEFT_ROLE_INPLACE for merges.
+ */
+int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
+                                PyObject *lora_a_obj, PyObject *lora_b_obj, PyObject *scale_obj,
+                                int fan_in_fan_out, PyObject *enable_lora, const cpeft_tensor *x,
+                                cpeft_lora_linear_args *a, cpeft_tensor **weight);
+
+/*
+ * weight (V, D) when weight_obj is not NULL; lora_a (R, V); lora_b (D, R). Fills dtype,
+ * num_embeddings, dim, r, weight (data NULL when absent), lora_a, lora_b and scale of `a`;
+ * `like` (or NULL) is the tensor whose dtype all must share.
+ */
+int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
+                                   PyObject *lora_a_obj, PyObject *lora_b_obj, PyObject *scale_obj,
+                                   const cpeft_tensor *like, cpeft_lora_embedding_args *a,
+                                   cpeft_tensor **weight);
+
+/* indices (...) int32/int64, all in [0, num_embeddings) on the CPU; its flat view goes to vec. */
+int cpeft_py_indices(cpeft_call *call, PyObject *obj, int64_t num_embeddings, cpeft_tensor **t,
+                     cpeft_vec *vec);
+
+/* indices.shape + (dim,) into shape; returns its ndim, or -1 when that is too many dims. */
+int cpeft_py_embedding_shape(const cpeft_tensor *indices, int64_t dim, int64_t *shape);
+
+/* x.shape[-1] must be in_features; messages name x (or whatever t is). */
+int cpeft_py_check_in_features(const cpeft_tensor *x, int64_t in);
+
+/* x.shape[:-1] + (last,) into shape; returns its ndim (x has at least one dim). */
+int cpeft_py_leading_shape_with(const cpeft_tensor *x, int64_t last, int64_t *shape);
+
+/*
+ * ia3_l for a vector scaling of `count` entries: shape (count,), (count, 1) or (1, count), the
+ * dtype of `like`. `meaning` says what count is ("out_features", ...).
+ */
+int cpeft_py_ia3_l(cpeft_call *call, PyObject *obj, int64_t count, const char *meaning,
+                   const cpeft_tensor *like, cpeft_tensor **l, cpeft_vec *vec);
+
+#endif /* CPEFT_PY_OPS_H */

@@ -1,0 +1,44 @@
+"""cpeft: LoRA and IA3 linear and embedding layers with a C core (CPU through OpenBLAS, CUDA
+through cuBLAS).
+
+``cpeft.functional`` is the framework-free API (NumPy, torch, CuPy, anything with DLPack).
+``import cpeft`` does not import torch: the torch layers (loralib's names plus the IA3 layers) are
+loaded on first attribute access.
+"""
+import ctypes as _ctypes
+import os as _os
+
+import scipy_openblas32 as _openblas
+
+# _C links libscipy_openblas with an rpath into site-packages/scipy_openblas32/lib, which does not
+# exist next to an in-place or editable build. Loading the library first by its path makes the
+# dynamic loader reuse it (same soname) when _C is imported, wherever _C lives.
+_ctypes.CDLL(_os.path.join(_openblas.get_lib_dir(), _openblas.get_library(fullname=True)),
+             mode=_ctypes.RTLD_GLOBAL)
+
+from . import _C  # noqa: E402
+from . import functional  # noqa: E402
+from ._C import CudaError, build_info, has_cuda  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["CudaError", "build_info", "functional", "has_cuda", "__version__"]
+
+# ---- torch layers: imported lazily so that `import cpeft` stays torch-free -------------------
+_TORCH_API = frozenset((
+    "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d",
+    "Conv3d", "IA3Layer", "IA3Linear", "IA3Embedding", "mark_only_lora_as_trainable",
+    "lora_state_dict",
+))
+
+
+def __getattr__(name):
+    if name in _TORCH_API:
+        from . import _torch_api
+
+        return getattr(_torch_api, name)
+    raise AttributeError(f"module 'cpeft' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _TORCH_API)

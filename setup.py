@@ -1,0 +1,246 @@
+"""Build of cpeft's extension module cpeft._C.
+
+Sources are globbed: csrc/cpu/*.c (compute, CPU), csrc/py/*.c (the Python boundary) and, when
+CUDA is enabled, cuda/*.cu compiled by nvcc into objects linked into the same module.
+
+Environment:
+  CPEFT_CUDA=auto|0|1   auto (default): build CUDA kernels when nvcc, cuBLAS and cuda/*.cu exist;
+                        1: require them; 0: CPU only.
+  CPEFT_CUDA_ARCHS      compute capabilities, e.g. "80;90" (default), "8.0 9.0" or "sm_80,sm_90";
+                        SASS for each and PTX for the newest.
+  CPEFT_DEBUG=1         -O0 -g -UNDEBUG.
+  CPEFT_SANITIZE=1      AddressSanitizer and UBSan on the C sources (compile and link).
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def openblas():
+    import scipy_openblas32
+
+    version = ".".join(scipy_openblas32.__version__.split(".")[:3])
+    return dict(include=scipy_openblas32.get_include_dir(), lib_dir=scipy_openblas32.get_lib_dir(),
+                library=scipy_openblas32.get_library(),
+                summary=f"scipy-openblas32 {version}")
+
+
+def parse_archs(text):
+    archs = []
+    for token in re.split(r"[;,\s]+", text.strip()):
+        digits = token.lower().replace("sm_", "").replace("compute_", "").replace(".", "")
+        if not digits.isdigit():
+            raise SystemExit(f"CPEFT_CUDA_ARCHS: cannot read {token!r} (expected e.g. 80;90)")
+        archs.append(int(digits))
+    if not archs:
+        raise SystemExit("CPEFT_CUDA_ARCHS is empty (expected e.g. 80;90)")
+    return sorted(set(archs))
+
+
+def cuda_home_of(nvcc):
+    """The toolkit root: CUDA_HOME, else nvcc's grandparent (nvcc may be a wrapper script
+    elsewhere on PATH, so fall back to /usr/local/cuda when that has no runtime header)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
+def find_library_dir(home, name):
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                os.path.join("targets", "sbsa-linux", "lib")):
+        if glob.glob(os.path.join(home, sub, f"lib{name}.so*")):
+            return os.path.join(home, sub)
+    return None
+
+
+def find_cublas(home):
+    """cuBLAS headers and library: in the toolkit, or (toolkits installed without it) in the
+    nvidia-cublas wheel's nvidia/cu13 (or nvidia/cublas) folder. The wheel ships only versioned
+    sonames, so the link name is then the exact file."""
+    roots = [home]
+    for entry in __import__("sys").path:
+        roots += [os.path.join(entry, "nvidia", "cu13"), os.path.join(entry, "nvidia", "cublas")]
+    for root in roots:
+        include = os.path.join(root, "include")
+        if not os.path.isfile(os.path.join(include, "cublas_v2.h")):
+            continue
+        lib_dir = find_library_dir(root, "cublas")
+        if lib_dir is None:
+            continue
+        libs = {}
+        for name in ("cublas", "cublasLt"):
+            plain = os.path.join(lib_dir, f"lib{name}.so")
+            versioned = sorted(glob.glob(os.path.join(lib_dir, f"lib{name}.so.*")))
+            libs[name] = name if os.path.exists(plain) else (
+                ":" + os.path.basename(versioned[0]) if versioned else None)
+        return dict(include=include, lib_dir=lib_dir, libs=libs, in_wheel=root != home)
+    return None
+
+
+def find_cuda():
+    """(config, None) when CUDA is to be built, (None, reason) when not."""
+    mode = os.environ.get("CPEFT_CUDA", "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return None, "disabled by CPEFT_CUDA=0"
+    if mode not in ("auto", "1", "on", "true", "yes"):
+        raise SystemExit(f"CPEFT_CUDA must be auto, 0 or 1, got {mode!r}")
+    required = mode != "auto"
+
+    def unavailable(reason):
+        if required:
+            raise SystemExit(f"cpeft build: CPEFT_CUDA=1 but {reason}")
+        return None, reason
+
+    home_env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which(os.path.join(home_env, "bin", "nvcc")) if home_env else None
+    nvcc = nvcc or shutil.which("nvcc")
+    if nvcc is None:
+        return unavailable("nvcc not found")
+    home = cuda_home_of(nvcc)
+    if home is None:
+        return unavailable(f"no CUDA toolkit headers next to {nvcc}")
+    cu_sources = sources("cuda/*.cu")
+    if not cu_sources:
+        return unavailable("no cuda/*.cu sources")
+    cudart_dir = find_library_dir(home, "cudart")
+    if cudart_dir is None:
+        return unavailable(f"libcudart not found under {home}")
+    cublas = find_cublas(home)
+    if cublas is None:
+        return unavailable(f"cuBLAS not found in {home} nor in an installed nvidia-cublas wheel")
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+\.\d+)", out)
+    archs = parse_archs(os.environ.get("CPEFT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
+    uses_lt = any("cublasLt" in open(os.path.join(ROOT, p)).read()
+                  for p in cu_sources + sources("cuda/*.cuh"))
+    return dict(nvcc=nvcc, home=home, lib_dir=cudart_dir, cublas=cublas,
+                version=match.group(1) if match else "?",
+                archs=archs, sources=cu_sources, uses_lt=uses_lt), None
+
+
+def gencode_flags(archs):
+    flags = []
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    newest = archs[-1]
+    return flags + ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+
+
+DEBUG = env_flag("CPEFT_DEBUG")
+SANITIZE = env_flag("CPEFT_SANITIZE")
+BLAS = openblas()
+CUDA, CUDA_OFF_REASON = find_cuda()
+HEADERS = sources("csrc/include/cpeft/*.h") + sources("csrc/py/*.h") + sources("csrc/cpu/*.h")
+
+c_sources = sources("csrc/cpu/*.c") + sources("csrc/py/*.c")
+compile_args = ["-std=c11", "-O2", "-Wall"]
+link_args = ["-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib"]
+macros = [
+    ("NPY_NO_DEPRECATED_API", "NPY_1_23_API_VERSION"),
+    ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION"),
+    ("PY_ARRAY_UNIQUE_SYMBOL", "cpeft_ARRAY_API"),
+    ("CPEFT_BUILD_BLAS", f'"{BLAS["summary"]}"'),
+]
+include_dirs = ["csrc/include", "csrc/py", BLAS["include"]]
+library_dirs = [BLAS["lib_dir"]]
+libraries = [BLAS["library"]]
+if DEBUG:
+    compile_args += ["-O0", "-g", "-UNDEBUG"]
+    macros.append(("CPEFT_BUILD_DEBUG", "1"))
+if SANITIZE:
+    sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    compile_args += sanitize
+    link_args += sanitize
+if CUDA:
+    c_sources.remove(os.path.join("csrc", "py", "cuda_stubs.c"))
+    archs_text = ";".join(f"sm_{a}" for a in CUDA["archs"])
+    macros += [("CPEFT_WITH_CUDA", "1"),
+               ("CPEFT_BUILD_CUDA_VERSION", f'"{CUDA["version"]}"'),
+               ("CPEFT_BUILD_CUDA_ARCHS", f'"{archs_text}"')]
+    cublas = CUDA["cublas"]
+    include_dirs += [os.path.join(CUDA["home"], "include"), cublas["include"]]
+    library_dirs += [CUDA["lib_dir"], cublas["lib_dir"]]
+    libraries += ["cudart", cublas["libs"]["cublas"]]
+    if CUDA["uses_lt"]:
+        libraries.append(cublas["libs"]["cublasLt"])
+    libraries.append("stdc++")
+    link_args += [f"-Wl,-rpath,{CUDA['lib_dir']}", f"-Wl,-rpath,{cublas['lib_dir']}",
+                  "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib"]
+    SUMMARY = (f"cpeft build: CUDA on (nvcc {CUDA['version']}, {archs_text}) "
+               f"| BLAS {BLAS['summary']}")
+else:
+    SUMMARY = f"cpeft build: CUDA off ({CUDA_OFF_REASON}) | BLAS {BLAS['summary']}"
+
+
+class BuildExt(build_ext):
+    """Compiles cuda/*.cu with nvcc (when enabled) into objects linked into cpeft._C."""
+
+    def run(self):
+        print(SUMMARY, flush=True)
+        import numpy
+
+        for ext in self.extensions:
+            ext.include_dirs.append(numpy.get_include())
+        super().run()
+
+    def build_extension(self, ext):
+        if CUDA:
+            ext.extra_objects = self.compile_cuda()
+        super().build_extension(ext)
+
+    def compile_cuda(self):
+        out_dir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(out_dir, exist_ok=True)
+        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                 "-I", os.path.join(ROOT, "csrc", "include"), "-I", CUDA["cublas"]["include"],
+                 *gencode_flags(CUDA["archs"])]
+        flags += ["-g", "-lineinfo", "-UNDEBUG"] if DEBUG else ["-DNDEBUG"]
+        deps = HEADERS + sources("cuda/*.cuh")
+        newest_dep = max((os.path.getmtime(os.path.join(ROOT, p)) for p in deps), default=0.0)
+        objects = []
+        for src in CUDA["sources"]:
+            obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
+            stale = (self.force or not os.path.exists(obj)
+                     or os.path.getmtime(obj) < max(os.path.getmtime(os.path.join(ROOT, src)),
+                                                    newest_dep))
+            if stale:
+                cmd = [CUDA["nvcc"], *flags, "-c", os.path.join(ROOT, src), "-o", obj]
+                print(" ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True)
+            objects.append(obj)
+        return objects
+
+
+setup(
+    ext_modules=[Extension(
+        "cpeft._C",
+        sources=c_sources,
+        depends=HEADERS + sources("cuda/*.cu") + sources("cuda/*.cuh"),
+        include_dirs=include_dirs,
+        define_macros=macros,
+        library_dirs=library_dirs,
+        libraries=libraries,
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )],
+    cmdclass={"build_ext": BuildExt},
+)

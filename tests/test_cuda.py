@@ -1,0 +1,495 @@
+"""cpeft.functional on CUDA tensors against float64 references, plus GPU-only behaviour.
+
+Tolerance rule (issue 3): for fp16/bf16 (and fp32) the largest error of cpeft against the float64
+reference must be at most 2x the largest error torch itself makes evaluating the same formula in
+that precision on the same inputs (3x for gradients). Both are measured against one reference:
+the formula evaluated in float64 on the low-precision values handed to cpeft. A floor of a few
+ulps of the output's largest magnitude covers formulas torch happens to compute exactly.
+
+Everything here needs an NVIDIA GPU and a CUDA build of cpeft; elsewhere the module is skipped
+with that reason. Inputs also arrive through DLPack from CuPy and JAX where those import.
+"""
+import math
+
+import numpy as np
+import pytest
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - the CPU-only CI has torch, the reason stays accurate
+    torch = None
+
+import cpeft
+from cpeft import functional as F
+
+
+def _cuda_ready():
+    return (torch is not None and torch.cuda.is_available()
+            and bool(getattr(cpeft, "has_cuda", lambda: False)()))
+
+
+pytestmark = pytest.mark.skipif(not _cuda_ready(),
+                                reason="needs an NVIDIA GPU and a CUDA build of cpeft")
+
+LOW = ("float16", "bfloat16", "float32")
+FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0
+# (M, IN, OUT, R): the awkward sizes of the issue (1, 3, 113, 1023) in every position.
+SHAPES = [(1, 3, 1, 1), (3, 113, 1023, 4), (113, 1023, 3, 8), (1023, 113, 113, 16)]
+
+
+def tdtype(name):
+    return getattr(torch, name)
+
+
+def dev():
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def randn(*shape, dtype="float32", scale=1.0, device=None):
+    return (torch.randn(*shape, dtype=torch.float64, device=device or dev()) * scale).to(
+        tdtype(dtype) if isinstance(dtype, str) else dtype)
+
+
+def check(name, got, ref, torch_lp, factor):
+    """got/torch_lp: results in the test precision; ref: float64 on the same inputs."""
+    assert got is not None, f"{name}: not computed"
+    assert tuple(got.shape) == tuple(ref.shape), (
+        f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
+    ref = ref.double()
+    err = (got.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_torch = (torch_lp.double() - ref).abs().max().item() if ref.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    # float64: torch's run IS the reference, so the floor (about 1e-12 relative) is the bound.
+    ulps = 4096 if got.dtype == torch.float64 else 2
+    floor = ulps * torch.finfo(got.dtype).eps * scale
+    assert err <= factor * err_torch + floor, (
+        f"{name}: max error {err:.3e} exceeds {factor}x torch's {err_torch:.3e} "
+        f"(+ floor {floor:.3e}) in {got.dtype}")
+
+
+def autograd_run(fn, inputs, grad_names, grad_out, dtype):
+    """fn(**inputs) in `dtype` with autograd; returns (output, {name: grad})."""
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().to(dtype).clone().requires_grad_(k in grad_names)
+        leaves[k] = v
+    out = fn(**leaves)
+    out.backward(grad_out.to(dtype))
+    return out.detach(), {k: leaves[k].grad for k in grad_names}
+
+
+def both(fn, inputs, grad_names, grad_out, dtype):
+    """(reference float64 run, torch run in dtype) of the same formula on the same values."""
+    return (autograd_run(fn, inputs, grad_names, grad_out, torch.float64),
+            autograd_run(fn, inputs, grad_names, grad_out, dtype))
+
+
+def cpu_mask(m, n, p, seed, offset):
+    return torch.from_numpy(np.asarray(F.dropout_mask((m, n), p, seed, offset, dtype="float64")))
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA linear
+# --------------------------------------------------------------------------------------------
+
+def lora_formula(x, weight, bias, lora_a, lora_b, mask, scale, seg, groups):
+    xd = x if mask is None else x * mask.to(x.dtype)
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    lora = []
+    for k, g in enumerate(groups):
+        xa_k = xd @ lora_a[k * lora_b.shape[1]:(k + 1) * lora_b.shape[1]].T
+        lora.append((g, (xa_k @ lora_b[k * seg:(k + 1) * seg].T) * scale))
+    parts = []
+    out = weight.shape[0]
+    for g0 in range(out // seg):
+        block = y[:, g0 * seg:(g0 + 1) * seg]
+        for g, term in lora:
+            if g == g0:
+                block = block + term
+        parts.append(block)
+    return torch.cat(parts, dim=1)
+
+
+def run_lora(dtype, m, in_f, out_f, r, *, bias=True, dropout=0.0, seed=3, offset=0,
+             enable_lora=None, fan_in_fan_out=False, stream=None):
+    dt = tdtype(dtype)
+    groups_mask = enable_lora or [True]
+    G, K = len(groups_mask), sum(groups_mask)
+    seg = out_f // G
+    x = randn(m, in_f, dtype=dtype)
+    weight = randn(out_f, in_f, dtype=dtype, scale=in_f ** -0.5)
+    b = randn(out_f, dtype=dtype) if bias else None
+    lora_a = randn(r * K, in_f, dtype=dtype, scale=in_f ** -0.5)
+    lora_b = randn(seg * K, r, dtype=dtype, scale=r ** -0.5)
+    g = randn(m, out_f, dtype=dtype)
+    scale = 0.75
+    stored_w = weight.T.contiguous() if fan_in_fan_out else weight
+    kw = dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, dropout=dropout,
+              seed=seed, offset=offset, stream=stream)
+    y, xa = F.lora_linear_forward(x, stored_w, b, lora_a, lora_b, scale, **kw)
+    grads = F.lora_linear_backward(g, x, stored_w, lora_a, lora_b, xa, scale, grad_bias=bias,
+                                   grad_weight=True, **kw)
+    if stream is not None:
+        torch.cuda.ExternalStream(stream).synchronize()
+    mask = cpu_mask(m, in_f, dropout, seed, offset).to(x.device) if dropout > 0 else None
+    enabled = [i for i, e in enumerate(groups_mask) if e]
+    inputs = dict(x=x, weight=weight, bias=b, lora_a=lora_a, lora_b=lora_b)
+    names = ["x", "weight", "lora_a", "lora_b"] + (["bias"] if bias else [])
+    formula = lambda x, weight, bias, lora_a, lora_b: lora_formula(  # noqa: E731
+        x, weight, bias, lora_a, lora_b, mask, scale, seg, enabled)
+    (y64, g64), (ylp, glp) = both(formula, inputs, names, g, dt)
+    check("y", y, y64, ylp, FWD_FACTOR)
+    xa64 = (x.double() * (mask if mask is not None else 1)) @ lora_a.double().T
+    xalp = (x * (mask.to(dt) if mask is not None else 1)) @ lora_a.T
+    check("xa", xa, xa64, xalp, FWD_FACTOR)
+    check("grad_x", grads.x, g64["x"], glp["x"], GRAD_FACTOR)
+    check("grad_lora_a", grads.lora_a, g64["lora_a"], glp["lora_a"], GRAD_FACTOR)
+    check("grad_lora_b", grads.lora_b, g64["lora_b"], glp["lora_b"], GRAD_FACTOR)
+    gw = grads.weight.T if fan_in_fan_out else grads.weight
+    check("grad_weight", gw, g64["weight"], glp["weight"], GRAD_FACTOR)
+    if bias:
+        check("grad_bias", grads.bias, g64["bias"], glp["bias"], GRAD_FACTOR)
+    return y, xa, grads
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_lora_linear(dtype, shape):
+    run_lora(dtype, *shape)
+
+
+@pytest.mark.parametrize("dtype", LOW + ("float64",))
+def test_lora_linear_dropout_no_bias(dtype):
+    run_lora(dtype, 113, 1023, 113, 8, bias=False, dropout=0.3, seed=11, offset=5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_linear_dropout_several_chunks(dtype):
+    """M x IN above the 2^23-element dropout chunk: the chunk loop and the fp32 grad_a scratch."""
+    run_lora(dtype, 1100, 8192, 64, 4, bias=False, dropout=0.1, seed=7, offset=3)
+
+
+@pytest.mark.parametrize("enable_lora", [[True, False, True], [False, True, False], [True, True]])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_linear_grouped(dtype, fan_in_fan_out, enable_lora):
+    run_lora(dtype, 37, 113, 5 * len(enable_lora), 4, enable_lora=enable_lora,
+             fan_in_fan_out=fan_in_fan_out, dropout=0.2)
+
+
+def test_dropout_masks_identical_forward_backward_and_cpu():
+    """With A = I, B = I, W = 0 and scale 1: xa = drop(x) exactly and the LoRA part of grad_x is
+    mask ⊙ g exactly, so both sides of the GPU mask are compared bit for bit with the CPU mask."""
+    m, n, p, seed, offset = 37, 113, 0.4, 1234, 7   # offset not a multiple of 4, odd row length
+    x = randn(m, n)
+    eye = torch.eye(n, device=dev())
+    zero_w = torch.zeros(n, n, device=dev())
+    g = randn(m, n)
+    kw = dict(dropout=p, seed=seed, offset=offset)
+    _, xa = F.lora_linear_forward(x, zero_w, None, eye, eye, 1.0, **kw)
+    grads = F.lora_linear_backward(g, x, zero_w, eye, eye, xa, 1.0, grad_lora_a=False,
+                                   grad_lora_b=False, **kw)
+    mask = cpu_mask(m, n, p, seed, offset).float().to(x.device)
+    assert torch.equal(xa, x * mask)
+    assert torch.equal(grads.x, g * mask)
+    assert 0 < (mask == 0).sum().item() < mask.numel()
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA embedding
+# --------------------------------------------------------------------------------------------
+
+def embedding_formula(indices, padding_idx, scale):
+    def f(weight, lora_a, lora_b):
+        base = torch.nn.functional.embedding(indices, weight, padding_idx=padding_idx)
+        after_a = torch.nn.functional.embedding(indices, lora_a.T, padding_idx=padding_idx)
+        return base + (after_a @ lora_b.T) * scale
+    return f
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32] if torch else [])
+@pytest.mark.parametrize("n,vocab,dim,r", [(1, 3, 1, 1), (113, 1023, 3, 4), (1023, 113, 113, 16)])
+@pytest.mark.parametrize("dtype", LOW)
+def test_lora_embedding(dtype, n, vocab, dim, r, index_dtype):
+    dt = tdtype(dtype)
+    indices = torch.randint(0, vocab, (n,), device=dev())
+    padding_idx = int(indices[0]) if n > 2 else None
+    weight = randn(vocab, dim, dtype=dtype)
+    lora_a = randn(r, vocab, dtype=dtype)
+    lora_b = randn(dim, r, dtype=dtype, scale=r ** -0.5)
+    g = randn(n, dim, dtype=dtype)
+    scale = 1.5
+    idx = indices.to(index_dtype)
+    y = F.lora_embedding_forward(idx, weight, lora_a, lora_b, scale, padding_idx=padding_idx)
+    grads = F.lora_embedding_backward(g, idx, lora_a, lora_b, scale, padding_idx=padding_idx,
+                                      grad_weight=True)
+    inputs = dict(weight=weight, lora_a=lora_a, lora_b=lora_b)
+    (y64, g64), (ylp, glp) = both(embedding_formula(indices, padding_idx, scale), inputs,
+                                  ["weight", "lora_a", "lora_b"], g, dt)
+    check("y", y, y64, ylp, FWD_FACTOR)
+    check("grad_lora_a", grads.lora_a, g64["lora_a"], glp["lora_a"], GRAD_FACTOR)
+    check("grad_lora_b", grads.lora_b, g64["lora_b"], glp["lora_b"], GRAD_FACTOR)
+    check("grad_weight", grads.weight, g64["weight"], glp["weight"], GRAD_FACTOR)
+
+
+def test_lora_embedding_out_of_range_cuda_indices_give_nan_rows_and_no_gradient():
+    vocab, dim, r = 11, 5, 2
+    indices = torch.tensor([0, vocab, 3, -1, 3], device=dev())
+    weight, lora_a, lora_b = randn(vocab, dim), randn(r, vocab), randn(dim, r)
+    g = randn(5, dim)
+    y = F.lora_embedding_forward(indices, weight, lora_a, lora_b, 1.0)
+    assert torch.isnan(y[1]).all() and torch.isnan(y[3]).all()
+    assert torch.isfinite(y[[0, 2, 4]]).all()
+    grads = F.lora_embedding_backward(g, indices, lora_a, lora_b, 1.0, grad_weight=True)
+    expected_w = torch.zeros_like(weight)
+    expected_w[0] = g[0]
+    expected_w[3] = g[2] + g[4]
+    torch.testing.assert_close(grads.weight, expected_w)
+    assert torch.isfinite(grads.lora_a).all() and torch.isfinite(grads.lora_b).all()
+
+
+# --------------------------------------------------------------------------------------------
+# IA3
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_ia3_linear(dtype, shape, feedforward):
+    m, in_f, out_f, _ = shape
+    dt = tdtype(dtype)
+    x = randn(m, in_f, dtype=dtype)
+    weight = randn(out_f, in_f, dtype=dtype, scale=in_f ** -0.5)
+    b = randn(out_f, dtype=dtype)
+    l = (1 + 0.5 * randn(in_f if feedforward else out_f)).to(dt)  # noqa: E741
+    g = randn(m, out_f, dtype=dtype)
+    y, base = F.ia3_linear_forward(x, weight, b, l, feedforward=feedforward,
+                                   keep_base=not feedforward)
+    grads = F.ia3_linear_backward(g, x, weight, l, base, feedforward=feedforward,
+                                  grad_bias=True, grad_weight=True)
+
+    def formula(x, weight, bias, l):  # noqa: E741
+        if feedforward:
+            return (x * l) @ weight.T + bias
+        return (x @ weight.T + bias) * l
+
+    inputs = dict(x=x, weight=weight, bias=b, l=l)
+    (y64, g64), (ylp, glp) = both(formula, inputs, ["x", "weight", "bias", "l"], g, dt)
+    check("y", y, y64, ylp, FWD_FACTOR)
+    check("grad_x", grads.x, g64["x"], glp["x"], GRAD_FACTOR)
+    check("grad_l", grads.ia3_l, g64["l"], glp["l"], GRAD_FACTOR)
+    check("grad_bias", grads.bias, g64["bias"], glp["bias"], GRAD_FACTOR)
+    check("grad_weight", grads.weight, g64["weight"], glp["weight"], GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ia3_linear_partial_requests(dtype):
+    """The other code paths: only grad_l (input scaling builds g·W in bounded chunks), only
+    grad_x, and a forward without base in both shapes of M."""
+    dt = tdtype(dtype)
+    for m in (3, 1023):
+        x = randn(m, 113, dtype=dtype)
+        weight = randn(64, 113, dtype=dtype, scale=113 ** -0.5)
+        g = randn(m, 64, dtype=dtype)
+        for feedforward in (False, True):
+            l = (1 + 0.5 * randn(113 if feedforward else 64)).to(dt)  # noqa: E741
+
+            def formula(x, weight, l):  # noqa: E741
+                return (x * l) @ weight.T if feedforward else (x @ weight.T) * l
+
+            inputs = dict(x=x, weight=weight, l=l)
+            (y64, g64), (ylp, glp) = both(formula, inputs, ["x", "l"], g, dt)
+            y, base = F.ia3_linear_forward(x, weight, None, l, feedforward=feedforward)
+            check("y", y, y64, ylp, FWD_FACTOR)
+            if not feedforward:
+                _, base = F.ia3_linear_forward(x, weight, None, l, keep_base=True)
+            only_l = F.ia3_linear_backward(g, x, weight, l, base, feedforward=feedforward,
+                                           grad_x=False)
+            check("grad_l", only_l.ia3_l, g64["l"], glp["l"], GRAD_FACTOR)
+            only_x = F.ia3_linear_backward(g, x, weight, l, base, feedforward=feedforward,
+                                           grad_ia3_l=False)
+            check("grad_x", only_x.x, g64["x"], glp["x"], GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_ia3_embedding(dtype):
+    dt = tdtype(dtype)
+    n, vocab, dim = 1023, 113, 3
+    indices = torch.randint(0, vocab, (n,), device=dev())
+    padding_idx = int(indices[5])
+    weight = randn(vocab, dim, dtype=dtype)
+    l = (1 + 0.5 * randn(dim)).to(dt)  # noqa: E741
+    g = randn(n, dim, dtype=dtype)
+    y = F.ia3_embedding_forward(indices, weight, l)
+    grads = F.ia3_embedding_backward(g, indices, weight, l, padding_idx=padding_idx,
+                                     grad_weight=True)
+
+    def formula(weight, l):  # noqa: E741
+        return torch.nn.functional.embedding(indices, weight, padding_idx=padding_idx) * l
+
+    (y64, g64), (ylp, glp) = both(formula, dict(weight=weight, l=l), ["weight", "l"], g, dt)
+    check("y", y, y64, ylp, FWD_FACTOR)
+    check("grad_l", grads.ia3_l, g64["l"], glp["l"], GRAD_FACTOR)
+    check("grad_weight", grads.weight, g64["weight"], glp["weight"], GRAD_FACTOR)
+
+
+# --------------------------------------------------------------------------------------------
+# Merge
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dtype", LOW)
+def test_lora_merge_unmerge_bit_exact(dtype, fan_in_fan_out):
+    dt = tdtype(dtype)
+    out_f, in_f, r, scale = 113, 1023, 8, 2.0
+    weight = randn(out_f, in_f, dtype=dtype, scale=0.05)
+    stored = weight.T.contiguous() if fan_in_fan_out else weight.clone()
+    original = stored.clone()
+    lora_a, lora_b = randn(r, in_f, dtype=dtype), randn(out_f, r, dtype=dtype, scale=0.01)
+    record = F.lora_merge(stored, lora_a, lora_b, scale, fan_in_fan_out=fan_in_fan_out)
+    merged_view = stored.T if fan_in_fan_out else stored
+    delta64 = scale * lora_b.double() @ lora_a.double()
+    delta_lp = (scale * (lora_b @ lora_a)).to(dt)
+    check("merged", merged_view, weight.double() + delta64, weight + delta_lp, FWD_FACTOR)
+    assert record.index.numel() == record.value.numel()
+    F.lora_unmerge(stored, lora_a, lora_b, scale, record, fan_in_fan_out=fan_in_fan_out)
+    bits = torch.int32 if dt == torch.float32 else torch.int16
+    assert torch.equal(stored.view(bits), original.view(bits))
+
+
+def test_lora_merge_100_bf16_cycles_bit_exact():
+    weight = randn(257, 511, dtype="bfloat16", scale=0.05)
+    original = weight.clone()
+    lora_a, lora_b = randn(16, 511, dtype="bfloat16"), randn(257, 16, dtype="bfloat16", scale=0.02)
+    total = 0
+    for _ in range(100):
+        record = F.lora_merge(weight, lora_a, lora_b, 2.0)
+        total += record.index.numel()
+        F.lora_unmerge(weight, lora_a, lora_b, 2.0, record)
+    assert total > 0, "bf16 merging should lose low bits somewhere (else the test proves nothing)"
+    assert torch.equal(weight.view(torch.int16), original.view(torch.int16))
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_ia3_merge_unmerge_bit_exact(dtype, feedforward):
+    dt = tdtype(dtype)
+    weight, bias = randn(113, 1023, dtype=dtype), randn(113, dtype=dtype)
+    l = (1 + 0.3 * randn(1023 if feedforward else 113)).to(dt)  # noqa: E741
+    w0, b0 = weight.clone(), bias.clone()
+    records = F.ia3_merge(weight, l, bias=None if feedforward else bias, feedforward=feedforward)
+    expected = (w0.double() * (l.double() if feedforward else l.double()[:, None]))
+    check("merged", weight, expected, (w0 * (l if feedforward else l[:, None])), FWD_FACTOR)
+    F.ia3_unmerge(weight, l, records, bias=None if feedforward else bias, feedforward=feedforward)
+    assert torch.equal(weight.view(torch.int16), w0.view(torch.int16))
+    assert torch.equal(bias.view(torch.int16), b0.view(torch.int16))
+
+
+def test_embedding_merges_bit_exact():
+    weight = randn(1023, 113, dtype="bfloat16")
+    w0 = weight.clone()
+    lora_a, lora_b = randn(4, 1023, dtype="bfloat16"), randn(113, 4, dtype="bfloat16", scale=0.1)
+    rec = F.lora_embedding_merge(weight, lora_a, lora_b, 1.5)
+    F.lora_embedding_unmerge(weight, lora_a, lora_b, 1.5, rec)
+    assert torch.equal(weight.view(torch.int16), w0.view(torch.int16))
+    l = (1 + 0.3 * randn(113)).to(torch.bfloat16)  # noqa: E741
+    rec = F.ia3_embedding_merge(weight, l)
+    F.ia3_embedding_unmerge(weight, l, rec)
+    assert torch.equal(weight.view(torch.int16), w0.view(torch.int16))
+
+
+# --------------------------------------------------------------------------------------------
+# Streams, devices and DLPack producers
+# --------------------------------------------------------------------------------------------
+
+def test_non_default_stream():
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        run_lora("bfloat16", 113, 1023, 113, 8, dropout=0.1, stream=s.cuda_stream)
+
+
+def test_two_concurrent_streams():
+    """Two streams, each its own problem, queued interleaved: per-stream workspaces keep them
+    apart (a shared workspace would corrupt the dropout chunks)."""
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    problems = []
+    for i, s in enumerate(streams):
+        with torch.cuda.stream(s):
+            x = randn(1023, 1023, dtype="bfloat16")
+            w = randn(513, 1023, dtype="bfloat16", scale=0.03)
+            a = randn(8, 1023, dtype="bfloat16", scale=0.03)
+            b = randn(513, 8, dtype="bfloat16")
+        problems.append((x, w, a, b))
+    torch.cuda.synchronize()
+    results = [[], []]
+    for _ in range(5):
+        for i, s in enumerate(streams):
+            x, w, a, b = problems[i]
+            with torch.cuda.stream(s):
+                y, xa = F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.1, seed=i,
+                                              stream=s.cuda_stream)
+                grads = F.lora_linear_backward(x[:, :513].contiguous(), x, w, a, b, xa, 0.5,
+                                               dropout=0.1, seed=i, stream=s.cuda_stream)
+            results[i].append((y, grads.lora_a))
+    torch.cuda.synchronize()
+    for i in range(2):
+        x, w, a, b = problems[i]
+        y_ref, _ = F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.1, seed=i)
+        ga_ref = F.lora_linear_backward(x[:, :513].contiguous(), x, w, a, b,
+                                        F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.1,
+                                                              seed=i)[1],
+                                        0.5, dropout=0.1, seed=i).lora_a
+        for y, ga in results[i]:
+            assert torch.equal(y, y_ref)
+            assert torch.equal(ga, ga_ref)
+
+
+def test_second_device_is_honoured():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    with torch.cuda.device(1):
+        run_lora("bfloat16", 33, 113, 64, 4)
+
+
+def test_cupy_inputs():
+    cupy = pytest.importorskip("cupy")
+    x, w, a, b = (cupy.asarray(np.random.randn(*s).astype(np.float32))
+                  for s in [(37, 113), (64, 113), (4, 113), (64, 4)])
+    y, xa = F.lora_linear_forward(x, w, None, a, b, 0.5)
+    xn, wn, an, bn = (cupy.asnumpy(t).astype(np.float64) for t in (x, w, a, b))
+    ref = xn @ wn.T + 0.5 * (xn @ an.T) @ bn.T
+    np.testing.assert_allclose(cupy.asnumpy(y), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cupy.asnumpy(xa), xn @ an.T, rtol=1e-4, atol=1e-4)
+
+
+def test_jax_inputs_with_torch_outputs():
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX has no GPU backend here")
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(np.float32)
+              for s in [(37, 113), (64, 113), (4, 113), (64, 4)]]
+    x, w, a, b = (jnp.asarray(t) for t in arrays)
+    out = torch.empty(37, 64, device=dev())
+    out_xa = torch.empty(37, 4, device=dev())
+    y, xa = F.lora_linear_forward(x, w, None, a, b, 0.5, out=out, out_xa=out_xa)
+    torch.cuda.synchronize()
+    xn, wn, an, bn = (t.astype(np.float64) for t in arrays)
+    ref = xn @ wn.T + 0.5 * (xn @ an.T) @ bn.T
+    np.testing.assert_allclose(out.cpu().numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_inputs_through_raw_dlpack_capsules_match_tensors():
+    x, w, a, b = randn(17, 33), randn(9, 33), randn(2, 33), randn(9, 2)
+    y_t, _ = F.lora_linear_forward(x, w, None, a, b, 1.0)
+    out = torch.empty(17, 9, device=dev())
+    out_xa = torch.empty(17, 2, device=dev())
+    F.lora_linear_forward(*(t.__dlpack__() for t in (x, w)), None,
+                          *(t.__dlpack__() for t in (a, b)), 1.0, out=out, out_xa=out_xa)
+    torch.cuda.synchronize()
+    assert torch.equal(out, y_t)
+    assert math.isfinite(out.abs().max().item())
