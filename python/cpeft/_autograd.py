@@ -1,0 +1,290 @@
+"""One torch.autograd.Function per layer kind, each calling the C core through cpeft.functional.
+
+Tensors cross into C as DLPack capsules made by torch's C exporter (``to_dlpack``: no copy).
+Handing the tensors themselves would make the boundary call torch's Python-level
+``__dlpack__`` and ``__dlpack_device__``, about 8 µs per tensor, which at M=16 was more than the
+arithmetic of the whole call. Outputs and gradients are allocated by torch (``torch.empty``) and
+handed over as ``out=`` / ``grad_*=``, so torch's caching allocator owns every byte. CUDA work is
+queued on torch's current stream of the input's device, the stream every operand was produced
+on, so no producer/consumer synchronization is needed. Each backward computes only the
+gradients listed in ``ctx.needs_input_grad``.
+
+Dtype rule (shared by every layer, see docs/loralib-differences.md):
+  * the compute dtype is the autocast dtype when autocast is enabled for the input's device
+    type and the input is not float64, otherwise the dtype of the frozen weight;
+  * inputs, adapters and bias are cast to the compute dtype with differentiable ``.to`` (a no-op
+    when they already match), so each gradient comes back in its parameter's own dtype;
+  * the CPU core only has float32/float64 kernels, so on the CPU float16/bfloat16 operands are
+    upcast to float32 for the call and the result is rounded back to the compute dtype. This
+    costs a float32 copy of the weight per call: correct, but not the fast path.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.utils.dlpack import to_dlpack
+
+from . import functional
+
+_CPU_CORE_DTYPES = (torch.float32, torch.float64)
+
+# Seeds are drawn from torch's CPU generator so torch.manual_seed reproduces dropout masks and
+# activation checkpointing (which restores the CPU RNG state) recomputes the same mask.
+_SEED_BOUND = 2**62
+
+
+def cuda_stream(device: torch.device) -> Optional[int]:
+    """The raw handle of torch's current stream on ``device``; None on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return None
+
+
+def compute_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    if x_dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
+
+
+def core_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the C core computes in for ``dtype`` on this device type."""
+    if device_type == "cpu" and dtype not in _CPU_CORE_DTYPES:
+        return torch.float32
+    return dtype
+
+
+def draw_dropout_seed() -> int:
+    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
+
+
+def _dl(t: Optional[torch.Tensor]):
+    """A DLPack capsule aliasing ``t`` (consumed by exactly one C call), or None."""
+    return None if t is None else to_dlpack(t)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Differentiable cast; the dtype test first keeps the common no-cast path free of a
+    dispatcher round trip (this runs five times per layer call)."""
+    if t is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """Uninitialized, contiguous, like's dtype and device. (new_empty with a plain tuple is
+    torch's cheapest allocation call; these run up to six times per layer step.)"""
+    return like.new_empty(tuple(shape))
+
+
+def _grad_buffer(needed: bool, like: torch.Tensor) -> Optional[torch.Tensor]:
+    if not needed:
+        return None
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _dl_or_false(t: Optional[torch.Tensor]):
+    """A gradient output for the C call: a capsule to write into, or False (not requested)."""
+    return False if t is None else to_dlpack(t)
+
+
+class LoraLinearSettings(NamedTuple):
+    scale: float
+    fan_in_fan_out: bool
+    enable_lora: Optional[Sequence[bool]]
+    dropout: float
+    seed: int
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ (grouped for MergedLinear); keeps x and xa = drop(x)·Aᵀ."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, settings: LoraLinearSettings):
+        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
+        y = _empty(x.shape[:-1] + (out_features,), x)
+        xa = _empty(x.shape[:-1] + (lora_a.shape[0],), x)
+        functional.lora_linear_forward(
+            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), settings.scale,
+            fan_in_fan_out=settings.fan_in_fan_out, enable_lora=settings.enable_lora,
+            dropout=settings.dropout, seed=settings.seed, offset=0, out=_dl(y),
+            out_xa=_dl(xa), stream=cuda_stream(x.device))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        settings = ctx.settings
+        need_bias = need_bias and ctx.has_bias
+        grad_x, grad_weight = _grad_buffer(need_x, x), _grad_buffer(need_weight, weight)
+        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
+        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
+        functional.lora_linear_backward(
+            _dl(grad_out), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(xa),
+            settings.scale, fan_in_fan_out=settings.fan_in_fan_out,
+            enable_lora=settings.enable_lora, dropout=settings.dropout, seed=settings.seed,
+            offset=0, grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
+            grad_lora_b=_dl_or_false(grad_b), grad_bias=_dl_or_false(grad_bias),
+            grad_weight=_dl_or_false(grad_weight), stream=cuda_stream(grad_out.device))
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enable_lora,
+                dropout):
+    """Applies LoraLinearFunction under the module-wide dtype rule; returns the compute dtype."""
+    device_type = x.device.type
+    dtype = compute_dtype(x.dtype, weight.dtype, device_type)
+    kernel_dtype = core_dtype(dtype, device_type)
+    seed = draw_dropout_seed() if dropout > 0.0 else 0
+    settings = LoraLinearSettings(float(scale), bool(fan_in_fan_out), enable_lora,
+                                  float(dropout), seed)
+    y = LoraLinearFunction.apply(
+        _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
+        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype), settings)
+    return _cast(y, dtype)
+
+
+class LoraEmbeddingSettings(NamedTuple):
+    scale: float
+    padding_idx: Optional[int]
+
+
+class LoraEmbeddingFunction(torch.autograd.Function):
+    """y[n] = W[idx[n]] + s·Aᵀ[idx[n]]·Bᵀ, gathering rows; nothing of vocabulary size per call."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, lora_a, lora_b, settings: LoraEmbeddingSettings):
+        y = _empty(indices.shape + (weight.shape[1],), weight)
+        functional.lora_embedding_forward(
+            _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), settings.scale,
+            padding_idx=settings.padding_idx, out=_dl(y), stream=cuda_stream(weight.device))
+        ctx.save_for_backward(indices, lora_a, lora_b)
+        ctx.settings = settings
+        ctx.weight_meta = (weight.shape, weight.dtype, weight.device)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        indices, lora_a, lora_b = ctx.saved_tensors
+        _, need_weight, need_a, need_b = ctx.needs_input_grad[:4]
+        weight_shape, weight_dtype, weight_device = ctx.weight_meta
+        grad_weight = (torch.empty(weight_shape, dtype=weight_dtype, device=weight_device)
+                       if need_weight else None)
+        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
+        functional.lora_embedding_backward(
+            _dl(grad_out), _dl(indices), _dl(lora_a), _dl(lora_b), ctx.settings.scale,
+            padding_idx=ctx.settings.padding_idx, grad_lora_a=_dl_or_false(grad_a),
+            grad_lora_b=_dl_or_false(grad_b), grad_weight=_dl_or_false(grad_weight),
+            stream=cuda_stream(grad_out.device))
+        return None, grad_weight, grad_a, grad_b, None
+
+
+def _as_index(indices: torch.Tensor) -> torch.Tensor:
+    if indices.dtype in (torch.int32, torch.int64):
+        return indices
+    return indices.to(torch.int64)
+
+
+def lora_embedding(indices, weight, lora_a, lora_b, *, scale, padding_idx):
+    """Embedding lookups follow torch: the output has the weight's dtype (autocast leaves
+    embeddings alone), adapters are cast to it."""
+    dtype = weight.dtype
+    kernel_dtype = core_dtype(dtype, weight.device.type)
+    y = LoraEmbeddingFunction.apply(
+        _as_index(indices), _cast(weight, kernel_dtype), _cast(lora_a, kernel_dtype),
+        _cast(lora_b, kernel_dtype), LoraEmbeddingSettings(float(scale), padding_idx))
+    return _cast(y, dtype)
+
+
+class IA3LinearSettings(NamedTuple):
+    feedforward: bool
+    fan_in_fan_out: bool
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """Output scaling y = (x·Wᵀ + b) ⊙ l, or input scaling y = (x ⊙ l)·Wᵀ + b (feedforward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ia3_l, settings: IA3LinearSettings):
+        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
+        y = _empty(x.shape[:-1] + (out_features,), x)
+        # base = x·Wᵀ + b is kept only when l needs a gradient with output scaling: recomputing
+        # it in backward would cost a full GEMM.
+        keep_base = ctx.needs_input_grad[3] and not settings.feedforward
+        base = _empty(y.shape, y) if keep_base else None
+        functional.ia3_linear_forward(
+            _dl(x), _dl(weight), _dl(bias), _dl(ia3_l), feedforward=settings.feedforward,
+            fan_in_fan_out=settings.fan_in_fan_out, keep_base=keep_base, out=_dl(y),
+            out_base=_dl(base), stream=cuda_stream(x.device))
+        ctx.save_for_backward(x, weight, ia3_l, base)
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, ia3_l, base = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_l = ctx.needs_input_grad[:4]
+        settings = ctx.settings
+        need_bias = need_bias and ctx.has_bias
+        grad_x, grad_weight = _grad_buffer(need_x, x), _grad_buffer(need_weight, weight)
+        grad_l = _grad_buffer(need_l, ia3_l)
+        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
+        functional.ia3_linear_backward(
+            _dl(grad_out), _dl(x), _dl(weight), _dl(ia3_l), _dl(base),
+            feedforward=settings.feedforward, fan_in_fan_out=settings.fan_in_fan_out,
+            grad_x=_dl_or_false(grad_x), grad_ia3_l=_dl_or_false(grad_l),
+            grad_bias=_dl_or_false(grad_bias), grad_weight=_dl_or_false(grad_weight),
+            stream=cuda_stream(grad_out.device))
+        return grad_x, grad_weight, grad_bias, grad_l, None
+
+
+def ia3_linear(x, weight, bias, ia3_l, *, feedforward, fan_in_fan_out):
+    device_type = x.device.type
+    dtype = compute_dtype(x.dtype, weight.dtype, device_type)
+    kernel_dtype = core_dtype(dtype, device_type)
+    y = IA3LinearFunction.apply(
+        _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
+        _cast(ia3_l, kernel_dtype), IA3LinearSettings(bool(feedforward), bool(fan_in_fan_out)))
+    return _cast(y, dtype)
+
+
+class IA3EmbeddingFunction(torch.autograd.Function):
+    """y[n] = W[idx[n]] ⊙ l."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, ia3_l, padding_idx: Optional[int]):
+        y = _empty(indices.shape + (weight.shape[1],), weight)
+        functional.ia3_embedding_forward(_dl(indices), _dl(weight), _dl(ia3_l), out=_dl(y),
+                                         stream=cuda_stream(weight.device))
+        ctx.save_for_backward(indices, weight, ia3_l)
+        ctx.padding_idx = padding_idx
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        indices, weight, ia3_l = ctx.saved_tensors
+        _, need_weight, need_l = ctx.needs_input_grad[:3]
+        grad_weight, grad_l = _grad_buffer(need_weight, weight), _grad_buffer(need_l, ia3_l)
+        functional.ia3_embedding_backward(
+            _dl(grad_out), _dl(indices), _dl(weight), _dl(ia3_l), padding_idx=ctx.padding_idx,
+            grad_ia3_l=_dl_or_false(grad_l), grad_weight=_dl_or_false(grad_weight),
+            stream=cuda_stream(grad_out.device))
+        return None, grad_weight, grad_l, None
+
+
+def ia3_embedding(indices, weight, ia3_l, *, padding_idx):
+    dtype = weight.dtype
+    kernel_dtype = core_dtype(dtype, weight.device.type)
+    y = IA3EmbeddingFunction.apply(_as_index(indices), _cast(weight, kernel_dtype),
+                                   _cast(ia3_l, kernel_dtype), padding_idx)
+    return _cast(y, dtype)
