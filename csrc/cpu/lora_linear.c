@@ -63,6 +63,81 @@ static int compute_xa(const cpeft_lora_linear_args *a, cpeft_mat xa, cpeft_statu
     return rc;
 }
 
+/* dst = alpha · src, element by element, for any strides. */
+static void copy_scaled(cpeft_dtype dt, cpeft_mat src, double alpha, cpeft_mat dst)
+{
+    for (int64_t i = 0; i < src.rows; ++i)
+        for (int64_t j = 0; j < src.cols; ++j) {
+            if (dt == CPEFT_FLOAT32)
+                *(float *)cpeft_mat_at(dt, dst, i, j) =
+                    (float)(alpha * *(const float *)cpeft_mat_at(dt, src, i, j));
+            else
+                *(double *)cpeft_mat_at(dt, dst, i, j) =
+                    alpha * *(const double *)cpeft_mat_at(dt, src, i, j);
+        }
+}
+
+/*
+ * Writes y's adapter and bias terms (beta = 0) so that the base GEMM can then accumulate onto
+ * them. The base GEMM is compute-bound and reads C while it computes, whereas a separate pass
+ * over y (a bias fill, or a rank-r GEMM with beta = 1) is pure memory traffic. With a bias, an
+ * enabled block is one GEMM over K = r + 1: [xa_k | 1]·[s·B_k | b_k]ᵀ; a disabled block gets
+ * the bias (or zeros).
+ */
+static int write_adapter_terms(const cpeft_lora_linear_args *a, cpeft_mat xa, int64_t seg,
+                               cpeft_mat y, cpeft_status *st)
+{
+    cpeft_dtype dt = a->dtype;
+    int has_bias = a->bias.data != NULL;
+    void *xa_aug_data = NULL, *b_aug_data = NULL;
+    if (has_bias) {
+        xa_aug_data = cpeft_alloc_temp(dt, a->m * (a->r + 1), "[xa_k | 1]", st);
+        b_aug_data = xa_aug_data ? cpeft_alloc_temp(dt, seg * (a->r + 1), "[s·B_k | b_k]", st)
+                                 : NULL;
+        if (b_aug_data == NULL) {
+            free(xa_aug_data);
+            return st->code;
+        }
+    }
+    cpeft_mat xa_aug = cpeft_mat_compact(xa_aug_data, a->m, a->r + 1);
+    cpeft_mat b_aug = cpeft_mat_compact(b_aug_data, seg, a->r + 1);
+    double one64 = 1.0;
+    float one32 = 1.0f;
+    cpeft_vec one = {dt == CPEFT_FLOAT32 ? (void *)&one32 : (void *)&one64, 1, 1};
+    if (has_bias)
+        cpeft_fill_rows_cpu(dt, cpeft_mat_sub(dt, xa_aug, 0, a->m, a->r, 1), one);
+
+    int rc = CPEFT_OK;
+    for (int64_t g = 0, kk = 0; g < a->groups && rc == CPEFT_OK; ++g) {
+        cpeft_mat y_block = cpeft_mat_sub(dt, y, 0, a->m, g * seg, seg);
+        cpeft_vec b_block = {NULL, seg, a->bias.stride};
+        if (has_bias)
+            b_block.data = (char *)a->bias.data + g * seg * a->bias.stride * cpeft_dtype_size(dt);
+        if (!a->enabled[g]) {
+            if (has_bias)
+                cpeft_fill_rows_cpu(dt, y_block, b_block);
+            else
+                cpeft_fill_zero_cpu(dt, y_block);
+            continue;
+        }
+        cpeft_mat xa_k = cpeft_mat_sub(dt, xa, 0, a->m, kk * a->r, a->r);
+        cpeft_mat b_k = cpeft_mat_sub(dt, a->lora_b, kk * seg, seg, 0, a->r);
+        if (has_bias) {
+            cpeft_mat b_column = {b_block.data, seg, 1, b_block.stride, 1};
+            copy_scaled(dt, xa_k, 1.0, cpeft_mat_sub(dt, xa_aug, 0, a->m, 0, a->r));
+            copy_scaled(dt, b_k, a->scale, cpeft_mat_sub(dt, b_aug, 0, seg, 0, a->r));
+            copy_scaled(dt, b_column, 1.0, cpeft_mat_sub(dt, b_aug, 0, seg, a->r, 1));
+            rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xa_aug, b_aug, 0.0, y_block, st);
+        } else {
+            rc = cpeft_gemm_cpu(dt, 0, 1, a->scale, xa_k, b_k, 0.0, y_block, st);
+        }
+        ++kk;
+    }
+    free(xa_aug_data);
+    free(b_aug_data);
+    return rc;
+}
+
 int cpeft_lora_linear_fwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_linear_fwd_out *o,
                               cpeft_status *st)
 {
@@ -74,16 +149,6 @@ int cpeft_lora_linear_fwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_
     if ((rc = cpeft_lora_groups_cpu(a, &seg, &k, st)) != CPEFT_OK)
         return rc;
 
-    /* The bias is written first so the base GEMM accumulates onto it (beta = 1) instead of
-     * needing a second pass over y. */
-    double beta = 0.0;
-    if (a->bias.data != NULL) {
-        cpeft_fill_rows_cpu(dt, o->y, a->bias);
-        beta = 1.0;
-    }
-    if ((rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a->x, a->weight, beta, o->y, st)) != CPEFT_OK)
-        return rc;
-
     /* xa is what backward needs; a caller that does not keep it still needs it for y. */
     cpeft_mat xa = o->xa;
     void *xa_temp = NULL;
@@ -93,24 +158,16 @@ int cpeft_lora_linear_fwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_
             return st->code;
         xa = cpeft_mat_compact(xa_temp, a->m, a->r * k);
     }
-    rc = compute_xa(a, xa, st);
-
-    /* y[:, block g] += s · xa_k·B_kᵀ: the scale rides in alpha and the sum in beta, so no
-     * temporary of y's size exists. */
-    for (int64_t g = 0, kk = 0; g < a->groups && rc == CPEFT_OK; ++g) {
-        if (!a->enabled[g])
-            continue;
-        rc = cpeft_gemm_cpu(dt, 0, 1, a->scale, cpeft_mat_sub(dt, xa, 0, a->m, kk * a->r, a->r),
-                            cpeft_mat_sub(dt, a->lora_b, kk * seg, seg, 0, a->r), 1.0,
-                            cpeft_mat_sub(dt, o->y, 0, a->m, g * seg, seg), st);
-        ++kk;
-    }
+    if ((rc = compute_xa(a, xa, st)) == CPEFT_OK &&
+        (rc = write_adapter_terms(a, xa, seg, o->y, st)) == CPEFT_OK)
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a->x, a->weight, 1.0, o->y, st);
     free(xa_temp);
     return rc;
 }
 
-/* grad_a = s · gbᵀ·drop(x) and grad_x += s · drop'(gb·A), each in row chunks of x sharing one
- * chunk buffer: the mask is regenerated per chunk, never stored. */
+/* grad_a = s · gbᵀ·drop(x) and grad_x = s · drop'(gb·A) (written, not added: the base GEMM adds
+ * g·W afterwards), each in row chunks of x sharing one chunk buffer: the mask is regenerated per
+ * chunk, never stored. */
 static int lora_input_grads_with_dropout(const cpeft_lora_linear_args *a, cpeft_mat gb,
                                          const cpeft_lora_linear_bwd_out *o, cpeft_status *st)
 {
@@ -137,7 +194,7 @@ static int lora_input_grads_with_dropout(const cpeft_lora_linear_args *a, cpeft_
         if (o->grad_x.data != NULL && rc == CPEFT_OK && n > 0) {
             rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, gb_rows, a->lora_a, 0.0, tmp, st);
             if (rc == CPEFT_OK)
-                cpeft_dropout_rows_cpu(dt, &a->dropout, row0, a->scale, tmp, 1,
+                cpeft_dropout_rows_cpu(dt, &a->dropout, row0, a->scale, tmp, 0,
                                        cpeft_mat_sub(dt, o->grad_x, row0, n, 0, a->in));
         }
     }
@@ -176,36 +233,38 @@ int cpeft_lora_linear_bwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_
     if (o->grad_weight.data != NULL &&
         (rc = cpeft_gemm_cpu(dt, 1, 0, 1.0, g, a->x, 0.0, o->grad_weight, st)) != CPEFT_OK)
         return rc;
-    if (o->grad_x.data != NULL &&
-        (rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, g, a->weight, 0.0, o->grad_x, st)) != CPEFT_OK)
-        return rc;
-    /* With no enabled block grad_a has no rows and grad_x is already complete. */
-    if ((o->grad_x.data == NULL && o->grad_a.data == NULL) || rk == 0)
-        return CPEFT_OK;
 
-    /* gb = g_blocks·B (M x R*K) is the only temporary; it is rank-sized. */
-    void *gb_data = cpeft_alloc_temp(dt, a->m * rk, "g·B", st);
-    if (gb_data == NULL)
-        return st->code;
-    cpeft_mat gb = cpeft_mat_compact(gb_data, a->m, rk);
-    for (int64_t grp = 0, kk = 0; grp < a->groups && rc == CPEFT_OK; ++grp) {
-        if (!a->enabled[grp])
-            continue;
-        rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, cpeft_mat_sub(dt, g, 0, a->m, grp * seg, seg),
-                            cpeft_mat_sub(dt, a->lora_b, kk * seg, seg, 0, a->r), 0.0,
-                            cpeft_mat_sub(dt, gb, 0, a->m, kk * a->r, a->r), st);
-        ++kk;
-    }
-    if (rc == CPEFT_OK) {
-        if (has_dropout(a)) {
-            rc = lora_input_grads_with_dropout(a, gb, o, st);
-        } else {
-            if (o->grad_a.data != NULL)
-                rc = cpeft_gemm_cpu(dt, 1, 0, a->scale, gb, a->x, 0.0, o->grad_a, st);
-            if (o->grad_x.data != NULL && rc == CPEFT_OK)
-                rc = cpeft_gemm_cpu(dt, 0, 0, a->scale, gb, a->lora_a, 1.0, o->grad_x, st);
+    /* grad_x's LoRA term is written first and the base GEMM g·W accumulates onto it (beta = 1),
+     * for the same reason as in forward: the compute-bound GEMM absorbs the read of grad_x. */
+    double grad_x_beta = 0.0;
+    if ((o->grad_x.data != NULL || o->grad_a.data != NULL) && rk > 0) {
+        /* gb = g_blocks·B (M x R*K) is the only temporary; it is rank-sized. */
+        void *gb_data = cpeft_alloc_temp(dt, a->m * rk, "g·B", st);
+        if (gb_data == NULL)
+            return st->code;
+        cpeft_mat gb = cpeft_mat_compact(gb_data, a->m, rk);
+        for (int64_t grp = 0, kk = 0; grp < a->groups && rc == CPEFT_OK; ++grp) {
+            if (!a->enabled[grp])
+                continue;
+            rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, cpeft_mat_sub(dt, g, 0, a->m, grp * seg, seg),
+                                cpeft_mat_sub(dt, a->lora_b, kk * seg, seg, 0, a->r), 0.0,
+                                cpeft_mat_sub(dt, gb, 0, a->m, kk * a->r, a->r), st);
+            ++kk;
         }
+        if (rc == CPEFT_OK) {
+            if (has_dropout(a)) {
+                rc = lora_input_grads_with_dropout(a, gb, o, st);
+            } else {
+                if (o->grad_a.data != NULL)
+                    rc = cpeft_gemm_cpu(dt, 1, 0, a->scale, gb, a->x, 0.0, o->grad_a, st);
+                if (o->grad_x.data != NULL && rc == CPEFT_OK)
+                    rc = cpeft_gemm_cpu(dt, 0, 0, a->scale, gb, a->lora_a, 0.0, o->grad_x, st);
+            }
+        }
+        free(gb_data);
+        grad_x_beta = 1.0;
     }
-    free(gb_data);
+    if (o->grad_x.data != NULL && rc == CPEFT_OK)
+        rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, g, a->weight, grad_x_beta, o->grad_x, st);
     return rc;
 }
