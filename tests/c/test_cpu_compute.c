@@ -17,7 +17,7 @@
 #include "cpeft/lora_linear.h"
 #include "cpeft/merge.h"
 
-#include "../blas.h"
+#include "blas.h"
 
 static int failures, checks;
 

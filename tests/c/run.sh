@@ -1,13 +1,13 @@
 #!/bin/sh
 # Builds and runs the standalone CPU compute-layer checks (not part of the extension build).
-# Usage: csrc/cpu/test_harness/build.sh [extra CFLAGS, e.g. -fsanitize=address,undefined]
+# Usage: tests/c/run.sh [extra CFLAGS, e.g. -fsanitize=address,undefined]
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../../.." && pwd)
+root=$(cd "$here/../.." && pwd)
 blas_inc=$(python3 -c "import scipy_openblas32 as s; print(s.get_include_dir())")
 blas_lib=$(python3 -c "import scipy_openblas32 as s; print(s.get_lib_dir())")
 out=${TMPDIR:-/tmp}/cpeft_test_cpu
-gcc -std=c11 -O2 -g -Wall -Wextra -Werror "$@" -I"$root/csrc/include" -I"$blas_inc" \
-    "$here/test_cpu.c" "$root"/csrc/cpu/*.c \
+gcc -std=c11 -O2 -g -Wall -Wextra -Werror "$@" -I"$root/csrc/include" -I"$root/csrc/cpu" -I"$blas_inc" \
+    "$here/test_cpu_compute.c" "$root"/csrc/cpu/*.c \
     -L"$blas_lib" -Wl,-rpath,"$blas_lib" -lscipy_openblas -lm -o "$out"
 OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} "$out"
