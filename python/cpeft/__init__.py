@@ -40,8 +40,14 @@ _TORCH_API = frozenset((
 
 def __getattr__(name):
     if name in _TORCH_API:
-        from . import _torch_api
-
+        try:
+            from . import _torch_api
+        except ModuleNotFoundError as missing:
+            if missing.name != "torch":
+                raise
+            raise ModuleNotFoundError(
+                f"cpeft.{name} is a torch layer or API and needs PyTorch, which is not installed "
+                "(pip install torch); cpeft.functional works without it", name="torch") from None
         return getattr(_torch_api, name)
     raise AttributeError(f"module 'cpeft' has no attribute {name!r}")
 
