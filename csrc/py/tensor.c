@@ -65,7 +65,11 @@ static int acquire_ndarray(PyArrayObject *arr, cpeft_tensor *t)
     t->itemsize = (size_t)PyArray_ITEMSIZE(arr);
     t->dtype = numpy_dtype(descr, t->itemsize);
     if (t->dtype == CPEFT_DTYPE_UNSUPPORTED) {
-        snprintf(t->dtype_name, sizeof t->dtype_name, "%s", descr->typeobj->tp_name);
+        /* The scalar type's name without its module ("numpy.int16" -> "int16"), as NumPy prints
+         * dtypes and as the supported ones are named. */
+        const char *type_name = descr->typeobj->tp_name;
+        const char *dot = strrchr(type_name, '.');
+        snprintf(t->dtype_name, sizeof t->dtype_name, "%s", dot ? dot + 1 : type_name);
     }
     if (!PyArray_ISNOTSWAPPED(arr)) {
         PyErr_Format(PyExc_ValueError,
