@@ -3,8 +3,10 @@
  *
  *   y[n] = W[idx[n]] + s · Aᵀ[idx[n]]·Bᵀ
  *
- * Shapes: indices (N) int32 or int64, every value in [0, V) (the boundary checks on the CPU;
- * the CUDA kernels flag out-of-range values); weight (V, D); lora_a (R, V); lora_b (D, R);
+ * Shapes: indices (N) int32 or int64, every value in [0, V) (the boundary checks CPU indices and
+ * raises IndexError; reading CUDA indices would need a sync, so there an out-of-range index
+ * gives a NaN row of y and no gradient, never an out-of-bounds access); weight (V, D);
+ * lora_a (R, V); lora_b (D, R);
  * y (N, D). Nothing of vocabulary size is built per call except the gradients that have that
  * size by definition (grad_a is R x V, grad_weight is V x D); they are zeroed then scatter-added.
  * Rows whose index equals padding_idx contribute nothing to grad_a and grad_weight (torch's
