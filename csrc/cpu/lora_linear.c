@@ -85,6 +85,16 @@ static void copy_scaled(cpeft_dtype dt, cpeft_mat src, double alpha, cpeft_mat d
     }
 }
 
+/* Column `col` of m set to 1: the bias column of an [xa | 1] operand, through which a GEMM also
+ * adds a bias (forward) or sums g's columns (backward) without a pass of its own. */
+static void fill_ones_column(cpeft_dtype dt, cpeft_mat m, int64_t col)
+{
+    double one64 = 1.0;
+    float one32 = 1.0f;
+    cpeft_vec one = {dt == CPEFT_FLOAT32 ? (void *)&one32 : (void *)&one64, 1, 1};
+    cpeft_fill_rows_cpu(dt, cpeft_mat_sub(dt, m, 0, m.rows, col, 1), one);
+}
+
 /*
  * Writes y's adapter and bias terms (beta = 0) so that the base GEMM can then accumulate onto
  * them. The base GEMM is compute-bound and reads C while it computes, whereas a separate pass
@@ -109,11 +119,8 @@ static int write_adapter_terms(const cpeft_lora_linear_args *a, cpeft_mat xa, in
     }
     cpeft_mat xa_aug = cpeft_mat_compact(xa_aug_data, a->m, a->r + 1);
     cpeft_mat b_aug = cpeft_mat_compact(b_aug_data, seg, a->r + 1);
-    double one64 = 1.0;
-    float one32 = 1.0f;
-    cpeft_vec one = {dt == CPEFT_FLOAT32 ? (void *)&one32 : (void *)&one64, 1, 1};
     if (has_bias)
-        cpeft_fill_rows_cpu(dt, cpeft_mat_sub(dt, xa_aug, 0, a->m, a->r, 1), one);
+        fill_ones_column(dt, xa_aug, a->r);
 
     int rc = CPEFT_OK;
     for (int64_t g = 0, kk = 0; g < a->groups && rc == CPEFT_OK; ++g) {
@@ -236,11 +243,8 @@ static int lora_b_and_bias_grads(const cpeft_lora_linear_args *a,
     cpeft_mat t = cpeft_mat_compact(t_data, kb, seg);
     /* t's first R rows read as SEG x R, the layout of grad_b_k. */
     cpeft_mat t_lora = {t_data, seg, a->r, 1, seg};
-    double one64 = 1.0;
-    float one32 = 1.0f;
-    cpeft_vec one = {dt == CPEFT_FLOAT32 ? (void *)&one32 : (void *)&one64, 1, 1};
     if (has_bias)
-        cpeft_fill_rows_cpu(dt, cpeft_mat_sub(dt, xa_aug, 0, a->m, a->r, 1), one);
+        fill_ones_column(dt, xa_aug, a->r);
 
     int rc = CPEFT_OK;
     for (int64_t grp = 0, kk = 0; grp < a->groups && rc == CPEFT_OK; ++grp) {

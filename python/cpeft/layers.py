@@ -204,6 +204,11 @@ class LoRALayer:
         self.merged = False
         self.merge_weights = merge_weights
 
+    def _adapters(self, dtype):
+        """lora_A and lora_B outside autograd, in the merge target's dtype (a no-op cast when
+        they already match)."""
+        return self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
+
     def _lora_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"lora_dropout={_configured_dropout_p(self.lora_dropout)}, "
@@ -246,9 +251,6 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
     def _merge_targets(self):
         return {"weight": self.weight.detach()}
 
-    def _adapters(self, dtype):
-        return self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
-
     def _merge_tensors(self, targets):
         weight = targets["weight"]
         self._merged_scale = self.scaling
@@ -287,9 +289,6 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
 
     def _merge_targets(self):
         return {"weight": self.weight.detach()}
-
-    def _adapters(self, dtype):
-        return self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
 
     def _merge_tensors(self, targets):
         weight = targets["weight"]
@@ -477,9 +476,6 @@ class ConvLoRA(_MergeOnEval, nn.Module, LoRALayer):
 
     def _matrix_view(self, kernel: torch.Tensor) -> torch.Tensor:
         return kernel.view(self.lora_B.shape[0], self.lora_A.shape[1])
-
-    def _adapters(self, dtype):
-        return self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
 
     def _merge_tensors(self, targets):
         kernel = targets["conv.weight"]
