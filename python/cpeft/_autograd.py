@@ -9,11 +9,16 @@ queued on torch's current stream of the input's device, the stream every operand
 on, so no producer/consumer synchronization is needed. Each backward computes only the
 gradients listed in ``ctx.needs_input_grad``.
 
-Dtype rule (shared by every layer, see docs/loralib-differences.md):
-  * the compute dtype is the autocast dtype when autocast is enabled for the input's device
-    type and the input is not float64, otherwise the dtype of the frozen weight;
-  * inputs, adapters and bias are cast to the compute dtype with differentiable ``.to`` (a no-op
-    when they already match), so each gradient comes back in its parameter's own dtype;
+Dtype rule (shared by every layer, see docs/loralib-differences.md): torch's own.
+  * a linear layer's input must have the dtype of its frozen weight, as for ``F.linear``; under
+    autocast both first become the autocast dtype where autocast would cast them (floating
+    point, not float64). Anything else raises torch's RuntimeError ("mat1 and mat2 must have the
+    same dtype ..."): nothing is cast silently. The output has that compute dtype;
+  * embedding indices must be int64 or int32 (torch's RuntimeError otherwise); the output has
+    the weight's dtype (autocast leaves embeddings alone);
+  * adapters and bias, the layer's own parameters, are cast to the compute dtype with
+    differentiable ``.to`` (a no-op when they already match), so each gradient comes back in its
+    parameter's own dtype;
   * the CPU core only has float32/float64 kernels, so on the CPU float16/bfloat16 operands are
     upcast to float32 for the call and the result is rounded back to the compute dtype. This
     costs a float32 copy of the weight per call: correct, but not the fast path.
@@ -42,10 +47,27 @@ def cuda_stream(device: torch.device) -> Optional[int]:
     return None
 
 
-def compute_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
-    if x_dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+def _torch_type_name(dtype: torch.dtype) -> str:
+    """The scalar type name torch's own messages use ("Float", "Long", "BFloat16")."""
+    return torch.empty((), dtype=dtype).type().rpartition(".")[2].removesuffix("Tensor")
+
+
+def _autocast_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype autocast hands a lower-precision op for an operand of ``dtype``: floating-point
+    operands other than float64 are cast, everything else passes through."""
+    if torch.is_autocast_enabled(device_type) and dtype.is_floating_point and dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
-    return weight_dtype
+    return dtype
+
+
+def compute_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype ``F.linear(x, weight)`` computes in, or torch's RuntimeError where it raises."""
+    x_dtype = _autocast_dtype(x_dtype, device_type)
+    weight_dtype = _autocast_dtype(weight_dtype, device_type)
+    if x_dtype != weight_dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
+                           f"{_torch_type_name(x_dtype)} and {_torch_type_name(weight_dtype)}")
+    return x_dtype
 
 
 def core_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
@@ -186,10 +208,13 @@ class LoraEmbeddingFunction(torch.autograd.Function):
         return None, grad_weight, grad_a, grad_b, None
 
 
-def _as_index(indices: torch.Tensor) -> torch.Tensor:
-    if indices.dtype in (torch.int32, torch.int64):
-        return indices
-    return indices.to(torch.int64)
+def _check_indices(indices: torch.Tensor) -> torch.Tensor:
+    """torch's rule for embedding indices: int64 or int32, never a cast (1.7 is not row 1)."""
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise RuntimeError("Expected tensor for argument #1 'indices' to have one of the following "
+                           f"scalar types: Long, Int; but got {indices.type()} instead (while "
+                           "checking arguments for embedding)")
+    return indices
 
 
 def lora_embedding(indices, weight, lora_a, lora_b, *, scale, padding_idx):
@@ -198,7 +223,7 @@ def lora_embedding(indices, weight, lora_a, lora_b, *, scale, padding_idx):
     dtype = weight.dtype
     kernel_dtype = core_dtype(dtype, weight.device.type)
     y = LoraEmbeddingFunction.apply(
-        _as_index(indices), _cast(weight, kernel_dtype), _cast(lora_a, kernel_dtype),
+        _check_indices(indices), _cast(weight, kernel_dtype), _cast(lora_a, kernel_dtype),
         _cast(lora_b, kernel_dtype), LoraEmbeddingSettings(float(scale), padding_idx))
     return _cast(y, dtype)
 
@@ -285,6 +310,6 @@ class IA3EmbeddingFunction(torch.autograd.Function):
 def ia3_embedding(indices, weight, ia3_l, *, padding_idx):
     dtype = weight.dtype
     kernel_dtype = core_dtype(dtype, weight.device.type)
-    y = IA3EmbeddingFunction.apply(_as_index(indices), _cast(weight, kernel_dtype),
+    y = IA3EmbeddingFunction.apply(_check_indices(indices), _cast(weight, kernel_dtype),
                                    _cast(ia3_l, kernel_dtype), padding_idx)
     return _cast(y, dtype)

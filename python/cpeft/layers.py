@@ -40,13 +40,6 @@ def _active_dropout_p(dropout) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
-def _to_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Inputs follow the weight's dtype unless autocast picks the dtype for the op."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x
-    return x.to(weight.dtype)
-
-
 def _core_merges(tensor: torch.Tensor) -> bool:
     """Whether the C core can merge into this tensor in place: a dtype it has kernels for on
     the tensor's device, and a layout whose matrix view is BLAS-able (2-D weights in either
@@ -141,8 +134,18 @@ class _MergeOnEval:
         if full_copies:
             for name, (_, original) in full_copies.items():
                 targets[name].copy_(original)
-        else:
+        elif all(_core_merges(t) for t in targets.values()):
             self._unmerge_tensors(targets, records)
+        else:
+            # Weights whose dtype was changed behind the layer's back (``weight.data = ...``):
+            # unmerge in a dtype the core has kernels for, then round back.
+            work = {name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
+                    for name, t in targets.items()}
+            work_records = {name: (index, value.to(work[name].dtype))
+                            for name, (index, value) in records.items()}
+            self._unmerge_tensors(work, work_records)
+            for name, t in targets.items():
+                t.copy_(work[name])
 
     def _unmerge_adapter(self) -> None:
         self._restore(self._merge_targets())
@@ -155,7 +158,8 @@ class _MergeOnEval:
         return self.merged and bool(self._merged_targets)
 
     def train(self, mode: bool = True):
-        super().train(mode)
+        # The weights change first and the flags only once that succeeded, so an exception
+        # leaves the layer in the state it was in.
         if mode:
             if self.merge_weights and self.merged:
                 if self._holds_merged_weights():
@@ -166,6 +170,23 @@ class _MergeOnEval:
                 if self._adapter_active():
                     self._merge_adapter()
                 self.merged = True
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()`` & co. on a merged layer: unmerge exactly in the old
+        dtype and device, convert the unmerged weights, merge again in the new ones. Converting
+        the merged weight and its merge record instead would restore a rounded W at the next
+        ``train()`` (and a float16 record on the CPU could not be unmerged at all)."""
+        if not self._holds_merged_weights():
+            return super()._apply(fn, recurse)
+        self._unmerge_adapter()
+        # Unmerged with the flag down is a consistent state (the adapter path runs), so a
+        # failing conversion leaves a working layer; eval() merges it again.
+        self.merged = False
+        super()._apply(fn, recurse)
+        if not any(t.is_meta for t in self._merge_targets().values()):
+            self._merge_adapter()
+            self.merged = True
         return self
 
     def _write_unmerged_weights(self, state_dict, prefix: str) -> None:
@@ -307,8 +328,7 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
             enable_lora=self._enable_lora(), stream=_autograd.cuda_stream(weight.device))
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_to_weight_dtype(x, self.weight),
-                        _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
+        return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
 
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _autograd.lora_linear(
@@ -497,9 +517,8 @@ class ConvLoRA(_MergeOnEval, nn.Module, LoRALayer):
             weight = self.conv.weight
             delta = (self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype))
             return self.conv._conv_forward(
-                _to_weight_dtype(x, weight),
-                weight + delta.view(weight.shape) * self.scaling, self.conv.bias)
-        return self.conv(_to_weight_dtype(x, self.conv.weight))
+                x, weight + delta.view(weight.shape) * self.scaling, self.conv.bias)
+        return self.conv(x)
 
     def extra_repr(self) -> str:
         return self._lora_repr()
@@ -593,8 +612,7 @@ class IA3Linear(_MergeOnEval, nn.Linear, IA3Layer):
             return _autograd.ia3_linear(x, self.weight, self.bias, self.ia3_l,
                                         feedforward=self.is_feedforward,
                                         fan_in_fan_out=self.fan_in_fan_out)
-        return F.linear(_to_weight_dtype(x, self.weight),
-                        _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
+        return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
 
     def extra_repr(self) -> str:
         return (f"{nn.Linear.extra_repr(self)}, is_feedforward={self.is_feedforward}, "
