@@ -455,9 +455,9 @@ def test_q12_bfloat16_weights_with_float32_adapters_follow_the_dtype_rule(name, 
     for p_name, param in layer.named_parameters():
         if "lora_" in p_name:
             param.data = param.data.float()
-    x = input_for(layer, torch.float32)
-    y = layer(x)
     base_dtype = torch.bfloat16
+    x = input_for(layer, base_dtype)  # torch's rule: the input has the weight's dtype
+    y = layer(x)
     assert y.dtype == base_dtype
     y.float().sum().backward()
     for p_name, param in layer.named_parameters():
@@ -467,7 +467,7 @@ def test_q12_bfloat16_weights_with_float32_adapters_follow_the_dtype_rule(name, 
     with torch.no_grad():
         for param in rounded.parameters():
             param.copy_(param.to(torch.bfloat16))
-    expected = rounded(x.to(torch.bfloat16).float() if x.is_floating_point() else x)
+    expected = rounded(x.float() if x.is_floating_point() else x)
     bf16_tolerance = dict(rtol=6e-2, atol=6e-2)
     torch.testing.assert_close(y.float(), expected, **bf16_tolerance)
     merged = layer.eval()(x)
@@ -475,7 +475,7 @@ def test_q12_bfloat16_weights_with_float32_adapters_follow_the_dtype_rule(name, 
     torch.testing.assert_close(merged.float(), expected, **bf16_tolerance)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer.train()
-        assert layer(x).dtype == base_dtype
+        assert layer(x.float() if x.is_floating_point() else x).dtype == base_dtype
 
 
 def test_q15_embedding_max_norm_and_sparse_are_rejected_clearly():
