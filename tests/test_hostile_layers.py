@@ -267,3 +267,156 @@ def test_a_layer_given_its_own_dtype_returns_it_and_matches_torch(name, dtype):
             y = layer.train(mode)(x)
             assert y.dtype == dtype
             torch.testing.assert_close(y.float(), expected.float(), **tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 6: integer buffers in modules_to_save round-trip (cpeft <-> cpeft, cpeft <-> peft).
+
+
+class NetWithBatchNorm(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def train_a_little(peft_model, steps=3):
+    """Random adapters, then train-mode forwards: the BatchNorm copy's running statistics and
+    its int64 num_batches_tracked move away from their initial values."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+        peft_model.train()
+        for _ in range(steps):
+            peft_model(torch.randn(8, 4, generator=generator))
+    return peft_model.eval()
+
+
+def batch_norm_copy(peft_model):
+    return peft_model.base_model.model.bn.modules_to_save["default"]
+
+
+def eval_output(model):
+    with torch.no_grad():
+        return model(torch.randn(5, 4, generator=torch.Generator().manual_seed(9)))
+
+
+def assert_unchanged(model, state, module_types):
+    assert [type(m) for m in model.modules()] == module_types
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert torch.equal(now[key], value), key
+
+
+def test_batch_norm_in_modules_to_save_round_trips(tmp_path):
+    from cpeft.peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["bn"])
+    ours = train_a_little(get_peft_model(NetWithBatchNorm(), config))
+    assert int(batch_norm_copy(ours).num_batches_tracked) == 3
+    ours.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(NetWithBatchNorm(), tmp_path)
+    saved, reloaded = ours.get_adapter_state_dict(), loaded.get_adapter_state_dict()
+    assert list(saved) == list(reloaded)
+    for key, value in saved.items():
+        assert reloaded[key].dtype == value.dtype and torch.equal(reloaded[key], value), key
+    assert int(batch_norm_copy(loaded).num_batches_tracked) == 3
+    torch.testing.assert_close(eval_output(loaded), eval_output(ours), rtol=0, atol=0)
+
+
+def test_batch_norm_in_modules_to_save_crosses_to_and_from_peft(tmp_path):
+    hf_peft = pytest.importorskip("peft")
+    from cpeft.peft import LoraConfig, PeftModel, get_peft_model
+
+    ours = train_a_little(get_peft_model(
+        NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["bn"])))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs_loaded = hf_peft.PeftModel.from_pretrained(NetWithBatchNorm(), tmp_path / "ours").eval()
+    assert int(batch_norm_copy(theirs_loaded).num_batches_tracked) == 3
+    torch.testing.assert_close(eval_output(theirs_loaded), eval_output(ours), rtol=1e-6, atol=1e-6)
+
+    theirs = train_a_little(hf_peft.get_peft_model(
+        NetWithBatchNorm(), hf_peft.LoraConfig(r=2, target_modules=["fc1", "fc2"],
+                                               modules_to_save=["bn"])))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_loaded = PeftModel.from_pretrained(NetWithBatchNorm(), tmp_path / "theirs")
+    assert int(batch_norm_copy(ours_loaded).num_batches_tracked) == 3
+    torch.testing.assert_close(eval_output(ours_loaded), eval_output(theirs), rtol=1e-6, atol=1e-6)
+
+
+def test_an_integer_buffer_is_loaded_only_from_its_own_dtype(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cpeft.peft import ADAPTER_WEIGHTS_NAME, LoraConfig, PeftModel, get_peft_model
+
+    train_a_little(get_peft_model(
+        NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["bn"]),
+    )).save_pretrained(tmp_path)
+    weights = tmp_path / ADAPTER_WEIGHTS_NAME
+    tensors = load_file(weights)
+    for key, dtype in (("base_model.model.bn.num_batches_tracked", torch.float32),
+                       ("base_model.model.bn.running_mean", torch.int64)):
+        save_file(dict(tensors, **{key: tensors[key].to(dtype)}), weights)
+        model = NetWithBatchNorm()
+        state, types = copy.deepcopy(model.state_dict()), [type(m) for m in model.modules()]
+        with pytest.raises(ValueError, match=f"{ADAPTER_WEIGHTS_NAME}: key '{key}'"):
+            PeftModel.from_pretrained(model, tmp_path)
+        assert_unchanged(model, state, types)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 12 (Python half): corrupt adapter files are ValueErrors naming the file.
+
+
+def corrupt_config_cases():
+    deep = "[" * 100_000 + "]" * 100_000
+    return {
+        "nested_far_beyond_the_recursion_limit": lambda text: text[:-1] + f', "r": {deep}}}',
+        "a_field_nested_far_beyond_the_recursion_limit":
+            lambda text: text[:-1] + f', "target_modules": {deep}}}',
+        "an_integer_beyond_python_digit_limit": lambda text: text[:-1] + ', "r": 1' + "0" * 5000 + "}",
+        "not_json": lambda text: text[: len(text) // 2],
+        "not_utf8": lambda text: "\udcff",
+        "a_list": lambda text: "[1, 2]",
+        "no_module_matches": lambda text: text.replace('"fc1"', '"nowhere"'),
+        "a_field_of_the_wrong_type": lambda text: text[:-1] + ', "lora_dropout": {"p": 0.1}}',
+    }
+
+
+@pytest.mark.parametrize("case_name", list(corrupt_config_cases()))
+def test_a_corrupt_adapter_config_is_a_value_error_naming_it(case_name, tmp_path):
+    from cpeft.peft import ADAPTER_CONFIG_NAME, LoraConfig, PeftModel, get_peft_model
+
+    get_peft_model(NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"])).save_pretrained(tmp_path)
+    config_path = tmp_path / ADAPTER_CONFIG_NAME
+    text = json.dumps(json.loads(config_path.read_text()))
+    config_path.write_bytes(corrupt_config_cases()[case_name](text).encode("utf-8", "surrogateescape"))
+    model = NetWithBatchNorm()
+    state, types = copy.deepcopy(model.state_dict()), [type(m) for m in model.modules()]
+    with pytest.raises(ValueError) as raised:
+        PeftModel.from_pretrained(model, tmp_path)
+    assert str(config_path) in str(raised.value)
+    assert_unchanged(model, state, types)
+
+
+@pytest.mark.parametrize("cut", ["empty", "header_only", "truncated", "garbage"])
+def test_a_corrupt_weights_file_is_a_value_error_naming_it(cut, tmp_path):
+    from cpeft.peft import ADAPTER_WEIGHTS_NAME, LoraConfig, PeftModel, get_peft_model
+
+    get_peft_model(NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"])).save_pretrained(tmp_path)
+    weights = tmp_path / ADAPTER_WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes({"empty": b"", "header_only": data[:8], "truncated": data[:-3],
+                         "garbage": bytes(range(256)) * 2}[cut])
+    model = NetWithBatchNorm()
+    state, types = copy.deepcopy(model.state_dict()), [type(m) for m in model.modules()]
+    with pytest.raises(ValueError) as raised:
+        PeftModel.from_pretrained(model, tmp_path)
+    assert str(weights) in str(raised.value)
+    assert_unchanged(model, state, types)

@@ -413,6 +413,15 @@ def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[i
     return shapes
 
 
+def _integer_slots(model: nn.Module, plan: _Plan) -> dict[str, torch.dtype]:
+    """peft key -> dtype of the non-floating tensors of ``modules_to_save`` (a BatchNorm's int64
+    ``num_batches_tracked``): loaded only from a tensor of that very dtype, never cast."""
+    return {f"{_KEY_PREFIX}{path}.{name}": tensor.dtype
+            for path in plan.saved_paths
+            for name, tensor in model.get_submodule(path).state_dict().items()
+            if not tensor.is_floating_point()}
+
+
 def _trainable_bias_slots(model: nn.Module, mode: str, target_paths: set[str],
                          saved_paths: list[str]) -> dict[str, nn.Parameter]:
     """peft key -> bias Parameter for LoRA's bias="all"/"lora_only" (peft 0.21's key names)."""
@@ -723,9 +732,13 @@ class PeftModel(nn.Module):
         _check_bool(is_trainable, "is_trainable")
         config, tensors = _read_adapter_dir(model_id)
         config.inference_mode = not is_trainable
-        plan = _plan(model, config)
+        try:
+            plan = _plan(model, config)
+        except ValueError as exc:
+            raise ValueError(f"{os.path.join(os.fspath(model_id), ADAPTER_CONFIG_NAME)}: {exc}") from None
         weights_path = os.path.join(os.fspath(model_id), ADAPTER_WEIGHTS_NAME)
         expected = _expected_adapter_shapes(model, plan)
+        integer_slots = _integer_slots(model, plan)
         missing = [key for key in expected if key not in tensors]
         if missing:
             raise ValueError(f"{weights_path}: missing the key {missing[0]!r} of shape {expected[missing[0]]} "
@@ -738,8 +751,11 @@ class PeftModel(nn.Module):
             tensor = tensors[key]
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{weights_path}: key {key!r}: expected shape {shape}, got {tuple(tensor.shape)}")
-            if not tensor.is_floating_point():
+            slot_dtype = integer_slots.get(key)
+            if slot_dtype is None and not tensor.is_floating_point():
                 raise ValueError(f"{weights_path}: key {key!r}: expected a floating-point tensor, got {tensor.dtype}")
+            if slot_dtype is not None and tensor.dtype != slot_dtype:
+                raise ValueError(f"{weights_path}: key {key!r}: expected {slot_dtype} as in the model, got {tensor.dtype}")
         peft_model = cls(model, plan)
         _load_tensors_into(peft_model._adapter_slots(), tensors)
         if not is_trainable:
@@ -761,9 +777,18 @@ def _read_adapter_dir(model_id: str | os.PathLike) -> tuple[LoraConfig | IA3Conf
     try:
         with open(config_path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
-    config = _config_from_dict(data, config_path)
+    except OSError as exc:
+        raise ValueError(f"{config_path}: cannot read the adapter config ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers beyond Python's digit limit;
+        # RecursionError is json's answer to deeply nested arrays or objects.
+        raise ValueError(f"{config_path}: invalid JSON ({type(exc).__name__}: {exc})") from None
+    try:
+        config = _config_from_dict(data, config_path)
+    except (TypeError, RecursionError) as exc:
+        # A field of an unexpected JSON type that a check did not anticipate, or a value nested
+        # too deeply to print in a message.
+        raise ValueError(f"{config_path}: unusable adapter config ({type(exc).__name__}: {exc})") from None
     if not os.path.isfile(weights_path):
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
             raise ValueError(f"{weights_path}: not found; cpeft reads only safetensors adapters, "
