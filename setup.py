@@ -12,10 +12,14 @@ Environment:
   CPEFT_SANITIZE=1      AddressSanitizer and UBSan on the C sources (compile and link).
 """
 import glob
+import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -191,21 +195,93 @@ else:
     SUMMARY = f"cpeft build: CUDA off ({CUDA_OFF_REASON}) | BLAS {BLAS['summary']}"
 
 
+def build_configuration(numpy_version):
+    """Everything besides the sources that goes into the binary: the interpreter (its
+    environment), numpy and BLAS versions, the CUDA toolkit and cuBLAS locations (they become
+    RUNPATH entries), flags and libraries. Search paths of the build-time numpy and BLAS headers
+    are left out on purpose: pip's isolated builds put them in a fresh temporary folder each time,
+    and the same versions give the same binary."""
+    return dict(python=sys.executable, ext_suffix=sysconfig.get_config_var("EXT_SUFFIX"),
+                numpy=numpy_version, blas=[BLAS["summary"], BLAS["library"]],
+                cuda=CUDA and {k: v for k, v in CUDA.items() if k != "sources"},
+                debug=DEBUG, sanitize=SANITIZE, compile_args=compile_args, link_args=link_args,
+                macros=macros, libraries=libraries)
+
+
+def configuration_key(configuration):
+    text = json.dumps(configuration, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
 class BuildExt(build_ext):
-    """Compiles cuda/*.cu with nvcc (when enabled) into objects linked into cpeft._C."""
+    """Compiles cuda/*.cu with nvcc (when enabled) into objects linked into cpeft._C.
+
+    A build never reuses what another configuration built (issue 12, defect 14): objects go to a
+    build_temp subfolder named by the configuration's hash, and an existing module file is
+    rebuilt unless this configuration recorded its exact digest (a module left by a CUDA build
+    in another environment, or by an older setup.py, is newer than the sources, which is all
+    setuptools' own up-to-date check looks at)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        import numpy
+
+        self.configuration_key = configuration_key(build_configuration(numpy.__version__))
+        self.build_temp = os.path.join(self.build_temp, f"config-{self.configuration_key}")
 
     def run(self):
-        print(SUMMARY, flush=True)
+        print(f"{SUMMARY} | configuration {self.configuration_key}", flush=True)
         import numpy
 
         for ext in self.extensions:
             ext.include_dirs.append(numpy.get_include())
         super().run()
 
+    def output_stamp(self, output):
+        name = hashlib.sha256(os.path.abspath(output).encode()).hexdigest()[:16]
+        return os.path.join(self.build_temp, "outputs", name)
+
+    def built_here(self, output):
+        """Whether ``output`` is exactly the file this configuration last built there."""
+        stamp = self.output_stamp(output)
+        if not os.path.exists(stamp):
+            return False
+        with open(stamp) as handle:
+            return handle.read().strip() == file_digest(output)
+
     def build_extension(self, ext):
         if CUDA:
             ext.extra_objects = self.compile_cuda()
-        super().build_extension(ext)
+        output = self.get_ext_fullpath(ext.name)
+        foreign = os.path.exists(output) and not self.built_here(output)
+        if foreign:
+            print(f"cpeft build: {output} was not built by this configuration; rebuilding",
+                  flush=True)
+        force = self.force
+        self.force = force or foreign
+        try:
+            super().build_extension(ext)
+        finally:
+            self.force = force
+        if os.path.exists(output):
+            stamp = self.output_stamp(output)
+            os.makedirs(os.path.dirname(stamp), exist_ok=True)
+            with open(stamp, "w") as handle:
+                handle.write(file_digest(output))
+
+    def copy_extensions_to_source(self):
+        # --inplace copies from build_lib only when the copy there is newer than the module in
+        # the source tree, which may well come from another configuration: always copy.
+        force, self.force = self.force, True
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.force = force
 
     def compile_cuda(self):
         out_dir = os.path.join(self.build_temp, "cuda")

@@ -420,3 +420,63 @@ def test_a_corrupt_weights_file_is_a_value_error_naming_it(cut, tmp_path):
         PeftModel.from_pretrained(model, tmp_path)
     assert str(weights) in str(raised.value)
     assert_unchanged(model, state, types)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defect 14: a build never reuses what another configuration built.
+
+
+def build_into(lib, temp, **config):
+    """``setup.py build_ext`` into scratch folders, CPU only; returns its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPEFT_")}
+    env.update(CPEFT_CUDA="0", **config)
+    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(lib),
+                           "--build-temp", str(temp)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def built_module(lib):
+    (module,) = (lib / "cpeft").glob("_C*.so")
+    return module
+
+
+def build_info_of(lib):
+    """build_info() of the module in ``lib``, imported in a fresh interpreter."""
+    sources = os.path.join(ROOT, "python", "cpeft")
+    for name in os.listdir(sources):
+        if name.endswith(".py"):
+            with open(os.path.join(sources, name), "rb") as handle:
+                (lib / "cpeft" / name).write_bytes(handle.read())
+    done = subprocess.run([sys.executable, "-c", "import cpeft, json; print(json.dumps(cpeft.build_info()))"],
+                          env=dict(os.environ, PYTHONPATH=str(lib)), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_build_never_reuses_a_module_built_with_another_configuration(tmp_path):
+    """Slow (two real C builds, ~5-20 s each): the stale-build reproducer of the issue was a
+    module built with CUDA in one environment that a plain ``pip install .`` elsewhere reused.
+    Debug and release stand in for the two configurations here (CUDA needs nvcc)."""
+    pytest.importorskip("scipy_openblas32")
+    lib, temp = tmp_path / "lib", tmp_path / "temp"
+
+    log = build_into(lib, temp, CPEFT_DEBUG="1")
+    assert "building 'cpeft._C' extension" in log
+    debug_module = built_module(lib).read_bytes()
+    assert build_info_of(lib)["debug"] is True
+
+    stamp = built_module(lib).stat().st_mtime_ns
+    log = build_into(lib, temp, CPEFT_DEBUG="1")
+    assert "building 'cpeft._C' extension" not in log, "the same configuration rebuilt"
+    assert built_module(lib).stat().st_mtime_ns == stamp
+
+    # The debug module is newer than every source, which is all setuptools' own check looks at
+    # (the CUDA module of the issue was, too): the release configuration rebuilds regardless.
+    log = build_into(lib, temp, CPEFT_DEBUG="0")
+    assert "was not built by this configuration; rebuilding" in log
+    assert build_info_of(lib)["debug"] is False
+    assert built_module(lib).read_bytes() != debug_module
+    assert len(list(temp.glob("config-*"))) == 2, "objects of each configuration kept apart"
