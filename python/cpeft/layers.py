@@ -75,9 +75,11 @@ class _MergeOnEval:
     checkpoint-safe.
 
     * Merge records (indices and original values of the elements whose round trip would not
-      restore W bit for bit) live in non-persistent buffers, so they follow ``.to()`` and stay
-      out of state dicts. Dtypes the core cannot merge in place (float16/bfloat16 on the CPU) or
-      non-contiguous conv weights keep a full copy of the original instead.
+      restore W bit for bit) live in non-persistent buffers, out of state dicts. Dtypes the
+      core cannot merge in place (float16/bfloat16 on the CPU) or non-contiguous conv weights
+      keep a full copy of the original instead.
+    * ``.to()`` & co. on a merged layer unmerge, convert and merge again (``_apply``), so a
+      dtype change never strands a merge record the core cannot unmerge.
     * ``state_dict()`` of a merged layer holds the unmerged weights, so a checkpoint means the
       same thing whatever mode it was saved in (loralib saves merged W; Q1).
     * ``load_state_dict()`` into a merged layer unmerges first, loads, then merges the loaded
