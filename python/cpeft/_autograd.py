@@ -52,18 +52,18 @@ def _torch_type_name(dtype: torch.dtype) -> str:
     return torch.empty((), dtype=dtype).type().rpartition(".")[2].removesuffix("Tensor")
 
 
-def _autocast_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """The dtype autocast hands a lower-precision op for an operand of ``dtype``: floating-point
-    operands other than float64 are cast, everything else passes through."""
-    if torch.is_autocast_enabled(device_type) and dtype.is_floating_point and dtype != torch.float64:
-        return torch.get_autocast_dtype(device_type)
-    return dtype
+def _autocast_casts(dtype: torch.dtype) -> bool:
+    """Whether autocast casts an operand of ``dtype`` for a lower-precision op such as
+    ``F.linear``: floating point other than float64."""
+    return dtype.is_floating_point and dtype != torch.float64
 
 
 def compute_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The dtype ``F.linear(x, weight)`` computes in, or torch's RuntimeError where it raises."""
-    x_dtype = _autocast_dtype(x_dtype, device_type)
-    weight_dtype = _autocast_dtype(weight_dtype, device_type)
+    if torch.is_autocast_enabled(device_type):
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        x_dtype = autocast_dtype if _autocast_casts(x_dtype) else x_dtype
+        weight_dtype = autocast_dtype if _autocast_casts(weight_dtype) else weight_dtype
     if x_dtype != weight_dtype:
         raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
                            f"{_torch_type_name(x_dtype)} and {_torch_type_name(weight_dtype)}")
