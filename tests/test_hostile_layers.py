@@ -20,10 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-F = torch.nn.functional
 
 import cpeft as lora  # noqa: E402
-from test_layers_torch import CASE_NAMES, case, make_layers  # noqa: E402
+from test_layers_torch import CASE_NAMES, case, reference_output  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,8 +255,6 @@ def test_the_issue_reproducers_raise_as_torch_does():
 def test_a_layer_given_its_own_dtype_returns_it_and_matches_torch(name, dtype):
     """The CPU core computes float16/bfloat16 in float32 internally; what the caller sees is the
     layer's dtype, with values close to the plain-torch function in that dtype."""
-    from test_layers_torch import reference_output
-
     layer, x = case(name, dtype=dtype)
     x = input_in(x, dtype)
     tolerance = TOLERANCE.get(dtype, dict(rtol=1e-5, atol=1e-5))
