@@ -56,21 +56,20 @@ int cpeft_op_begin(cpeft_dtype dtype, const char *op, cpeft_status *st)
                       (int)dtype);
 }
 
-int cpeft_check_indices_cpu(cpeft_dtype index_dtype, cpeft_vec indices, int64_t n,
-                            int64_t num_embeddings, const char *op, cpeft_status *st)
+int cpeft_check_index_dtype_cpu(cpeft_dtype index_dtype, const char *op, cpeft_status *st)
 {
     if (index_dtype != CPEFT_INT32 && index_dtype != CPEFT_INT64)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: indices must be int32 or int64, got dtype "
                           "code %d", op, (int)index_dtype);
-    for (int64_t i = 0; i < n; ++i) {
-        int64_t v = cpeft_index_at(index_dtype, indices, i);
-        if (v < 0 || v >= num_embeddings)
-            return cpeft_fail(st, CPEFT_ERR_INDEX,
-                              "%s: indices[%lld] = %lld is out of range for an embedding of "
-                              "%lld rows", op, (long long)i, (long long)v,
-                              (long long)num_embeddings);
-    }
     return CPEFT_OK;
+}
+
+int cpeft_index_error(int64_t position, int64_t value, int64_t rows, cpeft_status *st)
+{
+    return cpeft_fail(st, CPEFT_ERR_INDEX,
+                      "indices[%lld] = %lld is out of range for an embedding of %lld rows (if "
+                      "the call's own check passed, the array was changed during the call)",
+                      (long long)position, (long long)value, (long long)rows);
 }
 
 /*
@@ -274,14 +273,22 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
                     s[i * src.row_stride + j * src.col_stride] *                               \
                     lv[(along_cols ? j : i) * l.stride];                                       \
     }                                                                                          \
-    static void gather_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,              \
-                                     cpeft_mat src, cpeft_vec l, cpeft_mat dst)                \
+    /* Both return the position of the first index outside the table (its value in *bad), or  \
+     * -1 when every index was in range. */                                                   \
+    static int64_t gather_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,           \
+                                        cpeft_mat src, cpeft_vec l, cpeft_mat dst,             \
+                                        int64_t *bad)                                          \
     {                                                                                          \
         const T *s = (const T *)src.data;                                                      \
         const T *lv = (const T *)l.data;                                                       \
         T *d = (T *)dst.data;                                                                  \
         for (int64_t n = 0; n < dst.rows; ++n) {                                               \
-            const T *row = s + cpeft_index_at(index_dtype, indices, n) * src.row_stride;       \
+            int64_t idx = cpeft_index_at(index_dtype, indices, n);                             \
+            if ((uint64_t)idx >= (uint64_t)src.rows) {                                         \
+                *bad = idx;                                                                    \
+                return n;                                                                      \
+            }                                                                                  \
+            const T *row = s + idx * src.row_stride;                                           \
             T *out = d + n * dst.row_stride;                                                   \
             if (lv != NULL)                                                                    \
                 for (int64_t j = 0; j < dst.cols; ++j)                                         \
@@ -290,10 +297,11 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
                 for (int64_t j = 0; j < dst.cols; ++j)                                         \
                     out[j * dst.col_stride] = row[j * src.col_stride];                         \
         }                                                                                      \
+        return -1;                                                                             \
     }                                                                                          \
-    static void scatter_add_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,         \
-                                          int64_t padding_idx, cpeft_mat src, cpeft_vec l,     \
-                                          cpeft_mat dst)                                       \
+    static int64_t scatter_add_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,      \
+                                             int64_t padding_idx, cpeft_mat src, cpeft_vec l,  \
+                                             cpeft_mat dst, int64_t *bad)                      \
     {                                                                                          \
         const T *s = (const T *)src.data;                                                      \
         const T *lv = (const T *)l.data;                                                       \
@@ -302,6 +310,10 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
             int64_t idx = cpeft_index_at(index_dtype, indices, n);                             \
             if (idx == padding_idx)                                                            \
                 continue;                                                                      \
+            if ((uint64_t)idx >= (uint64_t)dst.rows) {                                         \
+                *bad = idx;                                                                    \
+                return n;                                                                      \
+            }                                                                                  \
             const T *row = s + n * src.row_stride;                                             \
             T *out = d + idx * dst.row_stride;                                                 \
             if (lv != NULL)                                                                    \
@@ -311,6 +323,7 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
                 for (int64_t j = 0; j < src.cols; ++j)                                         \
                     out[j * dst.col_stride] += row[j * src.col_stride];                        \
         }                                                                                      \
+        return -1;                                                                             \
     }                                                                                          \
     static void scale_vec_##SUFFIX(cpeft_vec v, cpeft_vec l)                                  \
     {                                                                                          \
@@ -381,20 +394,22 @@ void cpeft_scale_vec_cpu(cpeft_dtype dtype, cpeft_vec v, cpeft_vec l)
         scale_vec_f64(v, l);
 }
 
-void cpeft_gather_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
-                           cpeft_mat src, cpeft_vec l, cpeft_mat dst)
+int cpeft_gather_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                          cpeft_mat src, cpeft_vec l, cpeft_mat dst, cpeft_status *st)
 {
-    if (dtype == CPEFT_FLOAT32)
-        gather_rows_f32(index_dtype, indices, src, l, dst);
-    else
-        gather_rows_f64(index_dtype, indices, src, l, dst);
+    int64_t bad = 0;
+    int64_t at = dtype == CPEFT_FLOAT32 ? gather_rows_f32(index_dtype, indices, src, l, dst, &bad)
+                                        : gather_rows_f64(index_dtype, indices, src, l, dst, &bad);
+    return at < 0 ? CPEFT_OK : cpeft_index_error(at, bad, src.rows, st);
 }
 
-void cpeft_scatter_add_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
-                                int64_t padding_idx, cpeft_mat src, cpeft_vec l, cpeft_mat dst)
+int cpeft_scatter_add_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                               int64_t padding_idx, cpeft_mat src, cpeft_vec l, cpeft_mat dst,
+                               cpeft_status *st)
 {
-    if (dtype == CPEFT_FLOAT32)
-        scatter_add_rows_f32(index_dtype, indices, padding_idx, src, l, dst);
-    else
-        scatter_add_rows_f64(index_dtype, indices, padding_idx, src, l, dst);
+    int64_t bad = 0;
+    int64_t at = dtype == CPEFT_FLOAT32
+                     ? scatter_add_rows_f32(index_dtype, indices, padding_idx, src, l, dst, &bad)
+                     : scatter_add_rows_f64(index_dtype, indices, padding_idx, src, l, dst, &bad);
+    return at < 0 ? CPEFT_OK : cpeft_index_error(at, bad, dst.rows, st);
 }
