@@ -135,6 +135,49 @@ static void scale_in_place(cpeft_dtype dtype, cpeft_mat c, double beta)
 #define CPEFT_BLAS_ONE_THREAD_MNK ((int64_t)65536 * 4)
 #define CPEFT_BLAS_SMALL_MNK (2.0 * 1024 * 1024)
 
+/* The largest M, N or K one BLAS call takes (its integers are 32-bit). The C harness also runs
+ * with a tiny value, so the blocking below is checked against its references at small sizes. */
+#ifndef CPEFT_BLAS_DIM_LIMIT
+#define CPEFT_BLAS_DIM_LIMIT ((int64_t)INT_MAX)
+#endif
+
+/* Rows [r0, r0+nr) of op(X) as a view of X, and columns likewise. */
+static cpeft_mat op_rows(cpeft_dtype dt, cpeft_mat x, int trans, int64_t r0, int64_t nr)
+{
+    return trans ? cpeft_mat_sub(dt, x, 0, x.rows, r0, nr) : cpeft_mat_sub(dt, x, r0, nr, 0, x.cols);
+}
+
+static cpeft_mat op_cols(cpeft_dtype dt, cpeft_mat x, int trans, int64_t c0, int64_t nc)
+{
+    return trans ? cpeft_mat_sub(dt, x, c0, nc, 0, x.cols) : cpeft_mat_sub(dt, x, 0, x.rows, c0, nc);
+}
+
+/* A product with M, N or K beyond one BLAS call, as products of blocks that fit: M and N split C,
+ * K splits the sum (the blocks after the first accumulate with beta = 1). */
+static int gemm_blocked(cpeft_dtype dt, int trans_a, int trans_b, double alpha, cpeft_mat a,
+                        cpeft_mat b, double beta, cpeft_mat c, int64_t m, int64_t n, int64_t k,
+                        cpeft_status *st)
+{
+    const int64_t lim = CPEFT_BLAS_DIM_LIMIT;
+    for (int64_t i0 = 0; i0 < m; i0 += lim) {
+        int64_t mi = m - i0 < lim ? m - i0 : lim;
+        for (int64_t j0 = 0; j0 < n; j0 += lim) {
+            int64_t nj = n - j0 < lim ? n - j0 : lim;
+            cpeft_mat c_block = cpeft_mat_sub(dt, c, i0, mi, j0, nj);
+            for (int64_t k0 = 0; k0 < k; k0 += lim) {
+                int64_t kk = k - k0 < lim ? k - k0 : lim;
+                cpeft_mat a_block = op_cols(dt, op_rows(dt, a, trans_a, i0, mi), trans_a, k0, kk);
+                cpeft_mat b_block = op_cols(dt, op_rows(dt, b, trans_b, k0, kk), trans_b, j0, nj);
+                int rc = cpeft_gemm_cpu(dt, trans_a, trans_b, alpha, a_block, b_block,
+                                        k0 == 0 ? beta : 1.0, c_block, st);
+                if (rc != CPEFT_OK)
+                    return rc;
+            }
+        }
+    }
+    return CPEFT_OK;
+}
+
 int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cpeft_mat a,
                    cpeft_mat b, double beta, cpeft_mat c, cpeft_status *st)
 {
@@ -154,6 +197,8 @@ int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cp
         scale_in_place(dtype, c, beta);
         return CPEFT_OK;
     }
+    if (m > CPEFT_BLAS_DIM_LIMIT || n > CPEFT_BLAS_DIM_LIMIT || k > CPEFT_BLAS_DIM_LIMIT)
+        return gemm_blocked(dtype, trans_a, trans_b, alpha, a, b, beta, c, m, n, k, st);
 
     blas_layout la, lb, lc;
     if (!blas_layout_of(a, &la) || !blas_layout_of(b, &lb) || !blas_layout_of(c, &lc))
