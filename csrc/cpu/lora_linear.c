@@ -1,9 +1,8 @@
 /* LoRA linear (plain and grouped) on the CPU; contract in cpeft/lora_linear.h. */
 #include "cpeft/lora_linear.h"
 
-#include <float.h>
-#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "blas.h"
 
@@ -67,35 +66,48 @@ static int compute_xa(const cpeft_lora_linear_args *a, cpeft_mat xa, cpeft_statu
 
 /* dst = alpha · src, element by element, for any strides. Indexed directly rather than through
  * cpeft_mat_at: a call per element made these rank-sized copies cost ~20 ns an element, about
- * 0.6 ms for one M x R copy at M = 2048, R = 16. Returns whether some finite nonzero element of
- * src became infinite, zero or subnormal in dst (alpha·src overflowed or underflowed dst's type),
- * so a caller can keep alpha out of an operand whose product would be representable. */
-static int copy_scaled(cpeft_dtype dt, cpeft_mat src, double alpha, cpeft_mat dst)
+ * 0.6 ms for one M x R copy at M = 2048, R = 16. */
+static void copy_scaled(cpeft_dtype dt, cpeft_mat src, double alpha, cpeft_mat dst)
 {
-    int lost = 0;
     if (dt == CPEFT_FLOAT32) {
         const float *s = (const float *)src.data;
         float *d = (float *)dst.data;
         for (int64_t i = 0; i < src.rows; ++i)
-            for (int64_t j = 0; j < src.cols; ++j) {
-                float v = s[i * src.row_stride + j * src.col_stride];
-                float scaled = (float)(alpha * v);
-                d[i * dst.row_stride + j * dst.col_stride] = scaled;
-                lost |= isfinite(v) && v != 0.0f && alpha != 0.0 &&
-                        !(isfinite(scaled) && fabsf(scaled) >= FLT_MIN);
-            }
+            for (int64_t j = 0; j < src.cols; ++j)
+                d[i * dst.row_stride + j * dst.col_stride] =
+                    (float)(alpha * s[i * src.row_stride + j * src.col_stride]);
     } else {
         const double *s = (const double *)src.data;
         double *d = (double *)dst.data;
         for (int64_t i = 0; i < src.rows; ++i)
-            for (int64_t j = 0; j < src.cols; ++j) {
-                double v = s[i * src.row_stride + j * src.col_stride];
-                double scaled = alpha * v;
-                d[i * dst.row_stride + j * dst.col_stride] = scaled;
-                lost |= isfinite(v) && v != 0.0 && alpha != 0.0 &&
-                        !(isfinite(scaled) && fabs(scaled) >= DBL_MIN);
-            }
+            for (int64_t j = 0; j < src.cols; ++j)
+                d[i * dst.row_stride + j * dst.col_stride] =
+                    alpha * s[i * src.row_stride + j * src.col_stride];
     }
+}
+
+/* Whether dst = alpha · src (as copy_scaled wrote it, dst compact) lost an element: a finite
+ * nonzero src element whose scaled value is infinite or at the bottom of the exponent range
+ * (zero or subnormal). Exponent bits only, so the check is a few integer operations an element. */
+static int scaling_lost_range(cpeft_dtype dt, cpeft_mat src, cpeft_mat dst)
+{
+    int lost = 0;
+    for (int64_t i = 0; i < src.rows; ++i)
+        for (int64_t j = 0; j < src.cols; ++j) {
+            if (dt == CPEFT_FLOAT32) {
+                uint32_t sb, db;
+                memcpy(&sb, (const float *)src.data + i * src.row_stride + j * src.col_stride, 4);
+                memcpy(&db, (const float *)dst.data + i * dst.row_stride + j * dst.col_stride, 4);
+                uint32_t se = (sb >> 23) & 0xFFu, de = (db >> 23) & 0xFFu;
+                lost |= (se != 0xFFu) & ((sb << 1) != 0) & ((de == 0xFFu) | (de == 0));
+            } else {
+                uint64_t sb, db;
+                memcpy(&sb, (const double *)src.data + i * src.row_stride + j * src.col_stride, 8);
+                memcpy(&db, (const double *)dst.data + i * dst.row_stride + j * dst.col_stride, 8);
+                uint64_t se = (sb >> 52) & 0x7FFu, de = (db >> 52) & 0x7FFu;
+                lost |= (se != 0x7FFu) & ((sb << 1) != 0) & ((de == 0x7FFu) | (de == 0));
+            }
+        }
     return lost;
 }
 
@@ -151,8 +163,10 @@ static int write_adapter_terms(const cpeft_lora_linear_args *a, cpeft_mat xa, in
         }
         cpeft_mat xa_k = cpeft_mat_sub(dt, xa, 0, a->m, kk * a->r, a->r);
         cpeft_mat b_k = cpeft_mat_sub(dt, a->lora_b, kk * seg, seg, 0, a->r);
-        if (has_bias &&
-            !copy_scaled(dt, b_k, a->scale, cpeft_mat_sub(dt, b_aug, 0, seg, 0, a->r))) {
+        cpeft_mat scaled_b = cpeft_mat_sub(dt, b_aug, 0, seg, 0, a->r);
+        if (has_bias)
+            copy_scaled(dt, b_k, a->scale, scaled_b);
+        if (has_bias && (a->scale == 1.0 || !scaling_lost_range(dt, b_k, scaled_b))) {
             cpeft_mat b_column = {b_block.data, seg, 1, b_block.stride, 1};
             copy_scaled(dt, xa_k, 1.0, cpeft_mat_sub(dt, xa_aug, 0, a->m, 0, a->r));
             copy_scaled(dt, b_column, 1.0, cpeft_mat_sub(dt, b_aug, 0, seg, a->r, 1));
