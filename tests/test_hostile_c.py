@@ -414,21 +414,26 @@ def test_every_layer_on_empty_batches():
 
 # ---- defect 8: float32 with a bias must not overflow on s·B -------------------------------------
 
+# One row (bias written first) and 16 rows (bias fused into the adapter GEMM as [xa | 1]).
+@pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_scaled_operand_never_overflows(with_bias):
-    one = np.ones((1, 1), np.float32)
+def test_scaled_operand_never_overflows(rows, with_bias):
+    """The issue's reproducer: x=1, w=1, A=1e-20, B=1e20, scale=1e20 gave inf with a bias."""
+    one = np.ones((rows, 1), np.float32)
     bias = np.zeros(1, np.float32) if with_bias else None
-    y, _ = F.lora_linear_forward(one, one, bias, np.full((1, 1), 1e-20, np.float32),
+    y, _ = F.lora_linear_forward(one, np.ones((1, 1), np.float32), bias,
+                                 np.full((1, 1), 1e-20, np.float32),
                                  np.full((1, 1), 1e20, np.float32), 1e20)
-    np.testing.assert_allclose(y, [[1e20]], rtol=1e-6)
+    np.testing.assert_allclose(y, np.full((rows, 1), 1e20), rtol=1e-6)
 
 
-def test_scaled_operand_never_underflows():
-    one = np.ones((2, 1), np.float32)
-    y, _ = F.lora_linear_forward(one, np.zeros((1, 1), np.float32), np.full(1, 0.5, np.float32),
-                                 np.full((1, 1), 1e20, np.float32),
+@pytest.mark.parametrize("rows", [1, 16])
+def test_scaled_operand_never_underflows(rows):
+    """s·B = 1e-20 * 1e-30 is below float32's range though s·xa·B = 1e-20 is not."""
+    y, _ = F.lora_linear_forward(np.ones((rows, 1), np.float32), np.zeros((1, 1), np.float32),
+                                 np.zeros(1, np.float32), np.full((1, 1), 1e30, np.float32),
                                  np.full((1, 1), 1e-30, np.float32), 1e-20)
-    np.testing.assert_allclose(y, np.full((2, 1), 0.5 + 1e-30), rtol=1e-6)
+    np.testing.assert_allclose(y, np.full((rows, 1), 1e-20), rtol=1e-6)
 
 
 # ---- defect 9: views beyond the 32-bit BLAS range ---------------------------------------------------
