@@ -646,3 +646,15 @@ def test_concurrent_merges_of_separate_weights_do_not_conflict():
     assert not errors, errors[:3]
     for w, original in zip(weights, originals):
         np.testing.assert_array_equal(w, original)
+
+
+def test_vector_output_with_a_64_bit_stride_is_refused():
+    backing = np.zeros(2**31 + 9, np.float32)   # two elements 2**31 + 8 apart, lazily mapped
+    grad_bias = np.lib.stride_tricks.as_strided(backing, shape=(2,), strides=((2**31 + 8) * 4,))
+    x, w, a, b = randn(3, 4, seed=1), randn(2, 4, seed=2), randn(1, 4, seed=3), randn(2, 1, seed=4)
+    with pytest.raises(ValueError, match="grad_bias"):
+        F.lora_linear_backward(randn(3, 2), x, w, a, b, randn(3, 1), 0.5, grad_bias=grad_bias)
+    bias = np.lib.stride_tricks.as_strided(backing, shape=(2,), strides=((2**31 + 8) * 4,))
+    y, _ = F.lora_linear_forward(x, w, bias, a, b, 0.5)
+    np.testing.assert_allclose(y, ref.lora_linear_forward(x, w, np.zeros(2), a, b, 0.5)[0],
+                               rtol=1e-5, atol=1e-5)
