@@ -801,7 +801,7 @@ class _TunerModel(nn.Module):
         """Activates one or several adapters (several: their outputs are summed, as in peft)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for _, layer in self.tuner_layers():
-            layer.set_adapter([n for n in names if n in layer.adapter_names], inference_mode=inference_mode)
+            layer.set_adapter(names, inference_mode=inference_mode)
         for _, wrapper in self.wrappers():
             held = [n for n in names if n in wrapper.modules_to_save]
             if held:
@@ -1103,7 +1103,12 @@ class PeftModel(nn.Module):
             weights_path = os.path.join(output_dir, ADAPTER_WEIGHTS_NAME)
             save_file(tensors[name], weights_path + ".tmp", metadata={"format": "pt"})
             os.replace(weights_path + ".tmp", weights_path)
-            self.peft_config[name].save_pretrained(output_dir)
+            config = self.peft_config[name]
+            auto_mapping = None
+            if config.task_type is None:
+                model_class = type(self.base_model.model)
+                auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+            config.save_pretrained(output_dir, auto_mapping=auto_mapping)
 
     def _write_model_card(self, directory: str) -> None:
         """A short model card as peft writes one (library_name: peft lets the Hub treat the
@@ -1439,7 +1444,17 @@ class AutoPeftModel:
             raise ValueError(f"{os.path.join(os.fspath(pretrained_model_name_or_path), ADAPTER_CONFIG_NAME)}: "
                              f"base_model_name_or_path is empty; load the base model yourself and use "
                              f"PeftModel.from_pretrained(base_model, path)")
+        task_type = peft_config.task_type
+        if cls is AutoPeftModel and task_type is not None:
+            raise ValueError(f"AutoPeftModel: the adapter has task_type {task_type!r}; use the class for that "
+                             f"task (e.g. AutoPeftModelForCausalLM for 'CAUSAL_LM')")
+        expected_class = _TASK_MODEL_CLASSES.get(task_type)
+        if expected_class is not None and cls._peft_class is not expected_class:
+            raise ValueError(f"{cls.__name__}: the adapter has task_type {task_type!r}, which needs "
+                             f"{expected_class.__name__}, not {cls._peft_class.__name__}")
         auto_class = getattr(transformers, cls._auto_class_name)
+        if task_type is None and cls is AutoPeftModel:
+            auto_class = _auto_mapping_class(pretrained_model_name_or_path) or auto_class
         base_revision = revision if revision is not None else peft_config.revision
         if base_revision is not None:
             kwargs["revision"] = base_revision
@@ -1449,6 +1464,24 @@ class AutoPeftModel:
             peft_class = _TASK_MODEL_CLASSES.get(peft_config.task_type, PeftModel)
         return peft_class.from_pretrained(base_model, pretrained_model_name_or_path, adapter_name=adapter_name,
                                           is_trainable=is_trainable)
+
+
+def _auto_mapping_class(directory: str | os.PathLike) -> type | None:
+    """The base model class named by ``auto_mapping`` (written by peft and cpeft when there is no
+    task_type); only classes of transformers are imported."""
+    config_path = os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME)
+    data = _read_json(config_path) if os.path.isfile(config_path) else None
+    mapping = data.get("auto_mapping") if isinstance(data, dict) else None
+    if not isinstance(mapping, dict):
+        return None
+    library, class_name = mapping.get("parent_library"), mapping.get("base_model_class")
+    if not isinstance(library, str) or not isinstance(class_name, str) \
+            or not (library == "transformers" or library.startswith("transformers.")):
+        raise ValueError(f"{config_path}: auto_mapping: cpeft imports base model classes from transformers only, "
+                         f"got {mapping!r}")
+    import importlib
+
+    return getattr(importlib.import_module(library), class_name)
 
 
 class AutoPeftModelForCausalLM(AutoPeftModel):

@@ -91,8 +91,9 @@ class BaseTunerLayer(nn.Module):
         return list(self._active_adapter)
 
     @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+    def active_adapter(self) -> list[str]:
+        # A list, as peft's layers hold it after any set_adapter call.
+        return list(self._active_adapter)
 
     @property
     def adapter_names(self) -> list[str]:
