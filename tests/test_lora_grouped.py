@@ -7,7 +7,7 @@ import pytest
 
 from cpeft import functional as F
 
-from conftest import FLOAT_DTYPES, assert_close, bound_of, random_array
+from conftest import FLOAT_DTYPES, assert_close, bound_of, random_array, with_layout
 import reference
 
 
@@ -99,6 +99,27 @@ def test_forward_and_backward_match_float64_reference(rng, dtype, fan_in_fan_out
     # The unused adapter (index 2) gets exactly zero gradients.
     offsets = np.cumsum([0] + ranks)
     assert not np.any(grads.lora_a[offsets[2]:offsets[3]]) and not np.any(grads.lora_b[:, offsets[2]:offsets[3]])
+
+
+@pytest.mark.parametrize("layout", ["f", "transposed", "offset", "strided_first"])
+def test_memory_layouts_of_inputs_and_outputs(rng, layout):
+    dtype = np.float64
+    x, weight, b, lora_a, lora_b, index, ranks, scales = problem(rng, dtype, lead=(9,))
+    ref_y, ref_xa = grouped_reference(x, weight, b, lora_a, lora_b, index, ranks, scales)
+    y_out = with_layout(np.zeros(ref_y.shape), layout)
+    y, xa = F.lora_grouped_forward(with_layout(x, layout), with_layout(weight, layout), b,
+                                   with_layout(lora_a, layout), with_layout(lora_b, layout), index, ranks, scales,
+                                   out=y_out)
+    assert y is y_out
+    np.testing.assert_allclose(y, ref_y, rtol=1e-12, atol=1e-12)
+    grad_out = random_array(rng, ref_y.shape, dtype)
+    ref = grouped_reference(x, weight, b, lora_a, lora_b, index, ranks, scales, grad_out=grad_out)
+    outs = {name: with_layout(np.zeros(ref[name].shape), layout) for name in ("x", "lora_a", "lora_b")}
+    grads = F.lora_grouped_backward(with_layout(grad_out, layout), x, weight, lora_a, lora_b, xa, index, ranks,
+                                    scales, grad_x=outs["x"], grad_lora_a=outs["lora_a"],
+                                    grad_lora_b=outs["lora_b"])
+    for name in outs:
+        np.testing.assert_allclose(getattr(grads, name), ref[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 def test_dropout_uses_the_lora_linear_mask(rng):
