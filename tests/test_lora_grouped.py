@@ -299,3 +299,39 @@ def test_mixed_batch_refused_while_merged_and_for_other_layer_kinds():
     with model.disable_adapter(), torch.no_grad():  # disabling wins over adapter_names, as in peft
         torch.testing.assert_close(model(ids(), adapter_names=NAMES).logits, gpt2()(ids()).logits,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and cpeft.has_cuda()),
+                    reason="needs an NVIDIA GPU and a CUDA build of cpeft")
+@pytest.mark.parametrize("dtype_name", ["float32", "float64", "bfloat16"])
+def test_cuda_matches_float64_reference(dtype_name):
+    rng = np.random.default_rng(3)
+    x, weight, b, lora_a, lora_b, index, ranks, scales = problem(rng, np.float64, lead=(6, 7), in_features=64,
+                                                                 out_features=48, ranks=(4, 8, 2, 16))
+    dtype = getattr(torch, dtype_name)
+    cuda = {name: torch.tensor(v).to("cuda", dtype) for name, v in
+            dict(x=x, weight=weight, bias=b, lora_a=lora_a, lora_b=lora_b).items()}
+    # The reference runs on the values cpeft saw (rounded to the dtype).
+    seen = {name: t.double().cpu().numpy() for name, t in cuda.items()}
+    index_cuda = torch.tensor(index, device="cuda")
+    y, xa = F.lora_grouped_forward(cuda["x"], cuda["weight"], cuda["bias"], cuda["lora_a"], cuda["lora_b"],
+                                   index_cuda, ranks, scales, dropout=0.2, seed=5)
+    mask = F.dropout_mask(x.shape, 0.2, seed=5, dtype="float64")
+    ref_y, _ = grouped_reference(seen["x"], seen["weight"], seen["bias"], seen["lora_a"], seen["lora_b"], index,
+                                 ranks, scales, mask=mask)
+    tol = {"float32": 1e-4, "float64": 1e-12, "bfloat16": 5e-2}[dtype_name]
+    np.testing.assert_allclose(y.double().cpu().numpy(), ref_y, rtol=tol, atol=tol)
+    grad_out = torch.randn(y.shape, device="cuda", dtype=dtype)
+    grads = F.lora_grouped_backward(grad_out, cuda["x"], cuda["weight"], cuda["lora_a"], cuda["lora_b"], xa,
+                                    index_cuda, ranks, scales, dropout=0.2, seed=5, grad_bias=True)
+    ref = grouped_reference(seen["x"], seen["weight"], seen["bias"], seen["lora_a"], seen["lora_b"], index, ranks,
+                            scales, mask=mask, grad_out=grad_out.double().cpu().numpy())
+    for name in ("x", "lora_a", "lora_b", "bias"):
+        scale = max(1.0, float(np.abs(ref[name]).max()))
+        np.testing.assert_allclose(getattr(grads, name).double().cpu().numpy(), ref[name], rtol=tol,
+                                   atol=tol * scale, err_msg=name)
+    bad = index_cuda.clone()
+    bad[0, 0] = 9
+    with pytest.raises(IndexError, match="index"):
+        F.lora_grouped_forward(cuda["x"], cuda["weight"], cuda["bias"], cuda["lora_a"], cuda["lora_b"], bad,
+                               ranks, scales)
