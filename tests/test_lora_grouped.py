@@ -335,3 +335,12 @@ def test_cuda_matches_float64_reference(dtype_name):
     with pytest.raises(IndexError, match="index"):
         F.lora_grouped_forward(cuda["x"], cuda["weight"], cuda["bias"], cuda["lora_a"], cuda["lora_b"], bad,
                                ranks, scales)
+
+
+def test_mixed_batch_training_refuses_gradient_checkpointing():
+    model = build("cpeft").train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(ids(), labels=ids(), adapter_names=NAMES)
+    with torch.no_grad():
+        model.eval()(ids(), adapter_names=NAMES)  # inference recomputes nothing
