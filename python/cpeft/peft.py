@@ -1159,7 +1159,8 @@ class PeftModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_known(name)
-        state_dict = kwargs.get("state_dict")
+        state_dict = kwargs.pop("state_dict", None)
+        _refuse_unsupported(kwargs, "save_pretrained")
         tensors = {name: self.get_adapter_state_dict(name, state_dict) for name in names}
         if not is_main_process:
             return
@@ -1216,6 +1217,7 @@ class PeftModel(nn.Module):
                      **kwargs: Any) -> _LoadResult:
         """Loads an adapter directory as ``adapter_name``: a new adapter (not activated), or new
         values for an existing one. Everything is checked before the model changes."""
+        _refuse_unsupported(kwargs, "load_adapter")
         _check_bool(is_trainable, "is_trainable")
         config, tensors = _read_adapter_dir(model_id)
         weights_path = os.path.join(os.fspath(model_id), ADAPTER_WEIGHTS_NAME)
@@ -1278,6 +1280,7 @@ class PeftModel(nn.Module):
         Every check (files, JSON, config fields, tensor keys and shapes) runs before the model is
         modified, so a failed load leaves ``model`` exactly as it was.
         """
+        _refuse_unsupported(kwargs, "from_pretrained")
         _check_bool(is_trainable, "is_trainable")
         config, tensors = _read_adapter_dir(model_id)
         config.inference_mode = not is_trainable
@@ -1314,6 +1317,11 @@ CpeftModel = PeftModel
 
 def _new_instance(cls: type) -> PeftModel:
     return cls.__new__(cls)
+
+
+def _refuse_unsupported(kwargs: dict, where: str) -> None:
+    if kwargs:
+        raise TypeError(f"{where}: unsupported arguments {sorted(kwargs)} (cpeft does not implement them)")
 
 
 def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:
