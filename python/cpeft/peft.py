@@ -930,17 +930,21 @@ class PeftModel(nn.Module):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one name per
-        sequence of the batch; beam search and sampling of several sequences per prompt are not
-        expanded for it)."""
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward``, one name per
+        prompt. As in peft, with ``num_beams`` > 1 each name is repeated for the beams, except in
+        the encoder of an encoder-decoder model, which sees the prompts once."""
         generate = self.base_model.model.generate
         if adapter_names is None:
             return generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        num_beams = kwargs.get("num_beams")
+        names = adapter_names
+        if isinstance(num_beams, int) and num_beams > 1 and isinstance(adapter_names, (list, tuple)):
+            names = [name for name in adapter_names for _ in range(num_beams)]
+        with self._mixed_batch(names, encoder_names=adapter_names):
             return generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: Any) -> Iterator[None]:
+    def _mixed_batch(self, adapter_names: Any, encoder_names: Any = None) -> Iterator[None]:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise ValueError(f"adapter_names: expected a list with one adapter name per sample, "
                              f"got {adapter_names!r}")
@@ -961,6 +965,10 @@ class PeftModel(nn.Module):
         modules = [m for _, m in self.base_model.tuner_layers()] + [m for _, m in self.base_model.wrappers()]
         for module in modules:
             module._mixed_adapter_names = names
+        if encoder_names is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            for module in model.get_encoder().modules():
+                if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                    module._mixed_adapter_names = list(encoder_names)
         try:
             yield
         finally:
