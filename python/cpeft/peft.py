@@ -745,9 +745,13 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save", "active_adapter"):
+            if name in ("original_module", "modules_to_save", "active_adapter", "disable_adapters") \
+                    or "_modules" not in self.__dict__:
                 raise
-            return getattr(self.original_module, name)
+            # As peft: the attributes of the copy that runs (the original when disabled).
+            if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+                return getattr(self.original_module, name)
+            return getattr(self.trained_module, name)
 
 
 def _new_layer(t: _Target, config: LoraConfig | IA3Config) -> BaseTunerLayer:
