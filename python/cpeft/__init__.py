@@ -35,6 +35,7 @@ _TORCH_API = frozenset((
     "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d",
     "Conv3d", "IA3Layer", "IA3Linear", "IA3Embedding", "mark_only_lora_as_trainable",
     "lora_state_dict", "LoraConfig", "IA3Config", "get_peft_model", "PeftModel", "CpeftModel",
+    "PeftType", "inject_adapter_in_model", "get_base_model_state_dict",
 ))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -28,9 +29,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import layers
+from . import _autograd, layers
 
 __all__ = [
+    "ADAPTER_BIN_WEIGHTS_NAME",
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "CpeftModel",
@@ -38,11 +40,25 @@ __all__ = [
     "LoraConfig",
     "ModulesToSaveWrapper",
     "PeftModel",
+    "PeftType",
+    "get_base_model_state_dict",
     "get_peft_model",
+    "inject_adapter_in_model",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# peft's pickled format (save_pretrained(safe_serialization=False)); read with weights_only=True.
+ADAPTER_BIN_WEIGHTS_NAME = "adapter_model.bin"
+
+
+class PeftType(str, enum.Enum):
+    """peft's ``PeftType`` for the methods cpeft implements: a str enum, so ``config.peft_type``
+    compares equal to ``"LORA"`` and ``config.peft_type.value`` works as in peft."""
+
+    LORA = "LORA"
+    IA3 = "IA3"
+
 _KEY_PREFIX = "base_model.model."
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
                "FEATURE_EXTRACTION")
@@ -138,7 +154,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
-    peft_type: str = field(default="LORA", init=False)
+    peft_type: PeftType = field(default=PeftType.LORA, init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -169,7 +185,8 @@ class LoraConfig:
         """The adapter_config.json content, with every key peft 0.21 writes."""
         out = dict(_LORA_UNSUPPORTED_FIELDS)
         out.update(dataclasses.asdict(self))
-        out.update(auto_mapping=None, peft_version=None, inference_mode=True)
+        out.update(auto_mapping=None, peft_version=None, inference_mode=True,
+                   peft_type=self.peft_type.value)
         return out
 
 
@@ -186,7 +203,7 @@ class IA3Config:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
-    peft_type: str = field(default="IA3", init=False)
+    peft_type: PeftType = field(default=PeftType.IA3, init=False)
 
     def __post_init__(self) -> None:
         self.target_modules = _name_list(self.target_modules, "target_modules", allow_regex=True)
@@ -205,7 +222,8 @@ class IA3Config:
     def to_dict(self) -> dict:
         out = dict(_IA3_UNSUPPORTED_FIELDS)
         out.update(dataclasses.asdict(self))
-        out.update(auto_mapping=None, peft_version=None, inference_mode=True)
+        out.update(auto_mapping=None, peft_version=None, inference_mode=True,
+                   peft_type=self.peft_type.value)
         return out
 
 
@@ -522,10 +540,29 @@ def _share_base_parameters(layer: nn.Module, t: _Target) -> None:
         layer.bias = t.module.bias
 
 
-def _adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
+def _adapter_parameter_names(layer: nn.Module) -> list[str]:
     if isinstance(layer, (layers.IA3Linear, layers.IA3Embedding)):
-        return [layer.ia3_l]
-    return [layer.lora_A, layer.lora_B]
+        return ["ia3_l"]
+    return ["lora_A", "lora_B"]
+
+
+def _adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    return [getattr(layer, name) for name in _adapter_parameter_names(layer)]
+
+
+# peft's autocast_adapter_dtype: adapters of 16-bit layers are kept in float32 for training
+# stability; the layers compute with them directly (no float32 copy of the activations).
+_AUTOCAST_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cast_adapter_dtype(layer: nn.Module, autocast_adapter_dtype: bool) -> None:
+    if not autocast_adapter_dtype:
+        return
+    for name in _adapter_parameter_names(layer):
+        parameter = getattr(layer, name)
+        if parameter.dtype in _AUTOCAST_ADAPTER_DTYPES:
+            setattr(layer, name, nn.Parameter(parameter.detach().to(torch.float32),
+                                              requires_grad=parameter.requires_grad))
 
 
 def _set_parent(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -543,6 +580,22 @@ def _load_tensors_into(slots: dict[str, nn.Parameter | torch.Tensor], tensors: d
 # The wrapper model.
 
 
+def _core_merge_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return _autograd.core_dtype(tensor.dtype, tensor.device.type)
+
+
+def _progress(items: list, enabled: bool, description: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("progressbar=True needs tqdm, which is not installed; continuing without a bar",
+                      stacklevel=4)
+        return items
+    return tqdm(items, desc=description)
+
+
 class _TunerModel(nn.Module):
     """Holds the user's model as ``.model`` so that parameter names read ``base_model.model.<path>``."""
 
@@ -557,8 +610,9 @@ class _TunerModel(nn.Module):
 class PeftModel(nn.Module):
     """A model with cpeft adapter layers in place; peft's ``PeftModel`` surface for one adapter."""
 
-    def __init__(self, model: nn.Module, plan: _Plan):
+    def __init__(self, model: nn.Module, plan: _Plan, autocast_adapter_dtype: bool = True):
         super().__init__()
+        _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         config = plan.config
         self.base_model = _TunerModel(model)
         self.peft_config = {"default": config}
@@ -569,6 +623,8 @@ class PeftModel(nn.Module):
         build = _build_lora_layer if isinstance(config, LoraConfig) else _build_ia3_layer
         # Every layer is built before the first one goes in, so a failure leaves the model as it was.
         built = [(t, build(t, config)) for t in plan.targets]
+        for _, layer in built:
+            _cast_adapter_dtype(layer, autocast_adapter_dtype)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for t, layer in built:
@@ -657,28 +713,48 @@ class PeftModel(nn.Module):
         """The tensors peft would save, under peft's key names, detached on the CPU."""
         return {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in self._adapter_slots().items()}
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        is_main_process: bool = True) -> None:
+        """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (peft's layout), or
+        peft's pickled ``adapter_model.bin`` with ``safe_serialization=False``. Only the process
+        with ``is_main_process=True`` writes (peft's rule for distributed runs)."""
+        _check_bool(safe_serialization, "safe_serialization")
+        _check_bool(is_main_process, "is_main_process")
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory: expected a directory, got the file {save_directory!r}")
+        if not is_main_process:
+            return
         os.makedirs(save_directory, exist_ok=True)
-        weights_path = os.path.join(save_directory, ADAPTER_WEIGHTS_NAME)
         config_path = os.path.join(save_directory, ADAPTER_CONFIG_NAME)
+        tensors = self.get_adapter_state_dict()
         # Written beside the target and renamed, so an interrupted save never leaves a
         # half-written file under the name a loader looks for.
-        save_file(self.get_adapter_state_dict(), weights_path + ".tmp", metadata={"format": "pt"})
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            weights_path = os.path.join(save_directory, ADAPTER_WEIGHTS_NAME)
+            save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+        else:
+            weights_path = os.path.join(save_directory, ADAPTER_BIN_WEIGHTS_NAME)
+            torch.save(tensors, weights_path + ".tmp")
         os.replace(weights_path + ".tmp", weights_path)
         with open(config_path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(self.peft_config["default"].to_dict(), handle, indent=2, sort_keys=True)
         os.replace(config_path + ".tmp", config_path)
 
-    def _restore(self, merge: bool) -> nn.Module:
+    def push_to_hub(self, *args, **kwargs):
+        raise NotImplementedError(
+            "push_to_hub: cpeft does not upload to the Hugging Face Hub; call "
+            "save_pretrained(directory) and upload that directory (peft's file layout) with "
+            "huggingface_hub's upload_folder")
+
+    def _restore(self, merge: bool, progressbar: bool = False) -> nn.Module:
         model = self.base_model.model
         if merge:
             self._warn_about_tied_targets()
-        for path, original, adapter in self._swaps:
+        for path, original, adapter in _progress(self._swaps, progressbar,
+                                                 "Unloading and merging model" if merge else "Unloading model"):
             if isinstance(adapter, ModulesToSaveWrapper):
                 _set_parent(model, path, adapter.trained_module if merge else original)
                 continue
@@ -693,6 +769,32 @@ class PeftModel(nn.Module):
         self._swaps = []
         return model
 
+    def _adapters_to_merge(self, adapter_names: Any) -> list[str]:
+        if adapter_names is None:
+            return [self.active_adapter]
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names: expected None or a list of adapter names, got {adapter_names!r}")
+        unknown = [name for name in adapter_names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapter_names: {unknown} are not adapters of this model "
+                             f"(it has {list(self.peft_config)})")
+        return list(dict.fromkeys(adapter_names))
+
+    def _check_merge_is_finite(self) -> None:
+        """safe_merge: every layer's merge is done on a copy first; nothing is written unless
+        all merged tensors are finite (peft's check, raised before any weight changes)."""
+        for path, _, adapter in self._swaps:
+            if isinstance(adapter, ModulesToSaveWrapper):
+                continue
+            targets = adapter._merge_targets()
+            work = {name: t.to(_core_merge_dtype(t), copy=True) for name, t in targets.items()}
+            adapter._merge_tensors(work)
+            for name, merged in work.items():
+                if not bool(torch.isfinite(merged.to(targets[name].dtype)).all()):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter "
+                                     f"{self.active_adapter} seems to be broken (layer {path!r}, {name}); "
+                                     f"no weight was changed")
+
     def _warn_about_tied_targets(self) -> None:
         # A merge writes into the shared Parameter, so every module tied to it changes too
         # (GPT-2's lm_head when wte is targeted), exactly as in peft.
@@ -705,26 +807,55 @@ class PeftModel(nn.Module):
             warnings.warn(f"merge_and_unload: the weights of {tied} are tied to other modules of the "
                           f"model; merging changes those modules as well", stacklevel=3)
 
-    def merge_and_unload(self) -> nn.Module:
-        """Folds the adapters into the pretrained weights; returns the plain model (use the return value)."""
-        return self._restore(merge=True)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Folds the adapters into the pretrained weights; returns the plain model (use the return value).
+
+        ``safe_merge=True`` merges every layer on a copy first and raises ``ValueError`` before
+        any weight changes if a merged tensor is not finite. ``adapter_names`` lists the
+        adapters to merge (default: the active one; ``[]`` unloads without merging).
+        ``progressbar`` shows a tqdm bar when tqdm is installed.
+        """
+        _check_bool(progressbar, "progressbar")
+        _check_bool(safe_merge, "safe_merge")
+        merge = bool(self._adapters_to_merge(adapter_names))
+        if merge and safe_merge:
+            self._check_merge_is_finite()
+        return self._restore(merge=merge, progressbar=progressbar)
 
     def unload(self) -> nn.Module:
         """Removes the adapters; returns the plain model with its original modules and weights."""
         return self._restore(merge=False)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, is_trainable: bool = False) -> PeftModel:
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, is_trainable: bool = False, *,
+                        config: LoraConfig | IA3Config | None = None, autocast_adapter_dtype: bool = True,
+                        low_cpu_mem_usage: bool = False, torch_device: str | torch.device | None = None,
+                        device_map: Any = None) -> PeftModel:
         """Loads an adapter directory written by cpeft or peft onto ``model``.
+
+        The weights come from ``adapter_model.safetensors``, or from peft's pickled
+        ``adapter_model.bin`` (read with ``weights_only=True``) when there is no safetensors file.
+        ``config`` replaces the directory's ``adapter_config.json``. ``torch_device`` and
+        ``device_map`` (one device, ``{"": device}`` or ``"auto"``) choose where the file is read
+        to; the adapter parameters always live on their base layer's device. ``low_cpu_mem_usage``
+        is accepted for peft compatibility: cpeft builds each adapter once, on that device.
 
         Every check (files, JSON, config fields, tensor keys and shapes) runs before the model is
         modified, so a failed load leaves ``model`` exactly as it was.
         """
         _check_bool(is_trainable, "is_trainable")
-        config, tensors = _read_adapter_dir(model_id)
+        _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
+        if config is not None and not isinstance(config, (LoraConfig, IA3Config)):
+            raise TypeError(f"config: expected None, cpeft.LoraConfig or cpeft.IA3Config, "
+                            f"got {type(config).__name__}")
+        load_device = _load_device(torch_device, device_map)
+        file_config, tensors, weights_path = _read_adapter_dir(model_id, load_device,
+                                                               need_config=config is None)
+        config = copy.deepcopy(config) if config is not None else file_config
         config.inference_mode = not is_trainable
         plan = _plan(model, config)
-        weights_path = os.path.join(os.fspath(model_id), ADAPTER_WEIGHTS_NAME)
         expected = _expected_adapter_shapes(model, plan)
         missing = [key for key in expected if key not in tensors]
         if missing:
@@ -740,7 +871,7 @@ class PeftModel(nn.Module):
                 raise ValueError(f"{weights_path}: key {key!r}: expected shape {shape}, got {tuple(tensor.shape)}")
             if not tensor.is_floating_point():
                 raise ValueError(f"{weights_path}: key {key!r}: expected a floating-point tensor, got {tensor.dtype}")
-        peft_model = cls(model, plan)
+        peft_model = cls(model, plan, autocast_adapter_dtype=autocast_adapter_dtype)
         _load_tensors_into(peft_model._adapter_slots(), tensors)
         if not is_trainable:
             peft_model.eval()
@@ -750,39 +881,102 @@ class PeftModel(nn.Module):
 CpeftModel = PeftModel
 
 
-def _read_adapter_dir(model_id: str | os.PathLike) -> tuple[LoraConfig | IA3Config, dict[str, torch.Tensor]]:
+def _load_device(torch_device: Any, device_map: Any) -> torch.device:
+    """The device adapter files are read to, from peft's ``torch_device`` and ``device_map``."""
+    def as_device(value: Any, name: str) -> torch.device:
+        if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+            raise ValueError(f"{name}: expected a device (a string such as 'cpu' or 'cuda:0', an index "
+                             f"or a torch.device), got {value!r}")
+        try:
+            return torch.device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected a device, got {value!r} ({exc})") from None
+
+    device = torch.device("cpu") if torch_device is None else as_device(torch_device, "torch_device")
+    if device_map is None or device_map == "auto":
+        return device
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map: cpeft places an adapter on one device; expected 'auto', a device "
+                             f"or {{'': device}}, got a map of {len(device_map)} entries {list(device_map)[:4]}")
+        device_map = device_map[""]
+    mapped = as_device(device_map, "device_map")
+    if torch_device is not None and mapped != device:
+        raise ValueError(f"device_map: names {mapped} but torch_device names {device}; pass one of them")
+    return mapped
+
+
+def _read_adapter_dir(model_id: str | os.PathLike, device: torch.device | None = None, need_config: bool = True
+                      ) -> tuple[LoraConfig | IA3Config | None, dict[str, torch.Tensor], str]:
+    """(config or None when not needed, tensors on ``device``, the weights file's path)."""
     directory = os.fspath(model_id)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"model_id: adapter directory {directory!r} does not exist")
-    config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    device = torch.device("cpu") if device is None else device
+    config = None
+    if need_config:
+        config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path}: adapter config not found")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
+        config = _config_from_dict(data, config_path)
+    # peft's order: safetensors first, then the pickled file.
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: adapter config not found")
+    bin_path = os.path.join(directory, ADAPTER_BIN_WEIGHTS_NAME)
+    if os.path.isfile(weights_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(weights_path, device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        return config, tensors, weights_path
+    if not os.path.isfile(bin_path):
+        raise FileNotFoundError(f"{weights_path}: adapter weights not found (nor {ADAPTER_BIN_WEIGHTS_NAME})")
     try:
-        with open(config_path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
-    config = _config_from_dict(data, config_path)
-    if not os.path.isfile(weights_path):
-        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-            raise ValueError(f"{weights_path}: not found; cpeft reads only safetensors adapters, "
-                             f"not the pickled adapter_model.bin beside it")
-        raise FileNotFoundError(f"{weights_path}: adapter weights not found")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    return config, tensors
+        tensors = torch.load(bin_path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a bad file (pickle, zip, EOF, ...)
+        raise ValueError(f"{bin_path}: not a readable torch state dict ({type(exc).__name__}: {exc})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{bin_path}: expected a dict of tensors keyed by name, got {type(tensors).__name__}")
+    return config, tensors, bin_path
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig | IA3Config) -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig | IA3Config, *,
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
     """Injects cpeft adapter layers into ``model`` (in place) and returns the wrapper.
 
     The targeted modules keep their pretrained weights; everything except the adapters, the
-    biases selected by ``bias`` and the ``modules_to_save`` copies is frozen.
+    biases selected by ``bias`` and the ``modules_to_save`` copies is frozen. With
+    ``autocast_adapter_dtype=True`` (peft's default) the adapters of float16/bfloat16 layers are
+    float32; with False they take the layer's dtype.
     """
-    return PeftModel(model, _plan(model, peft_config))
+    return PeftModel(model, _plan(model, peft_config), autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def inject_adapter_in_model(peft_config: LoraConfig | IA3Config, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, *, autocast_adapter_dtype: bool = False) -> nn.Module:
+    """peft's low-level API: puts adapter layers into ``model`` in place and returns ``model``
+    itself (no wrapper). As in peft 0.21 the adapters keep the layers' dtype; cpeft's extra
+    ``autocast_adapter_dtype=True`` keeps float32 adapters on 16-bit layers instead."""
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name: expected a non-empty string, got {adapter_name!r}")
+    _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
+    return PeftModel(model, _plan(model, peft_config), autocast_adapter_dtype=autocast_adapter_dtype).get_base_model()
+
+
+def get_base_model_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original keys (peft's function): no adapter
+    tensors, and the original values of ``modules_to_save`` modules."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"model: expected a cpeft PeftModel, got {type(model).__name__}")
+    # The original modules share their Parameters with the adapter layers, so putting them back
+    # for the duration of state_dict() yields exactly the base model's tensors.
+    with model.disable_adapter():
+        return dict(model.get_base_model().state_dict())
