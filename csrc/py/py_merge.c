@@ -232,7 +232,7 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
     merge_target m = {.index_name = "record.index", .value_name = "record.value", .is_lora = 1};
     cpeft_tensor *weight;
     if (cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj, lora_b_obj,
-                                    scale, fan_in_fan_out, enable_lora, NULL, &m.lora,
+                                    scale, fan_in_fan_out, enable_lora, NULL, 0, &m.lora,
                                     &weight) == 0) {
         m.dtype = m.lora.dtype;
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,
