@@ -1,0 +1,466 @@
+"""The rest of peft's everyday surface (issue 13), checked against the real Hugging Face peft 0.21:
+adapter dtype (autocast_adapter_dtype), merge and save options, loading options, PeftType,
+inject_adapter_in_model and get_base_model_state_dict. Outputs, gradients and files are compared
+with peft's own on the same models and adapter values; files cross in both directions."""
+import json
+import os
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+hf_peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from torch import nn  # noqa: E402
+
+import cpeft  # noqa: E402
+from cpeft.peft import (  # noqa: E402
+    ADAPTER_BIN_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, IA3Config, LoraConfig, PeftModel,
+    PeftType, get_base_model_state_dict, get_peft_model, inject_adapter_in_model)
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        yield
+
+
+class MLP(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.lin0 = nn.Linear(16, 24)
+        self.lin1 = nn.Linear(24, 8)
+        self.head = nn.Linear(8, 3)
+        self.to(dtype)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(torch.relu(self.lin1(torch.relu(self.lin0(h)))))
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return MLP(dtype).eval()
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=64,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def ids(seed=1, vocab=50):
+    return torch.randint(0, vocab, (4, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def adapter_items(model):
+    """{name: parameter} of every adapter parameter, named the same way for cpeft and peft: the
+    module path plus lora_A / lora_B / ia3_l (embeddings' lora_embedding_A/B read lora_A/B)."""
+    items = {}
+    for name, parameter in model.named_parameters():
+        parts = [p for p in name.split(".") if p not in ("default", "weight", "base_model", "model")]
+        if any(p.startswith(("lora_", "ia3_")) for p in parts):
+            items[".".join(parts).replace("lora_embedding_", "lora_")] = parameter
+    return items
+
+
+def copy_adapters(source, destination):
+    """peft's adapter values into cpeft's layers (or the reverse), matched by name and shape."""
+    src, dst = adapter_items(source), adapter_items(destination)
+    assert sorted(src) == sorted(dst)
+    with torch.no_grad():
+        for key, parameter in dst.items():
+            parameter.copy_(src[key].reshape(parameter.shape))
+
+
+def randomize(model, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, parameter in adapter_items(model).items():
+            noise = torch.randn(parameter.shape, generator=generator).to(parameter.dtype)
+            parameter.copy_(1.0 + 0.3 * noise if "ia3_l" in key else 0.3 * noise)
+
+
+def lora(**kwargs):
+    kwargs.setdefault("target_modules", ["lin0", "lin1", "emb"])
+    return LoraConfig(r=4, lora_alpha=8, **kwargs), hf_peft.LoraConfig(r=4, lora_alpha=8, **kwargs)
+
+
+def ia3():
+    kwargs = {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}
+    return IA3Config(**kwargs), hf_peft.IA3Config(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ PeftType
+
+
+def test_peft_type_is_a_str_enum_and_the_saved_json_is_unchanged(tmp_path):
+    for ours, theirs in (lora(), ia3()):
+        assert isinstance(ours.peft_type, PeftType) and isinstance(ours.peft_type, str)
+        assert ours.peft_type.value == theirs.peft_type.value
+        assert ours.peft_type == theirs.peft_type.value and ours.peft_type == theirs.peft_type
+    assert [member.value for member in PeftType] == ["LORA", "IA3"]
+    assert all(getattr(hf_peft.PeftType, member.name).value == member.value for member in PeftType)
+
+    our_model = get_peft_model(mlp(), lora()[0])
+    their_model = hf_peft.get_peft_model(mlp(), lora()[1])
+    our_model.save_pretrained(tmp_path / "ours")
+    their_model.save_pretrained(tmp_path / "theirs")
+    our_json = json.loads((tmp_path / "ours" / ADAPTER_CONFIG_NAME).read_text())
+    their_json = json.loads((tmp_path / "theirs" / ADAPTER_CONFIG_NAME).read_text())
+    assert our_json["peft_type"] == their_json["peft_type"] == "LORA"
+    loaded = PeftModel.from_pretrained(mlp(), tmp_path / "theirs")
+    assert loaded.peft_config["default"].peft_type is PeftType.LORA
+
+
+# ------------------------------------------------------------------------------- adapter dtype
+
+
+def adapter_dtypes(model):
+    return {key: parameter.dtype for key, parameter in adapter_items(model).items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_autocast_adapter_dtype_gives_peft_s_dtypes(dtype, autocast, method):
+    ours_config, theirs_config = lora() if method == "lora" else ia3()
+    ours = get_peft_model(mlp(dtype=dtype), ours_config, autocast_adapter_dtype=autocast)
+    theirs = hf_peft.get_peft_model(mlp(dtype=dtype), theirs_config, autocast_adapter_dtype=autocast)
+    assert adapter_dtypes(ours) == adapter_dtypes(theirs)
+    expected = torch.float32 if autocast else dtype
+    assert set(adapter_dtypes(ours).values()) == {expected}
+    # The base weights keep their dtype either way.
+    assert ours.get_base_model().lin0.weight.dtype == dtype
+
+
+def test_autocast_adapter_dtype_is_a_bool():
+    with pytest.raises(ValueError, match="autocast_adapter_dtype"):
+        get_peft_model(mlp(), lora()[0], autocast_adapter_dtype="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_fp32_adapters_on_a_16_bit_model_match_peft_outputs_and_gradients(dtype, method):
+    ours_config, theirs_config = lora() if method == "lora" else ia3()
+    theirs = hf_peft.get_peft_model(mlp(dtype=dtype), theirs_config)
+    randomize(theirs)
+    ours = get_peft_model(mlp(dtype=dtype), ours_config)
+    copy_adapters(theirs, ours)
+    tokens = ids()
+    outputs, grads = [], []
+    for model in (ours, theirs):
+        model.train()
+        result = model(tokens)
+        assert result.dtype == dtype  # output in the base dtype, as peft
+        result.float().square().sum().backward()
+        outputs.append(result.detach().float())
+        grads.append({key: p.grad for key, p in adapter_items(model).items()})
+    # Both round to the 16-bit base dtype once per layer; they differ only by that rounding.
+    scale = outputs[1].abs().max()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=float(scale) * 2e-2)
+    assert not torch.equal(outputs[1], mlp(dtype=dtype)(tokens).float())  # the adapters matter
+    for key, expected in grads[1].items():
+        assert grads[0][key].dtype == torch.float32 == expected.dtype, key
+        torch.testing.assert_close(grads[0][key], expected, rtol=0,
+                                   atol=float(expected.abs().max()) * 5e-2 + 1e-6, msg=key)
+
+
+def test_fp32_adapters_on_bf16_layer_against_float64_reference():
+    """One bf16 linear layer with float32 adapters: forward and every gradient against float64
+    math on the same (bf16-valued) inputs, within bf16 output rounding."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(32, 40)).to(torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    layer = peft_model.get_base_model()[0]
+    a, b = (p for key, p in adapter_items(peft_model).items() if "lora" in key)
+    assert a.dtype == b.dtype == torch.float32
+    x = torch.randn(6, 32, dtype=torch.bfloat16, requires_grad=True)
+    y = peft_model(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    w, bias = layer.weight.double(), layer.bias.double()
+    x64, g64 = x.detach().double(), g.double()
+    ref = x64 @ w.T + bias + 2.0 * (x64 @ a.detach().double().T) @ b.detach().double().T
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+    ref_grad_b = 2.0 * g64.T @ (x64 @ a.detach().double().T)
+    ref_grad_a = 2.0 * (g64 @ b.detach().double()).T @ x64
+    torch.testing.assert_close(b.grad.double(), ref_grad_b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(a.grad.double(), ref_grad_a, rtol=1e-5, atol=1e-4)
+    assert x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and cpeft.has_cuda()), reason="needs a CUDA build and a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_cuda_core_takes_fp32_adapters_without_widening_x(dtype, dropout):
+    """The CUDA core runs 16-bit x with float32 A and B: gradients of A and B come back in
+    float32 and agree with float64 math (given the same dropout mask) to 16-bit input rounding."""
+    from cpeft import functional
+
+    torch.manual_seed(0)
+    device = "cuda"
+    m, n_in, n_out, r, scale = 64, 96, 80, 8, 0.5
+    x = torch.randn(m, n_in, device=device).to(dtype)
+    w = (torch.randn(n_out, n_in, device=device) / 10).to(dtype)
+    a = torch.randn(r, n_in, device=device) / 10
+    b = torch.randn(n_out, r, device=device) / 10
+    g = torch.randn(m, n_out, device=device).to(dtype)
+    y, xa = functional.lora_linear_forward(x, w, None, a, b, scale, dropout=dropout, seed=7)
+    grads = functional.lora_linear_backward(g, x, w, a, b, xa, scale, dropout=dropout, seed=7)
+    assert y.dtype == xa.dtype == dtype and grads.lora_a.dtype == grads.lora_b.dtype == torch.float32
+    mask = (torch.from_numpy(functional.dropout_mask((m, n_in), dropout, seed=7, dtype="float64")).to(device)
+            if dropout else 1.0)
+    x64, w64, g64 = x.double(), w.double(), g.double()
+    a16, b16 = a.to(dtype).double(), b.to(dtype).double()
+    xd = x64 * mask
+    torch.testing.assert_close(y.double(), x64 @ w64.T + scale * (xd @ a16.T) @ b16.T, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grads.lora_b.double(), scale * g64.T @ xa.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads.lora_a.double(), scale * ((g64 @ b16).T @ xd), rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- merge options
+
+
+def test_safe_merge_refuses_non_finite_merges_before_touching_any_weight():
+    ours_config, theirs_config = lora()
+    ours = get_peft_model(mlp(), ours_config)
+    theirs = hf_peft.get_peft_model(mlp(), theirs_config)
+    randomize(theirs)
+    copy_adapters(theirs, ours)
+    tokens = ids()
+    expected = ours(tokens)
+    # Break only the last targeted layer: the layers merged before it must stay untouched too.
+    for model in (ours, theirs):
+        lora_b = [p for key, p in adapter_items(model).items() if key.startswith("lin1.lora_B")][0]
+        with torch.no_grad():
+            lora_b[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
+    with pytest.raises(ValueError, match="NaNs detected"):
+        theirs.merge_and_unload(safe_merge=True)
+    with pytest.raises(ValueError, match="NaNs detected"):
+        ours.merge_and_unload(safe_merge=True)
+    after = get_base_model_state_dict(ours)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # Nothing was swapped out either: the model still holds all its adapters (peft has merged and
+    # unloaded the layers before the broken one by then) and unloads cleanly.
+    assert len(adapter_items(ours)) == 6 and len(adapter_items(theirs)) == 2
+    unloaded = ours.unload()
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(tokens), mlp()(tokens), rtol=0, atol=0)
+    assert torch.isfinite(expected).all()
+
+
+def test_safe_merge_result_equals_plain_merge_and_peft():
+    ours_config, theirs_config = lora()
+    theirs = hf_peft.get_peft_model(mlp(), theirs_config)
+    randomize(theirs)
+    plain, safe = get_peft_model(mlp(), ours_config), get_peft_model(mlp(), ours_config)
+    copy_adapters(theirs, plain)
+    copy_adapters(theirs, safe)
+    tokens = ids()
+    merged_plain = plain.merge_and_unload()
+    merged_safe = safe.merge_and_unload(safe_merge=True, progressbar=True)
+    merged_theirs = theirs.merge_and_unload(safe_merge=True, progressbar=True)
+    assert type(merged_safe) is MLP
+    for name, tensor in merged_plain.state_dict().items():
+        assert torch.equal(tensor, merged_safe.state_dict()[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(merged_safe(tokens), merged_theirs(tokens), **TOL)
+
+
+def test_merge_and_unload_adapter_names():
+    ours_config, theirs_config = lora()
+    theirs = hf_peft.get_peft_model(mlp(), theirs_config)
+    randomize(theirs)
+    tokens = ids()
+    with torch.no_grad():
+        base_out = mlp()(tokens)
+        adapted = theirs(tokens)
+    ours = get_peft_model(mlp(), ours_config)
+    copy_adapters(theirs, ours)
+    with pytest.raises(ValueError, match="adapter_names"):
+        ours.merge_and_unload(adapter_names=["other"])
+    with pytest.raises(ValueError, match="adapter_names"):
+        ours.merge_and_unload(adapter_names="default")
+    with pytest.raises(ValueError, match="safe_merge"):
+        ours.merge_and_unload(safe_merge=1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.merge_and_unload(adapter_names=["default"])(tokens), adapted, **TOL)
+    # An empty list merges nothing, as in peft: the base model comes back.
+    again = get_peft_model(mlp(), ours_config)
+    copy_adapters(theirs, again)
+    their_empty = hf_peft.get_peft_model(mlp(), theirs_config)
+    copy_adapters(theirs, their_empty)
+    with torch.no_grad():
+        torch.testing.assert_close(again.merge_and_unload(adapter_names=[])(tokens), base_out, rtol=0, atol=0)
+        torch.testing.assert_close(their_empty.merge_and_unload(adapter_names=[])(tokens), base_out, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ save and load
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_bin_files_cross_both_ways(method, tmp_path):
+    ours_config, theirs_config = lora() if method == "lora" else ia3()
+    tokens = ids()
+    ours = get_peft_model(mlp(), ours_config)
+    randomize(ours)
+    with torch.no_grad():
+        expected = ours(tokens)
+    ours.save_pretrained(tmp_path / "ours", safe_serialization=False)
+    assert sorted(os.listdir(tmp_path / "ours")) == [ADAPTER_CONFIG_NAME, ADAPTER_BIN_WEIGHTS_NAME]
+    theirs = hf_peft.PeftModel.from_pretrained(mlp(), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens), expected, **TOL)
+
+    theirs.save_pretrained(tmp_path / "theirs", safe_serialization=False)
+    assert os.path.isfile(tmp_path / "theirs" / ADAPTER_BIN_WEIGHTS_NAME)
+    assert not os.path.exists(tmp_path / "theirs" / ADAPTER_WEIGHTS_NAME)
+    our_tensors = torch.load(tmp_path / "ours" / ADAPTER_BIN_WEIGHTS_NAME, weights_only=True)
+    their_tensors = torch.load(tmp_path / "theirs" / ADAPTER_BIN_WEIGHTS_NAME, weights_only=True)
+    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == {k: tuple(v.shape) for k, v in their_tensors.items()}
+    loaded = PeftModel.from_pretrained(mlp(), tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), expected, **TOL)
+
+
+def test_safetensors_is_read_before_bin_and_a_bad_bin_is_refused(tmp_path):
+    ours_config, _ = lora()
+    tokens = ids()
+    first = get_peft_model(mlp(), ours_config)
+    randomize(first, seed=1)
+    second = get_peft_model(mlp(), ours_config)
+    randomize(second, seed=2)
+    first.save_pretrained(tmp_path)                            # safetensors
+    second.save_pretrained(tmp_path, safe_serialization=False)  # bin beside it
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(mlp(), tmp_path)(tokens), first(tokens), **TOL)
+        os.remove(tmp_path / ADAPTER_WEIGHTS_NAME)
+        torch.testing.assert_close(PeftModel.from_pretrained(mlp(), tmp_path)(tokens), second(tokens), **TOL)
+
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / ADAPTER_BIN_WEIGHTS_NAME).write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=ADAPTER_BIN_WEIGHTS_NAME):
+        PeftModel.from_pretrained(model, tmp_path)
+    torch.save([1, 2], tmp_path / ADAPTER_BIN_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="dict of tensors"):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_is_main_process_false_writes_nothing(tmp_path):
+    get_peft_model(mlp(), lora()[0]).save_pretrained(tmp_path / "out", is_main_process=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_from_pretrained_options(tmp_path):
+    ours_config, theirs_config = lora()
+    theirs = hf_peft.get_peft_model(mlp(), theirs_config)
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    tokens = ids()
+    with torch.no_grad():
+        expected = theirs(tokens)
+    for kwargs in ({"torch_device": "cpu"}, {"device_map": "auto"}, {"device_map": "cpu"},
+                   {"device_map": {"": "cpu"}}, {"device_map": torch.device("cpu"), "torch_device": "cpu"},
+                   {"low_cpu_mem_usage": True}, {"config": ours_config}):
+        ours = PeftModel.from_pretrained(mlp(), tmp_path, **kwargs)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(tokens), expected, **TOL, msg=str(kwargs))
+        assert not any(p.requires_grad for p in ours.parameters())
+    trainable = PeftModel.from_pretrained(mlp(), tmp_path, is_trainable=True)
+    peft_trainable = hf_peft.PeftModel.from_pretrained(mlp(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == peft_trainable.get_nb_trainable_parameters()
+    assert trainable.peft_config["default"].inference_mode is False
+
+    # config= is used instead of the file's: a different rank no longer fits the tensors.
+    with pytest.raises(ValueError, match="expected shape"):
+        PeftModel.from_pretrained(mlp(), tmp_path, config=LoraConfig(r=2, target_modules=["lin0", "lin1", "emb"]))
+    assert ours_config.inference_mode is False  # the caller's config is not modified
+    for bad, match in (({"device_map": {"lin0": "cpu", "lin1": "cpu"}}, "device_map"),
+                       ({"device_map": "balanced"}, "device_map"),
+                       ({"torch_device": "nowhere"}, "torch_device"),
+                       ({"torch_device": "cpu", "device_map": "meta"}, "device_map"),
+                       ({"config": {"r": 4}}, "config"),
+                       ({"is_trainable": "no"}, "is_trainable")):
+        model = mlp()
+        with pytest.raises((ValueError, TypeError), match=match):
+            PeftModel.from_pretrained(model, tmp_path, **bad)
+        assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_from_pretrained_autocast_adapter_dtype_matches_peft(autocast, tmp_path):
+    ours_config, theirs_config = lora()
+    source = hf_peft.get_peft_model(mlp(dtype=torch.bfloat16), theirs_config, autocast_adapter_dtype=False)
+    randomize(source)
+    source.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(mlp(dtype=torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
+    theirs = hf_peft.PeftModel.from_pretrained(mlp(dtype=torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
+    assert adapter_dtypes(ours) == adapter_dtypes(theirs)
+    for key, parameter in adapter_items(ours).items():
+        assert torch.equal(parameter.float(), adapter_items(theirs)[key].float()), key
+
+
+def test_push_to_hub_says_what_is_unsupported():
+    peft_model = get_peft_model(mlp(), lora()[0])
+    with pytest.raises(NotImplementedError, match="push_to_hub.*save_pretrained"):
+        peft_model.push_to_hub("user/repo")
+
+
+# ---------------------------------------------------------------------------- public functions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inject_adapter_in_model_matches_peft(dtype):
+    ours_config, theirs_config = lora()
+    model = mlp(dtype=dtype)
+    injected = inject_adapter_in_model(ours_config, model)
+    assert injected is model
+    theirs = hf_peft.inject_adapter_in_model(theirs_config, mlp(dtype=dtype))
+    assert adapter_dtypes(injected) == adapter_dtypes(theirs)  # peft keeps the base dtype here
+    randomize(theirs)
+    copy_adapters(theirs, injected)
+    tokens = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(injected(tokens).float(), theirs(tokens).float(),
+                                   **(TOL if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+    # The base weights are frozen and only the adapters train, as after peft's injection.
+    assert sorted(k for k, p in adapter_items(injected).items() if p.requires_grad) == \
+        sorted(k for k, p in adapter_items(theirs).items() if p.requires_grad)
+    with pytest.raises(ValueError, match="adapter_name"):
+        inject_adapter_in_model(ours_config, mlp(), adapter_name="")
+
+
+def test_get_base_model_state_dict_matches_peft():
+    config = LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"])
+    ours = get_peft_model(bert(), config)
+    theirs = hf_peft.get_peft_model(bert(), hf_peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                             modules_to_save=["classifier"]))
+    randomize(ours)
+    with torch.no_grad():  # the trained copy of the classifier changes; the base state dict must not
+        for model in (ours, theirs):
+            for name, parameter in model.named_parameters():
+                if "modules_to_save" in name:
+                    parameter.add_(1.0)
+    our_state, their_state = get_base_model_state_dict(ours), hf_peft.get_base_model_state_dict(theirs)
+    assert list(our_state) == list(their_state) == list(bert().state_dict())
+    reference = bert().state_dict()
+    for key, tensor in our_state.items():
+        assert torch.equal(tensor, reference[key]), key
+        assert torch.equal(their_state[key], reference[key]), key
+    with pytest.raises(TypeError, match="PeftModel"):
+        get_base_model_state_dict(bert())
