@@ -11,7 +11,7 @@
 #      unless CPEFT_CUDA_ARCHS is set, so the nvcc pass is about half of the default "80;90"
 #   3. print cpeft.build_info() and cpeft.has_cuda()
 #   4. pytest tests/test_cuda.py tests/test_layers_torch.py, then the whole tests/ suite
-#   5. python3 bench/bench_cuda.py
+#   5. python3 bench/bench_cuda.py, then python3 bench/bench_adapter_dtype.py (adapter-dtype row)
 # Everything is tee'd to "$OUT/gpu_check.log" (OUT defaults to /tmp/gpu_out) and the log ends with
 # a summary table, one line per step. Exit status: 0 when every step passed, else 1.
 #
@@ -146,6 +146,8 @@ step pytest_all 200 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cache
     tests 2>&1 | tee '$OUT/pytest_all.full' ; \
     rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_all.full' > '$OUT/pytest_all.tail'; exit \$rc"
 
-# 5. benchmark (prints a markdown table)
+# 5. benchmarks (each prints a markdown table): the CUDA issue's table, then the adapter-dtype
+#    row (fp32 adapters on a bf16 base, M=4096 4096x4096 r=16, against the frozen layer and peft)
 step bench 120 "$PY" bench/bench_cuda.py
+step bench_dtype 60 "$PY" bench/bench_adapter_dtype.py --device cuda --reps 50
 exit "$FAILED"
