@@ -35,7 +35,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from . import tuners
+from . import tuners, tuners_conv
 from .tuners import BaseTunerLayer
 
 __all__ = [
@@ -135,7 +135,7 @@ _LORA_UNSUPPORTED_FIELDS = {
     "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
     "kasa_config": None, "layer_replication": None,
     "loftq_config": {},
-    "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "lora_ga_config": None, "megatron_config": None,
     "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
     "target_parameters": None, "trainable_token_indices": None,
     "use_bdlora": None, "use_dora": False, "use_qalora": False, "velora_config": None,
@@ -300,6 +300,7 @@ class LoraConfig(PeftConfig):
     layers_pattern: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
 
     def __post_init__(self) -> None:
@@ -321,6 +322,7 @@ class LoraConfig(PeftConfig):
                 or self.init_lora_weights == "gaussian"):
             raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {self.init_lora_weights!r}")
         _check_bool(self.use_rslora, "use_rslora")
+        _check_bool(self.lora_bias, "lora_bias")
         self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save", allow_regex=False)
         _check_layer_selection(self)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", positive_int=True)
@@ -449,6 +451,10 @@ def _module_kind(module: nn.Module) -> str | None:
         return "linear"
     if type(module) is nn.Embedding:
         return "embedding"
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return "conv"
+    if type(module) is nn.MultiheadAttention:
+        return "mha"
     return None
 
 
@@ -457,7 +463,28 @@ def _in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
         return module.weight.shape[0], module.weight.shape[1]
     if kind == "linear":
         return module.in_features, module.out_features
+    if kind == "conv":
+        return module.in_channels, module.out_channels
+    if kind == "mha":
+        return module.embed_dim, 3 * module.embed_dim
     return module.num_embeddings, module.embedding_dim
+
+
+def _kind_refusal(base: nn.Module, kind: str, config: PeftConfig, r: int) -> str | None:
+    """Why this module cannot carry the config's adapter (None when it can)."""
+    is_lora = isinstance(config, LoraConfig)
+    if kind == "conv":
+        return tuners_conv.conv_refusal(base, "lora" if is_lora else "ia3", r)
+    if kind == "mha":
+        if not is_lora:
+            return "IA3 does not adapt nn.MultiheadAttention (as in peft)"
+        if not base._qkv_same_embed_dim:
+            return "only nn.MultiheadAttention with packed q/k/v (kdim = vdim = embed_dim) is supported, as in peft"
+        if config.lora_bias:
+            return "lora_bias=True is not supported for MultiheadAttention"
+    if kind == "embedding" and is_lora and config.lora_bias:
+        return "lora_bias=True is not supported for Embedding (as in peft)"
+    return None
 
 
 @dataclass
@@ -609,7 +636,8 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
         kind = _module_kind(module)
         if kind is None:
             raise ValueError(f"target_modules: the module {name!r} ({type(module).__name__}) is not supported; "
-                             f"cpeft replaces torch.nn.Linear, torch.nn.Embedding and transformers' Conv1D")
+                             f"cpeft adapts torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, "
+                             f"torch.nn.MultiheadAttention and transformers' Conv1D")
         if isinstance(module, BaseTunerLayer):
             if not isinstance(module, layer_class):
                 raise ValueError(f"target_modules: {name!r} already holds {type(module).__name__} adapters "
@@ -641,6 +669,9 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
                 raise ValueError(f"feedforward_modules: {name!r} already holds IA3 adapters with "
                                  f"is_feedforward={module.is_feedforward}; a new adapter cannot change it")
             target.feedforward = feedforward
+        refusal = _kind_refusal(base, kind, config, target.r)
+        if refusal is not None:
+            raise ValueError(f"target_modules: {name!r} ({type(base).__name__}): {refusal}")
         targets.append(target)
     if not targets:
         if excluded_any:
@@ -690,13 +721,27 @@ def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[i
     shapes: dict[str, tuple[int, ...]] = {}
     for t in plan.targets:
         key = _KEY_PREFIX + t.path
+        base = _base_of(t.module)
         if isinstance(config, LoraConfig):
             if t.kind == "embedding":
                 shapes[key + ".lora_embedding_A"] = (t.r, t.in_features)
                 shapes[key + ".lora_embedding_B"] = (t.out_features, t.r)
+            elif t.kind == "conv":
+                ones = (1,) * (base.weight.dim() - 2)
+                shapes[key + ".lora_A.weight"] = (t.r, t.in_features, *base.kernel_size)
+                shapes[key + ".lora_B.weight"] = (t.out_features, t.r // base.groups, *ones)
             else:
                 shapes[key + ".lora_A.weight"] = (t.r, t.in_features)
                 shapes[key + ".lora_B.weight"] = (t.out_features, t.r)
+            if config.lora_bias:
+                shapes[key + ".lora_B.bias"] = (t.out_features,)
+            if t.kind == "mha":
+                embed = base.embed_dim
+                shapes[key + ".base_layer.out_proj.lora_A.weight"] = (t.r, embed)
+                shapes[key + ".base_layer.out_proj.lora_B.weight"] = (embed, t.r)
+        elif t.kind == "conv":
+            channels = t.in_features if t.feedforward else t.out_features
+            shapes[key + ".ia3_l"] = (1, channels) + (1,) * (base.weight.dim() - 2)
         else:
             shapes[key + ".ia3_l"] = (1, t.in_features) if t.feedforward else (t.out_features, 1)
     for path in plan.saved_paths:
@@ -767,6 +812,12 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 def _new_layer(t: _Target, config: LoraConfig | IA3Config) -> BaseTunerLayer:
+    if t.kind == "conv":
+        if isinstance(config, LoraConfig):
+            return tuners_conv.Conv(t.module)
+        return tuners_conv.IA3Conv(t.module, is_feedforward=t.feedforward)
+    if t.kind == "mha":
+        return tuners_conv.MultiheadAttention(t.module)
     if isinstance(config, LoraConfig):
         if t.kind == "embedding":
             return tuners.Embedding(t.module, t.in_features, t.out_features)
@@ -778,7 +829,17 @@ def _new_layer(t: _Target, config: LoraConfig | IA3Config) -> BaseTunerLayer:
 
 
 def _add_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfig) -> None:
-    layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora)
+    if t.kind == "embedding":
+        layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora)
+    else:
+        layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
+                           lora_bias=config.lora_bias)
+    _init_lora(layer, adapter, t, config)
+    if t.kind == "mha":
+        _init_lora(layer.base_layer.out_proj, adapter, t, config)
+
+
+def _init_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfig) -> None:
     with torch.no_grad():
         if t.kind == "embedding":
             lora_a, lora_b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
@@ -798,6 +859,8 @@ def _add_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfi
                 nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
             else:
                 nn.init.zeros_(lora_b)
+                if layer.lora_B[adapter].bias is not None:
+                    nn.init.zeros_(layer.lora_B[adapter].bias)
 
 
 # peft's autocast_adapter_dtype: adapters of 16-bit layers are kept in float32 for training
@@ -1065,7 +1128,8 @@ class PeftModel(nn.Module):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
-                    _set_parent(model, path, layer.base_layer)
+                    restore_base = getattr(layer, "restore_base", None)
+                    _set_parent(model, path, restore_base() if restore_base is not None else layer.base_layer)
         for path, wrapper in list(self.base_model.wrappers()):
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
@@ -1261,7 +1325,8 @@ class PeftModel(nn.Module):
                 layer.merge(adapter_names=self._layer_adapters(layer, adapter_names))
             else:
                 layer.unmerge()
-            _set_parent(model, path, layer.base_layer)
+            restore_base = getattr(layer, "restore_base", None)
+            _set_parent(model, path, restore_base() if restore_base is not None else layer.base_layer)
         for path, wrapper in list(self.base_model.wrappers()):
             keep = wrapper.original_module
             if merge and wrapper.active_adapter in wrapper.modules_to_save:
@@ -1291,7 +1356,7 @@ class PeftModel(nn.Module):
         for _, parameter in self.base_model.model.named_parameters(remove_duplicate=False):
             uses[id(parameter)] = uses.get(id(parameter), 0) + 1
         tied = [path for path, layer in self.base_model.tuner_layers()
-                if uses.get(id(layer.get_base_layer().weight), 0) > 1]
+                if uses.get(id(getattr(layer.get_base_layer(), "weight", None)), 0) > 1]
         if tied:
             warnings.warn(f"merge_and_unload: the weights of {tied} are tied to other modules of the "
                           f"model; merging changes those modules as well", stacklevel=3)
