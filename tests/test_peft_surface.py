@@ -464,3 +464,352 @@ def test_get_base_model_state_dict_matches_peft():
         assert torch.equal(their_state[key], reference[key]), key
     with pytest.raises(TypeError, match="PeftModel"):
         get_base_model_state_dict(bert())
+
+
+# ------------------------------------------------------------------ Conv and attention targets
+
+
+class ConvNet(nn.Module):
+    """Every conv shape peft's LoRA layout covers: strided/padded kernels in 1, 2 and 3 dims, a
+    pointwise conv (the core's LoRA-linear path), a grouped conv, and attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.p2 = nn.Conv2d(6, 8, 1)
+        self.g3 = nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x1, x2, x3, q):
+        a = self.c1(x1)
+        b = self.p2(torch.relu(self.c2(x2)))
+        c = self.g3(x3)
+        o, _ = self.attn(q, q, q, need_weights=False)
+        return torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), o.flatten(1)], dim=1)
+
+
+def conv_net(seed=0):
+    torch.manual_seed(seed)
+    return ConvNet()
+
+
+def conv_inputs(seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 9, generator=generator), torch.randn(2, 4, 8, 8, generator=generator),
+            torch.randn(2, 4, 3, 5, 5, generator=generator), torch.randn(2, 5, 8, generator=generator))
+
+
+CONV_TARGETS = ["c1", "c2", "p2", "g3"]
+
+
+def zero_out_proj_lora_b(model):
+    """peft 0.21's MultiheadAttention adds the out_proj delta twice (in its forward and in its
+    merge; see test_mha_matches_plain_torch_and_peft), so comparisons with peft keep that delta 0."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "out_proj.lora_B" in name:
+                parameter.zero_()
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_conv_lora_matches_peft_outputs_gradients_and_files(lora_bias, tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=CONV_TARGETS, lora_bias=lora_bias)
+    theirs = hf_peft.get_peft_model(conv_net(), hf_peft.LoraConfig(**kwargs))
+    ours = get_peft_model(conv_net(), LoraConfig(**kwargs))
+    their_state, our_state = theirs.state_dict(), ours.state_dict()
+    assert {k: tuple(v.shape) for k, v in our_state.items()} == {k: tuple(v.shape) for k, v in their_state.items()}
+    randomize(theirs)
+    with torch.no_grad():
+        for key, tensor in our_state.items():
+            tensor.copy_(their_state[key])
+    inputs = conv_inputs()
+    outputs = []
+    for model in (ours, theirs):
+        model.train()
+        result = model(*inputs)
+        result.square().sum().backward()
+        outputs.append(result.detach())
+    torch.testing.assert_close(outputs[0], outputs[1], **TOL)
+    their_params = dict(theirs.named_parameters())
+    trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert sorted(n for n, _ in trained) == sorted(n for n, p in their_params.items() if p.requires_grad)
+    for name, parameter in trained:
+        torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    our_file = safetensors_torch.load_file(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME)
+    their_file = safetensors_torch.load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS_NAME)
+    assert {k: v.shape for k, v in our_file.items()} == {k: v.shape for k, v in their_file.items()}
+    assert json.loads((tmp_path / "ours" / ADAPTER_CONFIG_NAME).read_text())["lora_bias"] is lora_bias
+    with torch.no_grad():
+        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
+                                   outputs[1], **TOL)
+        torch.testing.assert_close(PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs),
+                                   outputs[1], **TOL)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_conv_merge_is_exact_and_matches_peft(lora_bias):
+    targets = ["c1", "c2", "p2"]  # peft refuses to merge grouped convs; see below
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, lora_bias=lora_bias)
+    theirs = hf_peft.get_peft_model(conv_net(), hf_peft.LoraConfig(**kwargs))
+    randomize(theirs)
+    ours = get_peft_model(conv_net(), LoraConfig(**kwargs))
+    with torch.no_grad():
+        for key, tensor in ours.state_dict().items():
+            tensor.copy_(theirs.state_dict()[key])
+    inputs = conv_inputs()
+    with torch.no_grad():
+        unmerged = ours(*inputs)
+        before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(*inputs), unmerged, rtol=1e-5, atol=1e-5)
+        ours.unmerge_adapter()
+        after = get_base_model_state_dict(ours)
+        assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+        merged = ours.merge_and_unload()
+        assert type(merged.c2) is nn.Conv2d
+        torch.testing.assert_close(merged(*inputs), theirs.merge_and_unload()(*inputs), rtol=1e-5, atol=1e-5)
+
+    grouped = get_peft_model(conv_net(), LoraConfig(r=4, target_modules=["g3"]))
+    their_grouped = hf_peft.get_peft_model(conv_net(), hf_peft.LoraConfig(r=4, target_modules=["g3"]))
+    for model in (grouped, their_grouped):
+        with pytest.raises(NotImplementedError, match="groups > 1"):
+            model.merge_and_unload()
+
+
+def test_conv_targets_peft_refuses_are_refused_untouched():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dilated = nn.Conv2d(4, 4, 3, dilation=2, padding=2)
+            self.grouped = nn.Conv2d(4, 4, 3, groups=4)
+            self.c1 = nn.Conv1d(4, 4, 3)
+
+    for config, match in ((LoraConfig(r=4, target_modules=["dilated"]), "dilation"),
+                          (LoraConfig(r=2, target_modules=["grouped"]), "divisible by groups"),
+                          (IA3Config(target_modules=["c1"]), "nn.Conv1d")):
+        model = Odd()
+        with pytest.raises(ValueError, match=match):
+            get_peft_model(model, config)
+        assert all(type(m) in (Odd, nn.Conv1d, nn.Conv2d) for m in model.modules())
+    with pytest.raises(ValueError, match="lora_bias"):
+        get_peft_model(mlp(), LoraConfig(target_modules=["emb"], lora_bias=True))
+    with pytest.raises(ValueError, match="lora_bias"):
+        hf_peft.get_peft_model(mlp(), hf_peft.LoraConfig(target_modules=["emb"], lora_bias=True))
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_conv_matches_peft(feedforward, tmp_path):
+    kwargs = dict(target_modules=["c2", "p2"], feedforward_modules=["p2"] if feedforward else [])
+    theirs = hf_peft.get_peft_model(conv_net(), hf_peft.IA3Config(**kwargs))
+    ours = get_peft_model(conv_net(), IA3Config(**kwargs))
+    randomize(theirs)
+    with torch.no_grad():
+        for key, tensor in ours.state_dict().items():
+            tensor.copy_(theirs.state_dict()[key])
+    inputs = conv_inputs()
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        result = model(*inputs)
+        result.square().sum().backward()
+        results.append(result.detach())
+    torch.testing.assert_close(results[0], results[1], **TOL)
+    their_params = dict(theirs.named_parameters())
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+    ours.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path)(*inputs), results[1], **TOL)
+        before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(*inputs), results[0], rtol=1e-5, atol=1e-5)
+        ours.unmerge_adapter()
+        assert all(torch.equal(before[k], v) for k, v in get_base_model_state_dict(ours).items())
+
+
+def mha_reference(model, lora, inputs):
+    """Plain torch: the wrapped attention with W + s·B·A for in_proj and out_proj."""
+    reference = conv_net()
+    attn = reference.attn
+    with torch.no_grad():
+        layer = lora.base_model.model.attn
+        out_layer = layer.base_layer.out_proj
+        attn.in_proj_weight += (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+        attn.out_proj.weight += ((out_layer.lora_B["default"].weight @ out_layer.lora_A["default"].weight)
+                                 * out_layer.scaling["default"])
+        return attn(inputs[3], inputs[3], inputs[3], need_weights=False)[0]
+
+
+def test_mha_matches_plain_torch_and_peft(tmp_path):
+    config = dict(r=4, lora_alpha=8, target_modules=["attn"])
+    theirs = hf_peft.get_peft_model(conv_net(), hf_peft.LoraConfig(**config))
+    ours = get_peft_model(conv_net(), LoraConfig(**config))
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    randomize(theirs)
+    with torch.no_grad():
+        for key, tensor in ours.state_dict().items():
+            tensor.copy_(theirs.state_dict()[key])
+    inputs = conv_inputs()
+    with torch.no_grad():
+        attn_out = ours.base_model.model.attn(inputs[3], inputs[3], inputs[3], need_weights=False)[0]
+        torch.testing.assert_close(attn_out, mha_reference(conv_net(), ours, inputs), **TOL)
+        # peft 0.21 adds out_proj's delta twice, so with it non-zero the outputs differ...
+        their_out = theirs.base_model.model.attn(inputs[3], inputs[3], inputs[3], need_weights=False)[0]
+        assert not torch.allclose(attn_out, their_out, **TOL)
+    # ...and agree, with gradients, when it is zero.
+    zero_out_proj_lora_b(ours)
+    zero_out_proj_lora_b(theirs)
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        result = model(*inputs)
+        result.square().sum().backward()
+        results.append(result.detach())
+    torch.testing.assert_close(results[0], results[1], **TOL)
+    their_params = dict(theirs.named_parameters())
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
+                                   results[1], **TOL)
+        torch.testing.assert_close(PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs),
+                                   results[1], **TOL)
+
+
+def test_mha_merge_unmerge_unload():
+    ours = get_peft_model(conv_net(), LoraConfig(r=4, lora_alpha=8, target_modules=["attn"]))
+    randomize(ours)
+    inputs = conv_inputs()
+    with torch.no_grad():
+        expected = ours(*inputs)
+        before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
+        assert list(before) == list(conv_net().state_dict())
+        ours.merge_adapter(safe_merge=True)
+        torch.testing.assert_close(ours(*inputs), expected, rtol=1e-5, atol=1e-5)
+        with ours.disable_adapter():  # unmerges first, as in peft
+            disabled = ours(*inputs)
+        assert all(torch.equal(before[k], v) for k, v in get_base_model_state_dict(ours).items())
+        torch.testing.assert_close(disabled, conv_net()(*inputs), rtol=1e-6, atol=1e-6)
+        merged = ours.merge_and_unload()
+        assert type(merged.attn) is nn.MultiheadAttention and type(merged.attn.out_proj) is not type(ours)
+        assert not any(isinstance(m, cpeft.BaseTunerLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(*inputs), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="IA3"):
+        get_peft_model(conv_net(), IA3Config(target_modules=["attn"]))
+
+
+def test_lora_bias_on_linear_matches_peft_and_merges_into_the_bias(tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], lora_bias=True)
+    theirs = hf_peft.get_peft_model(mlp(), hf_peft.LoraConfig(**kwargs))
+    ours = get_peft_model(mlp(), LoraConfig(**kwargs))
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    randomize(theirs)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                parameter.copy_(torch.linspace(-1, 1, parameter.numel()))
+        for key, tensor in ours.state_dict().items():
+            tensor.copy_(theirs.state_dict()[key])
+    tokens = ids()
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        result = model(tokens)
+        result.square().sum().backward()
+        results.append(result.detach())
+    torch.testing.assert_close(results[0], results[1], **TOL)
+    their_params = dict(theirs.named_parameters())
+    bias_grads = [n for n, p in ours.named_parameters() if p.requires_grad and n.endswith("lora_B.default.bias")]
+    assert len(bias_grads) == 2
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+    ours.save_pretrained(tmp_path)
+    assert "base_model.model.lin0.lora_B.bias" in safetensors_torch.load_file(tmp_path / ADAPTER_WEIGHTS_NAME)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(mlp(), tmp_path)(tokens), results[1], **TOL)
+        before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(tokens), results[0], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(get_base_model_state_dict(ours)["lin0.bias"], before["lin0.bias"])
+        ours.unmerge_adapter()
+        assert all(torch.equal(before[k], v) for k, v in get_base_model_state_dict(ours).items())
+        torch.testing.assert_close(ours.merge_and_unload()(tokens), theirs.merge_and_unload()(tokens),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_lora_bias_without_a_base_bias_trains_but_cannot_merge():
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0"], lora_bias=True, init_lora_weights=False))
+    x = torch.randn(3, 8)
+    peft_model(x).sum().backward()
+    bias = peft_model.base_model.model[0].lora_B["default"].bias
+    torch.testing.assert_close(bias.grad, torch.full((8,), 3.0 * peft_model.base_model.model[0].scaling["default"]))
+    with pytest.raises(RuntimeError, match="no bias"):
+        peft_model.merge_and_unload()
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_add_adapter_and_load_adapter_autocast_like_peft(autocast, tmp_path):
+    ours_config, theirs_config = lora()
+    source = get_peft_model(mlp(dtype=torch.bfloat16), ours_config, autocast_adapter_dtype=False)
+    randomize(source)
+    source.save_pretrained(tmp_path)
+    ours = get_peft_model(mlp(dtype=torch.bfloat16), ours_config)
+    theirs = hf_peft.get_peft_model(mlp(dtype=torch.bfloat16), theirs_config)
+    ours.add_adapter("second", LoraConfig(r=2, target_modules=["lin0"]), autocast_adapter_dtype=autocast)
+    theirs.add_adapter("second", hf_peft.LoraConfig(r=2, target_modules=["lin0"]), autocast_adapter_dtype=autocast)
+    ours.load_adapter(tmp_path, "third", autocast_adapter_dtype=autocast)
+    theirs.load_adapter(tmp_path, "third", autocast_adapter_dtype=autocast)
+
+    def dtypes(model):
+        return {name.replace("lora_embedding_", "lora_"): p.dtype for name, p in model.named_parameters()
+                if "lora_" in name}
+    assert dtypes(ours) == dtypes(theirs)
+    assert {d for n, d in dtypes(ours).items() if ".third." in n} == {torch.float32 if autocast else torch.bfloat16}
+    ours.set_adapter("third")
+    theirs.set_adapter("third")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids()).float(), theirs(ids()).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_conv_and_attention_with_fp32_adapters_on_a_bf16_model():
+    targets = ["c1", "c2", "p2", "attn"]
+    model = conv_net().to(torch.bfloat16)
+    ours = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    theirs = hf_peft.get_peft_model(conv_net().to(torch.bfloat16),
+                                    hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    with torch.no_grad():
+        for key, tensor in ours.state_dict().items():
+            theirs.state_dict()[key].copy_(tensor)
+    zero_out_proj_lora_b(ours)
+    zero_out_proj_lora_b(theirs)
+    inputs = tuple(t.to(torch.bfloat16) for t in conv_inputs())
+    results = []
+    for peft_model in (ours, theirs):
+        result = peft_model(*inputs)
+        assert result.dtype == torch.bfloat16
+        result.float().square().sum().backward()
+        results.append(result.detach().float())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=float(results[1].abs().max()) * 3e-2)
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+
+
+def test_get_peft_model_refuses_what_cpeft_does_not_do():
+    with pytest.raises(TypeError, match="mixed"):
+        get_peft_model(mlp(), lora()[0], mixed=True)
+    with pytest.raises(ValueError, match="low_cpu_mem_usage"):
+        get_peft_model(mlp(), lora()[0], low_cpu_mem_usage="yes")

@@ -871,17 +871,22 @@ _AUTOCAST_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
 def _cast_adapter_dtype(layer: BaseTunerLayer, adapter: str, autocast_adapter_dtype: bool) -> None:
     if not autocast_adapter_dtype:
         return
-    for container_name in layer.adapter_layer_names:
-        container = getattr(layer, container_name)
-        if adapter not in container:
+    # Nested layers too (MultiheadAttention's out_proj), as peft walks every tuner layer.
+    for sublayer in layer.modules():
+        if not isinstance(sublayer, BaseTunerLayer):
             continue
-        entry = container[adapter]
-        if isinstance(entry, nn.Module):
-            for parameter in entry.parameters():
-                if parameter.dtype in _AUTOCAST_ADAPTER_DTYPES:
-                    parameter.data = parameter.data.to(torch.float32)
-        elif entry.dtype in _AUTOCAST_ADAPTER_DTYPES:
-            container[adapter] = nn.Parameter(entry.detach().to(torch.float32), requires_grad=entry.requires_grad)
+        for container_name in sublayer.adapter_layer_names:
+            container = getattr(sublayer, container_name)
+            if adapter not in container:
+                continue
+            entry = container[adapter]
+            if isinstance(entry, nn.Module):
+                for parameter in entry.parameters():
+                    if parameter.dtype in _AUTOCAST_ADAPTER_DTYPES:
+                        parameter.data = parameter.data.to(torch.float32)
+            elif entry.dtype in _AUTOCAST_ADAPTER_DTYPES:
+                container[adapter] = nn.Parameter(entry.detach().to(torch.float32),
+                                                  requires_grad=entry.requires_grad)
 
 
 def _progress(items: list, enabled: bool, description: str):
