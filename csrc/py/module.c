@@ -81,6 +81,8 @@ static PyMethodDef cpeft_methods[] = {
     CPEFT_ENTRY(ia3_embedding_merge),
     CPEFT_ENTRY(ia3_embedding_unmerge),
     CPEFT_ENTRY(dropout_mask),
+    CPEFT_ENTRY(lora_grouped_forward),
+    CPEFT_ENTRY(lora_grouped_backward),
     {"has_cuda", has_cuda, METH_NOARGS, has_cuda_doc},
     {"build_info", build_info, METH_NOARGS, build_info_doc},
     {NULL, NULL, 0, NULL},

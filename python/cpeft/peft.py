@@ -789,6 +789,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({adapter_name: copy.deepcopy(original_module)})
         self.active_adapter = adapter_name
         self.disable_adapters = False
+        self._mixed_adapter_names: list[str] | None = None
 
     def add_adapter(self, adapter_name: str) -> None:
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
@@ -798,9 +799,25 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        names = self._mixed_adapter_names
+        if names is not None and not self.disable_adapters:
+            return self._mixed_forward(names, *args, **kwargs)
         if self.disable_adapters or self.active_adapter not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.trained_module(*args, **kwargs)
+
+    def _mixed_forward(self, names: list[str], x: torch.Tensor, *args, **kwargs):
+        """Each sample through its adapter's copy (the original for others), as peft does."""
+        if x.shape[0] != len(names):
+            raise ValueError(f"adapter_names: expected one name per sample, i.e. {x.shape[0]} names for "
+                             f"an input of shape {tuple(x.shape)}, got {len(names)}")
+        result = self.original_module(x, *args, **kwargs)
+        for adapter in dict.fromkeys(names):
+            if adapter not in self.modules_to_save:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=x.device)
+            result = result.index_put((rows,), self.modules_to_save[adapter](x[rows], *args, **kwargs))
+        return result
 
     def __getattr__(self, name: str):
         try:
@@ -935,7 +952,7 @@ class _TunerModel(nn.Module):
         """Activates one or several adapters (several: their outputs are summed, as in peft)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for _, layer in self.tuner_layers():
-            layer.set_adapter([n for n in names if n in layer.adapter_names], inference_mode=inference_mode)
+            layer.set_adapter(names, inference_mode=inference_mode)
         for _, wrapper in self.wrappers():
             held = [n for n in names if n in wrapper.modules_to_save]
             if held:
@@ -1040,8 +1057,43 @@ class PeftModel(nn.Module):
             return getattr(self.base_model.model, name)
 
     @_ForwardWithBaseSignature
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward. ``adapter_names`` (one name per sample, ``"__base__"``
+        for none) runs a mixed-adapter batch, in training too: every LoRA layer computes all the
+        adapters it holds in one grouped call, and gradients reach each adapter used."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one name per
+        sequence of the batch; beam search and sampling of several sequences per prompt are not
+        expanded for it)."""
+        generate = self.base_model.model.generate
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: Any) -> Iterator[None]:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names: expected a list with one adapter name per sample, "
+                             f"got {adapter_names!r}")
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config}, key=str)
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapters {unknown}; expected names among "
+                             f"{list(self.peft_config)} or '__base__'")
+        names = list(adapter_names)
+        modules = [m for _, m in self.base_model.tuner_layers()] + [m for _, m in self.base_model.wrappers()]
+        for module in modules:
+            module._mixed_adapter_names = names
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._mixed_adapter_names = None
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -1245,7 +1297,12 @@ class PeftModel(nn.Module):
             output_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
             os.makedirs(output_dir, exist_ok=True)
             _write_weights(output_dir, tensors[name], safe_serialization)
-            self.peft_config[name].save_pretrained(output_dir)
+            config = self.peft_config[name]
+            auto_mapping = None
+            if config.task_type is None:
+                model_class = type(self.base_model.model)
+                auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+            config.save_pretrained(output_dir, auto_mapping=auto_mapping)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
@@ -1726,7 +1783,17 @@ class AutoPeftModel:
             raise ValueError(f"{os.path.join(os.fspath(pretrained_model_name_or_path), ADAPTER_CONFIG_NAME)}: "
                              f"base_model_name_or_path is empty; load the base model yourself and use "
                              f"PeftModel.from_pretrained(base_model, path)")
+        task_type = peft_config.task_type
+        if cls is AutoPeftModel and task_type is not None:
+            raise ValueError(f"AutoPeftModel: the adapter has task_type {task_type!r}; use the class for that "
+                             f"task (e.g. AutoPeftModelForCausalLM for 'CAUSAL_LM')")
+        expected_class = _TASK_MODEL_CLASSES.get(task_type)
+        if expected_class is not None and cls._peft_class is not expected_class:
+            raise ValueError(f"{cls.__name__}: the adapter has task_type {task_type!r}, which needs "
+                             f"{expected_class.__name__}, not {cls._peft_class.__name__}")
         auto_class = getattr(transformers, cls._auto_class_name)
+        if task_type is None and cls is AutoPeftModel:
+            auto_class = _auto_mapping_class(pretrained_model_name_or_path) or auto_class
         base_revision = revision if revision is not None else peft_config.revision
         if base_revision is not None:
             kwargs["revision"] = base_revision
@@ -1736,6 +1803,24 @@ class AutoPeftModel:
             peft_class = _TASK_MODEL_CLASSES.get(peft_config.task_type, PeftModel)
         return peft_class.from_pretrained(base_model, pretrained_model_name_or_path, adapter_name=adapter_name,
                                           is_trainable=is_trainable)
+
+
+def _auto_mapping_class(directory: str | os.PathLike) -> type | None:
+    """The base model class named by ``auto_mapping`` (written by peft and cpeft when there is no
+    task_type); only classes of transformers are imported."""
+    config_path = os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME)
+    data = _read_json(config_path) if os.path.isfile(config_path) else None
+    mapping = data.get("auto_mapping") if isinstance(data, dict) else None
+    if not isinstance(mapping, dict):
+        return None
+    library, class_name = mapping.get("parent_library"), mapping.get("base_model_class")
+    if not isinstance(library, str) or not isinstance(class_name, str) \
+            or not (library == "transformers" or library.startswith("transformers.")):
+        raise ValueError(f"{config_path}: auto_mapping: cpeft imports base model classes from transformers only, "
+                         f"got {mapping!r}")
+    import importlib
+
+    return getattr(importlib.import_module(library), class_name)
 
 
 class AutoPeftModelForCausalLM(AutoPeftModel):

@@ -47,6 +47,14 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return _autograd.compute_dtype(x.dtype, weight.dtype, x.device.type)
 
 
+def _adapters_outside_mixed_batches(layer: BaseTunerLayer) -> list[str]:
+    """The adapters to run; mixed-adapter batches (adapter_names=) run linear layers only."""
+    if layer._mixed_batch_adapters():
+        raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear layers only; "
+                         f"this {type(layer).__name__} holds {layer.adapter_names}")
+    return [] if layer._mixed_adapter_names is not None else layer._adapters_to_run()
+
+
 def conv_refusal(base: nn.Module, method: str, r: int = 0) -> Optional[str]:
     """Why ``base`` cannot carry this adapter (None when it can); decided before injection."""
     if method == "ia3":
@@ -144,13 +152,10 @@ class Conv(LoraLayer):
                 and base.groups == 1 and base.padding_mode == "zeros"
                 and (base.padding in ("valid", "same") or all(p == 0 for p in base.padding)))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapters = self._adapters_to_run()
-        if not adapters or args or kwargs:
-            if adapters:
-                raise TypeError(f"{type(self).__name__}.forward takes only the input tensor, got "
-                                f"{len(args)} more positional and {sorted(kwargs)} keyword arguments")
-            return self._base_forward(x, *args, **kwargs)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = _adapters_outside_mixed_batches(self)
+        if not adapters:
+            return self._base_forward(x)
         if self._is_pointwise():
             return self._pointwise_forward(x, adapters)
         return self._conv_forward(x, adapters)
@@ -270,10 +275,10 @@ class IA3Conv(IA3Layer):
         for name, (_, original) in records.items():
             targets[name].copy_(original)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapters = self._adapters_to_run()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = _adapters_outside_mixed_batches(self)
         if not adapters:
-            return self._base_forward(x, *args, **kwargs)
+            return self._base_forward(x)
         base = self.get_base_layer()
         dtype = _compute_dtype(x, base.weight)
         vector = self._vector(adapters).to(dtype)
@@ -398,7 +403,7 @@ class MultiheadAttention(LoraLayer):
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
-        adapters = self._adapters_to_run()
+        adapters = _adapters_outside_mixed_batches(self)
         base = self.get_base_layer()
         options = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
                        average_attn_weights=average_attn_weights, is_causal=is_causal)
