@@ -381,6 +381,9 @@ def test_from_pretrained_options(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(ours(tokens), expected, **TOL, msg=str(kwargs))
         assert not any(p.requires_grad for p in ours.parameters())
+    with torch.no_grad():  # peft's subfolder= and its ignored Hub options
+        nested = PeftModel.from_pretrained(mlp(), tmp_path.parent, subfolder=tmp_path.name, revision="main")
+        torch.testing.assert_close(nested(tokens), expected, **TOL)
     trainable = PeftModel.from_pretrained(mlp(), tmp_path, is_trainable=True)
     peft_trainable = hf_peft.PeftModel.from_pretrained(mlp(), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters() == peft_trainable.get_nb_trainable_parameters()
@@ -395,6 +398,9 @@ def test_from_pretrained_options(tmp_path):
                        ({"torch_device": "nowhere"}, "torch_device"),
                        ({"torch_device": "cpu", "device_map": "meta"}, "device_map"),
                        ({"config": {"r": 4}}, "config"),
+                       ({"key_mapping": {"a": "b"}}, "key_mapping"),
+                       ({"ephemeral_gpu_offload": True}, "ephemeral_gpu_offload"),
+                       ({"adapter_nmae": "typo"}, "adapter_nmae"),
                        ({"is_trainable": "no"}, "is_trainable")):
         model = mlp()
         with pytest.raises((ValueError, TypeError), match=match):

@@ -1354,6 +1354,7 @@ class PeftModel(nn.Module):
         _check_bool(is_trainable, "is_trainable")
         _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
+        model_id = _local_adapter_dir(model_id, kwargs, "load_adapter")
         load_device = _load_device(torch_device, kwargs.get("device_map"))
         config, tensors, weights_path = _read_adapter_dir(model_id, load_device)
         if adapter_name in self.peft_config:
@@ -1468,6 +1469,7 @@ class PeftModel(nn.Module):
         if config is not None and not isinstance(config, (LoraConfig, IA3Config)):
             raise TypeError(f"config: expected None, cpeft.LoraConfig or cpeft.IA3Config, "
                             f"got {type(config).__name__}")
+        model_id = _local_adapter_dir(model_id, kwargs, "from_pretrained", extra=("torch_device",))
         load_device = _load_device(kwargs.get("torch_device"), kwargs.get("device_map"))
         file_config, tensors, weights_path = _read_adapter_dir(model_id, load_device,
                                                                need_config=config is None)
@@ -1611,6 +1613,33 @@ def _trainer_visible(cls: type) -> type:
     combined = type(cls.__name__, (cls, HFPeftModel), namespace)
     _TRAINER_VISIBLE[cls] = combined
     return combined
+
+
+# Hub download options of peft's loaders: meaningless for a local directory, so accepted and
+# ignored; key_mapping only as None.
+_HUB_KWARGS = ("revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download",
+               "proxies")
+
+
+def _local_adapter_dir(model_id: Any, kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()) -> str:
+    """The adapter directory (``subfolder`` joined); refuses loader options cpeft does not
+    implement instead of ignoring them."""
+    if kwargs.get("key_mapping") is not None:
+        raise ValueError(f"{caller}: key_mapping is not supported by cpeft; expected None")
+    if kwargs.get("ephemeral_gpu_offload", False) is not False:
+        raise ValueError(f"{caller}: ephemeral_gpu_offload is not supported by cpeft; expected False")
+    known = set(_HUB_KWARGS) | {"device_map", "subfolder", "key_mapping", "ephemeral_gpu_offload"} | set(extra)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{caller}: unsupported arguments {unknown}")
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"model_id: expected a directory path, got {type(model_id).__name__}")
+    subfolder = kwargs.get("subfolder")
+    if subfolder is None:
+        return os.fspath(model_id)
+    if not isinstance(subfolder, str):
+        raise ValueError(f"subfolder: expected None or a string, got {subfolder!r}")
+    return os.path.join(os.fspath(model_id), subfolder)
 
 
 def _load_device(torch_device: Any, device_map: Any) -> torch.device:
