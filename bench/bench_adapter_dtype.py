@@ -59,8 +59,8 @@ def adapted(library, features, r, device, autocast):
     return model.train()
 
 
-def frozen(features, device):
-    model = base_layer(features, device)
+def frozen(features, device, dtype=torch.bfloat16):
+    model = base_layer(features, device).to(dtype)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.train()
@@ -115,6 +115,12 @@ def main():
     x = torch.randn(m, features, device=device, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, features, device=device, dtype=torch.bfloat16)
     steps = {name: step_fn(model, x, g) for name, model in cases.items()}
+    if not cuda:
+        # torch's bf16 CPU GEMMs are slow where the CPU has no bf16 instructions, while cpeft's
+        # CPU core computes in float32: the frozen float32 layer is the fairer yardstick there.
+        x32 = x.detach().float().requires_grad_(True)
+        steps["frozen layer in float32 (CPU yardstick)"] = step_fn(frozen(features, device, torch.float32),
+                                                                 x32, g.float())
     timed = timer(device)
     for step in steps.values():
         for _ in range(3):
@@ -136,10 +142,11 @@ def main():
     print(f"bf16 base, M={m}, {features}x{features}, r={args.r}, lora_dropout=0.05, train mode, "
           f"fwd+bwd, median of {args.reps}")
     print()
-    print("| case | fwd+bwd ms | / frozen |")
-    print("|---|---|---|")
+    yardstick = medians.get("frozen layer in float32 (CPU yardstick)")
+    print("| case | fwd+bwd ms | / frozen bf16 |" + (" / frozen fp32 |" if yardstick else ""))
+    print("|---|---|---|" + ("---|" if yardstick else ""))
     for name, value in medians.items():
-        print(f"| {name} | {value:.3f} | {value / base:.2f}x |")
+        print(f"| {name} | {value:.3f} | {value / base:.2f}x |" + (f" {value / yardstick:.2f}x |" if yardstick else ""))
 
 
 if __name__ == "__main__":
