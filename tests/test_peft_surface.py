@@ -819,3 +819,25 @@ def test_get_peft_model_refuses_what_cpeft_does_not_do():
         get_peft_model(mlp(), lora()[0], mixed=True)
     with pytest.raises(ValueError, match="low_cpu_mem_usage"):
         get_peft_model(mlp(), lora()[0], low_cpu_mem_usage="yes")
+
+
+def test_core_boundary_keeps_one_dtype_on_the_cpu_and_in_merges():
+    """float32 adapters beside 16-bit data exist on CUDA only; on the CPU (and in every merge)
+    the adapters must share the weight's dtype, and the error names the argument."""
+    import numpy as np
+    from cpeft import functional
+
+    x = np.ones((3, 4))
+    weight = np.ones((5, 4))
+    lora_a, lora_b = np.ones((2, 4), np.float32), np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError, match="lora_a must have the same dtype as weight"):
+        functional.lora_linear_forward(x, weight, None, lora_a, lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_b must have the same dtype as lora_a"):
+        functional.lora_linear_forward(x, weight, None, lora_a.astype(np.float64), lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_a must have the same dtype as weight"):
+        functional.lora_merge(weight.copy(), lora_a, lora_b, 1.0)
+    y, xa = functional.lora_linear_forward(x, weight, None, lora_a.astype(np.float64), lora_b.astype(np.float64), 1.0)
+    grads = functional.lora_linear_backward(np.ones((3, 5)), x, weight, lora_a.astype(np.float64),
+                                            lora_b.astype(np.float64), xa, 1.0)
+    assert grads.lora_a.dtype == grads.lora_b.dtype == np.float64
+    np.testing.assert_allclose(y, x @ weight.T + (x @ np.ones((4, 2))) @ np.ones((2, 5)))
