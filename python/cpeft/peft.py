@@ -1262,7 +1262,10 @@ class PeftModel(nn.Module):
         for key, local in self._adapter_key_map(adapter_name).items():
             if local not in source:
                 raise ValueError(f"state_dict: missing {local!r}, needed for the adapter key {key!r}")
-            out[key] = source[local].detach().to("cpu").contiguous().clone()
+            tensor = source[local].detach()
+            if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): every rank gathers it
+                tensor = tensor.full_tensor()
+            out[key] = tensor.to("cpu").contiguous().clone()
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
