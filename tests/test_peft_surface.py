@@ -449,6 +449,9 @@ def test_inject_adapter_in_model_matches_peft(dtype):
         sorted(k for k, p in adapter_items(theirs).items() if p.requires_grad)
     with pytest.raises(ValueError, match="adapter_name"):
         inject_adapter_in_model(ours_config, mlp(), adapter_name="")
+    # cpeft's extra keyword gives peft's get_peft_model dtypes instead.
+    upcast = inject_adapter_in_model(ours_config, mlp(dtype=dtype), autocast_adapter_dtype=True)
+    assert set(adapter_dtypes(upcast).values()) == {torch.float32}
 
 
 def test_get_base_model_state_dict_matches_peft():
@@ -628,9 +631,13 @@ def test_ia3_conv_matches_peft(feedforward, tmp_path):
     for name, parameter in ours.named_parameters():
         if parameter.requires_grad:
             torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
-    ours.save_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
     with torch.no_grad():
-        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path)(*inputs), results[1], **TOL)
+        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
+                                   results[1], **TOL)
+        torch.testing.assert_close(PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs),
+                                   results[1], **TOL)
         before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
         ours.merge_adapter()
         torch.testing.assert_close(ours(*inputs), results[0], rtol=1e-5, atol=1e-5)
