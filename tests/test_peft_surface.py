@@ -848,3 +848,44 @@ def test_core_boundary_keeps_one_dtype_on_the_cpu_and_in_merges():
                                             lora_b.astype(np.float64), xa, 1.0)
     assert grads.lora_a.dtype == grads.lora_b.dtype == np.float64
     np.testing.assert_allclose(y, x @ weight.T + (x @ np.ones((4, 2))) @ np.ones((2, 5)))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_mha_core_path_equals_torch_attention_with_the_deltas(batch_first, adapters):
+    """Unmasked self-attention without weights runs both projections on the core; it must equal
+    torch's own attention on W + s·B·A (forward and every gradient), batched or not."""
+    torch.manual_seed(0)
+    base = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    reference = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    reference.load_state_dict(base.state_dict())
+    holder = nn.Module()
+    holder.attn = base
+    peft_model = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["attn"], init_lora_weights=False))
+    if adapters == 2:
+        peft_model.add_adapter("other", LoraConfig(r=2, target_modules=["attn"], init_lora_weights=False))
+        peft_model.base_model.set_adapter(["default", "other"])
+    layer = peft_model.base_model.model.attn
+    names = layer.active_adapters
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    out = layer(x, x, x, need_weights=False)[0]
+    delta_in = sum((layer.lora_B[a].weight @ layer.lora_A[a].weight) * layer.scaling[a] for a in names)
+    out_layer = layer.base_layer.out_proj
+    delta_out = sum((out_layer.lora_B[a].weight @ out_layer.lora_A[a].weight) * out_layer.scaling[a] for a in names)
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference.in_proj_weight.data += delta_in.detach()
+    reference.out_proj.weight.data += delta_out.detach()
+    expected = reference(x_ref, x_ref, x_ref, need_weights=False)[0]
+    torch.testing.assert_close(out, expected, **TOL)
+    # The general path (need_weights=True) agrees too, and so do the gradients of both paths.
+    general = layer(x, x, x, need_weights=True)[0]
+    torch.testing.assert_close(general, expected, **TOL)
+    grads = torch.autograd.grad(out.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+    general_grads = torch.autograd.grad(general.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+    for ours_grad, their_grad in zip(grads, general_grads):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-4, atol=1e-5 * float(their_grad.abs().max()))
+    expected.square().sum().backward()
+    torch.testing.assert_close(grads[0], x_ref.grad, rtol=1e-4, atol=1e-5 * float(x_ref.grad.abs().max()))
+    unbatched = layer(x[0] if batch_first else x[:, 0], x[0] if batch_first else x[:, 0],
+                      x[0] if batch_first else x[:, 0], need_weights=False)[0]
+    torch.testing.assert_close(unbatched, out[0] if batch_first else out[:, 0], **TOL)

@@ -24,8 +24,11 @@ divides by l + 1e-8).
 LoRA on ``nn.MultiheadAttention`` (peft's ``lora.MultiheadAttention``, packed q/k/v only):
 ``lora_A``/``lora_B`` adapt ``in_proj_weight`` (3E x E) and the module's ``out_proj`` is itself
 wrapped in a cpeft LoRA ``Linear`` (file keys ``<path>.base_layer.out_proj.lora_A.weight``...).
-Unmerged, the forward runs torch's ``multi_head_attention_forward`` with ``W + scaling · B·A`` for
-both projections (the parameters themselves are never reassigned, unlike peft's merge-per-call).
+Unmerged, unmasked self-attention without attention weights (``attn(x, x, x,
+need_weights=False)``) runs both projections as cpeft LoRA-linear calls on the C core around
+torch's ``scaled_dot_product_attention``; every other call runs torch's
+``multi_head_attention_forward`` with ``W + scaling · B·A`` for both projections (the parameters
+themselves are never reassigned, unlike peft's merge-per-call).
 """
 from __future__ import annotations
 
@@ -411,6 +414,10 @@ class MultiheadAttention(LoraLayer):
             if self.merged and self.disable_adapters:
                 self.unmerge()
             return base(query, key, value, **options)
+        if (query is key and key is value and key_padding_mask is None and attn_mask is None
+                and not need_weights and not is_causal and base.bias_k is None and not base.add_zero_attn
+                and query.dim() in (2, 3)):
+            return self._self_attention_on_core(query, adapters), None
         out_base = self._out_proj.get_base_layer()
         dtype = base.in_proj_weight.dtype
         in_weight = base.in_proj_weight + self._delta(self, adapters, dtype)
@@ -427,5 +434,47 @@ class MultiheadAttention(LoraLayer):
             output = output.transpose(1, 0)
         return output, weights
 
+    def _self_attention_on_core(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """Unmasked self-attention without attention weights (the common case): the packed q/k/v
+        projection and out_proj, adapters included, are each one cpeft LoRA-linear call (no dense
+        ΔW per call), and the attention itself is torch's scaled_dot_product_attention. peft's
+        lora_dropout does not apply to attention layers, so none is applied here either."""
+        base = self.get_base_layer()
+        out_base = self._out_proj.get_base_layer()
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1 if not base.batch_first else 0)
+        if not base.batch_first:
+            x = x.transpose(0, 1)
+        batch, length, embed = x.shape
+        heads = base.num_heads
+        qkv = _lora_projection(self, adapters, x, base.in_proj_weight, base.in_proj_bias)
+        q, k, v = (t.reshape(batch, length, heads, embed // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=base.dropout if self.training else 0.0)
+        attended = attended.transpose(1, 2).reshape(batch, length, embed)
+        out_adapters = [a for a in adapters if a in self._out_proj.lora_A]
+        if out_adapters:
+            out = _lora_projection(self._out_proj, out_adapters, attended, out_base.weight, out_base.bias)
+        else:
+            out = F.linear(attended, out_base.weight, out_base.bias)
+        if not base.batch_first:
+            out = out.transpose(0, 1)
+        return out if batched else out.squeeze(1 if not base.batch_first else 0)
+
     def extra_repr(self) -> str:
         return f"embed_dim={self.in_features}"
+
+
+def _lora_projection(layer: LoraLayer, adapters: list[str], x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x·Wᵀ + b + Σ scaling·(x·Aᵀ)·Bᵀ over ``adapters`` as one core call (several adapters are
+    stacked along the rank, each B pre-scaled)."""
+    if len(adapters) == 1:
+        a = adapters[0]
+        lora_a, lora_b, scale = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
+    else:
+        lora_a = torch.cat([layer.lora_A[a].weight for a in adapters], dim=0)
+        lora_b = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], dim=1)
+        scale = 1.0
+    return _autograd.lora_linear(x, weight, bias, lora_a, lora_b, scale=scale, fan_in_fan_out=False,
+                                 enable_lora=None, dropout=0.0)
