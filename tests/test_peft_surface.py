@@ -612,7 +612,7 @@ def test_conv_targets_peft_refuses_are_refused_untouched():
 
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_ia3_conv_matches_peft(feedforward, tmp_path):
-    kwargs = dict(target_modules=["c2", "p2"], feedforward_modules=["p2"] if feedforward else [])
+    kwargs = dict(target_modules=["c2", "p2", "g3"], feedforward_modules=["p2", "g3"] if feedforward else [])
     theirs = hf_peft.get_peft_model(conv_net(), hf_peft.IA3Config(**kwargs))
     ours = get_peft_model(conv_net(), IA3Config(**kwargs))
     randomize(theirs)
