@@ -114,13 +114,19 @@ def main():
         grads = {n.split(".")[-2] + n.split(".")[0]: p.grad.clone() for n, p in layer_of[name].named_parameters()
                  if p.grad is not None}
         results[name] = (y.detach().float(), x.grad.float().clone(), grads)
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-3, atol=1e-3)
+    relative = 3e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+    def agree(got, want, what):
+        # Tolerance relative to the largest magnitude: 16-bit sums over thousands of rows differ
+        # between any two summation orders by about that much.
+        torch.testing.assert_close(got, want, rtol=relative, atol=relative * float(want.abs().max()), msg=what)
+
     ours_r, theirs_r = results["cpeft mixed (grouped)"], results["peft per-adapter loop"]
-    torch.testing.assert_close(ours_r[0], theirs_r[0], **tol)
-    torch.testing.assert_close(ours_r[1], theirs_r[1], **tol)
+    agree(ours_r[0], theirs_r[0], "y")
+    agree(ours_r[1], theirs_r[1], "grad x")
     assert ours_r[2].keys() == theirs_r[2].keys() and len(ours_r[2]) == 2 * args.adapters
     for key in ours_r[2]:
-        torch.testing.assert_close(ours_r[2][key].float(), theirs_r[2][key].float(), **tol)
+        agree(ours_r[2][key].float(), theirs_r[2][key].float(), key)
     ours_model.set_adapter(names[0])
     for pname, parameter in ours.named_parameters():
         parameter.requires_grad_("lora_" in pname)

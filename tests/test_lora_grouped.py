@@ -7,7 +7,7 @@ import pytest
 
 from cpeft import functional as F
 
-from conftest import FLOAT_DTYPES, assert_close, bound_of, random_array
+from conftest import FLOAT_DTYPES, assert_close, bound_of, random_array, with_layout
 import reference
 
 
@@ -99,6 +99,27 @@ def test_forward_and_backward_match_float64_reference(rng, dtype, fan_in_fan_out
     # The unused adapter (index 2) gets exactly zero gradients.
     offsets = np.cumsum([0] + ranks)
     assert not np.any(grads.lora_a[offsets[2]:offsets[3]]) and not np.any(grads.lora_b[:, offsets[2]:offsets[3]])
+
+
+@pytest.mark.parametrize("layout", ["f", "transposed", "offset", "strided_first"])
+def test_memory_layouts_of_inputs_and_outputs(rng, layout):
+    dtype = np.float64
+    x, weight, b, lora_a, lora_b, index, ranks, scales = problem(rng, dtype, lead=(9,))
+    ref_y, ref_xa = grouped_reference(x, weight, b, lora_a, lora_b, index, ranks, scales)
+    y_out = with_layout(np.zeros(ref_y.shape), layout)
+    y, xa = F.lora_grouped_forward(with_layout(x, layout), with_layout(weight, layout), b,
+                                   with_layout(lora_a, layout), with_layout(lora_b, layout), index, ranks, scales,
+                                   out=y_out)
+    assert y is y_out
+    np.testing.assert_allclose(y, ref_y, rtol=1e-12, atol=1e-12)
+    grad_out = random_array(rng, ref_y.shape, dtype)
+    ref = grouped_reference(x, weight, b, lora_a, lora_b, index, ranks, scales, grad_out=grad_out)
+    outs = {name: with_layout(np.zeros(ref[name].shape), layout) for name in ("x", "lora_a", "lora_b")}
+    grads = F.lora_grouped_backward(with_layout(grad_out, layout), x, weight, lora_a, lora_b, xa, index, ranks,
+                                    scales, grad_x=outs["x"], grad_lora_a=outs["lora_a"],
+                                    grad_lora_b=outs["lora_b"])
+    for name in outs:
+        np.testing.assert_allclose(getattr(grads, name), ref[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 def test_dropout_uses_the_lora_linear_mask(rng):
@@ -278,3 +299,48 @@ def test_mixed_batch_refused_while_merged_and_for_other_layer_kinds():
     with model.disable_adapter(), torch.no_grad():  # disabling wins over adapter_names, as in peft
         torch.testing.assert_close(model(ids(), adapter_names=NAMES).logits, gpt2()(ids()).logits,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and cpeft.has_cuda()),
+                    reason="needs an NVIDIA GPU and a CUDA build of cpeft")
+@pytest.mark.parametrize("dtype_name", ["float32", "float64", "bfloat16"])
+def test_cuda_matches_float64_reference(dtype_name):
+    rng = np.random.default_rng(3)
+    x, weight, b, lora_a, lora_b, index, ranks, scales = problem(rng, np.float64, lead=(6, 7), in_features=64,
+                                                                 out_features=48, ranks=(4, 8, 2, 16))
+    dtype = getattr(torch, dtype_name)
+    cuda = {name: torch.tensor(v).to("cuda", dtype) for name, v in
+            dict(x=x, weight=weight, bias=b, lora_a=lora_a, lora_b=lora_b).items()}
+    # The reference runs on the values cpeft saw (rounded to the dtype).
+    seen = {name: t.double().cpu().numpy() for name, t in cuda.items()}
+    index_cuda = torch.tensor(index, device="cuda")
+    y, xa = F.lora_grouped_forward(cuda["x"], cuda["weight"], cuda["bias"], cuda["lora_a"], cuda["lora_b"],
+                                   index_cuda, ranks, scales, dropout=0.2, seed=5)
+    mask = F.dropout_mask(x.shape, 0.2, seed=5, dtype="float64")
+    ref_y, _ = grouped_reference(seen["x"], seen["weight"], seen["bias"], seen["lora_a"], seen["lora_b"], index,
+                                 ranks, scales, mask=mask)
+    tol = {"float32": 1e-4, "float64": 1e-12, "bfloat16": 5e-2}[dtype_name]
+    np.testing.assert_allclose(y.double().cpu().numpy(), ref_y, rtol=tol, atol=tol)
+    grad_out = torch.randn(y.shape, device="cuda", dtype=dtype)
+    grads = F.lora_grouped_backward(grad_out, cuda["x"], cuda["weight"], cuda["lora_a"], cuda["lora_b"], xa,
+                                    index_cuda, ranks, scales, dropout=0.2, seed=5, grad_bias=True)
+    ref = grouped_reference(seen["x"], seen["weight"], seen["bias"], seen["lora_a"], seen["lora_b"], index, ranks,
+                            scales, mask=mask, grad_out=grad_out.double().cpu().numpy())
+    for name in ("x", "lora_a", "lora_b", "bias"):
+        scale = max(1.0, float(np.abs(ref[name]).max()))
+        np.testing.assert_allclose(getattr(grads, name).double().cpu().numpy(), ref[name], rtol=tol,
+                                   atol=tol * scale, err_msg=name)
+    bad = index_cuda.clone()
+    bad[0, 0] = 9
+    with pytest.raises(IndexError, match="index"):
+        F.lora_grouped_forward(cuda["x"], cuda["weight"], cuda["bias"], cuda["lora_a"], cuda["lora_b"], bad,
+                               ranks, scales)
+
+
+def test_mixed_batch_training_refuses_gradient_checkpointing():
+    model = build("cpeft").train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(ids(), labels=ids(), adapter_names=NAMES)
+    with torch.no_grad():
+        model.eval()(ids(), adapter_names=NAMES)  # inference recomputes nothing

@@ -404,3 +404,25 @@ def test_per_layer_configuration_errors_leave_the_model_untouched(kwargs, messag
 def test_per_layer_config_fields_are_validated(kwargs, field_name):
     with pytest.raises(ValueError, match=field_name):
         LoraConfig(**kwargs)
+
+
+def test_forward_signature_is_the_wrapped_models_and_the_model_pickles(tmp_path):
+    import inspect
+    import io
+
+    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    parameters = list(inspect.signature(model.forward).parameters)
+    assert parameters[:3] == list(inspect.signature(model.get_base_model().forward).parameters)[:3]
+    assert "input_ids" in parameters and "labels" in parameters
+    # transformers recognises adapter models by isinstance(model, peft.PeftModel).
+    assert isinstance(model, hf_peft.PeftModel) and isinstance(model, cpeft.PeftModelForCausalLM)
+    randomize(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(model) and loaded.active_adapter == "default"
+    torch.testing.assert_close(logits(loaded.eval(), tokens()), logits(model.eval(), tokens()), rtol=0, atol=0)
+    # peft's own methods never show through: what cpeft lacks is looked up on the wrapped model.
+    with pytest.raises(AttributeError):
+        model.add_weighted_adapter

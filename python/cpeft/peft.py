@@ -1085,6 +1085,15 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter_names: unknown adapters {unknown}; expected names among "
                              f"{list(self.peft_config)} or '__base__'")
+        model = self.base_model.model
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if model.training and checkpointing:
+            # Checkpointed blocks run their forward again during backward, after this call has
+            # returned and the names are gone: the recomputation would use other adapters.
+            raise ValueError("adapter_names: mixed-adapter batches cannot train with gradient "
+                             "checkpointing enabled; disable it or train one adapter per batch")
         names = list(adapter_names)
         modules = [m for _, m in self.base_model.tuner_layers()] + [m for _, m in self.base_model.wrappers()]
         for module in modules:
