@@ -889,3 +889,29 @@ def test_mha_core_path_equals_torch_attention_with_the_deltas(batch_first, adapt
     unbatched = layer(x[0] if batch_first else x[:, 0], x[0] if batch_first else x[:, 0],
                       x[0] if batch_first else x[:, 0], need_weights=False)[0]
     torch.testing.assert_close(unbatched, out[0] if batch_first else out[:, 0], **TOL)
+
+
+def test_safe_merge_in_merge_adapter_and_on_a_layer(tmp_path):
+    ours = get_peft_model(mlp(), lora()[0])
+    randomize(ours)
+    before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
+    layer = ours.base_model.model.lin1
+    with torch.no_grad():
+        layer.lora_A["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected.*default"):
+        ours.merge_adapter(safe_merge=True)
+    with pytest.raises(ValueError, match="NaNs detected"):
+        layer.merge(safe_merge=True)
+    assert not any(m.merged for m in ours.modules() if isinstance(m, cpeft.BaseTunerLayer))
+    assert all(torch.equal(before[k], v) for k, v in get_base_model_state_dict(ours).items())
+    # load_adapter takes the same loading options as from_pretrained.
+    source = get_peft_model(mlp(), lora()[0])
+    randomize(source, seed=9)
+    source.save_pretrained(tmp_path, safe_serialization=False)
+    ours.load_adapter(tmp_path, "loaded", torch_device="cpu", device_map={"": "cpu"}, low_cpu_mem_usage=True)
+    ours.set_adapter("loaded")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids()), source(ids()), **TOL)
+    with pytest.raises(ValueError, match="device_map"):
+        ours.load_adapter(tmp_path, "again", device_map={"lin0": "cpu", "lin1": "cpu"})
+    assert "again" not in ours.peft_config
