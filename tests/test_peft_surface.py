@@ -396,6 +396,8 @@ def test_from_pretrained_options(tmp_path):
     for bad, match in (({"device_map": {"lin0": "cpu", "lin1": "cpu"}}, "device_map"),
                        ({"device_map": "balanced"}, "device_map"),
                        ({"torch_device": "nowhere"}, "torch_device"),
+                       ({"torch_device": "meta"}, "torch_device"),
+                       ({"device_map": "cuda:7" if torch.cuda.device_count() < 8 else "xla"}, "device_map"),
                        ({"torch_device": "cpu", "device_map": "meta"}, "device_map"),
                        ({"config": {"r": 4}}, "config"),
                        ({"key_mapping": {"a": "b"}}, "key_mapping"),

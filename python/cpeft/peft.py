@@ -1661,9 +1661,17 @@ def _load_device(torch_device: Any, device_map: Any) -> torch.device:
             raise ValueError(f"{name}: expected a device (a string such as 'cpu' or 'cuda:0', an index "
                              f"or a torch.device), got {value!r}")
         try:
-            return torch.device(value)
+            device = torch.device(value)
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"{name}: expected a device, got {value!r} ({exc})") from None
+        if device.type == "cpu":
+            return device
+        if device.type != "cuda":
+            raise ValueError(f"{name}: expected a CPU or CUDA device, got {value!r}")
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {value!r} names a CUDA device this process does not have "
+                             f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} visible)")
+        return device
 
     device = torch.device("cpu") if torch_device is None else as_device(torch_device, "torch_device")
     if device_map is None or device_map == "auto":
