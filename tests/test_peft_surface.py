@@ -917,3 +917,43 @@ def test_safe_merge_in_merge_adapter_and_on_a_layer(tmp_path):
     with pytest.raises(ValueError, match="device_map"):
         ours.load_adapter(tmp_path, "again", device_map={"lin0": "cpu", "lin1": "cpu"})
     assert "again" not in ours.peft_config
+
+
+def resnet(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       layer_type="basic", num_labels=3)
+    return transformers.ResNetForImageClassification(config).eval()
+
+
+def test_transformers_resnet_with_conv_lora_trains_and_crosses_to_peft(tmp_path):
+    """A peft-style program on a small transformers ResNet: LoRA on every convolution (7x7 stride 2
+    stem, 3x3 blocks, 1x1 strided shortcut), the classifier trained as modules_to_save."""
+    config = dict(r=4, lora_alpha=8, target_modules=["convolution"], modules_to_save=["classifier"])
+    ours = get_peft_model(resnet(), LoraConfig(**config))
+    theirs = hf_peft.get_peft_model(resnet(), hf_peft.LoraConfig(**config))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 1])
+    # Trained in eval mode: BatchNorm's running statistics are base-model state that no adapter
+    # file carries, so they must not move for the reloaded model to match.
+    ours.eval()
+    optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    with torch.no_grad():
+        start = ours(images, labels=labels).loss.item()
+    for _ in range(5):
+        loss = ours(images, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    ours.eval()
+    with torch.no_grad():
+        assert ours(images, labels=labels).loss.item() < start
+        expected = ours(images).logits
+    ours.save_pretrained(tmp_path)
+    with torch.no_grad():
+        loaded = hf_peft.PeftModel.from_pretrained(resnet(), tmp_path).eval()
+        torch.testing.assert_close(loaded(images).logits, expected, rtol=1e-4, atol=1e-5)
+        merged = ours.merge_and_unload(safe_merge=True)
+        assert not any(isinstance(m, cpeft.BaseTunerLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(images).logits, expected, rtol=1e-4, atol=1e-5)
