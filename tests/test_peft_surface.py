@@ -481,19 +481,21 @@ def test_get_base_model_state_dict_matches_peft():
 
 
 class ConvNet(nn.Module):
-    """Every conv shape peft's LoRA layout covers: strided/padded kernels in 1, 2 and 3 dims, a
-    pointwise conv (the core's LoRA-linear path), a grouped conv, and attention."""
+    """Every conv shape peft's LoRA layout covers: strided/padded kernels in 1, 2 and 3 dims,
+    pointwise convs with and without stride (the core's LoRA-linear path), a grouped conv, and
+    attention."""
 
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.p1 = nn.Conv1d(6, 5, 1)
         self.c2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-        self.p2 = nn.Conv2d(6, 8, 1)
+        self.p2 = nn.Conv2d(6, 8, 1, stride=2)
         self.g3 = nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
     def forward(self, x1, x2, x3, q):
-        a = self.c1(x1)
+        a = self.p1(self.c1(x1))
         b = self.p2(torch.relu(self.c2(x2)))
         c = self.g3(x3)
         o, _ = self.attn(q, q, q, need_weights=False)
@@ -511,7 +513,7 @@ def conv_inputs(seed=1):
             torch.randn(2, 4, 3, 5, 5, generator=generator), torch.randn(2, 5, 8, generator=generator))
 
 
-CONV_TARGETS = ["c1", "c2", "p2", "g3"]
+CONV_TARGETS = ["c1", "p1", "c2", "p2", "g3"]
 
 
 def zero_out_proj_lora_b(model):

@@ -6,9 +6,9 @@ base layer's type from ``in_channels`` to ``r`` channels with the base kernel si
 padding (no bias); ``lora_B[name]`` a 1x1 conv from ``r`` to ``out_channels`` with the base's
 ``groups`` (and a bias with ``lora_bias``). ``y = base(x) + scaling · B(A(dropout(x)))``.
 
-* A pointwise base (1x1 kernel, stride 1, no padding, one group) is a matrix product over the
-  channels: the whole layer runs as one cpeft LoRA-linear call (base product, adapter and bias in
-  the C core) on the channels-last view of x, with no im2col.
+* A pointwise base (1x1 kernel, no padding, one group; any stride, which only subsamples x) is a
+  matrix product over the channels: the whole layer runs as one cpeft LoRA-linear call (base
+  product, adapter and bias in the C core) on the channels-last view of x, with no im2col.
 * Otherwise the base conv and lora_A are convolutions (torch's), and the 1x1 lora_B is applied as
   a matrix product over the channels of A's output (one group) or as torch's grouped 1x1 conv.
 * Merging adds ``scaling · B·A`` to the kernel viewed as an (out, in·k) matrix through the core's
@@ -150,9 +150,10 @@ class Conv(LoraLayer):
     # ---- forward ------------------------------------------------------------------------------
 
     def _is_pointwise(self) -> bool:
+        """1x1 kernel, no padding, one group: a matrix product over the channels of x (of every
+        stride-th position when strided, e.g. ResNet's shortcut convolutions)."""
         base = self.get_base_layer()
-        return (all(k == 1 for k in base.kernel_size) and all(s == 1 for s in base.stride)
-                and base.groups == 1 and base.padding_mode == "zeros"
+        return (all(k == 1 for k in base.kernel_size) and base.groups == 1
                 and (base.padding in ("valid", "same") or all(p == 0 for p in base.padding)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +192,12 @@ class Conv(LoraLayer):
         if lora_bias is not None:
             bias = lora_bias if bias is None else bias + lora_bias
         batched = x.dim() == self._kernel_dim
+        if not batched:
+            x = x.unsqueeze(0)
+        if any(s != 1 for s in base.stride):
+            x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in base.stride)]
         # A zero-copy view for channels-last inputs; a contiguous NC... input is transposed once.
-        channels_last = (x if batched else x.unsqueeze(0)).movedim(1, -1).contiguous()
+        channels_last = x.movedim(1, -1).contiguous()
         y = _autograd.lora_linear(channels_last, base.weight.flatten(1), bias, lora_a, lora_b, scale=scale,
                                   fan_in_fan_out=False, enable_lora=None, dropout=dropouts.pop())
         y = y.movedim(-1, 1)
