@@ -1189,6 +1189,10 @@ class PeftModel(nn.Module):
         self._check_known(adapter_name)
         if len(self.peft_config) == 1:
             raise ValueError(f"adapter_name: {adapter_name!r} is the only adapter; use unload() to remove it")
+        merged = [path for path, layer in self.base_model.tuner_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter_name: {adapter_name!r} is merged into {merged}; call unmerge_adapter() "
+                             f"before deleting it")
         model = self.base_model.model
         for path, layer in list(self.base_model.tuner_layers()):
             if adapter_name in layer.adapter_names:
