@@ -959,3 +959,13 @@ def test_transformers_resnet_with_conv_lora_trains_and_crosses_to_peft(tmp_path)
         merged = ours.merge_and_unload(safe_merge=True)
         assert not any(isinstance(m, cpeft.BaseTunerLayer) for m in merged.modules())
         torch.testing.assert_close(merged(images).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_lora_takes_unbatched_inputs_like_torch():
+    ours = get_peft_model(conv_net(), LoraConfig(r=4, target_modules=CONV_TARGETS, init_lora_weights=False))
+    x1, x2, x3, _ = conv_inputs()
+    model = ours.base_model.model
+    with torch.no_grad():
+        for layer, x in ((model.c1, x1), (model.p1, model.c1(x1)), (model.c2, x2), (model.p2, model.c2(x2)),
+                         (model.g3, x3)):
+            torch.testing.assert_close(layer(x[0]), layer(x)[0], **TOL)

@@ -214,12 +214,17 @@ class Conv(LoraLayer):
             z = lora_a._conv_forward(self.lora_dropout[a](x.to(dtype)), a_weight, None)
             b_weight = lora_b.weight.to(dtype)
             if groups == 1:
-                # The 1x1 B is a matrix product over the channels: (..., r) @ (r, out).
-                delta = (z.movedim(-self._kernel_dim + 1, -1) @ b_weight.flatten(1).t()).movedim(
-                    -1, -self._kernel_dim + 1)
+                # The 1x1 B is a matrix product over the channels, accumulated straight into the
+                # base result per sample: y_n (out x S) += s · B (out x r) · z_n (r x S), one
+                # batched GEMM with beta = 1 (no delta tensor, no elementwise passes).
+                batched = result.dim() == self._kernel_dim
+                y, zs = (result, z) if batched else (result.unsqueeze(0), z.unsqueeze(0))
+                matrix_b = b_weight.flatten(1).expand(y.shape[0], -1, -1)
+                result = torch.baddbmm(y.flatten(2), matrix_b, zs.flatten(2), alpha=self.scaling[a]).view(y.shape)
+                if not batched:
+                    result = result.squeeze(0)
             else:
-                delta = lora_b._conv_forward(z, b_weight, None)
-            result = result + delta * self.scaling[a]
+                result = result + lora_b._conv_forward(z, b_weight, None) * self.scaling[a]
         lora_bias = self._bias_term(adapters)
         if lora_bias is not None:
             shape = (-1,) + (1,) * (self._kernel_dim - 2)
