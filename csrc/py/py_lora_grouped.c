@@ -159,7 +159,7 @@ static int parse_common(cpeft_call *call, PyObject *x_obj, PyObject *weight_obj,
     if (*x == NULL || cpeft_check_min_ndim(*x, 1) < 0 ||
         cpeft_check_float_dtype(call, *x, NULL) < 0 ||
         cpeft_py_lora_linear_params(call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
-                                    1.0, fan_in_fan_out, &one_group, *x, &packed, weight) < 0) {
+                                    1.0, fan_in_fan_out, &one_group, *x, 0, &packed, weight) < 0) {
         return -1;
     }
     a->dtype = packed.dtype;

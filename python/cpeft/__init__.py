@@ -41,6 +41,7 @@ _TORCH_API = frozenset((
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "PeftType", "inject_adapter_in_model", "get_base_model_state_dict",
 ))
 
 

@@ -22,6 +22,11 @@ Dtype rule (shared by every layer, see docs/loralib-differences.md): torch's own
   * the CPU core only has float32/float64 kernels, so on the CPU float16/bfloat16 operands are
     upcast to float32 for the call and the result is rounded back to the compute dtype. This
     costs a float32 copy of the weight per call: correct, but not the fast path.
+  * one exception for LoRA linear on CUDA: float32 adapters (peft's autocast_adapter_dtype) with
+    a float16/bfloat16 compute dtype are handed to the core as they are. The core runs the
+    rank-r products on 16-bit copies of A and B with fp32 accumulation and writes their
+    gradients in float32; x is never widened (peft casts x to float32). On the CPU the float32
+    adapters need no cast either, since the call already computes in float32 there.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from torch.utils.dlpack import to_dlpack
 from . import functional
 
 _CPU_CORE_DTYPES = (torch.float32, torch.float64)
+# Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are.
+_FP32_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
 
 # Seeds are drawn from torch's CPU generator so torch.manual_seed reproduces dropout masks and
 # activation checkpointing (which restores the CPU RNG state) recomputes the same mask.
@@ -163,12 +170,15 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enabl
     device_type = x.device.type
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
+    adapter_dtype = (torch.float32 if kernel_dtype in _FP32_ADAPTER_DTYPES
+                     and lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
+                     else kernel_dtype)
     seed = draw_dropout_seed() if dropout > 0.0 else 0
     settings = LoraLinearSettings(float(scale), bool(fan_in_fan_out), enable_lora,
                                   float(dropout), seed)
     y = LoraLinearFunction.apply(
         _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
-        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype), settings)
+        _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype), settings)
     return _cast(y, dtype)
 
 

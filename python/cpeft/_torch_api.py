@@ -8,8 +8,9 @@ from .peft import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeat
                    AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification,
                    CpeftModel, IA3Config, LoraConfig, PeftConfig, PeftModel, PeftModelForCausalLM,
                    PeftModelForFeatureExtraction, PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
-                   PeftModelForSequenceClassification, PeftModelForTokenClassification, TaskType,
-                   get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict)
+                   PeftModelForSequenceClassification, PeftModelForTokenClassification, PeftType,
+                   TaskType, get_base_model_state_dict, get_peft_model, get_peft_model_state_dict,
+                   inject_adapter_in_model, set_peft_model_state_dict)
 from .tuners import BaseTunerLayer
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
@@ -23,4 +24,5 @@ __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "PeftType", "inject_adapter_in_model", "get_base_model_state_dict",
 ]

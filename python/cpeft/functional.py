@@ -7,7 +7,10 @@ range), ``BufferError`` (DLPack export), ``cpeft.CudaError`` or ``RuntimeError``
 argument.
 
 Dtypes: on the CPU float32 or float64; on CUDA also float16 and bfloat16. All float tensors of one
-call share one dtype; ``indices`` are int32 or int64. Leading dimensions ``...`` of activations are
+call share one dtype, with one exception: on CUDA, ``lora_linear_forward`` / ``_backward`` take
+float32 ``lora_a`` and ``lora_b`` (and then return float32 gradients for them) beside float16 or
+bfloat16 activations and weight (peft's float32 adapters on a 16-bit model; the products use
+16-bit copies of A and B with fp32 accumulation). ``indices`` are int32 or int64. Leading dimensions ``...`` of activations are
 flattened into M rows (they must collapse to one stride; CPU inputs that do not are copied).
 
 Outputs: an output argument may be an array to write in place (it must already have the exact
@@ -197,7 +200,8 @@ def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale: float, 
         grad_lora_b: (OUT/G*K, R) | True | False/None.
         grad_bias: (OUT,) | True | False/None.
         grad_weight: weight's stored shape ((IN, OUT) with fan_in_fan_out) | True | False/None.
-        All gradients have x's dtype and are overwritten, not accumulated into.
+        grad_lora_a and grad_lora_b have lora_a's dtype, the others x's; all are overwritten,
+        not accumulated into.
 
     Returns:
         LoraLinearGrads(x, lora_a, lora_b, bias, weight), None where not requested.
@@ -208,8 +212,8 @@ def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale: float, 
         grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out=fan_in_fan_out,
         enable_lora=enable_lora, dropout=dropout, seed=seed, offset=offset,
         grad_x=_output(grad_x, x, lambda: x.shape),
-        grad_lora_a=_output(grad_lora_a, x, lambda: lora_a.shape),
-        grad_lora_b=_output(grad_lora_b, x, lambda: lora_b.shape),
+        grad_lora_a=_output(grad_lora_a, lora_a, lambda: lora_a.shape),
+        grad_lora_b=_output(grad_lora_b, lora_b, lambda: lora_b.shape),
         grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
         grad_weight=_output(grad_weight, x, lambda: weight.shape),
         stream=stream)

@@ -35,7 +35,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from . import tuners
+from . import tuners, tuners_conv
 from .tuners import BaseTunerLayer
 
 __all__ = [
@@ -61,14 +61,19 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftType",
     "TaskType",
+    "get_base_model_state_dict",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "set_peft_model_state_dict",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# peft's pickled format (save_pretrained(safe_serialization=False)); read with weights_only=True.
+ADAPTER_BIN_WEIGHTS_NAME = "adapter_model.bin"
 MODEL_CARD_NAME = "README.md"
 DEFAULT_ADAPTER = "default"
 _KEY_PREFIX = "base_model.model."
@@ -86,6 +91,18 @@ class TaskType(str, enum.Enum):
 
 
 _TASK_TYPES = tuple(t.value for t in TaskType)
+
+
+class PeftType(str, enum.Enum):
+    """peft's ``PeftType`` for the methods cpeft implements: a str enum, so ``config.peft_type``
+    compares equal to ``"LORA"`` and ``config.peft_type.value`` works as in peft. (``str()`` gives
+    the value, so messages and f-strings read "LORA" on every Python version.)"""
+
+    LORA = "LORA"
+    IA3 = "IA3"
+
+    def __str__(self) -> str:
+        return self.value
 # peft's task-specific model classes add their heads to modules_to_save.
 _TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                "QUESTION_ANS": ["qa_outputs"]}
@@ -118,7 +135,7 @@ _LORA_UNSUPPORTED_FIELDS = {
     "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
     "kasa_config": None, "layer_replication": None,
     "loftq_config": {},
-    "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "lora_ga_config": None, "megatron_config": None,
     "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
     "target_parameters": None, "trainable_token_indices": None,
     "use_bdlora": None, "use_dora": False, "use_qalora": False, "velora_config": None,
@@ -231,6 +248,8 @@ class PeftConfig:
         out = dict(_LORA_UNSUPPORTED_FIELDS if getattr(self, "peft_type", None) == "LORA" else _IA3_UNSUPPORTED_FIELDS)
         out.update(dataclasses.asdict(self))
         out.update(auto_mapping=None, peft_version=None, inference_mode=True)
+        if "peft_type" in out:
+            out["peft_type"] = str(out["peft_type"])
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -281,7 +300,8 @@ class LoraConfig(PeftConfig):
     layers_pattern: str | list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    peft_type: str = field(default="LORA", init=False)
+    lora_bias: bool = False
+    peft_type: PeftType = field(default=PeftType.LORA, init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -302,6 +322,7 @@ class LoraConfig(PeftConfig):
                 or self.init_lora_weights == "gaussian"):
             raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {self.init_lora_weights!r}")
         _check_bool(self.use_rslora, "use_rslora")
+        _check_bool(self.lora_bias, "lora_bias")
         self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save", allow_regex=False)
         _check_layer_selection(self)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", positive_int=True)
@@ -334,7 +355,7 @@ class IA3Config(PeftConfig):
     fan_in_fan_out: bool = False
     modules_to_save: list[str] | None = None
     init_ia3_weights: bool = True
-    peft_type: str = field(default="IA3", init=False)
+    peft_type: PeftType = field(default=PeftType.IA3, init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -362,12 +383,40 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _write_weights(directory: str, tensors: dict[str, torch.Tensor], safe_serialization: bool) -> None:
+    """adapter_model.safetensors, or peft's pickled adapter_model.bin; written beside the target
+    and renamed, like _write_json."""
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+        save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    else:
+        path = os.path.join(directory, ADAPTER_BIN_WEIGHTS_NAME)
+        torch.save(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def _read_json(config_path: str) -> Any:
     try:
         with open(config_path, encoding="utf-8") as handle:
             return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{config_path}: cannot read the adapter config ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers beyond Python's digit limit;
+        # RecursionError is json's answer to deeply nested arrays or objects.
+        raise ValueError(f"{config_path}: invalid JSON ({type(exc).__name__}: {exc})") from None
+
+
+def _config_from_file(config_path: str) -> LoraConfig | IA3Config:
+    data = _read_json(config_path)
+    try:
+        return _config_from_dict(data, config_path)
+    except (TypeError, RecursionError) as exc:
+        # A field of an unexpected JSON type that a check did not anticipate, or a value nested
+        # too deeply to print in a message.
+        raise ValueError(f"{config_path}: unusable adapter config ({type(exc).__name__}: {exc})") from None
 
 
 def _config_from_dict(data: Any, path: str) -> LoraConfig | IA3Config:
@@ -416,6 +465,10 @@ def _module_kind(module: nn.Module) -> str | None:
         return "linear"
     if type(module) is nn.Embedding:
         return "embedding"
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return "conv"
+    if type(module) is nn.MultiheadAttention:
+        return "mha"
     return None
 
 
@@ -424,7 +477,28 @@ def _in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
         return module.weight.shape[0], module.weight.shape[1]
     if kind == "linear":
         return module.in_features, module.out_features
+    if kind == "conv":
+        return module.in_channels, module.out_channels
+    if kind == "mha":
+        return module.embed_dim, 3 * module.embed_dim
     return module.num_embeddings, module.embedding_dim
+
+
+def _kind_refusal(base: nn.Module, kind: str, config: PeftConfig, r: int) -> str | None:
+    """Why this module cannot carry the config's adapter (None when it can)."""
+    is_lora = isinstance(config, LoraConfig)
+    if kind == "conv":
+        return tuners_conv.conv_refusal(base, "lora" if is_lora else "ia3", r)
+    if kind == "mha":
+        if not is_lora:
+            return "IA3 does not adapt nn.MultiheadAttention (as in peft)"
+        if not base._qkv_same_embed_dim:
+            return "only nn.MultiheadAttention with packed q/k/v (kdim = vdim = embed_dim) is supported, as in peft"
+        if config.lora_bias:
+            return "lora_bias=True is not supported for MultiheadAttention"
+    if kind == "embedding" and is_lora and config.lora_bias:
+        return "lora_bias=True is not supported for Embedding (as in peft)"
+    return None
 
 
 @dataclass
@@ -576,7 +650,8 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
         kind = _module_kind(module)
         if kind is None:
             raise ValueError(f"target_modules: the module {name!r} ({type(module).__name__}) is not supported; "
-                             f"cpeft replaces torch.nn.Linear, torch.nn.Embedding and transformers' Conv1D")
+                             f"cpeft adapts torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, "
+                             f"torch.nn.MultiheadAttention and transformers' Conv1D")
         if isinstance(module, BaseTunerLayer):
             if not isinstance(module, layer_class):
                 raise ValueError(f"target_modules: {name!r} already holds {type(module).__name__} adapters "
@@ -608,6 +683,9 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
                 raise ValueError(f"feedforward_modules: {name!r} already holds IA3 adapters with "
                                  f"is_feedforward={module.is_feedforward}; a new adapter cannot change it")
             target.feedforward = feedforward
+        refusal = _kind_refusal(base, kind, config, target.r)
+        if refusal is not None:
+            raise ValueError(f"target_modules: {name!r} ({type(base).__name__}): {refusal}")
         targets.append(target)
     if not targets:
         if excluded_any:
@@ -657,13 +735,27 @@ def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[i
     shapes: dict[str, tuple[int, ...]] = {}
     for t in plan.targets:
         key = _KEY_PREFIX + t.path
+        base = _base_of(t.module)
         if isinstance(config, LoraConfig):
             if t.kind == "embedding":
                 shapes[key + ".lora_embedding_A"] = (t.r, t.in_features)
                 shapes[key + ".lora_embedding_B"] = (t.out_features, t.r)
+            elif t.kind == "conv":
+                ones = (1,) * (base.weight.dim() - 2)
+                shapes[key + ".lora_A.weight"] = (t.r, t.in_features, *base.kernel_size)
+                shapes[key + ".lora_B.weight"] = (t.out_features, t.r // base.groups, *ones)
             else:
                 shapes[key + ".lora_A.weight"] = (t.r, t.in_features)
                 shapes[key + ".lora_B.weight"] = (t.out_features, t.r)
+            if config.lora_bias:
+                shapes[key + ".lora_B.bias"] = (t.out_features,)
+            if t.kind == "mha":
+                embed = base.embed_dim
+                shapes[key + ".base_layer.out_proj.lora_A.weight"] = (t.r, embed)
+                shapes[key + ".base_layer.out_proj.lora_B.weight"] = (embed, t.r)
+        elif t.kind == "conv":
+            channels = t.in_features if t.feedforward else t.out_features
+            shapes[key + ".ia3_l"] = (1, channels) + (1,) * (base.weight.dim() - 2)
         else:
             shapes[key + ".ia3_l"] = (1, t.in_features) if t.feedforward else (t.out_features, 1)
     for path in plan.saved_paths:
@@ -764,6 +856,12 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 def _new_layer(t: _Target, config: LoraConfig | IA3Config) -> BaseTunerLayer:
+    if t.kind == "conv":
+        if isinstance(config, LoraConfig):
+            return tuners_conv.Conv(t.module)
+        return tuners_conv.IA3Conv(t.module, is_feedforward=t.feedforward)
+    if t.kind == "mha":
+        return tuners_conv.MultiheadAttention(t.module)
     if isinstance(config, LoraConfig):
         if t.kind == "embedding":
             return tuners.Embedding(t.module, t.in_features, t.out_features)
@@ -775,7 +873,17 @@ def _new_layer(t: _Target, config: LoraConfig | IA3Config) -> BaseTunerLayer:
 
 
 def _add_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfig) -> None:
-    layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora)
+    if t.kind == "embedding":
+        layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora)
+    else:
+        layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
+                           lora_bias=config.lora_bias)
+    _init_lora(layer, adapter, t, config)
+    if t.kind == "mha":
+        _init_lora(layer.base_layer.out_proj, adapter, t, config)
+
+
+def _init_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfig) -> None:
     with torch.no_grad():
         if t.kind == "embedding":
             lora_a, lora_b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
@@ -795,6 +903,46 @@ def _add_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfi
                 nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
             else:
                 nn.init.zeros_(lora_b)
+                if layer.lora_B[adapter].bias is not None:
+                    nn.init.zeros_(layer.lora_B[adapter].bias)
+
+
+# peft's autocast_adapter_dtype: adapters of 16-bit layers are kept in float32 for training
+# stability; the layers compute with them directly (no float32 copy of the activations).
+_AUTOCAST_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cast_adapter_dtype(layer: BaseTunerLayer, adapter: str, autocast_adapter_dtype: bool) -> None:
+    if not autocast_adapter_dtype:
+        return
+    # Nested layers too (MultiheadAttention's out_proj), as peft walks every tuner layer.
+    for sublayer in layer.modules():
+        if not isinstance(sublayer, BaseTunerLayer):
+            continue
+        for container_name in sublayer.adapter_layer_names:
+            container = getattr(sublayer, container_name)
+            if adapter not in container:
+                continue
+            entry = container[adapter]
+            if isinstance(entry, nn.Module):
+                for parameter in entry.parameters():
+                    if parameter.dtype in _AUTOCAST_ADAPTER_DTYPES:
+                        parameter.data = parameter.data.to(torch.float32)
+            elif entry.dtype in _AUTOCAST_ADAPTER_DTYPES:
+                container[adapter] = nn.Parameter(entry.detach().to(torch.float32),
+                                                  requires_grad=entry.requires_grad)
+
+
+def _progress(items: list, enabled: bool, description: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("progressbar=True needs tqdm, which is not installed; continuing without a bar",
+                      stacklevel=4)
+        return items
+    return tqdm(items, desc=description)
 
 
 def _set_parent(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -886,7 +1034,10 @@ class PeftModel(nn.Module):
     of named adapters (``add_adapter``, ``load_adapter``, ``set_adapter``, ``delete_adapter``)."""
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig | IA3Config,
-                 adapter_name: str = DEFAULT_ADAPTER):
+                 adapter_name: str = DEFAULT_ADAPTER, autocast_adapter_dtype: bool = True,
+                 low_cpu_mem_usage: bool = False):
+        _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
         plan = _plan(model, peft_config, adapter_name)
         for name, module in model.named_modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
@@ -900,7 +1051,7 @@ class PeftModel(nn.Module):
         self.__dict__["_adapter_paths"] = {}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        self._inject(adapter_name, plan)
+        self._inject(adapter_name, plan, autocast_adapter_dtype)
         self.base_model.set_adapter(adapter_name, inference_mode=plan.config.inference_mode)
         for parameter in self._bias_parameters(adapter_name):
             parameter.requires_grad_(not plan.config.inference_mode)
@@ -1006,7 +1157,7 @@ class PeftModel(nn.Module):
 
     # ---- several adapters ----------------------------------------------------------------------
 
-    def _inject(self, adapter_name: str, plan: _Plan) -> None:
+    def _inject(self, adapter_name: str, plan: _Plan, autocast_adapter_dtype: bool = True) -> None:
         """Puts ``adapter_name`` into the model. Every new module is built before the first one
         goes in, so a failure leaves the model as it was."""
         config = plan.config
@@ -1027,6 +1178,7 @@ class PeftModel(nn.Module):
                 _add_lora(layer, adapter_name, t, config)
             else:
                 layer.update_layer(adapter_name, config.init_ia3_weights)
+            _cast_adapter_dtype(layer, adapter_name, autocast_adapter_dtype)
             for parameter in layer._adapter_parameters(adapter_name):
                 parameter.requires_grad_(False)
         wrappers = {}
@@ -1047,11 +1199,13 @@ class PeftModel(nn.Module):
         self.__dict__["_adapter_paths"][adapter_name] = ([t.path for t in plan.targets], list(plan.saved_paths))
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig | IA3Config,
-                    low_cpu_mem_usage: bool = False) -> None:
+                    low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
         """Adds a new adapter, not active and frozen until ``set_adapter(adapter_name)``."""
+        _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
+        _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
-        self._inject(adapter_name, _plan(self.base_model.model, peft_config, adapter_name))
+        self._inject(adapter_name, _plan(self.base_model.model, peft_config, adapter_name), autocast_adapter_dtype)
         self.base_model.set_adapter(self.active_adapter,
                                     inference_mode=self.peft_config[self.active_adapter].inference_mode)
 
@@ -1079,7 +1233,8 @@ class PeftModel(nn.Module):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
-                    _set_parent(model, path, layer.base_layer)
+                    restore_base = getattr(layer, "restore_base", None)
+                    _set_parent(model, path, restore_base() if restore_base is not None else layer.base_layer)
         for path, wrapper in list(self.base_model.wrappers()):
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
@@ -1092,12 +1247,16 @@ class PeftModel(nn.Module):
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """Folds the active adapter (or ``adapter_names``) into the base weights, keeping the layers."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for name in names:
-            self._check_known(name)
-        for _, layer in self.base_model.tuner_layers():
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Folds the active adapter (or ``adapter_names``) into the base weights, keeping the
+        layers. ``safe_merge=True``: every layer is checked for non-finite results first."""
+        _check_bool(safe_merge, "safe_merge")
+        names = self.active_adapters if adapter_names is None else self._check_adapter_names(adapter_names)
+        layers = list(self.base_model.tuner_layers())
+        if safe_merge:
+            for path, layer in layers:
+                layer.check_merge_is_finite(self._layer_adapters(layer, names), path)
+        for _, layer in layers:
             layer.merge(adapter_names=[n for n in names if n in layer.adapter_names])
 
     def unmerge_adapter(self) -> None:
@@ -1162,12 +1321,11 @@ class PeftModel(nn.Module):
                         is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
                         **kwargs: Any) -> None:
         """Writes each adapter in peft's layout: ``default`` in ``save_directory``, any other in
-        ``save_directory/<name>``, plus a model card ``README.md``."""
-        from safetensors.torch import save_file
-
-        if safe_serialization is not True:
-            raise ValueError("safe_serialization: cpeft writes safetensors only; expected True, "
-                             f"got {safe_serialization!r}")
+        ``save_directory/<name>``, plus a model card ``README.md``. The weights go to
+        ``adapter_model.safetensors``, or with ``safe_serialization=False`` to peft's pickled
+        ``adapter_model.bin``."""
+        _check_bool(safe_serialization, "safe_serialization")
+        _check_bool(is_main_process, "is_main_process")
         if path_initial_model_for_weight_conversion is not None:
             raise ValueError("path_initial_model_for_weight_conversion: PiSSA/CorDA/OLoRA conversion is "
                              "not supported by cpeft; expected None")
@@ -1190,15 +1348,19 @@ class PeftModel(nn.Module):
         for name in names:
             output_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
             os.makedirs(output_dir, exist_ok=True)
-            weights_path = os.path.join(output_dir, ADAPTER_WEIGHTS_NAME)
-            save_file(tensors[name], weights_path + ".tmp", metadata={"format": "pt"})
-            os.replace(weights_path + ".tmp", weights_path)
+            _write_weights(output_dir, tensors[name], safe_serialization)
             config = self.peft_config[name]
             auto_mapping = None
             if config.task_type is None:
                 model_class = type(self.base_model.model)
                 auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
             config.save_pretrained(output_dir, auto_mapping=auto_mapping)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "push_to_hub: cpeft does not upload to the Hugging Face Hub; call "
+            "save_pretrained(directory) and upload that directory (peft's file layout) with "
+            "huggingface_hub's upload_folder")
 
     def _write_model_card(self, directory: str) -> None:
         """A short model card as peft writes one (library_name: peft lets the Hub treat the
@@ -1237,13 +1399,18 @@ class PeftModel(nn.Module):
                 state[local].copy_(tensors[key])
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     **kwargs: Any) -> _LoadResult:
+                     torch_device: str | torch.device | None = None, autocast_adapter_dtype: bool = True,
+                     low_cpu_mem_usage: bool = False, **kwargs: Any) -> _LoadResult:
         """Loads an adapter directory as ``adapter_name``: a new adapter (not activated), or new
-        values for an existing one. Everything is checked before the model changes."""
-        _refuse_unsupported(kwargs, "load_adapter")
+        values for an existing one. Everything is checked before the model changes.
+        ``torch_device`` / ``device_map`` choose where the file is read to (the adapter
+        parameters live on their base layer's device); see ``from_pretrained``."""
         _check_bool(is_trainable, "is_trainable")
-        config, tensors = _read_adapter_dir(model_id)
-        weights_path = os.path.join(os.fspath(model_id), ADAPTER_WEIGHTS_NAME)
+        _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
+        model_id = _local_adapter_dir(model_id, kwargs, "load_adapter")
+        load_device = _load_device(torch_device, kwargs.get("device_map"))
+        config, tensors, weights_path = _read_adapter_dir(model_id, load_device)
         if adapter_name in self.peft_config:
             self._load_checked(adapter_name, tensors, weights_path)
         else:
@@ -1251,7 +1418,7 @@ class PeftModel(nn.Module):
             plan = _plan_from_file(self.base_model.model, config, adapter_name, model_id)
             _check_tensors(_expected_adapter_shapes(self.base_model.model, plan), tensors, weights_path,
                            _integer_slots(self.base_model.model, plan))
-            self._inject(adapter_name, plan)
+            self._inject(adapter_name, plan, autocast_adapter_dtype)
             self._load_checked(adapter_name, tensors, weights_path)
             self.base_model.set_adapter(self.active_adapter,
                                         inference_mode=self.peft_config[self.active_adapter].inference_mode)
@@ -1259,22 +1426,46 @@ class PeftModel(nn.Module):
             self.eval()
         return _LoadResult([], [])
 
-    def _restore(self, merge: bool) -> nn.Module:
+    def _restore(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
+                 adapter_names: list[str] | None = None) -> nn.Module:
         model = self.base_model.model
+        layers = list(self.base_model.tuner_layers())
         if merge:
             self._warn_about_tied_targets()
-        for path, layer in list(self.base_model.tuner_layers()):
+            if safe_merge:
+                # Every layer is checked before the first one is written, so a failure leaves
+                # the whole model as it was (peft checks layer by layer, after merging earlier ones).
+                for path, layer in layers:
+                    layer.check_merge_is_finite(self._layer_adapters(layer, adapter_names), path)
+        description = "Unloading and merging model" if merge else "Unloading model"
+        for path, layer in _progress(layers, progressbar, description):
             if merge:
-                layer.merge()
+                layer.merge(adapter_names=self._layer_adapters(layer, adapter_names))
             else:
                 layer.unmerge()
-            _set_parent(model, path, layer.base_layer)
+            restore_base = getattr(layer, "restore_base", None)
+            _set_parent(model, path, restore_base() if restore_base is not None else layer.base_layer)
         for path, wrapper in list(self.base_model.wrappers()):
             keep = wrapper.original_module
             if merge and wrapper.active_adapter in wrapper.modules_to_save:
                 keep = wrapper.modules_to_save[wrapper.active_adapter]
             _set_parent(model, path, keep)
         return model
+
+    @staticmethod
+    def _layer_adapters(layer: BaseTunerLayer, adapter_names: list[str] | None) -> list[str] | None:
+        return None if adapter_names is None else [n for n in adapter_names if n in layer.adapter_names]
+
+    def _check_adapter_names(self, adapter_names: Any) -> list[str] | None:
+        if adapter_names is None:
+            return None
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names: expected None or a list of adapter names, got {adapter_names!r}")
+        unknown = [name for name in adapter_names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapter_names: {unknown} are not adapters of this model "
+                             f"(it has {list(self.peft_config)})")
+        return list(dict.fromkeys(adapter_names))
 
     def _warn_about_tied_targets(self) -> None:
         # A merge writes into the shared Parameter, so every module tied to it changes too
@@ -1283,14 +1474,24 @@ class PeftModel(nn.Module):
         for _, parameter in self.base_model.model.named_parameters(remove_duplicate=False):
             uses[id(parameter)] = uses.get(id(parameter), 0) + 1
         tied = [path for path, layer in self.base_model.tuner_layers()
-                if uses.get(id(layer.get_base_layer().weight), 0) > 1]
+                if uses.get(id(getattr(layer.get_base_layer(), "weight", None)), 0) > 1]
         if tied:
             warnings.warn(f"merge_and_unload: the weights of {tied} are tied to other modules of the "
                           f"model; merging changes those modules as well", stacklevel=3)
 
-    def merge_and_unload(self) -> nn.Module:
-        """Folds the active adapters into the pretrained weights; returns the plain model (use the return value)."""
-        return self._restore(merge=True)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Folds the active adapters (or ``adapter_names``; ``[]`` merges none) into the
+        pretrained weights; returns the plain model (use the return value).
+
+        ``safe_merge=True`` merges every layer on a copy first and raises ``ValueError`` before
+        any weight changes if a merged tensor is not finite. ``progressbar`` shows a tqdm bar
+        when tqdm is installed.
+        """
+        _check_bool(progressbar, "progressbar")
+        _check_bool(safe_merge, "safe_merge")
+        return self._restore(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+                             adapter_names=self._check_adapter_names(adapter_names))
 
     def unload(self) -> nn.Module:
         """Removes the adapters; returns the plain model with its original modules and weights."""
@@ -1298,24 +1499,44 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False, **kwargs: Any) -> PeftModel:
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, **kwargs: Any) -> PeftModel:
         """Loads an adapter directory written by cpeft or peft onto ``model``.
+
+        The weights come from ``adapter_model.safetensors``, or from peft's pickled
+        ``adapter_model.bin`` (read with ``weights_only=True``) when there is no safetensors file.
+        ``config`` replaces the directory's ``adapter_config.json``. ``torch_device`` and
+        ``device_map`` (one device, ``{"": device}`` or ``"auto"``) choose where the file is read
+        to; the adapter parameters always live on their base layer's device.
+        ``low_cpu_mem_usage`` is accepted for peft compatibility: cpeft builds each adapter once,
+        on that device.
 
         Every check (files, JSON, config fields, tensor keys and shapes) runs before the model is
         modified, so a failed load leaves ``model`` exactly as it was.
         """
-        _refuse_unsupported(kwargs, "from_pretrained")
         _check_bool(is_trainable, "is_trainable")
-        config, tensors = _read_adapter_dir(model_id)
+        _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+        _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
+        if ephemeral_gpu_offload is not False:
+            raise ValueError(f"ephemeral_gpu_offload: not supported by cpeft; expected False, "
+                             f"got {ephemeral_gpu_offload!r}")
+        if config is not None and not isinstance(config, (LoraConfig, IA3Config)):
+            raise TypeError(f"config: expected None, cpeft.LoraConfig or cpeft.IA3Config, "
+                            f"got {type(config).__name__}")
+        model_id = _local_adapter_dir(model_id, kwargs, "from_pretrained", extra=("torch_device",))
+        load_device = _load_device(kwargs.get("torch_device"), kwargs.get("device_map"))
+        file_config, tensors, weights_path = _read_adapter_dir(model_id, load_device,
+                                                               need_config=config is None)
+        config = copy.deepcopy(config) if config is not None else file_config
         config.inference_mode = not is_trainable
         plan = _plan_from_file(model, config, adapter_name, model_id)
-        weights_path = os.path.join(os.fspath(model_id), ADAPTER_WEIGHTS_NAME)
         _check_tensors(_expected_adapter_shapes(model, plan), tensors, weights_path,
                        _integer_slots(model, plan))
         model_class = cls
         if cls is PeftModel:
             model_class = _TASK_MODEL_CLASSES.get(config.task_type, PeftModel)
-        peft_model = model_class(model, config, adapter_name)
+        peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model._load_checked(adapter_name, tensors, weights_path)
         if not is_trainable:
             peft_model.eval()
@@ -1472,58 +1693,132 @@ def _trainer_visible(cls: type) -> type:
     return combined
 
 
-def _read_adapter_dir(model_id: str | os.PathLike) -> tuple[LoraConfig | IA3Config, dict[str, torch.Tensor]]:
+# Hub download options of peft's loaders: meaningless for a local directory, so accepted and
+# ignored; key_mapping only as None.
+_HUB_KWARGS = ("revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download",
+               "proxies")
+
+
+def _local_adapter_dir(model_id: Any, kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()) -> str:
+    """The adapter directory (``subfolder`` joined); refuses loader options cpeft does not
+    implement instead of ignoring them."""
+    if kwargs.get("key_mapping") is not None:
+        raise ValueError(f"{caller}: key_mapping is not supported by cpeft; expected None")
+    if kwargs.get("ephemeral_gpu_offload", False) is not False:
+        raise ValueError(f"{caller}: ephemeral_gpu_offload is not supported by cpeft; expected False")
+    known = set(_HUB_KWARGS) | {"device_map", "subfolder", "key_mapping", "ephemeral_gpu_offload"} | set(extra)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{caller}: unsupported arguments {unknown}")
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"model_id: expected a directory path, got {type(model_id).__name__}")
+    subfolder = kwargs.get("subfolder")
+    if subfolder is None:
+        return os.fspath(model_id)
+    if not isinstance(subfolder, str):
+        raise ValueError(f"subfolder: expected None or a string, got {subfolder!r}")
+    return os.path.join(os.fspath(model_id), subfolder)
+
+
+def _load_device(torch_device: Any, device_map: Any) -> torch.device:
+    """The device adapter files are read to, from peft's ``torch_device`` and ``device_map``."""
+    def as_device(value: Any, name: str) -> torch.device:
+        if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+            raise ValueError(f"{name}: expected a device (a string such as 'cpu' or 'cuda:0', an index "
+                             f"or a torch.device), got {value!r}")
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected a device, got {value!r} ({exc})") from None
+        if device.type == "cpu":
+            return device
+        if device.type != "cuda":
+            raise ValueError(f"{name}: expected a CPU or CUDA device, got {value!r}")
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {value!r} names a CUDA device this process does not have "
+                             f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} visible)")
+        return device
+
+    device = torch.device("cpu") if torch_device is None else as_device(torch_device, "torch_device")
+    if device_map is None or device_map == "auto":
+        return device
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map: cpeft places an adapter on one device; expected 'auto', a device "
+                             f"or {{'': device}}, got a map of {len(device_map)} entries {list(device_map)[:4]}")
+        device_map = device_map[""]
+    mapped = as_device(device_map, "device_map")
+    if torch_device is not None and mapped != device:
+        raise ValueError(f"device_map: names {mapped} but torch_device names {device}; pass one of them")
+    return mapped
+
+
+def _read_adapter_dir(model_id: str | os.PathLike, device: torch.device | None = None, need_config: bool = True
+                      ) -> tuple[LoraConfig | IA3Config | None, dict[str, torch.Tensor], str]:
+    """(config, or None when not needed; tensors read to ``device``; the weights file's path)."""
     directory = os.fspath(model_id)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"model_id: adapter directory {directory!r} does not exist")
-    config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    device = torch.device("cpu") if device is None else device
+    config = None
+    if need_config:
+        config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path}: adapter config not found")
+        config = _config_from_file(config_path)
+    # peft's order: safetensors first, then the pickled file.
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: adapter config not found")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except OSError as exc:
-        raise ValueError(f"{config_path}: cannot read the adapter config ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError, bad UTF-8 and integers beyond Python's digit limit;
-        # RecursionError is json's answer to deeply nested arrays or objects.
-        raise ValueError(f"{config_path}: invalid JSON ({type(exc).__name__}: {exc})") from None
-    try:
-        config = _config_from_dict(data, config_path)
-    except (TypeError, RecursionError) as exc:
-        # A field of an unexpected JSON type that a check did not anticipate, or a value nested
-        # too deeply to print in a message.
-        raise ValueError(f"{config_path}: unusable adapter config ({type(exc).__name__}: {exc})") from None
-    if not os.path.isfile(weights_path):
-        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-            raise ValueError(f"{weights_path}: not found; cpeft reads only safetensors adapters, "
-                             f"not the pickled adapter_model.bin beside it")
-        raise FileNotFoundError(f"{weights_path}: adapter weights not found")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    bin_path = os.path.join(directory, ADAPTER_BIN_WEIGHTS_NAME)
+    if os.path.isfile(weights_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
+            tensors = load_file(weights_path, device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        return config, tensors, weights_path
+    if not os.path.isfile(bin_path):
+        raise FileNotFoundError(f"{weights_path}: adapter weights not found (nor {ADAPTER_BIN_WEIGHTS_NAME})")
     try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    return config, tensors
+        tensors = torch.load(bin_path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a bad file (pickle, zip, EOF, ...)
+        raise ValueError(f"{bin_path}: not a readable torch state dict ({type(exc).__name__}: {exc})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{bin_path}: expected a dict of tensors keyed by name, got {type(tensors).__name__}")
+    return config, tensors, bin_path
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig | IA3Config,
-                   adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any) -> PeftModel:
+                   adapter_name: str = DEFAULT_ADAPTER, mixed: bool = False, autocast_adapter_dtype: bool = True,
+                   revision: str | None = None, low_cpu_mem_usage: bool = False) -> PeftModel:
     """Injects cpeft adapter layers into ``model`` (in place) and returns the wrapper, of peft's
     task class for ``peft_config.task_type`` (``PeftModelForCausalLM``...) when one is set.
 
     The targeted modules keep their pretrained weights; everything except the adapters, the
-    biases selected by ``bias`` and the ``modules_to_save`` copies is frozen.
+    biases selected by ``bias`` and the ``modules_to_save`` copies is frozen. With
+    ``autocast_adapter_dtype=True`` (peft's default) the adapters of float16/bfloat16 layers are
+    float32; with False they take the layer's dtype.
     """
-    unsupported = {key: value for key, value in kwargs.items()
-                   if not (key == "mixed" and value is False) and not (key == "revision" and value is None)}
-    if unsupported:
-        raise TypeError(f"get_peft_model: unsupported arguments {sorted(unsupported)}")
+    if mixed is not False:
+        raise TypeError(f"get_peft_model: mixed={mixed!r} (PeftMixedModel) is not supported; expected False")
+    if revision is not None:
+        raise TypeError(f"get_peft_model: revision={revision!r} is not supported; expected None")
     model_class = _TASK_MODEL_CLASSES.get(getattr(peft_config, "task_type", None), PeftModel)
-    return model_class(model, peft_config, adapter_name)
+    return model_class(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                       low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(peft_config: LoraConfig | IA3Config, model: nn.Module,
+                            adapter_name: str = DEFAULT_ADAPTER, low_cpu_mem_usage: bool = False, *,
+                            autocast_adapter_dtype: bool = False) -> nn.Module:
+    """peft's low-level API: puts adapter layers into ``model`` in place and returns ``model``
+    itself (no wrapper), the new adapter active and trainable, everything else frozen. As in
+    peft 0.21 the adapters keep the layers' dtype; cpeft's extra ``autocast_adapter_dtype=True``
+    gives float32 adapters on 16-bit layers instead."""
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                     low_cpu_mem_usage=low_cpu_mem_usage).get_base_model()
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, torch.Tensor] | None = None,
@@ -1547,6 +1842,38 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str,
     model._check_known(adapter_name)
     model._load_checked(adapter_name, dict(peft_model_state_dict), "peft_model_state_dict")
     return _LoadResult([], [])
+
+
+def get_base_model_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """peft's function: the base model's state dict under its original keys, without adapter
+    tensors (``base_layer`` and ``original_module`` infixes removed; a ``modules_to_save``
+    module contributes its original values)."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"model: expected a cpeft PeftModel, got {type(model).__name__}")
+    result: dict[str, torch.Tensor] = {}
+    for key, value in model.get_base_model().state_dict().items():
+        original = _original_key(model.get_base_model(), key)
+        if original is not None:
+            result[original] = value
+    return result
+
+
+def _original_key(model: nn.Module, key: str) -> str | None:
+    """The key ``key`` has in the model without adapters, or None for adapter tensors."""
+    parts: list[str] = []
+    current: nn.Module | None = model
+    for part in key.split("."):
+        child = current._modules.get(part) if current is not None else None
+        if isinstance(current, BaseTunerLayer):
+            if part != "base_layer":
+                return None
+        elif isinstance(current, ModulesToSaveWrapper):
+            if part != "original_module":
+                return None
+        else:
+            parts.append(part)
+        current = child
+    return ".".join(parts)
 
 
 class AutoPeftModel:

@@ -142,19 +142,41 @@ class BaseTunerLayer(nn.Module):
     # ---- merge and unmerge ---------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Folds the active adapters (or ``adapter_names``) into the base weights, exactly."""
-        if safe_merge:
-            raise ValueError("safe_merge=True is not supported by this cpeft layer")
+        """Folds the active adapters (or ``adapter_names``) into the base weights, exactly.
+        ``safe_merge=True`` first merges on a copy and raises ValueError, leaving the weights
+        untouched, if a result is not finite (see ``check_merge_is_finite``)."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         unknown = [name for name in names if name not in self.adapter_names]
         if adapter_names is not None and unknown:
             raise ValueError(f"adapter_names: {unknown} are not adapters of this layer "
                              f"(it holds {self.adapter_names})")
+        if safe_merge:
+            self.check_merge_is_finite(names)
         for adapter in names:
             if adapter in self.merged_adapters or adapter not in self.adapter_names:
                 continue
             self._merge_one(adapter)
             self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def check_merge_is_finite(self, adapter_names: Optional[list[str]] = None, where: str = "") -> None:
+        """peft's safe_merge check: merges ``adapter_names`` (default: the active adapters) in
+        order on a copy of the base tensors and raises ValueError, with peft's message, when a
+        result is not finite in the base dtype. The layer itself is not touched."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self.adapter_names and n not in self.merged_adapters]
+        if not names:
+            return
+        targets = self._merge_targets()
+        work = {name: t.to(_autograd.core_dtype(t.dtype, t.device.type), copy=True).contiguous()
+                for name, t in targets.items()}
+        for adapter in names:
+            self._merge_into(adapter, work)
+            for name, merged in work.items():
+                if not bool(torch.isfinite(merged.to(targets[name].dtype)).all()):
+                    place = f" (layer {where!r}, {name})" if where else f" ({name})"
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems "
+                                     f"to be broken{place}; no weight was changed")
 
     def unmerge(self) -> None:
         """Removes every merged adapter, last merged first, restoring the base weights bit for bit."""
@@ -230,6 +252,22 @@ def _stream(tensor: torch.Tensor):
     return _autograd.cuda_stream(tensor.device)
 
 
+def _merge_lora_bias(lora_bias: torch.Tensor, scaling: float, bias: Optional[torch.Tensor]):
+    """bias += scaling · lora_B.bias through the core's exact merge (bias as an (OUT, 1) matrix,
+    lora_B.bias as a rank-1 B against A = [[1]]); returns the merge record."""
+    if bias is None:
+        raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+    column = bias.view(-1, 1)
+    return functional.lora_merge(column, column.new_ones((1, 1)),
+                                 lora_bias.detach().to(bias.dtype).view(-1, 1), scaling, stream=_stream(bias))
+
+
+def _unmerge_lora_bias(lora_bias: torch.Tensor, scaling: float, bias: torch.Tensor, record) -> None:
+    column = bias.view(-1, 1)
+    functional.lora_unmerge(column, column.new_ones((1, 1)), lora_bias.detach().to(bias.dtype).view(-1, 1),
+                            scaling, functional.MergeRecord(*record), stream=_stream(bias))
+
+
 class LoraLayer(BaseTunerLayer):
     """peft's ``LoraLayer`` settings: per-adapter ``r``, ``lora_alpha``, ``scaling`` dicts."""
 
@@ -250,10 +288,12 @@ class LoraLayer(BaseTunerLayer):
 class Linear(LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``: the base
     weight is stored (in, out)). ``lora_A[name]`` is ``nn.Linear(in, r, bias=False)``,
-    ``lora_B[name]`` ``nn.Linear(r, out, bias=False)``, as in peft."""
+    ``lora_B[name]`` ``nn.Linear(r, out, bias=lora_bias)``, as in peft. With ``lora_bias`` the
+    adapter adds ``scaling * lora_B.bias``: it is folded into the bias the core adds (one vector
+    op per call), and a merge adds it to the base bias, as peft does."""
 
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
                  fan_in_fan_out: bool):
@@ -262,22 +302,31 @@ class Linear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_bias: dict[str, bool] = {}
 
     def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
-                     use_rslora: bool) -> None:
+                     use_rslora: bool, lora_bias: bool = False) -> None:
         weight = self.get_base_layer().weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=lora_bias, **factory)
         self.lora_dropout[adapter] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_bias[adapter] = lora_bias
         self._set_settings(adapter, r, lora_alpha, use_rslora)
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
         """peft file key suffix -> this layer's state-dict key, for ``adapter``."""
-        return {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+        tensors = {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+        if self.lora_bias.get(adapter):
+            tensors["lora_B.bias"] = f"lora_B.{adapter}.bias"
+        return tensors
 
     def _merge_targets(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.get_base_layer().weight.detach()}
+        base = self.get_base_layer()
+        targets = {"weight": base.weight.detach()}
+        if base.bias is not None:
+            targets["bias"] = base.bias.detach()
+        return targets
 
     def _adapter_pair(self, adapter: str, dtype: torch.dtype):
         return (self.lora_A[adapter].weight.detach().to(dtype),
@@ -288,13 +337,29 @@ class Linear(LoraLayer):
         record = functional.lora_merge(weight, *self._adapter_pair(adapter, weight.dtype),
                                        self.scaling[adapter], fan_in_fan_out=self.fan_in_fan_out,
                                        stream=_stream(weight))
-        return {"weight": tuple(record)}
+        records = {"weight": tuple(record)}
+        if self.lora_bias.get(adapter):
+            records["bias"] = tuple(_merge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter],
+                                                     targets.get("bias")))
+        return records
 
     def _unmerge_from(self, adapter, targets, records):
         weight = targets["weight"]
         functional.lora_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
                                 self.scaling[adapter], functional.MergeRecord(*records["weight"]),
                                 fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
+        if "bias" in records:
+            _unmerge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter], targets["bias"],
+                               records["bias"])
+
+    def _lora_bias_term(self, adapters: list[str]) -> Optional[torch.Tensor]:
+        """Σ scaling · lora_B.bias over the active adapters that have one (None if none do)."""
+        term = None
+        for a in adapters:
+            if self.lora_bias.get(a):
+                part = self.lora_B[a].bias * self.scaling[a]
+                term = part if term is None else term + part
+        return term
 
     def _stacked(self, adapters: list[str]):
         """(A, B, scale, dropout p) of one adapter, or of several concatenated along the rank."""
@@ -315,6 +380,10 @@ class Linear(LoraLayer):
         x are tagged with their adapter's position in the packed [A_1; A_2; ...] and the op
         groups them; gradients reach every adapter used."""
         names = self._mixed_adapter_names
+        with_bias = [a for a in used if self.lora_bias.get(a)]
+        if with_bias:
+            raise ValueError(f"adapter_names: adapters {with_bias} have lora_bias=True, which mixed-adapter "
+                             f"batches do not support")
         if x.dim() < 2 or x.shape[0] != len(names):
             raise ValueError(f"adapter_names: expected one name per sample, i.e. {x.shape[0] if x.dim() > 1 else 1} "
                              f"names for an input of shape {tuple(x.shape)}, got {len(names)}")
@@ -341,7 +410,11 @@ class Linear(LoraLayer):
             return self._base_forward(x)
         base = self.get_base_layer()
         lora_a, lora_b, scale, dropout = self._stacked(adapters)
-        return _autograd.lora_linear(x, base.weight, base.bias, lora_a, lora_b, scale=scale,
+        bias = base.bias
+        lora_bias = self._lora_bias_term(adapters)
+        if lora_bias is not None:
+            bias = lora_bias if bias is None else bias + lora_bias
+        return _autograd.lora_linear(x, base.weight, bias, lora_a, lora_b, scale=scale,
                                      fan_in_fan_out=self.fan_in_fan_out, enable_lora=None,
                                      dropout=dropout)
 
