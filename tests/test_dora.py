@@ -448,3 +448,235 @@ def test_bad_input(entry, change, exc, match):
 def test_valid_args_pass(entry):
     """The baseline of the bad-input cases is itself valid."""
     _call(entry, _valid(entry))
+
+
+# ---- torch layers (loralib API) --------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import cpeft  # noqa: E402
+
+
+def _peft_dora(base: "torch.nn.Module", target: str, r=4, alpha=8, dropout=0.0, **config):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=[target], use_dora=True, **config))
+    return model, model.base_model.model._modules[target]
+
+
+class _FixedMask(torch.nn.Module):
+    """Stands in for peft's nn.Dropout so peft sees cpeft's Philox mask."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def _randomize(*tensors, scale=0.3):
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(torch.randn_like(t) * scale)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_functional_matches_peft_linear(p, bias):
+    """cpeft's op against peft's own DoRA forward and autograd, dropout included (peft's
+    dropout module replaced by the same mask cpeft regenerates from its seed)."""
+    torch.manual_seed(0)
+    m_rows, in_f, out_f, seed = 7, 12, 9, 5
+    base = torch.nn.Sequential()
+    base.add_module("lin", torch.nn.Linear(in_f, out_f, bias=bias, dtype=torch.float64))
+    model, layer = _peft_dora(base, "lin", dropout=p)
+    _randomize(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(
+            1 + 0.2 * torch.rand(out_f, dtype=torch.float64))
+    if bias:
+        layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(m_rows, in_f, dtype=torch.float64, requires_grad=True)
+    if p > 0:
+        mask = torch.from_numpy(F.dropout_mask((m_rows, in_f), p, seed, dtype="float64"))
+        layer.lora_dropout["default"] = _FixedMask(mask)
+    model.train()
+    y_peft = model(x)
+    g = torch.randn_like(y_peft)
+    y_peft.backward(g)
+    a = layer.lora_A["default"].weight
+    b = layer.lora_B["default"].weight
+    mag = layer.lora_magnitude_vector["default"].weight
+    w, bb = layer.base_layer.weight, layer.base_layer.bias
+    scale = layer.scaling["default"]
+    y, xa, kept, n = F.dora_linear_forward(x, w, bb, a, b, mag, scale, dropout=p, seed=seed,
+                                           keep_base=True)
+    grads = F.dora_linear_backward(g, x, w, a, b, mag, n, xa, kept, scale, dropout=p, seed=seed,
+                                   grad_bias=bias)
+    torch.testing.assert_close(y, y_peft.detach(), rtol=1e-12, atol=1e-12)
+    for name, want in (("x", x.grad), ("lora_a", a.grad), ("lora_b", b.grad),
+                       ("magnitude", mag.grad)) + ((("bias", bb.grad),) if bias else ()):
+        torch.testing.assert_close(getattr(grads, name), want, rtol=1e-11, atol=1e-12,
+                                   msg=f"grad {name}")
+
+
+def _copy_into(ours, layer, embedding=False):
+    with torch.no_grad():
+        if embedding:
+            ours.weight.copy_(layer.base_layer.weight)
+            ours.lora_A.copy_(layer.lora_embedding_A["default"])
+            ours.lora_B.copy_(layer.lora_embedding_B["default"])
+        else:
+            ours.weight.copy_(layer.base_layer.weight)
+            if ours.bias is not None:
+                ours.bias.copy_(layer.base_layer.bias)
+            ours.lora_A.copy_(layer.lora_A["default"].weight)
+            ours.lora_B.copy_(layer.lora_B["default"].weight)
+        ours.lora_magnitude_vector.copy_(layer.lora_magnitude_vector["default"].weight)
+
+
+def test_linear_layer_matches_peft_and_merges_exactly():
+    torch.manual_seed(1)
+    base = torch.nn.Sequential()
+    base.add_module("lin", torch.nn.Linear(16, 10, dtype=torch.float64))
+    model, layer = _peft_dora(base, "lin", r=4, alpha=8)
+    ours = cpeft.Linear(16, 10, r=4, lora_alpha=8, use_dora=True, dtype=torch.float64)
+    # peft initializes m = ‖W + s·B·A‖ = ‖W‖ (B = 0); cpeft does the same from its own W.
+    with torch.no_grad():
+        ours.weight.copy_(layer.base_layer.weight)
+    with torch.no_grad():
+        ours.lora_magnitude_vector.copy_(torch.linalg.norm(ours.weight, dim=1))
+    torch.testing.assert_close(ours.lora_magnitude_vector,
+                               layer.lora_magnitude_vector["default"].weight, rtol=1e-14,
+                               atol=0)
+    _randomize(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.1)
+    _copy_into(ours, layer)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    model.train()
+    ours.train()
+    y_peft, y = model(x), ours(x)
+    torch.testing.assert_close(y, y_peft, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y_peft.backward(g)
+    y.backward(g)
+    torch.testing.assert_close(ours.lora_magnitude_vector.grad,
+                               layer.lora_magnitude_vector["default"].weight.grad)
+    torch.testing.assert_close(ours.lora_A.grad, layer.lora_A["default"].weight.grad)
+    torch.testing.assert_close(ours.lora_B.grad, layer.lora_B["default"].weight.grad)
+    # merge: cpeft's merged W equals peft's merged W; unmerge restores the bits
+    original = ours.weight.detach().clone()
+    ours.eval()
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(ours.weight, merged.lin.weight, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(ours(x), y.detach(), rtol=1e-12, atol=1e-12)
+    ours.train()
+    assert torch.equal(ours.weight, original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_linear_layer_merge_cycles_bit_exact(dtype, fan_in_fan_out):
+    torch.manual_seed(2)
+    layer = cpeft.Linear(24, 18, r=4, lora_alpha=16, use_dora=True,
+                         fan_in_fan_out=fan_in_fan_out, dtype=dtype)
+    _randomize(layer.lora_B)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(torch.rand(18, dtype=dtype) + 0.5)
+    original = layer.weight.detach().clone()
+    x = torch.randn(6, 24, dtype=dtype)
+    y = layer(x).detach()
+    for _ in range(5):
+        layer.eval()
+        torch.testing.assert_close(layer(x), y)
+        layer.train()
+    assert torch.equal(layer.weight, original)
+
+
+def test_magnitude_is_an_adapter_parameter():
+    model = torch.nn.Sequential(cpeft.Linear(8, 4, r=2, use_dora=True),
+                                torch.nn.Linear(4, 3))
+    cpeft.mark_only_lora_as_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_A", "0.lora_B", "0.lora_magnitude_vector"}
+    assert set(cpeft.lora_state_dict(model)) == trainable
+    assert set(cpeft.lora_state_dict(model, bias="lora_only")) == trainable | {"0.bias"}
+
+
+def test_magnitude_initialized_to_norm():
+    """m = ‖W + s·B·A‖ per output row at creation (B = 0, so ‖W‖) and again after
+    reset_parameters, on the stored layout."""
+    torch.manual_seed(3)
+    layer = cpeft.Linear(10, 7, r=3, use_dora=True, fan_in_fan_out=True, dtype=torch.float64)
+    torch.testing.assert_close(layer.lora_magnitude_vector,
+                               torch.linalg.norm(layer.weight.T, dim=1), rtol=1e-14, atol=0)
+    before = layer.lora_magnitude_vector.detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.lora_magnitude_vector)
+    torch.testing.assert_close(layer.lora_magnitude_vector,
+                               torch.linalg.norm(layer.weight.T, dim=1), rtol=1e-14, atol=0)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    plain = cpeft.Linear(10, 7, r=3, fan_in_fan_out=True, dtype=torch.float64)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items()
+                           if k != "lora_magnitude_vector"})
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-13, atol=1e-13)
+
+
+def test_weight_change_invalidates_cached_sq_norm():
+    torch.manual_seed(4)
+    layer = cpeft.Linear(9, 5, r=2, use_dora=True, dtype=torch.float64)
+    _randomize(layer.lora_B)
+    x = torch.randn(3, 9, dtype=torch.float64)
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    y = layer(x)
+    w = layer.weight
+    n = torch.linalg.norm(w + layer.scaling * layer.lora_B @ layer.lora_A, dim=1)
+    want = layer.lora_magnitude_vector / n * (
+        x @ w.T + layer.scaling * x @ layer.lora_A.T @ layer.lora_B.T) + layer.bias
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dora_refuses_trainable_weight_and_zero_rank():
+    layer = cpeft.Linear(4, 3, r=2, use_dora=True)
+    layer.weight.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="weight"):
+        layer(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="use_dora"):
+        cpeft.Linear(4, 3, r=0, use_dora=True)
+    with pytest.raises(ValueError, match="use_dora"):
+        cpeft.Embedding(4, 3, r=0, use_dora=True)
+
+
+def test_embedding_layer_matches_peft_and_merges_exactly():
+    torch.manual_seed(5)
+    base = torch.nn.Sequential()
+    base.add_module("emb", torch.nn.Embedding(13, 6, padding_idx=2, dtype=torch.float64))
+    model, layer = _peft_dora(base, "emb", r=3, alpha=6)
+    ours = cpeft.Embedding(13, 6, r=3, lora_alpha=6, use_dora=True, padding_idx=2,
+                           dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_embedding_A["default"].normal_()
+        layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+    _copy_into(ours, layer, embedding=True)
+    idx = torch.tensor([[0, 2, 12, 5], [5, 5, 1, 2]])
+    model.train()
+    y_peft, y = model(idx), ours(idx)
+    torch.testing.assert_close(y, y_peft, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y_peft.backward(g)
+    y.backward(g)
+    torch.testing.assert_close(ours.lora_magnitude_vector.grad,
+                               layer.lora_magnitude_vector["default"].weight.grad)
+    torch.testing.assert_close(ours.lora_A.grad, layer.lora_embedding_A["default"].grad)
+    torch.testing.assert_close(ours.lora_B.grad, layer.lora_embedding_B["default"].grad)
+    original = ours.weight.detach().clone()
+    ours.eval()
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(ours.weight, merged.emb.weight, rtol=1e-13, atol=1e-14)
+    ours.train()
+    assert torch.equal(ours.weight, original)
