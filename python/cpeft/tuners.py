@@ -1,0 +1,488 @@
+"""Adapter layers of the peft-style API, in peft's structure: one layer holds any number of named
+adapters around the untouched original module.
+
+A targeted module ``m`` becomes a layer whose ``base_layer`` is ``m`` itself (its Parameters are
+neither copied nor re-created, so tied weights stay tied) and whose adapters live in dicts keyed
+by adapter name: ``lora_A.<name>.weight``, ``lora_B.<name>.weight``,
+``lora_embedding_A.<name>``, ``ia3_l.<name>`` - the in-model key layout of peft, which strips
+the adapter name again when it writes files.
+
+Every layer derives from :class:`BaseTunerLayer` and exposes peft's layer attributes
+(``base_layer``/``get_base_layer()``, ``active_adapters``, ``active_adapter``, ``merged``,
+``merged_adapters``, ``disable_adapters``, ``in_features``/``out_features``, ``merge()``,
+``unmerge()``), so code that walks a model for adapter layers works with either library.
+
+The forward of unmerged adapters runs the C core (cpeft._autograd): the base product and every
+active adapter of the layer in one autograd node. Several active adapters of one layer are
+concatenated along the rank (``[A_1; A_2]``, ``[s_1 B_1, s_2 B_2]``), which is exactly their sum.
+Merges go through cpeft.functional's exact merge: unmerging (in reverse merge order) restores
+the base weights bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from . import _autograd, functional
+from .layers import _core_merges
+
+__all__ = ["BaseTunerLayer", "LoraLayer", "Linear", "Embedding", "IA3Layer", "IA3Linear",
+           "IA3Embedding"]
+
+
+def _active_dropout_p(dropout: nn.Module) -> float:
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+class BaseTunerLayer(nn.Module):
+    """What every cpeft adapter layer of the peft-style API shares (peft's ``BaseTunerLayer``).
+
+    Subclasses name their per-adapter containers in ``adapter_layer_names`` (trainable
+    ModuleDicts/ParameterDicts) and ``other_param_names`` (plain dicts of settings), and provide
+    ``_merge_targets()`` (the base tensors a merge writes), ``_merge_into(adapter, targets)``
+    returning ``{target: (index, value)}`` records, and ``_unmerge_from(adapter, targets,
+    records)``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # adapter -> target -> (index buffer name, value buffer name); the buffers are
+        # non-persistent so records follow .to() and stay out of state dicts.
+        self._merge_records: dict[str, dict[str, tuple[str, str]]] = {}
+        self._record_counter = 0
+
+    # ---- peft's layer attributes ---------------------------------------------------------------
+
+    def get_base_layer(self) -> nn.Module:
+        base = self
+        while isinstance(base, BaseTunerLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        # A list, as peft's layers hold it after any set_adapter call.
+        return list(self._active_adapter)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, in the order they were added."""
+        return list(getattr(self, self.adapter_layer_names[0]).keys())
+
+    def _adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        found = []
+        for container_name in self.adapter_layer_names:
+            container = getattr(self, container_name)
+            if adapter in container:
+                entry = container[adapter]
+                found.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
+        return found
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Activates ``adapter_names`` (those this layer holds) and, as peft does, makes exactly
+        their parameters trainable (none with ``inference_mode``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for adapter in self.adapter_names:
+            trainable = adapter in names and not inference_mode
+            for parameter in self._adapter_parameters(adapter):
+                parameter.requires_grad_(trainable)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter_name: {adapter_name!r} is merged into the base weights; "
+                             f"unmerge it before deleting it")
+        for container_name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, container_name)
+            if adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self._active_adapter:
+            remaining = [a for a in self._active_adapter if a != adapter_name]
+            if not remaining and self.adapter_names:
+                remaining = [self.adapter_names[0]]
+            self._active_adapter = remaining
+
+    # ---- merge and unmerge ---------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Folds the active adapters (or ``adapter_names``) into the base weights, exactly."""
+        if safe_merge:
+            raise ValueError("safe_merge=True is not supported by this cpeft layer")
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        unknown = [name for name in names if name not in self.adapter_names]
+        if adapter_names is not None and unknown:
+            raise ValueError(f"adapter_names: {unknown} are not adapters of this layer "
+                             f"(it holds {self.adapter_names})")
+        for adapter in names:
+            if adapter in self.merged_adapters or adapter not in self.adapter_names:
+                continue
+            self._merge_one(adapter)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Removes every merged adapter, last merged first, restoring the base weights bit for bit."""
+        while self.merged_adapters:
+            adapter = self.merged_adapters[-1]
+            self._unmerge_one(adapter)
+            self.merged_adapters.pop()
+
+    @torch.no_grad()
+    def _merge_one(self, adapter: str) -> None:
+        targets = self._merge_targets()
+        if all(_core_merges(t) for t in targets.values()):
+            records = self._merge_into(adapter, targets)
+        else:
+            # Dtypes or layouts the core cannot merge in place keep a full copy of the original.
+            originals = {name: t.clone() for name, t in targets.items()}
+            work = {name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
+                    for name, t in targets.items()}
+            self._merge_into(adapter, work)
+            for name, t in targets.items():
+                t.copy_(work[name])
+            records = {name: (None, originals[name]) for name in targets}
+        names = {}
+        for target, (index, value) in records.items():
+            self._record_counter += 1
+            index_name = f"_merge_index_{self._record_counter}"
+            value_name = f"_merge_value_{self._record_counter}"
+            self.register_buffer(index_name, index, persistent=False)
+            self.register_buffer(value_name, value, persistent=False)
+            names[target] = (index_name, value_name)
+        self._merge_records[adapter] = names
+
+    @torch.no_grad()
+    def _unmerge_one(self, adapter: str) -> None:
+        targets = self._merge_targets()
+        names = self._merge_records.pop(adapter)
+        records = {target: (getattr(self, i), getattr(self, v)) for target, (i, v) in names.items()}
+        if any(index is None for index, _ in records.values()):
+            for target, (_, original) in records.items():
+                targets[target].copy_(original)
+        else:
+            self._unmerge_from(adapter, targets, records)
+        for index_name, value_name in names.values():
+            delattr(self, index_name)
+            delattr(self, value_name)
+
+    def _base_forward(self, x, *args, **kwargs):
+        if self.merged and self.disable_adapters:
+            self.unmerge()
+        return self.base_layer(x, *args, **kwargs)
+
+    def _adapters_to_run(self) -> list[str]:
+        if self.disable_adapters or self.merged:
+            return []
+        held = self.adapter_names
+        return [a for a in self._active_adapter if a in held]
+
+
+def _stream(tensor: torch.Tensor):
+    return _autograd.cuda_stream(tensor.device)
+
+
+class LoraLayer(BaseTunerLayer):
+    """peft's ``LoraLayer`` settings: per-adapter ``r``, ``lora_alpha``, ``scaling`` dicts."""
+
+    other_param_names = ("r", "lora_alpha", "scaling")
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
+        super().__init__(base_layer, in_features, out_features)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    def _set_settings(self, adapter: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        self.r[adapter] = r
+        self.lora_alpha[adapter] = lora_alpha
+        self.scaling[adapter] = lora_alpha / (r ** 0.5 if use_rslora else r)
+
+
+class Linear(LoraLayer):
+    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``: the base
+    weight is stored (in, out)). ``lora_A[name]`` is ``nn.Linear(in, r, bias=False)``,
+    ``lora_B[name]`` ``nn.Linear(r, out, bias=False)``, as in peft."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
+                 fan_in_fan_out: bool):
+        super().__init__(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
+                     use_rslora: bool) -> None:
+        weight = self.get_base_layer().weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.lora_dropout[adapter] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._set_settings(adapter, r, lora_alpha, use_rslora)
+
+    def adapter_tensors(self, adapter: str) -> dict[str, str]:
+        """peft file key suffix -> this layer's state-dict key, for ``adapter``."""
+        return {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+
+    def _merge_targets(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.get_base_layer().weight.detach()}
+
+    def _adapter_pair(self, adapter: str, dtype: torch.dtype):
+        return (self.lora_A[adapter].weight.detach().to(dtype),
+                self.lora_B[adapter].weight.detach().to(dtype))
+
+    def _merge_into(self, adapter, targets):
+        weight = targets["weight"]
+        record = functional.lora_merge(weight, *self._adapter_pair(adapter, weight.dtype),
+                                       self.scaling[adapter], fan_in_fan_out=self.fan_in_fan_out,
+                                       stream=_stream(weight))
+        return {"weight": tuple(record)}
+
+    def _unmerge_from(self, adapter, targets, records):
+        weight = targets["weight"]
+        functional.lora_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
+                                self.scaling[adapter], functional.MergeRecord(*records["weight"]),
+                                fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
+
+    def _stacked(self, adapters: list[str]):
+        """(A, B, scale, dropout p) of one adapter, or of several concatenated along the rank."""
+        dropouts = {_active_dropout_p(self.lora_dropout[a]) for a in adapters}
+        if len(adapters) == 1:
+            a = adapters[0]
+            return (self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], dropouts.pop())
+        if len(dropouts) > 1:
+            raise ValueError(f"active adapters {adapters} of one layer have different lora_dropout "
+                             f"values {sorted(dropouts)}; cpeft runs several active adapters of a "
+                             f"layer as one product and needs one dropout probability")
+        lora_a = torch.cat([self.lora_A[a].weight for a in adapters], dim=0)
+        lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in adapters], dim=1)
+        return lora_a, lora_b, 1.0, dropouts.pop()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self._adapters_to_run()
+        if not adapters or args or kwargs:
+            if adapters:
+                raise TypeError(f"{type(self).__name__}.forward takes only the input tensor, got "
+                                f"{len(args)} more positional and {sorted(kwargs)} keyword arguments")
+            return self._base_forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        lora_a, lora_b, scale, dropout = self._stacked(adapters)
+        return _autograd.lora_linear(x, base.weight, base.bias, lora_a, lora_b, scale=scale,
+                                     fan_in_fan_out=self.fan_in_fan_out, enable_lora=None,
+                                     dropout=dropout)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+class Embedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: ``lora_embedding_A[name]`` (r, V) and
+    ``lora_embedding_B[name]`` (D, r) raw Parameters, as in peft (no dropout)."""
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding, in_features: int, out_features: int):
+        super().__init__(base_layer, in_features, out_features)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
+                     use_rslora: bool) -> None:
+        weight = self.get_base_layer().weight
+        self.lora_embedding_A[adapter] = nn.Parameter(weight.new_zeros((r, self.in_features)))
+        self.lora_embedding_B[adapter] = nn.Parameter(weight.new_zeros((self.out_features, r)))
+        self._set_settings(adapter, r, lora_alpha, use_rslora)
+
+    def adapter_tensors(self, adapter: str) -> dict[str, str]:
+        return {"lora_embedding_A": f"lora_embedding_A.{adapter}",
+                "lora_embedding_B": f"lora_embedding_B.{adapter}"}
+
+    def _merge_targets(self):
+        return {"weight": self.get_base_layer().weight.detach()}
+
+    def _adapter_pair(self, adapter, dtype):
+        return (self.lora_embedding_A[adapter].detach().to(dtype),
+                self.lora_embedding_B[adapter].detach().to(dtype))
+
+    def _merge_into(self, adapter, targets):
+        weight = targets["weight"]
+        record = functional.lora_embedding_merge(weight, *self._adapter_pair(adapter, weight.dtype),
+                                                 self.scaling[adapter], stream=_stream(weight))
+        return {"weight": tuple(record)}
+
+    def _unmerge_from(self, adapter, targets, records):
+        weight = targets["weight"]
+        functional.lora_embedding_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
+                                          self.scaling[adapter],
+                                          functional.MergeRecord(*records["weight"]),
+                                          stream=_stream(weight))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self._adapters_to_run()
+        if not adapters:
+            return self._base_forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        if len(adapters) == 1:
+            a = adapters[0]
+            lora_a, lora_b, scale = self.lora_embedding_A[a], self.lora_embedding_B[a], self.scaling[a]
+        else:
+            lora_a = torch.cat([self.lora_embedding_A[a] for a in adapters], dim=0)
+            lora_b = torch.cat([self.lora_embedding_B[a] * self.scaling[a] for a in adapters], dim=1)
+            scale = 1.0
+        return _autograd.lora_embedding(x, base.weight, lora_a, lora_b, scale=scale,
+                                        padding_idx=base.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.in_features}, embedding_dim={self.out_features}"
+
+
+class IA3Layer(BaseTunerLayer):
+    """peft's ``IA3Layer``: ``ia3_l[name]`` of shape (out, 1), or (1, in) when the layer is a
+    feed-forward one (input scaling). Several active adapters multiply, as in peft."""
+
+    adapter_layer_names = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
+                 is_feedforward: bool):
+        super().__init__(base_layer, in_features, out_features)
+        self.is_feedforward = is_feedforward
+        self.ia3_l = nn.ParameterDict()
+
+    def update_layer(self, adapter: str, init_ia3_weights: bool) -> None:
+        weight = self.get_base_layer().weight
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        vector = weight.new_empty(shape)
+        with torch.no_grad():
+            if init_ia3_weights:
+                nn.init.ones_(vector)
+            else:
+                nn.init.normal_(vector)
+        self.ia3_l[adapter] = nn.Parameter(vector)
+
+    def adapter_tensors(self, adapter: str) -> dict[str, str]:
+        return {"ia3_l": f"ia3_l.{adapter}"}
+
+    def _vector(self, adapters: list[str]) -> torch.Tensor:
+        vector = self.ia3_l[adapters[0]]
+        for a in adapters[1:]:
+            vector = vector * self.ia3_l[a]
+        return vector
+
+
+class IA3Linear(IA3Layer):
+    """IA3 around ``nn.Linear`` or transformers' ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
+                 is_feedforward: bool, fan_in_fan_out: bool):
+        super().__init__(base_layer, in_features, out_features, is_feedforward)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def _merge_targets(self):
+        base = self.get_base_layer()
+        targets = {"weight": base.weight.detach()}
+        if base.bias is not None and not self.is_feedforward:
+            targets["bias"] = base.bias.detach()
+        return targets
+
+    def _merge_into(self, adapter, targets):
+        weight = targets["weight"]
+        weight_record, bias_record = functional.ia3_merge(
+            weight, self.ia3_l[adapter].detach().to(weight.dtype), bias=targets.get("bias"),
+            feedforward=self.is_feedforward, fan_in_fan_out=self.fan_in_fan_out,
+            stream=_stream(weight))
+        records = {"weight": tuple(weight_record)}
+        if "bias" in targets:
+            records["bias"] = tuple(bias_record)
+        return records
+
+    def _unmerge_from(self, adapter, targets, records):
+        weight = targets["weight"]
+        bias_record = records.get("bias")
+        functional.ia3_unmerge(
+            weight, self.ia3_l[adapter].detach().to(weight.dtype),
+            (functional.MergeRecord(*records["weight"]),
+             None if bias_record is None else functional.MergeRecord(*bias_record)),
+            bias=targets.get("bias"), feedforward=self.is_feedforward,
+            fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self._adapters_to_run()
+        if not adapters:
+            return self._base_forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return _autograd.ia3_linear(x, base.weight, base.bias, self._vector(adapters),
+                                    feedforward=self.is_feedforward,
+                                    fan_in_fan_out=self.fan_in_fan_out)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"is_feedforward={self.is_feedforward}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+class IA3Embedding(IA3Layer):
+    """IA3 around ``nn.Embedding`` (output scaling, ``ia3_l`` (D, 1)); peft has no IA3 embedding."""
+
+    def __init__(self, base_layer: nn.Embedding, in_features: int, out_features: int):
+        super().__init__(base_layer, in_features, out_features, is_feedforward=False)
+
+    def _merge_targets(self):
+        return {"weight": self.get_base_layer().weight.detach()}
+
+    def _merge_into(self, adapter, targets):
+        weight = targets["weight"]
+        record = functional.ia3_embedding_merge(weight, self.ia3_l[adapter].detach().to(weight.dtype),
+                                                stream=_stream(weight))
+        return {"weight": tuple(record)}
+
+    def _unmerge_from(self, adapter, targets, records):
+        weight = targets["weight"]
+        functional.ia3_embedding_unmerge(weight, self.ia3_l[adapter].detach().to(weight.dtype),
+                                         functional.MergeRecord(*records["weight"]),
+                                         stream=_stream(weight))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self._adapters_to_run()
+        if not adapters:
+            return self._base_forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return _autograd.ia3_embedding(x, base.weight, self._vector(adapters),
+                                       padding_idx=base.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.in_features}, embedding_dim={self.out_features}"
