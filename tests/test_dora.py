@@ -680,3 +680,121 @@ def test_embedding_layer_matches_peft_and_merges_exactly():
     torch.testing.assert_close(ours.weight, merged.emb.weight, rtol=1e-13, atol=1e-14)
     ours.train()
     assert torch.equal(ours.weight, original)
+
+
+# ---- peft-style API: LoraConfig(use_dora=True), files both ways ------------------------------
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from cpeft.peft import ADAPTER_WEIGHTS_NAME, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from test_peft import bert, gpt2, output, tokens  # noqa: E402
+
+DORA_CASES = {
+    # c_attn / mlp.c_proj are transformers' Conv1D, wte an Embedding
+    "gpt2-conv1d-embedding": (gpt2, dict(r=4, lora_alpha=16,
+                                         target_modules=["c_attn", "mlp.c_proj", "wte"])),
+    "bert-linear": (bert, dict(r=2, lora_alpha=4, target_modules=["query", "value"])),
+}
+
+
+def _randomize_dora(model, seed=7):
+    """Non-trivial adapters: A and B random, the magnitude moved off its initial norm."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1.0 + 0.2 * noise)
+            elif "lora_" in name:
+                parameter.copy_(0.2 * noise)
+
+
+@pytest.mark.parametrize("case", sorted(DORA_CASES))
+def test_peft_api_dora_layout_and_initial_magnitude_match_peft(case, tmp_path):
+    make, kwargs = DORA_CASES[case]
+    ours = get_peft_model(make(), LoraConfig(use_dora=True, **kwargs))
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(use_dora=True, **kwargs))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    our_tensors = safetensors_torch.load_file(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME)
+    their_tensors = safetensors_torch.load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS_NAME)
+    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == \
+        {k: tuple(v.shape) for k, v in their_tensors.items()}
+    magnitudes = [k for k in their_tensors if k.endswith(".lora_magnitude_vector")]
+    assert magnitudes
+    for key in magnitudes:  # m = ‖W + s·B·A‖ at creation, B = 0 (embedding: A = 0)
+        torch.testing.assert_close(our_tensors[key], their_tensors[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(DORA_CASES))
+def test_dora_adapter_written_by_peft_loads_in_cpeft_with_equal_outputs(case, tmp_path):
+    make, kwargs = DORA_CASES[case]
+    ids = tokens()
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(use_dora=True, **kwargs))
+    _randomize_dora(theirs)
+    theirs.eval()
+    expected = output(theirs, ids)
+    assert not torch.allclose(expected, output(make(), ids), rtol=1e-4, atol=1e-4)
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make(), tmp_path)
+    torch.testing.assert_close(output(ours, ids), expected, rtol=1e-5, atol=1e-5)
+    # merged as peft merges (with GPT-2's tied wte the merge also reaches lm_head, in both
+    # libraries), and unmerge restores the base weights bit for bit
+    before = {k: v.clone() for k, v in ours.get_base_model().state_dict().items()}
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    torch.testing.assert_close(output(ours, ids), output(theirs, ids), rtol=1e-5, atol=1e-5)
+    ours.unmerge_adapter()
+    after = ours.get_base_model().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("case", sorted(DORA_CASES))
+def test_dora_adapter_written_by_cpeft_loads_in_peft_with_equal_outputs(case, tmp_path):
+    make, kwargs = DORA_CASES[case]
+    ids = tokens()
+    ours = get_peft_model(make(), LoraConfig(use_dora=True, **kwargs))
+    _randomize_dora(ours)
+    ours.eval()
+    expected = output(ours, ids)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path)
+    theirs.eval()
+    torch.testing.assert_close(output(theirs, ids), expected, rtol=1e-5, atol=1e-5)
+    merged = theirs.merge_and_unload()
+    ours_merged = ours.merge_and_unload()
+    torch.testing.assert_close(output(ours_merged, ids), output(merged, ids), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(DORA_CASES))
+def test_dora_training_gradients_match_peft(case, tmp_path):
+    make, kwargs = DORA_CASES[case]
+    ids = tokens()
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(use_dora=True, **kwargs))
+    _randomize_dora(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make(), tmp_path, is_trainable=True)
+    grads = []
+    for model in (theirs, ours):
+        model.train()
+        result = model(ids)
+        logits = result.logits if hasattr(result, "logits") else result.last_hidden_state
+        (logits.double() ** 2).sum().backward()
+        grads.append({n.replace(".default", ""): p.grad for n, p in model.named_parameters()
+                      if p.requires_grad})
+    assert set(grads[0]) == set(grads[1])
+    assert any("lora_magnitude_vector" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-4, atol=1e-5,
+                                   msg=name)
+
+
+def test_peft_api_refuses_several_active_adapters_with_dora():
+    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"]))
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="DoRA"):
+        model(tokens())

@@ -260,7 +260,9 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
     eval merges ``(m / n) ⊙ (W + scaling·(B·A)ᵀ)`` exactly (see ``_DoraMerge``)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
-                 merge_weights: bool = True, use_dora: bool = False, **kwargs):
+                 merge_weights: bool = True, **kwargs):
+        # Taken from kwargs so the signature stays loralib's.
+        use_dora = kwargs.pop("use_dora", False)
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0,
                            merge_weights=merge_weights)
@@ -434,7 +436,9 @@ class Linear(_LoraLinearBase):
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
                  lora_dropout: float = 0., fan_in_fan_out: bool = False,
-                 merge_weights: bool = True, use_dora: bool = False, **kwargs):
+                 merge_weights: bool = True, **kwargs):
+        # Taken from kwargs so the signature stays loralib's.
+        use_dora = kwargs.pop("use_dora", False)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights)

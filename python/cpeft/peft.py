@@ -121,7 +121,7 @@ _LORA_UNSUPPORTED_FIELDS = {
     "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
     "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
     "target_parameters": None, "trainable_token_indices": None,
-    "use_bdlora": None, "use_dora": False, "use_qalora": False, "velora_config": None,
+    "use_bdlora": None, "use_qalora": False, "velora_config": None,
 }
 _IA3_UNSUPPORTED_FIELDS: dict[str, Any] = {}
 # Written by peft, meaningless for loading here.
@@ -276,6 +276,7 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
     use_rslora: bool = False
+    use_dora: bool = False
     modules_to_save: list[str] | None = None
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
@@ -302,6 +303,7 @@ class LoraConfig(PeftConfig):
                 or self.init_lora_weights == "gaussian"):
             raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {self.init_lora_weights!r}")
         _check_bool(self.use_rslora, "use_rslora")
+        _check_bool(self.use_dora, "use_dora")
         self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save", allow_regex=False)
         _check_layer_selection(self)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", positive_int=True)
@@ -664,6 +666,8 @@ def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[i
             else:
                 shapes[key + ".lora_A.weight"] = (t.r, t.in_features)
                 shapes[key + ".lora_B.weight"] = (t.out_features, t.r)
+            if config.use_dora:
+                shapes[key + ".lora_magnitude_vector"] = (t.out_features,)
         else:
             shapes[key + ".ia3_l"] = (1, t.in_features) if t.feedforward else (t.out_features, 1)
     for path in plan.saved_paths:
@@ -765,6 +769,9 @@ def _add_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfi
                 nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
             else:
                 nn.init.zeros_(lora_b)
+    if config.use_dora:
+        # peft: the magnitude starts as the row norms of W + s·B·A with the initialized A, B.
+        layer.add_dora_magnitude(adapter)
 
 
 def _set_parent(root: nn.Module, path: str, module: nn.Module) -> None:

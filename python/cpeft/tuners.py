@@ -214,6 +214,91 @@ def _stream(tensor: torch.Tensor):
     return _autograd.cuda_stream(tensor.device)
 
 
+class DoraMagnitude(nn.Module):
+    """One adapter's DoRA magnitude, held as ``.weight`` (out,) so the in-model key is peft's
+    ``lora_magnitude_vector.<adapter>.weight``; files store it as ``lora_magnitude_vector``."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+# The DoRA merge writes (m / n) ⊙ (W + s·ΔW): the exact LoRA merge (record "weight"), then the exact
+# IA3 scaling of W's output rows (embedding: columns) by m / n (record _DORA_RECORD). Unmerge undoes
+# them in the reverse order with the same factor, kept in a non-persistent buffer while merged.
+_DORA_RECORD = "weight.dora_factor"
+
+
+class _DoraMixin:
+    """DoRA for the LoRA layers (peft's ``use_dora``): per-adapter ``lora_magnitude_vector``,
+    the C core's DoRA forward (one DoRA adapter active per layer), and the exact merge."""
+
+    def _init_dora(self) -> None:
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._dora_sq_norm = _autograd.WeightSqNormCache()
+
+    def _is_dora(self, adapter: str) -> bool:
+        return adapter in self.lora_magnitude_vector
+
+    def _dora_weight_norm(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self._adapter_pair(adapter, weight.dtype)
+        return functional.dora_weight_norm(weight, lora_a, lora_b, self.scaling[adapter],
+                                           fan_in_fan_out=self._dora_fan_in_fan_out,
+                                           stream=_stream(weight))
+
+    @torch.no_grad()
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight without the adapters merged into it (a copy; the live one if none
+        is merged): DoRA's norm is always taken on the pretrained weight, as in peft."""
+        weight = self.get_base_layer().weight.detach()
+        weight = weight.to(_autograd.core_dtype(weight.dtype, weight.device.type))
+        if not self.merged_adapters:
+            return weight
+        weight = weight.clone()
+        for adapter in reversed(self.merged_adapters):
+            names = self._merge_records[adapter]
+            records = {t: (getattr(self, i), getattr(self, v)) for t, (i, v) in names.items()}
+            if any(index is None for index, _ in records.values()):
+                weight.copy_(records["weight"][1])
+            else:
+                self._unmerge_from(adapter, {"weight": weight}, records)
+        return weight
+
+    @torch.no_grad()
+    def add_dora_magnitude(self, adapter: str) -> None:
+        weight = self._unmerged_weight()
+        norm = self._dora_weight_norm(adapter, weight)
+        self.lora_magnitude_vector[adapter] = DoraMagnitude(
+            norm.to(self.get_base_layer().weight.dtype))
+
+    def _dora_factor_name(self, adapter: str) -> str:
+        return f"_dora_factor_{adapter}"
+
+    def _dora_merge_factor(self, adapter: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """m / n for merging ``adapter`` (None for plain LoRA), taken before anything of it is
+        merged and kept for the unmerge."""
+        if not self._is_dora(adapter):
+            return None
+        norm = self._dora_weight_norm(adapter, self._unmerged_weight().to(dtype))
+        factor = self.lora_magnitude_vector[adapter].weight.detach().to(dtype) / norm
+        self.register_buffer(self._dora_factor_name(adapter), factor, persistent=False)
+        return factor
+
+    def _unmerge_dora(self, adapter: str, weight: torch.Tensor, records: dict) -> None:
+        factor = getattr(self, self._dora_factor_name(adapter))
+        self._scale_unmerge(weight, factor, functional.MergeRecord(*records[_DORA_RECORD]))
+
+    def _single_dora(self, adapters: list[str]) -> Optional[str]:
+        """The DoRA adapter to run, or None when every active adapter is plain LoRA."""
+        dora = [a for a in adapters if self._is_dora(a)]
+        if not dora:
+            return None
+        if len(adapters) > 1:
+            raise ValueError(f"active adapters {adapters} of one layer include DoRA adapters {dora}; "
+                             f"cpeft runs a DoRA adapter only as the one active adapter of a layer")
+        return dora[0]
+
+
 class LoraLayer(BaseTunerLayer):
     """peft's ``LoraLayer`` settings: per-adapter ``r``, ``lora_alpha``, ``scaling`` dicts."""
 
@@ -231,12 +316,13 @@ class LoraLayer(BaseTunerLayer):
         self.scaling[adapter] = lora_alpha / (r ** 0.5 if use_rslora else r)
 
 
-class Linear(LoraLayer):
+class Linear(_DoraMixin, LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``: the base
     weight is stored (in, out)). ``lora_A[name]`` is ``nn.Linear(in, r, bias=False)``,
-    ``lora_B[name]`` ``nn.Linear(r, out, bias=False)``, as in peft."""
+    ``lora_B[name]`` ``nn.Linear(r, out, bias=False)``, as in peft; a DoRA adapter also has
+    ``lora_magnitude_vector[name].weight`` (out,)."""
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
@@ -246,6 +332,20 @@ class Linear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self._init_dora()
+
+    @property
+    def _dora_fan_in_fan_out(self) -> bool:
+        return self.fan_in_fan_out
+
+    def _scale_merge(self, weight, factor):
+        record, _ = functional.ia3_merge(weight, factor, fan_in_fan_out=self.fan_in_fan_out,
+                                         stream=_stream(weight))
+        return record
+
+    def _scale_unmerge(self, weight, factor, record):
+        functional.ia3_unmerge(weight, factor, (record, None), fan_in_fan_out=self.fan_in_fan_out,
+                               stream=_stream(weight))
 
     def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
                      use_rslora: bool) -> None:
@@ -258,7 +358,10 @@ class Linear(LoraLayer):
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
         """peft file key suffix -> this layer's state-dict key, for ``adapter``."""
-        return {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+        keys = {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+        if self._is_dora(adapter):
+            keys["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter}.weight"
+        return keys
 
     def _merge_targets(self) -> dict[str, torch.Tensor]:
         return {"weight": self.get_base_layer().weight.detach()}
@@ -269,13 +372,19 @@ class Linear(LoraLayer):
 
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
+        factor = self._dora_merge_factor(adapter, weight.dtype)
         record = functional.lora_merge(weight, *self._adapter_pair(adapter, weight.dtype),
                                        self.scaling[adapter], fan_in_fan_out=self.fan_in_fan_out,
                                        stream=_stream(weight))
-        return {"weight": tuple(record)}
+        records = {"weight": tuple(record)}
+        if factor is not None:
+            records[_DORA_RECORD] = tuple(self._scale_merge(weight, factor))
+        return records
 
     def _unmerge_from(self, adapter, targets, records):
         weight = targets["weight"]
+        if _DORA_RECORD in records:
+            self._unmerge_dora(adapter, weight, records)
         functional.lora_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
                                 self.scaling[adapter], functional.MergeRecord(*records["weight"]),
                                 fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
@@ -302,6 +411,14 @@ class Linear(LoraLayer):
                                 f"{len(args)} more positional and {sorted(kwargs)} keyword arguments")
             return self._base_forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        dora = self._single_dora(adapters)
+        if dora is not None:
+            return _autograd.dora_linear(
+                x, base.weight, base.bias, self.lora_A[dora].weight, self.lora_B[dora].weight,
+                self.lora_magnitude_vector[dora].weight, scale=self.scaling[dora],
+                fan_in_fan_out=self.fan_in_fan_out,
+                dropout=_active_dropout_p(self.lora_dropout[dora]),
+                sq_norm_cache=self._dora_sq_norm, layer=type(self).__name__)
         lora_a, lora_b, scale, dropout = self._stacked(adapters)
         return _autograd.lora_linear(x, base.weight, base.bias, lora_a, lora_b, scale=scale,
                                      fan_in_fan_out=self.fan_in_fan_out, enable_lora=None,
@@ -311,16 +428,27 @@ class Linear(LoraLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
 
 
-class Embedding(LoraLayer):
+class Embedding(_DoraMixin, LoraLayer):
     """LoRA around ``nn.Embedding``: ``lora_embedding_A[name]`` (r, V) and
-    ``lora_embedding_B[name]`` (D, r) raw Parameters, as in peft (no dropout)."""
+    ``lora_embedding_B[name]`` (D, r) raw Parameters, as in peft (no dropout); a DoRA adapter
+    also has ``lora_magnitude_vector[name].weight`` (D,), normed over the vocabulary."""
 
-    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Embedding, in_features: int, out_features: int):
         super().__init__(base_layer, in_features, out_features)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self._init_dora()
+
+    # The norm runs over the (D, V) view of the (V, D) weight.
+    _dora_fan_in_fan_out = True
+
+    def _scale_merge(self, weight, factor):
+        return functional.ia3_embedding_merge(weight, factor, stream=_stream(weight))
+
+    def _scale_unmerge(self, weight, factor, record):
+        functional.ia3_embedding_unmerge(weight, factor, record, stream=_stream(weight))
 
     def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
                      use_rslora: bool) -> None:
@@ -330,8 +458,11 @@ class Embedding(LoraLayer):
         self._set_settings(adapter, r, lora_alpha, use_rslora)
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
-        return {"lora_embedding_A": f"lora_embedding_A.{adapter}",
+        keys = {"lora_embedding_A": f"lora_embedding_A.{adapter}",
                 "lora_embedding_B": f"lora_embedding_B.{adapter}"}
+        if self._is_dora(adapter):
+            keys["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter}.weight"
+        return keys
 
     def _merge_targets(self):
         return {"weight": self.get_base_layer().weight.detach()}
@@ -342,12 +473,18 @@ class Embedding(LoraLayer):
 
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
+        factor = self._dora_merge_factor(adapter, weight.dtype)
         record = functional.lora_embedding_merge(weight, *self._adapter_pair(adapter, weight.dtype),
                                                  self.scaling[adapter], stream=_stream(weight))
-        return {"weight": tuple(record)}
+        records = {"weight": tuple(record)}
+        if factor is not None:
+            records[_DORA_RECORD] = tuple(self._scale_merge(weight, factor))
+        return records
 
     def _unmerge_from(self, adapter, targets, records):
         weight = targets["weight"]
+        if _DORA_RECORD in records:
+            self._unmerge_dora(adapter, weight, records)
         functional.lora_embedding_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
                                           self.scaling[adapter],
                                           functional.MergeRecord(*records["weight"]),
@@ -358,6 +495,12 @@ class Embedding(LoraLayer):
         if not adapters:
             return self._base_forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        dora = self._single_dora(adapters)
+        if dora is not None:
+            return _autograd.dora_embedding(
+                x, base.weight, self.lora_embedding_A[dora], self.lora_embedding_B[dora],
+                self.lora_magnitude_vector[dora].weight, scale=self.scaling[dora],
+                padding_idx=base.padding_idx, sq_norm_cache=self._dora_sq_norm)
         if len(adapters) == 1:
             a = adapters[0]
             lora_a, lora_b, scale = self.lora_embedding_A[a], self.lora_embedding_B[a], self.scaling[a]
