@@ -450,6 +450,52 @@ def test_valid_args_pass(entry):
     _call(entry, _valid(entry))
 
 
+# ---- reference counts and heap (tests/test_leaks.py's checks, for the DoRA entry points) ------
+
+DORA_BAD_CHANGE = {
+    "dora_linear_forward": {"magnitude": _arr(OUT_ + 1)},
+    "dora_linear_backward": {"base": None},
+    "dora_embedding_forward": {"indices": np.array([0, 9])},
+    "dora_embedding_backward": {"norm": _arr(D_ + 2)},
+    "dora_weight_norm": {"scale": float("inf")},
+    "dora_weight_sq_norm": {"weight": _arr(OUT_)},
+}
+
+
+def _run_many(entry, args, failing, times):
+    for _ in range(times):
+        if failing:
+            with pytest.raises((ValueError, TypeError, IndexError)):
+                _call(entry, args)
+        else:
+            _call(entry, args)
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["success", "error"])
+@pytest.mark.parametrize("entry", sorted(POSITIONAL))
+def test_refcounts_and_heap_stable(entry, failing):
+    import gc
+    import sys
+    import tracemalloc
+    args = _valid(entry)
+    if failing:
+        args.update(DORA_BAD_CHANGE[entry])
+    watched = {k: v for k, v in args.items() if v is not None and not isinstance(v, (bool, int))}
+    _run_many(entry, args, failing, 5)
+    before = {k: sys.getrefcount(v) for k, v in watched.items()}
+    tracemalloc.start()
+    try:
+        gc.collect()
+        start, _ = tracemalloc.get_traced_memory()
+        _run_many(entry, args, failing, 200)
+        gc.collect()
+        end, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert {k: sys.getrefcount(v) for k, v in watched.items()} == before
+    assert end - start < 4096, f"heap grew by {end - start} bytes over 200 calls"
+
+
 # ---- torch layers (loralib API) --------------------------------------------------------------
 
 torch = pytest.importorskip("torch")
@@ -798,3 +844,19 @@ def test_peft_api_refuses_several_active_adapters_with_dora():
     model.base_model.set_adapter(["default", "other"])
     with pytest.raises(ValueError, match="DoRA"):
         model(tokens())
+
+
+def test_layer_releases_every_dlpack_export():
+    """The DoRA Functions hand tensors to C as torch capsules: after many steps no parameter,
+    input or cached norm holds an extra reference."""
+    import gc
+    from test_leaks import holders
+    layer = cpeft.Linear(6, 5, r=2, use_dora=True, lora_dropout=0.2)
+    x = torch.randn(4, 6, requires_grad=True)
+    layer(x).sum().backward()
+    watched = dict(layer.named_parameters(), x=x)
+    before = {k: holders(v) for k, v in watched.items()}
+    for _ in range(50):
+        layer(x).sum().backward()
+    gc.collect()
+    assert {k: holders(v) for k, v in watched.items()} == before
