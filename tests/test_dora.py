@@ -860,3 +860,24 @@ def test_layer_releases_every_dlpack_export():
         layer(x).sum().backward()
     gc.collect()
     assert {k: holders(v) for k, v in watched.items()} == before
+
+
+def test_peft_api_dora_merged_after_another_adapter_unmerges_exactly():
+    """n is taken on the pretrained weight even when another adapter is merged first, and
+    unmerging both restores the weights bit for bit."""
+    ids = tokens()
+    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
+    model.add_adapter("dora", LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    _randomize_dora(model)
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()
+              if "base_layer" in k}
+    model.set_adapter("dora")
+    model.eval()
+    expected = output(model, ids)
+    model.merge_adapter(["default"])
+    model.merge_adapter(["dora"])
+    model.unmerge_adapter()
+    after = model.get_base_model().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model.merge_adapter(["dora"])
+    torch.testing.assert_close(output(model, ids), expected, rtol=1e-5, atol=1e-5)
