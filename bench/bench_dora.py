@@ -16,7 +16,8 @@ frozen bias, no dropout, train mode), gradients of x, lora_A, lora_B (and the ma
                  without autograd (the ratio of the compute alone)
 
 Timings are medians of --repeat runs with the variants interleaved (a shared machine slows all
-alike); on CUDA each run is synchronized. Before timing, cpeft's DoRA output and gradients are
+alike), with the fastest run beside the median (on a shared machine the fastest is the least
+disturbed); on CUDA each run is synchronized. Before timing, cpeft's DoRA output and gradients are
 checked against peft's. "kept" is the bytes of the tensors autograd saves for backward that are
 neither parameters nor the input x (counted once per storage, via saved_tensors_hooks): what a
 layer adds to the activation memory of training. Prints a markdown table with the machine,
@@ -66,7 +67,8 @@ def interleaved_ms(fns, repeat, sync):
             fn()
             sync()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return ({name: statistics.median(v) for name, v in samples.items()},
+            {name: min(v) for name, v in samples.items()})
 
 
 def main():
@@ -187,10 +189,10 @@ def main():
                                    dora.scaling, grad_x=gx, grad_lora_a=ga, grad_lora_b=gb,
                                    grad_magnitude=gm, stream=stream)
 
-        times = interleaved_ms({"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
+        times, fastest = interleaved_ms({"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
                                 "peft DoRA": step(peft_model), "core LoRA": core_lora,
                                 "core DoRA": core_dora}, args.repeat, sync)
-        rows.append((m, times, kept))
+        rows.append((m, times, fastest, kept))
 
     print(f"# bench_dora {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"commit {git_commit()}")
@@ -201,16 +203,24 @@ def main():
           f"{cpeft.build_info()['blas']}; {args.dtype}, {n}->{n}, r={r}, bias frozen, "
           f"no dropout, median of {args.repeat}")
     print()
+    print("Times: median (fastest) over the runs; ratios of medians (of fastest).")
+    print()
     print("| M | cpeft LoRA | cpeft DoRA | peft DoRA | DoRA / LoRA (cpeft) | peft DoRA / cpeft DoRA "
           "| C core: DoRA / LoRA | kept: cpeft LoRA | kept: cpeft DoRA | kept: peft DoRA |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     mib = float(1 << 20)
-    for m, t, k in rows:
-        print(f"| {m} | {t['cpeft LoRA']:.2f} ms | {t['cpeft DoRA']:.2f} ms | "
-              f"{t['peft DoRA']:.2f} ms | {t['cpeft DoRA'] / t['cpeft LoRA']:.3f} | "
-              f"{t['peft DoRA'] / t['cpeft DoRA']:.2f} | "
-              f"{t['core DoRA'] / t['core LoRA']:.3f} ({t['core DoRA']:.2f} / "
-              f"{t['core LoRA']:.2f} ms) | {k['cpeft LoRA'] / mib:.2f} MiB | "
+
+    def ms(name, t, f):
+        return f"{t[name]:.2f} ({f[name]:.2f}) ms"
+
+    def ratio(a, b, t, f):
+        return f"{t[a] / t[b]:.3f} ({f[a] / f[b]:.3f})"
+
+    for m, t, f, k in rows:
+        print(f"| {m} | {ms('cpeft LoRA', t, f)} | {ms('cpeft DoRA', t, f)} | "
+              f"{ms('peft DoRA', t, f)} | {ratio('cpeft DoRA', 'cpeft LoRA', t, f)} | "
+              f"{ratio('peft DoRA', 'cpeft DoRA', t, f)} | "
+              f"{ratio('core DoRA', 'core LoRA', t, f)} | {k['cpeft LoRA'] / mib:.2f} MiB | "
               f"{k['cpeft DoRA'] / mib:.2f} MiB | {k['peft DoRA'] / mib:.2f} MiB |")
 
 
