@@ -60,15 +60,18 @@ def interleaved_ms(fns, repeat, sync):
             fn()
     sync()
     samples = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
             samples[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
     return ({name: statistics.median(v) for name, v in samples.items()},
-            {name: min(v) for name, v in samples.items()})
+            {name: min(v) for name, v in samples.items()},
+            {name: statistics.median(v) for name, v in cpu.items()})
 
 
 def main():
@@ -189,10 +192,10 @@ def main():
                                    dora.scaling, grad_x=gx, grad_lora_a=ga, grad_lora_b=gb,
                                    grad_magnitude=gm, stream=stream)
 
-        times, fastest = interleaved_ms({"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
+        times, fastest, cpu_times = interleaved_ms({"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
                                 "peft DoRA": step(peft_model), "core LoRA": core_lora,
                                 "core DoRA": core_dora}, args.repeat, sync)
-        rows.append((m, times, fastest, kept))
+        rows.append((m, times, fastest, kept, cpu_times))
 
     print(f"# bench_dora {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"commit {git_commit()}")
@@ -216,12 +219,21 @@ def main():
     def ratio(a, b, t, f):
         return f"{t[a] / t[b]:.3f} ({f[a] / f[b]:.3f})"
 
-    for m, t, f, k in rows:
+    for m, t, f, k, _ in rows:
         print(f"| {m} | {ms('cpeft LoRA', t, f)} | {ms('cpeft DoRA', t, f)} | "
               f"{ms('peft DoRA', t, f)} | {ratio('cpeft DoRA', 'cpeft LoRA', t, f)} | "
               f"{ratio('peft DoRA', 'cpeft DoRA', t, f)} | "
               f"{ratio('core DoRA', 'core LoRA', t, f)} | {k['cpeft LoRA'] / mib:.2f} MiB | "
               f"{k['cpeft DoRA'] / mib:.2f} MiB | {k['peft DoRA'] / mib:.2f} MiB |")
+    if device.type == "cpu":
+        # Process CPU time (all threads) is what a time-sliced, shared machine disturbs least.
+        print()
+        print("| M | CPU time: cpeft LoRA | cpeft DoRA | peft DoRA | DoRA / LoRA | C core DoRA / LoRA |")
+        print("|---|---|---|---|---|---|")
+        for m, _, _, _, c in rows:
+            print(f"| {m} | {c['cpeft LoRA']:.2f} ms | {c['cpeft DoRA']:.2f} ms | "
+                  f"{c['peft DoRA']:.2f} ms | {c['cpeft DoRA'] / c['cpeft LoRA']:.3f} | "
+                  f"{c['core DoRA'] / c['core LoRA']:.3f} |")
 
 
 if __name__ == "__main__":
