@@ -390,3 +390,17 @@ def test_peft_api_dora_merged_after_another_adapter_unmerges_exactly():
     assert all(torch.equal(before[k], after[k]) for k in before)
     model.merge_adapter(["dora"])
     torch.testing.assert_close(output(model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_get_peft_model_state_dict_keys_match_peft():
+    from cpeft.peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict as peft_state_dict
+    kwargs = dict(r=2, lora_alpha=4, target_modules=["c_attn", "wte"], use_dora=True)
+    ours = get_peft_model(gpt2(), LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(gpt2(), peft.LoraConfig(**kwargs))
+    mine, want = get_peft_model_state_dict(ours), peft_state_dict(theirs)
+    assert {k: tuple(v.shape) for k, v in mine.items()} == \
+        {k: tuple(v.shape) for k, v in want.items()}
+    for key in want:
+        if key.endswith("lora_magnitude_vector"):
+            torch.testing.assert_close(mine[key], want[key], rtol=1e-5, atol=1e-6)
