@@ -41,6 +41,7 @@ def parse_args():
     p.add_argument("--features", type=int, default=1024)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and OpenBLAS)")
     return p.parse_args()
 
@@ -54,8 +55,8 @@ def git_commit():
         return "unknown"
 
 
-def interleaved_ms(fns, repeat, sync):
-    for _ in range(3):
+def interleaved_ms(fns, repeat, warmup, sync):
+    for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync()
@@ -194,7 +195,7 @@ def main():
 
         times, fastest, cpu_times = interleaved_ms({"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
                                 "peft DoRA": step(peft_model), "core LoRA": core_lora,
-                                "core DoRA": core_dora}, args.repeat, sync)
+                                "core DoRA": core_dora}, args.repeat, args.warmup, sync)
         rows.append((m, times, fastest, kept, cpu_times))
 
     print(f"# bench_dora {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
