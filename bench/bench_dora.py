@@ -193,9 +193,9 @@ def main():
                                    dora.scaling, grad_x=gx, grad_lora_a=ga, grad_lora_b=gb,
                                    grad_magnitude=gm, stream=stream)
 
-        times, fastest, cpu_times = interleaved_ms({"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
-                                "peft DoRA": step(peft_model), "core LoRA": core_lora,
-                                "core DoRA": core_dora}, args.repeat, args.warmup, sync)
+        variants = {"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
+                    "peft DoRA": step(peft_model), "core LoRA": core_lora, "core DoRA": core_dora}
+        times, fastest, cpu_times = interleaved_ms(variants, args.repeat, args.warmup, sync)
         rows.append((m, times, fastest, kept, cpu_times))
 
     print(f"# bench_dora {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
