@@ -404,3 +404,21 @@ def test_get_peft_model_state_dict_keys_match_peft():
     for key in want:
         if key.endswith("lora_magnitude_vector"):
             torch.testing.assert_close(mine[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_dora_layer_pickles_and_state_dict_round_trips():
+    import copy
+    import pickle
+    torch.manual_seed(6)
+    layer = cpeft.Linear(8, 5, r=2, use_dora=True, dtype=torch.float64)
+    _randomize(layer.lora_B)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    y = layer(x).detach()
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+    fresh = cpeft.Linear(8, 5, r=2, use_dora=True, dtype=torch.float64)
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+    layer.eval()  # merged: the state dict still holds the unmerged weight
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh.train()(x), y, rtol=0, atol=0)
