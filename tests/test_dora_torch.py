@@ -422,3 +422,12 @@ def test_dora_layer_pickles_and_state_dict_round_trips():
     layer.eval()  # merged: the state dict still holds the unmerged weight
     fresh.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fresh.train()(x), y, rtol=0, atol=0)
+
+
+def test_mixed_adapter_batch_refuses_dora_adapters():
+    """peft refuses adapter_names with DoRA; so does cpeft, instead of running it as LoRA."""
+    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"]))
+    ids = tokens()
+    with pytest.raises(ValueError, match="DoRA"):
+        model(ids, adapter_names=["default", "other", "__base__"])

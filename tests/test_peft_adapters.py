@@ -329,3 +329,100 @@ def test_auto_peft_model_without_task_type_uses_auto_mapping(tmp_path):
         loaded = auto.from_pretrained(tmp_path / "adapter")
         assert type(loaded.get_base_model()).__name__ == "GPT2LMHeadModel"
         torch.testing.assert_close(logits(loaded, tokens()), logits(peft_model.eval(), tokens()), **TOL)
+
+
+# ------------------------------------------------------------------------ per-layer configuration
+
+PER_LAYER = {
+    "rank-alpha-patterns": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "mlp.c_proj"],
+                                rank_pattern={"h.0.attn.c_attn": 8, "c_fc": 2},
+                                alpha_pattern={r"h\.1\.attn\.c_attn": 32, "mlp.c_proj": 3}),
+    "layers-to-transform": dict(r=4, target_modules=["c_attn", "c_fc"], layers_to_transform=[1],
+                                layers_pattern="h"),
+    "layers-to-transform-no-pattern": dict(r=4, target_modules=["c_attn"], layers_to_transform=0),
+    "exclude-list": dict(r=4, target_modules=["c_attn", "c_fc", "c_proj"], exclude_modules=["mlp.c_proj"]),
+    "exclude-regex": dict(r=4, target_modules=["c_attn", "c_proj"], exclude_modules=r".*\.h\.0\..*"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PER_LAYER))
+def test_per_layer_configuration_matches_peft_and_files_cross(case, tmp_path):
+    kwargs = PER_LAYER[case]
+    ours = get_peft_model(gpt2(layers=3), LoraConfig(**kwargs))
+    theirs = hf_peft.get_peft_model(gpt2(layers=3), hf_peft.LoraConfig(**kwargs))
+    our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items() if "lora_" in k}
+    their_shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if "lora_" in k}
+    assert our_shapes == their_shapes
+    for name, layer in ours.named_modules():
+        if isinstance(layer, BaseTunerLayer):
+            reference = theirs.get_submodule(name)
+            assert layer.r == reference.r and layer.scaling == pytest.approx(reference.scaling), name
+    randomize(ours)
+    randomize(theirs)
+    ids = tokens()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules"):
+        if key in kwargs:
+            assert saved[key] == json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())[key], key
+    from_theirs = PeftModel.from_pretrained(gpt2(layers=3), tmp_path / "theirs")
+    torch.testing.assert_close(logits(from_theirs, ids), logits(theirs.eval(), ids), **TOL)
+    from_ours = hf_peft.PeftModel.from_pretrained(gpt2(layers=3), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(from_ours, ids), logits(ours.eval(), ids), **TOL)
+
+
+def test_bert_layers_pattern_selects_the_same_layers_as_peft():
+    kwargs = dict(r=2, target_modules=["query", "value"], layers_to_transform=[0, 2], layers_pattern="layer")
+    ours = get_peft_model(bert(layers=3), LoraConfig(**kwargs))
+    theirs = hf_peft.get_peft_model(bert(layers=3), hf_peft.LoraConfig(**kwargs))
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, BaseTunerLayer)) == \
+        sorted(n for n, m in theirs.named_modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_modules=["c_attn"], rank_pattern={"c_fc": 4}), "rank_pattern: the key 'c_fc' matches no"),
+    (dict(target_modules=["c_attn"], alpha_pattern={r"h\.9\.attn\.c_attn": 4}), "alpha_pattern"),
+    (dict(target_modules=["c_attn"], exclude_modules=["c_attn"]), "excluded by exclude_modules"),
+    (dict(target_modules=["c_attn"], layers_to_transform=[7], layers_pattern="h"), "matched no module"),
+])
+def test_per_layer_configuration_errors_leave_the_model_untouched(kwargs, message):
+    model = gpt2()
+    before = sorted(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, LoraConfig(r=2, **kwargs))
+    assert sorted(model.state_dict()) == before
+
+
+@pytest.mark.parametrize("kwargs, field_name", [
+    ({"rank_pattern": {"x": 0}}, "rank_pattern"), ({"rank_pattern": {"(": 2}}, "rank_pattern"),
+    ({"rank_pattern": ["x"]}, "rank_pattern"), ({"alpha_pattern": {"x": float("inf")}}, "alpha_pattern"),
+    ({"layers_to_transform": [-1]}, "layers_to_transform"), ({"layers_to_transform": "1"}, "layers_to_transform"),
+    ({"layers_pattern": "h"}, "layers_pattern"), ({"exclude_modules": [3]}, "exclude_modules"),
+    ({"target_modules": r".*c_attn", "layers_to_transform": [0]}, "layers_to_transform"),
+])
+def test_per_layer_config_fields_are_validated(kwargs, field_name):
+    with pytest.raises(ValueError, match=field_name):
+        LoraConfig(**kwargs)
+
+
+def test_forward_signature_is_the_wrapped_models_and_the_model_pickles(tmp_path):
+    import inspect
+    import io
+
+    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    parameters = list(inspect.signature(model.forward).parameters)
+    assert parameters[:3] == list(inspect.signature(model.get_base_model().forward).parameters)[:3]
+    assert "input_ids" in parameters and "labels" in parameters
+    # transformers recognises adapter models by isinstance(model, peft.PeftModel).
+    assert isinstance(model, hf_peft.PeftModel) and isinstance(model, cpeft.PeftModelForCausalLM)
+    randomize(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(model) and loaded.active_adapter == "default"
+    torch.testing.assert_close(logits(loaded.eval(), tokens()), logits(model.eval(), tokens()), rtol=0, atol=0)
+    # peft's own methods never show through: what cpeft lacks is looked up on the wrapped model.
+    with pytest.raises(AttributeError):
+        model.add_weighted_adapter

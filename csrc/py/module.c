@@ -87,6 +87,8 @@ static PyMethodDef cpeft_methods[] = {
     CPEFT_ENTRY(dora_linear_backward),
     CPEFT_ENTRY(dora_embedding_forward),
     CPEFT_ENTRY(dora_embedding_backward),
+    CPEFT_ENTRY(lora_grouped_forward),
+    CPEFT_ENTRY(lora_grouped_backward),
     {"has_cuda", has_cuda, METH_NOARGS, has_cuda_doc},
     {"build_info", build_info, METH_NOARGS, build_info_doc},
     {NULL, NULL, 0, NULL},

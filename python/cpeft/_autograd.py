@@ -442,3 +442,67 @@ def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding
         _cast(lora_b, kernel_dtype), _cast(magnitude, kernel_dtype), sq_norm,
         LoraEmbeddingSettings(float(scale), padding_idx))
     return _cast(y, dtype)
+
+
+class LoraGroupedSettings(NamedTuple):
+    ranks: tuple
+    scales: tuple
+    fan_in_fan_out: bool
+    dropout: float
+    seed: int
+
+
+class LoraGroupedFunction(torch.autograd.Function):
+    """Mixed-adapter LoRA linear: row m uses adapter index[m] (-1: none) of the packed
+    adapters; keeps x and xa (M x max rank), so several adapters train in one batch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, index, settings: LoraGroupedSettings):
+        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
+        y = _empty(x.shape[:-1] + (out_features,), x)
+        xa = _empty(x.shape[:-1] + (max(settings.ranks),), x)
+        functional.lora_grouped_forward(
+            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), _dl(index),
+            settings.ranks, settings.scales, fan_in_fan_out=settings.fan_in_fan_out,
+            dropout=settings.dropout, seed=settings.seed, offset=0, out=_dl(y), out_xa=_dl(xa),
+            stream=cuda_stream(x.device))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, index)
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, xa, index = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        settings = ctx.settings
+        need_bias = need_bias and ctx.has_bias
+        grad_x, grad_weight = _grad_buffer(need_x, x), _grad_buffer(need_weight, weight)
+        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
+        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
+        functional.lora_grouped_backward(
+            _dl(grad_out.contiguous()), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(xa),
+            _dl(index), settings.ranks, settings.scales, fan_in_fan_out=settings.fan_in_fan_out,
+            dropout=settings.dropout, seed=settings.seed, offset=0,
+            grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
+            grad_lora_b=_dl_or_false(grad_b), grad_bias=_dl_or_false(grad_bias),
+            grad_weight=_dl_or_false(grad_weight), stream=cuda_stream(grad_out.device))
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
+
+
+def lora_grouped(x, weight, bias, lora_a, lora_b, index, *, ranks, scales, fan_in_fan_out,
+                 dropout):
+    """Applies LoraGroupedFunction under the module-wide dtype rule. lora_a (ΣR, IN) and lora_b
+    (OUT, ΣR) are the adapters packed (torch.cat keeps each adapter's gradient path); index is
+    an int64 tensor with one entry per row of x."""
+    device_type = x.device.type
+    dtype = compute_dtype(x.dtype, weight.dtype, device_type)
+    kernel_dtype = core_dtype(dtype, device_type)
+    seed = draw_dropout_seed() if dropout > 0.0 else 0
+    settings = LoraGroupedSettings(tuple(int(r) for r in ranks), tuple(float(s) for s in scales),
+                                   bool(fan_in_fan_out), float(dropout), seed)
+    y = LoraGroupedFunction.apply(
+        _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
+        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype), index, settings)
+    return _cast(y, dtype)

@@ -35,7 +35,8 @@ __all__ = [
     "lora_embedding_backward", "ia3_linear_forward", "ia3_linear_backward",
     "ia3_embedding_forward", "ia3_embedding_backward", "lora_merge", "lora_unmerge",
     "lora_embedding_merge", "lora_embedding_unmerge", "ia3_merge", "ia3_unmerge",
-    "ia3_embedding_merge", "ia3_embedding_unmerge", "dropout_mask",
+    "ia3_embedding_merge", "ia3_embedding_unmerge", "dropout_mask", "lora_grouped_forward",
+    "lora_grouped_backward",
     "DoraLinearGrads", "DoraEmbeddingGrads", "dora_weight_sq_norm", "dora_weight_norm",
     "dora_linear_forward", "dora_linear_backward", "dora_embedding_forward",
     "dora_embedding_backward",
@@ -225,6 +226,70 @@ def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale: float, 
     grads = _C.lora_linear_backward(
         grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out=fan_in_fan_out,
         enable_lora=enable_lora, dropout=dropout, seed=seed, offset=offset,
+        grad_x=_output(grad_x, x, lambda: x.shape),
+        grad_lora_a=_output(grad_lora_a, x, lambda: lora_a.shape),
+        grad_lora_b=_output(grad_lora_b, x, lambda: lora_b.shape),
+        grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
+        grad_weight=_output(grad_weight, x, lambda: weight.shape),
+        stream=stream)
+    return LoraLinearGrads(*grads)
+
+
+# ---- LoRA linear over mixed-adapter batches -----------------------------------------------------
+
+def _grouped_r_max(ranks) -> int:
+    try:
+        return max(int(r) for r in ranks)
+    except (TypeError, ValueError):
+        return 0  # malformed ranks: C reports them before it looks at the outputs
+
+
+def lora_grouped_forward(x, weight, bias, lora_a, lora_b, index, ranks: Sequence[int],
+                         scales: Sequence[float], *, fan_in_fan_out: bool = False,
+                         dropout: float = 0.0, seed: int = 0, offset: int = 0, out=None,
+                         out_xa=None, stream=None):
+    """LoRA linear where each row uses its own adapter (peft's mixed-adapter batches), every
+    adapter of the layer in one call: ``y[m] = x[m]·Wᵀ + bias + s_g · drop(x[m])·A_gᵀ·B_gᵀ`` with
+    ``g = index[m]`` (-1: the base layer only). Rows are grouped by adapter inside the call, so
+    each adapter costs one pair of GEMMs over its own rows, in any row order.
+
+    Args:
+        x: (..., IN) float.
+        weight: (OUT, IN), or (IN, OUT) with ``fan_in_fan_out``.
+        bias: (OUT,) or None.
+        lora_a: (ΣR, IN), the A_g stacked (rows [off_g, off_g + R_g)).
+        lora_b: (OUT, ΣR), the B_g side by side (columns [off_g, off_g + R_g)).
+        index: int32/int64 with one entry per row of x (x.shape[:-1] or flat), in [-1, G).
+        ranks: G ints R_g >= 1 summing to ΣR; scales: G finite floats s_g.
+        dropout, seed, offset: as in ``lora_linear_forward`` (one probability for all adapters).
+        out: (..., OUT); out_xa: (..., max(ranks)); None/True allocates.
+
+    Returns:
+        (y, xa): xa[m, :R_g] = drop(x[m])·A_gᵀ (unscaled), zero elsewhere; kept for backward.
+    """
+    x, weight, bias, lora_a, lora_b, index = map(_detached, (x, weight, bias, lora_a, lora_b, index))
+    out = _output(out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),),
+                  required=True)
+    out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (_grouped_r_max(ranks),), required=True)
+    return _C.lora_grouped_forward(x, weight, bias, lora_a, lora_b, index, ranks, scales,
+                                   fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
+                                   offset=offset, out=out, out_xa=out_xa, stream=stream)
+
+
+def lora_grouped_backward(grad_out, x, weight, lora_a, lora_b, xa, index, ranks: Sequence[int],
+                          scales: Sequence[float], *, fan_in_fan_out: bool = False,
+                          dropout: float = 0.0, seed: int = 0, offset: int = 0, grad_x=True,
+                          grad_lora_a=True, grad_lora_b=True, grad_bias=False,
+                          grad_weight=False, stream=None) -> LoraLinearGrads:
+    """Gradients of ``lora_grouped_forward`` (same arguments; ``xa`` its second result), as
+    LoraLinearGrads(x, lora_a, lora_b, bias, weight): grad_lora_a (ΣR, IN) and grad_lora_b
+    (OUT, ΣR) are packed like the adapters, zero for adapters without rows in the batch. All
+    gradients are overwritten, not accumulated into."""
+    grad_out, x, weight, lora_a, lora_b, xa, index = map(
+        _detached, (grad_out, x, weight, lora_a, lora_b, xa, index))
+    grads = _C.lora_grouped_backward(
+        grad_out, x, weight, lora_a, lora_b, xa, index, ranks, scales,
+        fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed, offset=offset,
         grad_x=_output(grad_x, x, lambda: x.shape),
         grad_lora_a=_output(grad_lora_a, x, lambda: lora_a.shape),
         grad_lora_b=_output(grad_lora_b, x, lambda: lora_b.shape),

@@ -715,6 +715,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({adapter_name: copy.deepcopy(original_module)})
         self.active_adapter = adapter_name
         self.disable_adapters = False
+        self._mixed_adapter_names: list[str] | None = None
 
     def add_adapter(self, adapter_name: str) -> None:
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
@@ -724,9 +725,25 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        names = self._mixed_adapter_names
+        if names is not None and not self.disable_adapters:
+            return self._mixed_forward(names, *args, **kwargs)
         if self.disable_adapters or self.active_adapter not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.trained_module(*args, **kwargs)
+
+    def _mixed_forward(self, names: list[str], x: torch.Tensor, *args, **kwargs):
+        """Each sample through its adapter's copy (the original for others), as peft does."""
+        if x.shape[0] != len(names):
+            raise ValueError(f"adapter_names: expected one name per sample, i.e. {x.shape[0]} names for "
+                             f"an input of shape {tuple(x.shape)}, got {len(names)}")
+        result = self.original_module(x, *args, **kwargs)
+        for adapter in dict.fromkeys(names):
+            if adapter not in self.modules_to_save:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=x.device)
+            result = result.index_put((rows,), self.modules_to_save[adapter](x[rows], *args, **kwargs))
+        return result
 
     def __getattr__(self, name: str):
         try:
@@ -910,8 +927,52 @@ class PeftModel(nn.Module):
             return getattr(self.base_model.model, name)
 
     @_ForwardWithBaseSignature
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward. ``adapter_names`` (one name per sample, ``"__base__"``
+        for none) runs a mixed-adapter batch, in training too: every LoRA layer computes all the
+        adapters it holds in one grouped call, and gradients reach each adapter used."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one name per
+        sequence of the batch; beam search and sampling of several sequences per prompt are not
+        expanded for it)."""
+        generate = self.base_model.model.generate
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: Any) -> Iterator[None]:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names: expected a list with one adapter name per sample, "
+                             f"got {adapter_names!r}")
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config}, key=str)
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapters {unknown}; expected names among "
+                             f"{list(self.peft_config)} or '__base__'")
+        model = self.base_model.model
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if model.training and checkpointing:
+            # Checkpointed blocks run their forward again during backward, after this call has
+            # returned and the names are gone: the recomputation would use other adapters.
+            raise ValueError("adapter_names: mixed-adapter batches cannot train with gradient "
+                             "checkpointing enabled; disable it or train one adapter per batch")
+        names = list(adapter_names)
+        modules = [m for _, m in self.base_model.tuner_layers()] + [m for _, m in self.base_model.wrappers()]
+        for module in modules:
+            module._mixed_adapter_names = names
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._mixed_adapter_names = None
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -995,6 +1056,10 @@ class PeftModel(nn.Module):
         self._check_known(adapter_name)
         if len(self.peft_config) == 1:
             raise ValueError(f"adapter_name: {adapter_name!r} is the only adapter; use unload() to remove it")
+        merged = [path for path, layer in self.base_model.tuner_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter_name: {adapter_name!r} is merged into {merged}; call unmerge_adapter() "
+                             f"before deleting it")
         model = self.base_model.model
         for path, layer in list(self.base_model.tuner_layers()):
             if adapter_name in layer.adapter_names:
@@ -1072,7 +1137,10 @@ class PeftModel(nn.Module):
         for key, local in self._adapter_key_map(adapter_name).items():
             if local not in source:
                 raise ValueError(f"state_dict: missing {local!r}, needed for the adapter key {key!r}")
-            out[key] = source[local].detach().to("cpu").contiguous().clone()
+            tensor = source[local].detach()
+            if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): every rank gathers it
+                tensor = tensor.full_tensor()
+            out[key] = tensor.to("cpu").contiguous().clone()
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,

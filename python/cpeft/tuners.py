@@ -61,6 +61,9 @@ class BaseTunerLayer(nn.Module):
         # non-persistent so records follow .to() and stay out of state dicts.
         self._merge_records: dict[str, dict[str, tuple[str, str]]] = {}
         self._record_counter = 0
+        # One adapter name per sample while a mixed-adapter batch runs (PeftModel sets it around
+        # the call), else None.
+        self._mixed_adapter_names: Optional[list[str]] = None
 
     # ---- peft's layer attributes ---------------------------------------------------------------
 
@@ -198,10 +201,23 @@ class BaseTunerLayer(nn.Module):
             delattr(self, index_name)
             delattr(self, value_name)
 
-    def _base_forward(self, x, *args, **kwargs):
+    def _base_forward(self, x):
         if self.merged and self.disable_adapters:
             self.unmerge()
-        return self.base_layer(x, *args, **kwargs)
+        return self.base_layer(x)
+
+    def _mixed_batch_adapters(self) -> list[str]:
+        """The adapters of this layer that the running mixed-adapter batch uses (none when no
+        such batch runs or the adapters are disabled)."""
+        names = self._mixed_adapter_names
+        if names is None or self.disable_adapters:
+            return []
+        wanted = set(names)
+        used = [a for a in self.adapter_names if a in wanted]
+        if used and self.merged:
+            raise ValueError(f"adapter_names: cannot run a mixed-adapter batch while adapters "
+                             f"{self.merged_adapters} are merged; call unmerge_adapter() first")
+        return used
 
     def _adapters_to_run(self) -> list[str]:
         if self.disable_adapters or self.merged:
@@ -403,13 +419,40 @@ class Linear(_DoraMixin, LoraLayer):
         lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in adapters], dim=1)
         return lora_a, lora_b, 1.0, dropouts.pop()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapters = self._adapters_to_run()
-        if not adapters or args or kwargs:
-            if adapters:
-                raise TypeError(f"{type(self).__name__}.forward takes only the input tensor, got "
-                                f"{len(args)} more positional and {sorted(kwargs)} keyword arguments")
-            return self._base_forward(x, *args, **kwargs)
+    def _mixed_forward(self, x: torch.Tensor, used: list[str]) -> torch.Tensor:
+        """Every sample through its own adapter, all adapters in one grouped call: the rows of
+        x are tagged with their adapter's position in the packed [A_1; A_2; ...] and the op
+        groups them; gradients reach every adapter used."""
+        names = self._mixed_adapter_names
+        dora = [a for a in used if self._is_dora(a)]
+        if dora:
+            raise ValueError(f"adapter_names: mixed-adapter batches run plain LoRA adapters; "
+                             f"{dora} of this layer use DoRA (as in peft, which refuses "
+                             f"adapter_names with DoRA)")
+        if x.dim() < 2 or x.shape[0] != len(names):
+            raise ValueError(f"adapter_names: expected one name per sample, i.e. {x.shape[0] if x.dim() > 1 else 1} "
+                             f"names for an input of shape {tuple(x.shape)}, got {len(names)}")
+        dropouts = {_active_dropout_p(self.lora_dropout[a]) for a in used}
+        if len(dropouts) > 1:
+            raise ValueError(f"adapter_names: adapters {used} of one layer have different lora_dropout "
+                             f"values; a mixed-adapter batch needs one dropout probability per layer")
+        position = {a: i for i, a in enumerate(used)}
+        per_sample = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
+        index = per_sample.repeat_interleave(x[0].numel() // x.shape[-1])
+        base = self.get_base_layer()
+        lora_a = torch.cat([self.lora_A[a].weight for a in used], dim=0)
+        lora_b = torch.cat([self.lora_B[a].weight for a in used], dim=1)
+        return _autograd.lora_grouped(x, base.weight, base.bias, lora_a, lora_b, index,
+                                      ranks=[self.r[a] for a in used], scales=[self.scaling[a] for a in used],
+                                      fan_in_fan_out=self.fan_in_fan_out, dropout=dropouts.pop())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        used = self._mixed_batch_adapters()
+        if used:
+            return self._mixed_forward(x, used)
+        adapters = [] if self._mixed_adapter_names is not None else self._adapters_to_run()
+        if not adapters:
+            return self._base_forward(x)
         base = self.get_base_layer()
         dora = self._single_dora(adapters)
         if dora is not None:
@@ -490,10 +533,13 @@ class Embedding(_DoraMixin, LoraLayer):
                                           functional.MergeRecord(*records["weight"]),
                                           stream=_stream(weight))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapters = self._adapters_to_run()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mixed_batch_adapters():
+            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
+                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
+        adapters = [] if self._mixed_adapter_names is not None else self._adapters_to_run()
         if not adapters:
-            return self._base_forward(x, *args, **kwargs)
+            return self._base_forward(x)
         base = self.get_base_layer()
         dora = self._single_dora(adapters)
         if dora is not None:
@@ -584,10 +630,13 @@ class IA3Linear(IA3Layer):
             bias=targets.get("bias"), feedforward=self.is_feedforward,
             fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapters = self._adapters_to_run()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mixed_batch_adapters():
+            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
+                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
+        adapters = [] if self._mixed_adapter_names is not None else self._adapters_to_run()
         if not adapters:
-            return self._base_forward(x, *args, **kwargs)
+            return self._base_forward(x)
         base = self.get_base_layer()
         return _autograd.ia3_linear(x, base.weight, base.bias, self._vector(adapters),
                                     feedforward=self.is_feedforward,
@@ -619,10 +668,13 @@ class IA3Embedding(IA3Layer):
                                          functional.MergeRecord(*records["weight"]),
                                          stream=_stream(weight))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapters = self._adapters_to_run()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mixed_batch_adapters():
+            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
+                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
+        adapters = [] if self._mixed_adapter_names is not None else self._adapters_to_run()
         if not adapters:
-            return self._base_forward(x, *args, **kwargs)
+            return self._base_forward(x)
         base = self.get_base_layer()
         return _autograd.ia3_embedding(x, base.weight, self._vector(adapters),
                                        padding_idx=base.padding_idx)
