@@ -359,8 +359,8 @@ def test_invalid_json_and_wrong_adapter_type(saved_lora):
     data = json.loads(text)
     config_path.write_text(json.dumps(dict(data, peft_type="PREFIX_TUNING")))
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "peft_type", "PREFIX_TUNING")
-    config_path.write_text(json.dumps(dict(data, use_dora=True)))
-    assert_refused_untouched(gpt2(), saved_lora, ValueError, "use_dora")
+    config_path.write_text(json.dumps(dict(data, use_qalora=True)))
+    assert_refused_untouched(gpt2(), saved_lora, ValueError, "use_qalora")
     config_path.write_text(json.dumps(dict(data, r=-1)))
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "r:")
     # An IA3 config next to LoRA tensors: every key mismatches.

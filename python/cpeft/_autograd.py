@@ -325,6 +325,160 @@ def ia3_embedding(indices, weight, ia3_l, *, padding_idx):
     return _cast(y, dtype)
 
 
+class WeightSqNormCache:
+    """‖w_j‖² of a frozen weight, the part of DoRA's row norms that only changes with W.
+
+    Keyed on the weight's version counter (bumped by every in-place write through autograd's
+    view of the tensor: optimizers, ``torch.no_grad()`` updates, ``load_state_dict``, cpeft's
+    merges), its storage pointer (``weight.data = ...`` replaces it), and the dtype and layout
+    the core sees. Writes through ``weight.data.<op>_()`` bypass the version counter and are
+    not seen; call ``clear()`` after such a write."""
+
+    def __init__(self):
+        self._key = None
+        self._value: Optional[torch.Tensor] = None
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+    def get(self, weight: torch.Tensor, kernel_weight: torch.Tensor, fan_in_fan_out: bool):
+        key = (weight._version, weight.data_ptr(), weight.device, kernel_weight.dtype,
+               tuple(weight.shape), weight.stride(), bool(fan_in_fan_out))
+        if key != self._key:
+            value = kernel_weight.new_empty(
+                (kernel_weight.shape[1] if fan_in_fan_out else kernel_weight.shape[0],))
+            functional.dora_weight_sq_norm(_dl(kernel_weight.detach()),
+                                           fan_in_fan_out=fan_in_fan_out, out=_dl(value),
+                                           stream=cuda_stream(weight.device))
+            self._key, self._value = key, value
+        return self._value
+
+
+class DoraLinearSettings(NamedTuple):
+    scale: float
+    fan_in_fan_out: bool
+    dropout: float
+    seed: int
+
+
+def _refuse_weight_grad(weight: torch.Tensor, layer: str) -> None:
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{layer} with DoRA keeps the base weight frozen (peft trains lora_A, lora_B and "
+            "lora_magnitude_vector); got a weight with requires_grad=True")
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """peft's DoRA linear (cpeft/dora.h): y = c ⊙ (x·Wᵀ + s·xa·Bᵀ) + b, c = m / ‖W + s·B·A‖
+    (the norm a constant for backward), or with dropout peft's training formula. Keeps x, xa,
+    the norm (OUT,) and, when the magnitude needs a gradient, base = drop(x)·Wᵀ + s·xa·Bᵀ, the
+    one output-sized tensor DoRA adds to LoRA's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
+                settings: DoraLinearSettings):
+        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
+        y = _empty(x.shape[:-1] + (out_features,), x)
+        xa = _empty(x.shape[:-1] + (lora_a.shape[0],), x)
+        norm = _empty((out_features,), x)
+        base = _empty(y.shape, y) if ctx.needs_input_grad[5] else None
+        functional.dora_linear_forward(
+            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), _dl(magnitude),
+            settings.scale, fan_in_fan_out=settings.fan_in_fan_out, dropout=settings.dropout,
+            seed=settings.seed, weight_sq_norm=_dl(weight_sq_norm), out=_dl(y), out_xa=_dl(xa),
+            out_base=_dl(base), out_norm=_dl(norm), stream=cuda_stream(x.device))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, xa, base)
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, magnitude, norm, xa, base = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        settings = ctx.settings
+        need_bias = need_bias and ctx.has_bias
+        grad_x, grad_a = _grad_buffer(need_x, x), _grad_buffer(need_a, lora_a)
+        grad_b, grad_m = _grad_buffer(need_b, lora_b), _grad_buffer(need_m, magnitude)
+        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
+        functional.dora_linear_backward(
+            _dl(grad_out), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude),
+            _dl(norm), _dl(xa), _dl(base), settings.scale,
+            fan_in_fan_out=settings.fan_in_fan_out, dropout=settings.dropout,
+            seed=settings.seed, grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
+            grad_lora_b=_dl_or_false(grad_b), grad_magnitude=_dl_or_false(grad_m),
+            grad_bias=_dl_or_false(grad_bias), stream=cuda_stream(grad_out.device))
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
+
+
+def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, *, scale, fan_in_fan_out, dropout,
+                sq_norm_cache: Optional[WeightSqNormCache] = None, layer: str = "Linear"):
+    """Applies DoraLinearFunction under the module-wide dtype rule; returns the compute dtype."""
+    _refuse_weight_grad(weight, layer)
+    device_type = x.device.type
+    dtype = compute_dtype(x.dtype, weight.dtype, device_type)
+    kernel_dtype = core_dtype(dtype, device_type)
+    seed = draw_dropout_seed() if dropout > 0.0 else 0
+    kernel_weight = _cast(weight, kernel_dtype)
+    sq_norm = (sq_norm_cache.get(weight, kernel_weight, fan_in_fan_out)
+               if sq_norm_cache is not None else None)
+    settings = DoraLinearSettings(float(scale), bool(fan_in_fan_out), float(dropout), seed)
+    y = DoraLinearFunction.apply(
+        _cast(x, kernel_dtype), kernel_weight, _cast(bias, kernel_dtype),
+        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype),
+        _cast(magnitude, kernel_dtype), sq_norm, settings)
+    return _cast(y, dtype)
+
+
+class DoraEmbeddingFunction(torch.autograd.Function):
+    """peft's DoRA embedding: y[n] = c ⊙ (W[idx[n]] + s·Aᵀ[idx[n]]·Bᵀ), c = m / n with n normed
+    over the vocabulary; keeps the indices and the norm (D,), nothing output-sized."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, lora_a, lora_b, magnitude, weight_sq_norm,
+                settings: LoraEmbeddingSettings):
+        y = _empty(indices.shape + (weight.shape[1],), weight)
+        norm = _empty((weight.shape[1],), weight)
+        functional.dora_embedding_forward(
+            _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude), settings.scale,
+            weight_sq_norm=_dl(weight_sq_norm), out=_dl(y), out_norm=_dl(norm),
+            stream=cuda_stream(weight.device))
+        ctx.save_for_backward(indices, weight, lora_a, lora_b, magnitude, norm)
+        ctx.settings = settings
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
+        need_a, need_b, need_m = ctx.needs_input_grad[2:5]
+        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
+        grad_m = _grad_buffer(need_m, magnitude)
+        functional.dora_embedding_backward(
+            _dl(grad_out), _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude),
+            _dl(norm), ctx.settings.scale, padding_idx=ctx.settings.padding_idx,
+            grad_lora_a=_dl_or_false(grad_a), grad_lora_b=_dl_or_false(grad_b),
+            grad_magnitude=_dl_or_false(grad_m), stream=cuda_stream(grad_out.device))
+        return None, None, grad_a, grad_b, grad_m, None, None
+
+
+def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding_idx,
+                   sq_norm_cache: Optional[WeightSqNormCache] = None):
+    """As lora_embedding: the output has the weight's dtype, the adapters are cast to it."""
+    _refuse_weight_grad(weight, "Embedding")
+    dtype = weight.dtype
+    kernel_dtype = core_dtype(dtype, weight.device.type)
+    kernel_weight = _cast(weight, kernel_dtype)
+    sq_norm = (sq_norm_cache.get(weight, kernel_weight, True)
+               if sq_norm_cache is not None else None)
+    y = DoraEmbeddingFunction.apply(
+        _check_indices(indices), kernel_weight, _cast(lora_a, kernel_dtype),
+        _cast(lora_b, kernel_dtype), _cast(magnitude, kernel_dtype), sq_norm,
+        LoraEmbeddingSettings(float(scale), padding_idx))
+    return _cast(y, dtype)
+
+
 class LoraGroupedSettings(NamedTuple):
     ranks: tuple
     scales: tuple

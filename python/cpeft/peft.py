@@ -138,7 +138,7 @@ _LORA_UNSUPPORTED_FIELDS = {
     "lora_ga_config": None, "megatron_config": None,
     "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
     "target_parameters": None, "trainable_token_indices": None,
-    "use_bdlora": None, "use_dora": False, "use_qalora": False, "velora_config": None,
+    "use_bdlora": None, "use_qalora": False, "velora_config": None,
 }
 _IA3_UNSUPPORTED_FIELDS: dict[str, Any] = {}
 # Written by peft, meaningless for loading here.
@@ -295,6 +295,7 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
     use_rslora: bool = False
+    use_dora: bool = False
     modules_to_save: list[str] | None = None
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
@@ -323,6 +324,9 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {self.init_lora_weights!r}")
         _check_bool(self.use_rslora, "use_rslora")
         _check_bool(self.lora_bias, "lora_bias")
+        _check_bool(self.use_dora, "use_dora")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("lora_bias: True is not supported for DoRA (as in peft); pass use_dora=False")
         self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save", allow_regex=False)
         _check_layer_selection(self)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", positive_int=True)
@@ -663,6 +667,9 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
         if kind == "embedding" and (base.max_norm is not None or base.scale_grad_by_freq or base.sparse):
             raise ValueError(f"target_modules: the embedding {name!r} uses max_norm, scale_grad_by_freq "
                              f"or sparse, which cpeft's Embedding does not support")
+        if is_lora and config.use_dora and kind in ("conv", "mha"):
+            raise ValueError(f"use_dora: {name!r} is a {type(base).__name__}; cpeft runs DoRA on linear, "
+                             f"Conv1D and embedding targets only")
         in_features, out_features = _in_out_features(base, kind)
         target = _Target(name, module, kind, in_features, out_features)
         if is_lora:
@@ -749,6 +756,8 @@ def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[i
                 shapes[key + ".lora_B.weight"] = (t.out_features, t.r)
             if config.lora_bias:
                 shapes[key + ".lora_B.bias"] = (t.out_features,)
+            if config.use_dora:
+                shapes[key + ".lora_magnitude_vector"] = (t.out_features,)
             if t.kind == "mha":
                 embed = base.embed_dim
                 shapes[key + ".base_layer.out_proj.lora_A.weight"] = (t.r, embed)
@@ -905,6 +914,9 @@ def _init_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConf
                 nn.init.zeros_(lora_b)
                 if layer.lora_B[adapter].bias is not None:
                     nn.init.zeros_(layer.lora_B[adapter].bias)
+    if config.use_dora:
+        # peft: the magnitude starts as the row norms of W + s·B·A with the initialized A, B.
+        layer.add_dora_magnitude(adapter)
 
 
 # peft's autocast_adapter_dtype: adapters of 16-bit layers are kept in float32 for training

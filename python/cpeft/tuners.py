@@ -268,6 +268,91 @@ def _unmerge_lora_bias(lora_bias: torch.Tensor, scaling: float, bias: torch.Tens
                             scaling, functional.MergeRecord(*record), stream=_stream(bias))
 
 
+class DoraMagnitude(nn.Module):
+    """One adapter's DoRA magnitude, held as ``.weight`` (out,) so the in-model key is peft's
+    ``lora_magnitude_vector.<adapter>.weight``; files store it as ``lora_magnitude_vector``."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+# The DoRA merge writes (m / n) ⊙ (W + s·ΔW): the exact LoRA merge (record "weight"), then the exact
+# IA3 scaling of W's output rows (embedding: columns) by m / n (record _DORA_RECORD). Unmerge undoes
+# them in the reverse order with the same factor, kept in a non-persistent buffer while merged.
+_DORA_RECORD = "weight.dora_factor"
+
+
+class _DoraMixin:
+    """DoRA for the LoRA layers (peft's ``use_dora``): per-adapter ``lora_magnitude_vector``,
+    the C core's DoRA forward (one DoRA adapter active per layer), and the exact merge."""
+
+    def _init_dora(self) -> None:
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._dora_sq_norm = _autograd.WeightSqNormCache()
+
+    def _is_dora(self, adapter: str) -> bool:
+        return adapter in self.lora_magnitude_vector
+
+    def _dora_weight_norm(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self._adapter_pair(adapter, weight.dtype)
+        return functional.dora_weight_norm(weight, lora_a, lora_b, self.scaling[adapter],
+                                           fan_in_fan_out=self._dora_fan_in_fan_out,
+                                           stream=_stream(weight))
+
+    @torch.no_grad()
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight without the adapters merged into it (a copy; the live one if none
+        is merged): DoRA's norm is always taken on the pretrained weight, as in peft."""
+        weight = self.get_base_layer().weight.detach()
+        weight = weight.to(_autograd.core_dtype(weight.dtype, weight.device.type))
+        if not self.merged_adapters:
+            return weight
+        weight = weight.clone()
+        for adapter in reversed(self.merged_adapters):
+            names = self._merge_records[adapter]
+            records = {t: (getattr(self, i), getattr(self, v)) for t, (i, v) in names.items()}
+            if any(index is None for index, _ in records.values()):
+                weight.copy_(records["weight"][1])
+            else:
+                self._unmerge_from(adapter, {"weight": weight}, records)
+        return weight
+
+    @torch.no_grad()
+    def add_dora_magnitude(self, adapter: str) -> None:
+        weight = self._unmerged_weight()
+        norm = self._dora_weight_norm(adapter, weight)
+        self.lora_magnitude_vector[adapter] = DoraMagnitude(
+            norm.to(self.get_base_layer().weight.dtype))
+
+    def _dora_factor_name(self, adapter: str) -> str:
+        return f"_dora_factor_{adapter}"
+
+    def _dora_merge_factor(self, adapter: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """m / n for merging ``adapter`` (None for plain LoRA), taken before anything of it is
+        merged and kept for the unmerge."""
+        if not self._is_dora(adapter):
+            return None
+        norm = self._dora_weight_norm(adapter, self._unmerged_weight().to(dtype))
+        factor = self.lora_magnitude_vector[adapter].weight.detach().to(dtype) / norm
+        self.register_buffer(self._dora_factor_name(adapter), factor, persistent=False)
+        return factor
+
+    def _unmerge_dora(self, adapter: str, weight: torch.Tensor, records: dict) -> None:
+        factor = getattr(self, self._dora_factor_name(adapter))
+        self._scale_unmerge(weight, factor, functional.MergeRecord(*records[_DORA_RECORD]))
+
+    def _single_dora(self, adapters: list[str]) -> Optional[str]:
+        """The DoRA adapter to run, or None when every active adapter is plain LoRA."""
+        dora = [a for a in adapters if self._is_dora(a)]
+        if not dora:
+            return None
+        if len(adapters) > 1:
+            raise ValueError(f"active adapters {adapters} of one layer include DoRA adapters {dora}; "
+                             f"cpeft runs a DoRA adapter only as the one active adapter of a layer")
+        return dora[0]
+
+
 class LoraLayer(BaseTunerLayer):
     """peft's ``LoraLayer`` settings: per-adapter ``r``, ``lora_alpha``, ``scaling`` dicts."""
 
@@ -285,14 +370,15 @@ class LoraLayer(BaseTunerLayer):
         self.scaling[adapter] = lora_alpha / (r ** 0.5 if use_rslora else r)
 
 
-class Linear(LoraLayer):
+class Linear(_DoraMixin, LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``: the base
     weight is stored (in, out)). ``lora_A[name]`` is ``nn.Linear(in, r, bias=False)``,
-    ``lora_B[name]`` ``nn.Linear(r, out, bias=lora_bias)``, as in peft. With ``lora_bias`` the
-    adapter adds ``scaling * lora_B.bias``: it is folded into the bias the core adds (one vector
-    op per call), and a merge adds it to the base bias, as peft does."""
+    ``lora_B[name]`` ``nn.Linear(r, out, bias=lora_bias)``, as in peft; a DoRA adapter also has
+    ``lora_magnitude_vector[name].weight`` (out,). With ``lora_bias`` the adapter adds
+    ``scaling * lora_B.bias``: it is folded into the bias the core adds (one vector op per call),
+    and a merge adds it to the base bias, as peft does."""
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
@@ -303,6 +389,20 @@ class Linear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_bias: dict[str, bool] = {}
+        self._init_dora()
+
+    @property
+    def _dora_fan_in_fan_out(self) -> bool:
+        return self.fan_in_fan_out
+
+    def _scale_merge(self, weight, factor):
+        record, _ = functional.ia3_merge(weight, factor, fan_in_fan_out=self.fan_in_fan_out,
+                                         stream=_stream(weight))
+        return record
+
+    def _scale_unmerge(self, weight, factor, record):
+        functional.ia3_unmerge(weight, factor, (record, None), fan_in_fan_out=self.fan_in_fan_out,
+                               stream=_stream(weight))
 
     def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
                      use_rslora: bool, lora_bias: bool = False) -> None:
@@ -319,6 +419,8 @@ class Linear(LoraLayer):
         tensors = {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
         if self.lora_bias.get(adapter):
             tensors["lora_B.bias"] = f"lora_B.{adapter}.bias"
+        if self._is_dora(adapter):
+            tensors["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter}.weight"
         return tensors
 
     def _merge_targets(self) -> dict[str, torch.Tensor]:
@@ -334,6 +436,7 @@ class Linear(LoraLayer):
 
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
+        factor = self._dora_merge_factor(adapter, weight.dtype)
         record = functional.lora_merge(weight, *self._adapter_pair(adapter, weight.dtype),
                                        self.scaling[adapter], fan_in_fan_out=self.fan_in_fan_out,
                                        stream=_stream(weight))
@@ -341,14 +444,18 @@ class Linear(LoraLayer):
         if self.lora_bias.get(adapter):
             records["bias"] = tuple(_merge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter],
                                                      targets.get("bias")))
+        if factor is not None:
+            records[_DORA_RECORD] = tuple(self._scale_merge(weight, factor))
         return records
 
     def _unmerge_from(self, adapter, targets, records):
         weight = targets["weight"]
+        if _DORA_RECORD in records:
+            self._unmerge_dora(adapter, weight, records)
         functional.lora_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
                                 self.scaling[adapter], functional.MergeRecord(*records["weight"]),
                                 fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
-        if "bias" in records:
+        if "bias" in records and "bias" in targets:   # DoRA's norm of the bare weight passes no bias
             _unmerge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter], targets["bias"],
                                records["bias"])
 
@@ -384,6 +491,11 @@ class Linear(LoraLayer):
         if with_bias:
             raise ValueError(f"adapter_names: adapters {with_bias} have lora_bias=True, which mixed-adapter "
                              f"batches do not support")
+        dora = [a for a in used if self._is_dora(a)]
+        if dora:
+            raise ValueError(f"adapter_names: mixed-adapter batches run plain LoRA adapters; "
+                             f"{dora} of this layer use DoRA (as in peft, which refuses "
+                             f"adapter_names with DoRA)")
         if x.dim() < 2 or x.shape[0] != len(names):
             raise ValueError(f"adapter_names: expected one name per sample, i.e. {x.shape[0] if x.dim() > 1 else 1} "
                              f"names for an input of shape {tuple(x.shape)}, got {len(names)}")
@@ -409,6 +521,14 @@ class Linear(LoraLayer):
         if not adapters:
             return self._base_forward(x)
         base = self.get_base_layer()
+        dora = self._single_dora(adapters)
+        if dora is not None:
+            return _autograd.dora_linear(
+                x, base.weight, base.bias, self.lora_A[dora].weight, self.lora_B[dora].weight,
+                self.lora_magnitude_vector[dora].weight, scale=self.scaling[dora],
+                fan_in_fan_out=self.fan_in_fan_out,
+                dropout=_active_dropout_p(self.lora_dropout[dora]),
+                sq_norm_cache=self._dora_sq_norm, layer=type(self).__name__)
         lora_a, lora_b, scale, dropout = self._stacked(adapters)
         bias = base.bias
         lora_bias = self._lora_bias_term(adapters)
@@ -422,16 +542,27 @@ class Linear(LoraLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
 
 
-class Embedding(LoraLayer):
+class Embedding(_DoraMixin, LoraLayer):
     """LoRA around ``nn.Embedding``: ``lora_embedding_A[name]`` (r, V) and
-    ``lora_embedding_B[name]`` (D, r) raw Parameters, as in peft (no dropout)."""
+    ``lora_embedding_B[name]`` (D, r) raw Parameters, as in peft (no dropout); a DoRA adapter
+    also has ``lora_magnitude_vector[name].weight`` (D,), normed over the vocabulary."""
 
-    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Embedding, in_features: int, out_features: int):
         super().__init__(base_layer, in_features, out_features)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self._init_dora()
+
+    # The norm runs over the (D, V) view of the (V, D) weight.
+    _dora_fan_in_fan_out = True
+
+    def _scale_merge(self, weight, factor):
+        return functional.ia3_embedding_merge(weight, factor, stream=_stream(weight))
+
+    def _scale_unmerge(self, weight, factor, record):
+        functional.ia3_embedding_unmerge(weight, factor, record, stream=_stream(weight))
 
     def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
                      use_rslora: bool) -> None:
@@ -441,8 +572,11 @@ class Embedding(LoraLayer):
         self._set_settings(adapter, r, lora_alpha, use_rslora)
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
-        return {"lora_embedding_A": f"lora_embedding_A.{adapter}",
+        keys = {"lora_embedding_A": f"lora_embedding_A.{adapter}",
                 "lora_embedding_B": f"lora_embedding_B.{adapter}"}
+        if self._is_dora(adapter):
+            keys["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter}.weight"
+        return keys
 
     def _merge_targets(self):
         return {"weight": self.get_base_layer().weight.detach()}
@@ -453,12 +587,18 @@ class Embedding(LoraLayer):
 
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
+        factor = self._dora_merge_factor(adapter, weight.dtype)
         record = functional.lora_embedding_merge(weight, *self._adapter_pair(adapter, weight.dtype),
                                                  self.scaling[adapter], stream=_stream(weight))
-        return {"weight": tuple(record)}
+        records = {"weight": tuple(record)}
+        if factor is not None:
+            records[_DORA_RECORD] = tuple(self._scale_merge(weight, factor))
+        return records
 
     def _unmerge_from(self, adapter, targets, records):
         weight = targets["weight"]
+        if _DORA_RECORD in records:
+            self._unmerge_dora(adapter, weight, records)
         functional.lora_embedding_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
                                           self.scaling[adapter],
                                           functional.MergeRecord(*records["weight"]),
@@ -472,6 +612,12 @@ class Embedding(LoraLayer):
         if not adapters:
             return self._base_forward(x)
         base = self.get_base_layer()
+        dora = self._single_dora(adapters)
+        if dora is not None:
+            return _autograd.dora_embedding(
+                x, base.weight, self.lora_embedding_A[dora], self.lora_embedding_B[dora],
+                self.lora_magnitude_vector[dora].weight, scale=self.scaling[dora],
+                padding_idx=base.padding_idx, sq_norm_cache=self._dora_sq_norm)
         if len(adapters) == 1:
             a = adapters[0]
             lora_a, lora_b, scale = self.lora_embedding_A[a], self.lora_embedding_B[a], self.scaling[a]
