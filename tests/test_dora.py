@@ -206,26 +206,33 @@ def test_linear_forward_backward(rng, dtype, lead, in_f, out_f, r, p, fan_in_fan
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5])
-def test_linear_without_kept_base_matches(rng, p):
-    """Without keep_base the forward computes the same y; backward without grad_magnitude
-    needs no base."""
-    x, w, b, a, bb, m = linear_inputs(rng, np.float64, (9,), 10, 6, 3)
+@pytest.mark.parametrize("rows", [9, 30])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_linear_without_kept_base_matches(rng, p, rows, bias, fan_in_fan_out):
+    """Without keep_base the forward computes the same y (M > IN folds m/n into copies of W and
+    B, M <= IN scales y in place); backward without grad_magnitude needs no base."""
+    x, w, b, a, bb, m = linear_inputs(rng, np.float64, (rows,), 10, 6, 3, fan_in_fan_out, bias)
+    kw = dict(fan_in_fan_out=fan_in_fan_out)
     y_keep, xa, base, n = F.dora_linear_forward(x, w, b, a, bb, m, 0.5, dropout=p, seed=2,
-                                                keep_base=True)
-    y, xa2, none, n2 = F.dora_linear_forward(x, w, b, a, bb, m, 0.5, dropout=p, seed=2)
+                                                keep_base=True, **kw)
+    y, xa2, none, n2 = F.dora_linear_forward(x, w, b, a, bb, m, 0.5, dropout=p, seed=2, **kw)
     assert none is None
     np.testing.assert_array_equal(xa, xa2)
     np.testing.assert_array_equal(n, n2)
     np.testing.assert_allclose(y, y_keep, rtol=1e-13, atol=1e-13)
+    ref = ref_linear(x, w, b, a, bb, m, 0.5, fan_in_fan_out=fan_in_fan_out,
+                     mask=mask_for(x.shape, p, 2, np.float64))
+    np.testing.assert_allclose(y, ref[0], rtol=1e-12, atol=1e-12)
     g = random_array(rng, y.shape, np.float64)
-    full = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, base, 0.5, dropout=p, seed=2)
+    full = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, base, 0.5, dropout=p, seed=2, **kw)
     part = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, None, 0.5, dropout=p, seed=2,
-                                  grad_magnitude=False, grad_x=False)
+                                  grad_magnitude=False, grad_x=False, **kw)
     assert part.magnitude is None and part.x is None
     np.testing.assert_allclose(part.lora_a, full.lora_a, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(part.lora_b, full.lora_b, rtol=1e-13, atol=1e-13)
     only_m = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, base, 0.5, dropout=p, seed=2,
-                                    grad_x=False, grad_lora_a=False, grad_lora_b=False)
+                                    grad_x=False, grad_lora_a=False, grad_lora_b=False, **kw)
     np.testing.assert_array_equal(only_m.magnitude, full.magnitude)
 
 

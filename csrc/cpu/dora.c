@@ -98,6 +98,15 @@
             pn[j * norm.stride] = (T)sqrt(acc > 0.0 ? acc : 0.0);                              \
         }                                                                                      \
     }                                                                                          \
+    static void copy_##SUFFIX(cpeft_mat src, cpeft_mat dst)                                    \
+    {                                                                                          \
+        const T *ps = (const T *)src.data;                                                     \
+        T *pd = (T *)dst.data;                                                                 \
+        for (int64_t i = 0; i < src.rows; ++i)                                                 \
+            for (int64_t j = 0; j < src.cols; ++j)                                             \
+                pd[i * dst.row_stride + j * dst.col_stride] =                                  \
+                    ps[i * src.row_stride + j * src.col_stride];                               \
+    }                                                                                          \
     static void times_scalar_##SUFFIX(cpeft_vec v, double s, cpeft_vec out)                   \
     {                                                                                          \
         const T *p = (const T *)v.data;                                                        \
@@ -267,6 +276,46 @@ static int dropped_terms(const cpeft_lora_linear_args *l, cpeft_mat xa, cpeft_ma
     return rc;
 }
 
+/*
+ * Without dropout and without a kept u, with M > IN: c goes into copies of W (OUT x IN) and of
+ * [s·B | b] (OUT x (R+1)) instead of a pass over y, so the GEMMs alone write
+ * y = [xa | 1]·[s·(c ⊙ B) | b]ᵀ + x·(c ⊙ W)ᵀ.
+ */
+static int folded_forward(const cpeft_lora_linear_args *l, cpeft_mat xa, cpeft_vec c, cpeft_mat y,
+                          cpeft_status *st)
+{
+    cpeft_dtype dt = l->dtype;
+    size_t elt = cpeft_dtype_size(dt);
+    int64_t k = l->r + (l->bias.data != NULL);
+    char *buf = cpeft_alloc_temp(dt, l->out * l->in + l->out * k + l->m * k + l->out,
+                                 "c-scaled W, [s·c ⊙ B | b], [xa | 1], s·c", st);
+    if (buf == NULL)
+        return st->code;
+    cpeft_mat w_scaled = cpeft_mat_compact(buf, l->out, l->in);
+    char *p = buf + (size_t)(l->out * l->in) * elt;
+    cpeft_mat b_aug = cpeft_mat_compact(p, l->out, k);
+    p += (size_t)(l->out * k) * elt;
+    cpeft_mat xa_aug = cpeft_mat_compact(p, l->m, k);
+    cpeft_vec s_c = {p + (size_t)(l->m * k) * elt, l->out, 1};
+    cpeft_scaled_copy_cpu(dt, l->weight, c, 0, w_scaled);
+    DORA_DISPATCH(dt, times_scalar, c, l->scale, s_c);
+    cpeft_scaled_copy_cpu(dt, l->lora_b, s_c, 0, cpeft_mat_sub(dt, b_aug, 0, l->out, 0, l->r));
+    DORA_DISPATCH(dt, copy, xa, cpeft_mat_sub(dt, xa_aug, 0, l->m, 0, l->r));
+    if (l->bias.data != NULL) {
+        double one64 = 1.0;
+        float one32 = 1.0f;
+        cpeft_vec one = {dt == CPEFT_FLOAT32 ? (void *)&one32 : (void *)&one64, 1, 1};
+        cpeft_mat bias_col = {l->bias.data, l->out, 1, l->bias.stride, 1};
+        cpeft_fill_rows_cpu(dt, cpeft_mat_sub(dt, xa_aug, 0, l->m, l->r, 1), one);
+        DORA_DISPATCH(dt, copy, bias_col, cpeft_mat_sub(dt, b_aug, 0, l->out, l->r, 1));
+    }
+    int rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xa_aug, b_aug, 0.0, y, st);
+    if (rc == CPEFT_OK)
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, w_scaled, 1.0, y, st);
+    free(buf);
+    return rc;
+}
+
 int cpeft_dora_linear_fwd_cpu(const cpeft_dora_linear_args *a, const cpeft_dora_linear_fwd_out *o,
                               cpeft_status *st)
 {
@@ -302,6 +351,10 @@ int cpeft_dora_linear_fwd_cpu(const cpeft_dora_linear_args *a, const cpeft_dora_
     }
     if (xa.data == NULL || u.data == NULL) {
         rc = st->code;
+    } else if (!dropout && o->base.data == NULL && l->m > l->in) {
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->lora_a, 0.0, xa, st);
+        if (rc == CPEFT_OK)
+            rc = folded_forward(l, xa, c, o->y, st);
     } else if (!dropout) {
         /* The rank-r term first, so the compute-bound base GEMM absorbs the read of u. */
         rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->lora_a, 0.0, xa, st);

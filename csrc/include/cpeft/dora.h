@@ -18,7 +18,8 @@
  * recomputes the base product on the dropped input (variants.py, DoraLinearVariant.forward).
  * Both are y = x·Wᵀ - xd·Wᵀ + bias + c ⊙ u with u = xd·Wᵀ + s·xa·Bᵀ (M x OUT); u is what
  * grad_m needs, and the only output-sized tensor kept for backward (`base`, written only when
- * requested). Backward, gb = g·(c ⊙ B) (M x R):
+ * requested; without it and with M > IN, c is folded into copies of W and B instead of a pass
+ * over y). Backward, gb = g·(c ⊙ B) (M x R):
  *   grad_m_j  = (1/n_j) · Σ_i g_ij u_ij         grad_b = s · (c ⊙ gᵀ·xa)      grad_bias = Σ_rows g
  *   grad_a    = s · gbᵀ·xd
  *   grad_x    = g·(c ⊙ W) + s·gb·A                                (no dropout)
