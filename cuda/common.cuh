@@ -337,6 +337,39 @@ int dropout_scale_rows(cpeft_dtype dt, const cpeft_dropout *d, const void *t, do
                        int64_t row0, int64_t rows, const cpeft_mat &dst, cudaStream_t stream,
                        cpeft_status *st);
 
+/* ---------------------------------------------------------------------------------------------
+ * Rank-r products (rank_r.cu): the skinny products of the LoRA branch, each reading its large
+ * operand once, with the dropout mask of core.h regenerated inside (d below; drop NULL or p == 0:
+ * no dropout). The counters of element (m, i) of the large operand are m * L + i (L its columns),
+ * so d applies to x only. fp32 (fp64) accumulation; every operand of one call has dtype dt.
+ * ------------------------------------------------------------------------------------------- */
+
+/* false when the environment says CPEFT_CUDA_RANK_R=cublas: the dropout-free products then go
+ * through cuBLAS and dropout through the materialized row chunks, the path these kernels
+ * replace (kept so that a GPU session can compare the two and fall back). */
+bool rank_r_kernels_enabled();
+
+/* out (M x R) = d(big) (M x L) · smallᵀ, small R x L (x·Aᵀ; g·B with small = Bᵀ). */
+int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop,
+                 const cpeft_mat &small, const cpeft_mat &out, cudaStream_t stream,
+                 cpeft_status *st);
+
+/* Workspace rank_reduce needs for partial sums (0: none). */
+size_t rank_reduce_partial_bytes(cpeft_dtype dt, int64_t m, int64_t len, int64_t r);
+
+/* out (R x L) = alpha · smallᵀ · d(big), small M x R, big M x L (grad_a = s·gbᵀ·drop(x);
+ * grad_bᵀ = s·xaᵀ·g). Rows are summed in slices fixed by the shape, then the slices in order:
+ * deterministic. partial: rank_reduce_partial_bytes() of workspace. */
+int rank_reduce(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &big,
+                const cpeft_dropout *drop, double alpha, const cpeft_mat &out, void *partial,
+                cudaStream_t stream, cpeft_status *st);
+
+/* out (M x L) = alpha · d(small · a), small M x R, a R x L: the LoRA part of grad_x with the
+ * mask applied as it is written (out is overwritten). */
+int rank_expand_dropout(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &a,
+                        const cpeft_dropout *drop, double alpha, const cpeft_mat &out,
+                        cudaStream_t stream, cpeft_status *st);
+
 } /* namespace cpeft_cuda */
 
 #endif /* CPEFT_CUDA_COMMON_CUH */
