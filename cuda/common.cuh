@@ -349,10 +349,11 @@ int dropout_scale_rows(cpeft_dtype dt, const cpeft_dropout *d, const void *t, do
  * replace (kept so that a GPU session can compare the two and fall back). */
 bool rank_r_kernels_enabled();
 
-/* out (M x R) = d(big) (M x L) · smallᵀ, small R x L (x·Aᵀ; g·B with small = Bᵀ). */
+/* out (M x R) = d(big) (M x L) · smallᵀ, small R x L (x·Aᵀ; g·B with small = Bᵀ). out is of
+ * dtype dt, or of acc_dtype(dt) when out_acc (sums kept unrounded for a later reduction). */
 int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop,
                  const cpeft_mat &small, const cpeft_mat &out, cudaStream_t stream,
-                 cpeft_status *st);
+                 cpeft_status *st, bool out_acc = false);
 
 /* Workspace rank_reduce needs for partial sums (0: none). */
 size_t rank_reduce_partial_bytes(cpeft_dtype dt, int64_t m, int64_t len, int64_t r);
@@ -369,6 +370,13 @@ int rank_reduce(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &big,
 int rank_expand_dropout(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &a,
                         const cpeft_dropout *drop, double alpha, const cpeft_mat &out,
                         cudaStream_t stream, cpeft_status *st);
+
+/* LoRA embedding forward in one pass: y[n] = W[idx[n]] + alpha · A[:, idx[n]]ᵀ·Bᵀ, with
+ * weight V x D, lora_a R x V, lora_b D x R, y N x D; an index outside [0, V) gives a NaN row. */
+int rank_embedding_forward(cpeft_dtype dt, cpeft_dtype index_dt, const cpeft_vec &indices,
+                           int64_t vocab, const cpeft_mat &weight, const cpeft_mat &lora_a,
+                           const cpeft_mat &lora_b, double alpha, const cpeft_mat &y,
+                           cudaStream_t stream, cpeft_status *st);
 
 } /* namespace cpeft_cuda */
 

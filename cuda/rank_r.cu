@@ -182,9 +182,12 @@ template <class Acc> __device__ __forceinline__ Acc warp_sum(Acc v)
 }
 
 /* Ranks handled per launch: the accumulators live in registers, so R is cut into tiles of this
- * many (a larger R reads big once per tile). fp64 keeps its staged tile within 48 KB of shared
+ * many (R above 32 reads big once per tile). fp64 keeps its staged tile within 48 KB of shared
  * memory with fewer ranks. */
-template <class T> __host__ __device__ constexpr int wide_rank_tile() { return sizeof(T) == 8 ? 16 : 64; }
+template <class T> __host__ __device__ constexpr int wide_rank_tile()
+{
+    return sizeof(T) == 8 ? 16 : 32;
+}
 const int kNarrowRanks = 16;
 
 /* ---------------------------------------------------------------------------------------------
@@ -192,16 +195,28 @@ const int kNarrowRanks = 16;
  * ------------------------------------------------------------------------------------------- */
 
 const int kProjectWarps = 8;
-const int kProjectChunk = 128;      /* columns of L staged per step: 32 lanes x 4 */
+/* Staged columns of small per step: 32 KB of shared memory, so a step's x loads (several 4-wide
+ * groups per lane and row) are many bytes in flight for few barriers. */
+const int kProjectStageBytes = 32 * 1024;
 
-template <class T, class TA, int RT, int RPW>
+template <class Acc, int RT> __host__ __device__ constexpr int project_groups()
+{
+    return kProjectStageBytes / (RT * 128 * (int)sizeof(Acc)) > 4
+               ? 4
+               : kProjectStageBytes / (RT * 128 * (int)sizeof(Acc));
+}
+
+/* RPW rows per warp; each lane owns G groups of 4 consecutive columns in a chunk of 128·G. */
+template <class T, class TA, class TO, int RT, int RPW>
 __global__ void __launch_bounds__(kProjectWarps * 32)
     project_kernel(int64_t m, int64_t len, int64_t r, const T *big, int64_t b_rs, int64_t b_cs,
-                   const TA *small, int64_t s_rs, int64_t s_cs, T *out, int64_t o_rs,
+                   const TA *small, int64_t s_rs, int64_t s_cs, TO *out, int64_t o_rs,
                    int64_t o_cs, DropoutIn<typename Num<T>::acc> drop)
 {
     typedef typename Num<T>::acc Acc;
-    __shared__ __align__(16) Acc small_s[RT][kProjectChunk];
+    constexpr int G = project_groups<Acc, RT>();
+    constexpr int CH = 128 * G;
+    __shared__ __align__(16) Acc small_s[RT][CH];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t rows_per_block = (int64_t)kProjectWarps * RPW;
     for (int64_t base = (int64_t)blockIdx.x * rows_per_block; base < m;
@@ -213,37 +228,47 @@ __global__ void __launch_bounds__(kProjectWarps * 32)
 #pragma unroll
             for (int k = 0; k < RT; ++k)
                 acc[rr][k] = Acc(0);
-        for (int64_t c0 = 0; c0 < len; c0 += kProjectChunk) {
+        for (int64_t c0 = 0; c0 < len; c0 += CH) {
             __syncthreads();    /* the previous chunk's reads of small_s are done */
-            for (int e = threadIdx.x; e < RT * kProjectChunk; e += blockDim.x) {
-                const int k = e / kProjectChunk, j = e - k * kProjectChunk;
+            for (int e = threadIdx.x; e < RT * CH; e += blockDim.x) {
+                const int k = e / CH, j = e - k * CH;
                 const int64_t i = c0 + j;
                 small_s[k][j] = k < r && i < len ? (Acc)Num<TA>::load(small[k * s_rs + i * s_cs])
                                                  : Acc(0);
             }
-            __syncthreads();
-            const int64_t i0 = c0 + lane * 4;
-            Acc v[RPW][4];
+            /* x's loads are issued before the barrier so that they overlap the staging. */
+            Acc v[RPW][G][4];
 #pragma unroll
             for (int rr = 0; rr < RPW; ++rr) {
                 const int64_t row = row0 + rr;
-                if (row < m && i0 < len) {
-                    load4(big + row * b_rs, b_cs, i0, len, v[rr]);
-                    if (drop.on)
-                        apply_dropout4(drop, (uint64_t)row * (uint64_t)len + (uint64_t)i0, v[rr]);
-                } else {
 #pragma unroll
-                    for (int q = 0; q < 4; ++q)
-                        v[rr][q] = Acc(0);
+                for (int grp = 0; grp < G; ++grp) {
+                    const int64_t i0 = c0 + grp * 128 + lane * 4;
+                    if (row < m && i0 < len) {
+                        load4(big + row * b_rs, b_cs, i0, len, v[rr][grp]);
+                        if (drop.on)
+                            apply_dropout4(drop, (uint64_t)row * (uint64_t)len + (uint64_t)i0,
+                                           v[rr][grp]);
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < 4; ++q)
+                            v[rr][grp][q] = Acc(0);
+                    }
                 }
             }
+            __syncthreads();
 #pragma unroll
-            for (int k = 0; k < RT; ++k) {
-                const Acc a0 = small_s[k][lane * 4], a1 = small_s[k][lane * 4 + 1];
-                const Acc a2 = small_s[k][lane * 4 + 2], a3 = small_s[k][lane * 4 + 3];
+            for (int grp = 0; grp < G; ++grp) {
+                const int j = grp * 128 + lane * 4;
 #pragma unroll
-                for (int rr = 0; rr < RPW; ++rr)
-                    acc[rr][k] += v[rr][0] * a0 + v[rr][1] * a1 + v[rr][2] * a2 + v[rr][3] * a3;
+                for (int k = 0; k < RT; ++k) {
+                    const Acc a0 = small_s[k][j], a1 = small_s[k][j + 1];
+                    const Acc a2 = small_s[k][j + 2], a3 = small_s[k][j + 3];
+#pragma unroll
+                    for (int rr = 0; rr < RPW; ++rr)
+                        acc[rr][k] += v[rr][grp][0] * a0 + v[rr][grp][1] * a1 +
+                                      v[rr][grp][2] * a2 + v[rr][grp][3] * a3;
+                }
             }
         }
 #pragma unroll
@@ -253,25 +278,25 @@ __global__ void __launch_bounds__(kProjectWarps * 32)
             for (int k = 0; k < RT; ++k) {
                 const Acc total = warp_sum(acc[rr][k]);
                 if (lane == 0 && row < m && k < r)
-                    out[row * o_rs + k * o_cs] = Num<T>::store(total);
+                    out[row * o_rs + k * o_cs] = Num<TO>::store(total);
             }
         }
     }
 }
 
-template <class T, class TA, int RT>
+template <class T, class TA, class TO, int RT>
 int launch_project(const cpeft_mat &big, const cpeft_mat &small, int64_t r, const cpeft_mat &out,
                    const DropoutIn<typename Num<T>::acc> &drop, cudaStream_t stream,
                    cpeft_status *st)
 {
-    constexpr int rpw = RT <= kNarrowRanks ? 4 : 1;
+    constexpr int rpw = RT <= kNarrowRanks ? 2 : 1;
     const int64_t rows_per_block = (int64_t)kProjectWarps * rpw;
     int64_t blocks = (big.rows + rows_per_block - 1) / rows_per_block;
     if (blocks > (1 << 20)) blocks = 1 << 20;
-    project_kernel<T, TA, RT, rpw><<<(unsigned)blocks, kProjectWarps * 32, 0, stream>>>(
+    project_kernel<T, TA, TO, RT, rpw><<<(unsigned)blocks, kProjectWarps * 32, 0, stream>>>(
         big.rows, big.cols, r, static_cast<const T *>(big.data), big.row_stride, big.col_stride,
         static_cast<const TA *>(small.data), small.row_stride, small.col_stride,
-        static_cast<T *>(out.data), out.row_stride, out.col_stride, drop);
+        static_cast<TO *>(out.data), out.row_stride, out.col_stride, drop);
     CPEFT_LAUNCH_CHECK(st, "project_kernel");
     return CPEFT_OK;
 }
@@ -284,7 +309,10 @@ const int kReduceThreads = 128;
 const int kReduceStage = 32;        /* rows of small staged in shared memory at a time */
 const int kReduceTargetBlocks = 256;
 
-template <int RT> __host__ __device__ constexpr int reduce_cols_per_thread() { return RT <= kNarrowRanks ? 4 : 1; }
+template <int RT> __host__ __device__ constexpr int reduce_cols_per_thread()
+{
+    return RT <= kNarrowRanks ? 4 : 1;
+}
 
 /* Slices of rows: enough blocks to fill a large GPU, decided by the shape alone so that the
  * summation order (and so every bit of the result) is the same on every device and run. */
@@ -433,9 +461,12 @@ int launch_reduce(const cpeft_mat &small, const cpeft_mat &big, int64_t r,
 const int kExpandThreads = 128;
 const int kExpandCols = kExpandThreads * 4;
 const int kExpandRows = 8;          /* rows per register tile: each staged value of a used 8x */
-const int kExpandTargetBlocks = 256;
+const int kExpandTargetBlocks = 1024;  /* about 8 per multiprocessor: memory-bound */
 
-template <class Acc> __host__ __device__ constexpr int expand_rank_tile() { return sizeof(Acc) == 8 ? 8 : 16; }
+template <class Acc> __host__ __device__ constexpr int expand_rank_tile()
+{
+    return sizeof(Acc) == 8 ? 8 : 16;
+}
 
 template <class T, class TA>
 __global__ void __launch_bounds__(kExpandThreads)
@@ -507,11 +538,113 @@ __global__ void __launch_bounds__(kExpandThreads)
     }
 }
 
-template <class T, class TA>
-int launch_expand(const cpeft_mat &small, const cpeft_mat &a, const DropoutIn<typename Num<T>::acc> &drop,
-                  const cpeft_mat &out, cudaStream_t stream, cpeft_status *st)
+/* ---------------------------------------------------------------------------------------------
+ * LoRA embedding forward in one pass: y[n] = W[idx[n]] + alpha · A[:, idx[n]]ᵀ·Bᵀ
+ *
+ * The expansion above with its rows gathered: the rank-R rows of A's columns picked by the
+ * indices, B staged as Bᵀ tiles, and the gathered row of W added as y is written, so W's rows
+ * are read once and y written once (the previous path wrote y, then a GEMM read and wrote it
+ * again). An index outside [0, V) gives a NaN row and reads nothing.
+ * ------------------------------------------------------------------------------------------- */
+
+template <class T, class I>
+__global__ void __launch_bounds__(kExpandThreads)
+    embedding_forward_kernel(int64_t n, int64_t dim, int64_t r, int64_t vocab, const I *indices,
+                             int64_t idx_stride, const T *w, int64_t w_rs, int64_t w_cs,
+                             const T *lora_a, int64_t a_rs, int64_t a_cs, const T *lora_b,
+                             int64_t b_rs, int64_t b_cs, int64_t rows_per_block,
+                             typename Num<T>::acc alpha, T *y, int64_t y_rs, int64_t y_cs)
 {
-    const int64_t m = out.rows, len = out.cols, r = small.cols;
+    typedef typename Num<T>::acc Acc;
+    constexpr int KT = expand_rank_tile<Acc>();
+    __shared__ __align__(16) Acc b_s[KT][kExpandCols];
+    __shared__ Acc a_s[KT][kExpandRows];
+    __shared__ int64_t rows_s[kExpandRows];
+    const int64_t c_base = (int64_t)blockIdx.x * kExpandCols;
+    const int64_t i0 = c_base + (int64_t)threadIdx.x * 4;
+    const int64_t m_begin = (int64_t)blockIdx.y * rows_per_block;
+    const int64_t m_end = m_begin + rows_per_block < n ? m_begin + rows_per_block : n;
+    const bool one_tile = r <= KT;
+
+    for (int64_t mb = m_begin; mb < m_end; mb += kExpandRows) {
+        __syncthreads();    /* the previous tile's reads of rows_s are done */
+        if (threadIdx.x < kExpandRows) {
+            const int64_t p = mb + threadIdx.x;
+            int64_t row = -1;
+            if (p < m_end) {
+                const int64_t idx = (int64_t)indices[p * idx_stride];
+                row = idx >= 0 && idx < vocab ? idx : -1;
+            }
+            rows_s[threadIdx.x] = row;
+        }
+        __syncthreads();
+        Acc acc[kExpandRows][4];
+#pragma unroll
+        for (int rr = 0; rr < kExpandRows; ++rr)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                acc[rr][q] = Acc(0);
+        for (int64_t k0 = 0; k0 < r; k0 += KT) {
+            __syncthreads();
+            if (!one_tile || mb == m_begin)
+                for (int e = threadIdx.x; e < KT * kExpandCols; e += blockDim.x) {
+                    const int k = e / kExpandCols, j = e - k * kExpandCols;
+                    const int64_t c = c_base + j;
+                    b_s[k][j] = k0 + k < r && c < dim
+                                    ? (Acc)Num<T>::load(lora_b[c * b_rs + (k0 + k) * b_cs])
+                                    : Acc(0);
+                }
+            for (int e = threadIdx.x; e < KT * kExpandRows; e += blockDim.x) {
+                const int k = e / kExpandRows, rr = e - k * kExpandRows;
+                const int64_t row = rows_s[rr];
+                a_s[k][rr] = k0 + k < r && row >= 0
+                                 ? (Acc)Num<T>::load(lora_a[(k0 + k) * a_rs + row * a_cs])
+                                 : Acc(0);
+            }
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < KT; ++k) {
+                const int j = threadIdx.x * 4;
+                const Acc b0 = b_s[k][j], b1 = b_s[k][j + 1], b2 = b_s[k][j + 2],
+                          b3 = b_s[k][j + 3];
+#pragma unroll
+                for (int rr = 0; rr < kExpandRows; ++rr) {
+                    const Acc s = a_s[k][rr];
+                    acc[rr][0] += s * b0;
+                    acc[rr][1] += s * b1;
+                    acc[rr][2] += s * b2;
+                    acc[rr][3] += s * b3;
+                }
+            }
+        }
+        if (i0 < dim) {
+#pragma unroll
+            for (int rr = 0; rr < kExpandRows; ++rr) {
+                const int64_t p = mb + rr;
+                if (p >= m_end)
+                    break;
+                const int64_t row = rows_s[rr];
+                Acc v[4];
+                if (row >= 0) {
+                    load4(w + row * w_rs, w_cs, i0, dim, v);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q)
+                        v[q] += alpha * acc[rr][q];
+                } else {
+#pragma unroll
+                    for (int q = 0; q < 4; ++q)
+                        v[q] = quiet_nan(Acc());
+                }
+                store4(y + p * y_rs, y_cs, i0, dim, v);
+            }
+        }
+    }
+}
+
+/* Grid of the expansion kernels: column blocks of kExpandCols, row groups of whole register
+ * tiles, about kExpandTargetBlocks blocks in all. */
+int expand_grid(int64_t m, int64_t len, dim3 *grid, int64_t *rows_per_block, cpeft_status *st)
+{
     const int64_t col_blocks = (len + kExpandCols - 1) / kExpandCols;
     if (col_blocks > INT_MAX)
         return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, "rank-r expansion over %lld columns",
@@ -522,13 +655,24 @@ int launch_expand(const cpeft_mat &small, const cpeft_mat &a, const DropoutIn<ty
     if (row_groups < 1) row_groups = 1;
     /* Whole register tiles per block, so only the last block has a partial tile. */
     const int64_t tiles_per_block = (tiles + row_groups - 1) / row_groups;
-    const int64_t rows_per_block = tiles_per_block * kExpandRows;
-    row_groups = (m + rows_per_block - 1) / rows_per_block;
-    const dim3 grid((unsigned)col_blocks, (unsigned)row_groups);
+    *rows_per_block = (tiles_per_block > 0 ? tiles_per_block : 1) * kExpandRows;
+    row_groups = (m + *rows_per_block - 1) / *rows_per_block;
+    *grid = dim3((unsigned)col_blocks, (unsigned)(row_groups > 0 ? row_groups : 1));
+    return CPEFT_OK;
+}
+
+template <class T, class TA>
+int launch_expand(const cpeft_mat &small, const cpeft_mat &a,
+                  const DropoutIn<typename Num<T>::acc> &drop, const cpeft_mat &out,
+                  cudaStream_t stream, cpeft_status *st)
+{
+    dim3 grid;
+    int64_t rows_per_block = 0;
+    CPEFT_TRY(expand_grid(out.rows, out.cols, &grid, &rows_per_block, st));
     expand_dropout_kernel<T, TA><<<grid, kExpandThreads, 0, stream>>>(
-        m, len, r, static_cast<const T *>(small.data), small.row_stride, small.col_stride,
-        static_cast<const TA *>(a.data), a.row_stride, a.col_stride, rows_per_block, drop,
-        static_cast<T *>(out.data), out.row_stride, out.col_stride);
+        out.rows, out.cols, small.cols, static_cast<const T *>(small.data), small.row_stride,
+        small.col_stride, static_cast<const TA *>(a.data), a.row_stride, a.col_stride,
+        rows_per_block, drop, static_cast<T *>(out.data), out.row_stride, out.col_stride);
     CPEFT_LAUNCH_CHECK(st, "expand_dropout_kernel");
     return CPEFT_OK;
 }
@@ -547,7 +691,7 @@ int check_shapes(bool ok, const char *what, cpeft_status *st)
 
 int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop,
                  const cpeft_mat &small, const cpeft_mat &out, cudaStream_t stream,
-                 cpeft_status *st)
+                 cpeft_status *st, bool out_acc)
 {
     CPEFT_TRY(check_shapes(small.cols == big.cols && out.rows == big.rows &&
                                out.cols == small.rows,
@@ -559,15 +703,19 @@ int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop
         typedef typename Num<T>::acc Acc;
         const DropoutIn<Acc> d = dropout_in<Acc>(drop, 1.0);
         constexpr int wide = wide_rank_tile<T>();
-        const size_t elt = sizeof(T);
+        const size_t elt = sizeof(T), out_elt = out_acc ? sizeof(Acc) : sizeof(T);
         for (int64_t k0 = 0; k0 < small.rows; k0 += wide) {
             const int64_t n = small.rows - k0 < wide ? small.rows - k0 : wide;
-            const cpeft_mat s = mat_block(small, k0, n, 0, small.cols, elt);
-            const cpeft_mat o = mat_block(out, 0, out.rows, k0, n, elt);
-            if (n <= kNarrowRanks)
-                CPEFT_TRY((launch_project<T, T, kNarrowRanks>(big, s, n, o, d, stream, st)));
+            const cpeft_mat sm = mat_block(small, k0, n, 0, small.cols, elt);
+            const cpeft_mat o = mat_block(out, 0, out.rows, k0, n, out_elt);
+            if (out_acc && n <= kNarrowRanks)
+                CPEFT_TRY((launch_project<T, T, Acc, kNarrowRanks>(big, sm, n, o, d, stream, st)));
+            else if (out_acc)
+                CPEFT_TRY((launch_project<T, T, Acc, wide>(big, sm, n, o, d, stream, st)));
+            else if (n <= kNarrowRanks)
+                CPEFT_TRY((launch_project<T, T, T, kNarrowRanks>(big, sm, n, o, d, stream, st)));
             else
-                CPEFT_TRY((launch_project<T, T, wide>(big, s, n, o, d, stream, st)));
+                CPEFT_TRY((launch_project<T, T, T, wide>(big, sm, n, o, d, stream, st)));
         }
         return (int)CPEFT_OK;
     });
@@ -580,7 +728,7 @@ static size_t reduce_tile_bytes(cpeft_dtype dt, int64_t m, int64_t len, int64_t 
     if (tile <= 0 || len <= 0)
         return 0;
     const int cpt = tile <= kNarrowRanks ? reduce_cols_per_thread<kNarrowRanks>()
-                                         : reduce_cols_per_thread<64>();
+                                         : reduce_cols_per_thread<32>();
     int64_t rows_per_slice = 1;
     const int64_t slices = reduce_slices(m, len, cpt, &rows_per_slice);
     if (slices <= 1)
@@ -644,6 +792,37 @@ int rank_expand_dropout(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat 
             d.p = 0.0f;
         }
         return launch_expand<T, T>(small, a, d, out, stream, st);
+    });
+}
+
+int rank_embedding_forward(cpeft_dtype dt, cpeft_dtype index_dt, const cpeft_vec &indices,
+                           int64_t vocab, const cpeft_mat &weight, const cpeft_mat &lora_a,
+                           const cpeft_mat &lora_b, double alpha, const cpeft_mat &y,
+                           cudaStream_t stream, cpeft_status *st)
+{
+    CPEFT_TRY(check_shapes(lora_a.cols == vocab && lora_b.cols == lora_a.rows &&
+                               y.rows == indices.len && y.cols == lora_b.rows,
+                           "rank_embedding_forward", st));
+    if (y.rows == 0 || y.cols == 0)
+        return CPEFT_OK;
+    dim3 grid;
+    int64_t rows_per_block = 0;
+    CPEFT_TRY(expand_grid(y.rows, y.cols, &grid, &rows_per_block, st));
+    return dispatch_float(dt, st, [&](auto tag) {
+        typedef typename decltype(tag)::type T;
+        typedef typename Num<T>::acc Acc;
+        return dispatch_index(index_dt, st, [&](auto itag) {
+            typedef typename decltype(itag)::type I;
+            embedding_forward_kernel<T, I><<<grid, kExpandThreads, 0, stream>>>(
+                y.rows, y.cols, lora_a.rows, vocab, static_cast<const I *>(indices.data),
+                indices.stride, static_cast<const T *>(weight.data), weight.row_stride,
+                weight.col_stride, static_cast<const T *>(lora_a.data), lora_a.row_stride,
+                lora_a.col_stride, static_cast<const T *>(lora_b.data), lora_b.row_stride,
+                lora_b.col_stride, rows_per_block, (Acc)alpha, static_cast<T *>(y.data),
+                y.row_stride, y.col_stride);
+            CPEFT_LAUNCH_CHECK(st, "embedding_forward_kernel");
+            return (int)CPEFT_OK;
+        });
     });
 }
 
