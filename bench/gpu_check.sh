@@ -10,8 +10,13 @@
 #   2. build cpeft in place with CUDA required (CPEFT_CUDA=1); SASS for the GPU found here only,
 #      unless CPEFT_CUDA_ARCHS is set, so the nvcc pass is about half of the default "80;90"
 #   3. print cpeft.build_info() and cpeft.has_cuda()
-#   4. pytest tests/test_cuda.py tests/test_layers_torch.py, then the whole tests/ suite
-#   5. python3 bench/bench_cuda.py
+#   4. pytest tests/test_cuda.py tests/test_layers_torch.py
+#   5. bench/cuda_sanitize.sh: a subset of tests/test_cuda.py under compute-sanitizer memcheck,
+#      then racecheck
+#   6. python3 bench/bench_cuda.py --runs 3 (markdown table, also written to $OUT/bench_cuda.md)
+#   7. the rest of the tests/ suite with what is left of the budget
+# Expected on an H200: build ~40-60 s, CUDA tests ~40 s, sanitizers <= 100 + 80 s, benchmark
+# ~150 s; each step's timeout below is its cap, all of them cut to the remaining budget.
 # Everything is tee'd to "$OUT/gpu_check.log" (OUT defaults to /tmp/gpu_out) and the log ends with
 # a summary table, one line per step. Exit status: 0 when every step passed, else 1.
 #
@@ -126,7 +131,7 @@ if [ -z "${CPEFT_CUDA_ARCHS:-}" ]; then
     if [[ "$CAP" =~ ^[0-9]+$ ]]; then export CPEFT_CUDA_ARCHS="$CAP"; fi
 fi
 echo "CPEFT_CUDA_ARCHS=${CPEFT_CUDA_ARCHS:-(setup.py default)}"
-step build 330 env CPEFT_CUDA=1 "$PY" setup.py build_ext --inplace || exit 1
+step build 150 env CPEFT_CUDA=1 "$PY" setup.py build_ext --inplace || exit 1
 
 # 3. what was built
 step import 60 "$PY" -c "import cpeft; print(cpeft.build_info()); print('has_cuda', cpeft.has_cuda())" \
@@ -136,16 +141,22 @@ if [ "${GPU_CHECK_STOP_AFTER:-}" = "build" ]; then
     exit 0
 fi
 
-# 4. tests: the CUDA ones first (they are the point), then the whole suite. -rs lists skip
-#    reasons, so a silently skipped GPU test shows up.
+# 4. tests: the CUDA ones first (they are the point). -rs lists skip reasons, so a silently
+#    skipped GPU test shows up.
 rm -f "$OUT"/pytest_*.tail
-step pytest_cuda 180 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
+step pytest_cuda 120 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
     tests/test_cuda.py tests/test_layers_torch.py 2>&1 | tee '$OUT/pytest_cuda.full' ; \
     rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_cuda.full' > '$OUT/pytest_cuda.tail'; exit \$rc"
-step pytest_all 200 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
-    tests 2>&1 | tee '$OUT/pytest_all.full' ; \
-    rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_all.full' > '$OUT/pytest_all.tail'; exit \$rc"
 
-# 5. benchmark (prints a markdown table)
-step bench 120 "$PY" bench/bench_cuda.py
+# 5. sanitizers on a subset (bench/cuda_sanitize.sh says which); each bounded inside too.
+step memcheck 100 env SANITIZE_TIMEOUT_S=95 PYTHON="$PY" bash bench/cuda_sanitize.sh memcheck
+step racecheck 80 env SANITIZE_TIMEOUT_S=75 PYTHON="$PY" bash bench/cuda_sanitize.sh racecheck
+
+# 6. benchmark (prints a markdown table and writes it for docs/benchmarks.md)
+step bench 150 "$PY" bench/bench_cuda.py --runs 3 --markdown "$OUT/bench_cuda.md"
+
+# 7. the rest of the suite (CPU tests and the CUDA-parametrized layer tests ran above or run here)
+step pytest_rest 200 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
+    tests --deselect tests/test_cuda.py 2>&1 | tee '$OUT/pytest_rest.full' ; \
+    rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_rest.full' > '$OUT/pytest_rest.tail'; exit \$rc"
 exit "$FAILED"
