@@ -39,7 +39,7 @@ bool rank_r_kernels_enabled()
 namespace {
 
 /* ---------------------------------------------------------------------------------------------
- * Dropout of four consecutive counters, and 4-wide loads and stores
+ * Dropout of four consecutive counters
  * ------------------------------------------------------------------------------------------- */
 
 template <class Acc> struct DropoutIn {
@@ -101,76 +101,6 @@ __device__ __forceinline__ void apply_dropout4(const DropoutIn<Acc> &d, uint64_t
 #pragma unroll
     for (int q = 0; q < 4; ++q)
         v[q] *= (keep >> q) & 1u ? d.factor : Acc(0);
-}
-
-template <class T>
-__device__ __forceinline__ bool vector_ok(const T *p, int64_t stride, int64_t i0, int64_t len)
-{
-    return stride == 1 && i0 + 4 <= len &&
-           (reinterpret_cast<uintptr_t>(p + i0) & (4 * sizeof(T) - 1)) == 0;
-}
-
-/* v[q] = p[(i0 + q) * stride] for i0 + q < len, else 0; one 4-wide load when unit-stride and
- * aligned. */
-template <class T>
-__device__ __forceinline__ void load4(const T *p, int64_t stride, int64_t i0, int64_t len,
-                                      typename Num<T>::acc v[4])
-{
-    typedef typename Num<T>::acc Acc;
-    if (vector_ok(p, stride, i0, len)) {
-        T t[4];
-        if constexpr (sizeof(T) == 2) {
-            const uint2 raw = *reinterpret_cast<const uint2 *>(p + i0);
-            memcpy(t, &raw, sizeof(raw));
-        } else if constexpr (sizeof(T) == 4) {
-            const float4 raw = *reinterpret_cast<const float4 *>(p + i0);
-            memcpy(t, &raw, sizeof(raw));
-        } else {
-            const double2 lo = reinterpret_cast<const double2 *>(p + i0)[0];
-            const double2 hi = reinterpret_cast<const double2 *>(p + i0)[1];
-            memcpy(t, &lo, sizeof(lo));
-            memcpy(t + 2, &hi, sizeof(hi));
-        }
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            v[q] = Num<T>::load(t[q]);
-        return;
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        v[q] = i0 + q < len ? (Acc)Num<T>::load(p[(i0 + q) * stride]) : Acc(0);
-}
-
-template <class T>
-__device__ __forceinline__ void store4(T *p, int64_t stride, int64_t i0, int64_t len,
-                                       const typename Num<T>::acc v[4])
-{
-    if (vector_ok(p, stride, i0, len)) {
-        T t[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            t[q] = Num<T>::store(v[q]);
-        if constexpr (sizeof(T) == 2) {
-            uint2 raw;
-            memcpy(&raw, t, sizeof(raw));
-            *reinterpret_cast<uint2 *>(p + i0) = raw;
-        } else if constexpr (sizeof(T) == 4) {
-            float4 raw;
-            memcpy(&raw, t, sizeof(raw));
-            *reinterpret_cast<float4 *>(p + i0) = raw;
-        } else {
-            double2 lo, hi;
-            memcpy(&lo, t, sizeof(lo));
-            memcpy(&hi, t + 2, sizeof(hi));
-            reinterpret_cast<double2 *>(p + i0)[0] = lo;
-            reinterpret_cast<double2 *>(p + i0)[1] = hi;
-        }
-        return;
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        if (i0 + q < len)
-            p[(i0 + q) * stride] = Num<T>::store(v[q]);
 }
 
 template <class Acc> __device__ __forceinline__ Acc warp_sum(Acc v)
