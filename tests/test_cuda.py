@@ -417,6 +417,31 @@ def test_ia3_linear_partial_requests(dtype):
             check("grad_x", only_x.x, g64["x"], glp["x"], GRAD_FACTOR)
 
 
+@pytest.mark.parametrize("layout", ["dense", "offset_views", "column_major_out"])
+@pytest.mark.parametrize("m,in_f,out_f", [(1, 1, 1), (37, 113, 29), (1023, 65, 513)])
+@pytest.mark.parametrize("dtype", LOW + ("float64",))
+def test_ia3_output_scaling_in_the_gemm(dtype, m, in_f, out_f, layout):
+    """Output scaling without a kept base: l as cuBLASLt's alpha vector (plans per problem and
+    pointer alignment: views starting one element in), or the fallbacks (fp64; a column-major y,
+    whose rows the alpha vector would scale instead of its columns)."""
+    dt = tdtype(dtype)
+    pad = 1 if layout == "offset_views" else 0
+    x = randn(m * in_f + pad, dtype=dtype)[pad:].view(m, in_f)
+    weight = randn(out_f * in_f + pad, dtype=dtype, scale=in_f ** -0.5)[pad:].view(out_f, in_f)
+    b = randn(out_f, dtype=dtype)
+    l = (1 + 0.5 * randn(out_f)).to(dt)  # noqa: E741
+    out = torch.empty(out_f, m, dtype=dt, device=dev()).T if layout == "column_major_out" else None
+    y, base = F.ia3_linear_forward(x, weight, b, l, out=out)
+    assert base is None
+    formula = lambda x, weight, bias, l: (x @ weight.T + bias) * l  # noqa: E731, E741
+    (y64, _), (ylp, _) = both(formula, dict(x=x, weight=weight, bias=b, l=l), ["x"],
+                              torch.zeros(m, out_f, device=dev()), dt)
+    check("y", y, y64, ylp, FWD_FACTOR)
+    if out is None:
+        again, _ = F.ia3_linear_forward(x, weight, b, l)    # the cached plan: the same bits
+        assert torch.equal(again, y)
+
+
 @pytest.mark.parametrize("dtype", LOW)
 def test_ia3_embedding(dtype):
     dt = tdtype(dtype)
