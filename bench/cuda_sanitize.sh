@@ -25,7 +25,8 @@ LIMIT="${SANITIZE_TIMEOUT_S:-150}"
 MEMCHECK_TESTS="(rank_r_kernels and own and (bfloat16 or float64) and not shape3) \
 or (embedding_rank_r and own and bfloat16) or (dropout_masks_identical and own) \
 or (empty_rows and own) or (near_2_64 and own and float32) or (column_major and own) \
-or (test_ia3_linear and bfloat16 and shape1) or (merge_unmerge_bit_exact and bfloat16)"
+or (test_ia3_linear and bfloat16 and shape1) or (merge_unmerge_bit_exact and bfloat16) \
+or (output_scaling_in_the_gemm and bfloat16)"
 RACECHECK_TESTS="(rank_r_kernels and own and bfloat16 and 0.2) \
 or (embedding_rank_r and own and bfloat16) or (dropout_masks_identical and own)"
 
