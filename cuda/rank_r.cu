@@ -92,6 +92,18 @@ __device__ __forceinline__ unsigned keep_bits4(uint64_t seed, uint64_t c0, float
     return keep_bit(w0, p, 0) | keep_bit(w1, p, 1) | keep_bit(w2, p, 2) | keep_bit(w3, p, 3);
 }
 
+/* cpeft_dropout_keep for one counter, with the lane picked by constant indices (core.h's
+ * ctr[c & 3] would put the Philox state in local memory). */
+__device__ __forceinline__ bool keep_one(uint64_t seed, uint64_t c, float p)
+{
+    const uint64_t b = c >> 2;
+    uint32_t u[4] = {(uint32_t)b, (uint32_t)(b >> 32), 0u, 0u};
+    cpeft_philox4x32_10(u, (uint32_t)seed, (uint32_t)(seed >> 32));
+    const unsigned lane = (unsigned)(c & 3);
+    const uint32_t w = lane == 0 ? u[0] : lane == 1 ? u[1] : lane == 2 ? u[2] : u[3];
+    return keep_bit(w, p, 0) != 0;
+}
+
 /* v[q] *= (kept ? factor : 0) for the four elements whose first counter is offset + e0. The
  * factor multiplies a dropped element too (as 0), so inf/NaN inputs give NaN as on the CPU. */
 template <class Acc>
@@ -237,7 +249,12 @@ int launch_project(const cpeft_mat &big, const cpeft_mat &small, int64_t r, cons
 
 const int kReduceThreads = 128;
 const int kReduceStage = 32;        /* rows of small staged in shared memory at a time */
-const int kReduceTargetBlocks = 256;
+/* Rows loaded ahead per thread (divides kReduceStage); fp64's wider registers take half. */
+template <class Acc> __host__ __device__ constexpr int reduce_unroll()
+{
+    return sizeof(Acc) == 8 ? 4 : 8;
+}
+const int kReduceTargetBlocks = 512;
 
 template <int RT> __host__ __device__ constexpr int reduce_cols_per_thread()
 {
@@ -288,31 +305,48 @@ __global__ void __launch_bounds__(kReduceThreads)
         }
         __syncthreads();
         const int rows = (int)(m_end - mb < kReduceStage ? m_end - mb : kReduceStage);
-        for (int rr = 0; rr < rows; ++rr) {
-            const int64_t row = mb + rr;
-            Acc v[CPT];
-            if constexpr (CPT == 4) {
-                if (i0 < len) {
-                    load4(big + row * b_rs, b_cs, i0, len, v);
-                    if (drop.on)
-                        apply_dropout4(drop, (uint64_t)row * (uint64_t)len + (uint64_t)i0, v);
+        /* U rows' loads are issued before any of them is used, so that many bytes are in
+         * flight per thread; rows past `rows` load nothing and meet zeros in small_s. */
+        constexpr int U = reduce_unroll<Acc>();
+        for (int rr0 = 0; rr0 < rows; rr0 += U) {
+            Acc v[U][CPT];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int64_t row = mb + rr0 + u;
+                const bool live = rr0 + u < rows && i0 < len;
+                if constexpr (CPT == 4) {
+                    if (live) {
+                        load4(big + row * b_rs, b_cs, i0, len, v[u]);
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < 4; ++q)
+                            v[u][q] = Acc(0);
+                    }
                 } else {
-                    v[0] = v[1] = v[2] = v[3] = Acc(0);
+                    v[u][0] = live ? (Acc)Num<T>::load(big[row * b_rs + i0 * b_cs]) : Acc(0);
                 }
-            } else {
-                v[0] = i0 < len ? (Acc)Num<T>::load(big[row * b_rs + i0 * b_cs]) : Acc(0);
-                if (drop.on && i0 < len) {
-                    const uint64_t c = drop.offset + (uint64_t)row * (uint64_t)len + (uint64_t)i0;
-                    v[0] *= cpeft_dropout_uniform(drop.seed, c) >= drop.p ? drop.factor : Acc(0);
+            }
+            if (drop.on) {
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const uint64_t e0 = (uint64_t)(mb + rr0 + u) * (uint64_t)len + (uint64_t)i0;
+                    if constexpr (CPT == 4) {
+                        apply_dropout4(drop, e0, v[u]);
+                    } else {
+                        v[u][0] *= keep_one(drop.seed, drop.offset + e0, drop.p) ? drop.factor
+                                                                                 : Acc(0);
+                    }
                 }
             }
 #pragma unroll
-            for (int k = 0; k < RT; ++k) {
-                const Acc s = small_s[rr][k];
+            for (int u = 0; u < U; ++u)
 #pragma unroll
-                for (int q = 0; q < CPT; ++q)
-                    acc[k][q] += s * v[q];
-            }
+                for (int k = 0; k < RT; ++k) {
+                    const Acc sk = small_s[rr0 + u][k];
+#pragma unroll
+                    for (int q = 0; q < CPT; ++q)
+                        acc[k][q] += sk * v[u][q];
+                }
         }
     }
     if (i0 >= len)
