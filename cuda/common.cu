@@ -637,6 +637,69 @@ static __global__ void colreduce_kernel(int64_t rows, int64_t cols, const T *a, 
     }
 }
 
+/* colreduce_kernel for unit-stride columns and no row index: each thread owns 4 consecutive
+ * columns with wide loads (the scalar kernel moved about 1 TB/s on an H200:
+ * gpu-runs/2026-11-30-18e3f0a/profile.txt, colreduce_kernel). Rows are assigned to threads
+ * exactly as there, so every column is summed in the same order and the result has the same
+ * bits. */
+template <class T>
+static __global__ void colreduce_vec_kernel(int64_t rows, int64_t cols, const T *a, int64_t a_rs,
+                                            const T *b, int64_t b_rs, const T *col_scale,
+                                            int64_t col_scale_stride, T *scaled, int64_t s_rs,
+                                            typename Num<T>::acc *partial, int accumulate)
+{
+    typedef typename Num<T>::acc Acc;
+    __shared__ Acc tile[kRowThreads][kColTile * 4];
+    const int64_t j0 = ((int64_t)blockIdx.x * kColTile + threadIdx.x) * 4;
+    Acc sum[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+    if (j0 < cols) {
+        Acc l[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            l[q] = col_scale && j0 + q < cols ? (Acc)Num<T>::load(col_scale[(j0 + q) *
+                                                                            col_scale_stride])
+                                              : Acc(1);
+        for (int64_t i = (int64_t)blockIdx.y * kRowThreads + threadIdx.y; i < rows;
+             i += (int64_t)gridDim.y * kRowThreads) {
+            Acc v[4];
+            load4(a + i * a_rs, 1, j0, cols, v);
+            if (scaled) {
+                Acc w[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    w[q] = v[q] * l[q];
+                store4(scaled + i * s_rs, 1, j0, cols, w);
+            }
+            if (b) {
+                Acc u[4];
+                load4(b + i * b_rs, 1, j0, cols, u);
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    v[q] *= u[q];
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                sum[q] += v[q];
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        tile[threadIdx.y][threadIdx.x * 4 + q] = sum[q];
+    __syncthreads();
+    if (threadIdx.y != 0)
+        return;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        if (j0 + q >= cols)
+            break;
+        Acc total = 0;
+        for (int r = 0; r < kRowThreads; ++r)
+            total += tile[r][threadIdx.x * 4 + q];
+        Acc *slot = partial + (int64_t)blockIdx.y * cols + j0 + q;
+        *slot = accumulate ? *slot + total : total;
+    }
+}
+
 int colreduce_accumulate(cpeft_dtype dt, int64_t rows, int64_t cols, const cpeft_mat &a,
                          const ColReduceOperand &b, const cpeft_vec *col_scale,
                          const cpeft_mat *scaled_out, void *partial, int accumulate,
@@ -649,6 +712,24 @@ int colreduce_accumulate(cpeft_dtype dt, int64_t rows, int64_t cols, const cpeft
         return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, "column reduction over %lld columns",
                           (long long)cols);
     const dim3 grid((unsigned)gx, kSlices), block(kColTile, kRowThreads);
+    const bool unit_stride = a.col_stride == 1 && !b.index && (!b.data || b.col_stride == 1) &&
+                             (!scaled_out || scaled_out->col_stride == 1);
+    if (unit_stride) {
+        const dim3 vec_grid((unsigned)((cols + 4 * kColTile - 1) / (4 * kColTile)), kSlices);
+        return dispatch_float(dt, st, [&](auto tag) {
+            typedef typename decltype(tag)::type T;
+            typedef typename Num<T>::acc Acc;
+            colreduce_vec_kernel<T><<<vec_grid, block, 0, stream>>>(
+                rows, cols, static_cast<const T *>(a.data), a.row_stride,
+                static_cast<const T *>(b.data), b.row_stride,
+                col_scale ? static_cast<const T *>(col_scale->data) : nullptr,
+                col_scale ? col_scale->stride : 0,
+                scaled_out ? static_cast<T *>(scaled_out->data) : nullptr,
+                scaled_out ? scaled_out->row_stride : 0, static_cast<Acc *>(partial), accumulate);
+            CPEFT_LAUNCH_CHECK(st, "colreduce_vec_kernel");
+            return (int)CPEFT_OK;
+        });
+    }
     cpeft_dtype index_dt = b.index ? b.index_dtype : CPEFT_INT32;
     return dispatch_float(dt, st, [&](auto tag) {
         typedef typename decltype(tag)::type T;
