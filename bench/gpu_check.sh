@@ -157,6 +157,7 @@ step bench 150 "$PY" bench/bench_cuda.py --runs 3 --markdown "$OUT/bench_cuda.md
 
 # 7. the rest of the suite (the two files of step 4 left out)
 step pytest_rest 200 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
-    tests --ignore=tests/test_cuda.py --ignore=tests/test_layers_torch.py 2>&1 | tee '$OUT/pytest_rest.full' ; \
+    tests --ignore=tests/test_cuda.py --ignore=tests/test_layers_torch.py 2>&1 \
+    | tee '$OUT/pytest_rest.full' ; \
     rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_rest.full' > '$OUT/pytest_rest.tail'; exit \$rc"
 exit "$FAILED"

@@ -5,9 +5,10 @@
  * vector (common.cuh, gemm_scale_cols): the scale costs nothing. Otherwise the scale vector is
  * folded into whichever operand costs less to scale: a scaled copy of W (OUT x IN, in the cached
  * workspace, independent of M) when M is large, or the activations / output when M is small, so
- * no separate full pass over y follows the GEMM in the common training shapes. The exceptions are forced by what must be produced: output scaling that keeps
- * base (for grad_l) writes base with the GEMM and y = base ⊙ l in one pass, and input-scaling
- * backward with grad_l reads g·W once to form both grad_l and grad_x in a single fused pass.
+ * no separate full pass over y follows the GEMM in the common training shapes. The exceptions
+ * are forced by what must be produced: output scaling that keeps base (for grad_l) writes base
+ * with the GEMM and y = base ⊙ l in one pass, and input-scaling backward with grad_l reads g·W
+ * once to form both grad_l and grad_x in a single fused pass.
  */
 #include "cpeft/ia3.h"
 
