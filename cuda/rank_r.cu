@@ -123,6 +123,32 @@ template <class Acc> __device__ __forceinline__ Acc warp_sum(Acc v)
     return v;
 }
 
+/* dst[k][j] = src[(k0 + k) * s_rs + (c0 + j) * s_cs] where k0 + k < k_end and c0 + j < c_end,
+ * else 0, for k < K and j < J, by all threads of a 1-D block. The loop runs along whichever index
+ * is contiguous in memory, so that a warp's loads are coalesced (B read as Bᵀ has its rank index
+ * contiguous). PITCH = J + 4 keeps rows 16-byte aligned and spreads the rank rows over the banks
+ * when they are written rank-fastest. */
+template <class TA, class Acc, int K, int J, int PITCH>
+__device__ __forceinline__ void stage_tile(Acc (*dst)[PITCH], const TA *src, int64_t s_rs,
+                                           int64_t s_cs, int64_t k0, int64_t k_end, int64_t c0,
+                                           int64_t c_end)
+{
+    const bool rank_fastest = s_rs == 1 && s_cs != 1;
+    for (int e = threadIdx.x; e < K * J; e += blockDim.x) {
+        int k, j;
+        if (rank_fastest) {
+            j = e / K;
+            k = e - j * K;
+        } else {
+            k = e / J;
+            j = e - k * J;
+        }
+        const int64_t kk = k0 + k, c = c0 + j;
+        dst[k][j] = kk < k_end && c < c_end ? (Acc)Num<TA>::load(src[kk * s_rs + c * s_cs])
+                                            : Acc(0);
+    }
+}
+
 /* Ranks handled per launch: the accumulators live in registers, so R is cut into tiles of this
  * many (R above 32 reads big once per tile). fp64 keeps its staged tile within 48 KB of shared
  * memory with fewer ranks. */
@@ -158,7 +184,7 @@ __global__ void __launch_bounds__(kProjectWarps * 32)
     typedef typename Num<T>::acc Acc;
     constexpr int G = project_groups<Acc, RT>();
     constexpr int CH = 128 * G;
-    __shared__ __align__(16) Acc small_s[RT][CH];
+    __shared__ __align__(16) Acc small_s[RT][CH + 4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t rows_per_block = (int64_t)kProjectWarps * RPW;
     for (int64_t base = (int64_t)blockIdx.x * rows_per_block; base < m;
@@ -172,12 +198,7 @@ __global__ void __launch_bounds__(kProjectWarps * 32)
                 acc[rr][k] = Acc(0);
         for (int64_t c0 = 0; c0 < len; c0 += CH) {
             __syncthreads();    /* the previous chunk's reads of small_s are done */
-            for (int e = threadIdx.x; e < RT * CH; e += blockDim.x) {
-                const int k = e / CH, j = e - k * CH;
-                const int64_t i = c0 + j;
-                small_s[k][j] = k < r && i < len ? (Acc)Num<TA>::load(small[k * s_rs + i * s_cs])
-                                                 : Acc(0);
-            }
+            stage_tile<TA, Acc, RT, CH, CH + 4>(small_s, small, s_rs, s_cs, 0, r, c0, len);
             /* x's loads are issued before the barrier so that they overlap the staging. */
             Acc v[RPW][G][4];
 #pragma unroll
@@ -441,7 +462,7 @@ __global__ void __launch_bounds__(kExpandThreads)
 {
     typedef typename Num<T>::acc Acc;
     constexpr int KT = expand_rank_tile<Acc>();
-    __shared__ __align__(16) Acc a_s[KT][kExpandCols];
+    __shared__ __align__(16) Acc a_s[KT][kExpandCols + 4];
     __shared__ Acc small_s[KT][kExpandRows];
     const int64_t c_base = (int64_t)blockIdx.x * kExpandCols;
     const int64_t i0 = c_base + (int64_t)threadIdx.x * 4;
@@ -459,13 +480,8 @@ __global__ void __launch_bounds__(kExpandThreads)
         for (int64_t k0 = 0; k0 < r; k0 += KT) {
             __syncthreads();    /* the previous tile's reads are done */
             if (!one_tile || mb == m_begin)
-                for (int e = threadIdx.x; e < KT * kExpandCols; e += blockDim.x) {
-                    const int k = e / kExpandCols, j = e - k * kExpandCols;
-                    const int64_t i = c_base + j;
-                    a_s[k][j] = k0 + k < r && i < len
-                                    ? (Acc)Num<TA>::load(a[(k0 + k) * a_rs + i * a_cs])
-                                    : Acc(0);
-                }
+                stage_tile<TA, Acc, KT, kExpandCols, kExpandCols + 4>(a_s, a, a_rs, a_cs, k0, r,
+                                                                       c_base, len);
             for (int e = threadIdx.x; e < KT * kExpandRows; e += blockDim.x) {
                 const int k = e / kExpandRows, rr = e - k * kExpandRows;
                 const int64_t row = mb + rr;
@@ -521,7 +537,7 @@ __global__ void __launch_bounds__(kExpandThreads)
 {
     typedef typename Num<T>::acc Acc;
     constexpr int KT = expand_rank_tile<Acc>();
-    __shared__ __align__(16) Acc b_s[KT][kExpandCols];
+    __shared__ __align__(16) Acc b_s[KT][kExpandCols + 4];
     __shared__ Acc a_s[KT][kExpandRows];
     __shared__ int64_t rows_s[kExpandRows];
     const int64_t c_base = (int64_t)blockIdx.x * kExpandCols;
@@ -550,14 +566,9 @@ __global__ void __launch_bounds__(kExpandThreads)
                 acc[rr][q] = Acc(0);
         for (int64_t k0 = 0; k0 < r; k0 += KT) {
             __syncthreads();
-            if (!one_tile || mb == m_begin)
-                for (int e = threadIdx.x; e < KT * kExpandCols; e += blockDim.x) {
-                    const int k = e / kExpandCols, j = e - k * kExpandCols;
-                    const int64_t c = c_base + j;
-                    b_s[k][j] = k0 + k < r && c < dim
-                                    ? (Acc)Num<T>::load(lora_b[c * b_rs + (k0 + k) * b_cs])
-                                    : Acc(0);
-                }
+            if (!one_tile || mb == m_begin)     /* Bᵀ: rank k of column c is B[c][k] */
+                stage_tile<T, Acc, KT, kExpandCols, kExpandCols + 4>(b_s, lora_b, b_cs, b_rs, k0,
+                                                                      r, c_base, dim);
             for (int e = threadIdx.x; e < KT * kExpandRows; e += blockDim.x) {
                 const int k = e / kExpandRows, rr = e - k * kExpandRows;
                 const int64_t row = rows_s[rr];
