@@ -6,8 +6,8 @@
  * (gpu-runs/2026-11-30-18e3f0a/profile.txt). And with dropout cuBLAS needs drop(x) as data: the
  * previous path materialized it a row chunk at a time, six 36-us passes per step. Here:
  *
- *   project: out (M x R) = d(big) (M x L) · smallᵀ (R x L): one warp per row group, small staged
- *            in shared memory a chunk of L at a time, big read once, each lane summing 4
+ *   project: out (M x R) = d(big) (M x L) · smallᵀ (R x L): a warp per two rows, small staged
+ *            in shared memory 32 KB of L at a time, big read once, each lane summing groups of 4
  *            consecutive columns, a warp shuffle tree at the end.
  *   reduce:  out (R x L) = alpha · smallᵀ (M x R) · d(big) (M x L): threads own columns of big,
  *            rows cut into slices whose fp32 partial sums are added in slice order by a second
@@ -15,6 +15,8 @@
  *   expand:  out (M x L) = alpha · d(small (M x R) · a (R x L)): the LoRA part of grad_x with the
  *            dropout mask applied as it is written (without dropout cuBLAS does this product at
  *            memory speed already).
+ *   embedding forward: the expansion with gathered rows, y[n] = W[idx[n]] + alpha·A[:, idx[n]]ᵀ·Bᵀ
+ *            in one pass (W's rows read once, y written once).
  *
  * d is the dropout of core.h regenerated in the kernel: element (m, i) has counter
  * offset + m*L + i modulo 2^64, and each lane's four consecutive columns cost one Philox call
