@@ -6,8 +6,12 @@ when triton is importable, which also flushes L2 between repetitions). Memory is
 torch.cuda.memory_allocated / max_memory_allocated deltas around a forward whose outputs are kept
 alive, i.e. what a layer holds for its backward.
 
-Usage: python bench/bench_cuda.py [--dtype bfloat16] [--reps 100] [--cases lora,memory,...]
-Prints a markdown table with the device, versions, commit and date.
+Usage: python bench/bench_cuda.py [--dtype bfloat16] [--reps 100] [--runs 3]
+                                 [--cases lora,dropout,rankr,memory,ia3,embedding,host,merged]
+                                 [--markdown bench_cuda.md]
+Prints a markdown table with the device, versions, commit and date (and writes it to --markdown,
+ready for docs/benchmarks.md). Every timed case runs --runs times; a cell lists each run's median
+and the ratio to the frozen base of the median run.
 """
 import argparse
 import datetime
@@ -15,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -233,6 +238,48 @@ def merged_case(dtype, reps, m=4096, n=4096, r=16):
     return row
 
 
+# ---- host path ---------------------------------------------------------------------------------
+
+def host_us(step, iters=300):
+    """Host microseconds per call of step() while only enqueueing (no synchronization inside)."""
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e6
+
+
+def host_case(dtype, m=16, n=64, r=8):
+    """Host time of one fwd+bwd at a tiny shape, where the GPU work is negligible."""
+    x = randn(m, n, dtype=dtype).requires_grad_(True)
+    g = randn(m, n, dtype=dtype)
+    row = {"base": host_us(autograd_step(frozen_linear(n, n, dtype), x, g))}
+    layer = cpeft_layer(n, n, r, dtype, 0.0)
+    if layer is not None:
+        row["cpeft.Linear"] = host_us(autograd_step(layer, x, g))
+    model = peft_lora(n, n, r, dtype, 0.0)
+    if model is not None:
+        row["peft"] = host_us(autograd_step(model, x, g))
+    return row
+
+
+def with_rank_r_path(path, fn):
+    """fn() with CPEFT_CUDA_RANK_R=path (the C core reads it on every call)."""
+    saved = os.environ.get("CPEFT_CUDA_RANK_R")
+    os.environ["CPEFT_CUDA_RANK_R"] = path
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ["CPEFT_CUDA_RANK_R"]
+        else:
+            os.environ["CPEFT_CUDA_RANK_R"] = saved
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 COLUMNS = ("cpeft", "cpeft.Linear", "peft")
@@ -247,19 +294,26 @@ def commit():
         return "?"
 
 
-def fmt_time(row, key):
-    if key not in row:
+def fmt_cell(runs, key, unit="ms", digits=3):
+    """Each run's value, then the ratio to the base of the median run where there is a base."""
+    values = [run[key] for run in runs if key in run]
+    if not values:
         return "n/a"
-    if "base" in row:
-        return f"{row[key]:.3f} ms ({row[key] / row['base']:.2f}x)"
-    return f"{row[key]:.3f} ms"
+    text = " / ".join(f"{v:.{digits}f}" for v in values) + f" {unit}"
+    bases = [run["base"] for run in runs if key in run and "base" in run]
+    if bases:
+        ratios = sorted(v / b for v, b in zip(values, bases))
+        text += f" ({ratios[len(ratios) // 2]:.2f}x)"
+    return text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--reps", type=int, default=100)
-    parser.add_argument("--cases", default="lora,memory,ia3,embedding,merged")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cases", default="lora,dropout,rankr,memory,ia3,embedding,host,merged")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() and cpeft.has_cuda()):
         print("bench_cuda: needs an NVIDIA GPU and a CUDA build of cpeft", file=sys.stderr)
@@ -267,43 +321,73 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     cases = set(args.cases.split(","))
     torch.manual_seed(0)
+    lines = []
 
-    print(f"# cpeft CUDA benchmark ({args.dtype})\n")
-    print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"- device: {torch.cuda.get_device_name()}")
-    print(f"- torch {torch.__version__} (CUDA {torch.version.cuda}), "
-          f"peft {peft.__version__ if peft else 'not installed'}, "
-          f"cpeft {cpeft.__version__} commit {commit()}, {cpeft.build_info()}")
-    print(f"- timer: {'triton do_bench' if _triton_do_bench else 'CUDA events'}, median\n")
-    print("| case | frozen base | cpeft functional | cpeft layer | HF peft | target |")
-    print("|---|---|---|---|---|---|")
+    def out(text=""):
+        print(text, flush=True)
+        lines.append(text)
 
-    def emit(name, row, target):
-        base = f"{row['base']:.3f} ms" if "base" in row else "n/a"
-        cells = " | ".join(fmt_time(row, k) for k in COLUMNS)
-        print(f"| {name} | {base} | {cells} | {target} |", flush=True)
+    out(f"# cpeft CUDA benchmark ({args.dtype})\n")
+    out(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    out(f"- device: {torch.cuda.get_device_name()}")
+    out(f"- torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"peft {peft.__version__ if peft else 'not installed'}, "
+        f"cpeft {cpeft.__version__} commit {commit()}, {cpeft.build_info()}")
+    out(f"- timer: {'triton do_bench' if _triton_do_bench else 'CUDA events'}, median of "
+        f"--reps {args.reps}; {args.runs} runs per cell (each run's median, then the ratio to "
+        f"the frozen base of the median run)\n")
+    out("| case | frozen base | cpeft functional | cpeft layer | HF peft | target |")
+    out("|---|---|---|---|---|---|")
 
-    if "lora" in cases:
-        for (m, i, o, r), target in [((4096, 4096, 4096, 16), "<= 1.10x"),
-                                     ((16384, 4096, 4096, 16), "<= 1.05x"),
-                                     ((8192, 4096, 11008, 16), "<= 1.05x"),
-                                     ((2048, 1024, 1024, 8), "<= 1.5x")]:
-            emit(f"LoRA linear fwd+bwd M={m} {i}->{o} r={r}",
-                 lora_case(m, i, o, r, dtype, args.reps), target)
+    def emit(name, measure, target, unit="ms", digits=3):
+        runs = [measure() for _ in range(args.runs)]
+        base = fmt_cell(runs, "base", unit, digits).split(" (")[0] if "base" in runs[0] else "n/a"
+        cells = " | ".join(fmt_cell(runs, k, unit, digits) for k in COLUMNS)
+        out(f"| {name} | {base} | {cells} | {target} |")
+
+    lora_shapes = [((4096, 4096, 4096, 16), "<= 1.10x", "<= 1.13x"),
+                   ((16384, 4096, 4096, 16), "<= 1.05x", "<= 1.07x"),
+                   ((8192, 4096, 11008, 16), "<= 1.05x", "<= 1.07x"),
+                   ((2048, 1024, 1024, 8), "<= 1.5x", None)]
+    for (m, i, o, r), target, dropout_target in lora_shapes:
+        name = f"LoRA linear fwd+bwd M={m} {i}->{o} r={r}"
+        if "lora" in cases:
+            emit(name, lambda: lora_case(m, i, o, r, dtype, args.reps), target)
+        if "dropout" in cases and dropout_target:
+            emit(f"{name}, dropout 0.05",
+                 lambda: lora_case(m, i, o, r, dtype, args.reps, dropout=0.05), dropout_target)
+        if "rankr" in cases and m == 4096:
+            # The path cuda/rank_r.cu replaced, for comparison (cpeft columns only matter).
+            for p in (0.0, 0.05):
+                emit(f"{name}, dropout {p}, CPEFT_CUDA_RANK_R=cublas (previous path)",
+                     lambda: with_rank_r_path("cublas", lambda: lora_case(m, i, o, r, dtype,
+                                                                          args.reps, dropout=p)),
+                     "reference")
     if "memory" in cases:
         row = memory_case(dtype)
         cells = " | ".join(f"{row[k]:+.2f} MiB" if k in row else "n/a" for k in COLUMNS)
-        print(f"| extra memory kept for backward, dropout 0.05, M=4096 4096^2 | 0 | {cells} "
-              f"| <= 1 MiB |", flush=True)
+        out(f"| extra memory kept for backward, dropout 0.05, M=4096 4096^2 | 0 | {cells} "
+            f"| <= 1 MiB |")
     if "ia3" in cases:
         for feedforward, name in [(False, "output"), (True, "input")]:
-            emit(f"IA3 fwd+bwd M=4096 4096^2, {name} scaling", ia3_case(feedforward, dtype,
-                                                                        args.reps), "<= 1.05x")
+            emit(f"IA3 fwd+bwd M=4096 4096^2, {name} scaling",
+                 lambda: ia3_case(feedforward, dtype, args.reps), "<= 1.05x")
     if "embedding" in cases:
         emit("LoRA embedding fwd+bwd 32000x4096 r=16, 8192 tokens",
-             embedding_case(dtype, args.reps), "<= 0.10 ms")
+             lambda: embedding_case(dtype, args.reps), "<= 0.10 ms")
+        if "rankr" in cases:
+            emit("same, CPEFT_CUDA_RANK_R=cublas (previous path)",
+                 lambda: with_rank_r_path("cublas", lambda: embedding_case(dtype, args.reps)),
+                 "reference")
+    if "host" in cases:
+        emit("host time of one fwd+bwd, M=16 64->64 r=8 (enqueue only)",
+             lambda: host_case(dtype), "<= 1.3x", unit="us", digits=1)
     if "merged" in cases:
-        emit("merged (eval) forward M=4096 4096^2", merged_case(dtype, args.reps), "= base")
+        emit("merged (eval) forward M=4096 4096^2", lambda: merged_case(dtype, args.reps),
+             "= base")
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
     return 0
 
 

@@ -6,6 +6,9 @@
 #include "common.cuh"
 
 #include <cub/device/device_radix_sort.cuh>
+#include <cublasLt.h>
+
+#include <array>
 
 #include <climits>
 #include <cstring>
@@ -51,9 +54,22 @@ int fail_cublas(cpeft_status *st, cublasStatus_t status, const char *call, const
  * Per-(device, stream) contexts
  * ------------------------------------------------------------------------------------------- */
 
+/* A cuBLASLt matmul prepared once per problem (dtype, transposes, sizes, leading dimensions,
+ * pointer alignments): descriptors, layouts and the heuristic's algorithm, or the finding that
+ * there is none (then the caller keeps its cuBLAS path). */
+struct LtPlan {
+    bool supported = false;
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo;
+};
+typedef std::array<int64_t, 12> LtKey;
+
 struct StreamContext {
     std::mutex mutex;
     cublasHandle_t blas = nullptr;
+    cublasLtHandle_t lt = nullptr;     /* created on first use */
+    std::map<LtKey, LtPlan> lt_plans;
     void *workspace = nullptr;
     size_t workspace_bytes = 0;
 };
@@ -123,6 +139,8 @@ int Session::open(void *stream_handle, cpeft_status *st)
     CPEFT_CUBLAS_CHECK(st, cublasSetStream(blas, s));
     return CPEFT_OK;
 }
+
+StreamContext *Session::context() const { return ctx_; }
 
 int Session::workspace(size_t bytes, void **out, cpeft_status *st)
 {
@@ -278,6 +296,152 @@ int zero_fill(const cpeft_mat &m, size_t elt, cudaStream_t stream, cpeft_status 
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * cuBLASLt GEMM with a per-column scale of C (IA3's output scaling inside the GEMM)
+ * ------------------------------------------------------------------------------------------- */
+
+#define CPEFT_LT_TRY(call)                                                                      \
+    do {                                                                                        \
+        if ((call) != CUBLAS_STATUS_SUCCESS)                                                    \
+            return false;                                                                       \
+    } while (0)
+
+static int64_t pointer_alignment(const void *p)
+{
+    int64_t align = 256;
+    while (align > 1 && (reinterpret_cast<uintptr_t>(p) & (uintptr_t)(align - 1)) != 0)
+        align >>= 1;
+    return align;
+}
+
+static void destroy_plan(LtPlan &plan)
+{
+    if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
+    if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
+    if (plan.c) cublasLtMatrixLayoutDestroy(plan.c);
+    if (plan.desc) cublasLtMatmulDescDestroy(plan.desc);
+    plan = LtPlan();
+}
+
+/* Descriptors, layouts and algorithm for D = alpha_vec ⊙rows op(A)·op(B) + beta·C, C = D column-
+ * major m x n; false when cuBLASLt has no algorithm (or a call fails: the plan is then unused). */
+static bool make_plan(cublasLtHandle_t lt, const LtKey &key, cudaDataType_t type, LtPlan *plan)
+{
+    const cublasOperation_t op_a = (cublasOperation_t)key[1], op_b = (cublasOperation_t)key[2];
+    const int64_t m = key[3], n = key[4], k = key[5];
+    CPEFT_LT_TRY(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const int32_t pointer_mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
+    const int32_t ta = op_a, tb = op_b;
+    CPEFT_LT_TRY(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_POINTER_MODE,
+                                                &pointer_mode, sizeof(pointer_mode)));
+    CPEFT_LT_TRY(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta,
+                                                sizeof(ta)));
+    CPEFT_LT_TRY(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb,
+                                                sizeof(tb)));
+    CPEFT_LT_TRY(cublasLtMatrixLayoutCreate(&plan->a, type, op_a == CUBLAS_OP_N ? m : k,
+                                            op_a == CUBLAS_OP_N ? k : m, key[6]));
+    CPEFT_LT_TRY(cublasLtMatrixLayoutCreate(&plan->b, type, op_b == CUBLAS_OP_N ? k : n,
+                                            op_b == CUBLAS_OP_N ? n : k, key[7]));
+    CPEFT_LT_TRY(cublasLtMatrixLayoutCreate(&plan->c, type, m, n, key[8]));
+    cublasLtMatmulPreference_t pref = nullptr;
+    CPEFT_LT_TRY(cublasLtMatmulPreferenceCreate(&pref));
+    /* No workspace (nothing to grow, nothing allocated per call or under capture) and no split-K
+     * reduction in 16 bits: fp32 accumulation is the contract, as for the cuBLAS handle. */
+    const uint64_t no_workspace = 0;
+    const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_INPLACE |
+                                CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    const uint32_t align_a = (uint32_t)key[9], align_b = (uint32_t)key[10],
+                   align_c = (uint32_t)key[11];
+    cublasLtMatmulHeuristicResult_t result;
+    int returned = 0;
+    const bool ok =
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                             &no_workspace, sizeof(no_workspace)) ==
+            CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                             &reductions, sizeof(reductions)) ==
+            CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                             &align_a, sizeof(align_a)) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                             &align_b, sizeof(align_b)) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                             &align_c, sizeof(align_c)) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                             &align_c, sizeof(align_c)) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoGetHeuristic(lt, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
+                                       1, &result, &returned) == CUBLAS_STATUS_SUCCESS &&
+        returned > 0;
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (!ok)
+        return false;
+    plan->algo = result.algo;
+    return true;
+}
+
+template <class T>
+static __global__ void widen_kernel(int64_t n, const T *src, int64_t stride, float *dst)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = (float)Num<T>::load(src[i * stride]);
+}
+
+int gemm_scale_cols(Session &s, cpeft_dtype dt, const cpeft_vec &col_scale, void *scale_ws,
+                    const cpeft_mat &a, const cpeft_mat &b, double beta, const cpeft_mat &cm,
+                    bool *done, cpeft_status *st)
+{
+    *done = false;
+    cudaDataType_t type;
+    if (dt == CPEFT_FLOAT64 || !cuda_data_type(dt, &type) || !is_row_major(cm) ||
+        cm.rows == 0 || cm.cols == 0 || a.cols == 0 || a.rows != cm.rows ||
+        b.cols != cm.cols || a.cols != b.rows || col_scale.len != cm.cols)
+        return CPEFT_OK;
+    /* Row-major C is the column-major Cᵀ = Bᵀ·Aᵀ, whose rows are C's columns: the alpha vector
+     * then scales C's columns. */
+    const cpeft_mat C = mat_transpose(cm), A = mat_transpose(b), B = mat_transpose(a);
+    cublasOperation_t op_a, op_b;
+    int64_t lda, ldb;
+    if (!blas_operand(A, &op_a, &lda) || !blas_operand(B, &op_b, &ldb))
+        return CPEFT_OK;
+    const int64_t m = C.rows, n = C.cols, k = A.cols, ldc = C.col_stride;
+    if (m > INT_MAX || n > INT_MAX || k > INT_MAX)
+        return CPEFT_OK;
+    StreamContext *ctx = s.context();
+    if (!ctx)
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "gemm_scale_cols before Session::open");
+    if (!ctx->lt)
+        CPEFT_CUBLAS_CHECK(st, cublasLtCreate(&ctx->lt));
+    const LtKey key = {(int64_t)dt, (int64_t)op_a, (int64_t)op_b, m, n, k, lda, ldb, ldc,
+                       pointer_alignment(A.data), pointer_alignment(B.data),
+                       pointer_alignment(C.data)};
+    auto found = ctx->lt_plans.find(key);
+    if (found == ctx->lt_plans.end()) {
+        LtPlan plan;
+        plan.supported = make_plan(ctx->lt, key, type, &plan);
+        if (!plan.supported)
+            destroy_plan(plan);
+        found = ctx->lt_plans.emplace(key, plan).first;
+    }
+    const LtPlan &plan = found->second;
+    if (!plan.supported)
+        return CPEFT_OK;
+    float *alpha = static_cast<float *>(scale_ws);
+    CPEFT_TRY(dispatch_float(dt, st, [&](auto tag) {
+        typedef typename decltype(tag)::type T;
+        widen_kernel<T><<<grid_1d(col_scale.len, 256), 256, 0, s.stream>>>(
+            col_scale.len, static_cast<const T *>(col_scale.data), col_scale.stride, alpha);
+        CPEFT_LAUNCH_CHECK(st, "widen_kernel");
+        return (int)CPEFT_OK;
+    }));
+    const float be = (float)beta;
+    CPEFT_CUBLAS_CHECK(st, cublasLtMatmul(ctx->lt, plan.desc, alpha, A.data, plan.a, B.data,
+                                          plan.b, &be, C.data, plan.c, C.data, plan.c, &plan.algo,
+                                          nullptr, 0, s.stream));
+    *done = true;
+    return CPEFT_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Elementwise helpers
  * ------------------------------------------------------------------------------------------- */
 
@@ -345,6 +509,37 @@ static __global__ void scale_matrix_kernel(int64_t rows, int64_t cols, const T *
     }
 }
 
+/* The unit-stride case of scale_matrix_kernel: each thread scales 4 consecutive elements of a
+ * row with one wide load and store (the scalar kernel ran at about 0.9 TB/s on an H200, a fifth
+ * of the memory speed: gpu-runs/2026-11-30-18e3f0a/profile.txt, scale_matrix_kernel). */
+static const int kVecThreads = 256;
+static const int kVecTargetBlocks = 2048;
+
+template <class T>
+static __global__ void scale_matrix_vec_kernel(int64_t rows, int64_t cols, const T *src,
+                                               int64_t s_rs, const T *l, int64_t l_stride,
+                                               int along_cols, T *dst, int64_t d_rs)
+{
+    typedef typename Num<T>::acc Acc;
+    const int64_t i0 = ((int64_t)blockIdx.x * kVecThreads + threadIdx.x) * 4;
+    if (i0 >= cols)
+        return;
+    Acc col_factor[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        col_factor[q] = along_cols && i0 + q < cols ? (Acc)Num<T>::load(l[(i0 + q) * l_stride])
+                                                    : Acc(1);
+    for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+        Acc v[4];
+        load4(src + i * s_rs, 1, i0, cols, v);
+        const Acc row_factor = along_cols ? Acc(1) : (Acc)Num<T>::load(l[i * l_stride]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            v[q] *= along_cols ? col_factor[q] : row_factor;
+        store4(dst + i * d_rs, 1, i0, cols, v);
+    }
+}
+
 int scale_matrix(cpeft_dtype dt, const cpeft_mat &src, const cpeft_vec &l, int along_cols,
                  const cpeft_mat &dst, cudaStream_t stream, cpeft_status *st)
 {
@@ -355,6 +550,26 @@ int scale_matrix(cpeft_dtype dt, const cpeft_mat &src, const cpeft_vec &l, int a
     const cpeft_mat from = flip ? mat_transpose(src) : src;
     const cpeft_mat to = flip ? mat_transpose(dst) : dst;
     const int cols_scaled = flip ? !along_cols : along_cols;
+    if (from.col_stride == 1 && to.col_stride == 1) {
+        const int64_t col_blocks = (from.cols + 4 * kVecThreads - 1) / (4 * kVecThreads);
+        if (col_blocks > INT_MAX)
+            return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, "scale_matrix: %lld columns",
+                              (long long)from.cols);
+        int64_t row_blocks = (kVecTargetBlocks + col_blocks - 1) / col_blocks;
+        if (row_blocks > from.rows) row_blocks = from.rows;
+        if (row_blocks > 65535) row_blocks = 65535;
+        if (row_blocks < 1) row_blocks = 1;
+        const dim3 grid((unsigned)col_blocks, (unsigned)row_blocks);
+        return dispatch_float(dt, st, [&](auto tag) {
+            typedef typename decltype(tag)::type T;
+            scale_matrix_vec_kernel<T><<<grid, kVecThreads, 0, stream>>>(
+                from.rows, from.cols, static_cast<const T *>(from.data), from.row_stride,
+                static_cast<const T *>(l.data), l.stride, cols_scaled, static_cast<T *>(to.data),
+                to.row_stride);
+            CPEFT_LAUNCH_CHECK(st, "scale_matrix_vec_kernel");
+            return (int)CPEFT_OK;
+        });
+    }
     return dispatch_float(dt, st, [&](auto tag) {
         typedef typename decltype(tag)::type T;
         scale_matrix_kernel<T><<<grid_2d(from.rows, from.cols), kElementBlock, 0, stream>>>(
@@ -422,6 +637,69 @@ static __global__ void colreduce_kernel(int64_t rows, int64_t cols, const T *a, 
     }
 }
 
+/* colreduce_kernel for unit-stride columns and no row index: each thread owns 4 consecutive
+ * columns with wide loads (the scalar kernel moved about 1 TB/s on an H200:
+ * gpu-runs/2026-11-30-18e3f0a/profile.txt, colreduce_kernel). Rows are assigned to threads
+ * exactly as there, so every column is summed in the same order and the result has the same
+ * bits. */
+template <class T>
+static __global__ void colreduce_vec_kernel(int64_t rows, int64_t cols, const T *a, int64_t a_rs,
+                                            const T *b, int64_t b_rs, const T *col_scale,
+                                            int64_t col_scale_stride, T *scaled, int64_t s_rs,
+                                            typename Num<T>::acc *partial, int accumulate)
+{
+    typedef typename Num<T>::acc Acc;
+    __shared__ Acc tile[kRowThreads][kColTile * 4];
+    const int64_t j0 = ((int64_t)blockIdx.x * kColTile + threadIdx.x) * 4;
+    Acc sum[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+    if (j0 < cols) {
+        Acc l[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            l[q] = col_scale && j0 + q < cols ? (Acc)Num<T>::load(col_scale[(j0 + q) *
+                                                                            col_scale_stride])
+                                              : Acc(1);
+        for (int64_t i = (int64_t)blockIdx.y * kRowThreads + threadIdx.y; i < rows;
+             i += (int64_t)gridDim.y * kRowThreads) {
+            Acc v[4];
+            load4(a + i * a_rs, 1, j0, cols, v);
+            if (scaled) {
+                Acc w[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    w[q] = v[q] * l[q];
+                store4(scaled + i * s_rs, 1, j0, cols, w);
+            }
+            if (b) {
+                Acc u[4];
+                load4(b + i * b_rs, 1, j0, cols, u);
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    v[q] *= u[q];
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                sum[q] += v[q];
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        tile[threadIdx.y][threadIdx.x * 4 + q] = sum[q];
+    __syncthreads();
+    if (threadIdx.y != 0)
+        return;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        if (j0 + q >= cols)
+            break;
+        Acc total = 0;
+        for (int r = 0; r < kRowThreads; ++r)
+            total += tile[r][threadIdx.x * 4 + q];
+        Acc *slot = partial + (int64_t)blockIdx.y * cols + j0 + q;
+        *slot = accumulate ? *slot + total : total;
+    }
+}
+
 int colreduce_accumulate(cpeft_dtype dt, int64_t rows, int64_t cols, const cpeft_mat &a,
                          const ColReduceOperand &b, const cpeft_vec *col_scale,
                          const cpeft_mat *scaled_out, void *partial, int accumulate,
@@ -434,6 +712,24 @@ int colreduce_accumulate(cpeft_dtype dt, int64_t rows, int64_t cols, const cpeft
         return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, "column reduction over %lld columns",
                           (long long)cols);
     const dim3 grid((unsigned)gx, kSlices), block(kColTile, kRowThreads);
+    const bool unit_stride = a.col_stride == 1 && !b.index && (!b.data || b.col_stride == 1) &&
+                             (!scaled_out || scaled_out->col_stride == 1);
+    if (unit_stride) {
+        const dim3 vec_grid((unsigned)((cols + 4 * kColTile - 1) / (4 * kColTile)), kSlices);
+        return dispatch_float(dt, st, [&](auto tag) {
+            typedef typename decltype(tag)::type T;
+            typedef typename Num<T>::acc Acc;
+            colreduce_vec_kernel<T><<<vec_grid, block, 0, stream>>>(
+                rows, cols, static_cast<const T *>(a.data), a.row_stride,
+                static_cast<const T *>(b.data), b.row_stride,
+                col_scale ? static_cast<const T *>(col_scale->data) : nullptr,
+                col_scale ? col_scale->stride : 0,
+                scaled_out ? static_cast<T *>(scaled_out->data) : nullptr,
+                scaled_out ? scaled_out->row_stride : 0, static_cast<Acc *>(partial), accumulate);
+            CPEFT_LAUNCH_CHECK(st, "colreduce_vec_kernel");
+            return (int)CPEFT_OK;
+        });
+    }
     cpeft_dtype index_dt = b.index ? b.index_dtype : CPEFT_INT32;
     return dispatch_float(dt, st, [&](auto tag) {
         typedef typename decltype(tag)::type T;

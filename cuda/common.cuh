@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 
 #include "cpeft/core.h"
@@ -93,6 +94,9 @@ public:
      * only when a larger size is first needed (that growth is the only cudaMalloc, and it waits
      * for this stream's earlier work before freeing the old buffer). */
     int workspace(size_t bytes, void **out, cpeft_status *st);
+
+    /* The locked context (for the cuBLASLt plans it caches); null before open. */
+    StreamContext *context() const;
 
     cudaStream_t stream = nullptr;
     cublasHandle_t blas = nullptr;
@@ -172,6 +176,17 @@ inline cpeft_dtype acc_dtype(cpeft_dtype dt)
 int gemm(Session &s, cpeft_dtype ab, cpeft_dtype c, double alpha, const cpeft_mat &a,
          const cpeft_mat &b, double beta, const cpeft_mat &cm, cpeft_status *st);
 
+/* C (m x n) = (A·B)·diag(col_scale) + beta · C through cuBLASLt's per-row alpha vector
+ * (CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST) on C's column-major transpose, so the
+ * scale costs nothing beyond the GEMM. Needs scale_ws of col_scale.len floats (the vector widened
+ * to fp32, the type cuBLASLt reads it in). Descriptors, layouts and the algorithm are found once
+ * per problem and kept in the stream's context; no workspace, no split-K in 16 bits. *done is
+ * false, with nothing queued, where this does not apply (fp64, C not row-major, no algorithm):
+ * the caller then scales another way. */
+int gemm_scale_cols(Session &s, cpeft_dtype dt, const cpeft_vec &col_scale, void *scale_ws,
+                    const cpeft_mat &a, const cpeft_mat &b, double beta, const cpeft_mat &c,
+                    bool *done, cpeft_status *st);
+
 /* Writes zero bits (0.0 in every float type) to every element of m. */
 int zero_fill(const cpeft_mat &m, size_t elt, cudaStream_t stream, cpeft_status *st);
 
@@ -237,6 +252,79 @@ template <class F> int dispatch_index(cpeft_dtype dt, cpeft_status *st, F &&f)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL,
                           "CUDA kernels: index dtype code %d is not int32 or int64", (int)dt);
     }
+}
+
+/* 4-wide access to 4 consecutive elements p[(i0 + q) * stride], q = 0..3, of which those at
+ * i0 + q >= len are absent (loaded as 0, not stored): one 8/16/32-byte access when unit-stride
+ * and aligned, else one per element. */
+template <class T>
+__device__ __forceinline__ bool vector_ok(const T *p, int64_t stride, int64_t i0, int64_t len)
+{
+    return stride == 1 && i0 + 4 <= len &&
+           (reinterpret_cast<uintptr_t>(p + i0) & (4 * sizeof(T) - 1)) == 0;
+}
+
+/* v[q] = p[(i0 + q) * stride] for i0 + q < len, else 0; one 4-wide load when unit-stride and
+ * aligned. */
+template <class T>
+__device__ __forceinline__ void load4(const T *p, int64_t stride, int64_t i0, int64_t len,
+                                      typename Num<T>::acc v[4])
+{
+    typedef typename Num<T>::acc Acc;
+    if (vector_ok(p, stride, i0, len)) {
+        T t[4];
+        if constexpr (sizeof(T) == 2) {
+            const uint2 raw = *reinterpret_cast<const uint2 *>(p + i0);
+            memcpy(t, &raw, sizeof(raw));
+        } else if constexpr (sizeof(T) == 4) {
+            const float4 raw = *reinterpret_cast<const float4 *>(p + i0);
+            memcpy(t, &raw, sizeof(raw));
+        } else {
+            const double2 lo = reinterpret_cast<const double2 *>(p + i0)[0];
+            const double2 hi = reinterpret_cast<const double2 *>(p + i0)[1];
+            memcpy(t, &lo, sizeof(lo));
+            memcpy(t + 2, &hi, sizeof(hi));
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            v[q] = Num<T>::load(t[q]);
+        return;
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        v[q] = i0 + q < len ? (Acc)Num<T>::load(p[(i0 + q) * stride]) : Acc(0);
+}
+
+template <class T>
+__device__ __forceinline__ void store4(T *p, int64_t stride, int64_t i0, int64_t len,
+                                       const typename Num<T>::acc v[4])
+{
+    if (vector_ok(p, stride, i0, len)) {
+        T t[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            t[q] = Num<T>::store(v[q]);
+        if constexpr (sizeof(T) == 2) {
+            uint2 raw;
+            memcpy(&raw, t, sizeof(raw));
+            *reinterpret_cast<uint2 *>(p + i0) = raw;
+        } else if constexpr (sizeof(T) == 4) {
+            float4 raw;
+            memcpy(&raw, t, sizeof(raw));
+            *reinterpret_cast<float4 *>(p + i0) = raw;
+        } else {
+            double2 lo, hi;
+            memcpy(&lo, t, sizeof(lo));
+            memcpy(&hi, t + 2, sizeof(hi));
+            reinterpret_cast<double2 *>(p + i0)[0] = lo;
+            reinterpret_cast<double2 *>(p + i0)[1] = hi;
+        }
+        return;
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        if (i0 + q < len)
+            p[(i0 + q) * stride] = Num<T>::store(v[q]);
 }
 
 /* Grid sizes for grid-stride loops: enough blocks to fill the GPU, never above the launch limit. */
@@ -336,6 +424,47 @@ int dropout_rows(cpeft_dtype dt, const cpeft_dropout *d, const cpeft_mat &x, int
 int dropout_scale_rows(cpeft_dtype dt, const cpeft_dropout *d, const void *t, double alpha,
                        int64_t row0, int64_t rows, const cpeft_mat &dst, cudaStream_t stream,
                        cpeft_status *st);
+
+/* ---------------------------------------------------------------------------------------------
+ * Rank-r products (rank_r.cu): the skinny products of the LoRA branch, each reading its large
+ * operand once, with the dropout mask of core.h regenerated inside (d below; drop NULL or p == 0:
+ * no dropout). The counters of element (m, i) of the large operand are m * L + i (L its columns),
+ * so d applies to x only. fp32 (fp64) accumulation; every operand of one call has dtype dt.
+ * ------------------------------------------------------------------------------------------- */
+
+/* false when the environment says CPEFT_CUDA_RANK_R=cublas: the dropout-free products then go
+ * through cuBLAS and dropout through the materialized row chunks, the path these kernels
+ * replace (kept so that a GPU session can compare the two and fall back). */
+bool rank_r_kernels_enabled();
+
+/* out (M x R) = d(big) (M x L) · smallᵀ, small R x L (x·Aᵀ; g·B with small = Bᵀ). out is of
+ * dtype dt, or of acc_dtype(dt) when out_acc (sums kept unrounded for a later reduction). */
+int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop,
+                 const cpeft_mat &small, const cpeft_mat &out, cudaStream_t stream,
+                 cpeft_status *st, bool out_acc = false);
+
+/* Workspace rank_reduce needs for partial sums (0: none). */
+size_t rank_reduce_partial_bytes(cpeft_dtype dt, int64_t m, int64_t len, int64_t r);
+
+/* out (R x L) = alpha · smallᵀ · d(big), small M x R, big M x L (grad_a = s·gbᵀ·drop(x);
+ * grad_bᵀ = s·xaᵀ·g). Rows are summed in slices fixed by the shape, then the slices in order:
+ * deterministic. partial: rank_reduce_partial_bytes() of workspace. */
+int rank_reduce(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &big,
+                const cpeft_dropout *drop, double alpha, const cpeft_mat &out, void *partial,
+                cudaStream_t stream, cpeft_status *st);
+
+/* out (M x L) = alpha · d(small · a), small M x R, a R x L: the LoRA part of grad_x with the
+ * mask applied as it is written (out is overwritten). */
+int rank_expand_dropout(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &a,
+                        const cpeft_dropout *drop, double alpha, const cpeft_mat &out,
+                        cudaStream_t stream, cpeft_status *st);
+
+/* LoRA embedding forward in one pass: y[n] = W[idx[n]] + alpha · A[:, idx[n]]ᵀ·Bᵀ, with
+ * weight V x D, lora_a R x V, lora_b D x R, y N x D; an index outside [0, V) gives a NaN row. */
+int rank_embedding_forward(cpeft_dtype dt, cpeft_dtype index_dt, const cpeft_vec &indices,
+                           int64_t vocab, const cpeft_mat &weight, const cpeft_mat &lora_a,
+                           const cpeft_mat &lora_b, double alpha, const cpeft_mat &y,
+                           cudaStream_t stream, cpeft_status *st);
 
 } /* namespace cpeft_cuda */
 

@@ -1,12 +1,14 @@
 /*
  * IA3 on the GPU (ia3.h): linear with output or input scaling, and embedding.
  *
- * The scale vector is folded into whichever operand costs less to scale: a scaled copy of W
- * (OUT x IN, in the cached workspace, independent of M) when M is large, or the activations /
- * output when M is small, so no separate full pass over y follows the GEMM in the common
- * training shapes. The exceptions are forced by what must be produced: output scaling that keeps
- * base (for grad_l) writes base with the GEMM and y = base ⊙ l in one pass, and input-scaling
- * backward with grad_l reads g·W once to form both grad_l and grad_x in a single fused pass.
+ * Output scaling without base kept goes through cuBLASLt with l as the GEMM's per-row alpha
+ * vector (common.cuh, gemm_scale_cols): the scale costs nothing. Otherwise the scale vector is
+ * folded into whichever operand costs less to scale: a scaled copy of W (OUT x IN, in the cached
+ * workspace, independent of M) when M is large, or the activations / output when M is small, so
+ * no separate full pass over y follows the GEMM in the common training shapes. The exceptions
+ * are forced by what must be produced: output scaling that keeps base (for grad_l) writes base
+ * with the GEMM and y = base ⊙ l in one pass, and input-scaling backward with grad_l reads g·W
+ * once to form both grad_l and grad_x in a single fused pass.
  */
 #include "cpeft/ia3.h"
 
@@ -66,6 +68,19 @@ int cpeft_ia3_linear_fwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
     const double beta = has_bias ? 1.0 : 0.0;
 
     if (!a->feedforward) {
+        if (!o->base.data) {
+            /* y = (x·Wᵀ)·diag(l) + b ⊙ l with l as cuBLASLt's alpha vector: no pass over y, no
+             * scaled copy of W. */
+            void *ws = nullptr;
+            CPEFT_TRY(s.workspace(ws_align((size_t)out * sizeof(float)), &ws, st));
+            if (has_bias)
+                CPEFT_TRY(broadcast_rows(dt, o->y, a->bias, &a->l, s.stream, st));
+            bool done = false;
+            CPEFT_TRY(gemm_scale_cols(s, dt, a->l, ws, a->x, mat_transpose(a->weight), beta, o->y,
+                                      &done, st));
+            if (done)
+                return CPEFT_OK;
+        }
         if (o->base.data || m <= in) {
             /* base = x·Wᵀ + b (into base, or into y when base is not kept), then y = base ⊙ l. */
             const cpeft_mat &base = o->base.data ? o->base : o->y;

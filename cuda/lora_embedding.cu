@@ -1,19 +1,21 @@
 /*
  * LoRA embedding on the GPU (lora_embedding.h).
  *
- * Forward: one gather kernel writes y[n] = W[idx[n]] and the N x R rows Ag[n] = Aᵀ[idx[n]]
- * (scratch), then one GEMM adds s·Ag·Bᵀ onto y with beta = 1. Nothing of vocabulary size is
- * touched beyond the N gathered rows.
+ * Forward: one kernel (rank_embedding_forward, rank_r.cu) writes y[n] = W[idx[n]] +
+ * s·A[:, idx[n]]ᵀ·Bᵀ: W's rows read once, y written once, nothing of vocabulary size touched.
  *
- * Backward: grad_b = s·gᵀ·Ag (GEMM); grad_a and grad_weight go through the sorted-run scatter of
- * common.cuh (sort the N indices, write each distinct index's column/row once with fp32 sums):
- * deterministic, no atomics, no V-sized accumulator; only the zero-fill of those two gradients,
- * which have V rows by definition, is of vocabulary size.
+ * Backward: grad_b = s·gᵀ·Ag with Ag (N x R) = Aᵀ[idx] gathered (rank_reduce: g read once,
+ * deterministic slices); gB = g·B in fp32 (rank_project); grad_a and grad_weight go through the
+ * sorted-run scatter of common.cuh (sort the N indices, write each distinct index's column/row
+ * once with fp32 sums): deterministic, no atomics, no V-sized accumulator; only the zero-fill of
+ * those two gradients, which have V rows by definition, is of vocabulary size.
  *
  * Out-of-range indices (the boundary checks CPU indices only) never cause an out-of-bounds
  * access: their rows of y are NaN, their Ag rows are 0, and they contribute nothing to grad_a or
  * grad_weight. Rows at padding_idx contribute to grad_b (their forward value is real) but not to
  * grad_a or grad_weight, as in torch.
+ *
+ * CPEFT_CUDA_RANK_R=cublas selects the previous products (gather kernel then cuBLAS GEMMs).
  */
 #include "cpeft/lora_embedding.h"
 
@@ -80,6 +82,9 @@ int cpeft_lora_embedding_fwd_cuda(const cpeft_lora_embedding_args *a, cpeft_mat 
     Session s;
     CPEFT_TRY(s.open(stream, st));
     const cpeft_dtype dt = a->dtype;
+    if (rank_r_kernels_enabled())
+        return rank_embedding_forward(dt, a->index_dtype, a->indices, a->num_embeddings,
+                                      a->weight, a->lora_a, a->lora_b, a->scale, y, s.stream, st);
     void *ag = nullptr;
     CPEFT_TRY(s.workspace((size_t)(a->n * a->r) * cpeft_dtype_size(dt), &ag, st));
     CPEFT_TRY(gather(a, &y, ag, s.stream, st));
@@ -101,22 +106,31 @@ int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
     const bool want_a = o->grad_a.data != nullptr, want_b = o->grad_b.data != nullptr;
     const bool want_w = o->grad_weight.data != nullptr;
 
+    const bool own = rank_r_kernels_enabled();
     size_t runs_bytes = 0;
     if (want_a || want_w)
         CPEFT_TRY(index_runs_bytes(n, a->num_embeddings, &runs_bytes, st));
     const size_t ag_bytes = want_b ? ws_align((size_t)(n * r) * elt) : 0;
     const size_t gb_bytes = want_a ? ws_align((size_t)(n * r) * cpeft_dtype_size(acc)) : 0;
+    const size_t partial_bytes =
+        want_b && own ? ws_align(rank_reduce_partial_bytes(dt, n, a->dim, r)) : 0;
     void *ws = nullptr;
-    CPEFT_TRY(s.workspace(ag_bytes + gb_bytes + ws_align(runs_bytes), &ws, st));
+    CPEFT_TRY(s.workspace(ag_bytes + gb_bytes + partial_bytes + ws_align(runs_bytes), &ws, st));
     Carver carve(ws);
     void *ag = carve.take(ag_bytes);
     void *gb = carve.take(gb_bytes);
+    void *partial = partial_bytes ? carve.take(partial_bytes) : nullptr;
     void *runs_ws = carve.take(runs_bytes);
 
     if (want_b) {
         CPEFT_TRY(gather(a, nullptr, ag, s.stream, st));
-        CPEFT_TRY(gemm(s, dt, dt, a->scale, mat_transpose(g), mat_dense(ag, n, r), 0.0, o->grad_b,
-                       st));
+        if (own)
+            /* grad_bᵀ (R x D) = s·Agᵀ·g */
+            CPEFT_TRY(rank_reduce(dt, mat_dense(ag, n, r), g, nullptr, a->scale,
+                                  mat_transpose(o->grad_b), partial, s.stream, st));
+        else
+            CPEFT_TRY(gemm(s, dt, dt, a->scale, mat_transpose(g), mat_dense(ag, n, r), 0.0,
+                           o->grad_b, st));
     }
     if (!want_a && !want_w)
         return CPEFT_OK;
@@ -127,7 +141,11 @@ int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
     if (want_a) {
         /* gB = g·B in fp32 (fp64), then grad_a[:, v] = s·Σ_{idx[n] = v} gB[n]ᵀ: one column of
          * grad_a per distinct index, keyed along grad_a's column stride. */
-        CPEFT_TRY(gemm(s, dt, acc, 1.0, g, a->lora_b, 0.0, mat_dense(gb, n, r), st));
+        if (own)
+            CPEFT_TRY(rank_project(dt, g, nullptr, mat_transpose(a->lora_b), mat_dense(gb, n, r),
+                                   s.stream, st, true));
+        else
+            CPEFT_TRY(gemm(s, dt, acc, 1.0, g, a->lora_b, 0.0, mat_dense(gb, n, r), st));
         CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
         CPEFT_TRY(scatter_runs(dt, runs, gb, 1, r, 1, r, a->scale, nullptr, o->grad_a.data,
                                o->grad_a.col_stride, o->grad_a.row_stride, s.stream, st));

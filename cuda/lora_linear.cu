@@ -1,25 +1,32 @@
 /*
- * LoRA linear on the GPU (lora_linear.h): cuBLAS for every product, fused around it so that no
- * temporary of y's or x's full size exists and nothing but xa (M x R*K) outlives the forward.
+ * LoRA linear on the GPU (lora_linear.h): cuBLAS for the two base-sized products, the rank-r
+ * kernels of rank_r.cu for the skinny ones, fused so that no temporary of y's or x's full size
+ * exists and nothing but xa (M x R*K) outlives the forward.
  *
  * Forward, in this order:
- *   xa = drop(x)·Aᵀ                   (dropout: drop(x) is built a bounded row chunk at a time)
- *   y  = s·xa_k·B_kᵀ per block         (beta = 0, or beta = 1 onto a bias / zero pre-fill)
- *   y += x·Wᵀ                          (beta = 1)
+ *   xa = drop(x)·Aᵀ                   (rank_project: x read once, the mask regenerated inside)
+ *   y  = s·xa_k·B_kᵀ per block         (cuBLAS, beta = 0, or beta = 1 onto a bias / zero pre-fill)
+ *   y += x·Wᵀ                          (cuBLAS, beta = 1)
  * The rank-R product goes first so that its result is the C operand of the big, compute-bound
  * base GEMM, whose epilogue reads it while the main loop is busy; doing it second would cost a
  * separate memory-bound read-modify-write pass over y.
  *
- * Backward: gb = g_blocks·B (M x R*K, scratch) feeds grad_a and grad_x; grad_x gets its LoRA part
- * first (s·gb·A, or with dropout s·mask ⊙ (gb·A) a row chunk at a time) and the base GEMM g·W
- * accumulates onto it with beta = 1, for the same reason as in forward.
+ * Backward: gb = g_blocks·B (M x R*K, scratch, rank_project) feeds grad_a = s·gbᵀ·drop(x)
+ * (rank_reduce, x read once) and grad_x; grad_b = s·g_kᵀ·xa_k (rank_reduce). grad_x gets its
+ * LoRA part first (s·gb·A by cuBLAS, or with dropout rank_expand_dropout applying the mask as it
+ * writes) and the base GEMM g·W accumulates onto it with beta = 1, for the same reason as in
+ * forward.
  *
- * fp32 adapters on fp16/bf16 activations (fp32_adapters): cuBLAS's GemmEx takes one type for
- * both operands, and widening x to fp32 (what peft does) would cost a copy of x's size and fp32
- * SIMT GEMMs. Instead A and B are rounded to the activation dtype into scratch (R*K x IN and
- * SEG*K x R elements), every product runs on 16-bit tensor cores with fp32 accumulation, and
- * grad_a / grad_b are written as fp32 C operands, so the master weights' gradients are never
- * rounded to 16 bits.
+ * CPEFT_CUDA_RANK_R=cublas selects the previous path instead (every product through cuBLAS,
+ * drop(x) materialized a bounded row chunk at a time), for comparison on a GPU.
+ *
+ * fp32 adapters on fp16/bf16 activations (fp32_adapters) take the cuBLAS path: cuBLAS's GemmEx
+ * takes one type for both operands, and widening x to fp32 (what peft does) would cost a copy of
+ * x's size and fp32 SIMT GEMMs. Instead A and B are rounded to the activation dtype into scratch
+ * (R*K x IN and SEG*K x R elements), every product runs on 16-bit tensor cores with fp32
+ * accumulation, and grad_a / grad_b are written as fp32 C operands, so the master weights'
+ * gradients are never rounded to 16 bits. (The rank-r kernels are templated on the adapter type
+ * but compiled for same-dtype adapters only.)
  */
 #include "cpeft/lora_linear.h"
 
@@ -57,6 +64,45 @@ int resolve_groups(const cpeft_lora_linear_args *a, Groups *g, cpeft_status *st)
                           (long long)a->lora_b.rows, (long long)a->lora_b.cols, (long long)a->r,
                           (long long)g->k, (long long)g->seg);
     return CPEFT_OK;
+}
+
+int64_t chunk_rows(int64_t m, int64_t in)
+{
+    int64_t rows = in > 0 ? kChunkElems / in : m;
+    if (rows < 1) rows = 1;
+    if (rows > m) rows = m;
+    return rows;
+}
+
+template <class T>
+static __global__ void store_acc_kernel(int64_t rows, int64_t cols,
+                                        const typename Num<T>::acc *src, T *dst, int64_t d_rs,
+                                        int64_t d_cs)
+{
+    const int64_t n = rows * cols;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = e / cols, j = e - i * cols;
+        dst[i * d_rs + j * d_cs] = Num<T>::store(src[e]);
+    }
+}
+
+/* dst (any layout) = src (dense row-major, acc dtype), rounded once. */
+int store_acc(cpeft_dtype dt, const void *src, const cpeft_mat &dst, cudaStream_t stream,
+              cpeft_status *st)
+{
+    const int64_t n = dst.rows * dst.cols;
+    if (n == 0)
+        return CPEFT_OK;
+    return dispatch_float(dt, st, [&](auto tag) {
+        typedef typename decltype(tag)::type T;
+        typedef typename Num<T>::acc Acc;
+        store_acc_kernel<T><<<grid_1d(n, 256), 256, 0, stream>>>(
+            dst.rows, dst.cols, static_cast<const Acc *>(src), static_cast<T *>(dst.data),
+            dst.row_stride, dst.col_stride);
+        CPEFT_LAUNCH_CHECK(st, "store_acc_kernel");
+        return (int)CPEFT_OK;
+    });
 }
 
 /* The adapters as the products read them: lora_a and lora_b themselves, or, with fp32 adapters,
@@ -120,45 +166,6 @@ int prepare_adapters(const cpeft_lora_linear_args *a, Carver &carve, cudaStream_
     return CPEFT_OK;
 }
 
-int64_t chunk_rows(int64_t m, int64_t in)
-{
-    int64_t rows = in > 0 ? kChunkElems / in : m;
-    if (rows < 1) rows = 1;
-    if (rows > m) rows = m;
-    return rows;
-}
-
-template <class T>
-static __global__ void store_acc_kernel(int64_t rows, int64_t cols,
-                                        const typename Num<T>::acc *src, T *dst, int64_t d_rs,
-                                        int64_t d_cs)
-{
-    const int64_t n = rows * cols;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;
-         e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = e / cols, j = e - i * cols;
-        dst[i * d_rs + j * d_cs] = Num<T>::store(src[e]);
-    }
-}
-
-/* dst (any layout) = src (dense row-major, acc dtype), rounded once. */
-int store_acc(cpeft_dtype dt, const void *src, const cpeft_mat &dst, cudaStream_t stream,
-              cpeft_status *st)
-{
-    const int64_t n = dst.rows * dst.cols;
-    if (n == 0)
-        return CPEFT_OK;
-    return dispatch_float(dt, st, [&](auto tag) {
-        typedef typename decltype(tag)::type T;
-        typedef typename Num<T>::acc Acc;
-        store_acc_kernel<T><<<grid_1d(n, 256), 256, 0, stream>>>(
-            dst.rows, dst.cols, static_cast<const Acc *>(src), static_cast<T *>(dst.data),
-            dst.row_stride, dst.col_stride);
-        CPEFT_LAUNCH_CHECK(st, "store_acc_kernel");
-        return (int)CPEFT_OK;
-    });
-}
-
 } /* namespace */
 } /* namespace cpeft_cuda */
 
@@ -175,7 +182,8 @@ int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
     const size_t elt = cpeft_dtype_size(dt);
     const int64_t m = a->m, in = a->in, r = a->r, rk = a->r * grp.k;
     const bool dropout = a->dropout.p > 0.0;
-    const bool chunked = dropout && rk > 0;
+    const bool rank_r = rank_r_kernels_enabled() && !a->fp32_adapters;
+    const bool chunked = !rank_r && dropout && rk > 0;
     const int64_t rows = chunk_rows(m, in);
 
     const size_t chunk_bytes = chunked ? ws_align((size_t)(rows * in) * elt) : 0;
@@ -190,7 +198,9 @@ int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
 
     /* xa = drop(x)·Aᵀ */
     const cpeft_mat a_t = mat_transpose(ad.a);
-    if (!chunked) {
+    if (rank_r) {
+        CPEFT_TRY(rank_project(dt, a->x, &a->dropout, a->lora_a, o->xa, s.stream, st));
+    } else if (!chunked) {
         CPEFT_TRY(gemm(s, dt, dt, 1.0, a->x, a_t, 0.0, o->xa, st));
     } else {
         for (int64_t row0 = 0; row0 < m; row0 += rows) {
@@ -219,13 +229,73 @@ int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
     return gemm(s, dt, dt, 1.0, a->x, mat_transpose(a->weight), 1.0, o->y, st);
 }
 
-int cpeft_lora_linear_bwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_bwd_in *in,
-                               const cpeft_lora_linear_bwd_out *o, void *stream, cpeft_status *st)
+namespace {
+
+/* The LoRA products of backward through the rank-r kernels: gb, grad_b, grad_a and the LoRA
+ * part of grad_x (written, for the base GEMM to accumulate onto). */
+int lora_backward_rank_r(Session &s, const cpeft_lora_linear_args *a, const Groups &grp,
+                         const cpeft_lora_linear_bwd_in *in, const cpeft_lora_linear_bwd_out *o,
+                         cpeft_status *st)
 {
-    Groups grp;
-    CPEFT_TRY(resolve_groups(a, &grp, st));
-    Session s;
-    CPEFT_TRY(s.open(stream, st));
+    const cpeft_dtype dt = a->dtype;
+    const size_t elt = cpeft_dtype_size(dt);
+    const int64_t m = a->m, n_in = a->in, r = a->r, rk = a->r * grp.k;
+    const cpeft_mat &g = in->grad_out;
+    const bool want_x = o->grad_x.data != nullptr, want_a = o->grad_a.data != nullptr;
+    const bool need_gb = (want_x || want_a) && rk > 0;
+    const cpeft_dropout *drop = a->dropout.p > 0.0 ? &a->dropout : nullptr;
+
+    const size_t gb_bytes = need_gb ? ws_align((size_t)(m * rk) * elt) : 0;
+    size_t partial_bytes = want_a ? rank_reduce_partial_bytes(dt, m, n_in, rk) : 0;
+    if (o->grad_b.data) {
+        const size_t b_bytes = rank_reduce_partial_bytes(dt, m, grp.seg, r);
+        if (b_bytes > partial_bytes) partial_bytes = b_bytes;
+    }
+    partial_bytes = ws_align(partial_bytes);
+    void *ws = nullptr;
+    if (gb_bytes + partial_bytes > 0)
+        CPEFT_TRY(s.workspace(gb_bytes + partial_bytes, &ws, st));
+    Carver carve(ws);
+    void *gb_data = carve.take(gb_bytes);
+    /* Shared by every rank_reduce below: stream order keeps their uses apart. */
+    void *partial = partial_bytes ? carve.take(partial_bytes) : nullptr;
+    const cpeft_mat gb = mat_dense(gb_data, m, rk);
+
+    for (int64_t k = 0; k < grp.k; ++k) {
+        const cpeft_mat g_k = mat_block(g, 0, m, grp.ids[k] * grp.seg, grp.seg, elt);
+        const cpeft_mat b_k = mat_block(a->lora_b, k * grp.seg, grp.seg, 0, r, elt);
+        if (need_gb)
+            CPEFT_TRY(rank_project(dt, g_k, nullptr, mat_transpose(b_k),
+                                   mat_block(gb, 0, m, k * r, r, elt), s.stream, st));
+        if (o->grad_b.data) {
+            /* grad_b_kᵀ (R x SEG) = s·xa_kᵀ·g_k */
+            const cpeft_mat grad_b_k = mat_block(o->grad_b, k * grp.seg, grp.seg, 0, r, elt);
+            CPEFT_TRY(rank_reduce(dt, mat_block(in->xa, 0, m, k * r, r, elt), g_k, nullptr,
+                                  a->scale, mat_transpose(grad_b_k), partial, s.stream, st));
+        }
+    }
+    if (want_a) {
+        if (rk > 0)
+            CPEFT_TRY(rank_reduce(dt, gb, a->x, drop, a->scale, o->grad_a, partial, s.stream,
+                                  st));
+        else
+            CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
+    }
+    if (want_x && rk > 0) {
+        if (drop)
+            CPEFT_TRY(rank_expand_dropout(dt, gb, a->lora_a, drop, a->scale, o->grad_x, s.stream,
+                                          st));
+        else
+            CPEFT_TRY(gemm(s, dt, dt, a->scale, gb, a->lora_a, 0.0, o->grad_x, st));
+    }
+    return CPEFT_OK;
+}
+
+/* The same through cuBLAS only (CPEFT_CUDA_RANK_R=cublas), drop(x) materialized by row chunk. */
+int lora_backward_cublas(Session &s, const cpeft_lora_linear_args *a, const Groups &grp,
+                         const cpeft_lora_linear_bwd_in *in, const cpeft_lora_linear_bwd_out *o,
+                         cpeft_status *st)
+{
     const cpeft_dtype dt = a->dtype, acc = acc_dtype(dt);
     const size_t elt = cpeft_dtype_size(dt), acc_elt = cpeft_dtype_size(acc);
     /* grad_a / grad_b: fp32 with fp32 adapters, written from the fp32 accumulators. */
@@ -244,16 +314,14 @@ int cpeft_lora_linear_bwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
     size_t gb_bytes = need_gb ? ws_align((size_t)(m * rk) * elt) : 0;
     size_t chunk_bytes = chunked ? ws_align((size_t)(rows * n_in) * acc_elt) : 0;
     size_t grad_a_bytes = grad_a_scratch ? ws_align((size_t)(rk * n_in) * acc_elt) : 0;
-    size_t partial_bytes = o->grad_bias.data ? ws_align(colreduce_partial_bytes(dt, a->out)) : 0;
     size_t copy_bytes = adapter_copy_bytes(a);
     void *ws = nullptr;
-    CPEFT_TRY(s.workspace(gb_bytes + chunk_bytes + grad_a_bytes + partial_bytes + copy_bytes, &ws,
-                          st));
+    if (gb_bytes + chunk_bytes + grad_a_bytes + copy_bytes > 0)
+        CPEFT_TRY(s.workspace(gb_bytes + chunk_bytes + grad_a_bytes + copy_bytes, &ws, st));
     Carver carve(ws);
     void *gb_data = carve.take(gb_bytes);
     void *chunk = carve.take(chunk_bytes);
     void *grad_a_acc = carve.take(grad_a_bytes);
-    void *partial = carve.take(partial_bytes);
     Adapters ad;
     CPEFT_TRY(prepare_adapters(a, carve, s.stream, &ad, st));
     const cpeft_mat gb = mat_dense(gb_data, m, rk);
@@ -303,12 +371,36 @@ int cpeft_lora_linear_bwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
     }
     if (want_a && rk == 0)
         CPEFT_TRY(zero_fill(o->grad_a, grad_ab_elt, s.stream, st));
+    return CPEFT_OK;
+}
+
+} /* namespace */
+
+int cpeft_lora_linear_bwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_bwd_in *in,
+                               const cpeft_lora_linear_bwd_out *o, void *stream, cpeft_status *st)
+{
+    Groups grp;
+    CPEFT_TRY(resolve_groups(a, &grp, st));
+    Session s;
+    CPEFT_TRY(s.open(stream, st));
+    const cpeft_dtype dt = a->dtype;
+    const int64_t m = a->m, rk = a->r * grp.k;
+    const cpeft_mat &g = in->grad_out;
+    const bool want_x = o->grad_x.data != nullptr;
+
+    if (rank_r_kernels_enabled() && !a->fp32_adapters)
+        CPEFT_TRY(lora_backward_rank_r(s, a, grp, in, o, st));
+    else
+        CPEFT_TRY(lora_backward_cublas(s, a, grp, in, o, st));
 
     /* grad_x += g·W (beta = 1 onto the LoRA part written above) */
     if (want_x)
         CPEFT_TRY(gemm(s, dt, dt, 1.0, g, a->weight, rk > 0 ? 1.0 : 0.0, o->grad_x, st));
 
     if (o->grad_bias.data) {
+        /* The workspace is taken again: the LoRA products above are queued before it. */
+        void *partial = nullptr;
+        CPEFT_TRY(s.workspace(colreduce_partial_bytes(dt, a->out), &partial, st));
         const ColReduceOperand none = {nullptr, 0, 0, nullptr, CPEFT_INT32, 0, 0};
         CPEFT_TRY(colreduce_accumulate(dt, m, a->out, g, none, nullptr, nullptr, partial, 0,
                                        s.stream, st));

@@ -180,10 +180,11 @@ def test_lora_linear_grouped(dtype, fan_in_fan_out, enable_lora):
              fan_in_fan_out=fan_in_fan_out, dropout=0.2)
 
 
-def test_dropout_masks_identical_forward_backward_and_cpu():
+@pytest.mark.parametrize("offset", [7, 2 ** 64 - 5 * 113 - 2])   # crossing 2^64 at row 5
+def test_dropout_masks_identical_forward_backward_and_cpu(rank_r_path, offset):
     """With A = I, B = I, W = 0 and scale 1: xa = drop(x) exactly and the LoRA part of grad_x is
     mask ⊙ g exactly, so both sides of the GPU mask are compared bit for bit with the CPU mask."""
-    m, n, p, seed, offset = 37, 113, 0.4, 1234, 7   # offset not a multiple of 4, odd row length
+    m, n, p, seed = 37, 113, 0.4, 1234   # offsets not a multiple of 4, odd row length
     x = randn(m, n)
     eye = torch.eye(n, device=dev())
     zero_w = torch.zeros(n, n, device=dev())
@@ -196,6 +197,86 @@ def test_dropout_masks_identical_forward_backward_and_cpu():
     assert torch.equal(xa, x * mask)
     assert torch.equal(grads.x, g * mask)
     assert 0 < (mask == 0).sum().item() < mask.numel()
+
+
+# --------------------------------------------------------------------------------------------
+# The rank-r kernels (cuda/rank_r.cu) against the float64 reference, and the cuBLAS path they
+# replace (CPEFT_CUDA_RANK_R=cublas, read on every call): awkward sizes around their tiles (rows
+# per block 16, column chunks of 128 and 512, rank tiles 16 and 32, register tiles of 8 rows)
+# --------------------------------------------------------------------------------------------
+
+RANK_R_PATHS = ("own", "cublas")
+
+
+@pytest.fixture(params=RANK_R_PATHS)
+def rank_r_path(request, monkeypatch):
+    if request.param == "cublas":
+        monkeypatch.setenv("CPEFT_CUDA_RANK_R", "cublas")
+    else:
+        monkeypatch.delenv("CPEFT_CUDA_RANK_R", raising=False)
+    return request.param
+
+
+# (M, IN, OUT, R): M around the 16-row blocks and 8-row tiles, IN odd and around the 512-column
+# chunk, R = 1, 3, 16 (one narrow tile), 17 and 33 (a wide tile, then a tile remainder), 64.
+RANK_R_SHAPES = [(1, 1, 1, 1), (17, 513, 7, 3), (37, 1023, 113, 16), (129, 127, 515, 17),
+                 (23, 2049, 64, 33), (65, 257, 33, 64)]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("shape", RANK_R_SHAPES)
+@pytest.mark.parametrize("dtype", LOW + ("float64",))
+def test_lora_linear_rank_r_kernels(rank_r_path, dtype, shape, dropout):
+    run_lora(dtype, *shape, bias=False, dropout=dropout, seed=5, offset=1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_linear_empty_rows(rank_r_path, dtype, dropout):
+    """M == 0: empty y, xa and grad_x; grad_a, grad_b and grad_weight exactly zero."""
+    y, xa, grads = run_lora(dtype, 0, 33, 17, 4, dropout=dropout)
+    assert y.shape == (0, 17) and xa.shape == (0, 4) and grads.x.shape == (0, 33)
+    for name in ("lora_a", "lora_b", "weight", "bias"):
+        assert torch.count_nonzero(getattr(grads, name)).item() == 0, name
+
+
+@pytest.mark.parametrize("offset", [2 ** 64 - 1, 2 ** 64 - 4 * 113 - 3, 2 ** 63 + 2])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_linear_dropout_offsets_near_2_64(rank_r_path, dtype, offset):
+    """Counters offset + m*IN + i wrap modulo 2^64 inside the kernels exactly as on the CPU."""
+    run_lora(dtype, 37, 113, 29, 3, bias=False, dropout=0.3, seed=2 ** 64 - 3, offset=offset)
+
+
+def test_lora_linear_column_major_input(rank_r_path):
+    """x handed as a column-major view: the kernels' strided loads, not their 4-wide ones."""
+    x = randn(113, 37).T
+    weight, lora_a = randn(29, 113), randn(16, 113)
+    lora_b, g = randn(29, 16), randn(37, 29)
+    kw = dict(dropout=0.25, seed=9, offset=3)
+    y, xa = F.lora_linear_forward(x, weight, None, lora_a, lora_b, 0.5, **kw)
+    grads = F.lora_linear_backward(g, x, weight, lora_a, lora_b, xa, 0.5, **kw)
+    xc = x.contiguous()
+    y_c, xa_c = F.lora_linear_forward(xc, weight, None, lora_a, lora_b, 0.5, **kw)
+    grads_c = F.lora_linear_backward(g, xc, weight, lora_a, lora_b, xa_c, 0.5, **kw)
+    mask = cpu_mask(37, 113, 0.25, 9, 3).to(x.device)
+    ref_xa = (x.double() * mask) @ lora_a.double().T
+    assert (xa.double() - ref_xa).abs().max().item() < 1e-4
+    torch.testing.assert_close(y, y_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads.lora_a, grads_c.lora_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads.x, grads_c.x, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_rank_r_kernels_deterministic():
+    """Two runs of one backward give the same bits (no atomics in the row reductions)."""
+    x, weight = randn(1000, 1023, dtype="bfloat16"), randn(515, 1023, dtype="bfloat16")
+    lora_a, lora_b = randn(16, 1023, dtype="bfloat16"), randn(515, 16, dtype="bfloat16")
+    g = randn(1000, 515, dtype="bfloat16")
+    kw = dict(dropout=0.1, seed=4, offset=0)
+    _, xa = F.lora_linear_forward(x, weight, None, lora_a, lora_b, 2.0, **kw)
+    first = F.lora_linear_backward(g, x, weight, lora_a, lora_b, xa, 2.0, **kw)
+    second = F.lora_linear_backward(g, x, weight, lora_a, lora_b, xa, 2.0, **kw)
+    for name in ("x", "lora_a", "lora_b"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +316,29 @@ def test_lora_embedding(dtype, n, vocab, dim, r, index_dtype):
     check("grad_weight", grads.weight, g64["weight"], glp["weight"], GRAD_FACTOR)
 
 
-def test_lora_embedding_out_of_range_cuda_indices_give_nan_rows_and_no_gradient():
+@pytest.mark.parametrize("n,vocab,dim,r", [(9, 5, 513, 1), (17, 1000, 1029, 3), (0, 7, 5, 2),
+                                         (31, 64, 127, 17), (8, 33, 64, 64)])
+@pytest.mark.parametrize("dtype", LOW + ("float64",))
+def test_lora_embedding_rank_r_kernels(rank_r_path, dtype, n, vocab, dim, r):
+    """The one-pass forward and the rank-r backward products at awkward sizes: tokens around
+    the 8-row tiles, D odd and around the 512-column blocks, R across the rank tiles, N = 0."""
+    dt = tdtype(dtype)
+    indices = torch.randint(0, vocab, (n,), device=dev())
+    weight = randn(vocab, dim, dtype=dtype)
+    lora_a = randn(r, vocab, dtype=dtype)
+    lora_b = randn(dim, r, dtype=dtype, scale=r ** -0.5)
+    g = randn(n, dim, dtype=dtype)
+    y = F.lora_embedding_forward(indices, weight, lora_a, lora_b, 0.5)
+    grads = F.lora_embedding_backward(g, indices, lora_a, lora_b, 0.5)
+    inputs = dict(weight=weight, lora_a=lora_a, lora_b=lora_b)
+    (y64, g64), (ylp, glp) = both(embedding_formula(indices, None, 0.5), inputs,
+                                  ["weight", "lora_a", "lora_b"], g, dt)
+    check("y", y, y64, ylp, FWD_FACTOR)
+    check("grad_lora_a", grads.lora_a, g64["lora_a"], glp["lora_a"], GRAD_FACTOR)
+    check("grad_lora_b", grads.lora_b, g64["lora_b"], glp["lora_b"], GRAD_FACTOR)
+
+
+def test_lora_embedding_out_of_range_cuda_indices_give_nan_rows_and_no_gradient(rank_r_path):
     vocab, dim, r = 11, 5, 2
     indices = torch.tensor([0, vocab, 3, -1, 3], device=dev())
     weight, lora_a, lora_b = randn(vocab, dim), randn(r, vocab), randn(dim, r)
@@ -312,6 +415,31 @@ def test_ia3_linear_partial_requests(dtype):
             only_x = F.ia3_linear_backward(g, x, weight, l, base, feedforward=feedforward,
                                            grad_ia3_l=False)
             check("grad_x", only_x.x, g64["x"], glp["x"], GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("layout", ["dense", "offset_views", "column_major_out"])
+@pytest.mark.parametrize("m,in_f,out_f", [(1, 1, 1), (37, 113, 29), (1023, 65, 513)])
+@pytest.mark.parametrize("dtype", LOW + ("float64",))
+def test_ia3_output_scaling_in_the_gemm(dtype, m, in_f, out_f, layout):
+    """Output scaling without a kept base: l as cuBLASLt's alpha vector (plans per problem and
+    pointer alignment: views starting one element in), or the fallbacks (fp64; a column-major y,
+    whose rows the alpha vector would scale instead of its columns)."""
+    dt = tdtype(dtype)
+    pad = 1 if layout == "offset_views" else 0
+    x = randn(m * in_f + pad, dtype=dtype)[pad:].view(m, in_f)
+    weight = randn(out_f * in_f + pad, dtype=dtype, scale=in_f ** -0.5)[pad:].view(out_f, in_f)
+    b = randn(out_f, dtype=dtype)
+    l = (1 + 0.5 * randn(out_f)).to(dt)  # noqa: E741
+    out = torch.empty(out_f, m, dtype=dt, device=dev()).T if layout == "column_major_out" else None
+    y, base = F.ia3_linear_forward(x, weight, b, l, out=out)
+    assert base is None
+    formula = lambda x, weight, bias, l: (x @ weight.T + bias) * l  # noqa: E731, E741
+    (y64, _), (ylp, _) = both(formula, dict(x=x, weight=weight, bias=b, l=l), ["x"],
+                              torch.zeros(m, out_f, device=dev()), dt)
+    check("y", y, y64, ylp, FWD_FACTOR)
+    if out is None:
+        again, _ = F.ia3_linear_forward(x, weight, b, l)    # the cached plan: the same bits
+        assert torch.equal(again, y)
 
 
 @pytest.mark.parametrize("dtype", LOW)

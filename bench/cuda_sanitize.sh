@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The CUDA tests under compute-sanitizer: memcheck (out-of-bounds and misaligned device accesses,
+# bad frees) and racecheck (shared-memory hazards between a block's threads, the barriers of the
+# tiled kernels in cuda/rank_r.cu and cuda/common.cu). Run from anywhere after an in-place CUDA
+# build, with PYTHONPATH reaching python/ (bench/gpu_check.sh sets both up):
+#
+#   bash bench/cuda_sanitize.sh [memcheck|racecheck|all]     (default: all)
+#
+# Sanitized kernels run 10-100x slower, so each tool runs a chosen subset of tests/test_cuda.py:
+# the rank-r kernels at their awkward sizes (both dropout settings, bf16 and fp64 for the two
+# accumulator types), the one-pass embedding, the bit-exact dropout masks with offsets crossing
+# 2^64, empty inputs, IA3 and the merges (racecheck: the tiled kernels only). SANITIZE_TESTS
+# overrides the -k expression of both,
+# SANITIZE_TIMEOUT_S (default 150) bounds each tool. torch's caching allocator is switched off
+# (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that memcheck sees each tensor's own bounds instead of a
+# larger cached block. Exit status: 0 when every tool ran clean; else the last failure's: 1 (a
+# hazard or a failed test), 124 (timeout), 2 (no compute-sanitizer), 3 (the sanitizer refuses
+# this machine's GPU, as under gVisor).
+set -u -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+PY="${PYTHON:-python3}"
+TOOLS="${1:-all}"
+LIMIT="${SANITIZE_TIMEOUT_S:-150}"
+# racecheck is the slower tool: it gets the kernels with shared-memory tiles only.
+MEMCHECK_TESTS="(rank_r_kernels and own and (bfloat16 or float64) and not shape3) \
+or (embedding_rank_r and own and bfloat16) or (dropout_masks_identical and own) \
+or (empty_rows and own) or (near_2_64 and own and float32) or (column_major and own) \
+or (test_ia3_linear and bfloat16 and shape1) or (merge_unmerge_bit_exact and bfloat16) \
+or (output_scaling_in_the_gemm and bfloat16)"
+RACECHECK_TESTS="(rank_r_kernels and own and bfloat16 and 0.2) \
+or (embedding_rank_r and own and bfloat16) or (dropout_masks_identical and own)"
+
+SANITIZER="$(command -v compute-sanitizer || true)"
+NVCC_DIR="$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/nvcc)")"
+for candidate in "${CUDA_HOME:-}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer \
+                 "$NVCC_DIR/compute-sanitizer"; do
+    if [ -z "$SANITIZER" ] && [ -x "$candidate" ]; then SANITIZER="$candidate"; fi
+done
+if [ -z "$SANITIZER" ]; then
+    echo "cuda_sanitize: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+    exit 2
+fi
+"$SANITIZER" --version | tail -1
+
+case "$TOOLS" in
+    all) TOOLS="memcheck racecheck" ;;
+    memcheck|racecheck) ;;
+    *) echo "usage: $0 [memcheck|racecheck|all]"; exit 2 ;;
+esac
+
+FAILED=0
+for tool in $TOOLS; do
+    if [ "$tool" = memcheck ]; then TESTS="${SANITIZE_TESTS:-$MEMCHECK_TESTS}"
+    else TESTS="${SANITIZE_TESTS:-$RACECHECK_TESTS}"; fi
+    echo "=== compute-sanitizer --tool $tool: pytest tests/test_cuda.py -k \"$TESTS\""
+    t0=$(date +%s)
+    # --report-api-errors no: torch probes the runtime with calls that fail by design; those are
+    # not kernel errors. --error-exitcode makes any reported hazard fail the step.
+    LOG="$(mktemp)"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after=5 "$LIMIT" \
+        "$SANITIZER" --tool "$tool" --error-exitcode 1 --report-api-errors no \
+        --target-processes all --print-limit 20 \
+        "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "$TESTS" 2>&1 | tee "$LOG"
+    rc=${PIPESTATUS[0]}
+    # Under gVisor the sanitizer refuses the device (device/KINDS.md): say so, not "a bug".
+    if grep -q "Device not supported" "$LOG"; then
+        echo "=== $tool: compute-sanitizer does not support this machine's GPU runtime" \
+             "(gVisor?); nothing was checked"
+        rc=3
+    fi
+    rm -f "$LOG"
+    echo "=== $tool: rc=$rc in $(( $(date +%s) - t0 ))s"
+    [ "$rc" -ne 0 ] && FAILED=$rc
+done
+exit "$FAILED"
