@@ -1,0 +1,125 @@
+"""The fuzzer's fixed budget: CPEFT_FUZZ_CASES cases (default 10,000) of stream CPEFT_FUZZ_SEED,
+in chunks of 500, each judged by the oracle of generator.py. A failing chunk lists every failed
+case with its replay line (``python -m tests.fuzz.replay SEED CASE``)."""
+import collections
+import os
+
+import numpy as np
+import pytest
+
+from cpeft import functional as F
+
+from .generator import ENTRIES, MUTATIONS, make_case, replay_line, run_case
+
+SEED = int(os.environ.get("CPEFT_FUZZ_SEED", "20261130"))
+CASES = int(os.environ.get("CPEFT_FUZZ_CASES", "10000"))
+CHUNK = 500
+SHOWN = 10
+
+
+def _report(failures):
+    by_class = collections.Counter(o.failure for o in failures)
+    lines = [f"{len(failures)} failed cases: " + ", ".join(f"{k} x{v}"
+                                                          for k, v in by_class.most_common())]
+    for outcome in failures[:SHOWN]:
+        lines.append("-" * 72)
+        lines.append(outcome.message)
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("start", range(0, CASES, CHUNK))
+def test_fuzz_chunk(start):
+    failures = []
+    for index in range(start, min(start + CHUNK, CASES)):
+        outcome = run_case(make_case(SEED, index))
+        if outcome.kind == "fail":
+            failures.append(outcome)
+    assert not failures, _report(failures)
+
+
+def test_cases_replay_identically():
+    """A case is a function of (seed, index) alone, whatever ran before it."""
+    later = [make_case(SEED, i).describe() for i in (5, 17, 333)]
+    for i in range(40):
+        run_case(make_case(SEED + 1, i))
+    assert [make_case(SEED, i).describe() for i in (5, 17, 333)] == later
+    assert replay_line(SEED, 17) == f"python -m tests.fuzz.replay {SEED} 17"
+
+
+def test_every_entry_point_and_mutation_is_generated():
+    """Over 1,700 cases every entry point is called validly and with rejected arguments, and
+    every kind of change is made."""
+    seen = collections.defaultdict(set)
+    mutations = set()
+    for index in range(1700):
+        case = make_case(SEED, index)
+        seen[case.entry].add(case.expect)
+        mutations.add(case.mutation.split(":")[0].split("+")[0])
+    assert set(seen) == set(ENTRIES)
+    for entry, expectations in seen.items():
+        assert {"valid", "invalid"} <= expectations, (entry, expectations)
+    assert set(MUTATIONS) <= mutations, set(MUTATIONS) - mutations
+
+
+def _first_case(entry, expect, mutation=None):
+    for index in range(ENTRIES.index(entry), 5000, len(ENTRIES)):
+        case = make_case(SEED, index, mutation)
+        if case.expect == expect:
+            return case
+    raise AssertionError(f"no {expect} case of {entry}")
+
+
+@pytest.mark.parametrize("entry", ["lora_linear_forward", "ia3_embedding_forward",
+                                   "lora_merge", "dropout_mask"])
+def test_oracle_catches_a_wrong_result(monkeypatch, entry):
+    """The oracle is not vacuous: an entry point whose results are off by a little fails."""
+    original = getattr(F, entry)
+
+    def skewed(*args, **kwargs):
+        result = original(*args, **kwargs)
+        arrays = [a for a in (result if isinstance(result, tuple) else (result,))
+                  if isinstance(a, np.ndarray) and a.size]
+        target = args[0] if entry == "lora_merge" else arrays[0]
+        target.reshape(-1)[0] += 1e-3 * (1 + abs(target.reshape(-1)[0]))
+        return result
+
+    case = _first_case(entry, "valid", "none")
+    while min(case.dims.values()) == 0:
+        case = make_case(SEED, case.index + len(ENTRIES), "none")
+    assert run_case(case).kind == "ok", run_case(case).message
+    case = make_case(case.seed, case.index, "none")
+    monkeypatch.setattr(F, entry, skewed)
+    outcome = run_case(case)
+    assert outcome.kind == "fail" and outcome.failure in ("wrong-result", "unmerge-not-exact"), \
+        outcome
+
+
+def _raising(exc):
+    def entry(*args, **kwargs):
+        raise exc
+    return entry
+
+
+def test_oracle_catches_bad_exceptions_and_modified_inputs(monkeypatch):
+    """SystemError, an empty message, or a write into any buffer before raising all fail."""
+    entry = "ia3_linear_forward"
+    index = ENTRIES.index(entry)
+    monkeypatch.setattr(F, entry, _raising(SystemError("returned NULL without setting an "
+                                                       "exception")))
+    assert run_case(make_case(SEED, index, "type")).failure == \
+        "undocumented-exception:SystemError"
+    monkeypatch.setattr(F, entry, _raising(RuntimeError("cpeft internal error (status 6)")))
+    assert run_case(make_case(SEED, index, "type")).failure == \
+        "undocumented-exception:RuntimeError"
+    monkeypatch.setattr(F, entry, _raising(ValueError("")))
+    assert run_case(make_case(SEED, index, "type")).failure == "empty-message:ValueError"
+
+    case = make_case(SEED, index, "scalar")
+    storage = next(iter(case.arrays.placed.values())).storage
+
+    def scribbles_then_raises(*args, **kwargs):
+        storage.reshape(-1)[0] = 42.0
+        raise ValueError("x must be ...")
+
+    monkeypatch.setattr(F, entry, scribbles_then_raises)
+    assert run_case(case).failure == "modified-on-raise"
