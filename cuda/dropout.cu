@@ -38,21 +38,27 @@ template <class S, class T> struct DropoutApply {
 /* One thread per Philox counter block: a single Philox call gives the uniforms of four
  * consecutive counters, so each thread handles the (up to four) elements of its block instead of
  * running Philox once per element. Elements e in [e_lo, e_hi) of the flattened M x IN input have
- * counters offset + e. */
+ * counters offset + e modulo 2^64 (as cpeft_dropout_keep computes them), so a range may cross
+ * 2^64: blocks are counted relative to the first one and their numbers taken modulo 2^62 (the
+ * block of counter c is c >> 2), never compared as absolute counters. */
 template <class S, class T>
 static __global__ void dropout_apply_kernel(DropoutCounters d, uint64_t e_lo, uint64_t e_hi,
                                             int64_t in, DropoutApply<S, T> op)
 {
-    const uint64_t c_lo = d.offset + e_lo, c_hi = d.offset + e_hi;
-    const uint64_t first_block = c_lo >> 2, last_block = (c_hi - 1) >> 2;
-    for (uint64_t b = first_block + (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-         b <= last_block; b += (uint64_t)gridDim.x * blockDim.x) {
+    const uint64_t block_mask = ((uint64_t)1 << 62) - 1;
+    const uint64_t c_lo = d.offset + e_lo, count = e_hi - e_lo;
+    const uint64_t first_block = c_lo >> 2, lead = c_lo & 3;
+    const uint64_t blocks = (lead + count + 3) >> 2;
+    for (uint64_t k = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; k < blocks;
+         k += (uint64_t)gridDim.x * blockDim.x) {
+        const uint64_t b = (first_block + k) & block_mask;
         uint32_t ctr[4] = {(uint32_t)b, (uint32_t)(b >> 32), 0u, 0u};
         cpeft_philox4x32_10(ctr, (uint32_t)d.seed, (uint32_t)(d.seed >> 32));
-        const uint64_t c0 = b << 2;
-        const int lane_begin = c0 < c_lo ? (int)(c_lo - c0) : 0;
-        const int lane_end = c_hi - c0 < 4 ? (int)(c_hi - c0) : 4;
-        const uint64_t e = c0 + (uint64_t)lane_begin - d.offset;
+        /* Positions in the range of this block's lanes: k*4 - lead + lane. */
+        const int lane_begin = k == 0 ? (int)lead : 0;
+        const uint64_t left = count - (k * 4 + (uint64_t)lane_begin - lead);
+        const int lane_end = left < (uint64_t)(4 - lane_begin) ? lane_begin + (int)left : 4;
+        const uint64_t e = e_lo + k * 4 + (uint64_t)lane_begin - lead;
         int64_t m = (int64_t)(e / (uint64_t)in);
         int64_t i = (int64_t)e - m * in;
         for (int lane = lane_begin; lane < lane_end; ++lane) {
@@ -73,7 +79,7 @@ static int launch_dropout(const cpeft_dropout *d, uint64_t e_lo, uint64_t e_hi, 
     if (e_hi <= e_lo || in <= 0)
         return CPEFT_OK;
     const DropoutCounters counters = {d->seed, d->offset, (float)d->p};
-    const uint64_t blocks = ((d->offset + e_hi - 1) >> 2) - ((d->offset + e_lo) >> 2) + 1;
+    const uint64_t blocks = (((d->offset + e_lo) & 3) + (e_hi - e_lo) + 3) >> 2;
     const int threads = 256;
     dropout_apply_kernel<S, T><<<grid_1d((int64_t)blocks, threads), threads, 0, stream>>>(
         counters, e_lo, e_hi, in, op);

@@ -232,9 +232,10 @@ int end_pass(const char *op, cpeft_dtype dt, int direction, cpeft_merge_record *
     CPEFT_TRY(read_counter(counter, &count, stream, st));
     rec->count = count;
     if (rec->index != nullptr && count > rec->capacity)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
-                          "%s: the record's capacity %lld is smaller than the %lld exceptions; "
-                          "the weight is partially merged",
+        return cpeft_fail(st, CPEFT_ERR_CHANGED,
+                          "%s: the record's capacity %lld (the count pass) is smaller than the "
+                          "%lld elements to record: the weight changed during the call (written "
+                          "by another thread?) and is now partially merged",
                           op, (long long)rec->capacity, (long long)count);
     return CPEFT_OK;
 }

@@ -56,21 +56,20 @@ int cpeft_op_begin(cpeft_dtype dtype, const char *op, cpeft_status *st)
                       (int)dtype);
 }
 
-int cpeft_check_indices_cpu(cpeft_dtype index_dtype, cpeft_vec indices, int64_t n,
-                            int64_t num_embeddings, const char *op, cpeft_status *st)
+int cpeft_check_index_dtype_cpu(cpeft_dtype index_dtype, const char *op, cpeft_status *st)
 {
     if (index_dtype != CPEFT_INT32 && index_dtype != CPEFT_INT64)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: indices must be int32 or int64, got dtype "
                           "code %d", op, (int)index_dtype);
-    for (int64_t i = 0; i < n; ++i) {
-        int64_t v = cpeft_index_at(index_dtype, indices, i);
-        if (v < 0 || v >= num_embeddings)
-            return cpeft_fail(st, CPEFT_ERR_INDEX,
-                              "%s: indices[%lld] = %lld is out of range for an embedding of "
-                              "%lld rows", op, (long long)i, (long long)v,
-                              (long long)num_embeddings);
-    }
     return CPEFT_OK;
+}
+
+int cpeft_index_error(int64_t position, int64_t value, int64_t rows, cpeft_status *st)
+{
+    return cpeft_fail(st, CPEFT_ERR_INDEX,
+                      "indices[%lld] = %lld is out of range for an embedding of %lld rows (if "
+                      "the call's own check passed, the array was changed during the call)",
+                      (long long)position, (long long)value, (long long)rows);
 }
 
 /*
@@ -136,6 +135,49 @@ static void scale_in_place(cpeft_dtype dtype, cpeft_mat c, double beta)
 #define CPEFT_BLAS_ONE_THREAD_MNK ((int64_t)65536 * 4)
 #define CPEFT_BLAS_SMALL_MNK (2.0 * 1024 * 1024)
 
+/* The largest M, N or K one BLAS call takes (its integers are 32-bit). The C harness also runs
+ * with a tiny value, so the blocking below is checked against its references at small sizes. */
+#ifndef CPEFT_BLAS_DIM_LIMIT
+#define CPEFT_BLAS_DIM_LIMIT ((int64_t)INT_MAX)
+#endif
+
+/* Rows [r0, r0+nr) of op(X) as a view of X, and columns likewise. */
+static cpeft_mat op_rows(cpeft_dtype dt, cpeft_mat x, int trans, int64_t r0, int64_t nr)
+{
+    return trans ? cpeft_mat_sub(dt, x, 0, x.rows, r0, nr) : cpeft_mat_sub(dt, x, r0, nr, 0, x.cols);
+}
+
+static cpeft_mat op_cols(cpeft_dtype dt, cpeft_mat x, int trans, int64_t c0, int64_t nc)
+{
+    return trans ? cpeft_mat_sub(dt, x, c0, nc, 0, x.cols) : cpeft_mat_sub(dt, x, 0, x.rows, c0, nc);
+}
+
+/* A product with M, N or K beyond one BLAS call, as products of blocks that fit: M and N split C,
+ * K splits the sum (the blocks after the first accumulate with beta = 1). */
+static int gemm_blocked(cpeft_dtype dt, int trans_a, int trans_b, double alpha, cpeft_mat a,
+                        cpeft_mat b, double beta, cpeft_mat c, int64_t m, int64_t n, int64_t k,
+                        cpeft_status *st)
+{
+    const int64_t lim = CPEFT_BLAS_DIM_LIMIT;
+    for (int64_t i0 = 0; i0 < m; i0 += lim) {
+        int64_t mi = m - i0 < lim ? m - i0 : lim;
+        for (int64_t j0 = 0; j0 < n; j0 += lim) {
+            int64_t nj = n - j0 < lim ? n - j0 : lim;
+            cpeft_mat c_block = cpeft_mat_sub(dt, c, i0, mi, j0, nj);
+            for (int64_t k0 = 0; k0 < k; k0 += lim) {
+                int64_t kk = k - k0 < lim ? k - k0 : lim;
+                cpeft_mat a_block = op_cols(dt, op_rows(dt, a, trans_a, i0, mi), trans_a, k0, kk);
+                cpeft_mat b_block = op_cols(dt, op_rows(dt, b, trans_b, k0, kk), trans_b, j0, nj);
+                int rc = cpeft_gemm_cpu(dt, trans_a, trans_b, alpha, a_block, b_block,
+                                        k0 == 0 ? beta : 1.0, c_block, st);
+                if (rc != CPEFT_OK)
+                    return rc;
+            }
+        }
+    }
+    return CPEFT_OK;
+}
+
 int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cpeft_mat a,
                    cpeft_mat b, double beta, cpeft_mat c, cpeft_status *st)
 {
@@ -155,6 +197,8 @@ int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cp
         scale_in_place(dtype, c, beta);
         return CPEFT_OK;
     }
+    if (m > CPEFT_BLAS_DIM_LIMIT || n > CPEFT_BLAS_DIM_LIMIT || k > CPEFT_BLAS_DIM_LIMIT)
+        return gemm_blocked(dtype, trans_a, trans_b, alpha, a, b, beta, c, m, n, k, st);
 
     blas_layout la, lb, lc;
     if (!blas_layout_of(a, &la) || !blas_layout_of(b, &lb) || !blas_layout_of(c, &lc))
@@ -274,14 +318,22 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
                     s[i * src.row_stride + j * src.col_stride] *                               \
                     lv[(along_cols ? j : i) * l.stride];                                       \
     }                                                                                          \
-    static void gather_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,              \
-                                     cpeft_mat src, cpeft_vec l, cpeft_mat dst)                \
+    /* Both return the position of the first index outside the table (its value in *bad), or  \
+     * -1 when every index was in range. */                                                   \
+    static int64_t gather_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,           \
+                                        cpeft_mat src, cpeft_vec l, cpeft_mat dst,             \
+                                        int64_t *bad)                                          \
     {                                                                                          \
         const T *s = (const T *)src.data;                                                      \
         const T *lv = (const T *)l.data;                                                       \
         T *d = (T *)dst.data;                                                                  \
         for (int64_t n = 0; n < dst.rows; ++n) {                                               \
-            const T *row = s + cpeft_index_at(index_dtype, indices, n) * src.row_stride;       \
+            int64_t idx = cpeft_index_at(index_dtype, indices, n);                             \
+            if ((uint64_t)idx >= (uint64_t)src.rows) {                                         \
+                *bad = idx;                                                                    \
+                return n;                                                                      \
+            }                                                                                  \
+            const T *row = s + idx * src.row_stride;                                           \
             T *out = d + n * dst.row_stride;                                                   \
             if (lv != NULL)                                                                    \
                 for (int64_t j = 0; j < dst.cols; ++j)                                         \
@@ -290,10 +342,11 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
                 for (int64_t j = 0; j < dst.cols; ++j)                                         \
                     out[j * dst.col_stride] = row[j * src.col_stride];                         \
         }                                                                                      \
+        return -1;                                                                             \
     }                                                                                          \
-    static void scatter_add_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,         \
-                                          int64_t padding_idx, cpeft_mat src, cpeft_vec l,     \
-                                          cpeft_mat dst)                                       \
+    static int64_t scatter_add_rows_##SUFFIX(cpeft_dtype index_dtype, cpeft_vec indices,      \
+                                             int64_t padding_idx, cpeft_mat src, cpeft_vec l,  \
+                                             cpeft_mat dst, int64_t *bad)                      \
     {                                                                                          \
         const T *s = (const T *)src.data;                                                      \
         const T *lv = (const T *)l.data;                                                       \
@@ -302,6 +355,10 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
             int64_t idx = cpeft_index_at(index_dtype, indices, n);                             \
             if (idx == padding_idx)                                                            \
                 continue;                                                                      \
+            if ((uint64_t)idx >= (uint64_t)dst.rows) {                                         \
+                *bad = idx;                                                                    \
+                return n;                                                                      \
+            }                                                                                  \
             const T *row = s + n * src.row_stride;                                             \
             T *out = d + idx * dst.row_stride;                                                 \
             if (lv != NULL)                                                                    \
@@ -311,6 +368,7 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
                 for (int64_t j = 0; j < src.cols; ++j)                                         \
                     out[j * dst.col_stride] += row[j * src.col_stride];                        \
         }                                                                                      \
+        return -1;                                                                             \
     }                                                                                          \
     static void scale_vec_##SUFFIX(cpeft_vec v, cpeft_vec l)                                  \
     {                                                                                          \
@@ -381,20 +439,22 @@ void cpeft_scale_vec_cpu(cpeft_dtype dtype, cpeft_vec v, cpeft_vec l)
         scale_vec_f64(v, l);
 }
 
-void cpeft_gather_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
-                           cpeft_mat src, cpeft_vec l, cpeft_mat dst)
+int cpeft_gather_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                          cpeft_mat src, cpeft_vec l, cpeft_mat dst, cpeft_status *st)
 {
-    if (dtype == CPEFT_FLOAT32)
-        gather_rows_f32(index_dtype, indices, src, l, dst);
-    else
-        gather_rows_f64(index_dtype, indices, src, l, dst);
+    int64_t bad = 0;
+    int64_t at = dtype == CPEFT_FLOAT32 ? gather_rows_f32(index_dtype, indices, src, l, dst, &bad)
+                                        : gather_rows_f64(index_dtype, indices, src, l, dst, &bad);
+    return at < 0 ? CPEFT_OK : cpeft_index_error(at, bad, src.rows, st);
 }
 
-void cpeft_scatter_add_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
-                                int64_t padding_idx, cpeft_mat src, cpeft_vec l, cpeft_mat dst)
+int cpeft_scatter_add_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                               int64_t padding_idx, cpeft_mat src, cpeft_vec l, cpeft_mat dst,
+                               cpeft_status *st)
 {
-    if (dtype == CPEFT_FLOAT32)
-        scatter_add_rows_f32(index_dtype, indices, padding_idx, src, l, dst);
-    else
-        scatter_add_rows_f64(index_dtype, indices, padding_idx, src, l, dst);
+    int64_t bad = 0;
+    int64_t at = dtype == CPEFT_FLOAT32
+                     ? scatter_add_rows_f32(index_dtype, indices, padding_idx, src, l, dst, &bad)
+                     : scatter_add_rows_f64(index_dtype, indices, padding_idx, src, l, dst, &bad);
+    return at < 0 ? CPEFT_OK : cpeft_index_error(at, bad, dst.rows, st);
 }

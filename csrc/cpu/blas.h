@@ -75,31 +75,43 @@ void cpeft_scale_vec_cpu(cpeft_dtype dtype, cpeft_vec v, cpeft_vec l);
 void cpeft_dropout_rows_cpu(cpeft_dtype dtype, const cpeft_dropout *d, int64_t row0,
                             double alpha, cpeft_mat src, int accumulate, cpeft_mat dst);
 
-/* Embedding index n as int64, from an int32 or int64 vector. */
+/* Embedding index n as int64, from an int32 or int64 vector. Read through a volatile pointer:
+ * the caller's array may be rewritten by another thread while the GIL is released, so each use
+ * loads the value once into a local that is checked and then used, and the compiler must not
+ * load it again between the two. */
 static inline int64_t cpeft_index_at(cpeft_dtype index_dtype, cpeft_vec indices, int64_t n)
 {
     if (index_dtype == CPEFT_INT32)
-        return ((const int32_t *)indices.data)[n * indices.stride];
-    return ((const int64_t *)indices.data)[n * indices.stride];
+        return ((const volatile int32_t *)indices.data)[n * indices.stride];
+    return ((const volatile int64_t *)indices.data)[n * indices.stride];
 }
 
-/* CPEFT_ERR_INDEX naming the first index outside [0, num_embeddings) (the boundary checks too;
- * this keeps a missed one from touching memory), CPEFT_ERR_INTERNAL for a non-integer dtype. */
-int cpeft_check_indices_cpu(cpeft_dtype index_dtype, cpeft_vec indices, int64_t n,
-                            int64_t num_embeddings, const char *op, cpeft_status *st);
+/* CPEFT_ERR_INTERNAL naming `op` unless index_dtype is int32 or int64. */
+int cpeft_check_index_dtype_cpu(cpeft_dtype index_dtype, const char *op, cpeft_status *st);
+
+/* CPEFT_ERR_INDEX for indices[position] = value outside [0, rows). */
+int cpeft_index_error(int64_t position, int64_t value, int64_t rows, cpeft_status *st);
 
 /* The transpose of m as a view (rows and strides swapped); nothing moves. */
 cpeft_mat cpeft_mat_transpose(cpeft_mat m);
 
+/*
+ * Gather and scatter check every index where they use it (an index outside the table gives
+ * CPEFT_ERR_INDEX, and the rows before it are already written): the boundary scanned the indices
+ * before the call, but with the GIL released another thread may rewrite them, and a value read
+ * twice may differ. A check per row costs one compare against a row copy of `cols` elements.
+ */
+
 /* dst[n][:] = src[idx[n]][:] (⊙ l when l.data != NULL); src is num_embeddings x cols. A column
  * gather (dst[n][r] = src[r][idx[n]]) is this on cpeft_mat_transpose(src). */
-void cpeft_gather_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
-                           cpeft_mat src, cpeft_vec l, cpeft_mat dst);
+int cpeft_gather_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                          cpeft_mat src, cpeft_vec l, cpeft_mat dst, cpeft_status *st);
 
 /* dst[idx[n]][:] += src[n][:] (⊙ l when l.data != NULL), skipping n with idx[n] == padding_idx
  * (-1: none). dst is not cleared first. */
-void cpeft_scatter_add_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
-                                int64_t padding_idx, cpeft_mat src, cpeft_vec l, cpeft_mat dst);
+int cpeft_scatter_add_rows_cpu(cpeft_dtype dtype, cpeft_dtype index_dtype, cpeft_vec indices,
+                               int64_t padding_idx, cpeft_mat src, cpeft_vec l, cpeft_mat dst,
+                               cpeft_status *st);
 
 /*
  * Checks the grouping of a LoRA linear (defined in lora_linear.c, shared with merge.c):

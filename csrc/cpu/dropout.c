@@ -28,17 +28,28 @@ static uint32_t keep_threshold(double p)
     return (double)t < scaled ? t + 1 : t;
 }
 
-/* keep[k] = cpeft_dropout_keep(d, counter + k) for k < n (n <= KEEP_RUN). */
+/* Counter c lives in Philox block c >> 2, so blocks are numbers below 2^62. */
+#define PHILOX_BLOCK_MASK (((uint64_t)1 << 62) - 1)
+
+/*
+ * keep[k] = cpeft_dropout_keep(d, counter + k) for k < n (n <= KEEP_RUN). Counters are
+ * offset + counter + k modulo 2^64, exactly as cpeft_dropout_keep computes them, so a run may
+ * cross 2^64 (offsets are any uint64): blocks are walked relative to the first one, and block
+ * numbers taken modulo 2^62, never compared as absolute counters.
+ */
 static void keep_flags(const cpeft_dropout *d, uint32_t threshold, uint64_t counter, int64_t n,
                        uint8_t *keep)
 {
     uint64_t first = d->offset + counter;
-    uint64_t first_block = first >> 2, last_block = (first + (uint64_t)n - 1) >> 2;
-    for (uint64_t b0 = first_block; b0 <= last_block; b0 += PHILOX_BATCH) {
+    uint64_t first_block = first >> 2;
+    uint64_t lead = first & 3;   /* lanes of the first block that precede the run */
+    uint64_t blocks = (lead + (uint64_t)n + 3) >> 2;
+    for (uint64_t k0 = 0; k0 < blocks; k0 += PHILOX_BATCH) {
         uint32_t x0[PHILOX_BATCH], x1[PHILOX_BATCH], x2[PHILOX_BATCH], x3[PHILOX_BATCH];
         for (int i = 0; i < PHILOX_BATCH; ++i) {
-            x0[i] = (uint32_t)(b0 + (uint64_t)i);
-            x1[i] = (uint32_t)((b0 + (uint64_t)i) >> 32);
+            uint64_t block = (first_block + k0 + (uint64_t)i) & PHILOX_BLOCK_MASK;
+            x0[i] = (uint32_t)block;
+            x1[i] = (uint32_t)(block >> 32);
             x2[i] = 0u;
             x3[i] = 0u;
         }
@@ -60,9 +71,10 @@ static void keep_flags(const cpeft_dropout *d, uint32_t threshold, uint64_t coun
         for (int i = 0; i < PHILOX_BATCH; ++i) {
             const uint32_t lanes[4] = {x0[i], x1[i], x2[i], x3[i]};
             for (uint64_t lane = 0; lane < 4; ++lane) {
-                uint64_t c = ((b0 + (uint64_t)i) << 2) + lane;
-                if (c >= first && c - first < (uint64_t)n)
-                    keep[c - first] = (lanes[lane] >> 8) >= threshold;
+                /* Position in the run; lanes before it wrap to huge values and are skipped. */
+                uint64_t k = ((k0 + (uint64_t)i) << 2) + lane - lead;
+                if (k < (uint64_t)n)
+                    keep[k] = (lanes[lane] >> 8) >= threshold;
             }
         }
     }

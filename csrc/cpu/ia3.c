@@ -13,18 +13,26 @@ static const cpeft_vec no_scale = {NULL, 0, 1};
  * the data type, then rounded once when stored.
  */
 #define DEFINE_IA3_LOOPS(T, SUFFIX)                                                            \
-    static void accumulate_products_##SUFFIX(cpeft_mat a, cpeft_mat b, cpeft_dtype index_dtype,\
-                                             cpeft_vec indices, double *acc)                   \
+    /* Returns the position of the first index outside b's rows (its value in *bad), else -1:  \
+     * each index is checked where it is used (see cpeft_gather_rows_cpu in blas.h). */        \
+    static int64_t accumulate_products_##SUFFIX(cpeft_mat a, cpeft_mat b,                     \
+                                                cpeft_dtype index_dtype, cpeft_vec indices,    \
+                                                double *acc, int64_t *bad)                     \
     {                                                                                          \
         const T *pa = (const T *)a.data;                                                       \
         const T *pb = (const T *)b.data;                                                       \
         for (int64_t i = 0; i < a.rows; ++i) {                                                 \
             int64_t rb = indices.data != NULL ? cpeft_index_at(index_dtype, indices, i) : i;   \
+            if ((uint64_t)rb >= (uint64_t)b.rows) {                                            \
+                *bad = rb;                                                                     \
+                return i;                                                                      \
+            }                                                                                  \
             const T *ra = pa + i * a.row_stride;                                               \
             const T *rbp = pb + rb * b.row_stride;                                             \
             for (int64_t j = 0; j < a.cols; ++j)                                               \
                 acc[j] += (double)ra[j * a.col_stride] * (double)rbp[j * b.col_stride];        \
         }                                                                                      \
+        return -1;                                                                             \
     }                                                                                          \
     static void store_##SUFFIX(const double *acc, cpeft_vec out)                              \
     {                                                                                          \
@@ -36,13 +44,14 @@ static const cpeft_vec no_scale = {NULL, 0, 1};
 DEFINE_IA3_LOOPS(float, f32)
 DEFINE_IA3_LOOPS(double, f64)
 
-static void accumulate_products(cpeft_dtype dt, cpeft_mat a, cpeft_mat b, cpeft_dtype index_dtype,
-                                cpeft_vec indices, double *acc)
+static int accumulate_products(cpeft_dtype dt, cpeft_mat a, cpeft_mat b, cpeft_dtype index_dtype,
+                               cpeft_vec indices, double *acc, cpeft_status *st)
 {
-    if (dt == CPEFT_FLOAT32)
-        accumulate_products_f32(a, b, index_dtype, indices, acc);
-    else
-        accumulate_products_f64(a, b, index_dtype, indices, acc);
+    int64_t bad = 0;
+    int64_t at = dt == CPEFT_FLOAT32
+                     ? accumulate_products_f32(a, b, index_dtype, indices, acc, &bad)
+                     : accumulate_products_f64(a, b, index_dtype, indices, acc, &bad);
+    return at < 0 ? CPEFT_OK : cpeft_index_error(at, bad, b.rows, st);
 }
 
 static void store_accumulator(cpeft_dtype dt, const double *acc, cpeft_vec out)
@@ -155,9 +164,12 @@ static int ia3_output_scaling_bwd(const cpeft_ia3_linear_args *a, const cpeft_ia
         double *acc = alloc_accumulator(a->out, "grad_l", st);
         if (acc == NULL)
             return st->code;
-        accumulate_products(dt, g, in->base, CPEFT_INT64, no_scale, acc);
-        store_accumulator(dt, acc, o->grad_l);
+        rc = accumulate_products(dt, g, in->base, CPEFT_INT64, no_scale, acc, st);
+        if (rc == CPEFT_OK)
+            store_accumulator(dt, acc, o->grad_l);
         free(acc);
+        if (rc != CPEFT_OK)
+            return rc;
     }
     if (o->grad_bias.data != NULL) {
         if ((rc = cpeft_colsum_cpu(dt, 1.0, g, o->grad_bias, st)) != CPEFT_OK)
@@ -222,7 +234,7 @@ static int ia3_input_scaling_bwd(const cpeft_ia3_linear_args *a, const cpeft_ia3
         rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, g, a->weight, 0.0, o->grad_x, st);
         if (rc == CPEFT_OK) {
             if (acc != NULL)
-                accumulate_products(dt, a->x, o->grad_x, CPEFT_INT64, no_scale, acc);
+                rc = accumulate_products(dt, a->x, o->grad_x, CPEFT_INT64, no_scale, acc, st);
             cpeft_scale_mat_cpu(dt, o->grad_x, a->l, 1);
         }
     } else if (acc != NULL && a->m > 0) {
@@ -241,8 +253,8 @@ static int ia3_input_scaling_bwd(const cpeft_ia3_linear_args *a, const cpeft_ia3
             rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, cpeft_mat_sub(dt, g, row0, n, 0, a->out), a->weight,
                                 0.0, gw, st);
             if (rc == CPEFT_OK)
-                accumulate_products(dt, cpeft_mat_sub(dt, a->x, row0, n, 0, a->in), gw,
-                                    CPEFT_INT64, no_scale, acc);
+                rc = accumulate_products(dt, cpeft_mat_sub(dt, a->x, row0, n, 0, a->in), gw,
+                                         CPEFT_INT64, no_scale, acc, st);
         }
         free(gw_data);
     }
@@ -268,11 +280,10 @@ int cpeft_ia3_embedding_fwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat y, 
     int rc = cpeft_op_begin(a->dtype, "ia3_embedding_forward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->n, a->num_embeddings,
-                                      "ia3_embedding_forward", st)) != CPEFT_OK)
+    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "ia3_embedding_forward", st)) !=
+        CPEFT_OK)
         return rc;
-    cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, a->weight, a->l, y);
-    return CPEFT_OK;
+    return cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, a->weight, a->l, y, st);
 }
 
 int cpeft_ia3_embedding_bwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat grad_out,
@@ -281,22 +292,25 @@ int cpeft_ia3_embedding_bwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat gra
     int rc = cpeft_op_begin(a->dtype, "ia3_embedding_backward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->n, a->num_embeddings,
-                                      "ia3_embedding_backward", st)) != CPEFT_OK)
+    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "ia3_embedding_backward", st)) !=
+        CPEFT_OK)
         return rc;
     cpeft_dtype dt = a->dtype;
     if (o->grad_l.data != NULL) {
         double *acc = alloc_accumulator(a->dim, "grad_l", st);
         if (acc == NULL)
             return st->code;
-        accumulate_products(dt, grad_out, a->weight, a->index_dtype, a->indices, acc);
-        store_accumulator(dt, acc, o->grad_l);
+        rc = accumulate_products(dt, grad_out, a->weight, a->index_dtype, a->indices, acc, st);
+        if (rc == CPEFT_OK)
+            store_accumulator(dt, acc, o->grad_l);
         free(acc);
+        if (rc != CPEFT_OK)
+            return rc;
     }
     if (o->grad_weight.data != NULL) {
         cpeft_fill_zero_cpu(dt, o->grad_weight);
-        cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx, grad_out, a->l,
-                                   o->grad_weight);
+        return cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx,
+                                          grad_out, a->l, o->grad_weight, st);
     }
     return CPEFT_OK;
 }

@@ -16,8 +16,11 @@ static void *gather_a_columns(const cpeft_lora_embedding_args *a, cpeft_mat *out
     if (data == NULL)
         return NULL;
     *out = cpeft_mat_compact(data, a->n, a->r);
-    cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, cpeft_mat_transpose(a->lora_a),
-                          no_scale, *out);
+    if (cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices,
+                              cpeft_mat_transpose(a->lora_a), no_scale, *out, st) != CPEFT_OK) {
+        free(data);
+        return NULL;
+    }
     return data;
 }
 
@@ -26,10 +29,11 @@ int cpeft_lora_embedding_fwd_cpu(const cpeft_lora_embedding_args *a, cpeft_mat y
     int rc = cpeft_op_begin(a->dtype, "lora_embedding_forward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->n, a->num_embeddings,
-                                      "lora_embedding_forward", st)) != CPEFT_OK)
+    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "lora_embedding_forward", st)) !=
+            CPEFT_OK ||
+        (rc = cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, a->weight, no_scale, y,
+                                    st)) != CPEFT_OK)
         return rc;
-    cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, a->weight, no_scale, y);
     if (a->r == 0 || a->n == 0)
         return CPEFT_OK;
     cpeft_mat a_rows;
@@ -48,16 +52,17 @@ int cpeft_lora_embedding_bwd_cpu(const cpeft_lora_embedding_args *a,
     int rc = cpeft_op_begin(a->dtype, "lora_embedding_backward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->n, a->num_embeddings,
-                                      "lora_embedding_backward", st)) != CPEFT_OK)
+    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "lora_embedding_backward", st)) !=
+        CPEFT_OK)
         return rc;
     cpeft_dtype dt = a->dtype;
     cpeft_mat g = in->grad_out;
 
     if (o->grad_weight.data != NULL) {
         cpeft_fill_zero_cpu(dt, o->grad_weight);
-        cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx, g, no_scale,
-                                   o->grad_weight);
+        if ((rc = cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx, g,
+                                             no_scale, o->grad_weight, st)) != CPEFT_OK)
+            return rc;
     }
     if (o->grad_b.data != NULL) {
         /* grad_b = s · gᵀ·Aᵀ[idx]; with N == 0 the K == 0 GEMM writes zeros. */
@@ -85,8 +90,8 @@ int cpeft_lora_embedding_bwd_cpu(const cpeft_lora_embedding_args *a,
         cpeft_mat gb = cpeft_mat_compact(gb_data, a->n, a->r);
         rc = cpeft_gemm_cpu(dt, 0, 0, a->scale, g, a->lora_b, 0.0, gb, st);
         if (rc == CPEFT_OK)
-            cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx, gb,
-                                       no_scale, cpeft_mat_transpose(o->grad_a));
+            rc = cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx, gb,
+                                            no_scale, cpeft_mat_transpose(o->grad_a), st);
         free(gb_data);
     }
     return rc;

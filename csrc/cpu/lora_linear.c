@@ -2,6 +2,7 @@
 #include "cpeft/lora_linear.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "blas.h"
 
@@ -85,6 +86,31 @@ static void copy_scaled(cpeft_dtype dt, cpeft_mat src, double alpha, cpeft_mat d
     }
 }
 
+/* Whether dst = alpha · src (as copy_scaled wrote it, dst compact) lost an element: a finite
+ * nonzero src element whose scaled value is infinite or at the bottom of the exponent range
+ * (zero or subnormal). Exponent bits only, so the check is a few integer operations an element. */
+static int scaling_lost_range(cpeft_dtype dt, cpeft_mat src, cpeft_mat dst)
+{
+    int lost = 0;
+    for (int64_t i = 0; i < src.rows; ++i)
+        for (int64_t j = 0; j < src.cols; ++j) {
+            if (dt == CPEFT_FLOAT32) {
+                uint32_t sb, db;
+                memcpy(&sb, (const float *)src.data + i * src.row_stride + j * src.col_stride, 4);
+                memcpy(&db, (const float *)dst.data + i * dst.row_stride + j * dst.col_stride, 4);
+                uint32_t se = (sb >> 23) & 0xFFu, de = (db >> 23) & 0xFFu;
+                lost |= (se != 0xFFu) & ((sb << 1) != 0) & ((de == 0xFFu) | (de == 0));
+            } else {
+                uint64_t sb, db;
+                memcpy(&sb, (const double *)src.data + i * src.row_stride + j * src.col_stride, 8);
+                memcpy(&db, (const double *)dst.data + i * dst.row_stride + j * dst.col_stride, 8);
+                uint64_t se = (sb >> 52) & 0x7FFu, de = (db >> 52) & 0x7FFu;
+                lost |= (se != 0x7FFu) & ((sb << 1) != 0) & ((de == 0x7FFu) | (de == 0));
+            }
+        }
+    return lost;
+}
+
 /* Column `col` of m set to 1: the bias column of an [xa | 1] operand, through which a GEMM also
  * adds a bias (forward) or sums g's columns (backward) without a pass of its own. */
 static void fill_ones_column(cpeft_dtype dt, cpeft_mat m, int64_t col)
@@ -137,12 +163,19 @@ static int write_adapter_terms(const cpeft_lora_linear_args *a, cpeft_mat xa, in
         }
         cpeft_mat xa_k = cpeft_mat_sub(dt, xa, 0, a->m, kk * a->r, a->r);
         cpeft_mat b_k = cpeft_mat_sub(dt, a->lora_b, kk * seg, seg, 0, a->r);
-        if (has_bias) {
+        cpeft_mat scaled_b = cpeft_mat_sub(dt, b_aug, 0, seg, 0, a->r);
+        if (has_bias)
+            copy_scaled(dt, b_k, a->scale, scaled_b);
+        if (has_bias && (a->scale == 1.0 || !scaling_lost_range(dt, b_k, scaled_b))) {
             cpeft_mat b_column = {b_block.data, seg, 1, b_block.stride, 1};
             copy_scaled(dt, xa_k, 1.0, cpeft_mat_sub(dt, xa_aug, 0, a->m, 0, a->r));
-            copy_scaled(dt, b_k, a->scale, cpeft_mat_sub(dt, b_aug, 0, seg, 0, a->r));
             copy_scaled(dt, b_column, 1.0, cpeft_mat_sub(dt, b_aug, 0, seg, a->r, 1));
             rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xa_aug, b_aug, 0.0, y_block, st);
+        } else if (has_bias) {
+            /* s·B_k is not representable though s·xa_k·B_kᵀ may be: keep s in alpha, onto the
+             * bias written first. */
+            cpeft_fill_rows_cpu(dt, y_block, b_block);
+            rc = cpeft_gemm_cpu(dt, 0, 1, a->scale, xa_k, b_k, 1.0, y_block, st);
         } else {
             rc = cpeft_gemm_cpu(dt, 0, 1, a->scale, xa_k, b_k, 0.0, y_block, st);
         }

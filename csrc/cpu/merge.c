@@ -85,14 +85,23 @@ typedef struct {
                     *p = merged;                                                               \
             }                                                                                  \
     }                                                                                          \
-    static void restore_##SUFFIX(const cpeft_merge_record *rec, cpeft_mat view)               \
+    /* Returns the first k whose index is outside the view, else -1. begin_pass checked every \
+     * index, but the record is the caller's memory and may be rewritten meanwhile by another  \
+     * thread, so each one is read once and checked again where it is used. */                  \
+    static int64_t restore_##SUFFIX(const cpeft_merge_record *rec, cpeft_mat view)            \
     {                                                                                          \
         T *w = (T *)view.data;                                                                 \
         const T *values = (const T *)rec->value;                                               \
+        const volatile int64_t *index = rec->index;                                            \
+        uint64_t size = (uint64_t)(view.rows * view.cols);                                     \
         for (int64_t k = 0; k < rec->count; ++k) {                                             \
-            int64_t i = rec->index[k] / view.cols, j = rec->index[k] % view.cols;              \
+            int64_t lin = index[k];                                                            \
+            if ((uint64_t)lin >= size)                                                         \
+                return k;                                                                      \
+            int64_t i = lin / view.cols, j = lin % view.cols;                                  \
             w[i * view.row_stride + j * view.col_stride] = values[k];                          \
         }                                                                                      \
+        return -1;                                                                             \
     }
 
 DEFINE_MERGE_LOOPS(float, f32)
@@ -136,16 +145,20 @@ static int end_pass(const char *op, cpeft_dtype dt, merge_pass *mp, cpeft_mat vi
                     cpeft_status *st)
 {
     if (mp->direction == CPEFT_UNMERGE) {
-        if (dt == CPEFT_FLOAT32)
-            restore_f32(mp->rec, view);
-        else
-            restore_f64(mp->rec, view);
+        int64_t bad = dt == CPEFT_FLOAT32 ? restore_f32(mp->rec, view) : restore_f64(mp->rec, view);
+        if (bad >= 0)
+            return cpeft_fail(st, CPEFT_ERR_INDEX,
+                              "%s: record index[%lld] is outside the %lld x %lld weight view "
+                              "(it was changed during the call); the weight is partially "
+                              "restored", op, (long long)bad, (long long)view.rows,
+                              (long long)view.cols);
         return CPEFT_OK;
     }
     if (mp->overflow)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
-                          "%s: the record's capacity %lld is smaller than the number of "
-                          "exceptions; the weight is partially merged", op,
+        return cpeft_fail(st, CPEFT_ERR_CHANGED,
+                          "%s: the record's capacity %lld (the count pass) is smaller than the "
+                          "number of elements to record: the weight changed during the call "
+                          "(written by another thread?) and is now partially merged", op,
                           (long long)mp->rec->capacity);
     mp->rec->count = mp->count;
     return CPEFT_OK;

@@ -70,18 +70,30 @@ int cpeft_check_probability(double p, const char *name)
     return 0;
 }
 
+/* An integer argument through __index__ (int, bool, NumPy integers, anything that is an integer
+ * to Python), never a float: 2.7 as a count or seed is a mistake, not a request to truncate. */
+static PyObject *as_index(PyObject *obj, const char *name, const char *expected)
+{
+    if (PyFloat_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be %s, got %.200s", name, expected,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    return PyNumber_Index(obj);
+}
+
 int cpeft_parse_u64(PyObject *obj, const char *name, uint64_t *value)
 {
     if (obj == NULL) {
         *value = 0;
         return 0;
     }
-    if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int >= 0, got %.200s", name,
-                     Py_TYPE(obj)->tp_name);
+    PyObject *index = as_index(obj, name, "an int >= 0");
+    if (index == NULL) {
         return -1;
     }
-    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    unsigned long long v = PyLong_AsUnsignedLongLong(index);
+    Py_DECREF(index);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
         PyErr_Format(PyExc_ValueError, "%s must be an int in [0, 2**64), got %R", name, obj);
@@ -91,14 +103,34 @@ int cpeft_parse_u64(PyObject *obj, const char *name, uint64_t *value)
     return 0;
 }
 
-int cpeft_parse_groups(PyObject *obj, int64_t out_features, int64_t *groups, uint8_t *enabled,
-                       int64_t *enabled_count)
+int cpeft_parse_i64(PyObject *obj, const char *name, const char *expected, int64_t *value)
 {
-    memset(enabled, 0, CPEFT_MAX_GROUPS);
+    PyObject *index = as_index(obj, name, expected);
+    if (index == NULL) {
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    Py_DECREF(index);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "%s must be %s in the int64 range, got %R", name, expected,
+                     obj);
+        return -1;
+    }
+    *value = (int64_t)v;
+    return 0;
+}
+
+int cpeft_parse_groups(PyObject *obj, cpeft_groups *g)
+{
+    memset(g->enabled, 0, CPEFT_MAX_GROUPS);
     if (obj == NULL || obj == Py_None) {
-        *groups = 1;
-        enabled[0] = 1;
-        *enabled_count = 1;
+        g->groups = 1;
+        g->enabled[0] = 1;
+        g->enabled_count = 1;
         return 0;
     }
     PyObject *seq = PySequence_Fast(obj, "enable_lora must be None or a sequence of bools");
@@ -112,53 +144,67 @@ int cpeft_parse_groups(PyObject *obj, int64_t out_features, int64_t *groups, uin
                      CPEFT_MAX_GROUPS, n);
         goto finish;
     }
-    if (out_features % n != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "enable_lora has %zd groups, which must divide out_features %lld", n,
-                     (long long)out_features);
-        goto finish;
-    }
     int64_t count = 0;
-    for (Py_ssize_t g = 0; g < n; ++g) {
-        int truth = PyObject_IsTrue(PySequence_Fast_GET_ITEM(seq, g));
+    /* An item's __bool__ may run any code, including code that shrinks the sequence: read each
+     * item through its own reference while the list is still n long. */
+    for (Py_ssize_t i = 0; i < n && i < PySequence_Fast_GET_SIZE(seq); ++i) {
+        PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
+        int truth = PyObject_IsTrue(item);
+        Py_DECREF(item);
         if (truth < 0) goto finish;
-        enabled[g] = (uint8_t)truth;
+        g->enabled[i] = (uint8_t)truth;
         count += truth;
+    }
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        PyErr_SetString(PyExc_RuntimeError, "enable_lora changed size while it was read");
+        goto finish;
     }
     if (count == 0) {
         PyErr_SetString(PyExc_ValueError,
                         "enable_lora must enable at least one group, got all False");
         goto finish;
     }
-    *groups = n;
-    *enabled_count = count;
+    g->groups = n;
+    g->enabled_count = count;
     rc = 0;
 finish:
     Py_DECREF(seq);
     return rc;
 }
 
-int cpeft_parse_padding_idx(PyObject *obj, int64_t num_embeddings, int64_t *padding_idx)
+int cpeft_check_groups(const cpeft_groups *g, int64_t out_features)
 {
-    if (obj == NULL || obj == Py_None) {
+    if (out_features % g->groups != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "enable_lora has %lld groups, which must divide out_features %lld",
+                     (long long)g->groups, (long long)out_features);
+        return -1;
+    }
+    return 0;
+}
+
+int cpeft_parse_padding_idx(PyObject *obj, int64_t *padding_idx, int *given)
+{
+    *given = obj != NULL && obj != Py_None;
+    *padding_idx = -1;
+    if (!*given) {
+        return 0;
+    }
+    return cpeft_parse_i64(obj, "padding_idx", "None or an int", padding_idx);
+}
+
+int cpeft_check_padding_idx(int64_t *padding_idx, int given, int64_t num_embeddings)
+{
+    if (!given) {
         *padding_idx = -1;
         return 0;
     }
-    if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "padding_idx must be None or an int, got %.200s",
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
-    if (v == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    if (overflow || v < -num_embeddings || v >= num_embeddings) {
+    int64_t v = *padding_idx;
+    if (v < -num_embeddings || v >= num_embeddings) {
         PyErr_Format(PyExc_ValueError,
                      "padding_idx must be in [-num_embeddings, num_embeddings) = [%lld, %lld), "
-                     "got %R",
-                     -(long long)num_embeddings, (long long)num_embeddings, obj);
+                     "got %lld",
+                     -(long long)num_embeddings, (long long)num_embeddings, (long long)v);
         return -1;
     }
     *padding_idx = v < 0 ? v + num_embeddings : v;

@@ -30,8 +30,13 @@
     "cpeft was built without CUDA; reinstall with CPEFT_CUDA=1 on a machine with the CUDA toolkit"
 
 /* Per-module state (multi-phase init): traversed and cleared by the module's GC hooks. */
+struct cpeft_call;
+
 typedef struct {
     PyObject *CudaError;   /* cpeft.CudaError, a RuntimeError subclass */
+    /* Calls in flight that hold an in-place target (merges), linked through the calls
+     * themselves; only touched with the GIL held. See cpeft_call_input in tensor.c. */
+    struct cpeft_call *inplace_calls;
 } cpeft_state;
 
 cpeft_state *cpeft_get_state(PyObject *module);
@@ -52,12 +57,24 @@ int cpeft_parse_real(PyObject *obj, const char *name, double *value);
 int cpeft_check_finite(double value, const char *name);
 int cpeft_check_probability(double p, const char *name);
 int cpeft_parse_u64(PyObject *obj, const char *name, uint64_t *value);
+/* Any integer through __index__ (never a float) in the int64 range; `expected` completes
+ * "name must be ..." in messages. */
+int cpeft_parse_i64(PyObject *obj, const char *name, const char *expected, int64_t *value);
+
 /* enable_lora: None (one group, enabled) or a sequence of at most CPEFT_MAX_GROUPS truthy/falsy
- * items dividing out_features, at least one enabled. */
-int cpeft_parse_groups(PyObject *obj, int64_t out_features, int64_t *groups, uint8_t *enabled,
-                       int64_t *enabled_count);
-/* padding_idx: None -> -1, an int in [-V, V) -> normalized to [0, V). */
-int cpeft_parse_padding_idx(PyObject *obj, int64_t num_embeddings, int64_t *padding_idx);
+ * items, at least one enabled. Parsed before any tensor is acquired (an item's __bool__ is Python
+ * code); that the groups divide out_features is checked once the weight is known. */
+typedef struct {
+    int64_t groups;
+    int64_t enabled_count;
+    uint8_t enabled[CPEFT_MAX_GROUPS];
+} cpeft_groups;
+int cpeft_parse_groups(PyObject *obj, cpeft_groups *groups);
+int cpeft_check_groups(const cpeft_groups *groups, int64_t out_features);
+/* padding_idx: None (given = 0, -1) or an integer; its range [-V, V) is checked, and a negative
+ * value normalized to [0, V), by cpeft_check_padding_idx once V is known. */
+int cpeft_parse_padding_idx(PyObject *obj, int64_t *padding_idx, int *given);
+int cpeft_check_padding_idx(int64_t *padding_idx, int given, int64_t num_embeddings);
 
 /* ---- device.c: the CUDA device of a call is made current for its compute, then restored ------ */
 
@@ -71,6 +88,7 @@ int cpeft_cuda_device_count(void);
  */
 #define CPEFT_DISPATCH(call, rc, cpu_expr, cuda_expr)                                   \
     do {                                                                               \
+        cpeft_call_gc_resume(call);                                                    \
         Py_BEGIN_ALLOW_THREADS                                                         \
         if (cpeft_call_on_cuda(call)) {                                                \
             int previous_device_;                                                      \
@@ -85,6 +103,7 @@ int cpeft_cuda_device_count(void);
             (rc) = (cpu_expr);                                                         \
         }                                                                              \
         Py_END_ALLOW_THREADS                                                           \
+        cpeft_call_gc_pause(call);                                                     \
     } while (0)
 
 /* ---- entry points (module.c's method table) ------------------------------------------------- */

@@ -22,6 +22,7 @@ int cpeft_raise_status(const cpeft_state *state, const cpeft_status *st)
         PyErr_Format(state->CudaError, "%s", message);
         break;
     case CPEFT_ERR_UNSUPPORTED:
+    case CPEFT_ERR_CHANGED:
         PyErr_Format(PyExc_RuntimeError, "%s", message);
         break;
     default:

@@ -72,6 +72,12 @@ PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *args, PyObject
     cpeft_ia3_linear_fwd_out o = {0};
     cpeft_tensor *bias, *l, *y, *base = NULL;
     int64_t shape[CPEFT_MAX_NDIM];
+    PyObject *const tensor_objs[] = {x_obj, weight_obj, bias_obj, l_obj, out_obj, out_base_obj};
+    static const char *const tensor_names[] = {"x", "weight", "bias", "ia3_l", "out",
+                                               "out_base"};
+    if (cpeft_call_prepare(&call, tensor_objs, tensor_names, 6) < 0) {
+        goto finish;
+    }
 
     a.feedforward = feedforward;
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
@@ -154,6 +160,14 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObjec
     cpeft_ia3_linear_bwd_out o = {0};
     cpeft_tensor *weight, *l, *grad_out, *base, *gx, *gl, *gbias, *gw;
     int64_t shape[CPEFT_MAX_NDIM];
+    PyObject *const tensor_objs[] = {grad_out_obj, x_obj, weight_obj, l_obj, base_obj,
+                                     grad_x_obj, grad_l_obj, grad_bias_obj, grad_weight_obj};
+    static const char *const tensor_names[] = {"grad_out", "x", "weight", "ia3_l", "base",
+                                               "grad_x", "grad_ia3_l", "grad_bias",
+                                               "grad_weight"};
+    if (cpeft_call_prepare(&call, tensor_objs, tensor_names, 9) < 0) {
+        goto finish;
+    }
 
     a.feedforward = feedforward;
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
@@ -263,8 +277,11 @@ PyObject *cpeft_py_ia3_embedding_forward(PyObject *module, PyObject *args, PyObj
     int64_t shape[CPEFT_MAX_NDIM];
     int ndim;
 
+    PyObject *const tensor_objs[] = {indices_obj, weight_obj, l_obj, out_obj};
+    static const char *const tensor_names[] = {"indices", "weight", "ia3_l", "out"};
     a.padding_idx = -1;
-    if (ia3_embedding_params(&call, indices_obj, weight_obj, l_obj, NULL, &a, &indices, &l) < 0 ||
+    if (cpeft_call_prepare(&call, tensor_objs, tensor_names, 4) < 0 ||
+        ia3_embedding_params(&call, indices_obj, weight_obj, l_obj, NULL, &a, &indices, &l) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, a.dim, shape)) < 0 ||
         cpeft_call_output(&call, out_obj, "out", 1, a.dtype, ndim, shape, &y) < 0 ||
         cpeft_tensor_mat(&call, y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
@@ -312,17 +329,27 @@ PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *args, PyOb
     cpeft_tensor *indices, *l, *gl, *gw;
     cpeft_mat grad_out_mat;
     int64_t shape[CPEFT_MAX_NDIM];
-    int ndim;
+    int ndim, padding_given;
+    PyObject *const tensor_objs[] = {grad_out_obj, indices_obj, weight_obj, l_obj, grad_l_obj,
+                                     grad_weight_obj};
+    static const char *const tensor_names[] = {"grad_out", "indices", "weight", "ia3_l",
+                                               "grad_ia3_l", "grad_weight"};
+    int64_t padding_idx;
+    if (cpeft_parse_padding_idx(padding_obj, &padding_idx, &padding_given) < 0 ||
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 6) < 0) {
+        goto finish;
+    }
 
     cpeft_tensor *grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
     if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, NULL) < 0 ||
         ia3_embedding_params(&call, indices_obj, weight_obj, l_obj, grad_out, &a, &indices,
                              &l) < 0 ||
-        cpeft_parse_padding_idx(padding_obj, a.num_embeddings, &a.padding_idx) < 0 ||
+        cpeft_check_padding_idx(&padding_idx, padding_given, a.num_embeddings) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, a.dim, shape)) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "indices.shape + (embedding_dim,)") < 0) {
         goto finish;
     }
+    a.padding_idx = padding_idx;
     if (cpeft_call_output(&call, grad_l_obj, "grad_ia3_l", 0, a.dtype, l->ndim, l->shape, &gl) < 0 ||
         cpeft_call_output(&call, grad_weight_obj, "grad_weight", 0, a.dtype, 2,
                           (int64_t[]){a.num_embeddings, a.dim}, &gw) < 0 ||

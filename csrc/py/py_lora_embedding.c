@@ -5,11 +5,10 @@
 #include "py_ops.h"
 
 int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
-                                   PyObject *lora_a_obj, PyObject *lora_b_obj, PyObject *scale_obj,
+                                   PyObject *lora_a_obj, PyObject *lora_b_obj, double scale,
                                    const cpeft_tensor *like, cpeft_lora_embedding_args *a,
                                    cpeft_tensor **weight)
 {
-    double scale = 0.0;
     cpeft_tensor *w = NULL;
     if (weight_obj != NULL) {
         w = cpeft_call_input(call, weight_obj, "weight", weight_role);
@@ -24,9 +23,7 @@ int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft
         return -1;
     }
     cpeft_tensor *lb = cpeft_call_input(call, lora_b_obj, "lora_b", CPEFT_ROLE_INPUT);
-    if (lb == NULL || cpeft_check_ndim(lb, 2) < 0 || cpeft_check_float_dtype(call, lb, la) < 0 ||
-        cpeft_parse_real(scale_obj, "scale", &scale) < 0 ||
-        cpeft_check_finite(scale, "scale") < 0) {
+    if (lb == NULL || cpeft_check_ndim(lb, 2) < 0 || cpeft_check_float_dtype(call, lb, la) < 0) {
         return -1;
     }
     a->dtype = (cpeft_dtype)la->dtype;
@@ -103,11 +100,17 @@ PyObject *cpeft_py_lora_embedding_forward(PyObject *module, PyObject *args, PyOb
     cpeft_tensor *weight, *indices, *y;
     cpeft_mat y_mat;
     int64_t shape[CPEFT_MAX_NDIM];
-    int ndim;
+    int ndim, padding_given;
+    double scale_value;
+    PyObject *const tensor_objs[] = {indices_obj, weight_obj, lora_a_obj, lora_b_obj, out_obj};
+    static const char *const tensor_names[] = {"indices", "weight", "lora_a", "lora_b", "out"};
 
-    if (cpeft_py_lora_embedding_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj,
-                                       lora_b_obj, scale, NULL, &a, &weight) < 0 ||
-        cpeft_parse_padding_idx(padding_obj, a.num_embeddings, &a.padding_idx) < 0 ||
+    if (cpeft_py_parse_scale(scale, &scale_value) < 0 ||
+        cpeft_parse_padding_idx(padding_obj, &a.padding_idx, &padding_given) < 0 ||
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 5) < 0 ||
+        cpeft_py_lora_embedding_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj,
+                                       lora_b_obj, scale_value, NULL, &a, &weight) < 0 ||
+        cpeft_check_padding_idx(&a.padding_idx, padding_given, a.num_embeddings) < 0 ||
         cpeft_py_indices(&call, indices_obj, a.num_embeddings, &indices, &a.indices) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, a.dim, shape)) < 0 ||
         cpeft_call_output(&call, out_obj, "out", 1, a.dtype, ndim, shape, &y) < 0 ||
@@ -160,13 +163,23 @@ PyObject *cpeft_py_lora_embedding_backward(PyObject *module, PyObject *args, PyO
     cpeft_lora_embedding_bwd_out o = {0};
     cpeft_tensor *weight, *indices, *grad_out, *ga, *gb, *gw;
     int64_t shape[CPEFT_MAX_NDIM];
-    int ndim;
+    int ndim, padding_given;
+    double scale_value;
+    PyObject *const tensor_objs[] = {grad_out_obj, indices_obj, lora_a_obj, lora_b_obj,
+                                     grad_a_obj, grad_b_obj, grad_weight_obj};
+    static const char *const tensor_names[] = {"grad_out", "indices", "lora_a", "lora_b",
+                                               "grad_lora_a", "grad_lora_b", "grad_weight"};
+    if (cpeft_py_parse_scale(scale, &scale_value) < 0 ||
+        cpeft_parse_padding_idx(padding_obj, &a.padding_idx, &padding_given) < 0 ||
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 7) < 0) {
+        goto finish;
+    }
 
     grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
     if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, NULL) < 0 ||
         cpeft_py_lora_embedding_params(&call, NULL, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
-                                       scale, grad_out, &a, &weight) < 0 ||
-        cpeft_parse_padding_idx(padding_obj, a.num_embeddings, &a.padding_idx) < 0 ||
+                                       scale_value, grad_out, &a, &weight) < 0 ||
+        cpeft_check_padding_idx(&a.padding_idx, padding_given, a.num_embeddings) < 0 ||
         cpeft_py_indices(&call, indices_obj, a.num_embeddings, &indices, &a.indices) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, a.dim, shape)) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "indices.shape + (embedding_dim,)") < 0 ||

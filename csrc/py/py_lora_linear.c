@@ -5,12 +5,14 @@
  */
 #include "py_ops.h"
 
+#include <string.h>
+
 int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
-                                PyObject *lora_a_obj, PyObject *lora_b_obj, PyObject *scale_obj,
-                                int fan_in_fan_out, PyObject *enable_lora, const cpeft_tensor *x,
-                                cpeft_lora_linear_args *a, cpeft_tensor **weight)
+                                PyObject *lora_a_obj, PyObject *lora_b_obj, double scale,
+                                int fan_in_fan_out, const cpeft_groups *groups,
+                                const cpeft_tensor *x, cpeft_lora_linear_args *a,
+                                cpeft_tensor **weight)
 {
-    double scale = 0.0;
     cpeft_tensor *w = cpeft_call_input(call, weight_obj, "weight", weight_role);
     if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(call, w, x) < 0) {
         return -1;
@@ -28,10 +30,6 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
     if (lb == NULL || cpeft_check_ndim(lb, 2) < 0 || cpeft_check_float_dtype(call, lb, w) < 0) {
         return -1;
     }
-    if (cpeft_parse_real(scale_obj, "scale", &scale) < 0 ||
-        cpeft_check_finite(scale, "scale") < 0) {
-        return -1;
-    }
     a->dtype = (cpeft_dtype)w->dtype;
     a->r = lb->shape[1];
     a->scale = scale;
@@ -40,10 +38,12 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
                      "r >= 1, got r = lora_b.shape[1] = %lld", (long long)a->r);
         return -1;
     }
-    int64_t k;
-    if (cpeft_parse_groups(enable_lora, a->out, &a->groups, a->enabled, &k) < 0) {
+    if (cpeft_check_groups(groups, a->out) < 0) {
         return -1;
     }
+    int64_t k = groups->enabled_count;
+    a->groups = groups->groups;
+    memcpy(a->enabled, groups->enabled, sizeof a->enabled);
     int64_t expect_a[2] = {a->r * k, a->in};
     int64_t expect_b[2] = {a->out / a->groups * k, a->r};
     if (cpeft_check_shape(la, 2, expect_a, "(r*k, in_features)") < 0 ||
@@ -77,10 +77,28 @@ int cpeft_py_check_in_features(const cpeft_tensor *x, int64_t in)
     return 0;
 }
 
+int cpeft_py_parse_scale(PyObject *scale_obj, double *scale)
+{
+    *scale = 0.0;
+    return cpeft_parse_real(scale_obj, "scale", scale) < 0 ||
+                   cpeft_check_finite(*scale, "scale") < 0
+               ? -1
+               : 0;
+}
+
+int cpeft_py_lora_linear_scalars(PyObject *scale_obj, PyObject *enable_lora, double *scale,
+                                 cpeft_groups *groups)
+{
+    return cpeft_py_parse_scale(scale_obj, scale) < 0 || cpeft_parse_groups(enable_lora, groups) < 0
+               ? -1
+               : 0;
+}
+
 static int parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft_dropout *d)
 {
     double p = 0.0;
-    if (cpeft_parse_real(p_obj, "dropout", &p) < 0 || cpeft_check_probability(p, "dropout") < 0 || cpeft_parse_u64(seed, "seed", &d->seed) < 0 ||
+    if (cpeft_parse_real(p_obj, "dropout", &p) < 0 || cpeft_check_probability(p, "dropout") < 0 ||
+        cpeft_parse_u64(seed, "seed", &d->seed) < 0 ||
         cpeft_parse_u64(offset, "offset", &d->offset) < 0) {
         return -1;
     }
@@ -118,12 +136,22 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *args, PyObjec
     cpeft_lora_linear_fwd_out o = {0};
     cpeft_tensor *weight, *bias, *y, *xa;
     int64_t shape[CPEFT_MAX_NDIM];
+    double scale_value;
+    cpeft_groups groups;
+    PyObject *const tensor_objs[] = {x_obj, weight_obj, lora_a_obj, lora_b_obj, bias_obj,
+                                     out_obj, out_xa_obj};
+    static const char *const tensor_names[] = {"x", "weight", "lora_a", "lora_b", "bias", "out",
+                                               "out_xa"};
+    if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) < 0 ||
+        parse_dropout(p, seed, offset, &a.dropout) < 0 ||
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 7) < 0) {
+        goto finish;
+    }
 
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(&call, x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
-                                    scale, fan_in_fan_out, enable_lora, x, &a, &weight) < 0 ||
-        parse_dropout(p, seed, offset, &a.dropout) < 0 ||
+                                    scale_value, fan_in_fan_out, &groups, x, &a, &weight) < 0 ||
         cpeft_call_optional_input(&call, bias_obj, "bias", &bias) < 0) {
         goto finish;
     }
@@ -195,12 +223,24 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *args, PyObje
     cpeft_lora_linear_bwd_out o = {0};
     cpeft_tensor *weight, *grad_out, *xa, *gx, *ga, *gb, *gbias, *gw;
     int64_t shape[CPEFT_MAX_NDIM];
+    double scale_value;
+    cpeft_groups groups;
+    PyObject *const tensor_objs[] = {grad_out_obj, x_obj, weight_obj, lora_a_obj, lora_b_obj,
+                                     xa_obj, grad_x_obj, grad_a_obj, grad_b_obj, grad_bias_obj,
+                                     grad_weight_obj};
+    static const char *const tensor_names[] = {"grad_out", "x", "weight", "lora_a", "lora_b",
+                                               "xa", "grad_x", "grad_lora_a", "grad_lora_b",
+                                               "grad_bias", "grad_weight"};
+    if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) < 0 ||
+        parse_dropout(p, seed, offset, &a.dropout) < 0 ||
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 11) < 0) {
+        goto finish;
+    }
 
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(&call, x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
-                                    scale, fan_in_fan_out, enable_lora, x, &a, &weight) < 0 ||
-        parse_dropout(p, seed, offset, &a.dropout) < 0) {
+                                    scale_value, fan_in_fan_out, &groups, x, &a, &weight) < 0) {
         goto finish;
     }
     int ndim = cpeft_py_leading_shape_with(x, a.out, shape);

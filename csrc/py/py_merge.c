@@ -169,9 +169,13 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
         merge_target *m = &targets[i];
         if (run_pass(call, m, mode == MODE_MERGE ? CPEFT_MERGE : CPEFT_UNMERGE) < 0) return NULL;
         if (mode == MODE_MERGE && m->rec.count != m->count) {
+            /* The two passes see the same weight unless something wrote to it in between; two
+             * cpeft merges are refused up front (tensor.c), so this is another writer. */
             PyErr_Format(PyExc_RuntimeError,
-                         "cpeft internal error: the merge recorded %lld exceptions where its "
-                         "count pass found %lld",
+                         "the weight changed while it was being merged (the merge pass found "
+                         "%lld elements to record where the count pass found %lld): another "
+                         "thread wrote to it during the call, and its values are now "
+                         "unspecified",
                          (long long)m->rec.count, (long long)m->count);
             return NULL;
         }
@@ -231,8 +235,15 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
     PyObject *ret = NULL;
     merge_target m = {.index_name = "record.index", .value_name = "record.value", .is_lora = 1};
     cpeft_tensor *weight;
-    if (cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj, lora_b_obj,
-                                    scale, fan_in_fan_out, enable_lora, NULL, &m.lora,
+    double scale_value;
+    cpeft_groups groups;
+    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1]};
+    static const char *const tensor_names[] = {"weight", "lora_a", "lora_b", "record.index",
+                                               "record.value"};
+    if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) == 0 &&
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 5) == 0 &&
+        cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj, lora_b_obj,
+                                    scale_value, fan_in_fan_out, &groups, NULL, &m.lora,
                                     &weight) == 0) {
         m.dtype = m.lora.dtype;
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,
@@ -296,8 +307,14 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
     merge_target m = {.index_name = "record.index", .value_name = "record.value", .is_lora = 1};
     cpeft_lora_embedding_args e = {0};
     cpeft_tensor *weight;
-    if (cpeft_py_lora_embedding_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj,
-                                       lora_b_obj, scale, NULL, &e, &weight) == 0) {
+    double scale_value;
+    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1]};
+    static const char *const tensor_names[] = {"weight", "lora_a", "lora_b", "record.index",
+                                               "record.value"};
+    if (cpeft_py_parse_scale(scale, &scale_value) == 0 &&
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 5) == 0 &&
+        cpeft_py_lora_embedding_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj,
+                                       lora_b_obj, scale_value, NULL, &e, &weight) == 0) {
         m.dtype = e.dtype;
         m.lora.dtype = e.dtype;
         m.lora.out = e.dim;
@@ -399,18 +416,33 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
      * layout OUT is the row axis unless fan_in_fan_out stores the weight as (IN, OUT). */
     int scale_cols = feedforward ? !fan_in_fan_out : fan_in_fan_out;
     int n = 1;
+    PyObject *const tensor_objs[] = {weight_obj, l_obj, bias_obj, records[0], records[1],
+                                     records[2], records[3]};
+    static const char *const tensor_names[] = {"weight", "ia3_l", "bias", "records[0].index",
+                                               "records[0].value", "records[1].index",
+                                               "records[1].value"};
+    if (cpeft_call_prepare(&call, tensor_objs, tensor_names, 7) < 0) {
+        goto finish;
+    }
     if (ia3_target(&call, weight_obj, l_obj, scale_cols,
                    feedforward ? "in_features, feedforward" : "out_features", &targets[0],
                    &weight, &l) < 0) {
         goto finish;
     }
-    /* peft leaves the bias of feedforward modules alone: it is added after the scaled GEMM. */
-    if (!feedforward && bias_obj != Py_None) {
+    /* peft leaves the bias of feedforward modules alone: it is added after the scaled GEMM.
+     * It is still checked like any bias (and must not alias the weight), so a mistake in it is
+     * reported whichever kind of module it belongs to. */
+    if (bias_obj != Py_None) {
         int64_t out = fan_in_fan_out ? weight->shape[1] : weight->shape[0];
-        bias = cpeft_call_input(&call, bias_obj, "bias", CPEFT_ROLE_INPLACE);
+        bias = cpeft_call_input(&call, bias_obj, "bias",
+                                feedforward ? CPEFT_ROLE_INPUT : CPEFT_ROLE_INPLACE);
         if (bias == NULL || cpeft_check_float_dtype(&call, bias, weight) < 0 ||
-            cpeft_check_shape(bias, 1, &out, "(out_features,)") < 0 ||
-            cpeft_tensor_mat(&call, bias, 0, &targets[1].target) < 0) {
+            cpeft_check_shape(bias, 1, &out, "(out_features,)") < 0) {
+            goto finish;
+        }
+    }
+    if (!feedforward && bias != NULL) {
+        if (cpeft_tensor_mat(&call, bias, 0, &targets[1].target) < 0) {
             goto finish;
         }
         targets[1].dtype = targets[0].dtype;
@@ -478,7 +510,10 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyOb
     PyObject *ret = NULL;
     merge_target m = {.index_name = "record.index", .value_name = "record.value"};
     cpeft_tensor *weight, *l;
-    if (ia3_target(&call, weight_obj, l_obj, 1, "embedding_dim", &m, &weight, &l) == 0) {
+    PyObject *const tensor_objs[] = {weight_obj, l_obj, records[0], records[1]};
+    static const char *const tensor_names[] = {"weight", "ia3_l", "record.index", "record.value"};
+    if (cpeft_call_prepare(&call, tensor_objs, tensor_names, 4) == 0 &&
+        ia3_target(&call, weight_obj, l_obj, 1, "embedding_dim", &m, &weight, &l) == 0) {
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1,
                         records, 0);
     }

@@ -16,9 +16,16 @@
  * against the weight rather than the adapter. weight_role is CPEFT_ROLE_INPLACE for merges.
  */
 int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
-                                PyObject *lora_a_obj, PyObject *lora_b_obj, PyObject *scale_obj,
-                                int fan_in_fan_out, PyObject *enable_lora, const cpeft_tensor *x,
-                                cpeft_lora_linear_args *a, cpeft_tensor **weight);
+                                PyObject *lora_a_obj, PyObject *lora_b_obj, double scale,
+                                int fan_in_fan_out, const cpeft_groups *groups,
+                                const cpeft_tensor *x, cpeft_lora_linear_args *a,
+                                cpeft_tensor **weight);
+/* The Python-level arguments of the above, converted before any tensor is acquired: a finite
+ * scale and enable_lora. */
+int cpeft_py_lora_linear_scalars(PyObject *scale_obj, PyObject *enable_lora, double *scale,
+                                 cpeft_groups *groups);
+/* scale: a finite real number (converted before any tensor is acquired). */
+int cpeft_py_parse_scale(PyObject *scale_obj, double *scale);
 
 /*
  * weight (V, D) when weight_obj is not NULL; lora_a (R, V); lora_b (D, R). Fills dtype,
@@ -26,7 +33,7 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
  * `like` (or NULL) is the tensor whose dtype all must share.
  */
 int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
-                                   PyObject *lora_a_obj, PyObject *lora_b_obj, PyObject *scale_obj,
+                                   PyObject *lora_a_obj, PyObject *lora_b_obj, double scale,
                                    const cpeft_tensor *like, cpeft_lora_embedding_args *a,
                                    cpeft_tensor **weight);
 

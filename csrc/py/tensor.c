@@ -319,6 +319,88 @@ static int check_device(cpeft_call *call, cpeft_tensor *t)
     return 0;
 }
 
+/* The export cpeft_call_prepare made for argument `name`; NULL with SystemError when the entry
+ * point did not list it (a bug in cpeft, caught by the tests, never a reason to run Python code
+ * after data pointers were taken). */
+static cpeft_prepared *prepared_export(cpeft_call *call, PyObject *obj, const char *name)
+{
+    for (int i = 0; i < call->prepared_count; ++i) {
+        cpeft_prepared *p = &call->exports[i];
+        if (p->obj == obj && strcmp(p->name, name) == 0) {
+            return p;
+        }
+    }
+    PyErr_Format(PyExc_SystemError, "cpeft: argument %s was not prepared before acquisition",
+                 name);
+    return NULL;
+}
+
+/* Empty tensors may come with data == NULL (torch does this), and the compute layer reads NULL as
+ * "not requested": they get this address instead, never dereferenced since they have no
+ * elements. Aligned for every dtype. */
+static _Alignas(16) char empty_tensor_storage[16];
+
+/*
+ * In-place targets (merge weights, biases, records) of calls in flight, in state->inplace_calls.
+ * Two merges of one weight at once would each see the other's writes between their count and
+ * apply passes; the second one is refused before it takes anything. The list is only read and
+ * written with the GIL held (each call registers before it releases the GIL and unregisters after
+ * taking it back), so the GIL is its lock.
+ */
+static const cpeft_tensor *inplace_conflict(const cpeft_call *call, const cpeft_tensor *t)
+{
+    for (const cpeft_call *other = call->state->inplace_calls; other != NULL;
+         other = other->next_inplace) {
+        if (other == call) continue;
+        for (int i = 0; i < other->count; ++i) {
+            const cpeft_tensor *o = &other->tensors[i];
+            if (o->role != CPEFT_ROLE_INPLACE || o->device_type != t->device_type ||
+                o->device_id != t->device_id || o->extent_lo == o->extent_hi) {
+                continue;
+            }
+            if (t->extent_lo < o->extent_hi && o->extent_lo < t->extent_hi) {
+                return o;
+            }
+        }
+    }
+    return NULL;
+}
+
+static int register_inplace(cpeft_call *call, cpeft_tensor *t)
+{
+    if (t->extent_lo == t->extent_hi) {
+        return 0;
+    }
+    const cpeft_tensor *o = inplace_conflict(call, t);
+    if (o != NULL) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "%s is being modified in place by another cpeft call right now (its %s): "
+                     "concurrent merges or unmerges of one tensor are not supported, run them "
+                     "one after the other",
+                     t->name, o->name);
+        return -1;
+    }
+    if (!call->inplace_registered) {
+        call->next_inplace = call->state->inplace_calls;
+        call->state->inplace_calls = call;
+        call->inplace_registered = 1;
+    }
+    return 0;
+}
+
+static void unregister_inplace(cpeft_call *call)
+{
+    if (!call->inplace_registered) return;
+    for (cpeft_call **link = &call->state->inplace_calls; *link != NULL;
+         link = &(*link)->next_inplace) {
+        if (*link == call) {
+            *link = call->next_inplace;
+            break;
+        }
+    }
+    call->inplace_registered = 0;
+}
+
 static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, cpeft_role role)
 {
     if (call->count == CPEFT_MAX_CALL_TENSORS) {
@@ -337,23 +419,27 @@ static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, 
     else if (PyCapsule_CheckExact(obj)) {
         if (acquire_capsule(obj, t) < 0) return NULL;
     }
-    else if (PyObject_HasAttrString(obj, "__dlpack__")) {
-        PyObject *capsule = export_capsule(call, obj, name);
-        if (capsule == NULL) return NULL;
-        int rc = acquire_capsule(capsule, t);
-        Py_DECREF(capsule);
-        if (rc < 0) return NULL;
-    }
     else {
-        PyErr_Format(PyExc_TypeError,
-                     "%s must be a numpy.ndarray or a tensor with __dlpack__ (torch.Tensor, "
-                     "cupy.ndarray, ...), got %.200s",
-                     name, Py_TYPE(obj)->tp_name);
-        return NULL;
+        cpeft_prepared *export = prepared_export(call, obj, name);
+        if (export == NULL) return NULL;
+        if (export->capsule == NULL) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s must be a numpy.ndarray or a tensor with __dlpack__ (torch.Tensor, "
+                         "cupy.ndarray, ...), got %.200s",
+                         name, Py_TYPE(obj)->tp_name);
+            return NULL;
+        }
+        if (acquire_capsule(export->capsule, t) < 0) return NULL;
     }
     if (t->dtype != CPEFT_DTYPE_UNSUPPORTED) {
         snprintf(t->dtype_name, sizeof t->dtype_name, "%s", dtype_names[t->dtype]);
     }
+    if (cpeft_numel(t) == 0) {
+        t->data = empty_tensor_storage;
+    }
+    /* NumPy views such as buf[1:].view(np.float32) start between elements; the compute loops read
+     * whole elements, which such an address does not allow. */
+    t->misaligned = t->itemsize > 1 && ((uintptr_t)t->data % t->itemsize) != 0;
     compute_extent(t);
     if (check_device(call, t) < 0) return NULL;
     if (role != CPEFT_ROLE_INPUT && t->readonly) {
@@ -361,6 +447,15 @@ static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, 
                      t->from_numpy ? "array" : "tensor");
         return NULL;
     }
+    if (role != CPEFT_ROLE_INPUT && t->misaligned) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be aligned to its itemsize (%zu bytes), got an address %zu bytes "
+                     "past a multiple of it (a view such as buf[1:].view(...)); pass an aligned "
+                     "array, e.g. a fresh numpy.empty",
+                     name, t->itemsize, (size_t)((uintptr_t)t->data % t->itemsize));
+        return NULL;
+    }
+    if (role == CPEFT_ROLE_INPLACE && register_inplace(call, t) < 0) return NULL;
     if (role != CPEFT_ROLE_OUTPUT && !(t->from_numpy && t->device_type == CPEFT_DEVICE_CPU)) {
         call->all_numpy = 0;
     }
@@ -451,6 +546,11 @@ int cpeft_call_init(cpeft_call *call, PyObject *module, PyObject *stream_obj)
     call->device_owner = NULL;
     call->status.code = CPEFT_OK;
     call->status.message[0] = '\0';
+    call->prepared = 0;
+    call->gc_paused = 0;
+    call->prepared_count = 0;
+    call->next_inplace = NULL;
+    call->inplace_registered = 0;
     if (cpeft_parse_stream(stream_obj, &call->stream_value) < 0) {
         return -1;
     }
@@ -458,8 +558,60 @@ int cpeft_call_init(cpeft_call *call, PyObject *module, PyObject *stream_obj)
     return 0;
 }
 
+int cpeft_call_prepare(cpeft_call *call, PyObject *const *objs, const char *const *names, int n)
+{
+    for (int i = 0; i < n; ++i) {
+        PyObject *obj = objs[i];
+        if (obj == NULL || obj == Py_None || obj == Py_True || obj == Py_False ||
+            PyArray_Check(obj) || PyCapsule_CheckExact(obj)) {
+            continue;
+        }
+        if (call->prepared_count == CPEFT_MAX_CALL_TENSORS) {
+            PyErr_SetString(PyExc_SystemError, "cpeft: too many tensors in one call");
+            return -1;
+        }
+        cpeft_prepared *p = &call->exports[call->prepared_count++];
+        p->name = names[i];
+        p->obj = Py_NewRef(obj);
+        p->capsule = NULL;
+        if (PyObject_HasAttrString(obj, "__dlpack__")) {
+            p->capsule = export_capsule(call, obj, names[i]);
+            if (p->capsule == NULL) {
+                return -1;
+            }
+        }
+    }
+    call->prepared = 1;
+    cpeft_call_gc_pause(call);
+    return 0;
+}
+
+void cpeft_call_gc_pause(cpeft_call *call)
+{
+    /* Only a GC this call disabled is enabled again: a user's gc.disable() stays. */
+    call->gc_paused = PyGC_Disable();
+}
+
+void cpeft_call_gc_resume(cpeft_call *call)
+{
+    if (call->gc_paused) {
+        PyGC_Enable();
+        call->gc_paused = 0;
+    }
+}
+
 void cpeft_call_release(cpeft_call *call)
 {
+    cpeft_call_gc_resume(call);
+    unregister_inplace(call);
+    /* Deleters and capsule destructors may be Python code (a ctypes callback): they must not run
+     * with this call's exception pending, and an error of theirs must not replace it. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+#endif
     for (int i = 0; i < call->count; ++i) {
         cpeft_tensor *t = &call->tensors[i];
         if (t->managed_versioned != NULL && t->managed_versioned->deleter != NULL) {
@@ -468,12 +620,29 @@ void cpeft_call_release(cpeft_call *call)
         if (t->managed != NULL && t->managed->deleter != NULL) {
             t->managed->deleter(t->managed);
         }
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(t->source);
+        }
         PyMem_RawFree(t->compact_copy);
         Py_XDECREF(t->capsule);
         Py_XDECREF(t->array);
         Py_XDECREF(t->source);
     }
     call->count = 0;
+    for (int i = 0; i < call->prepared_count; ++i) {
+        /* An export the call never consumed: its capsule's destructor calls the deleter. */
+        Py_XDECREF(call->exports[i].capsule);
+        Py_DECREF(call->exports[i].obj);
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(NULL);
+        }
+    }
+    call->prepared_count = 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(type, value, traceback);
+#endif
 }
 
 int cpeft_call_check_aliasing(cpeft_call *call)
@@ -643,9 +812,15 @@ static int make_compact_copy(cpeft_tensor *t)
 {
     int64_t total = cpeft_numel(t);
     size_t bytes = (size_t)(total > 0 ? total : 1) * t->itemsize;
-    char *dst = PyMem_RawMalloc(bytes);
+    char *dst = (uint64_t)total <= PY_SSIZE_T_MAX / t->itemsize ? PyMem_RawMalloc(bytes) : NULL;
     if (dst == NULL) {
-        PyErr_NoMemory();
+        char shape[256];
+        cpeft_format_shape(shape, sizeof shape, t->ndim, t->shape);
+        PyErr_Format(PyExc_MemoryError,
+                     "%s has no layout the compute can use as it is (strides, alignment or a "
+                     "leading dimension beyond 32 bits), and its compact copy of shape %s "
+                     "(%lld elements of %zu bytes) could not be allocated",
+                     t->name, shape, (long long)total, t->itemsize);
         return -1;
     }
     int64_t index[CPEFT_MAX_NDIM] = {0};
@@ -672,7 +847,15 @@ static int make_compact_copy(cpeft_tensor *t)
 static int copy_or_reject(cpeft_call *call, cpeft_tensor *t, const char *layout)
 {
     if (t->role == CPEFT_ROLE_INPUT && !cpeft_call_on_cuda(call)) {
-        return make_compact_copy(t);
+        if (make_compact_copy(t) < 0) return -1;
+        t->misaligned = 0;   /* PyMem_RawMalloc aligns for every dtype */
+        return 0;
+    }
+    if (t->misaligned) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be aligned to its itemsize (%zu bytes); CUDA inputs are never "
+                     "copied, pass an aligned tensor", t->name, t->itemsize);
+        return -1;
     }
     char strides[256];
     cpeft_format_shape(strides, sizeof strides, t->ndim, t->strides);
@@ -704,13 +887,27 @@ int cpeft_tensor_mat(cpeft_call *call, cpeft_tensor *t, int transpose, cpeft_mat
             cs_free = cols <= 1;
         }
         cpeft_mat m;
-        if (ok && (transpose ? blas_layout(cols, rows, cs, cs_free, rs, rs_free, &m)
-                             : blas_layout(rows, cols, rs, rs_free, cs, cs_free, &m))) {
-            m.data = t->data;
-            *mat = m;
-            return 0;
+        if (ok && !t->misaligned &&
+            (transpose ? blas_layout(cols, rows, cs, cs_free, rs, rs_free, &m)
+                       : blas_layout(rows, cols, rs, rs_free, cs, cs_free, &m))) {
+            /* BLAS takes 32-bit leading dimensions; the GEMM wrapper blocks sizes beyond that,
+             * but a leading dimension is the memory's own. */
+            int64_t ld = m.col_stride == 1 ? m.row_stride : m.col_stride;
+            if (ld <= INT32_MAX) {
+                m.data = t->data;
+                *mat = m;
+                return 0;
+            }
+            if (attempt == 1) {
+                PyErr_Format(PyExc_ValueError,
+                             "%s has %lld elements per row, beyond the 32-bit BLAS range of "
+                             "leading dimensions", t->name, (long long)ld);
+                return -1;
+            }
         }
-        if (attempt == 0 && copy_or_reject(call, t, "BLAS-able 2-D view") < 0) {
+        if (attempt == 0 &&
+            copy_or_reject(call, t, "BLAS-able 2-D view with a 32-bit leading dimension and an "
+                                    "address aligned to its itemsize") < 0) {
             return -1;
         }
     }
@@ -724,14 +921,15 @@ int cpeft_tensor_vec(cpeft_call *call, cpeft_tensor *t, cpeft_vec *vec)
     for (int attempt = 0; attempt < 2; ++attempt) {
         int64_t len, stride;
         int stride_free;
-        if (collapse_dims(t, 0, t->ndim, &len, &stride, &stride_free) &&
+        if (!t->misaligned && collapse_dims(t, 0, t->ndim, &len, &stride, &stride_free) &&
             (stride_free || stride >= 1)) {
             vec->data = t->data;
             vec->len = len;
             vec->stride = stride_free ? 1 : stride;
             return 0;
         }
-        if (attempt == 0 && copy_or_reject(call, t, "positive, uniform stride") < 0) {
+        if (attempt == 0 &&
+            copy_or_reject(call, t, "positive, uniform stride and an aligned address") < 0) {
             return -1;
         }
     }

@@ -52,10 +52,19 @@ typedef struct {
     char *data;                  /* first element (byte_offset applied) */
     size_t itemsize;
     char *extent_lo, *extent_hi; /* bytes the caller's memory spans; equal when empty */
+    int misaligned;              /* data is not a multiple of the itemsize (e.g. buf[1:].view) */
     void *compact_copy;          /* PyMem_Raw buffer replacing data, or NULL */
 } cpeft_tensor;
 
+/* One tensor argument's DLPack export, made by cpeft_call_prepare before any data pointer is
+ * taken; capsule is NULL for an object without __dlpack__ (acquire then raises TypeError). */
 typedef struct {
+    const char *name;
+    PyObject *obj;
+    PyObject *capsule;
+} cpeft_prepared;
+
+typedef struct cpeft_call {
     cpeft_state *state;
     void *stream;                /* cudaStream_t handle; (void *)1 is the legacy default stream */
     uintptr_t stream_value;      /* the same handle, as passed to __dlpack__(stream=...) */
@@ -66,11 +75,33 @@ typedef struct {
     const char *device_owner;    /* name of the first tensor, for messages */
     cpeft_tensor tensors[CPEFT_MAX_CALL_TENSORS];
     cpeft_status status;
+    int prepared;                /* cpeft_call_prepare ran: acquisition runs no Python code */
+    int gc_paused;               /* this call disabled the cyclic GC (see cpeft_call_prepare) */
+    int prepared_count;
+    cpeft_prepared exports[CPEFT_MAX_CALL_TENSORS];
+    struct cpeft_call *next_inplace;   /* link in state->inplace_calls while registered */
+    int inplace_registered;
 } cpeft_call;
 
 /* stream_obj: None or an int >= 0 (0 and None both mean the legacy default stream). */
 int cpeft_call_init(cpeft_call *call, PyObject *module, PyObject *stream_obj);
 void cpeft_call_release(cpeft_call *call);
+
+/*
+ * The last step at which Python code may run in a call. Every entry point converts its scalar
+ * arguments first, then calls this with every tensor argument (names as later passed to
+ * cpeft_call_input / cpeft_call_output; NULL, None, True and False entries are skipped). It calls
+ * __dlpack_device__ / __dlpack__ of every object that is neither an ndarray nor a capsule, then
+ * pauses the cyclic GC (whose finalizers are Python code) while this thread holds the GIL inside
+ * the call. From here on data pointers are taken, and nothing but the compute runs before the
+ * call ends: no callback can free or resize a buffer between the check and the use.
+ */
+int cpeft_call_prepare(cpeft_call *call, PyObject *const *objs, const char *const *names, int n);
+
+/* Around a GIL release: the GC runs normally while the compute runs, and is paused again when the
+ * GIL comes back (the call may still allocate, e.g. merge records). */
+void cpeft_call_gc_resume(cpeft_call *call);
+void cpeft_call_gc_pause(cpeft_call *call);
 
 /* Acquire obj as an input (or in-place target). Returns NULL with an exception set on failure. */
 cpeft_tensor *cpeft_call_input(cpeft_call *call, PyObject *obj, const char *name, cpeft_role role);

@@ -514,20 +514,4 @@ def dropout_mask(shape, p: float, seed: int, offset: int = 0, dtype="float32") -
     ``offset + m*IN + i`` and is ``1/(1-p)`` where Philox4x32-10(seed) gives a uniform >= p,
     else 0 (all zeros when p == 1). ``dtype`` is float32 or float64.
     """
-    if isinstance(shape, (int, np.integer)):
-        shape = (shape,)
-    try:
-        shape = tuple(int(n) for n in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}") from None
-    except ValueError:
-        raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if any(n < 0 for n in shape):
-        raise ValueError(f"shape must have non-negative dimensions, got {shape}")
-    try:
-        np_dtype = np.dtype(dtype)
-    except TypeError:
-        np_dtype = None
-    if np_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return _C.dropout_mask(np.empty(shape, np_dtype), p, seed, offset)
+    return _C.dropout_mask(shape, p, seed, offset, dtype=dtype)

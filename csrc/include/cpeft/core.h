@@ -73,6 +73,8 @@ typedef enum {
     CPEFT_ERR_CUBLAS = 4,    /* a cuBLAS call failed                     -> cpeft.CudaError */
     CPEFT_ERR_UNSUPPORTED = 5, /* e.g. a CUDA op in a CPU-only build     -> RuntimeError */
     CPEFT_ERR_INTERNAL = 6,  /* an invariant broke (never on valid input) -> RuntimeError */
+    CPEFT_ERR_CHANGED = 7,   /* an input changed during the call (another thread wrote to it)
+                                                                          -> RuntimeError */
 } cpeft_code;
 
 /* Compute functions return st->code and, on failure, say what failed in st->message
