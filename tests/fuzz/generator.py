@@ -371,7 +371,8 @@ def _mask_for(x, p, seed, offset):
     x = np.asarray(x)
     in_features = x.shape[-1] if x.ndim else 1
     rows = x.size // in_features if in_features else 0
-    return ref.dropout_mask((rows, in_features), p, seed, offset % 2**64, x.dtype)
+    return ref.dropout_mask((rows, in_features), float(p), int(seed), int(offset) % 2**64,
+                            x.dtype)
 
 
 # Each builder returns a valid Case for its entry point.
@@ -1285,6 +1286,7 @@ def mutate(rng, case, kind):
         name = str(rng.choice(flags))
         args[name] = not args.get(name, False)
         case.expect, case.mutation = "either", f"flags:{name}={args[name]}"
+        case.notes["rederive"] = True
         return True
 
     if kind == "zero_dim":
