@@ -39,8 +39,14 @@ def worker(seed, start, stop, progress_path):
             progress.seek(0)
             progress.write(f"{index:20d}")
             progress.flush()
-            case = make_case(seed, index)
-            outcome = run_case(case)
+            try:
+                case = make_case(seed, index)
+                outcome = run_case(case)
+            except Exception as exc:  # a defect of the fuzzer itself; the chunk goes on
+                counts["harness-error"] += 1
+                failures.append(dict(index=index, failure=f"harness-error:{type(exc).__name__}",
+                                     entry="?", mutation="?", message=str(exc)[:300]))
+                continue
             counts[outcome.label] += 1
             if outcome.kind == "fail":
                 failures.append(dict(index=index, failure=outcome.failure, entry=case.entry,

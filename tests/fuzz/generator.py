@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -862,7 +863,7 @@ def is_in_place_target(case, name):
     if case.entry.endswith("merge") and name == "weight":
         return True
     return (case.entry in ("ia3_merge", "ia3_unmerge") and name == "bias"
-            and isinstance(case.args.get("bias"), np.ndarray)
+            and isinstance(as_numpy(case.args.get("bias")), np.ndarray)
             and not case.args.get("feedforward", False))
 
 
@@ -921,7 +922,7 @@ def output_shape(case, slot):
 
 def float_dtype(case):
     for name in ("x", "weight", "grad_out", "lora_a"):
-        v = case.args.get(name)
+        v = as_numpy(case.args.get(name))
         if isinstance(v, np.ndarray) and v.dtype.kind == "f":
             return v.dtype.newbyteorder("=")
     return None
@@ -1407,9 +1408,10 @@ def mutate_hostile(rng, case):
     return True
 
 
-def make_case(seed, index, mutation=None):
+def make_case(seed, index, mutation=None, torch=None):
     """Case ``index`` of stream ``seed``; ``mutation`` forces one kind (None: chosen by chance;
-    "none": the unchanged valid case)."""
+    "none": the unchanged valid case); ``torch`` forces torch tensors on or off (None: by
+    chance)."""
     rng = np.random.default_rng([seed, index])
     entry = ENTRIES[index % len(ENTRIES)]
     arrays = Arrays(rng)
@@ -1435,7 +1437,57 @@ def make_case(seed, index, mutation=None):
     if case.expect == "valid" and _dropout_wraps(case):
         case.expect = "either"
         case.mutation += "+offset_wraps"
+    wants_torch = rng.random() < TORCH_SHARE if torch is None else torch
+    if wants_torch and case.expect != "hostile" and not case.mutation.startswith("huge"):
+        as_torch_tensors(rng, case)
     return case
+
+
+TORCH_SHARE = 0.15
+
+
+def as_torch_tensors(rng, case):
+    """Hand most array arguments over as torch tensors sharing their memory (the DLPack path;
+    empty ones as fresh torch tensors, which may have a null data pointer); the rest stay NumPy,
+    so calls mix frameworks. Arrays torch cannot view (negative strides, byte-swapped) stay
+    NumPy too."""
+    try:
+        import torch
+    except ImportError:
+        return
+    kept = case.notes.setdefault("numpy_views", [])
+    converted = False
+    mixed = rng.random() < 0.3
+    for name, value in list(case.args.items()):
+        if name in RECORD_NAMES or not isinstance(value, np.ndarray):
+            continue
+        if not value.flags.writeable or (mixed and rng.random() < 0.3):
+            # torch would make a read-only array writeable
+            mixed = True
+            continue
+        try:
+            if value.size == 0:
+                tensor = torch.empty(value.shape, dtype=torch.from_numpy(
+                    np.zeros(0, value.dtype.newbyteorder("="))).dtype)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tensor = torch.from_numpy(value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if id(value) in case.arrays.placed:
+            case.arrays.placed[id(tensor)] = case.arrays.placed[id(value)]
+        kept.append(value)
+        case.args[name] = tensor
+        converted = True
+    mixed = any(isinstance(v, np.ndarray) for n, v in case.args.items()
+                if n not in RECORD_NAMES)
+    if converted:
+        case.mutation += "+torch"
+        if mixed and case.expect == "valid":
+            # Outputs to allocate (True) come from the framework of one input; mixed with NumPy,
+            # C may refuse to allocate them (ValueError), as documented.
+            case.expect = "either"
 
 
 def _dropout_wraps(case):
@@ -1512,9 +1564,19 @@ class Failure(Exception):
         self.failure = failure
 
 
+def is_torch(value):
+    return type(value).__module__.split(".", 1)[0] == "torch"
+
+
+def as_numpy(value):
+    """A torch tensor's NumPy view (same memory); anything else as it is."""
+    return value.detach().numpy() if is_torch(value) else value
+
+
 def snapshot(value):
     """A bit-exact copy of an argument; huge stride-0 arrays are kept as broadcast views of a
     float64 copy of their one stored row (the references never need more)."""
+    value = as_numpy(value)
     if isinstance(value, np.ndarray):
         if value.size > 2**24:
             part = value[tuple(slice(0, 1) if s == 0 else slice(None) for s in value.strides)]
@@ -1531,6 +1593,7 @@ def snapshot(value):
 
 
 def same_bits(a, b):
+    a = as_numpy(a)
     if isinstance(b, np.ndarray):
         if isinstance(a, np.ndarray) and a.size > 2**24 and a.shape == b.shape:
             return True  # a huge stride-0 view (see snapshot); its buffer is checked apart
@@ -1543,7 +1606,7 @@ def same_bits(a, b):
 
 
 def _arrays_in(value):
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) or is_torch(value):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
@@ -1614,7 +1677,9 @@ def _judge_raise(case, exc, watched, before, placed, buffers_before):
 
 def _check_inputs_unchanged(case, watched, before, placed, buffers_before):
     """Inputs bitwise unchanged; outputs and in-place targets written only inside their view."""
-    written = {id(a) for n, v in watched.items()
+    placed_of = case.arrays.placed
+    written = {id(placed_of[id(a)].view) if id(a) in placed_of else id(a)
+               for n, v in watched.items()
                if n in OUTPUT_NAMES or is_in_place_target(case, n) for a in _arrays_in(v)}
     for n, v in watched.items():
         if n in OUTPUT_NAMES or is_in_place_target(case, n) or n in RECORD_NAMES:
@@ -1639,6 +1704,7 @@ def _check_inputs_unchanged(case, watched, before, placed, buffers_before):
 
 
 def _compare(name, ours, want, bound, k, dtype):
+    ours = as_numpy(ours)
     if not isinstance(ours, np.ndarray):
         raise Failure("wrong-result", f"{name}: expected an array, got {type(ours).__name__}")
     if ours.shape != want.shape:
