@@ -2,7 +2,6 @@
 #include "cpeft/lora_linear.h"
 
 #include <stdlib.h>
-#include <string.h>
 
 #include "blas.h"
 
@@ -86,29 +85,32 @@ static void copy_scaled(cpeft_dtype dt, cpeft_mat src, double alpha, cpeft_mat d
     }
 }
 
-/* Whether dst = alpha · src (as copy_scaled wrote it, dst compact) lost an element: a finite
- * nonzero src element whose scaled value is infinite or at the bottom of the exponent range
- * (zero or subnormal). Exponent bits only, so the check is a few integer operations an element. */
+/* Whether dst = alpha · src (as copy_scaled wrote it) lost an element: a finite nonzero src
+ * element whose scaled value is infinite or at the bottom of the exponent range (zero or
+ * subnormal). Exponent bits only, without branches, so the check vectorizes. */
+#define DEFINE_RANGE_CHECK(T, U, EXP_SHIFT, EXP_MAX, SUFFIX)                                   \
+    static int scaling_lost_range_##SUFFIX(cpeft_mat src, cpeft_mat dst)                      \
+    {                                                                                          \
+        U lost = 0;                                                                            \
+        for (int64_t i = 0; i < src.rows; ++i) {                                               \
+            const U *s = (const U *)((const T *)src.data + i * src.row_stride);                \
+            const U *d = (const U *)((const T *)dst.data + i * dst.row_stride);                \
+            for (int64_t j = 0; j < src.cols; ++j) {                                           \
+                U sb = s[j * src.col_stride], db = d[j * dst.col_stride];                      \
+                U se = (sb >> EXP_SHIFT) & EXP_MAX, de = (db >> EXP_SHIFT) & EXP_MAX;          \
+                lost |= (U)(se != EXP_MAX) & (U)((sb << 1) != 0) &                             \
+                        ((U)(de == EXP_MAX) | (U)(de == 0));                                   \
+            }                                                                                  \
+        }                                                                                      \
+        return lost != 0;                                                                      \
+    }
+
+DEFINE_RANGE_CHECK(float, uint32_t, 23, 0xFFu, f32)
+DEFINE_RANGE_CHECK(double, uint64_t, 52, (uint64_t)0x7FF, f64)
+
 static int scaling_lost_range(cpeft_dtype dt, cpeft_mat src, cpeft_mat dst)
 {
-    int lost = 0;
-    for (int64_t i = 0; i < src.rows; ++i)
-        for (int64_t j = 0; j < src.cols; ++j) {
-            if (dt == CPEFT_FLOAT32) {
-                uint32_t sb, db;
-                memcpy(&sb, (const float *)src.data + i * src.row_stride + j * src.col_stride, 4);
-                memcpy(&db, (const float *)dst.data + i * dst.row_stride + j * dst.col_stride, 4);
-                uint32_t se = (sb >> 23) & 0xFFu, de = (db >> 23) & 0xFFu;
-                lost |= (se != 0xFFu) & ((sb << 1) != 0) & ((de == 0xFFu) | (de == 0));
-            } else {
-                uint64_t sb, db;
-                memcpy(&sb, (const double *)src.data + i * src.row_stride + j * src.col_stride, 8);
-                memcpy(&db, (const double *)dst.data + i * dst.row_stride + j * dst.col_stride, 8);
-                uint64_t se = (sb >> 52) & 0x7FFu, de = (db >> 52) & 0x7FFu;
-                lost |= (se != 0x7FFu) & ((sb << 1) != 0) & ((de == 0x7FFu) | (de == 0));
-            }
-        }
-    return lost;
+    return dt == CPEFT_FLOAT32 ? scaling_lost_range_f32(src, dst) : scaling_lost_range_f64(src, dst);
 }
 
 /* Column `col` of m set to 1: the bias column of an [xa | 1] operand, through which a GEMM also
@@ -127,14 +129,21 @@ static void fill_ones_column(cpeft_dtype dt, cpeft_mat m, int64_t col)
  * over y (a bias fill, or a rank-r GEMM with beta = 1) is pure memory traffic. With a bias, an
  * enabled block is one GEMM over K = r + 1: [xa_k | 1]·[s·B_k | b_k]ᵀ; a disabled block gets
  * the bias (or zeros).
+ *
+ * s·B_k is an operand of its own there, and may overflow or underflow where s·xa_k·B_kᵀ does not
+ * (s = 1e20, B = 1e20, xa = 1e-20 in float32), so its range is checked; where it was lost, the
+ * block is the bias written first plus a GEMM with s in alpha and beta = 1. That check reads
+ * SEG x R elements to save a pass over M x SEG, so batches of few rows (M < 4(R + 1)) take the
+ * second form directly.
  */
 static int write_adapter_terms(const cpeft_lora_linear_args *a, cpeft_mat xa, int64_t seg,
                                cpeft_mat y, cpeft_status *st)
 {
     cpeft_dtype dt = a->dtype;
     int has_bias = a->bias.data != NULL;
+    int fuse_bias = has_bias && a->m >= 4 * (a->r + 1);
     void *xa_aug_data = NULL, *b_aug_data = NULL;
-    if (has_bias) {
+    if (fuse_bias) {
         xa_aug_data = cpeft_alloc_temp(dt, a->m * (a->r + 1), "[xa_k | 1]", st);
         b_aug_data = xa_aug_data ? cpeft_alloc_temp(dt, seg * (a->r + 1), "[s·B_k | b_k]", st)
                                  : NULL;
@@ -145,7 +154,7 @@ static int write_adapter_terms(const cpeft_lora_linear_args *a, cpeft_mat xa, in
     }
     cpeft_mat xa_aug = cpeft_mat_compact(xa_aug_data, a->m, a->r + 1);
     cpeft_mat b_aug = cpeft_mat_compact(b_aug_data, seg, a->r + 1);
-    if (has_bias)
+    if (fuse_bias)
         fill_ones_column(dt, xa_aug, a->r);
 
     int rc = CPEFT_OK;
@@ -163,23 +172,24 @@ static int write_adapter_terms(const cpeft_lora_linear_args *a, cpeft_mat xa, in
         }
         cpeft_mat xa_k = cpeft_mat_sub(dt, xa, 0, a->m, kk * a->r, a->r);
         cpeft_mat b_k = cpeft_mat_sub(dt, a->lora_b, kk * seg, seg, 0, a->r);
-        cpeft_mat scaled_b = cpeft_mat_sub(dt, b_aug, 0, seg, 0, a->r);
-        if (has_bias)
+        ++kk;
+        if (fuse_bias) {
+            cpeft_mat scaled_b = cpeft_mat_sub(dt, b_aug, 0, seg, 0, a->r);
             copy_scaled(dt, b_k, a->scale, scaled_b);
-        if (has_bias && (a->scale == 1.0 || !scaling_lost_range(dt, b_k, scaled_b))) {
-            cpeft_mat b_column = {b_block.data, seg, 1, b_block.stride, 1};
-            copy_scaled(dt, xa_k, 1.0, cpeft_mat_sub(dt, xa_aug, 0, a->m, 0, a->r));
-            copy_scaled(dt, b_column, 1.0, cpeft_mat_sub(dt, b_aug, 0, seg, a->r, 1));
-            rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xa_aug, b_aug, 0.0, y_block, st);
-        } else if (has_bias) {
-            /* s·B_k is not representable though s·xa_k·B_kᵀ may be: keep s in alpha, onto the
-             * bias written first. */
+            if (a->scale == 1.0 || !scaling_lost_range(dt, b_k, scaled_b)) {
+                cpeft_mat b_column = {b_block.data, seg, 1, b_block.stride, 1};
+                copy_scaled(dt, xa_k, 1.0, cpeft_mat_sub(dt, xa_aug, 0, a->m, 0, a->r));
+                copy_scaled(dt, b_column, 1.0, cpeft_mat_sub(dt, b_aug, 0, seg, a->r, 1));
+                rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xa_aug, b_aug, 0.0, y_block, st);
+                continue;
+            }
+        }
+        if (has_bias) {
             cpeft_fill_rows_cpu(dt, y_block, b_block);
             rc = cpeft_gemm_cpu(dt, 0, 1, a->scale, xa_k, b_k, 1.0, y_block, st);
         } else {
             rc = cpeft_gemm_cpu(dt, 0, 1, a->scale, xa_k, b_k, 0.0, y_block, st);
         }
-        ++kk;
     }
     free(xa_aug_data);
     free(b_aug_data);

@@ -921,15 +921,18 @@ int cpeft_tensor_vec(cpeft_call *call, cpeft_tensor *t, cpeft_vec *vec)
     for (int attempt = 0; attempt < 2; ++attempt) {
         int64_t len, stride;
         int stride_free;
+        /* A vector may meet BLAS as a 1 x len matrix (column sums), whose leading dimension is
+         * its stride: 32 bits like every BLAS integer. */
         if (!t->misaligned && collapse_dims(t, 0, t->ndim, &len, &stride, &stride_free) &&
-            (stride_free || stride >= 1)) {
+            (stride_free || (stride >= 1 && stride <= INT32_MAX))) {
             vec->data = t->data;
             vec->len = len;
             vec->stride = stride_free ? 1 : stride;
             return 0;
         }
         if (attempt == 0 &&
-            copy_or_reject(call, t, "positive, uniform stride and an aligned address") < 0) {
+            copy_or_reject(call, t, "positive, uniform stride below 2**31 and an aligned "
+                                    "address") < 0) {
             return -1;
         }
     }
