@@ -28,12 +28,18 @@ LIMITS = {"rss_bytes": 2 << 20, "gc_objects": 100, "allocated_blocks": 1000}
 WARMUP = 0.2
 
 
-def sample():
+KEYS = ("rss_bytes", "gc_objects", "allocated_blocks")
+
+
+def sample(into):
+    """Write one sample into a preallocated int64 row, so that keeping the series allocates
+    nothing that the next sample would count."""
     gc.collect()
     with open("/proc/self/statm") as statm:
         resident = int(statm.read().split()[1]) * PAGE
-    return {"rss_bytes": resident, "gc_objects": len(gc.get_objects()),
-            "allocated_blocks": sys.getallocatedblocks()}
+    into[0] = resident
+    into[1] = len(gc.get_objects())
+    into[2] = sys.getallocatedblocks()
 
 
 def functional_ops():
@@ -151,13 +157,15 @@ def layer_ops():
 
 def soak(name, ops, raising, merges, calls, samples):
     every = max(1, calls // samples)
-    series = []
+    series = np.zeros((calls // every + 2, len(KEYS)), np.int64)
+    taken = 0
     errors = 0
     began = time.time()
     n_ops, n_raising = len(ops), len(raising)
     for i in range(calls):
         if i % every == 0:
-            series.append(sample())
+            sample(series[taken])
+            taken += 1
         if i % 50 == 49:
             merges()
         if i % 5 == 4:
@@ -169,8 +177,9 @@ def soak(name, ops, raising, merges, calls, samples):
                 raise AssertionError(f"raising call {(i // 5) % n_raising} returned")
         else:
             ops[i % n_ops]()
-    series.append(sample())
+    sample(series[taken])
     seconds = time.time() - began
+    series = [dict(zip(KEYS, (int(v) for v in row))) for row in series[:taken + 1]]
     return dict(name=name, calls=calls, raised=errors, seconds=seconds, series=series)
 
 
