@@ -161,7 +161,8 @@ def test_oracle_catches_bad_exceptions_and_modified_inputs(monkeypatch):
     assert run_case(make_case(SEED, index, "type", torch=False)).failure == \
         "undocumented-exception:RuntimeError"
     monkeypatch.setattr(F, entry, _raising(ValueError("")))
-    assert run_case(make_case(SEED, index, "type", torch=False)).failure == "empty-message:ValueError"
+    assert run_case(make_case(SEED, index, "type", torch=False)).failure == \
+        "empty-message:ValueError"
 
     case = make_case(SEED, index, "scalar", torch=False)
     storage = next(iter(case.arrays.placed.values())).storage
