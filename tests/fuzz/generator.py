@@ -1037,6 +1037,8 @@ def mutate(rng, case, kind):
             out_f = output_groups_out(case)
             bad = [[], [False], 3, "TF", [True] * (out_f + 1), [True] * 65, [None]]
             choices.append(("enable_lora", bad))
+        if e != "dropout_mask":
+            choices.append(("stream", [-1, 2**64, 2**70, "0", 1.5, object()]))
         if e == "dropout_mask":
             choices.append(("p", [-0.5, 1.5, math.nan, "0.5", None]))
             choices.append(("seed", [-3, 2**64, 2.0]))
