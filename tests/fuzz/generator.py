@@ -121,8 +121,9 @@ class Arrays:
     """Builds arrays with a given logical content and memory layout, and remembers their
     buffers so that a case can check them bit for bit afterwards."""
 
-    def __init__(self, rng):
+    def __init__(self, rng, large=False):
         self.rng = rng
+        self.large = large
         self.placed: Dict[int, Placed] = {}
 
     def place(self, values, layout="c"):
@@ -298,7 +299,13 @@ def _k(*dims):
     return int(sum(int(d) for d in dims)) + 1
 
 
-def _lead(rng):
+def _size(rng, arrays, high):
+    """A dimension in [1, high), or up to 12 times larger in a large case (which reaches the
+    blocked and fused code paths that only start at a few dozen rows)."""
+    return int(rng.integers(1, high * 12 if arrays.large else high))
+
+
+def _lead(rng, arrays):
     """Leading dimensions of an activation: mostly one, sometimes none, two or empty."""
     kind = rng.integers(10)
     if kind == 0:
@@ -307,7 +314,7 @@ def _lead(rng):
         return (int(rng.integers(0, 4)), int(rng.integers(0, 4)))
     if kind == 3:
         return (0,)
-    return (int(rng.integers(1, 7)),)
+    return (_size(rng, arrays, 7),)
 
 
 def _values(rng, shape, dtype):
@@ -379,10 +386,10 @@ def _mask_for(x, p, seed, offset):
 
 def _lora_linear(rng, entry, arrays):
     dtype = rng.choice(FLOATS)
-    lead = _lead(rng)
-    seg = int(rng.integers(1, 5))
+    lead = _lead(rng, arrays)
+    seg = _size(rng, arrays, 5)
     enable, groups, enabled = _groups(rng)
-    out_f, in_f, rank = seg * groups, int(rng.integers(1, 10)), int(rng.integers(1, 5))
+    out_f, in_f, rank = seg * groups, _size(rng, arrays, 10), _size(rng, arrays, 5)
     fan = bool(rng.random() < 0.3)
     p, seed, offset = _dropout(rng)
     scale = float(rng.choice([0.5, 2.0, -1.25, 0.0, float(rng.standard_normal() * 4)]))
@@ -488,8 +495,8 @@ def _normalized_padding(padding_idx, vocab):
 
 def _lora_embedding(rng, entry, arrays):
     dtype = rng.choice(FLOATS)
-    lead = _lead(rng)
-    vocab, dim, rank = int(rng.integers(1, 10)), int(rng.integers(1, 7)), int(rng.integers(1, 5))
+    lead = _lead(rng, arrays)
+    vocab, dim, rank = _size(rng, arrays, 10), _size(rng, arrays, 7), _size(rng, arrays, 5)
     indices = _indices(rng, arrays, lead, vocab)
     lora_a = arrays.place(_values(rng, (rank, vocab), dtype), _layout(rng))
     lora_b = arrays.place(_values(rng, (dim, rank), dtype), _layout(rng))
@@ -545,8 +552,8 @@ def _l_shape(rng, n):
 
 def _ia3_linear(rng, entry, arrays):
     dtype = rng.choice(FLOATS)
-    lead = _lead(rng)
-    in_f, out_f = int(rng.integers(1, 10)), int(rng.integers(1, 10))
+    lead = _lead(rng, arrays)
+    in_f, out_f = _size(rng, arrays, 10), _size(rng, arrays, 10)
     fan = bool(rng.random() < 0.3)
     feedforward = bool(rng.random() < 0.4)
     x = arrays.place(_values(rng, lead + (in_f,), dtype), _layout(rng))
@@ -625,8 +632,8 @@ def _ia3_linear(rng, entry, arrays):
 
 def _ia3_embedding(rng, entry, arrays):
     dtype = rng.choice(FLOATS)
-    lead = _lead(rng)
-    vocab, dim = int(rng.integers(1, 10)), int(rng.integers(1, 7))
+    lead = _lead(rng, arrays)
+    vocab, dim = _size(rng, arrays, 10), _size(rng, arrays, 7)
     indices = _indices(rng, arrays, lead, vocab)
     weight = arrays.place(_values(rng, (vocab, dim), dtype), _layout(rng))
     ia3_l = arrays.place(_values(rng, _l_shape(rng, dim), dtype) + 1, _layout(rng))
@@ -677,9 +684,9 @@ def _merge(rng, entry, arrays):
     wlayout = _layout(rng, MERGE_LAYOUTS)
     case = Case(0, 0, entry, {}, arrays=arrays)
     if family == "lora_merge":
-        seg = int(rng.integers(1, 5))
+        seg = _size(rng, arrays, 5)
         enable, groups, enabled = _groups(rng)
-        out_f, in_f, rank = seg * groups, int(rng.integers(1, 10)), int(rng.integers(1, 5))
+        out_f, in_f, rank = seg * groups, _size(rng, arrays, 10), _size(rng, arrays, 5)
         fan = bool(rng.random() < 0.3)
         wshape = (in_f, out_f) if fan else (out_f, in_f)
         case.args = dict(weight=arrays.place(_values(rng, wshape, dtype), wlayout),
@@ -701,8 +708,8 @@ def _merge(rng, entry, arrays):
             return {"weight": (ref.lora_merged_weight(*args, **opts),
                                _bound(ref.lora_merged_weight, args, opts), _k(rank, 2))}
     elif family == "lora_embedding_merge":
-        vocab, dim = int(rng.integers(1, 10)), int(rng.integers(1, 7))
-        rank = int(rng.integers(1, 5))
+        vocab, dim = _size(rng, arrays, 10), _size(rng, arrays, 7)
+        rank = _size(rng, arrays, 5)
         case.args = dict(weight=arrays.place(_values(rng, (vocab, dim), dtype), wlayout),
                          lora_a=arrays.place(_values(rng, (rank, vocab), dtype), _layout(rng)),
                          lora_b=arrays.place(_values(rng, (dim, rank), dtype), _layout(rng)),
@@ -715,7 +722,7 @@ def _merge(rng, entry, arrays):
                                _bound(ref.lora_embedding_merged_weight, args, {}),
                                _k(rank, 2))}
     elif family == "ia3_merge":
-        in_f, out_f = int(rng.integers(1, 10)), int(rng.integers(1, 10))
+        in_f, out_f = _size(rng, arrays, 10), _size(rng, arrays, 10)
         fan = bool(rng.random() < 0.3)
         feedforward = bool(rng.random() < 0.4)
         wshape = (in_f, out_f) if fan else (out_f, in_f)
@@ -742,7 +749,7 @@ def _merge(rng, entry, arrays):
                 result["bias"] = (b, bb, 2)
             return result
     else:
-        vocab, dim = int(rng.integers(1, 10)), int(rng.integers(1, 7))
+        vocab, dim = _size(rng, arrays, 10), _size(rng, arrays, 7)
         case.args = dict(weight=arrays.place(_values(rng, (vocab, dim), dtype), wlayout),
                          ia3_l=arrays.place(_values(rng, _l_shape(rng, dim), dtype) + 1,
                                             _layout(rng)))
@@ -778,7 +785,7 @@ BEFORE_MERGE = ("nonfinite", "extreme", "shared_inputs", "none")
 
 
 def _dropout_mask(rng, entry, arrays):
-    lead = _lead(rng)
+    lead = _lead(rng, arrays)
     width = int(rng.integers(0, 40)) if rng.random() < 0.2 else int(rng.integers(1, 300))
     shape = lead + (width,)
     p, seed, offset = _dropout(rng)
@@ -1405,13 +1412,16 @@ def mutate_hostile(rng, case):
     return True
 
 
+LARGE_SHARE = 0.1
+
+
 def make_case(seed, index, mutation=None, torch=None):
     """Case ``index`` of stream ``seed``; ``mutation`` forces one kind (None: chosen by chance;
     "none": the unchanged valid case); ``torch`` forces torch tensors on or off (None: by
     chance)."""
     rng = np.random.default_rng([seed, index])
     entry = ENTRIES[index % len(ENTRIES)]
-    arrays = Arrays(rng)
+    arrays = Arrays(rng, large=rng.random() < LARGE_SHARE)
     case = BUILDERS[entry](rng, entry, arrays)
     case.seed, case.index = seed, index
     if mutation is None:
