@@ -3,9 +3,9 @@
 
 Cases run in chunks in worker processes (one OpenBLAS thread each, address space capped so that
 a case that tries to allocate too much fails with MemoryError instead of swapping the machine).
-A worker records the case it is about to run, so a crash (a signal) or a hang (a chunk past its
-time limit) is charged to that case, reported as failure class ``crash:<signal>`` or ``hang``,
-and the chunk resumes after it. The summary gives the outcomes by class (valid results compared
+A worker logs each case before and after running it, so a crash (a signal) or a hang (a chunk
+past its time limit) is charged to the case it had started, reported as failure class
+``crash:<signal>`` or ``hang``, and the chunk resumes after it with the outcomes so far kept. The summary gives the outcomes by class (valid results compared
 with the reference; each exception type raised; ``either:returned`` / ``hostile:returned`` for
 calls that were allowed to return and did, correctly), the failures by class with replay lines,
 and the time taken; ``--json FILE`` also writes it as JSON.
@@ -26,37 +26,36 @@ ADDRESS_SPACE_LIMIT = 8 << 30
 
 
 def worker(seed, start, stop, progress_path):
-    """Run cases [start, stop) and print one JSON line: counts by label and the failures."""
+    """Run cases [start, stop), appending to the progress file a line ``start INDEX`` before
+    each case and a JSON line with its outcome after it (so a crash or hang loses nothing)."""
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
     from .generator import make_case, run_case
 
-    counts = collections.Counter()
-    failures = []
-    with open(progress_path, "w") as progress:
+    with open(progress_path, "a") as progress:
         for index in range(start, stop):
-            progress.seek(0)
-            progress.write(f"{index:20d}")
+            progress.write(f"start {index}\n")
             progress.flush()
+            record = dict(index=index)
             try:
                 case = make_case(seed, index)
                 outcome = run_case(case)
             except Exception as exc:  # a defect of the fuzzer itself; the chunk goes on
-                counts["harness-error"] += 1
-                failures.append(dict(index=index, failure=f"harness-error:{type(exc).__name__}",
-                                     entry="?", mutation="?", message=str(exc)[:300]))
-                continue
-            counts[outcome.label] += 1
-            if outcome.kind == "fail":
-                failures.append(dict(index=index, failure=outcome.failure, entry=case.entry,
-                                     mutation=case.mutation,
-                                     message=outcome.message.splitlines()[0][:300]))
-    print(json.dumps(dict(counts=counts, failures=failures)))
+                record.update(label="harness-error", failure=f"harness-error:{type(exc).__name__}",
+                              entry="?", mutation="?", message=str(exc)[:300])
+            else:
+                record.update(label=outcome.label, entry=case.entry, mutation=case.mutation)
+                if outcome.kind == "fail":
+                    record.update(failure=outcome.failure,
+                                  message=outcome.message.splitlines()[0][:300])
+            progress.write(json.dumps(record) + "\n")
+            progress.flush()
 
 
 def run_chunk(seed, start, stop, timeout):
-    """Run a chunk in a fresh interpreter; returns (counts, failures), crashes included."""
+    """Run a chunk in fresh interpreters until every case has an outcome; returns (counts,
+    failures), crashes and hangs included."""
     counts = collections.Counter()
     failures = []
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
@@ -67,17 +66,25 @@ def run_chunk(seed, start, stop, timeout):
             try:
                 done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
                                       text=True, timeout=timeout)
-                status, stdout, stderr = done.returncode, done.stdout, done.stderr
+                status, stderr = done.returncode, done.stderr
             except subprocess.TimeoutExpired as expired:
-                status, stdout, stderr = "hang", "", str(expired.stderr or "")
+                status, stderr = "hang", str(expired.stderr or "")
             progress.seek(0)
-            text = progress.read().strip()
-            last = int(text) if text else start
-        if status == 0:
-            result = json.loads(stdout.strip().splitlines()[-1])
-            counts.update(result["counts"])
-            failures.extend(result["failures"])
-            break
+            started = None
+            for line in progress:
+                if line.startswith("start "):
+                    started = int(line.split()[1])
+                    continue
+                record = json.loads(line)
+                started = None
+                counts[record["label"]] += 1
+                if "failure" in record:
+                    failures.append(record)
+                start = record["index"] + 1
+        if started is None:
+            if status == 0 or start >= stop:
+                break
+            started = start  # died before starting a case
         if status == "hang":
             kind = "hang"
         elif isinstance(status, int) and status < 0:
@@ -85,14 +92,14 @@ def run_chunk(seed, start, stop, timeout):
         else:
             kind = f"crash:exit{status}"
         counts[kind] += 1
-        failures.append(dict(index=last, failure=kind, entry="?", mutation="?",
+        failures.append(dict(index=started, failure=kind, entry="?", mutation="?",
                              message=(stderr.strip().splitlines() or [""])[-1][:300]))
-        start = last + 1
+        start = started + 1
     return counts, failures
 
 
 def summarize(seed, cases, counts, failures, seconds, jobs):
-    from .generator import ENTRIES, make_case, replay_line
+    from .generator import ENTRIES, replay_line
 
     lines = [f"cpeft fuzz campaign: seed {seed}, {cases} cases, {jobs} worker processes, "
              f"{seconds:.0f} s"]
@@ -113,7 +120,6 @@ def summarize(seed, cases, counts, failures, seconds, jobs):
                      f"changes {dict(mutations)}")
         for item in items[:3]:
             lines.append(f"    {replay_line(seed, item['index'])}   # {item['message'][:160]}")
-    del make_case
     return "\n".join(lines)
 
 
