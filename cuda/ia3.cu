@@ -162,12 +162,15 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
         if (o->grad_bias.data) {
             CPEFT_TRY(colreduce_accumulate(dt, m, out, g, kNoOperand, nullptr, nullptr, partial, 0,
                                            s.stream, st));
-            CPEFT_TRY(colreduce_finalize(dt, out, partial, &a->l, o->grad_bias, s.stream, st));
+            /* l scales the sum: an empty batch's sum stays an exact 0 even for an infinite l. */
+            CPEFT_TRY(colreduce_finalize(dt, out, partial, m > 0 ? &a->l : nullptr, o->grad_bias,
+                                         s.stream, st));
         }
         if (o->grad_weight.data) {
             /* glᵀ·x = diag(l)·(gᵀ·x): scale the OUT x IN result rather than the M x OUT g. */
             CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_transpose(g), a->x, 0.0, o->grad_weight, st));
-            CPEFT_TRY(scale_matrix(dt, o->grad_weight, a->l, 0, o->grad_weight, s.stream, st));
+            if (m > 0)
+                CPEFT_TRY(scale_matrix(dt, o->grad_weight, a->l, 0, o->grad_weight, s.stream, st));
         }
         return CPEFT_OK;
     }
@@ -231,7 +234,8 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
     if (o->grad_weight.data) {
         /* gᵀ·(x ⊙ l) = (gᵀ·x)·diag(l) */
         CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_transpose(g), a->x, 0.0, o->grad_weight, st));
-        CPEFT_TRY(scale_matrix(dt, o->grad_weight, a->l, 1, o->grad_weight, s.stream, st));
+        if (m > 0)   /* an empty batch's gradient stays 0 even for an infinite l */
+            CPEFT_TRY(scale_matrix(dt, o->grad_weight, a->l, 1, o->grad_weight, s.stream, st));
     }
     return CPEFT_OK;
 }

@@ -174,7 +174,10 @@ static int ia3_output_scaling_bwd(const cpeft_ia3_linear_args *a, const cpeft_ia
     if (o->grad_bias.data != NULL) {
         if ((rc = cpeft_colsum_cpu(dt, 1.0, g, o->grad_bias, st)) != CPEFT_OK)
             return rc;
-        cpeft_scale_vec_cpu(dt, o->grad_bias, a->l);
+        /* l scales the sum, not each term: an empty batch must stay an exact 0 even for an
+         * infinite l, as torch's sum of no terms is. */
+        if (a->m > 0)
+            cpeft_scale_vec_cpu(dt, o->grad_bias, a->l);
     }
     if (o->grad_x.data == NULL && o->grad_weight.data == NULL)
         return CPEFT_OK;
@@ -223,7 +226,8 @@ static int ia3_input_scaling_bwd(const cpeft_ia3_linear_args *a, const cpeft_ia3
     if (o->grad_weight.data != NULL) {
         if ((rc = cpeft_gemm_cpu(dt, 1, 0, 1.0, g, a->x, 0.0, o->grad_weight, st)) != CPEFT_OK)
             return rc;
-        cpeft_scale_mat_cpu(dt, o->grad_weight, a->l, 1);
+        if (a->m > 0)   /* an empty batch's gradient stays 0 even for an infinite l */
+            cpeft_scale_mat_cpu(dt, o->grad_weight, a->l, 1);
     }
     double *acc = NULL;
     if (o->grad_l.data != NULL && (acc = alloc_accumulator(a->in, "grad_l", st)) == NULL)

@@ -133,6 +133,12 @@ int cpeft_parse_groups(PyObject *obj, cpeft_groups *g)
         g->enabled_count = 1;
         return 0;
     }
+    /* A string is a sequence too, but of characters, each of them truthy: never flags. */
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj) || PyByteArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "enable_lora must be None or a sequence of bools, got %.200s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
     PyObject *seq = PySequence_Fast(obj, "enable_lora must be None or a sequence of bools");
     if (seq == NULL) {
         return -1;

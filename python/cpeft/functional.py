@@ -384,7 +384,7 @@ def ia3_linear_forward(x, weight, bias, ia3_l, *, feedforward: bool = False,
         return x.shape[:-1] + (_out_features(weight, fan_in_fan_out),)
 
     out = _output(out, x, y_shape, required=True)
-    if out_base is None and keep_base and not feedforward:
+    if out_base is True or (out_base is None and keep_base and not feedforward):
         out_base = _output(True, x, y_shape)
     return _C.ia3_linear_forward(x, weight, bias, ia3_l, feedforward=feedforward,
                                  fan_in_fan_out=fan_in_fan_out, keep_base=keep_base, out=out,

@@ -27,41 +27,18 @@ def _report(failures):
     return "\n".join(lines)
 
 
-# Defects the fuzzer found outside issue 12's list, reported for routing (docs/reliability.md).
-# A failure matching one of these is not counted here; each has a strict-xfail reproducer below,
-# which starts failing as soon as the defect is fixed, so that its entry gets removed.
-KNOWN_OPEN = {
-    "IA3 backward on an empty batch with an infinite l gives NaN instead of 0":
-        lambda case, outcome: (outcome.failure == "wrong-result" and case.dims.get("M") == 0
-                               and case.entry == "ia3_linear_backward"
-                               and not np.all(np.isfinite(as_numpy(case.args["ia3_l"])))),
-    "ia3_linear_forward(out_base=True) is not allocated for torch tensors":
-        lambda case, outcome: (outcome.failure == "raised-on-valid:ValueError"
-                               and case.entry == "ia3_linear_forward"
-                               and "out_base=True allocates" in outcome.message),
-    "enable_lora given as a string is taken for a sequence of flags":
-        lambda case, outcome: (outcome.failure == "accepted-invalid"
-                               and isinstance(case.args.get("enable_lora"), str)),
-}
-
-
-def _known_open(case, outcome):
-    return any(matches(case, outcome) for matches in KNOWN_OPEN.values())
-
-
 @pytest.mark.parametrize("start", range(0, CASES, CHUNK))
 def test_fuzz_chunk(start):
     failures = []
     for index in range(start, min(start + CHUNK, CASES)):
         case = make_case(SEED, index)
         outcome = run_case(case)
-        if outcome.kind == "fail" and not _known_open(case, outcome):
+        if outcome.kind == "fail":
             failures.append(outcome)
     assert not failures, _report(failures)
 
 
-@pytest.mark.xfail(strict=True, reason="open: IA3 backward on an empty batch with inf in l")
-def test_open_ia3_empty_batch_with_infinite_l():
+def test_ia3_empty_batch_with_infinite_l():
     """The gradients of an empty batch are empty sums, 0 whatever l holds (torch gives 0)."""
     x, g, base = np.ones((0, 3)), np.ones((0, 2)), np.ones((0, 2))
     w = np.ones((2, 3))
@@ -71,16 +48,14 @@ def test_open_ia3_empty_batch_with_infinite_l():
     assert np.array_equal(out.bias, [0.0, 0.0]) and not ff.weight.any()
 
 
-@pytest.mark.xfail(strict=True, reason="open: out_base=True with torch tensors")
-def test_open_out_base_true_with_torch_tensors():
+def test_out_base_true_with_torch_tensors():
     torch = pytest.importorskip("torch")
     x, w, l = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
     y, base = F.ia3_linear_forward(x, w, None, l, out_base=True)
     assert torch.allclose(base, x @ w.T)
 
 
-@pytest.mark.xfail(strict=True, reason="open: enable_lora as a string")
-def test_open_enable_lora_string_is_refused():
+def test_enable_lora_string_is_refused():
     x, w = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
     a, b = np.ones((2, 3), np.float32), np.ones((4, 1), np.float32)
     with pytest.raises((TypeError, ValueError), match="enable_lora"):
