@@ -10,7 +10,8 @@
 #   2. build cpeft in place with CUDA required (CPEFT_CUDA=1); SASS for the GPU found here only,
 #      unless CPEFT_CUDA_ARCHS is set, so the nvcc pass is about half of the default "80;90"
 #   3. print cpeft.build_info() and cpeft.has_cuda()
-#   4. pytest tests/test_cuda.py tests/test_layers_torch.py, then the whole tests/ suite
+#   4. pytest tests/test_cuda.py tests/test_layers_torch.py tests/test_layers_strides.py
+#      tests/test_compile.py, then the whole tests/ suite
 #   5. python3 bench/bench_cuda.py
 # Everything is tee'd to "$OUT/gpu_check.log" (OUT defaults to /tmp/gpu_out) and the log ends with
 # a summary table, one line per step. Exit status: 0 when every step passed, else 1.
@@ -140,7 +141,8 @@ fi
 #    reasons, so a silently skipped GPU test shows up.
 rm -f "$OUT"/pytest_*.tail
 step pytest_cuda 180 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
-    tests/test_cuda.py tests/test_layers_torch.py 2>&1 | tee '$OUT/pytest_cuda.full' ; \
+    tests/test_cuda.py tests/test_layers_torch.py tests/test_layers_strides.py tests/test_compile.py \
+    2>&1 | tee '$OUT/pytest_cuda.full' ; \
     rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_cuda.full' > '$OUT/pytest_cuda.tail'; exit \$rc"
 step pytest_all 200 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
     tests 2>&1 | tee '$OUT/pytest_all.full' ; \
