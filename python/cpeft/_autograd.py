@@ -200,7 +200,7 @@ def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, ena
     if stream is not None:
         x, weight, bias = _cuda_view(x), _cuda_view(weight), _cuda_view(bias)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
-    lead = x.shape[:-1]
+    lead = tuple(x.shape)[:-1]  # new_empty takes a tuple about 1 µs faster than a Size
     y = x.new_empty(lead + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
     xa = x.new_empty(lead + (lora_a.shape[0],))
     _C.lora_linear_forward(
@@ -340,7 +340,7 @@ def _lora_embedding_fwd(indices, weight, lora_a, lora_b, scale, padding_idx):
     if stream is not None:
         indices, weight = _cuda_view(indices), _cuda_view(weight)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
-    y = weight.new_empty(indices.shape + (weight.shape[1],))
+    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
     _C.lora_embedding_forward(to_dlpack(indices), to_dlpack(weight), to_dlpack(lora_a),
                               to_dlpack(lora_b), scale, padding_idx=padding_idx, out=to_dlpack(y),
                               stream=stream)
@@ -461,7 +461,7 @@ def _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_ba
     if stream is not None:
         x, weight, bias, ia3_l = _cuda_view(x), _cuda_view(weight), _cuda_view(bias), \
             _cuda_view(ia3_l)
-    y = x.new_empty(x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    y = x.new_empty(tuple(x.shape)[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
     base = _new(y, keep_base, y.shape)
     _C.ia3_linear_forward(to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(ia3_l),
                           feedforward=feedforward, fan_in_fan_out=fan_in_fan_out,
@@ -586,7 +586,7 @@ def _ia3_embedding_fwd(indices, weight, ia3_l):
     stream = _stream_of(weight)
     if stream is not None:
         indices, weight, ia3_l = _cuda_view(indices), _cuda_view(weight), _cuda_view(ia3_l)
-    y = weight.new_empty(indices.shape + (weight.shape[1],))
+    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
     _C.ia3_embedding_forward(to_dlpack(indices), to_dlpack(weight), to_dlpack(ia3_l),
                              out=to_dlpack(y), stream=stream)
     return y
