@@ -8,7 +8,9 @@ this row is ../shared/gpu-runs/host_path.py).
 At this shape the arithmetic is negligible: the figure is the per-call path (Python, autograd,
 the C boundary). CPU time per step (time.process_time, torch and OpenBLAS on one thread), best of
 9 batches of 400 steps, the layer and nn.Linear measured alternately so both see the same machine.
-With --compare each build runs in its own process, alternately, and one table is printed.
+With --compare each build runs in its own process, alternately, and one table is printed. The
+last column is an autograd.Function that computes nothing on the same inputs: the floor of any
+Python-level autograd node, against which the rest of the layer's cost can be read.
 --profile adds a cProfile of 300 layer steps (tottime) for the importable build.
 """
 import argparse
@@ -24,7 +26,7 @@ BATCHES, STEPS = 9, 400
 
 
 def measure():
-    """(layer us/step, nn.Linear us/step) for the cpeft on sys.path."""
+    """(layer, nn.Linear, empty Function) us/step for the cpeft on sys.path."""
     import time
 
     import torch
@@ -51,7 +53,27 @@ def measure():
         x.grad = None
         base(x).backward(grad)
 
-    best = {layer_step: float("inf"), base_step: float("inf")}
+    class Empty(torch.autograd.Function):
+        """The floor of any Python autograd.Function on these inputs: saves them, allocates
+        the output and the three gradients, computes nothing."""
+
+        @staticmethod
+        def forward(ctx, x, weight, lora_a, lora_b):
+            ctx.save_for_backward(x, weight, lora_a, lora_b)
+            return x.new_empty((M, OUT))
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, _, lora_a, lora_b = ctx.saved_tensors
+            return (x.new_empty((M, IN)), None, x.new_empty((R, IN)), x.new_empty((OUT, R)))
+
+    def empty_step():
+        x.grad = None
+        layer.lora_A.grad = None
+        layer.lora_B.grad = None
+        Empty.apply(x, layer.weight, layer.lora_A, layer.lora_B).backward(grad)
+
+    best = {layer_step: float("inf"), base_step: float("inf"), empty_step: float("inf")}
     for fn in best:
         for _ in range(50):
             fn()
@@ -61,7 +83,8 @@ def measure():
             for _ in range(STEPS):
                 fn()
             best[fn] = min(best[fn], (time.process_time() - start) / STEPS)
-    return best[layer_step] * 1e6, best[base_step] * 1e6, layer_step
+    return (best[layer_step] * 1e6, best[base_step] * 1e6, best[empty_step] * 1e6,
+            layer_step)
 
 
 def profile(layer_step):
@@ -87,8 +110,8 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        layer_us, base_us, _ = measure()
-        print(f"{layer_us} {base_us}")
+        layer_us, base_us, empty_us, _ = measure()
+        print(f"{layer_us} {base_us} {empty_us}")
         return
     import cpeft
     here = os.path.dirname(os.path.dirname(cpeft.__file__))
@@ -99,17 +122,19 @@ def main():
             env = dict(os.environ, PYTHONPATH=path)
             out = subprocess.run([sys.executable, __file__, "--child"], env=env, check=True,
                                  capture_output=True, text=True).stdout.split()
-            results[label].append((float(out[0]), float(out[1])))
+            results[label].append(tuple(float(v) for v in out))
     print(f"cpeft.Linear fwd+bwd, M={M} {IN}->{OUT} r={R} float32, CPU time per step "
           "(best of 9 batches; 3 alternating processes per build, median shown)")
-    print("| build | cpeft.Linear us | nn.Linear us | ratio |")
-    print("|---|---|---|---|")
+    print("| build | cpeft.Linear us | nn.Linear us | ratio | empty autograd.Function us "
+          "(ratio) |")
+    print("|---|---|---|---|---|")
     for label, path in builds:
         runs = sorted(results[label], key=lambda r: r[0] / r[1])
-        layer_us, base_us = runs[len(runs) // 2]
-        print(f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x |")
+        layer_us, base_us, empty_us = runs[len(runs) // 2]
+        print(f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x "
+              f"| {empty_us:.1f} ({empty_us / base_us:.2f}x) |")
     if args.profile:
-        profile(measure()[2])
+        profile(measure()[3])
 
 
 if __name__ == "__main__":
