@@ -11,6 +11,7 @@ the C boundary). CPU time per step (time.process_time, torch and OpenBLAS on one
 With --compare each build runs in its own process, alternately, and one table is printed. The
 last column is an autograd.Function that computes nothing on the same inputs: the floor of any
 Python-level autograd node, against which the rest of the layer's cost can be read.
+Then the raw C calls alone (forward, backward) at this shape and at M=1, 4->4, r=1.
 --profile adds a cProfile of 300 layer steps (tottime) for the importable build.
 """
 import argparse
@@ -87,6 +88,44 @@ def measure():
             layer_step)
 
 
+def c_calls():
+    """us per raw _C.lora_linear_forward / _backward call (capsules included) at this shape and
+    at M=1, 4->4, r=1 (the fixed cost of a call)."""
+    import time
+
+    import torch
+    from torch.utils.dlpack import to_dlpack as dl
+
+    from cpeft import _C
+
+    def per_call(fn, n=3000):
+        best = float("inf")
+        for _ in range(7):
+            start = time.process_time()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.process_time() - start) / n)
+        return best * 1e6
+
+    rows = []
+    for m, n_in, n_out, r in ((M, IN, OUT, R), (1, 4, 4, 1)):
+        x, w, g = torch.randn(m, n_in), torch.randn(n_out, n_in), torch.randn(m, n_out)
+        a, b = torch.randn(r, n_in), torch.randn(n_out, r)
+        y, xa = torch.empty(m, n_out), torch.empty(m, r)
+        gx, ga, gb = torch.empty(m, n_in), torch.empty(r, n_in), torch.empty(n_out, r)
+
+        def forward():
+            _C.lora_linear_forward(dl(x), dl(w), None, dl(a), dl(b), 2.0, out=dl(y),
+                                   out_xa=dl(xa))
+
+        def backward():
+            _C.lora_linear_backward(dl(g), dl(x), dl(w), dl(a), dl(b), dl(xa), 2.0,
+                                    grad_x=dl(gx), grad_lora_a=dl(ga), grad_lora_b=dl(gb))
+        rows.append(f"M={m} {n_in}->{n_out} r={r}: forward {per_call(forward):.1f} us, "
+                    f"backward {per_call(backward):.1f} us")
+    print("raw C calls (capsules included): " + "; ".join(rows))
+
+
 def profile(layer_step):
     import cProfile
     import io
@@ -133,6 +172,7 @@ def main():
         layer_us, base_us, empty_us = runs[len(runs) // 2]
         print(f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x "
               f"| {empty_us:.1f} ({empty_us / base_us:.2f}x) |")
+    c_calls()
     if args.profile:
         profile(measure()[3])
 
