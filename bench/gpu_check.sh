@@ -10,9 +10,12 @@
 #   2. build cpeft in place with CUDA required (CPEFT_CUDA=1); SASS for the GPU found here only,
 #      unless CPEFT_CUDA_ARCHS is set, so the nvcc pass is about half of the default "80;90"
 #   3. print cpeft.build_info() and cpeft.has_cuda()
-#   4. pytest tests/test_cuda.py tests/test_layers_torch.py tests/test_layers_strides.py
-#      tests/test_compile.py, then the whole tests/ suite
-#   5. python3 bench/bench_cuda.py
+#   4. pytest tests/test_cuda.py tests/test_cuda_dora.py tests/test_layers_torch.py
+#      tests/test_lora_grouped.py tests/test_layers_strides.py tests/test_compile.py, then DoRA's
+#      GPU rows (bench/bench_dora.py, bf16, M=4096 and 16384, 4096², r=16), then the whole
+#      tests/ suite
+#   5. python3 bench/bench_cuda.py, then bench/bench_mixed_adapters.py on the GPU (mixed-adapter
+#      row) and bench/bench_adapter_dtype.py (adapter-dtype row)
 # Everything is tee'd to "$OUT/gpu_check.log" (OUT defaults to /tmp/gpu_out) and the log ends with
 # a summary table, one line per step. Exit status: 0 when every step passed, else 1.
 #
@@ -141,13 +144,21 @@ fi
 #    reasons, so a silently skipped GPU test shows up.
 rm -f "$OUT"/pytest_*.tail
 step pytest_cuda 180 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
-    tests/test_cuda.py tests/test_layers_torch.py tests/test_layers_strides.py tests/test_compile.py \
-    2>&1 | tee '$OUT/pytest_cuda.full' ; \
+    tests/test_cuda.py tests/test_cuda_dora.py tests/test_layers_torch.py tests/test_lora_grouped.py \
+    tests/test_layers_strides.py tests/test_compile.py 2>&1 | tee '$OUT/pytest_cuda.full' ; \
     rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_cuda.full' > '$OUT/pytest_cuda.tail'; exit \$rc"
+step bench_dora 90 "$PY" bench/bench_dora.py --device cuda --dtype bfloat16 --m 4096,16384 \
+    --features 4096 --rank 16 --repeat 20
 step pytest_all 200 bash -c "set -o pipefail; '$PY' -m pytest -q -rs -p no:cacheprovider \
     tests 2>&1 | tee '$OUT/pytest_all.full' ; \
     rc=\${PIPESTATUS[0]}; tail -1 '$OUT/pytest_all.full' > '$OUT/pytest_all.tail'; exit \$rc"
 
-# 5. benchmark (prints a markdown table)
+# 5. benchmarks (each prints a markdown table): the CUDA issue's table, the mixed-adapter row, the adapter-dtype
+#    row (fp32 adapters on a bf16 base, M=4096 4096x4096 r=16, against the frozen layer and peft)
 step bench 120 "$PY" bench/bench_cuda.py
+# The mixed-adapter row (issue 9): 16 adapters of rank 16 over M=4096 shuffled tokens of a 4096²
+# bf16 layer, fwd+bwd against one adapter over the same tokens and against peft's per-adapter loop.
+step bench_mixed 90 "$PY" bench/bench_mixed_adapters.py --device cuda --m 4096 --dim 4096 \
+    --dtype bfloat16 --repeat 20
+step bench_dtype 60 "$PY" bench/bench_adapter_dtype.py --device cuda --reps 50
 exit "$FAILED"

@@ -659,3 +659,22 @@ def test_vector_output_with_a_64_bit_stride_is_refused():
     y, _ = F.lora_linear_forward(x, w, bias, a, b, 0.5)
     np.testing.assert_allclose(y, ref.lora_linear_forward(x, w, np.zeros(2), a, b, 0.5)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [1 << 40, -1, 0])
+def test_lora_grouped_adapter_index_rewritten_during_call(bad):
+    """The grouped op reads its adapter index twice without the GIL (count, then place): a value
+    rewritten in between, out of range or merely moved to another adapter (-1: none, 0: the
+    first), must never leave a row slot unwritten or write past one."""
+    m, dim, rank = 50_000, 8, 2
+    index = np.full(m, 1, np.int64)
+    x = np.ones((m, dim), np.float32)
+    w = np.ones((dim, dim), np.float32)
+    a, b = np.ones((2 * rank, dim), np.float32), np.ones((dim, 2 * rank), np.float32)
+    out = np.empty((m, dim), np.float32)
+    out_xa = np.empty((m, rank), np.float32)
+    expected = F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5])[0]
+    race(lambda: F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5],
+                                        out=out, out_xa=out_xa), index, bad, good=1)
+    np.testing.assert_array_equal(
+        F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5])[0], expected)

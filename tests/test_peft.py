@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 hf_peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from cpeft import layers  # noqa: E402
+from cpeft import BaseTunerLayer  # noqa: E402
 from cpeft.peft import (  # noqa: E402
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, IA3Config, LoraConfig, PeftModel, get_peft_model)
 
@@ -91,7 +91,7 @@ CASES = {
 
 def replaced_paths(model):
     return sorted(name for name, module in model.named_modules()
-                  if isinstance(module, (layers.Linear, layers.Embedding, layers.IA3Linear, layers.IA3Embedding)))
+                  if isinstance(module, BaseTunerLayer))
 
 
 def peft_replaced_paths(model):
@@ -186,8 +186,10 @@ def test_pretrained_weights_kept_and_only_adapters_train():
     trained = output(peft_model.eval(), ids)
     assert not torch.allclose(trained, base_out, atol=1e-4)
     assert all("lora_" in name for name, p in peft_model.named_parameters() if p.requires_grad)
+    # As in peft, a targeted module's own tensors now sit under <path>.base_layer.
+    after = {name.replace(".base_layer", ""): tensor for name, tensor in model.state_dict().items()}
     for name, tensor in before.items():
-        assert torch.equal(model.state_dict()[name], tensor), name
+        assert torch.equal(after[name], tensor), name
 
 
 def test_disable_adapter_merge_and_unload_and_unload():
@@ -243,18 +245,19 @@ def test_init_lora_weights_variants_follow_peft():
     for init in (True, "gaussian"):
         peft_model = get_peft_model(bert(hidden=64), LoraConfig(r=16, target_modules=["query"], init_lora_weights=init))
         layer = peft_model.base_model.model.encoder.layer[0].attention.self.query
-        assert torch.count_nonzero(layer.lora_B) == 0
+        lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert torch.count_nonzero(lora_b) == 0
         if init == "gaussian":
-            assert abs(layer.lora_A.std().item() - 1 / 16) < 0.2 / 16
+            assert abs(lora_a.std().item() - 1 / 16) < 0.2 / 16
         else:
             bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
-            assert layer.lora_A.abs().max().item() <= bound
-            assert layer.lora_A.std().item() > bound / 3
+            assert lora_a.abs().max().item() <= bound
+            assert lora_a.std().item() > bound / 3
     peft_model = get_peft_model(bert(), LoraConfig(r=4, target_modules=["query"], init_lora_weights=False))
-    layer = peft_model.base_model.model.encoder.layer[0].attention.self.query
-    assert torch.count_nonzero(layer.lora_B) == layer.lora_B.numel()
+    lora_b = peft_model.base_model.model.encoder.layer[0].attention.self.query.lora_B["default"].weight
+    assert torch.count_nonzero(lora_b) == lora_b.numel()
     rslora = get_peft_model(bert(), LoraConfig(r=16, lora_alpha=8, target_modules=["query"], use_rslora=True))
-    assert rslora.base_model.model.encoder.layer[0].attention.self.query.scaling == pytest.approx(2.0)
+    assert rslora.base_model.model.encoder.layer[0].attention.self.query.scaling["default"] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("kwargs, field_name", [
@@ -356,8 +359,8 @@ def test_invalid_json_and_wrong_adapter_type(saved_lora):
     data = json.loads(text)
     config_path.write_text(json.dumps(dict(data, peft_type="PREFIX_TUNING")))
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "peft_type", "PREFIX_TUNING")
-    config_path.write_text(json.dumps(dict(data, use_dora=True)))
-    assert_refused_untouched(gpt2(), saved_lora, ValueError, "use_dora")
+    config_path.write_text(json.dumps(dict(data, use_qalora=True)))
+    assert_refused_untouched(gpt2(), saved_lora, ValueError, "use_qalora")
     config_path.write_text(json.dumps(dict(data, r=-1)))
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "r:")
     # An IA3 config next to LoRA tensors: every key mismatches.

@@ -22,6 +22,7 @@
 #include "cpeft/dropout.h"
 #include "cpeft/ia3.h"
 #include "cpeft/lora_embedding.h"
+#include "cpeft/lora_grouped.h"
 #include "cpeft/lora_linear.h"
 #include "cpeft/merge.h"
 #include "dlpack.h"
@@ -125,6 +126,14 @@ PyObject *cpeft_py_ia3_unmerge(PyObject *module, PyObject *args, PyObject *kwarg
 PyObject *cpeft_py_ia3_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_dora_weight_norm(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObject *kwargs);
 
 extern const char cpeft_doc_lora_linear_forward[];
 extern const char cpeft_doc_lora_linear_backward[];
@@ -143,5 +152,13 @@ extern const char cpeft_doc_ia3_unmerge[];
 extern const char cpeft_doc_ia3_embedding_merge[];
 extern const char cpeft_doc_ia3_embedding_unmerge[];
 extern const char cpeft_doc_dropout_mask[];
+extern const char cpeft_doc_dora_weight_sq_norm[];
+extern const char cpeft_doc_dora_weight_norm[];
+extern const char cpeft_doc_dora_linear_forward[];
+extern const char cpeft_doc_dora_linear_backward[];
+extern const char cpeft_doc_dora_embedding_forward[];
+extern const char cpeft_doc_dora_embedding_backward[];
+extern const char cpeft_doc_lora_grouped_forward[];
+extern const char cpeft_doc_lora_grouped_backward[];
 
 #endif /* CPEFT_PY_BOUNDARY_H */

@@ -7,6 +7,7 @@
 #include "cpeft/dropout.h"
 #include "cpeft/ia3.h"
 #include "cpeft/lora_embedding.h"
+#include "cpeft/lora_grouped.h"
 #include "cpeft/lora_linear.h"
 #include "cpeft/merge.h"
 
@@ -91,5 +92,22 @@ int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat
                             void *stream, cpeft_status *st)
 {
     (void)dtype, (void)d, (void)mask, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_lora_grouped_fwd_cuda(const cpeft_lora_grouped_args *a,
+                                const cpeft_lora_grouped_fwd_out *o, void *stream,
+                                cpeft_status *st)
+{
+    (void)a, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
+}
+
+int cpeft_lora_grouped_bwd_cuda(const cpeft_lora_grouped_args *a,
+                                const cpeft_lora_grouped_bwd_in *in,
+                                const cpeft_lora_grouped_bwd_out *o, void *stream,
+                                cpeft_status *st)
+{
+    (void)a, (void)in, (void)o, (void)stream;
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA);
 }

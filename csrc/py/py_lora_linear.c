@@ -7,10 +7,27 @@
 
 #include <string.h>
 
+/* lora_a's dtype: the weight's, or float32 beside a float16/bfloat16 weight when allowed. */
+static int check_lora_a_dtype(const cpeft_call *call, const cpeft_tensor *la,
+                              const cpeft_tensor *w, int allow_fp32_adapters)
+{
+    int sixteen_bit = w->dtype == CPEFT_FLOAT16 || w->dtype == CPEFT_BFLOAT16;
+    if (allow_fp32_adapters && sixteen_bit && la->dtype == CPEFT_FLOAT32) {
+        return 0;
+    }
+    if (allow_fp32_adapters && sixteen_bit && la->dtype != w->dtype) {
+        PyErr_Format(PyExc_ValueError, "%s must have the dtype of %s (%s) or float32, got %s",
+                     la->name, w->name, w->dtype_name, la->dtype_name);
+        return -1;
+    }
+    return cpeft_check_float_dtype(call, la, w);
+}
+
 int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
                                 PyObject *lora_a_obj, PyObject *lora_b_obj, double scale,
                                 int fan_in_fan_out, const cpeft_groups *groups,
-                                const cpeft_tensor *x, cpeft_lora_linear_args *a,
+                                const cpeft_tensor *x, int allow_fp32_adapters,
+                                cpeft_lora_linear_args *a,
                                 cpeft_tensor **weight)
 {
     cpeft_tensor *w = cpeft_call_input(call, weight_obj, "weight", weight_role);
@@ -23,14 +40,16 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
         return -1;
     }
     cpeft_tensor *la = cpeft_call_input(call, lora_a_obj, "lora_a", CPEFT_ROLE_INPUT);
-    if (la == NULL || cpeft_check_ndim(la, 2) < 0 || cpeft_check_float_dtype(call, la, w) < 0) {
+    if (la == NULL || cpeft_check_ndim(la, 2) < 0 ||
+        check_lora_a_dtype(call, la, w, allow_fp32_adapters) < 0) {
         return -1;
     }
     cpeft_tensor *lb = cpeft_call_input(call, lora_b_obj, "lora_b", CPEFT_ROLE_INPUT);
-    if (lb == NULL || cpeft_check_ndim(lb, 2) < 0 || cpeft_check_float_dtype(call, lb, w) < 0) {
+    if (lb == NULL || cpeft_check_ndim(lb, 2) < 0 || cpeft_check_float_dtype(call, lb, la) < 0) {
         return -1;
     }
     a->dtype = (cpeft_dtype)w->dtype;
+    a->fp32_adapters = la->dtype != w->dtype;
     a->r = lb->shape[1];
     a->scale = scale;
     if (a->r < 1) {
@@ -151,7 +170,7 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *args, PyObjec
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(&call, x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
-                                    scale_value, fan_in_fan_out, &groups, x, &a, &weight) < 0 ||
+                                    scale_value, fan_in_fan_out, &groups, x, 1, &a, &weight) < 0 ||
         cpeft_call_optional_input(&call, bias_obj, "bias", &bias) < 0) {
         goto finish;
     }
@@ -240,7 +259,7 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *args, PyObje
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(&call, x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
-                                    scale_value, fan_in_fan_out, &groups, x, &a, &weight) < 0) {
+                                    scale_value, fan_in_fan_out, &groups, x, 1, &a, &weight) < 0) {
         goto finish;
     }
     int ndim = cpeft_py_leading_shape_with(x, a.out, shape);
@@ -256,9 +275,10 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *args, PyObje
         goto finish;
     }
     a.m = cpeft_leading_numel(x);
+    int adapter_dtype = a.fp32_adapters ? CPEFT_FLOAT32 : x->dtype;
     if (cpeft_call_output(&call, grad_x_obj, "grad_x", 0, x->dtype, x->ndim, x->shape, &gx) < 0 ||
-        cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, x->dtype, 2, (int64_t[]){a.lora_a.rows, a.in}, &ga) < 0 ||
-        cpeft_call_output(&call, grad_b_obj, "grad_lora_b", 0, x->dtype, 2, (int64_t[]){a.lora_b.rows, a.r}, &gb) < 0 ||
+        cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, adapter_dtype, 2, (int64_t[]){a.lora_a.rows, a.in}, &ga) < 0 ||
+        cpeft_call_output(&call, grad_b_obj, "grad_lora_b", 0, adapter_dtype, 2, (int64_t[]){a.lora_b.rows, a.r}, &gb) < 0 ||
         cpeft_call_output(&call, grad_bias_obj, "grad_bias", 0, x->dtype, 1, &a.out, &gbias) < 0 ||
         cpeft_call_output(&call, grad_weight_obj, "grad_weight", 0, x->dtype, 2, weight->shape, &gw) < 0) {
         goto finish;

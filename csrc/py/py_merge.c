@@ -243,7 +243,7 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
     if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) == 0 &&
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 5) == 0 &&
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj, lora_b_obj,
-                                    scale_value, fan_in_fan_out, &groups, NULL, &m.lora,
+                                    scale_value, fan_in_fan_out, &groups, NULL, 0, &m.lora,
                                     &weight) == 0) {
         m.dtype = m.lora.dtype;
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,

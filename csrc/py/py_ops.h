@@ -14,12 +14,14 @@
  * every field of `a` except x, bias, m and dropout. x (or NULL for merges) must share the dtype
  * and have IN features; it is checked right after the weight so a layout mistake is reported
  * against the weight rather than the adapter. weight_role is CPEFT_ROLE_INPLACE for merges.
+ * allow_fp32_adapters: float32 lora_a / lora_b are also accepted with a float16/bfloat16 weight
+ * (sets a->fp32_adapters; the forward and backward ops support it, merges do not).
  */
 int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_role weight_role,
                                 PyObject *lora_a_obj, PyObject *lora_b_obj, double scale,
                                 int fan_in_fan_out, const cpeft_groups *groups,
-                                const cpeft_tensor *x, cpeft_lora_linear_args *a,
-                                cpeft_tensor **weight);
+                                const cpeft_tensor *x, int allow_fp32_adapters,
+                                cpeft_lora_linear_args *a, cpeft_tensor **weight);
 /* The Python-level arguments of the above, converted before any tensor is acquired: a finite
  * scale and enable_lora. */
 int cpeft_py_lora_linear_scalars(PyObject *scale_obj, PyObject *enable_lora, double *scale,

@@ -35,6 +35,13 @@ _TORCH_API = frozenset((
     "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d",
     "Conv3d", "IA3Layer", "IA3Linear", "IA3Embedding", "mark_only_lora_as_trainable",
     "lora_state_dict", "LoraConfig", "IA3Config", "get_peft_model", "PeftModel", "CpeftModel",
+    "PeftConfig", "TaskType", "BaseTunerLayer", "get_peft_model_state_dict", "set_peft_model_state_dict",
+    "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "PeftType", "inject_adapter_in_model", "get_base_model_state_dict",
 ))
 
 

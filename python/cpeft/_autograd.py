@@ -45,6 +45,11 @@ Dtype rule (shared by every layer, see docs/loralib-differences.md): torch's own
   * the CPU core only has float32/float64 kernels, so on the CPU float16/bfloat16 operands are
     upcast to float32 for the call and the result is rounded back to the compute dtype. This
     costs a float32 copy of the weight per call: correct, but not the fast path.
+  * one exception for LoRA linear on CUDA: float32 adapters (peft's autocast_adapter_dtype) with
+    a float16/bfloat16 compute dtype are handed to the core as they are. The core runs the
+    rank-r products on 16-bit copies of A and B with fp32 accumulation and writes their
+    gradients in float32; x is never widened (peft casts x to float32). On the CPU the float32
+    adapters need no cast either, since the call already computes in float32 there.
 """
 from __future__ import annotations
 
@@ -56,9 +61,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.dlpack import to_dlpack
 
-from . import _C
+from . import _C, functional
 
 _CPU_CORE_DTYPES = (torch.float32, torch.float64)
+# Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are.
+_FP32_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
 
 # Seeds are drawn from torch's CPU generator so torch.manual_seed reproduces dropout masks and
 # activation checkpointing (which restores the CPU RNG state) recomputes the same mask.
@@ -172,6 +179,15 @@ def _new(like: Tensor, needed: bool, shape) -> Optional[Tensor]:
     return like.new_empty(tuple(shape)) if needed else None
 
 
+def _empty(shape, like: Tensor) -> Tensor:
+    """Uninitialized, contiguous, like's dtype and device (the ops still on cpeft.functional)."""
+    return like.new_empty(tuple(shape))
+
+
+def _grad_buffer(needed: bool, like: Tensor) -> Optional[Tensor]:
+    return like.new_empty(tuple(like.shape)) if needed else None
+
+
 def _seed_value(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
 
@@ -221,7 +237,8 @@ def _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
     grad_x, grad_weight = _new(x, need_x, x.shape), _new(x, need_weight, weight.shape)
     grad_bias = _new(x, need_bias, grad_out.shape[-1:])
-    grad_a, grad_b = _new(x, need_a, lora_a.shape), _new(x, need_b, lora_b.shape)
+    # Adapter gradients in the adapters' dtype: float32 adapters beside a 16-bit x on CUDA.
+    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
     _C.lora_linear_backward(
         to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
         to_dlpack(lora_b), to_dlpack(xa), scale, fan_in_fan_out=fan_in_fan_out,
@@ -291,8 +308,9 @@ def _lora_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a
 @_lora_linear_backward_op.register_fake
 def _(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out, enable_lora, dropout,
       seed, needs):
+    likes = (x, weight, grad_out, lora_a, lora_b)
     shapes = (x.shape, weight.shape, grad_out.shape[-1:], lora_a.shape, lora_b.shape)
-    return [x.new_empty(shape) for shape, need in zip(shapes, needs) if need]
+    return [like.new_empty(shape) for like, shape, need in zip(likes, shapes, needs) if need]
 
 
 def _lora_linear_setup(ctx, inputs, output):
@@ -320,8 +338,11 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enabl
     device_type = x.device.type
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
+    adapter_dtype = (torch.float32 if kernel_dtype in _FP32_ADAPTER_DTYPES
+                     and lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
+                     else kernel_dtype)
     x, weight, bias = _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype)
-    lora_a, lora_b = _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype)
+    lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
     if torch.compiler.is_compiling():
         seed = _draw_seed_tensor() if dropout > 0.0 else None
         y = _lora_linear_op(x, weight, bias, lora_a, lora_b, float(scale), bool(fan_in_fan_out),
@@ -461,7 +482,8 @@ def _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_ba
     if stream is not None:
         x, weight, bias, ia3_l = _cuda_view(x), _cuda_view(weight), _cuda_view(bias), \
             _cuda_view(ia3_l)
-    y = x.new_empty(tuple(x.shape)[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    y = x.new_empty(tuple(x.shape)[:-1] + (out_features,))
     base = _new(y, keep_base, y.shape)
     _C.ia3_linear_forward(to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(ia3_l),
                           feedforward=feedforward, fan_in_fan_out=fan_in_fan_out,
@@ -678,4 +700,222 @@ def ia3_embedding(indices, weight, ia3_l, *, padding_idx):
         y = _ia3_embedding_op(indices, weight, ia3_l, padding_idx)
     else:
         y = IA3EmbeddingFunction.apply(indices, weight, ia3_l, padding_idx)
+    return _cast(y, dtype)
+
+
+class WeightSqNormCache:
+    """‖w_j‖² of a frozen weight, the part of DoRA's row norms that only changes with W.
+
+    Keyed on the weight's version counter (bumped by every in-place write through autograd's
+    view of the tensor: optimizers, ``torch.no_grad()`` updates, ``load_state_dict``, cpeft's
+    merges), its storage pointer (``weight.data = ...`` replaces it), and the dtype and layout
+    the core sees. Writes through ``weight.data.<op>_()`` bypass the version counter and are
+    not seen; call ``clear()`` after such a write."""
+
+    def __init__(self):
+        self._key = None
+        self._value: Optional[torch.Tensor] = None
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+    def get(self, weight: torch.Tensor, kernel_weight: torch.Tensor, fan_in_fan_out: bool):
+        key = (weight._version, weight.data_ptr(), weight.device, kernel_weight.dtype,
+               tuple(weight.shape), weight.stride(), bool(fan_in_fan_out))
+        if key != self._key:
+            value = kernel_weight.new_empty(
+                (kernel_weight.shape[1] if fan_in_fan_out else kernel_weight.shape[0],))
+            functional.dora_weight_sq_norm(_dl(kernel_weight.detach()),
+                                           fan_in_fan_out=fan_in_fan_out, out=_dl(value),
+                                           stream=cuda_stream(weight.device))
+            self._key, self._value = key, value
+        return self._value
+
+
+class DoraLinearSettings(NamedTuple):
+    scale: float
+    fan_in_fan_out: bool
+    dropout: float
+    seed: int
+
+
+def _refuse_weight_grad(weight: torch.Tensor, layer: str) -> None:
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{layer} with DoRA keeps the base weight frozen (peft trains lora_A, lora_B and "
+            "lora_magnitude_vector); got a weight with requires_grad=True")
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """peft's DoRA linear (cpeft/dora.h): y = c ⊙ (x·Wᵀ + s·xa·Bᵀ) + b, c = m / ‖W + s·B·A‖
+    (the norm a constant for backward), or with dropout peft's training formula. Keeps x, xa,
+    the norm (OUT,) and, when the magnitude needs a gradient, base = drop(x)·Wᵀ + s·xa·Bᵀ, the
+    one output-sized tensor DoRA adds to LoRA's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
+                settings: DoraLinearSettings):
+        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
+        y = _empty(x.shape[:-1] + (out_features,), x)
+        xa = _empty(x.shape[:-1] + (lora_a.shape[0],), x)
+        norm = _empty((out_features,), x)
+        base = _empty(y.shape, y) if ctx.needs_input_grad[5] else None
+        functional.dora_linear_forward(
+            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), _dl(magnitude),
+            settings.scale, fan_in_fan_out=settings.fan_in_fan_out, dropout=settings.dropout,
+            seed=settings.seed, weight_sq_norm=_dl(weight_sq_norm), out=_dl(y), out_xa=_dl(xa),
+            out_base=_dl(base), out_norm=_dl(norm), stream=cuda_stream(x.device))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, xa, base)
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, magnitude, norm, xa, base = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        settings = ctx.settings
+        need_bias = need_bias and ctx.has_bias
+        grad_x, grad_a = _grad_buffer(need_x, x), _grad_buffer(need_a, lora_a)
+        grad_b, grad_m = _grad_buffer(need_b, lora_b), _grad_buffer(need_m, magnitude)
+        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
+        functional.dora_linear_backward(
+            _dl(grad_out), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude),
+            _dl(norm), _dl(xa), _dl(base), settings.scale,
+            fan_in_fan_out=settings.fan_in_fan_out, dropout=settings.dropout,
+            seed=settings.seed, grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
+            grad_lora_b=_dl_or_false(grad_b), grad_magnitude=_dl_or_false(grad_m),
+            grad_bias=_dl_or_false(grad_bias), stream=cuda_stream(grad_out.device))
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
+
+
+def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, *, scale, fan_in_fan_out, dropout,
+                sq_norm_cache: Optional[WeightSqNormCache] = None, layer: str = "Linear"):
+    """Applies DoraLinearFunction under the module-wide dtype rule; returns the compute dtype."""
+    _refuse_weight_grad(weight, layer)
+    device_type = x.device.type
+    dtype = compute_dtype(x.dtype, weight.dtype, device_type)
+    kernel_dtype = core_dtype(dtype, device_type)
+    seed = draw_dropout_seed() if dropout > 0.0 else 0
+    kernel_weight = _cast(weight, kernel_dtype)
+    sq_norm = (sq_norm_cache.get(weight, kernel_weight, fan_in_fan_out)
+               if sq_norm_cache is not None else None)
+    settings = DoraLinearSettings(float(scale), bool(fan_in_fan_out), float(dropout), seed)
+    y = DoraLinearFunction.apply(
+        _cast(x, kernel_dtype), kernel_weight, _cast(bias, kernel_dtype),
+        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype),
+        _cast(magnitude, kernel_dtype), sq_norm, settings)
+    return _cast(y, dtype)
+
+
+class DoraEmbeddingFunction(torch.autograd.Function):
+    """peft's DoRA embedding: y[n] = c ⊙ (W[idx[n]] + s·Aᵀ[idx[n]]·Bᵀ), c = m / n with n normed
+    over the vocabulary; keeps the indices and the norm (D,), nothing output-sized."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, lora_a, lora_b, magnitude, weight_sq_norm,
+                settings: LoraEmbeddingSettings):
+        y = _empty(indices.shape + (weight.shape[1],), weight)
+        norm = _empty((weight.shape[1],), weight)
+        functional.dora_embedding_forward(
+            _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude), settings.scale,
+            weight_sq_norm=_dl(weight_sq_norm), out=_dl(y), out_norm=_dl(norm),
+            stream=cuda_stream(weight.device))
+        ctx.save_for_backward(indices, weight, lora_a, lora_b, magnitude, norm)
+        ctx.settings = settings
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
+        need_a, need_b, need_m = ctx.needs_input_grad[2:5]
+        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
+        grad_m = _grad_buffer(need_m, magnitude)
+        functional.dora_embedding_backward(
+            _dl(grad_out), _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude),
+            _dl(norm), ctx.settings.scale, padding_idx=ctx.settings.padding_idx,
+            grad_lora_a=_dl_or_false(grad_a), grad_lora_b=_dl_or_false(grad_b),
+            grad_magnitude=_dl_or_false(grad_m), stream=cuda_stream(grad_out.device))
+        return None, None, grad_a, grad_b, grad_m, None, None
+
+
+def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding_idx,
+                   sq_norm_cache: Optional[WeightSqNormCache] = None):
+    """As lora_embedding: the output has the weight's dtype, the adapters are cast to it."""
+    _refuse_weight_grad(weight, "Embedding")
+    dtype = weight.dtype
+    kernel_dtype = core_dtype(dtype, weight.device.type)
+    kernel_weight = _cast(weight, kernel_dtype)
+    sq_norm = (sq_norm_cache.get(weight, kernel_weight, True)
+               if sq_norm_cache is not None else None)
+    y = DoraEmbeddingFunction.apply(
+        _check_indices(indices), kernel_weight, _cast(lora_a, kernel_dtype),
+        _cast(lora_b, kernel_dtype), _cast(magnitude, kernel_dtype), sq_norm,
+        LoraEmbeddingSettings(float(scale), padding_idx))
+    return _cast(y, dtype)
+
+
+class LoraGroupedSettings(NamedTuple):
+    ranks: tuple
+    scales: tuple
+    fan_in_fan_out: bool
+    dropout: float
+    seed: int
+
+
+class LoraGroupedFunction(torch.autograd.Function):
+    """Mixed-adapter LoRA linear: row m uses adapter index[m] (-1: none) of the packed
+    adapters; keeps x and xa (M x max rank), so several adapters train in one batch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, index, settings: LoraGroupedSettings):
+        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
+        y = _empty(x.shape[:-1] + (out_features,), x)
+        xa = _empty(x.shape[:-1] + (max(settings.ranks),), x)
+        functional.lora_grouped_forward(
+            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), _dl(index),
+            settings.ranks, settings.scales, fan_in_fan_out=settings.fan_in_fan_out,
+            dropout=settings.dropout, seed=settings.seed, offset=0, out=_dl(y), out_xa=_dl(xa),
+            stream=cuda_stream(x.device))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, index)
+        ctx.settings = settings
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, xa, index = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        settings = ctx.settings
+        need_bias = need_bias and ctx.has_bias
+        grad_x, grad_weight = _grad_buffer(need_x, x), _grad_buffer(need_weight, weight)
+        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
+        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
+        functional.lora_grouped_backward(
+            _dl(grad_out.contiguous()), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(xa),
+            _dl(index), settings.ranks, settings.scales, fan_in_fan_out=settings.fan_in_fan_out,
+            dropout=settings.dropout, seed=settings.seed, offset=0,
+            grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
+            grad_lora_b=_dl_or_false(grad_b), grad_bias=_dl_or_false(grad_bias),
+            grad_weight=_dl_or_false(grad_weight), stream=cuda_stream(grad_out.device))
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
+
+
+def lora_grouped(x, weight, bias, lora_a, lora_b, index, *, ranks, scales, fan_in_fan_out,
+                 dropout):
+    """Applies LoraGroupedFunction under the module-wide dtype rule. lora_a (ΣR, IN) and lora_b
+    (OUT, ΣR) are the adapters packed (torch.cat keeps each adapter's gradient path); index is
+    an int64 tensor with one entry per row of x."""
+    device_type = x.device.type
+    dtype = compute_dtype(x.dtype, weight.dtype, device_type)
+    kernel_dtype = core_dtype(dtype, device_type)
+    seed = draw_dropout_seed() if dropout > 0.0 else 0
+    settings = LoraGroupedSettings(tuple(int(r) for r in ranks), tuple(float(s) for s in scales),
+                                   bool(fan_in_fan_out), float(dropout), seed)
+    y = LoraGroupedFunction.apply(
+        _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
+        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype), index, settings)
     return _cast(y, dtype)

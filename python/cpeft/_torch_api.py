@@ -3,11 +3,26 @@ the IA3 layers, and the peft-style API. cpeft/__init__.py re-exports these lazil
 not import torch."""
 from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, IA3Embedding, IA3Layer,
                      IA3Linear, Linear, LoRALayer, MergedLinear)
-from .peft import CpeftModel, IA3Config, LoraConfig, PeftModel, get_peft_model
+from .peft import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                   AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                   AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification,
+                   CpeftModel, IA3Config, LoraConfig, PeftConfig, PeftModel, PeftModelForCausalLM,
+                   PeftModelForFeatureExtraction, PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
+                   PeftModelForSequenceClassification, PeftModelForTokenClassification, PeftType,
+                   TaskType, get_base_model_state_dict, get_peft_model, get_peft_model_state_dict,
+                   inject_adapter_in_model, set_peft_model_state_dict)
+from .tuners import BaseTunerLayer
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
 __all__ = [
     "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d",
     "Conv3d", "IA3Layer", "IA3Linear", "IA3Embedding", "mark_only_lora_as_trainable",
     "lora_state_dict", "LoraConfig", "IA3Config", "get_peft_model", "PeftModel", "CpeftModel",
+    "PeftConfig", "TaskType", "BaseTunerLayer", "get_peft_model_state_dict", "set_peft_model_state_dict",
+    "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "PeftType", "inject_adapter_in_model", "get_base_model_state_dict",
 ]

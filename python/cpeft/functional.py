@@ -7,7 +7,10 @@ range), ``BufferError`` (DLPack export), ``cpeft.CudaError`` or ``RuntimeError``
 argument.
 
 Dtypes: on the CPU float32 or float64; on CUDA also float16 and bfloat16. All float tensors of one
-call share one dtype; ``indices`` are int32 or int64. Leading dimensions ``...`` of activations are
+call share one dtype, with one exception: on CUDA, ``lora_linear_forward`` / ``_backward`` take
+float32 ``lora_a`` and ``lora_b`` (and then return float32 gradients for them) beside float16 or
+bfloat16 activations and weight (peft's float32 adapters on a 16-bit model; the products use
+16-bit copies of A and B with fp32 accumulation). ``indices`` are int32 or int64. Leading dimensions ``...`` of activations are
 flattened into M rows (they must collapse to one stride; CPU inputs that do not are copied).
 
 Outputs: an output argument may be an array to write in place (it must already have the exact
@@ -35,7 +38,11 @@ __all__ = [
     "lora_embedding_backward", "ia3_linear_forward", "ia3_linear_backward",
     "ia3_embedding_forward", "ia3_embedding_backward", "lora_merge", "lora_unmerge",
     "lora_embedding_merge", "lora_embedding_unmerge", "ia3_merge", "ia3_unmerge",
-    "ia3_embedding_merge", "ia3_embedding_unmerge", "dropout_mask",
+    "ia3_embedding_merge", "ia3_embedding_unmerge", "dropout_mask", "lora_grouped_forward",
+    "lora_grouped_backward",
+    "DoraLinearGrads", "DoraEmbeddingGrads", "dora_weight_sq_norm", "dora_weight_norm",
+    "dora_linear_forward", "dora_linear_backward", "dora_embedding_forward",
+    "dora_embedding_backward",
 ]
 
 
@@ -67,6 +74,22 @@ class IA3EmbeddingGrads(NamedTuple):
     """Gradients of ia3_embedding_forward; None where not requested."""
     ia3_l: Any
     weight: Any
+
+
+class DoraLinearGrads(NamedTuple):
+    """Gradients of dora_linear_forward; None where not requested."""
+    x: Any
+    lora_a: Any
+    lora_b: Any
+    magnitude: Any
+    bias: Any
+
+
+class DoraEmbeddingGrads(NamedTuple):
+    """Gradients of dora_embedding_forward; None where not requested."""
+    lora_a: Any
+    lora_b: Any
+    magnitude: Any
 
 
 class MergeRecord(NamedTuple):
@@ -196,7 +219,8 @@ def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale: float, 
         grad_lora_b: (OUT/G*K, R) | True | False/None.
         grad_bias: (OUT,) | True | False/None.
         grad_weight: weight's stored shape ((IN, OUT) with fan_in_fan_out) | True | False/None.
-        All gradients have x's dtype and are overwritten, not accumulated into.
+        grad_lora_a and grad_lora_b have lora_a's dtype, the others x's; all are overwritten,
+        not accumulated into.
 
     Returns:
         LoraLinearGrads(x, lora_a, lora_b, bias, weight), None where not requested.
@@ -206,6 +230,70 @@ def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale: float, 
     grads = _C.lora_linear_backward(
         grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out=fan_in_fan_out,
         enable_lora=enable_lora, dropout=dropout, seed=seed, offset=offset,
+        grad_x=_output(grad_x, x, lambda: x.shape),
+        grad_lora_a=_output(grad_lora_a, lora_a, lambda: lora_a.shape),
+        grad_lora_b=_output(grad_lora_b, lora_b, lambda: lora_b.shape),
+        grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
+        grad_weight=_output(grad_weight, x, lambda: weight.shape),
+        stream=stream)
+    return LoraLinearGrads(*grads)
+
+
+# ---- LoRA linear over mixed-adapter batches -----------------------------------------------------
+
+def _grouped_r_max(ranks) -> int:
+    try:
+        return max(int(r) for r in ranks)
+    except (TypeError, ValueError):
+        return 0  # malformed ranks: C reports them before it looks at the outputs
+
+
+def lora_grouped_forward(x, weight, bias, lora_a, lora_b, index, ranks: Sequence[int],
+                         scales: Sequence[float], *, fan_in_fan_out: bool = False,
+                         dropout: float = 0.0, seed: int = 0, offset: int = 0, out=None,
+                         out_xa=None, stream=None):
+    """LoRA linear where each row uses its own adapter (peft's mixed-adapter batches), every
+    adapter of the layer in one call: ``y[m] = x[m]·Wᵀ + bias + s_g · drop(x[m])·A_gᵀ·B_gᵀ`` with
+    ``g = index[m]`` (-1: the base layer only). Rows are grouped by adapter inside the call, so
+    each adapter costs one pair of GEMMs over its own rows, in any row order.
+
+    Args:
+        x: (..., IN) float.
+        weight: (OUT, IN), or (IN, OUT) with ``fan_in_fan_out``.
+        bias: (OUT,) or None.
+        lora_a: (ΣR, IN), the A_g stacked (rows [off_g, off_g + R_g)).
+        lora_b: (OUT, ΣR), the B_g side by side (columns [off_g, off_g + R_g)).
+        index: int32/int64 with one entry per row of x (x.shape[:-1] or flat), in [-1, G).
+        ranks: G ints R_g >= 1 summing to ΣR; scales: G finite floats s_g.
+        dropout, seed, offset: as in ``lora_linear_forward`` (one probability for all adapters).
+        out: (..., OUT); out_xa: (..., max(ranks)); None/True allocates.
+
+    Returns:
+        (y, xa): xa[m, :R_g] = drop(x[m])·A_gᵀ (unscaled), zero elsewhere; kept for backward.
+    """
+    x, weight, bias, lora_a, lora_b, index = map(_detached, (x, weight, bias, lora_a, lora_b, index))
+    out = _output(out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),),
+                  required=True)
+    out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (_grouped_r_max(ranks),), required=True)
+    return _C.lora_grouped_forward(x, weight, bias, lora_a, lora_b, index, ranks, scales,
+                                   fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
+                                   offset=offset, out=out, out_xa=out_xa, stream=stream)
+
+
+def lora_grouped_backward(grad_out, x, weight, lora_a, lora_b, xa, index, ranks: Sequence[int],
+                          scales: Sequence[float], *, fan_in_fan_out: bool = False,
+                          dropout: float = 0.0, seed: int = 0, offset: int = 0, grad_x=True,
+                          grad_lora_a=True, grad_lora_b=True, grad_bias=False,
+                          grad_weight=False, stream=None) -> LoraLinearGrads:
+    """Gradients of ``lora_grouped_forward`` (same arguments; ``xa`` its second result), as
+    LoraLinearGrads(x, lora_a, lora_b, bias, weight): grad_lora_a (ΣR, IN) and grad_lora_b
+    (OUT, ΣR) are packed like the adapters, zero for adapters without rows in the batch. All
+    gradients are overwritten, not accumulated into."""
+    grad_out, x, weight, lora_a, lora_b, xa, index = map(
+        _detached, (grad_out, x, weight, lora_a, lora_b, xa, index))
+    grads = _C.lora_grouped_backward(
+        grad_out, x, weight, lora_a, lora_b, xa, index, ranks, scales,
+        fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed, offset=offset,
         grad_x=_output(grad_x, x, lambda: x.shape),
         grad_lora_a=_output(grad_lora_a, x, lambda: lora_a.shape),
         grad_lora_b=_output(grad_lora_b, x, lambda: lora_b.shape),
@@ -503,6 +591,170 @@ def ia3_embedding_unmerge(weight, ia3_l, record: MergeRecord, *, stream=None) ->
     weight, ia3_l = _detached(weight), _detached(ia3_l)
     index, value = _record(record, "record")
     _C.ia3_embedding_unmerge(weight, ia3_l, index, value, stream=stream)
+
+
+# ---- DoRA ------------------------------------------------------------------------------------
+
+def dora_weight_sq_norm(weight, *, fan_in_fan_out: bool = False, out=None, stream=None):
+    """``‖w_j‖²`` for every row j of the weight's (OUT, IN) view (summed in double): the part of
+    DoRA's row norms that changes only when the weight does, so a caller can keep it while the
+    weight is frozen and pass it as ``weight_sq_norm``. An embedding weight (V, D) is normed per
+    embedding dimension: pass ``fan_in_fan_out=True`` (its (D, V) view).
+
+    Returns:
+        (OUT,) in the weight's dtype; ``out`` None/True allocates.
+    """
+    weight = _detached(weight)
+    out = _output(out, weight, lambda: (_out_features(weight, fan_in_fan_out),), required=True)
+    return _C.dora_weight_sq_norm(weight, fan_in_fan_out=fan_in_fan_out, out=out, stream=stream)
+
+
+def dora_weight_norm(weight, lora_a, lora_b, scale: float, *, fan_in_fan_out: bool = False,
+                     weight_sq_norm=None, out=None, stream=None):
+    """DoRA's row norms ``n_j = ‖w_j + scale · lora_b[j]·lora_a‖`` of the (OUT, IN) view, from
+    ``‖w_j‖² + 2s·b_j·(A·w_jᵀ) + s²·b_j·(A·Aᵀ)·b_jᵀ``: W + s·B·A is never formed.
+
+    Args:
+        weight: (OUT, IN), or (IN, OUT) with fan_in_fan_out.
+        lora_a: (R, IN); lora_b: (OUT, R); scale: finite float.
+        weight_sq_norm: None, or ``dora_weight_sq_norm(weight)`` (OUT,).
+
+    Returns:
+        (OUT,) in the weight's dtype.
+    """
+    weight, lora_a, lora_b, weight_sq_norm = map(_detached,
+                                                 (weight, lora_a, lora_b, weight_sq_norm))
+    out = _output(out, weight, lambda: (_out_features(weight, fan_in_fan_out),), required=True)
+    return _C.dora_weight_norm(weight, lora_a, lora_b, scale, fan_in_fan_out=fan_in_fan_out,
+                               weight_sq_norm=weight_sq_norm, out=out, stream=stream)
+
+
+def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale: float, *,
+                        fan_in_fan_out: bool = False, dropout: float = 0.0, seed: int = 0,
+                        offset: int = 0, weight_sq_norm=None, keep_base: bool = False,
+                        out=None, out_xa=None, out_base=None, out_norm=None, stream=None):
+    """DoRA linear forward with peft 0.21's semantics (``LoraConfig(use_dora=True)``).
+
+    With ``n = dora_weight_norm(...)`` (a constant for backward, as peft detaches it),
+    ``c = magnitude / n``, ``xd = drop(x)`` and ``xa = xd·Aᵀ``:
+
+    * ``dropout == 0``: ``y = c ⊙ (x·Wᵀ + scale · xa·Bᵀ) + bias``
+    * ``dropout > 0`` (peft in training): ``y = x·Wᵀ + bias + (c - 1) ⊙ (xd·Wᵀ) +
+      c ⊙ scale · xa·Bᵀ``: peft's base layer sees x, its DoRA term the dropped input.
+
+    Args:
+        x: (..., IN) float.
+        weight: (OUT, IN), or (IN, OUT) when ``fan_in_fan_out`` (transformers' Conv1D).
+        bias: (OUT,) or None.
+        lora_a: (R, IN); lora_b: (OUT, R); magnitude: (OUT,) (peft's lora_magnitude_vector).
+        scale: finite float (lora_alpha / r, or / sqrt(r) with rsLoRA).
+        dropout, seed, offset: as in ``lora_linear_forward``.
+        weight_sq_norm: None or ``dora_weight_sq_norm(weight)``, to skip its pass over W.
+        keep_base: also return ``base = xd·Wᵀ + scale · xa·Bᵀ`` (..., OUT), which the backward
+            pass needs for the gradient of magnitude (the one output-sized tensor DoRA keeps).
+        out, out_xa, out_base, out_norm: arrays to write, or None/True to allocate
+            (out_base given implies keep_base).
+
+    Returns:
+        (y, xa, base or None, norm): y (..., OUT), xa (..., R), norm (OUT,).
+    """
+    x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm = map(
+        _detached, (x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm))
+
+    def y_shape():
+        return x.shape[:-1] + (_out_features(weight, fan_in_fan_out),)
+
+    out = _output(out, x, y_shape, required=True)
+    out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (lora_a.shape[0],), required=True)
+    if out_base is None and keep_base:
+        out_base = _output(True, x, y_shape)
+    out_norm = _output(out_norm, x, lambda: (_out_features(weight, fan_in_fan_out),),
+                       required=True)
+    return _C.dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale,
+                                  fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
+                                  offset=offset, weight_sq_norm=weight_sq_norm, out=out,
+                                  out_xa=out_xa, out_base=out_base, out_norm=out_norm,
+                                  stream=stream)
+
+
+def dora_linear_backward(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base,
+                         scale: float, *, fan_in_fan_out: bool = False, dropout: float = 0.0,
+                         seed: int = 0, offset: int = 0, grad_x=True, grad_lora_a=True,
+                         grad_lora_b=True, grad_magnitude=True, grad_bias=False,
+                         stream=None) -> DoraLinearGrads:
+    """Gradients of ``dora_linear_forward`` (the norm is a constant, as in peft).
+
+    Args:
+        grad_out: (..., OUT), x's dtype.
+        x, weight, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed, offset: as
+            in the forward.
+        norm, xa, base: the forward's results; base may be None unless grad_magnitude is
+            requested.
+        grad_x: (..., IN) | True | False/None.
+        grad_lora_a: (R, IN); grad_lora_b: (OUT, R); grad_magnitude: (OUT,);
+        grad_bias: (OUT,); each an array, True or False/None.
+
+    Returns:
+        DoraLinearGrads(x, lora_a, lora_b, magnitude, bias), None where not requested.
+    """
+    grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base = map(
+        _detached, (grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base))
+    grads = _C.dora_linear_backward(
+        grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, scale,
+        fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed, offset=offset,
+        grad_x=_output(grad_x, x, lambda: x.shape),
+        grad_lora_a=_output(grad_lora_a, x, lambda: lora_a.shape),
+        grad_lora_b=_output(grad_lora_b, x, lambda: lora_b.shape),
+        grad_magnitude=_output(grad_magnitude, x, lambda: magnitude.shape),
+        grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
+        stream=stream)
+    return DoraLinearGrads(*grads)
+
+
+def dora_embedding_forward(indices, weight, lora_a, lora_b, magnitude, scale: float, *,
+                           weight_sq_norm=None, out=None, out_norm=None, stream=None):
+    """DoRA embedding forward with peft 0.21's semantics:
+    ``y[n] = c ⊙ (weight[indices[n]] + scale · lora_a[:, indices[n]]ᵀ·lora_bᵀ)``, ``c =
+    magnitude / norm``, ``norm[d] = ‖weight[:, d] + scale · (lora_b·lora_a)[d]‖`` (over the
+    vocabulary).
+
+    Args:
+        indices: (...) int32 or int64 in [0, V).
+        weight: (V, D); lora_a: (R, V); lora_b: (D, R); magnitude: (D,).
+        weight_sq_norm: None or ``dora_weight_sq_norm(weight, fan_in_fan_out=True)`` (D,).
+
+    Returns:
+        (y, norm): y (..., D), norm (D,), the weight's dtype.
+    """
+    weight, lora_a, lora_b, magnitude, weight_sq_norm = map(
+        _detached, (weight, lora_a, lora_b, magnitude, weight_sq_norm))
+    out = _output(out, weight, lambda: tuple(indices.shape) + (weight.shape[1],), required=True)
+    out_norm = _output(out_norm, weight, lambda: (weight.shape[1],), required=True)
+    return _C.dora_embedding_forward(indices, weight, lora_a, lora_b, magnitude, scale,
+                                     weight_sq_norm=weight_sq_norm, out=out, out_norm=out_norm,
+                                     stream=stream)
+
+
+def dora_embedding_backward(grad_out, indices, weight, lora_a, lora_b, magnitude, norm,
+                            scale: float, *, padding_idx: Optional[int] = None,
+                            grad_lora_a=True, grad_lora_b=True, grad_magnitude=True,
+                            stream=None) -> DoraEmbeddingGrads:
+    """Gradients of ``dora_embedding_forward``; rows at padding_idx contribute nothing to
+    grad_lora_a (peft looks lora_A up with the layer's padding_idx).
+
+    Returns:
+        DoraEmbeddingGrads(lora_a, lora_b, magnitude), None where not requested.
+    """
+    grad_out, weight, lora_a, lora_b, magnitude, norm = map(
+        _detached, (grad_out, weight, lora_a, lora_b, magnitude, norm))
+    grads = _C.dora_embedding_backward(
+        grad_out, indices, weight, lora_a, lora_b, magnitude, norm, scale,
+        padding_idx=padding_idx,
+        grad_lora_a=_output(grad_lora_a, weight, lambda: lora_a.shape),
+        grad_lora_b=_output(grad_lora_b, weight, lambda: lora_b.shape),
+        grad_magnitude=_output(grad_magnitude, weight, lambda: magnitude.shape),
+        stream=stream)
+    return DoraEmbeddingGrads(*grads)
 
 
 # ---- dropout ---------------------------------------------------------------------------------

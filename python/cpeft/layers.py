@@ -242,17 +242,55 @@ def _configured_dropout_p(dropout) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
+# DoRA (use_dora=True on Linear and Embedding). The merged weight is (m / n) ⊙ (W + s·ΔW): the
+# exact LoRA merge (record "weight") followed by the exact IA3 row/column scaling by the factor
+# m / n (record _DORA_RECORD), undone in the reverse order, so unmerge restores W bit for bit.
+# The factor is kept in a non-persistent buffer while merged, as unmerge needs the same values.
+_DORA_RECORD = "weight.dora_factor"
+
+
+def _check_dora_rank(layer, use_dora, r) -> None:
+    if use_dora and r <= 0:
+        raise ValueError(f"{type(layer).__name__}: use_dora=True needs an adapter (r > 0), "
+                         f"got r={r}")
+
+
+def _init_magnitude_from_norm(self) -> None:
+    """peft initializes the magnitude to the row norms of W + scaling·ΔW."""
+    with torch.no_grad():
+        weight = self.weight.detach()
+        work = weight.to(_autograd.core_dtype(weight.dtype, weight.device.type))
+        self.lora_magnitude_vector.copy_(self._dora_norm(work))
+
+
+def _dora_merge_factor_of(self, weight: torch.Tensor) -> torch.Tensor:
+    """m / n from the unmerged weight, in the weight's dtype, kept for the unmerge."""
+    norm = self._dora_norm(weight)
+    factor = self.lora_magnitude_vector.detach().to(weight.dtype) / norm
+    self.register_buffer("_dora_merge_factor", factor, persistent=False)
+    return factor
+
+
 class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
     """loralib.Embedding: ``y = W[x] + scaling · Aᵀ[x] · Bᵀ``; lora_A (r, V) zeros, lora_B (D, r)
     N(0, 1). No dropout (as in loralib). Differences: ``max_norm``, ``sparse`` and
     ``scale_grad_by_freq`` are rejected when r > 0 (loralib renormalizes lora_A in place and
-    its sparse backward fails); merge is exact and checkpoint-safe (see ``_MergeOnEval``)."""
+    its sparse backward fails); merge is exact and checkpoint-safe (see ``_MergeOnEval``).
+
+    ``use_dora=True`` (an extension; peft's DoRA embedding): a trainable
+    ``lora_magnitude_vector`` (D,) initialized to the norms n of W + scaling·(B·A)ᵀ taken per
+    embedding dimension over the vocabulary, and ``y = (m / n) ⊙ (W[x] + scaling·Aᵀ[x]·Bᵀ)``;
+    eval merges ``(m / n) ⊙ (W + scaling·(B·A)ᵀ)`` exactly (see ``_DoraMerge``)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
                  merge_weights: bool = True, **kwargs):
+        # Taken from kwargs so the signature stays loralib's.
+        use_dora = kwargs.pop("use_dora", False)
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0,
                            merge_weights=merge_weights)
+        _check_dora_rank(self, use_dora, r)
+        self.use_dora = bool(use_dora)
         if r > 0:
             _reject_embedding_options(self, "LoRA (r > 0)")
             self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
@@ -260,6 +298,10 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
             self.scaling = self.lora_alpha / self.r
             self.weight.requires_grad = False
         self.reset_parameters()
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.weight.new_empty((embedding_dim,)))
+            self._dora_sq_norm = _autograd.WeightSqNormCache()
+            self._init_magnitude()
         self._init_merge_state()
 
     def reset_parameters(self):
@@ -267,6 +309,17 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
         if hasattr(self, "lora_A"):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
+        if hasattr(self, "lora_magnitude_vector"):
+            self._init_magnitude()
+
+    def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """n per embedding dimension, of W's (D, V) view."""
+        lora_a, lora_b = self._adapters(weight.dtype)
+        return functional.dora_weight_norm(weight, lora_a, lora_b, self.scaling,
+                                           fan_in_fan_out=True,
+                                           stream=_autograd.cuda_stream(weight.device))
+
+    _init_magnitude = _init_magnitude_from_norm
 
     def _adapter_active(self) -> bool:
         return self.r > 0
@@ -277,20 +330,36 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
     def _merge_tensors(self, targets):
         weight = targets["weight"]
         self._merged_scale = self.scaling
+        factor = self._dora_factor(weight) if self.use_dora else None
         record = functional.lora_embedding_merge(
             weight, *self._adapters(weight.dtype), self._merged_scale,
             stream=_autograd.cuda_stream(weight.device))
-        return {"weight": tuple(record)}
+        records = {"weight": tuple(record)}
+        if factor is not None:
+            records[_DORA_RECORD] = tuple(functional.ia3_embedding_merge(
+                weight, factor, stream=_autograd.cuda_stream(weight.device)))
+        return records
 
     def _unmerge_tensors(self, targets, records):
         weight = targets["weight"]
+        if _DORA_RECORD in records:
+            functional.ia3_embedding_unmerge(
+                weight, self._dora_merge_factor, functional.MergeRecord(*records[_DORA_RECORD]),
+                stream=_autograd.cuda_stream(weight.device))
         functional.lora_embedding_unmerge(
             weight, *self._adapters(weight.dtype), self._merged_scale,
             functional.MergeRecord(*records["weight"]),
             stream=_autograd.cuda_stream(weight.device))
 
+    _dora_factor = _dora_merge_factor_of
+
     def forward(self, x: torch.Tensor):
         if self.r > 0 and not self.merged:
+            if self.use_dora:
+                return _autograd.dora_embedding(
+                    x, self.weight, self.lora_A, self.lora_B, self.lora_magnitude_vector,
+                    scale=self.scaling, padding_idx=self.padding_idx,
+                    sq_norm_cache=self._dora_sq_norm)
             return _autograd.lora_embedding(x, self.weight, self.lora_A, self.lora_B,
                                             scale=self.scaling, padding_idx=self.padding_idx)
         return nn.Embedding.forward(self, x)
@@ -316,14 +385,37 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
     def _merge_tensors(self, targets):
         weight = targets["weight"]
         self._merged_scale = self.scaling
+        use_dora = getattr(self, "use_dora", False)
+        factor = self._dora_factor(weight) if use_dora else None
         record = functional.lora_merge(
             weight, *self._adapters(weight.dtype), self._merged_scale,
             fan_in_fan_out=self.fan_in_fan_out, enable_lora=self._enable_lora(),
             stream=_autograd.cuda_stream(weight.device))
-        return {"weight": tuple(record)}
+        records = {"weight": tuple(record)}
+        if factor is not None:
+            weight_record, _ = functional.ia3_merge(
+                weight, factor, fan_in_fan_out=self.fan_in_fan_out,
+                stream=_autograd.cuda_stream(weight.device))
+            records[_DORA_RECORD] = tuple(weight_record)
+        return records
+
+    _dora_factor = _dora_merge_factor_of
+
+    def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self._adapters(weight.dtype)
+        return functional.dora_weight_norm(weight, lora_a, lora_b, self.scaling,
+                                           fan_in_fan_out=self.fan_in_fan_out,
+                                           stream=_autograd.cuda_stream(weight.device))
+
+    _init_magnitude = _init_magnitude_from_norm
 
     def _unmerge_tensors(self, targets, records):
         weight = targets["weight"]
+        if _DORA_RECORD in records:
+            functional.ia3_unmerge(
+                weight, self._dora_merge_factor,
+                (functional.MergeRecord(*records[_DORA_RECORD]), None),
+                fan_in_fan_out=self.fan_in_fan_out, stream=_autograd.cuda_stream(weight.device))
         functional.lora_unmerge(
             weight, *self._adapters(weight.dtype), self._merged_scale,
             functional.MergeRecord(*records["weight"]), fan_in_fan_out=self.fan_in_fan_out,
@@ -333,6 +425,12 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
         return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
 
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "use_dora", False):
+            return _autograd.dora_linear(
+                x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
+                scale=self.scaling, fan_in_fan_out=self.fan_in_fan_out,
+                dropout=_active_dropout_p(self.lora_dropout), sq_norm_cache=self._dora_sq_norm,
+                layer=type(self).__name__)
         return _autograd.lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, scale=self.scaling,
             fan_in_fan_out=self.fan_in_fan_out, enable_lora=self._enable_lora(),
@@ -349,14 +447,25 @@ class Linear(_LoraLinearBase):
     transposed (in, out) view, as loralib does. The unmerged forward is one autograd node on the
     C core; dropout masks are regenerated in backward from a seed drawn from torch's CPU
     generator. Differences: merge is exact and checkpoint-safe, the module pickles, and dtypes
-    follow the rule in cpeft._autograd (docs/loralib-differences.md)."""
+    follow the rule in cpeft._autograd (docs/loralib-differences.md).
+
+    ``use_dora=True`` (an extension; peft's DoRA): a trainable ``lora_magnitude_vector`` (out,)
+    initialized to the row norms n of W + scaling·B·A, and ``y = (m / n) ⊙ (x·Wᵀ +
+    scaling·drop(x)·Aᵀ·Bᵀ) + b`` with n a constant for backward; with dropout active, peft's
+    training formula ``x·Wᵀ + b + (m/n - 1) ⊙ drop(x)·Wᵀ + (m/n) ⊙ scaling·drop(x)·Aᵀ·Bᵀ``.
+    ‖W‖² is cached while W is unchanged (cpeft._autograd.WeightSqNormCache). Eval merges
+    ``(m / n) ⊙ (W + scaling·B·A)`` and unmerge restores W bit for bit."""
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
                  lora_dropout: float = 0., fan_in_fan_out: bool = False,
                  merge_weights: bool = True, **kwargs):
+        # Taken from kwargs so the signature stays loralib's.
+        use_dora = kwargs.pop("use_dora", False)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
+        _check_dora_rank(self, use_dora, r)
+        self.use_dora = bool(use_dora)
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0:
             self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
@@ -366,7 +475,17 @@ class Linear(_LoraLinearBase):
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
+        if self.use_dora:
+            # Created after the transpose, so n is taken on the final layout.
+            self.lora_magnitude_vector = nn.Parameter(self.weight.new_empty((out_features,)))
+            self._dora_sq_norm = _autograd.WeightSqNormCache()
+            self._init_magnitude()
         self._init_merge_state()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if hasattr(self, "lora_magnitude_vector"):
+            self._init_magnitude()
 
     def _adapter_active(self) -> bool:
         return self.r > 0

@@ -41,6 +41,12 @@ typedef struct {
     cpeft_mat lora_b;           /* SEG*K x R */
     double scale;               /* s = lora_alpha / r (finite) */
     cpeft_dropout dropout;
+    /* 0: lora_a, lora_b, grad_a and grad_b have `dtype`. 1 (CUDA only, dtype float16 or
+     * bfloat16): they are float32 (peft's autocast_adapter_dtype master weights). The products
+     * then read copies of A and B rounded to `dtype` (R*K x IN and SEG*K x R elements, never
+     * anything of x's size), accumulate in fp32, and write grad_a / grad_b in fp32 straight from
+     * the accumulators; x and g are never widened. xa keeps `dtype`. */
+    int fp32_adapters;
 } cpeft_lora_linear_args;
 
 typedef struct {

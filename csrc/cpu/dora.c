@@ -1,0 +1,714 @@
+/* DoRA linear and embedding on the CPU; contract and formulas in cpeft/dora.h. */
+#include "cpeft/dora.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "blas.h"
+
+/*
+ * The elementwise passes DoRA adds around the GEMMs, for float and double:
+ *   combine:       y = (accumulate ? y : 0) + l ⊙ u + bias     (l and bias along columns)
+ *   column_dots:   dot[j] += Σ_i g_ij u_ij, sum[j] += Σ_i g_ij  (either may be NULL), in double
+ *   row_sq_norms:  out[j] = Σ_k w_jk², in double
+ *   finish_norms:  n_j = sqrt(max(0, wsq_j + Σ_k b_jk·(2s·wa_jk + s²·bg_jk)))
+ * Row-major views run their contiguous dimension innermost; column-major ones are walked through
+ * their transpose where that is what makes the inner loop contiguous.
+ */
+#define DEFINE_DORA_LOOPS(T, SUFFIX)                                                           \
+    static void combine_##SUFFIX(cpeft_mat u, const T *l, cpeft_vec bias, int accumulate,      \
+                                 cpeft_mat y)                                                  \
+    {                                                                                          \
+        const T *pu = (const T *)u.data;                                                       \
+        const T *pb = (const T *)bias.data;                                                    \
+        T *py = (T *)y.data;                                                                   \
+        for (int64_t i = 0; i < y.rows; ++i) {                                                 \
+            const T *ru = pu + i * u.row_stride;                                               \
+            T *ry = py + i * y.row_stride;                                                     \
+            for (int64_t j = 0; j < y.cols; ++j) {                                             \
+                T v = l[j] * ru[j * u.col_stride];                                             \
+                if (pb != NULL)                                                                \
+                    v += pb[j * bias.stride];                                                  \
+                if (accumulate)                                                                \
+                    v += ry[j * y.col_stride];                                                 \
+                ry[j * y.col_stride] = v;                                                      \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    static void column_dots_##SUFFIX(cpeft_mat g, cpeft_mat u, double *dot, double *sum)      \
+    {                                                                                          \
+        const T *pg = (const T *)g.data;                                                       \
+        const T *pu = (const T *)u.data;                                                       \
+        for (int64_t i = 0; i < g.rows; ++i) {                                                 \
+            const T *rg = pg + i * g.row_stride;                                               \
+            if (dot != NULL) {                                                                 \
+                const T *ru = pu + i * u.row_stride;                                           \
+                for (int64_t j = 0; j < g.cols; ++j)                                           \
+                    dot[j] += (double)rg[j * g.col_stride] * (double)ru[j * u.col_stride];     \
+            }                                                                                  \
+            if (sum != NULL)                                                                   \
+                for (int64_t j = 0; j < g.cols; ++j)                                           \
+                    sum[j] += (double)rg[j * g.col_stride];                                    \
+        }                                                                                      \
+    }                                                                                          \
+    static void row_sq_norms_##SUFFIX(cpeft_mat w, double *out)                               \
+    {                                                                                          \
+        const T *pw = (const T *)w.data;                                                       \
+        if (w.col_stride == 1 || w.rows <= 1) {                                                \
+            for (int64_t j = 0; j < w.rows; ++j) {                                             \
+                const T *row = pw + j * w.row_stride;                                          \
+                double acc = 0.0;                                                              \
+                for (int64_t k = 0; k < w.cols; ++k)                                           \
+                    acc += (double)row[k * w.col_stride] * (double)row[k * w.col_stride];      \
+                out[j] = acc;                                                                  \
+            }                                                                                  \
+        } else {                                                                               \
+            for (int64_t j = 0; j < w.rows; ++j)                                               \
+                out[j] = 0.0;                                                                  \
+            for (int64_t k = 0; k < w.cols; ++k) {                                             \
+                const T *col = pw + k * w.col_stride;                                          \
+                for (int64_t j = 0; j < w.rows; ++j)                                           \
+                    out[j] += (double)col[j * w.row_stride] * (double)col[j * w.row_stride];   \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    static void load_##SUFFIX(cpeft_vec v, double *out)                                       \
+    {                                                                                          \
+        const T *p = (const T *)v.data;                                                        \
+        for (int64_t j = 0; j < v.len; ++j)                                                    \
+            out[j] = (double)p[j * v.stride];                                                  \
+    }                                                                                          \
+    static void store_##SUFFIX(const double *src, cpeft_vec out)                              \
+    {                                                                                          \
+        T *p = (T *)out.data;                                                                  \
+        for (int64_t j = 0; j < out.len; ++j)                                                  \
+            p[j * out.stride] = (T)src[j];                                                     \
+    }                                                                                          \
+    static void finish_norms_##SUFFIX(const double *wsq, cpeft_mat b, const T *wa,            \
+                                      const T *bg, double s, cpeft_vec norm)                   \
+    {                                                                                          \
+        const T *pb = (const T *)b.data;                                                       \
+        T *pn = (T *)norm.data;                                                                \
+        for (int64_t j = 0; j < b.rows; ++j) {                                                 \
+            double acc = wsq[j];                                                               \
+            for (int64_t k = 0; k < b.cols; ++k)                                               \
+                acc += (double)pb[j * b.row_stride + k * b.col_stride] *                       \
+                       (2.0 * s * (double)wa[j * b.cols + k] +                                 \
+                        s * s * (double)bg[j * b.cols + k]);                                   \
+            pn[j * norm.stride] = (T)sqrt(acc > 0.0 ? acc : 0.0);                              \
+        }                                                                                      \
+    }                                                                                          \
+    static void copy_##SUFFIX(cpeft_mat src, cpeft_mat dst)                                    \
+    {                                                                                          \
+        const T *ps = (const T *)src.data;                                                     \
+        T *pd = (T *)dst.data;                                                                 \
+        for (int64_t i = 0; i < src.rows; ++i)                                                 \
+            for (int64_t j = 0; j < src.cols; ++j)                                             \
+                pd[i * dst.row_stride + j * dst.col_stride] =                                  \
+                    ps[i * src.row_stride + j * src.col_stride];                               \
+    }                                                                                          \
+    static void times_scalar_##SUFFIX(cpeft_vec v, double s, cpeft_vec out)                   \
+    {                                                                                          \
+        const T *p = (const T *)v.data;                                                        \
+        T *d = (T *)out.data;                                                                  \
+        for (int64_t j = 0; j < v.len; ++j)                                                    \
+            d[j * out.stride] = (T)(s * (double)p[j * v.stride]);                              \
+    }                                                                                          \
+    /* c = m / n and c - 1, rounded to T as peft computes magnitude / weight_norm in T. */     \
+    static void magnitude_scales_##SUFFIX(cpeft_vec m, cpeft_vec n, T *c, T *c_minus_one)     \
+    {                                                                                          \
+        const T *pm = (const T *)m.data;                                                       \
+        const T *pn = (const T *)n.data;                                                       \
+        for (int64_t j = 0; j < m.len; ++j) {                                                  \
+            c[j] = pm[j * m.stride] / pn[j * n.stride];                                        \
+            c_minus_one[j] = c[j] - (T)1;                                                      \
+        }                                                                                      \
+    }
+
+DEFINE_DORA_LOOPS(float, f32)
+DEFINE_DORA_LOOPS(double, f64)
+
+#define DORA_DISPATCH(dt, name, ...)                                                           \
+    do {                                                                                       \
+        if ((dt) == CPEFT_FLOAT32)                                                             \
+            name##_f32(__VA_ARGS__);                                                           \
+        else                                                                                   \
+            name##_f64(__VA_ARGS__);                                                           \
+    } while (0)
+
+static void *alloc_doubles(int64_t count, const char *what, cpeft_status *st)
+{
+    double *p = calloc((size_t)(count > 0 ? count : 1), sizeof(double));
+    if (p == NULL)
+        cpeft_fail(st, CPEFT_ERR_NOMEM, "could not allocate %s (%lld doubles)", what,
+                   (long long)count);
+    return p;
+}
+
+int cpeft_dora_weight_sq_norm_cpu(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec out,
+                                  cpeft_status *st)
+{
+    int rc = cpeft_op_begin(dtype, "dora_weight_sq_norm", st);
+    if (rc != CPEFT_OK)
+        return rc;
+    double *acc = alloc_doubles(weight.rows, "the squared row norms", st);
+    if (acc == NULL)
+        return st->code;
+    DORA_DISPATCH(dtype, row_sq_norms, weight, acc);
+    DORA_DISPATCH(dtype, store, acc, out);
+    free(acc);
+    return CPEFT_OK;
+}
+
+/* n from the identity in dora.h: W·Aᵀ (OUT x R) is the only product that reads W. */
+static int dora_norm(const cpeft_dora_norm_args *a, cpeft_vec norm, cpeft_status *st)
+{
+    cpeft_dtype dt = a->dtype;
+    double *wsq = alloc_doubles(a->out, "the squared row norms", st);
+    void *work = wsq ? cpeft_alloc_temp(dt, 2 * a->out * a->r + a->r * a->r, "W·Aᵀ, B·A·Aᵀ",
+                                        st)
+                     : NULL;
+    if (work == NULL) {
+        free(wsq);
+        return st->code;
+    }
+    size_t elt = cpeft_dtype_size(dt);
+    cpeft_mat wa = cpeft_mat_compact(work, a->out, a->r);
+    cpeft_mat bg = cpeft_mat_compact((char *)work + (size_t)(a->out * a->r) * elt, a->out, a->r);
+    cpeft_mat gram = cpeft_mat_compact((char *)work + (size_t)(2 * a->out * a->r) * elt, a->r,
+                                       a->r);
+    if (a->weight_sq_norm.data != NULL)
+        DORA_DISPATCH(dt, load, a->weight_sq_norm, wsq);
+    else
+        DORA_DISPATCH(dt, row_sq_norms, a->weight, wsq);
+    int rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a->weight, a->lora_a, 0.0, wa, st);
+    if (rc == CPEFT_OK)
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a->lora_a, a->lora_a, 0.0, gram, st);
+    if (rc == CPEFT_OK)
+        rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, a->lora_b, gram, 0.0, bg, st);
+    if (rc == CPEFT_OK)
+        DORA_DISPATCH(dt, finish_norms, wsq, a->lora_b, wa.data, bg.data, a->scale, norm);
+    free(work);
+    free(wsq);
+    return rc;
+}
+
+int cpeft_dora_norm_cpu(const cpeft_dora_norm_args *a, cpeft_vec norm, cpeft_status *st)
+{
+    int rc = cpeft_op_begin(a->dtype, "dora_weight_norm", st);
+    if (rc != CPEFT_OK)
+        return rc;
+    return dora_norm(a, norm, st);
+}
+
+static cpeft_dora_norm_args linear_norm_args(const cpeft_dora_linear_args *a)
+{
+    const cpeft_lora_linear_args *l = &a->lora;
+    cpeft_dora_norm_args n = {l->dtype, l->out, l->in, l->r, l->weight, l->lora_a, l->lora_b,
+                              l->scale, a->weight_sq_norm};
+    return n;
+}
+
+static int check_plain(const cpeft_lora_linear_args *l, const char *op, cpeft_status *st)
+{
+    int64_t seg, k;
+    int rc = cpeft_lora_groups_cpu(l, &seg, &k, st);
+    if (rc == CPEFT_OK && (l->groups != 1 || k != 1))
+        rc = cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: DoRA takes one ungrouped adapter, got %lld "
+                        "groups", op, (long long)l->groups);
+    return rc;
+}
+
+/* c = m / n and c - 1 (OUT each) in one buffer of the data type. */
+static void *magnitude_scales(cpeft_dtype dt, cpeft_vec m, cpeft_vec n, cpeft_vec *c,
+                              cpeft_vec *c_minus_one, cpeft_status *st)
+{
+    void *buf = cpeft_alloc_temp(dt, 2 * m.len, "m / n", st);
+    if (buf == NULL)
+        return NULL;
+    char *second = (char *)buf + (size_t)m.len * cpeft_dtype_size(dt);
+    *c = (cpeft_vec){buf, m.len, 1};
+    *c_minus_one = (cpeft_vec){second, m.len, 1};
+    DORA_DISPATCH(dt, magnitude_scales, m, n, buf, (void *)second);
+    return buf;
+}
+
+static void combine(cpeft_dtype dt, cpeft_mat u, cpeft_vec l, cpeft_vec bias, int accumulate,
+                    cpeft_mat y)
+{
+    DORA_DISPATCH(dt, combine, u, l.data, bias, accumulate, y);
+}
+
+/* Rows of dropped x per chunk: at least 512, so the chunked products with W (which BLAS
+ * repacks on every call) stay large next to the packing. */
+static int64_t dropout_chunk_rows(cpeft_dtype dt, int64_t m, int64_t in)
+{
+    int64_t rows = cpeft_chunk_rows(dt, in);
+    if (rows < 512)
+        rows = 512;
+    return rows < m ? rows : (m > 0 ? m : 1);
+}
+
+/* With dropout: xa = xd·Aᵀ and u = xd·Wᵀ + s·xa·Bᵀ, building xd one row chunk at a time. */
+static int dropped_terms(const cpeft_lora_linear_args *l, cpeft_mat xa, cpeft_mat u,
+                         cpeft_status *st)
+{
+    cpeft_dtype dt = l->dtype;
+    int64_t rows = dropout_chunk_rows(dt, l->m, l->in);
+    void *buf = cpeft_alloc_temp(dt, rows * l->in, "dropped-x chunk", st);
+    if (buf == NULL)
+        return st->code;
+    int rc = CPEFT_OK;
+    for (int64_t row0 = 0; row0 < l->m && rc == CPEFT_OK; row0 += rows) {
+        int64_t n = l->m - row0 < rows ? l->m - row0 : rows;
+        cpeft_mat xd = cpeft_mat_compact(buf, n, l->in);
+        cpeft_mat xa_rows = cpeft_mat_sub(dt, xa, row0, n, 0, l->r);
+        cpeft_mat u_rows = cpeft_mat_sub(dt, u, row0, n, 0, l->out);
+        cpeft_dropout_rows_cpu(dt, &l->dropout, row0, 1.0,
+                               cpeft_mat_sub(dt, l->x, row0, n, 0, l->in), 0, xd);
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xd, l->lora_a, 0.0, xa_rows, st);
+        if (rc == CPEFT_OK)
+            rc = cpeft_gemm_cpu(dt, 0, 1, l->scale, xa_rows, l->lora_b, 0.0, u_rows, st);
+        if (rc == CPEFT_OK)
+            rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xd, l->weight, 1.0, u_rows, st);
+    }
+    free(buf);
+    return rc;
+}
+
+/*
+ * Without dropout and without a kept u, with M > IN: c goes into copies of W (OUT x IN) and of
+ * [s·B | b] (OUT x (R+1)) instead of a pass over y, so the GEMMs alone write
+ * y = [xa | 1]·[s·(c ⊙ B) | b]ᵀ + x·(c ⊙ W)ᵀ.
+ */
+static int folded_forward(const cpeft_lora_linear_args *l, cpeft_mat xa, cpeft_vec c, cpeft_mat y,
+                          cpeft_status *st)
+{
+    cpeft_dtype dt = l->dtype;
+    size_t elt = cpeft_dtype_size(dt);
+    int64_t k = l->r + (l->bias.data != NULL);
+    char *buf = cpeft_alloc_temp(dt, l->out * l->in + l->out * k + l->m * k + l->out,
+                                 "c-scaled W, [s·c ⊙ B | b], [xa | 1], s·c", st);
+    if (buf == NULL)
+        return st->code;
+    cpeft_mat w_scaled = cpeft_mat_compact(buf, l->out, l->in);
+    char *p = buf + (size_t)(l->out * l->in) * elt;
+    cpeft_mat b_aug = cpeft_mat_compact(p, l->out, k);
+    p += (size_t)(l->out * k) * elt;
+    cpeft_mat xa_aug = cpeft_mat_compact(p, l->m, k);
+    cpeft_vec s_c = {p + (size_t)(l->m * k) * elt, l->out, 1};
+    cpeft_scaled_copy_cpu(dt, l->weight, c, 0, w_scaled);
+    DORA_DISPATCH(dt, times_scalar, c, l->scale, s_c);
+    cpeft_scaled_copy_cpu(dt, l->lora_b, s_c, 0, cpeft_mat_sub(dt, b_aug, 0, l->out, 0, l->r));
+    DORA_DISPATCH(dt, copy, xa, cpeft_mat_sub(dt, xa_aug, 0, l->m, 0, l->r));
+    if (l->bias.data != NULL) {
+        double one64 = 1.0;
+        float one32 = 1.0f;
+        cpeft_vec one = {dt == CPEFT_FLOAT32 ? (void *)&one32 : (void *)&one64, 1, 1};
+        cpeft_mat bias_col = {l->bias.data, l->out, 1, l->bias.stride, 1};
+        cpeft_fill_rows_cpu(dt, cpeft_mat_sub(dt, xa_aug, 0, l->m, l->r, 1), one);
+        DORA_DISPATCH(dt, copy, bias_col, cpeft_mat_sub(dt, b_aug, 0, l->out, l->r, 1));
+    }
+    int rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xa_aug, b_aug, 0.0, y, st);
+    if (rc == CPEFT_OK)
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, w_scaled, 1.0, y, st);
+    free(buf);
+    return rc;
+}
+
+int cpeft_dora_linear_fwd_cpu(const cpeft_dora_linear_args *a, const cpeft_dora_linear_fwd_out *o,
+                              cpeft_status *st)
+{
+    const cpeft_lora_linear_args *l = &a->lora;
+    int rc = cpeft_op_begin(l->dtype, "dora_linear_forward", st);
+    if (rc != CPEFT_OK || (rc = check_plain(l, "dora_linear_forward", st)) != CPEFT_OK)
+        return rc;
+    cpeft_dtype dt = l->dtype;
+    int dropout = l->dropout.p > 0.0;
+    cpeft_dora_norm_args na = linear_norm_args(a);
+    if ((rc = dora_norm(&na, o->norm, st)) != CPEFT_OK)
+        return rc;
+    cpeft_vec c, c_minus_one;
+    void *scales = magnitude_scales(dt, a->magnitude, o->norm, &c, &c_minus_one, st);
+    if (scales == NULL)
+        return st->code;
+
+    /* u goes to `base` when the caller keeps it; otherwise without dropout y itself holds u and
+     * is scaled in place, and with dropout u needs a temporary (y also needs x·Wᵀ). */
+    void *xa_temp = NULL, *u_temp = NULL;
+    cpeft_mat xa = o->xa, u = o->base;
+    if (xa.data == NULL) {
+        xa_temp = cpeft_alloc_temp(dt, l->m * l->r, "xa", st);
+        xa = cpeft_mat_compact(xa_temp, l->m, l->r);
+    }
+    if (u.data == NULL) {
+        if (dropout) {
+            u_temp = cpeft_alloc_temp(dt, l->m * l->out, "u = xd·Wᵀ + s·xa·Bᵀ", st);
+            u = cpeft_mat_compact(u_temp, l->m, l->out);
+        } else {
+            u = o->y;
+        }
+    }
+    if (xa.data == NULL || u.data == NULL) {
+        rc = st->code;
+    } else if (!dropout && o->base.data == NULL && l->m > l->in) {
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->lora_a, 0.0, xa, st);
+        if (rc == CPEFT_OK)
+            rc = folded_forward(l, xa, c, o->y, st);
+    } else if (!dropout) {
+        /* The rank-r term first, so the compute-bound base GEMM absorbs the read of u. */
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->lora_a, 0.0, xa, st);
+        if (rc == CPEFT_OK)
+            rc = cpeft_gemm_cpu(dt, 0, 1, l->scale, xa, l->lora_b, 0.0, u, st);
+        if (rc == CPEFT_OK)
+            rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->weight, 1.0, u, st);
+        if (rc == CPEFT_OK)
+            combine(dt, u, c, l->bias, 0, o->y);
+    } else {
+        /* y = s·xa·Bᵀ + (c - 1) ⊙ u + bias, then x·Wᵀ accumulated by the base GEMM. */
+        rc = dropped_terms(l, xa, u, st);
+        if (rc == CPEFT_OK)
+            rc = cpeft_gemm_cpu(dt, 0, 1, l->scale, xa, l->lora_b, 0.0, o->y, st);
+        if (rc == CPEFT_OK) {
+            combine(dt, u, c_minus_one, l->bias, 1, o->y);
+            rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->weight, 1.0, o->y, st);
+        }
+    }
+    free(u_temp);
+    free(xa_temp);
+    free(scales);
+    return rc;
+}
+
+/*
+ * g·(l ⊙ W) with l scaling the rows of W's (OUT, IN) view, as one of two operand pairs for the
+ * GEMMs that follow: a scaled copy of W (when M >= IN) or of g (when M < IN), whichever is
+ * smaller, so the extra pass is over min(M, IN)·OUT elements. *temp owns the copy.
+ */
+static int scaled_pair(cpeft_dtype dt, cpeft_mat g, cpeft_mat w, cpeft_vec l, cpeft_mat *g_use,
+                       cpeft_mat *w_use, void **temp, cpeft_status *st)
+{
+    *g_use = g;
+    *w_use = w;
+    if (g.rows >= w.cols) {
+        *temp = cpeft_alloc_temp(dt, w.rows * w.cols, "row-scaled W", st);
+        if (*temp == NULL)
+            return st->code;
+        *w_use = cpeft_mat_compact(*temp, w.rows, w.cols);
+        cpeft_scaled_copy_cpu(dt, w, l, 0, *w_use);
+    } else {
+        *temp = cpeft_alloc_temp(dt, g.rows * g.cols, "column-scaled g", st);
+        if (*temp == NULL)
+            return st->code;
+        *g_use = cpeft_mat_compact(*temp, g.rows, g.cols);
+        cpeft_scaled_copy_cpu(dt, g, l, 1, *g_use);
+    }
+    return CPEFT_OK;
+}
+
+/* grad_m (and grad_bias in the same pass over g) and grad_b. */
+static int magnitude_b_bias_grads(const cpeft_dora_linear_args *a,
+                                  const cpeft_dora_linear_bwd_in *in, cpeft_vec c,
+                                  const cpeft_dora_linear_bwd_out *o, cpeft_status *st)
+{
+    const cpeft_lora_linear_args *l = &a->lora;
+    cpeft_dtype dt = l->dtype;
+    int want_m = o->grad_m.data != NULL, want_bias = o->grad_bias.data != NULL;
+    int rc = CPEFT_OK;
+    if (want_m) {
+        double *acc = alloc_doubles(3 * l->out, "the grad_m and grad_bias sums", st);
+        if (acc == NULL)
+            return st->code;
+        double *bias_sum = want_bias ? acc + l->out : NULL;
+        double *norm = acc + 2 * l->out;
+        DORA_DISPATCH(dt, column_dots, in->grad_out, in->base, acc, bias_sum);
+        if (want_bias)
+            DORA_DISPATCH(dt, store, bias_sum, o->grad_bias);
+        DORA_DISPATCH(dt, load, in->norm, norm);
+        for (int64_t j = 0; j < l->out; ++j)
+            acc[j] /= norm[j];
+        DORA_DISPATCH(dt, store, acc, o->grad_m);
+        free(acc);
+    } else if (want_bias) {
+        rc = cpeft_colsum_cpu(dt, 1.0, in->grad_out, o->grad_bias, st);
+    }
+    if (rc == CPEFT_OK && o->grad_b.data != NULL) {
+        rc = cpeft_gemm_cpu(dt, 1, 0, l->scale, in->grad_out, in->xa, 0.0, o->grad_b, st);
+        if (rc == CPEFT_OK)
+            cpeft_scale_mat_cpu(dt, o->grad_b, c, 0);
+    }
+    return rc;
+}
+
+/* With dropout: grad_a = s·gbᵀ·xd and the dropped part of grad_x,
+ * drop'(g·((c - 1) ⊙ W) + s·gb·A), a row chunk at a time (the mask is regenerated). */
+static int dropped_input_grads(const cpeft_lora_linear_args *l, cpeft_mat g, cpeft_mat gb,
+                               cpeft_vec c_minus_one, const cpeft_dora_linear_bwd_out *o,
+                               cpeft_status *st)
+{
+    cpeft_dtype dt = l->dtype;
+    int64_t rows = dropout_chunk_rows(dt, l->m, l->in);
+    void *pair_temp = NULL;
+    cpeft_mat g_use = g, w_use = l->weight;
+    int rc = CPEFT_OK;
+    if (o->grad_x.data != NULL)
+        rc = scaled_pair(dt, g, l->weight, c_minus_one, &g_use, &w_use, &pair_temp, st);
+    void *buf = rc == CPEFT_OK ? cpeft_alloc_temp(dt, rows * l->in, "dropout chunk", st) : NULL;
+    if (buf == NULL) {
+        free(pair_temp);
+        return st->code;
+    }
+    /* One pass even when M == 0, so grad_a is still written (zeros) by the K == 0 GEMM. */
+    for (int64_t row0 = 0; (row0 < l->m || row0 == 0) && rc == CPEFT_OK; row0 += rows) {
+        int64_t n = l->m - row0 < rows ? l->m - row0 : rows;
+        cpeft_mat gb_rows = cpeft_mat_sub(dt, gb, row0, n, 0, l->r);
+        cpeft_mat tmp = cpeft_mat_compact(buf, n, l->in);
+        if (o->grad_a.data != NULL) {
+            cpeft_dropout_rows_cpu(dt, &l->dropout, row0, 1.0,
+                                   cpeft_mat_sub(dt, l->x, row0, n, 0, l->in), 0, tmp);
+            rc = cpeft_gemm_cpu(dt, 1, 0, l->scale, gb_rows, tmp, row0 == 0 ? 0.0 : 1.0,
+                                o->grad_a, st);
+        }
+        if (o->grad_x.data != NULL && rc == CPEFT_OK && n > 0) {
+            rc = cpeft_gemm_cpu(dt, 0, 0, l->scale, gb_rows, l->lora_a, 0.0, tmp, st);
+            if (rc == CPEFT_OK)
+                rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, cpeft_mat_sub(dt, g_use, row0, n, 0, l->out),
+                                    w_use, 1.0, tmp, st);
+            if (rc == CPEFT_OK)
+                cpeft_dropout_rows_cpu(dt, &l->dropout, row0, 1.0, tmp, 0,
+                                       cpeft_mat_sub(dt, o->grad_x, row0, n, 0, l->in));
+        }
+    }
+    free(buf);
+    free(pair_temp);
+    return rc;
+}
+
+int cpeft_dora_linear_bwd_cpu(const cpeft_dora_linear_args *a, const cpeft_dora_linear_bwd_in *in,
+                              const cpeft_dora_linear_bwd_out *o, cpeft_status *st)
+{
+    const cpeft_lora_linear_args *l = &a->lora;
+    int rc = cpeft_op_begin(l->dtype, "dora_linear_backward", st);
+    if (rc != CPEFT_OK || (rc = check_plain(l, "dora_linear_backward", st)) != CPEFT_OK)
+        return rc;
+    cpeft_dtype dt = l->dtype;
+    cpeft_mat g = in->grad_out;
+    cpeft_vec c, c_minus_one;
+    void *scales = magnitude_scales(dt, a->magnitude, in->norm, &c, &c_minus_one, st);
+    if (scales == NULL)
+        return st->code;
+    if ((rc = magnitude_b_bias_grads(a, in, c, o, st)) != CPEFT_OK ||
+        (o->grad_x.data == NULL && o->grad_a.data == NULL)) {
+        free(scales);
+        return rc;
+    }
+
+    /* gb = g·(c ⊙ B) (M x R): B's rows scaled (OUT x R), not g. */
+    void *gb_data = cpeft_alloc_temp(dt, l->m * l->r + l->out * l->r, "g·(c ⊙ B)", st);
+    if (gb_data == NULL) {
+        free(scales);
+        return st->code;
+    }
+    cpeft_mat gb = cpeft_mat_compact(gb_data, l->m, l->r);
+    cpeft_mat b_scaled = cpeft_mat_compact(
+        (char *)gb_data + (size_t)(l->m * l->r) * cpeft_dtype_size(dt), l->out, l->r);
+    cpeft_scaled_copy_cpu(dt, l->lora_b, c, 0, b_scaled);
+    rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, g, b_scaled, 0.0, gb, st);
+
+    if (rc == CPEFT_OK && l->dropout.p > 0.0) {
+        rc = dropped_input_grads(l, g, gb, c_minus_one, o, st);
+        if (rc == CPEFT_OK && o->grad_x.data != NULL)
+            rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, g, l->weight, 1.0, o->grad_x, st);
+    } else if (rc == CPEFT_OK) {
+        if (o->grad_a.data != NULL)
+            rc = cpeft_gemm_cpu(dt, 1, 0, l->scale, gb, l->x, 0.0, o->grad_a, st);
+        if (rc == CPEFT_OK && o->grad_x.data != NULL) {
+            /* The rank-r term first; the base GEMM g·(c ⊙ W) accumulates onto it. */
+            void *pair_temp = NULL;
+            cpeft_mat g_use, w_use;
+            rc = cpeft_gemm_cpu(dt, 0, 0, l->scale, gb, l->lora_a, 0.0, o->grad_x, st);
+            if (rc == CPEFT_OK)
+                rc = scaled_pair(dt, g, l->weight, c, &g_use, &w_use, &pair_temp, st);
+            if (rc == CPEFT_OK)
+                rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, g_use, w_use, 1.0, o->grad_x, st);
+            free(pair_temp);
+        }
+    }
+    free(gb_data);
+    free(scales);
+    return rc;
+}
+
+/* ---- embedding ------------------------------------------------------------------------------ */
+
+static const cpeft_vec no_scale = {NULL, 0, 1};
+
+static cpeft_dora_norm_args embedding_norm_args(const cpeft_dora_embedding_args *a)
+{
+    const cpeft_lora_embedding_args *l = &a->lora;
+    cpeft_dora_norm_args n = {l->dtype, l->dim, l->num_embeddings, l->r,
+                              cpeft_mat_transpose(l->weight), l->lora_a, l->lora_b, l->scale,
+                              a->weight_sq_norm};
+    return n;
+}
+
+/* Aᵀ[idx] (N x R) into a new temporary. */
+static void *gather_a_rows(const cpeft_lora_embedding_args *l, cpeft_mat *rows, cpeft_status *st)
+{
+    void *data = cpeft_alloc_temp(l->dtype, l->n * l->r, "Aᵀ[indices]", st);
+    if (data == NULL)
+        return NULL;
+    *rows = cpeft_mat_compact(data, l->n, l->r);
+    if (cpeft_gather_rows_cpu(l->dtype, l->index_dtype, l->indices,
+                              cpeft_mat_transpose(l->lora_a), no_scale, *rows, st) != CPEFT_OK) {
+        free(data);
+        return NULL;
+    }
+    return data;
+}
+
+int cpeft_dora_embedding_fwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat y, cpeft_vec norm,
+                                 cpeft_status *st)
+{
+    const cpeft_lora_embedding_args *l = &a->lora;
+    int rc = cpeft_op_begin(l->dtype, "dora_embedding_forward", st);
+    if (rc != CPEFT_OK ||
+        (rc = cpeft_check_index_dtype_cpu(l->index_dtype, "dora_embedding_forward", st)) !=
+            CPEFT_OK)
+        return rc;
+    cpeft_dtype dt = l->dtype;
+    cpeft_dora_norm_args na = embedding_norm_args(a);
+    if ((rc = dora_norm(&na, norm, st)) != CPEFT_OK)
+        return rc;
+    cpeft_vec c, c_minus_one;
+    void *scales = magnitude_scales(dt, a->magnitude, norm, &c, &c_minus_one, st);
+    if (scales == NULL)
+        return st->code;
+    /* y = W[idx] ⊙ c, then the rank-r term with B's rows scaled by s·c. */
+    if ((rc = cpeft_gather_rows_cpu(dt, l->index_dtype, l->indices, l->weight, c, y, st)) !=
+        CPEFT_OK) {
+        free(scales);
+        return rc;
+    }
+    cpeft_mat a_rows;
+    void *a_rows_data = l->n > 0 ? gather_a_rows(l, &a_rows, st) : NULL;
+    void *b_scaled_data = a_rows_data ? cpeft_alloc_temp(dt, l->dim * l->r, "c ⊙ B", st) : NULL;
+    if (b_scaled_data != NULL) {
+        cpeft_mat b_scaled = cpeft_mat_compact(b_scaled_data, l->dim, l->r);
+        cpeft_scaled_copy_cpu(dt, l->lora_b, c, 0, b_scaled);
+        rc = cpeft_gemm_cpu(dt, 0, 1, l->scale, a_rows, b_scaled, 1.0, y, st);
+    } else if (l->n > 0) {
+        rc = st->code;
+    }
+    free(b_scaled_data);
+    free(a_rows_data);
+    free(scales);
+    return rc;
+}
+
+#define DEFINE_GATHER_DOTS(T, SUFFIX)                                                          \
+    /* acc[d] += Σ_n g[n][d] · W[idx[n]][d]; each index is read once and checked where it is   \
+     * used (the caller's array may change while the GIL is released). */                      \
+    static int gather_dots_##SUFFIX(cpeft_mat g, cpeft_dtype index_dtype, cpeft_vec indices,  \
+                                    cpeft_mat w, double *acc, cpeft_status *st)                \
+    {                                                                                          \
+        const T *pg = (const T *)g.data;                                                       \
+        const T *pw = (const T *)w.data;                                                       \
+        for (int64_t n = 0; n < g.rows; ++n) {                                                 \
+            int64_t row = cpeft_index_at(index_dtype, indices, n);                             \
+            if (row < 0 || row >= w.rows)                                                      \
+                return cpeft_index_error(n, row, w.rows, st);                                  \
+            const T *rg = pg + n * g.row_stride;                                               \
+            const T *rw = pw + row * w.row_stride;                                             \
+            for (int64_t d = 0; d < g.cols; ++d)                                               \
+                acc[d] += (double)rg[d * g.col_stride] * (double)rw[d * w.col_stride];         \
+        }                                                                                      \
+        return CPEFT_OK;                                                                       \
+    }                                                                                          \
+    /* acc[d] = (acc[d] + s · Σ_k t[d][k]·b[d][k]) / n[d] */                                   \
+    static void finish_magnitude_grad_##SUFFIX(double *acc, const T *t, cpeft_mat b, double s,\
+                                               cpeft_vec norm)                                 \
+    {                                                                                          \
+        const T *pb = (const T *)b.data;                                                       \
+        const T *pn = (const T *)norm.data;                                                    \
+        for (int64_t d = 0; d < b.rows; ++d) {                                                 \
+            double dot = 0.0;                                                                  \
+            for (int64_t k = 0; k < b.cols; ++k)                                               \
+                dot += (double)t[d * b.cols + k] *                                             \
+                       (double)pb[d * b.row_stride + k * b.col_stride];                        \
+            acc[d] = (acc[d] + s * dot) / (double)pn[d * norm.stride];                         \
+        }                                                                                      \
+    }
+
+DEFINE_GATHER_DOTS(float, f32)
+DEFINE_GATHER_DOTS(double, f64)
+
+int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat grad_out,
+                                 cpeft_vec norm, const cpeft_dora_embedding_bwd_out *o,
+                                 cpeft_status *st)
+{
+    const cpeft_lora_embedding_args *l = &a->lora;
+    int rc = cpeft_op_begin(l->dtype, "dora_embedding_backward", st);
+    if (rc != CPEFT_OK ||
+        (rc = cpeft_check_index_dtype_cpu(l->index_dtype, "dora_embedding_backward", st)) !=
+            CPEFT_OK)
+        return rc;
+    cpeft_dtype dt = l->dtype;
+    size_t elt = cpeft_dtype_size(dt);
+    cpeft_mat g = grad_out;
+    cpeft_vec c, c_minus_one;
+    void *scales = magnitude_scales(dt, a->magnitude, norm, &c, &c_minus_one, st);
+    /* One buffer: Aᵀ[idx] (N x R), t = gᵀ·Aᵀ[idx] (D x R), c ⊙ B (D x R), gb (N x R). */
+    void *work = scales ? cpeft_alloc_temp(dt, 2 * l->n * l->r + 2 * l->dim * l->r,
+                                           "DoRA embedding temporaries", st)
+                        : NULL;
+    double *acc = work ? alloc_doubles(l->dim, "the grad_m sums", st) : NULL;
+    if (acc == NULL) {
+        free(work);
+        free(scales);
+        return st->code;
+    }
+    char *p = work;
+    cpeft_mat a_rows = cpeft_mat_compact(p, l->n, l->r);
+    cpeft_mat t = cpeft_mat_compact(p += (size_t)(l->n * l->r) * elt, l->dim, l->r);
+    cpeft_mat b_scaled = cpeft_mat_compact(p += (size_t)(l->dim * l->r) * elt, l->dim, l->r);
+    cpeft_mat gb = cpeft_mat_compact(p + (size_t)(l->dim * l->r) * elt, l->n, l->r);
+    rc = cpeft_gather_rows_cpu(dt, l->index_dtype, l->indices, cpeft_mat_transpose(l->lora_a),
+                               no_scale, a_rows, st);
+
+    if (rc == CPEFT_OK && (o->grad_m.data != NULL || o->grad_b.data != NULL))
+        rc = cpeft_gemm_cpu(dt, 1, 0, 1.0, g, a_rows, 0.0, t, st);
+    if (rc == CPEFT_OK && o->grad_m.data != NULL) {
+        if (dt == CPEFT_FLOAT32) {
+            rc = gather_dots_f32(g, l->index_dtype, l->indices, l->weight, acc, st);
+            if (rc == CPEFT_OK)
+                finish_magnitude_grad_f32(acc, t.data, l->lora_b, l->scale, norm);
+        } else {
+            rc = gather_dots_f64(g, l->index_dtype, l->indices, l->weight, acc, st);
+            if (rc == CPEFT_OK)
+                finish_magnitude_grad_f64(acc, t.data, l->lora_b, l->scale, norm);
+        }
+        if (rc == CPEFT_OK)
+            DORA_DISPATCH(dt, store, acc, o->grad_m);
+    }
+    if (rc == CPEFT_OK && o->grad_b.data != NULL) {
+        /* grad_b = (s·c) ⊙ t, the rows of t scaled by s·c (kept in c_minus_one's place, which
+         * the embedding does not use). */
+        DORA_DISPATCH(dt, times_scalar, c, l->scale, c_minus_one);
+        cpeft_scaled_copy_cpu(dt, t, c_minus_one, 0, o->grad_b);
+    }
+    if (rc == CPEFT_OK && o->grad_a.data != NULL) {
+        cpeft_fill_zero_cpu(dt, o->grad_a);
+        if (l->n > 0) {
+            cpeft_scaled_copy_cpu(dt, l->lora_b, c, 0, b_scaled);
+            rc = cpeft_gemm_cpu(dt, 0, 0, l->scale, g, b_scaled, 0.0, gb, st);
+            if (rc == CPEFT_OK)
+                rc = cpeft_scatter_add_rows_cpu(dt, l->index_dtype, l->indices, l->padding_idx,
+                                                gb, no_scale, cpeft_mat_transpose(o->grad_a), st);
+        }
+    }
+    free(acc);
+    free(work);
+    free(scales);
+    return rc;
+}
