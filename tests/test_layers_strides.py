@@ -126,3 +126,42 @@ def test_cuda_view_copies_only_what_cublas_cannot_take():
         copy_ = _autograd._cuda_view(view)
         assert copy_.is_contiguous() and copy_.data_ptr() != view.data_ptr()
         assert torch.equal(copy_, view)
+
+
+def dora_layers(device):
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device=device)
+    return {"DoraLinear": (lora.Linear(7, 5, r=2, lora_alpha=4, use_dora=True, **kw),
+                           torch.randn(2, 3, 7, **kw)),
+            "DoraLinear-fan_in_fan_out": (lora.Linear(7, 5, r=2, use_dora=True,
+                                                      fan_in_fan_out=True, **kw),
+                                          torch.randn(4, 7, **kw)[::2]),
+            "DoraEmbedding": (lora.Embedding(11, 5, r=2, use_dora=True, padding_idx=1, **kw),
+                              torch.tensor([[0, 1, 4, 10], [3, 1, 1, 7]], device=device).t())}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("name", ["DoraLinear", "DoraLinear-fan_in_fan_out", "DoraEmbedding"])
+def test_dora_layers_take_any_strides(name, loss, device):
+    """DoRA has no plain-torch reference here (tests/test_dora_torch.py compares it with peft):
+    the gradients a loss hands the layer (expanded for sum and mean) must give what the same
+    gradient made contiguous gives, with a contiguous input."""
+    layer, x = dora_layers(device)[name]
+    nonzero_adapters(layer)
+    twin = copy.deepcopy(layer)
+    y = layer(x.requires_grad_(True) if x.is_floating_point() else x)
+    LOSSES[loss](y).backward()
+    x_twin = x.detach().contiguous()
+    if x.is_floating_point():
+        x_twin.requires_grad_(True)
+    y_twin = twin(x_twin)
+    probe = y_twin.detach().requires_grad_(True)
+    grad, = torch.autograd.grad(LOSSES[loss](probe), probe)
+    y_twin.backward(grad.contiguous())
+    torch.testing.assert_close(y, y_twin, rtol=1e-12, atol=1e-12)
+    for (p_name, p), p_twin in zip(layer.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (p_twin.grad is None), p_name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_twin.grad, rtol=1e-12, atol=1e-12)
+    if x.is_floating_point():
+        torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-12, atol=1e-12)

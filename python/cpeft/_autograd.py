@@ -755,6 +755,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
                 settings: DoraLinearSettings):
+        x = _cuda_view(x) if x.is_cuda else x  # the one copy the CUDA boundary needs
         out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
         y = _empty(x.shape[:-1] + (out_features,), x)
         xa = _empty(x.shape[:-1] + (lora_a.shape[0],), x)
@@ -774,6 +775,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, magnitude, norm, xa, base = ctx.saved_tensors
+        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         settings = ctx.settings
         need_bias = need_bias and ctx.has_bias
@@ -816,6 +818,7 @@ class DoraEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices, weight, lora_a, lora_b, magnitude, weight_sq_norm,
                 settings: LoraEmbeddingSettings):
+        indices = _cuda_view(indices) if indices.is_cuda else indices
         y = _empty(indices.shape + (weight.shape[1],), weight)
         norm = _empty((weight.shape[1],), weight)
         functional.dora_embedding_forward(
@@ -830,6 +833,7 @@ class DoraEmbeddingFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
+        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_a, need_b, need_m = ctx.needs_input_grad[2:5]
         grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
         grad_m = _grad_buffer(need_m, magnitude)
@@ -871,6 +875,7 @@ class LoraGroupedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, index, settings: LoraGroupedSettings):
+        x = _cuda_view(x) if x.is_cuda else x  # the one copy the CUDA boundary needs
         out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
         y = _empty(x.shape[:-1] + (out_features,), x)
         xa = _empty(x.shape[:-1] + (max(settings.ranks),), x)
@@ -888,6 +893,7 @@ class LoraGroupedFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, xa, index = ctx.saved_tensors
+        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         settings = ctx.settings
         need_bias = need_bias and ctx.has_bias
