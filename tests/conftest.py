@@ -18,6 +18,7 @@ Tolerance rule (used by every numeric comparison against the float64 references)
 * eps(float32) = 1.19e-7, eps(float64) = 2.2e-16: float64 results must agree to ~1e-13 relative
   for the sizes used here (the float64 reference has the same rounding noise as ours).
 """
+import functools
 import math
 import sys
 import zlib
@@ -44,6 +45,37 @@ def _fixed_seed(request):
 
 def seed_for(nodeid):
     return (BASE_SEED + zlib.crc32(nodeid.encode())) % (2**31)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_unavailable_reason():
+    """None when torch sees a GPU and cpeft was built with CUDA, else why CUDA tests skip.
+    Called from fixtures, never at import: collecting the tests probes no GPU."""
+    try:
+        import torch
+    except ImportError:
+        return "needs torch"
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU"
+    import cpeft
+    if not cpeft.has_cuda():
+        return "needs a CUDA build of cpeft"
+    return None
+
+
+def skip_without_cuda():
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """Every test taking ``device`` runs on the CPU and, where a GPU and a CUDA build of cpeft
+    exist, on CUDA, under the same assertions and tolerances (skipped otherwise)."""
+    if request.param == "cuda":
+        skip_without_cuda()
+    return request.param
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ that precision on the same inputs (3x for gradients). Both are measured against 
 the formula evaluated in float64 on the low-precision values handed to cpeft. A floor of a few
 ulps of the output's largest magnitude covers formulas torch happens to compute exactly.
 
-Everything here needs an NVIDIA GPU and a CUDA build of cpeft; elsewhere the module is skipped
+Everything here needs an NVIDIA GPU and a CUDA build of cpeft; elsewhere each test is skipped
 with that reason. Inputs also arrive through DLPack from CuPy and JAX where those import.
 """
 import math
@@ -20,16 +20,15 @@ except ImportError:  # pragma: no cover - the CPU-only CI has torch, the reason 
     torch = None
 
 import cpeft
+from conftest import skip_without_cuda
 from cpeft import functional as F
 
 
-def _cuda_ready():
-    return (torch is not None and torch.cuda.is_available()
-            and bool(getattr(cpeft, "has_cuda", lambda: False)()))
-
-
-pytestmark = pytest.mark.skipif(not _cuda_ready(),
-                                reason="needs an NVIDIA GPU and a CUDA build of cpeft")
+@pytest.fixture(autouse=True)
+def _needs_cuda():
+    """Skips each test here without a GPU and a CUDA build; probed when a test runs, never at
+    import (collecting this module touches no GPU)."""
+    skip_without_cuda()
 
 LOW = ("float16", "bfloat16", "float32")
 FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0

@@ -3,13 +3,16 @@ is at most 2x (3x for gradients) the largest error torch makes evaluating peft's
 same precision on the same inputs. Skipped without an NVIDIA GPU and a CUDA build of cpeft."""
 import pytest
 
-from test_cuda import (FWD_FACTOR, GRAD_FACTOR, LOW, both, check, cpu_mask, dev, randn, tdtype,
-                       _cuda_ready)
+from conftest import skip_without_cuda
+from test_cuda import FWD_FACTOR, GRAD_FACTOR, LOW, both, check, cpu_mask, dev, randn, tdtype
 
 from cpeft import functional as F
 
-pytestmark = pytest.mark.skipif(not _cuda_ready(),
-                                reason="needs an NVIDIA GPU and a CUDA build of cpeft")
+
+@pytest.fixture(autouse=True)
+def _needs_cuda():
+    """Probed when a test runs, never at import (see tests/conftest.py)."""
+    skip_without_cuda()
 
 torch = pytest.importorskip("torch")
 

@@ -1,7 +1,9 @@
 """cpeft's torch layers against torch itself: float64 gradcheck of every layer, every
 requires_grad combination, no_grad / inference_mode, autocast, .to(), state-dict and whole-module
 round trips, activation checkpointing, torch.compile, dropout masks regenerated in backward,
-Conv1d/Conv3d against a plain torch reference, IA3 against the real peft, and CUDA when present.
+Conv1d/Conv3d against a plain torch reference, IA3 against the real peft. Tests taking the
+``device`` fixture (tests/conftest.py) run on the CPU and, where present, on CUDA under the same
+tolerances; test_cuda_matches_cpu_float64 adds the low-precision dtypes on the GPU.
 """
 import copy
 import io
@@ -14,9 +16,8 @@ nn = torch.nn
 F = torch.nn.functional
 
 import cpeft as lora  # noqa: E402
+from conftest import skip_without_cuda  # noqa: E402
 from cpeft import functional  # noqa: E402
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def nonzero_adapters(layer, scale=0.5, seed=11):
@@ -95,8 +96,8 @@ def reference_output(layer, x):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_forward_and_backward_match_plain_torch(name):
-    layer, x = case(name)
+def test_forward_and_backward_match_plain_torch(name, device):
+    layer, x = case(name, device=device)
     reference = copy.deepcopy(layer)
     if x.is_floating_point():
         x.requires_grad_(True)
@@ -114,8 +115,8 @@ def test_forward_and_backward_match_plain_torch(name):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_gradcheck_float64(name):
-    layer, x = case(name)
+def test_gradcheck_float64(name, device):
+    layer, x = case(name, device=device)
     if isinstance(layer, nn.Embedding):
         # padding_idx cuts W[padding_idx]'s gradient on purpose (torch semantics), which finite
         # differences cannot see; the padding path is compared with torch in the tests above.
@@ -137,8 +138,8 @@ def test_gradcheck_float64(name):
 
 @pytest.mark.parametrize("name", ["Linear", "MergedLinear", "Embedding", "IA3Linear",
                                   "IA3Linear-feedforward", "IA3Embedding"])
-def test_every_requires_grad_combination(name):
-    layer, x = case(name)
+def test_every_requires_grad_combination(name, device):
+    layer, x = case(name, device=device)
     reference = copy.deepcopy(layer)
     trainable = [n for n, _ in layer.named_parameters()] + \
         (["input"] if x.is_floating_point() else [])
@@ -168,8 +169,8 @@ def test_every_requires_grad_combination(name):
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
-def test_no_grad_and_inference_mode(name, context):
-    layer, x = case(name)
+def test_no_grad_and_inference_mode(name, context, device):
+    layer, x = case(name, device=device)
     expected = reference_output(layer, x).detach()
     manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
     with manager:
@@ -180,14 +181,15 @@ def test_no_grad_and_inference_mode(name, context):
         layer.train()
 
 
-def test_dropout_mask_is_the_documented_one_and_backward_reuses_it():
+def test_dropout_mask_is_the_documented_one_and_backward_reuses_it(device):
     torch.manual_seed(0)
     layer = nonzero_adapters(lora.Linear(16, 8, r=4, lora_alpha=8, lora_dropout=0.3,
-                                         dtype=torch.float64))
-    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+                                         dtype=torch.float64, device=device))
+    x = torch.randn(5, 16, dtype=torch.float64, device=device, requires_grad=True)
     torch.manual_seed(123)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    mask = torch.as_tensor(functional.dropout_mask((5, 16), 0.3, seed, 0, dtype="float64"))
+    mask = torch.as_tensor(functional.dropout_mask((5, 16), 0.3, seed, 0, dtype="float64"),
+                           device=device)
     assert set(mask.unique().tolist()) <= {0.0, 1 / 0.7}
     torch.manual_seed(123)
     y = layer(x)
@@ -305,8 +307,8 @@ def test_exact_unmerge_with_a_zero_ia3_entry_and_large_adapters(name):
 
 
 @pytest.mark.parametrize("name", ["Linear", "MergedLinear", "Embedding", "IA3Linear", "Conv2d"])
-def test_merged_output_equals_unmerged_output(name):
-    layer, x = case(name)
+def test_merged_output_equals_unmerged_output(name, device):
+    layer, x = case(name, device=device)
     with torch.no_grad():
         unmerged = layer(x)
         merged = layer.eval()(x)
@@ -314,10 +316,9 @@ def test_merged_output_equals_unmerged_output(name):
     torch.testing.assert_close(merged, unmerged, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
 def test_torch_compile_gives_eager_results():
-    """Dynamo cannot trace into the C extension: it breaks the graph at each cpeft node and runs
-    it eagerly (the warning says so), which must not change results or gradients."""
+    """The layers' ops are torch.library custom ops under torch.compile: one graph, no break
+    (fullgraph), eager results and gradients. tests/test_compile.py covers every layer."""
     torch.manual_seed(0)
     model = nn.Sequential(nonzero_adapters(lora.Linear(8, 8, r=2)), nn.ReLU(),
                           nonzero_adapters(lora.IA3Linear(8, 4)))
@@ -326,7 +327,7 @@ def test_torch_compile_gives_eager_results():
     expected.sum().backward()
     expected_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model, backend="eager")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
     y = compiled(x)
     torch.testing.assert_close(y, expected)
     y.sum().backward()
@@ -397,10 +398,10 @@ def test_conv_kernel_size_must_be_an_int_and_dropout_warns():
         lora.Conv2d(2, 2, 3, r=1, lora_dropout=0.2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", CASE_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_matches_cpu_float64(name, dtype):
+    skip_without_cuda()
     layer, x = case(name)
     reference = copy.deepcopy(layer)
     expected = reference_output(reference, x)

@@ -1,13 +1,36 @@
-"""One torch.autograd.Function per layer kind, each calling the C core through cpeft.functional.
+"""The layers' ops: each one a forward and a backward kernel calling the C core, reached
+through a ``torch.autograd.Function`` in eager mode and through a ``torch.library`` custom op
+under ``torch.compile``.
 
-Tensors cross into C as DLPack capsules made by torch's C exporter (``to_dlpack``: no copy).
-Handing the tensors themselves would make the boundary call torch's Python-level
-``__dlpack__`` and ``__dlpack_device__``, about 8 µs per tensor, which at M=16 was more than the
-arithmetic of the whole call. Outputs and gradients are allocated by torch (``torch.empty``) and
-handed over as ``out=`` / ``grad_*=``, so torch's caching allocator owns every byte. CUDA work is
-queued on torch's current stream of the input's device, the stream every operand was produced
-on, so no producer/consumer synchronization is needed. Each backward computes only the
-gradients listed in ``ctx.needs_input_grad``.
+The pattern (every op here follows it; a new op copies it):
+
+  1. ``_<op>_fwd(...)`` and ``_<op>_bwd(..., needs)``: plain functions of tensors and Python
+     scalars (float, int, bool, bool lists) that allocate their results with torch
+     (``new_empty``: torch's caching allocator owns every byte, "callers own memory" holds) and
+     make exactly one ``_C`` call each, with pre-resolved arguments: DLPack capsules from torch's
+     C exporter (``to_dlpack``, about 0.4 µs; ``__dlpack__`` costs about 8 µs per tensor), the
+     raw handle of torch's current stream (None on the CPU), no validation that C repeats.
+     The backward computes only the gradients in ``needs`` and returns None for the others.
+  2. ``<Op>Function`` (``torch.autograd.Function``): the eager path, the cheapest per call.
+  3. ``cpeft::<op>`` and ``cpeft::<op>_backward`` (``torch.library.custom_op``) over the same
+     kernels, with ``register_fake`` (output shapes only) and ``register_autograd`` (the
+     backward calls the backward op, so AOTAutograd traces it too). Schemas take Tensor, float,
+     int, bool and ``bool[]?``; a dropout seed is a CPU int64 scalar tensor drawn outside the
+     op, so a compiled graph draws a fresh one per step; a backward op returns only the
+     requested gradients (a list), as schemas have no optional outputs.
+  4. ``<op>(...)``: the helper the layers call. It applies the dtype rule below, then takes the
+     custom op when ``torch.compiler.is_compiling()`` (Dynamo constant-folds the test, so the
+     graph holds one opaque node per layer and never breaks) and the Function otherwise.
+
+Strides: the CPU boundary copies an input that has no BLAS-able 2-D view itself. On CUDA it
+never copies (device memory is the caller's), so ``_cuda_view`` makes the one copy cuBLAS needs
+before the call, with torch's allocator: an expanded gradient (stride 0, what ``y.sum()`` or
+``y.mean()`` hands the backward) or a strided slice becomes contiguous; contiguous tensors and
+transposed matrices (``fan_in_fan_out`` weights) pass as views. CUDA work is queued on torch's
+current stream of the tensors' device, the stream every operand was produced on, so no
+producer/consumer synchronization is needed; nothing here synchronizes or allocates outside
+torch, so the ops can be captured in a CUDA graph. Each backward computes only the gradients
+autograd asks for (``ctx.needs_input_grad``).
 
 Dtype rule (shared by every layer, see docs/loralib-differences.md): torch's own.
   * a linear layer's input must have the dtype of its frozen weight, as for ``F.linear``; under
@@ -30,13 +53,15 @@ Dtype rule (shared by every layer, see docs/loralib-differences.md): torch's own
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.dlpack import to_dlpack
 
-from . import functional
+from . import _C, functional
 
 _CPU_CORE_DTYPES = (torch.float32, torch.float64)
 # Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are.
@@ -46,12 +71,24 @@ _FP32_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
 # activation checkpointing (which restores the CPU RNG state) recomputes the same mask.
 _SEED_BOUND = 2**62
 
+# torch's C getter of the current stream's raw handle (CUDA builds of torch only): about 0.2 µs,
+# where torch.cuda.current_stream(device).cuda_stream builds a Python Stream object per call.
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
 
 def cuda_stream(device: torch.device) -> Optional[int]:
     """The raw handle of torch's current stream on ``device``; None on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
-    return None
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _current_raw_stream is not None:
+        return _current_raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def _stream_of(t: Tensor) -> Optional[int]:
+    """cuda_stream of t's device; ``is_cuda`` first spares the CPU path a torch.device object."""
+    return cuda_stream(t.device) if t.is_cuda else None
 
 
 def _torch_type_name(dtype: torch.dtype) -> str:
@@ -85,15 +122,50 @@ def core_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
 
 
 def draw_dropout_seed() -> int:
-    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
+    return int(_draw_seed_tensor())
 
 
-def _dl(t: Optional[torch.Tensor]):
+def _draw_seed_tensor() -> torch.Tensor:
+    """The seed as a CPU int64 scalar: what a compiled graph passes to an op (``int()`` of a
+    tensor would break the graph)."""
+    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64)
+
+
+def _dl(t: Optional[Tensor]):
     """A DLPack capsule aliasing ``t`` (consumed by exactly one C call), or None."""
     return None if t is None else to_dlpack(t)
 
 
-def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _dl_or_false(t: Optional[Tensor]):
+    """A gradient output for the C call: a capsule to write into, or False (not requested)."""
+    return False if t is None else to_dlpack(t)
+
+
+def _cuda_view(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` as the CUDA boundary can take it: contiguous tensors and transposed matrices pass as
+    views; anything else (stride 0 of an expanded gradient, a strided slice, leading dims that do
+    not collapse) is the one copy cuBLAS needs, made here because the CUDA boundary never
+    copies device memory itself."""
+    if t is None or t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous()):
+        return t
+    return t.contiguous()
+
+
+def _first_order(backward):
+    """``once_differentiable`` only where it matters: its ``no_grad`` block and input scan cost
+    about 10 µs per backward, and grad mode is already off in a backward unless the caller
+    asked for ``create_graph=True``, where its delayed error on double backward is kept."""
+    delayed = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            return delayed(ctx, *grads)
+        return backward(ctx, *grads)
+    return wrapper
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """Differentiable cast; the dtype test first keeps the common no-cast path free of a
     dispatcher round trip (this runs five times per layer call)."""
     if t is None or t.dtype == dtype:
@@ -101,21 +173,80 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
     return t.to(dtype)
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """Uninitialized, contiguous, like's dtype and device. (new_empty with a plain tuple is
-    torch's cheapest allocation call; these run up to six times per layer step.)"""
+def _new(like: Tensor, needed: bool, shape) -> Optional[Tensor]:
+    """A contiguous, uninitialized buffer of like's dtype and device (``new_empty`` with a plain
+    tuple is torch's cheapest allocation call), or None when not needed."""
+    return like.new_empty(tuple(shape)) if needed else None
+
+
+def _empty(shape, like: Tensor) -> Tensor:
+    """Uninitialized, contiguous, like's dtype and device (the ops still on cpeft.functional)."""
     return like.new_empty(tuple(shape))
 
 
-def _grad_buffer(needed: bool, like: torch.Tensor) -> Optional[torch.Tensor]:
-    if not needed:
-        return None
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
+def _grad_buffer(needed: bool, like: Tensor) -> Optional[Tensor]:
+    return like.new_empty(tuple(like.shape)) if needed else None
 
 
-def _dl_or_false(t: Optional[torch.Tensor]):
-    """A gradient output for the C call: a capsule to write into, or False (not requested)."""
-    return False if t is None else to_dlpack(t)
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed)
+
+
+def _requested(grads, needs) -> List[Tensor]:
+    """A backward op's result: the requested gradients only, in order."""
+    return [g for g, need in zip(grads, needs) if need]
+
+
+def _spread(grads: List[Tensor], needs) -> list:
+    """The inverse of ``_requested``: None in the places not requested."""
+    it = iter(grads)
+    return [next(it) if need else None for need in needs]
+
+
+def _bool_list(values: Optional[Sequence[bool]]) -> Optional[List[bool]]:
+    return None if values is None else [bool(v) for v in values]
+
+
+# ---- LoRA linear -----------------------------------------------------------------------------
+
+def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora,
+                     dropout, seed):
+    """(y, xa) with xa = drop(x)·Aᵀ kept for backward."""
+    stream = _stream_of(x)
+    if stream is not None:
+        x, weight, bias = _cuda_view(x), _cuda_view(weight), _cuda_view(bias)
+        lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
+    lead = tuple(x.shape)[:-1]  # new_empty takes a tuple about 1 µs faster than a Size
+    y = x.new_empty(lead + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    xa = x.new_empty(lead + (lora_a.shape[0],))
+    _C.lora_linear_forward(
+        to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b), scale,
+        fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, dropout=dropout, seed=seed,
+        out=to_dlpack(y), out_xa=to_dlpack(xa), stream=stream)
+    return y, xa
+
+
+def _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out,
+                     enable_lora, dropout, seed, needs):
+    """(grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b), None where not in needs."""
+    need_x, need_weight, need_bias, need_a, need_b = needs
+    stream = _stream_of(grad_out)
+    if stream is not None:
+        grad_out, x, weight, xa = _cuda_view(grad_out), _cuda_view(x), _cuda_view(weight), \
+            _cuda_view(xa)
+        lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
+    grad_x, grad_weight = _new(x, need_x, x.shape), _new(x, need_weight, weight.shape)
+    grad_bias = _new(x, need_bias, grad_out.shape[-1:])
+    # Adapter gradients in the adapters' dtype: float32 adapters beside a 16-bit x on CUDA.
+    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
+    _C.lora_linear_backward(
+        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
+        to_dlpack(lora_b), to_dlpack(xa), scale, fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora, dropout=dropout, seed=seed, grad_x=_dl_or_false(grad_x),
+        grad_lora_a=_dl_or_false(grad_a), grad_lora_b=_dl_or_false(grad_b),
+        grad_bias=_dl_or_false(grad_bias), grad_weight=_dl_or_false(grad_weight),
+        stream=stream)
+    return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
 class LoraLinearSettings(NamedTuple):
@@ -131,55 +262,126 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, settings: LoraLinearSettings):
-        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
-        y = _empty(x.shape[:-1] + (out_features,), x)
-        xa = _empty(x.shape[:-1] + (lora_a.shape[0],), x)
-        functional.lora_linear_forward(
-            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), settings.scale,
-            fan_in_fan_out=settings.fan_in_fan_out, enable_lora=settings.enable_lora,
-            dropout=settings.dropout, seed=settings.seed, offset=0, out=_dl(y),
-            out_xa=_dl(xa), stream=cuda_stream(x.device))
+        y, xa = _lora_linear_fwd(x, weight, bias, lora_a, lora_b, *settings)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.settings = settings
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        settings = ctx.settings
-        need_bias = need_bias and ctx.has_bias
-        grad_x, grad_weight = _grad_buffer(need_x, x), _grad_buffer(need_weight, weight)
-        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
-        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
-        functional.lora_linear_backward(
-            _dl(grad_out), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(xa),
-            settings.scale, fan_in_fan_out=settings.fan_in_fan_out,
-            enable_lora=settings.enable_lora, dropout=settings.dropout, seed=settings.seed,
-            offset=0, grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
-            grad_lora_b=_dl_or_false(grad_b), grad_bias=_dl_or_false(grad_bias),
-            grad_weight=_dl_or_false(grad_weight), stream=cuda_stream(grad_out.device))
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
+        grads = _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, *ctx.settings,
+                                 (need_x, need_weight, need_bias and ctx.has_bias, need_a,
+                                  need_b))
+        return (*grads, None)
+
+
+@torch.library.custom_op("cpeft::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                    lora_b: Tensor, scale: float, fan_in_fan_out: bool,
+                    enable_lora: Optional[List[bool]], dropout: float,
+                    seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora,
+                            dropout, _seed_value(seed))
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora, dropout, seed):
+    lead = x.shape[:-1]
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return x.new_empty(lead + (out_features,)), x.new_empty(lead + (lora_a.shape[0],))
+
+
+@torch.library.custom_op("cpeft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
+                             lora_b: Tensor, xa: Tensor, scale: float, fan_in_fan_out: bool,
+                             enable_lora: Optional[List[bool]], dropout: float,
+                             seed: Optional[Tensor], needs: List[bool]) -> List[Tensor]:
+    return _requested(_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale,
+                                       fan_in_fan_out, enable_lora, dropout, _seed_value(seed),
+                                       needs), needs)
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out, enable_lora, dropout,
+      seed, needs):
+    likes = (x, weight, grad_out, lora_a, lora_b)
+    shapes = (x.shape, weight.shape, grad_out.shape[-1:], lora_a.shape, lora_b.shape)
+    return [like.new_empty(shape) for like, shape, need in zip(likes, shapes, needs) if need]
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora, dropout, seed = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    ctx.settings = (scale, fan_in_fan_out, enable_lora, dropout)
+    ctx.has_bias = bias is not None
+
+
+def _lora_linear_op_backward(ctx, grad_y, grad_xa):
+    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    needs = [need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b]
+    grads = _lora_linear_backward_op(grad_y, x, weight, lora_a, lora_b, xa, *ctx.settings, seed,
+                                     needs)
+    return (*_spread(grads, needs), None, None, None, None, None)
+
+
+_lora_linear_op.register_autograd(_lora_linear_op_backward, setup_context=_lora_linear_setup)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enable_lora,
                 dropout):
-    """Applies LoraLinearFunction under the module-wide dtype rule; returns the compute dtype."""
+    """LoRA linear under the module-wide dtype rule; returns the compute dtype."""
     device_type = x.device.type
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
     adapter_dtype = (torch.float32 if kernel_dtype in _FP32_ADAPTER_DTYPES
                      and lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
                      else kernel_dtype)
-    seed = draw_dropout_seed() if dropout > 0.0 else 0
-    settings = LoraLinearSettings(float(scale), bool(fan_in_fan_out), enable_lora,
-                                  float(dropout), seed)
-    y = LoraLinearFunction.apply(
-        _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
-        _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype), settings)
+    x, weight, bias = _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype)
+    lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
+    if torch.compiler.is_compiling():
+        seed = _draw_seed_tensor() if dropout > 0.0 else None
+        y = _lora_linear_op(x, weight, bias, lora_a, lora_b, float(scale), bool(fan_in_fan_out),
+                            _bool_list(enable_lora), float(dropout), seed)[0]
+    else:
+        seed = draw_dropout_seed() if dropout > 0.0 else 0
+        y = LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, LoraLinearSettings(
+            float(scale), bool(fan_in_fan_out), enable_lora, float(dropout), seed))
     return _cast(y, dtype)
+
+
+# ---- LoRA embedding --------------------------------------------------------------------------
+
+def _lora_embedding_fwd(indices, weight, lora_a, lora_b, scale, padding_idx):
+    stream = _stream_of(weight)
+    if stream is not None:
+        indices, weight = _cuda_view(indices), _cuda_view(weight)
+        lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
+    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
+    _C.lora_embedding_forward(to_dlpack(indices), to_dlpack(weight), to_dlpack(lora_a),
+                              to_dlpack(lora_b), scale, padding_idx=padding_idx, out=to_dlpack(y),
+                              stream=stream)
+    return y
+
+
+def _lora_embedding_bwd(grad_out, indices, lora_a, lora_b, scale, padding_idx, needs):
+    """(grad_weight, grad_lora_a, grad_lora_b), None where not in needs."""
+    need_weight, need_a, need_b = needs
+    stream = _stream_of(grad_out)
+    if stream is not None:
+        grad_out, indices = _cuda_view(grad_out), _cuda_view(indices)
+        lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
+    grad_weight = _new(lora_a, need_weight, (lora_a.shape[1], lora_b.shape[0]))
+    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_a, need_b, lora_b.shape)
+    _C.lora_embedding_backward(
+        to_dlpack(grad_out), to_dlpack(indices), to_dlpack(lora_a), to_dlpack(lora_b), scale,
+        padding_idx=padding_idx, grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b), grad_weight=_dl_or_false(grad_weight), stream=stream)
+    return grad_weight, grad_a, grad_b
 
 
 class LoraEmbeddingSettings(NamedTuple):
@@ -192,33 +394,63 @@ class LoraEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, indices, weight, lora_a, lora_b, settings: LoraEmbeddingSettings):
-        y = _empty(indices.shape + (weight.shape[1],), weight)
-        functional.lora_embedding_forward(
-            _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), settings.scale,
-            padding_idx=settings.padding_idx, out=_dl(y), stream=cuda_stream(weight.device))
+        y = _lora_embedding_fwd(indices, weight, lora_a, lora_b, *settings)
         ctx.save_for_backward(indices, lora_a, lora_b)
         ctx.settings = settings
-        ctx.weight_meta = (weight.shape, weight.dtype, weight.device)
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         indices, lora_a, lora_b = ctx.saved_tensors
-        _, need_weight, need_a, need_b = ctx.needs_input_grad[:4]
-        weight_shape, weight_dtype, weight_device = ctx.weight_meta
-        grad_weight = (torch.empty(weight_shape, dtype=weight_dtype, device=weight_device)
-                       if need_weight else None)
-        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
-        functional.lora_embedding_backward(
-            _dl(grad_out), _dl(indices), _dl(lora_a), _dl(lora_b), ctx.settings.scale,
-            padding_idx=ctx.settings.padding_idx, grad_lora_a=_dl_or_false(grad_a),
-            grad_lora_b=_dl_or_false(grad_b), grad_weight=_dl_or_false(grad_weight),
-            stream=cuda_stream(grad_out.device))
-        return None, grad_weight, grad_a, grad_b, None
+        grads = _lora_embedding_bwd(grad_out, indices, lora_a, lora_b, *ctx.settings,
+                                    ctx.needs_input_grad[1:4])
+        return (None, *grads, None)
 
 
-def _check_indices(indices: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("cpeft::lora_embedding", mutates_args=())
+def _lora_embedding_op(indices: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                       scale: float, padding_idx: Optional[int]) -> Tensor:
+    return _lora_embedding_fwd(indices, weight, lora_a, lora_b, scale, padding_idx)
+
+
+@_lora_embedding_op.register_fake
+def _(indices, weight, lora_a, lora_b, scale, padding_idx):
+    return weight.new_empty(indices.shape + (weight.shape[1],))
+
+
+@torch.library.custom_op("cpeft::lora_embedding_backward", mutates_args=())
+def _lora_embedding_backward_op(grad_out: Tensor, indices: Tensor, lora_a: Tensor,
+                                lora_b: Tensor, scale: float, padding_idx: Optional[int],
+                                needs: List[bool]) -> List[Tensor]:
+    return _requested(_lora_embedding_bwd(grad_out, indices, lora_a, lora_b, scale, padding_idx,
+                                          needs), needs)
+
+
+@_lora_embedding_backward_op.register_fake
+def _(grad_out, indices, lora_a, lora_b, scale, padding_idx, needs):
+    shapes = ((lora_a.shape[1], lora_b.shape[0]), lora_a.shape, lora_b.shape)
+    return [lora_a.new_empty(shape) for shape, need in zip(shapes, needs) if need]
+
+
+def _lora_embedding_setup(ctx, inputs, output):
+    indices, _, lora_a, lora_b, scale, padding_idx = inputs
+    ctx.save_for_backward(indices, lora_a, lora_b)
+    ctx.settings = (scale, padding_idx)
+
+
+def _lora_embedding_op_backward(ctx, grad_y):
+    indices, lora_a, lora_b = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[1:4])
+    grads = _lora_embedding_backward_op(grad_y, indices, lora_a, lora_b, *ctx.settings, needs)
+    return (None, *_spread(grads, needs), None, None)
+
+
+_lora_embedding_op.register_autograd(_lora_embedding_op_backward,
+                                     setup_context=_lora_embedding_setup)
+
+
+def _check_indices(indices: Tensor) -> Tensor:
     """torch's rule for embedding indices: int64 or int32, never a cast (1.7 is not row 1)."""
     if indices.dtype not in (torch.int32, torch.int64):
         raise RuntimeError("Expected tensor for argument #1 'indices' to have one of the following "
@@ -232,10 +464,50 @@ def lora_embedding(indices, weight, lora_a, lora_b, *, scale, padding_idx):
     embeddings alone), adapters are cast to it."""
     dtype = weight.dtype
     kernel_dtype = core_dtype(dtype, weight.device.type)
-    y = LoraEmbeddingFunction.apply(
-        _check_indices(indices), _cast(weight, kernel_dtype), _cast(lora_a, kernel_dtype),
-        _cast(lora_b, kernel_dtype), LoraEmbeddingSettings(float(scale), padding_idx))
+    indices, weight = _check_indices(indices), _cast(weight, kernel_dtype)
+    lora_a, lora_b = _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype)
+    if torch.compiler.is_compiling():
+        y = _lora_embedding_op(indices, weight, lora_a, lora_b, float(scale), padding_idx)
+    else:
+        y = LoraEmbeddingFunction.apply(indices, weight, lora_a, lora_b,
+                                        LoraEmbeddingSettings(float(scale), padding_idx))
     return _cast(y, dtype)
+
+
+# ---- IA3 linear ------------------------------------------------------------------------------
+
+def _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base):
+    """(y, base), base = x·Wᵀ + b only when keep_base (else None)."""
+    stream = _stream_of(x)
+    if stream is not None:
+        x, weight, bias, ia3_l = _cuda_view(x), _cuda_view(weight), _cuda_view(bias), \
+            _cuda_view(ia3_l)
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    y = x.new_empty(tuple(x.shape)[:-1] + (out_features,))
+    base = _new(y, keep_base, y.shape)
+    _C.ia3_linear_forward(to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(ia3_l),
+                          feedforward=feedforward, fan_in_fan_out=fan_in_fan_out,
+                          keep_base=keep_base, out=to_dlpack(y), out_base=_dl(base),
+                          stream=stream)
+    return y, base
+
+
+def _ia3_linear_bwd(grad_out, x, weight, ia3_l, base, feedforward, fan_in_fan_out, needs):
+    """(grad_x, grad_weight, grad_bias, grad_ia3_l), None where not in needs."""
+    need_x, need_weight, need_bias, need_l = needs
+    stream = _stream_of(grad_out)
+    if stream is not None:
+        grad_out, x, weight = _cuda_view(grad_out), _cuda_view(x), _cuda_view(weight)
+        ia3_l, base = _cuda_view(ia3_l), _cuda_view(base)
+    grad_x, grad_weight = _new(x, need_x, x.shape), _new(x, need_weight, weight.shape)
+    grad_bias = _new(x, need_bias, grad_out.shape[-1:])
+    grad_l = _new(x, need_l, ia3_l.shape)
+    _C.ia3_linear_backward(
+        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(ia3_l), _dl(base),
+        feedforward=feedforward, fan_in_fan_out=fan_in_fan_out, grad_x=_dl_or_false(grad_x),
+        grad_ia3_l=_dl_or_false(grad_l), grad_bias=_dl_or_false(grad_bias),
+        grad_weight=_dl_or_false(grad_weight), stream=stream)
+    return grad_x, grad_weight, grad_bias, grad_l
 
 
 class IA3LinearSettings(NamedTuple):
@@ -248,48 +520,114 @@ class IA3LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, ia3_l, settings: IA3LinearSettings):
-        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
-        y = _empty(x.shape[:-1] + (out_features,), x)
         # base = x·Wᵀ + b is kept only when l needs a gradient with output scaling: recomputing
         # it in backward would cost a full GEMM.
         keep_base = ctx.needs_input_grad[3] and not settings.feedforward
-        base = _empty(y.shape, y) if keep_base else None
-        functional.ia3_linear_forward(
-            _dl(x), _dl(weight), _dl(bias), _dl(ia3_l), feedforward=settings.feedforward,
-            fan_in_fan_out=settings.fan_in_fan_out, keep_base=keep_base, out=_dl(y),
-            out_base=_dl(base), stream=cuda_stream(x.device))
+        y, base = _ia3_linear_fwd(x, weight, bias, ia3_l, *settings, keep_base)
         ctx.save_for_backward(x, weight, ia3_l, base)
         ctx.settings = settings
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         x, weight, ia3_l, base = ctx.saved_tensors
         need_x, need_weight, need_bias, need_l = ctx.needs_input_grad[:4]
-        settings = ctx.settings
-        need_bias = need_bias and ctx.has_bias
-        grad_x, grad_weight = _grad_buffer(need_x, x), _grad_buffer(need_weight, weight)
-        grad_l = _grad_buffer(need_l, ia3_l)
-        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
-        functional.ia3_linear_backward(
-            _dl(grad_out), _dl(x), _dl(weight), _dl(ia3_l), _dl(base),
-            feedforward=settings.feedforward, fan_in_fan_out=settings.fan_in_fan_out,
-            grad_x=_dl_or_false(grad_x), grad_ia3_l=_dl_or_false(grad_l),
-            grad_bias=_dl_or_false(grad_bias), grad_weight=_dl_or_false(grad_weight),
-            stream=cuda_stream(grad_out.device))
-        return grad_x, grad_weight, grad_bias, grad_l, None
+        grads = _ia3_linear_bwd(grad_out, x, weight, ia3_l, base, *ctx.settings,
+                                (need_x, need_weight, need_bias and ctx.has_bias, need_l))
+        return (*grads, None)
+
+
+@torch.library.custom_op("cpeft::ia3_linear", mutates_args=())
+def _ia3_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor,
+                   feedforward: bool, fan_in_fan_out: bool,
+                   keep_base: bool) -> Tuple[Tensor, Tensor]:
+    """(y, base); base is empty when not kept (schemas have no optional outputs)."""
+    y, base = _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base)
+    return y, (y.new_empty((0,)) if base is None else base)
+
+
+@_ia3_linear_op.register_fake
+def _(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base):
+    y = x.new_empty(x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    return y, (y.new_empty(y.shape) if keep_base else y.new_empty((0,)))
+
+
+@torch.library.custom_op("cpeft::ia3_linear_backward", mutates_args=())
+def _ia3_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, ia3_l: Tensor,
+                            base: Optional[Tensor], feedforward: bool, fan_in_fan_out: bool,
+                            needs: List[bool]) -> List[Tensor]:
+    return _requested(_ia3_linear_bwd(grad_out, x, weight, ia3_l, base, feedforward,
+                                      fan_in_fan_out, needs), needs)
+
+
+@_ia3_linear_backward_op.register_fake
+def _(grad_out, x, weight, ia3_l, base, feedforward, fan_in_fan_out, needs):
+    shapes = (x.shape, weight.shape, grad_out.shape[-1:], ia3_l.shape)
+    return [x.new_empty(shape) for shape, need in zip(shapes, needs) if need]
+
+
+def _ia3_linear_setup(ctx, inputs, output):
+    x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base = inputs
+    ctx.save_for_backward(x, weight, ia3_l, output[1] if keep_base else None)
+    ctx.settings = (feedforward, fan_in_fan_out)
+    ctx.has_bias = bias is not None
+
+
+def _ia3_linear_op_backward(ctx, grad_y, grad_base):
+    x, weight, ia3_l, base = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_l = ctx.needs_input_grad[:4]
+    needs = [need_x, need_weight, need_bias and ctx.has_bias, need_l]
+    grads = _ia3_linear_backward_op(grad_y, x, weight, ia3_l, base, *ctx.settings, needs)
+    return (*_spread(grads, needs), None, None, None)
+
+
+_ia3_linear_op.register_autograd(_ia3_linear_op_backward, setup_context=_ia3_linear_setup)
 
 
 def ia3_linear(x, weight, bias, ia3_l, *, feedforward, fan_in_fan_out):
     device_type = x.device.type
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
-    y = IA3LinearFunction.apply(
-        _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
-        _cast(ia3_l, kernel_dtype), IA3LinearSettings(bool(feedforward), bool(fan_in_fan_out)))
+    x, weight, bias = _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype)
+    ia3_l = _cast(ia3_l, kernel_dtype)
+    if torch.compiler.is_compiling():
+        keep_base = torch.is_grad_enabled() and ia3_l.requires_grad and not feedforward
+        y = _ia3_linear_op(x, weight, bias, ia3_l, bool(feedforward), bool(fan_in_fan_out),
+                           keep_base)[0]
+    else:
+        y = IA3LinearFunction.apply(x, weight, bias, ia3_l,
+                                    IA3LinearSettings(bool(feedforward), bool(fan_in_fan_out)))
     return _cast(y, dtype)
+
+
+# ---- IA3 embedding ---------------------------------------------------------------------------
+
+def _ia3_embedding_fwd(indices, weight, ia3_l):
+    stream = _stream_of(weight)
+    if stream is not None:
+        indices, weight, ia3_l = _cuda_view(indices), _cuda_view(weight), _cuda_view(ia3_l)
+    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
+    _C.ia3_embedding_forward(to_dlpack(indices), to_dlpack(weight), to_dlpack(ia3_l),
+                             out=to_dlpack(y), stream=stream)
+    return y
+
+
+def _ia3_embedding_bwd(grad_out, indices, weight, ia3_l, padding_idx, needs):
+    """(grad_weight, grad_ia3_l), None where not in needs."""
+    need_weight, need_l = needs
+    stream = _stream_of(grad_out)
+    if stream is not None:
+        grad_out, indices = _cuda_view(grad_out), _cuda_view(indices)
+        weight, ia3_l = _cuda_view(weight), _cuda_view(ia3_l)
+    grad_weight, grad_l = _new(weight, need_weight, weight.shape), _new(weight, need_l,
+                                                                        ia3_l.shape)
+    _C.ia3_embedding_backward(
+        to_dlpack(grad_out), to_dlpack(indices), to_dlpack(weight), to_dlpack(ia3_l),
+        padding_idx=padding_idx, grad_ia3_l=_dl_or_false(grad_l),
+        grad_weight=_dl_or_false(grad_weight), stream=stream)
+    return grad_weight, grad_l
 
 
 class IA3EmbeddingFunction(torch.autograd.Function):
@@ -297,31 +635,71 @@ class IA3EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, indices, weight, ia3_l, padding_idx: Optional[int]):
-        y = _empty(indices.shape + (weight.shape[1],), weight)
-        functional.ia3_embedding_forward(_dl(indices), _dl(weight), _dl(ia3_l), out=_dl(y),
-                                         stream=cuda_stream(weight.device))
+        y = _ia3_embedding_fwd(indices, weight, ia3_l)
         ctx.save_for_backward(indices, weight, ia3_l)
         ctx.padding_idx = padding_idx
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         indices, weight, ia3_l = ctx.saved_tensors
-        _, need_weight, need_l = ctx.needs_input_grad[:3]
-        grad_weight, grad_l = _grad_buffer(need_weight, weight), _grad_buffer(need_l, ia3_l)
-        functional.ia3_embedding_backward(
-            _dl(grad_out), _dl(indices), _dl(weight), _dl(ia3_l), padding_idx=ctx.padding_idx,
-            grad_ia3_l=_dl_or_false(grad_l), grad_weight=_dl_or_false(grad_weight),
-            stream=cuda_stream(grad_out.device))
-        return None, grad_weight, grad_l, None
+        grads = _ia3_embedding_bwd(grad_out, indices, weight, ia3_l, ctx.padding_idx,
+                                   ctx.needs_input_grad[1:3])
+        return (None, *grads, None)
+
+
+@torch.library.custom_op("cpeft::ia3_embedding", mutates_args=())
+def _ia3_embedding_op(indices: Tensor, weight: Tensor, ia3_l: Tensor,
+                      padding_idx: Optional[int]) -> Tensor:
+    """padding_idx only affects the backward; it is an argument so autograd's context has it."""
+    return _ia3_embedding_fwd(indices, weight, ia3_l)
+
+
+@_ia3_embedding_op.register_fake
+def _(indices, weight, ia3_l, padding_idx):
+    return weight.new_empty(indices.shape + (weight.shape[1],))
+
+
+@torch.library.custom_op("cpeft::ia3_embedding_backward", mutates_args=())
+def _ia3_embedding_backward_op(grad_out: Tensor, indices: Tensor, weight: Tensor, ia3_l: Tensor,
+                               padding_idx: Optional[int], needs: List[bool]) -> List[Tensor]:
+    return _requested(_ia3_embedding_bwd(grad_out, indices, weight, ia3_l, padding_idx, needs),
+                      needs)
+
+
+@_ia3_embedding_backward_op.register_fake
+def _(grad_out, indices, weight, ia3_l, padding_idx, needs):
+    shapes = (weight.shape, ia3_l.shape)
+    return [weight.new_empty(shape) for shape, need in zip(shapes, needs) if need]
+
+
+def _ia3_embedding_setup(ctx, inputs, output):
+    indices, weight, ia3_l, padding_idx = inputs
+    ctx.save_for_backward(indices, weight, ia3_l)
+    ctx.padding_idx = padding_idx
+
+
+def _ia3_embedding_op_backward(ctx, grad_y):
+    indices, weight, ia3_l = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[1:3])
+    grads = _ia3_embedding_backward_op(grad_y, indices, weight, ia3_l, ctx.padding_idx, needs)
+    return (None, *_spread(grads, needs), None)
+
+
+_ia3_embedding_op.register_autograd(_ia3_embedding_op_backward,
+                                    setup_context=_ia3_embedding_setup)
 
 
 def ia3_embedding(indices, weight, ia3_l, *, padding_idx):
     dtype = weight.dtype
     kernel_dtype = core_dtype(dtype, weight.device.type)
-    y = IA3EmbeddingFunction.apply(_check_indices(indices), _cast(weight, kernel_dtype),
-                                   _cast(ia3_l, kernel_dtype), padding_idx)
+    indices, weight = _check_indices(indices), _cast(weight, kernel_dtype)
+    ia3_l = _cast(ia3_l, kernel_dtype)
+    if torch.compiler.is_compiling():
+        y = _ia3_embedding_op(indices, weight, ia3_l, padding_idx)
+    else:
+        y = IA3EmbeddingFunction.apply(indices, weight, ia3_l, padding_idx)
     return _cast(y, dtype)
 
 
@@ -377,6 +755,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
                 settings: DoraLinearSettings):
+        x = _cuda_view(x) if x.is_cuda else x  # the one copy the CUDA boundary needs
         out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
         y = _empty(x.shape[:-1] + (out_features,), x)
         xa = _empty(x.shape[:-1] + (lora_a.shape[0],), x)
@@ -396,6 +775,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, magnitude, norm, xa, base = ctx.saved_tensors
+        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         settings = ctx.settings
         need_bias = need_bias and ctx.has_bias
@@ -438,6 +818,7 @@ class DoraEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices, weight, lora_a, lora_b, magnitude, weight_sq_norm,
                 settings: LoraEmbeddingSettings):
+        indices = _cuda_view(indices) if indices.is_cuda else indices
         y = _empty(indices.shape + (weight.shape[1],), weight)
         norm = _empty((weight.shape[1],), weight)
         functional.dora_embedding_forward(
@@ -452,6 +833,7 @@ class DoraEmbeddingFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
+        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_a, need_b, need_m = ctx.needs_input_grad[2:5]
         grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
         grad_m = _grad_buffer(need_m, magnitude)
@@ -493,6 +875,7 @@ class LoraGroupedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, index, settings: LoraGroupedSettings):
+        x = _cuda_view(x) if x.is_cuda else x  # the one copy the CUDA boundary needs
         out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
         y = _empty(x.shape[:-1] + (out_features,), x)
         xa = _empty(x.shape[:-1] + (max(settings.ranks),), x)
@@ -510,6 +893,7 @@ class LoraGroupedFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, xa, index = ctx.saved_tensors
+        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         settings = ctx.settings
         need_bias = need_bias and ctx.has_bias

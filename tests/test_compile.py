@@ -1,0 +1,146 @@
+"""torch.compile of models built from cpeft layers (issue 8, item 7): the layer ops are
+torch.library custom ops, so ``fullgraph=True`` compiles with no graph break, and results and
+gradients equal eager. On a GPU, ``mode="reduce-overhead"`` captures the ops in CUDA graphs whose
+replays equal eager."""
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import cpeft  # noqa: E402
+from conftest import skip_without_cuda  # noqa: E402
+from test_layers_torch import nonzero_adapters  # noqa: E402
+
+
+class Model(nn.Module):
+    """Every layer kind on the C core: both embeddings, Linear, MergedLinear, IA3Linear with
+    output and input scaling."""
+
+    def __init__(self, dropout=0.0, **kw):
+        super().__init__()
+        self.embedding = cpeft.Embedding(20, 8, r=2, lora_alpha=4, padding_idx=0, **kw)
+        self.ia3_embedding = cpeft.IA3Embedding(20, 8, padding_idx=3, **kw)
+        self.linear = cpeft.Linear(8, 8, r=2, lora_alpha=4, lora_dropout=dropout, **kw)
+        self.merged = cpeft.MergedLinear(8, 12, r=2, lora_dropout=dropout,
+                                         enable_lora=[True, False, True], fan_in_fan_out=True,
+                                         **kw)
+        self.ia3 = cpeft.IA3Linear(12, 8, **kw)
+        self.ia3_feedforward = cpeft.IA3Linear(8, 5, is_feedforward=True, **kw)
+        for module in self.children():
+            nonzero_adapters(module)
+
+    def forward(self, indices):
+        h = self.embedding(indices) + self.ia3_embedding(indices)
+        h = torch.relu(self.linear(h))
+        return self.ia3_feedforward(self.ia3(self.merged(h)))
+
+
+def run(model, indices):
+    """Output and gradients of every parameter that gets one, for a mean loss."""
+    model.zero_grad(set_to_none=True)
+    y = model(indices)
+    y.mean().backward()
+    return y.detach(), {n.removeprefix("_orig_mod."): p.grad.clone()
+                        for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_equal_runs(got, expected):
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    assert sorted(got[1]) == sorted(expected[1])
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fullgraph_compile_equals_eager(backend, device):
+    torch.manual_seed(0)
+    model = Model(dtype=torch.float64, device=device)
+    indices = torch.randint(0, 20, (3, 4), device=device)
+    expected = run(model, indices)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert_equal_runs(run(compiled, indices), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(indices), expected[0], rtol=1e-12, atol=1e-12)
+
+
+def test_graph_holds_one_custom_op_per_layer():
+    """What Dynamo hands the backend: one cpeft op per layer, no break, no fallback."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = Model(dtype=torch.float64)
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randint(0, 20, (3, 4)))
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("cpeft.lora_embedding" in t for t in targets) == 1
+    assert sum("cpeft.ia3_embedding" in t for t in targets) == 1
+    assert sum("cpeft.lora_linear" in t for t in targets) == 2
+    assert sum("cpeft.ia3_linear" in t for t in targets) == 2
+
+
+def test_compiled_dropout_draws_the_eager_seeds():
+    """A compiled graph draws a fresh seed per step from torch's CPU generator, as eager does:
+    under the same torch.manual_seed both apply the same masks."""
+    torch.manual_seed(0)
+    model = Model(dropout=0.5, dtype=torch.float64)
+    indices = torch.randint(0, 20, (3, 4))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        torch.manual_seed(100 + step)
+        expected = run(model, indices)
+        torch.manual_seed(100 + step)
+        assert_equal_runs(run(compiled, indices), expected)
+    torch.manual_seed(7)
+    first = compiled(indices)
+    assert not torch.equal(first, compiled(indices)), "the mask must change between steps"
+
+
+def test_inductor_compiles_a_lora_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nonzero_adapters(cpeft.Linear(6, 6, r=2)), nn.GELU(),
+                          nonzero_adapters(cpeft.IA3Linear(6, 3)))
+    x = torch.randn(4, 6)
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.sum().backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    y_compiled = compiled(x)
+    y_compiled.sum().backward()
+    torch.testing.assert_close(y_compiled, y)
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replays_equal_eager(dtype):
+    """mode="reduce-overhead": forward and backward captured in CUDA graphs; every replay (new
+    input values each step) equals eager. Nothing in the per-call path may allocate outside
+    torch or synchronize, or capture fails."""
+    skip_without_cuda()
+    torch.manual_seed(0)
+    model = Model(dtype=dtype, device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2,
+                                                                                atol=2e-2)
+    for step in range(5):
+        indices = torch.randint(0, 20, (8, 16), device="cuda")
+        expected = run(model, indices)
+        torch.compiler.cudagraph_mark_step_begin()
+        got = run(compiled, indices)
+        torch.testing.assert_close(got[0], expected[0], **tolerance)
+        assert sorted(got[1]) == sorted(expected[1])
+        for name, grad in expected[1].items():
+            torch.testing.assert_close(got[1][name], grad, **tolerance)
