@@ -216,3 +216,15 @@ int cpeft_check_padding_idx(int64_t *padding_idx, int given, int64_t num_embeddi
     *padding_idx = v < 0 ? v + num_embeddings : v;
     return 0;
 }
+
+int cpeft_parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft_dropout *d)
+{
+    double p = 0.0;
+    if (cpeft_parse_real(p_obj, "dropout", &p) < 0 || cpeft_check_probability(p, "dropout") < 0 ||
+        cpeft_parse_u64(seed, "seed", &d->seed) < 0 ||
+        cpeft_parse_u64(offset, "offset", &d->offset) < 0) {
+        return -1;
+    }
+    d->p = p;
+    return 0;
+}

@@ -58,6 +58,8 @@ int cpeft_parse_real(PyObject *obj, const char *name, double *value);
 int cpeft_check_finite(double value, const char *name);
 int cpeft_check_probability(double p, const char *name);
 int cpeft_parse_u64(PyObject *obj, const char *name, uint64_t *value);
+/* dropout p in [0, 1], seed and offset ints >= 0 (NULL: 0). */
+int cpeft_parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft_dropout *d);
 /* Any integer through __index__ (never a float) in the int64 range; `expected` completes
  * "name must be ..." in messages. */
 int cpeft_parse_i64(PyObject *obj, const char *name, const char *expected, int64_t *value);

@@ -34,18 +34,6 @@ static int optional_dora_vector(cpeft_call *call, PyObject *obj, const char *nam
     return dora_vector(call, obj, name, count, meaning, like, vec);
 }
 
-static int parse_dora_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft_dropout *d)
-{
-    double p = 0.0;
-    if (cpeft_parse_real(p_obj, "dropout", &p) < 0 || cpeft_check_probability(p, "dropout") < 0 ||
-        cpeft_parse_u64(seed, "seed", &d->seed) < 0 ||
-        cpeft_parse_u64(offset, "offset", &d->offset) < 0) {
-        return -1;
-    }
-    d->p = p;
-    return 0;
-}
-
 /* A vector output of `count` entries; required ones are allocated for None too. */
 static int vector_output(cpeft_call *call, PyObject *obj, const char *name, int required,
                          int dtype, int64_t count, cpeft_tensor **t, cpeft_vec *vec)
@@ -215,7 +203,7 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
                                                "magnitude", "weight_sq_norm", "out", "out_xa",
                                                "out_base", "out_norm"};
     if (cpeft_py_parse_scale(scale, &scale_value) < 0 ||
-        parse_dora_dropout(p, seed, offset, &l->dropout) < 0 ||
+        cpeft_parse_dropout(p, seed, offset, &l->dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 11) < 0) {
         goto finish;
     }
@@ -317,7 +305,7 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
                                                "grad_lora_a", "grad_lora_b", "grad_magnitude",
                                                "grad_bias"};
     if (cpeft_py_parse_scale(scale, &scale_value) < 0 ||
-        parse_dora_dropout(p, seed, offset, &l->dropout) < 0 ||
+        cpeft_parse_dropout(p, seed, offset, &l->dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 14) < 0) {
         goto finish;
     }

@@ -96,18 +96,6 @@ static int check_packed_rank(const grouped_lists *l, int64_t packed_rank,
     return 0;
 }
 
-static int parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft_dropout *d)
-{
-    double p = 0.0;
-    if (cpeft_parse_real(p_obj, "dropout", &p) < 0 || cpeft_check_probability(p, "dropout") < 0 ||
-        cpeft_parse_u64(seed, "seed", &d->seed) < 0 ||
-        cpeft_parse_u64(offset, "offset", &d->offset) < 0) {
-        return -1;
-    }
-    d->p = p;
-    return 0;
-}
-
 /* index: int32/int64 with one entry per row of x, every entry in [-1, G) (scanned on the CPU;
  * on CUDA the compute side reports an entry out of range). */
 static int parse_index(cpeft_call *call, PyObject *obj, const cpeft_tensor *x,
@@ -216,7 +204,7 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObje
     static const char *const tensor_names[] = {"x", "weight", "lora_a", "lora_b", "index",
                                                "bias", "out", "out_xa"};
     if (parse_adapters(ranks_obj, scales_obj, &lists) < 0 ||
-        parse_dropout(p, seed, offset, &a.dropout) < 0 ||
+        cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 8) < 0) {
         goto finish;
     }
@@ -301,7 +289,7 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObj
                                                "xa", "index", "grad_x", "grad_lora_a",
                                                "grad_lora_b", "grad_bias", "grad_weight"};
     if (parse_adapters(ranks_obj, scales_obj, &lists) < 0 ||
-        parse_dropout(p, seed, offset, &a.dropout) < 0 ||
+        cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 12) < 0) {
         goto finish;
     }

@@ -113,18 +113,6 @@ int cpeft_py_lora_linear_scalars(PyObject *scale_obj, PyObject *enable_lora, dou
                : 0;
 }
 
-static int parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft_dropout *d)
-{
-    double p = 0.0;
-    if (cpeft_parse_real(p_obj, "dropout", &p) < 0 || cpeft_check_probability(p, "dropout") < 0 ||
-        cpeft_parse_u64(seed, "seed", &d->seed) < 0 ||
-        cpeft_parse_u64(offset, "offset", &d->offset) < 0) {
-        return -1;
-    }
-    d->p = p;
-    return 0;
-}
-
 const char cpeft_doc_lora_linear_forward[] =
     "lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, *, fan_in_fan_out=False, "
     "enable_lora=None, dropout=0.0, seed=0, offset=0, out=None, out_xa=None, stream=None)\n--\n\n"
@@ -162,7 +150,7 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *args, PyObjec
     static const char *const tensor_names[] = {"x", "weight", "lora_a", "lora_b", "bias", "out",
                                                "out_xa"};
     if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) < 0 ||
-        parse_dropout(p, seed, offset, &a.dropout) < 0 ||
+        cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 7) < 0) {
         goto finish;
     }
@@ -251,7 +239,7 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *args, PyObje
                                                "xa", "grad_x", "grad_lora_a", "grad_lora_b",
                                                "grad_bias", "grad_weight"};
     if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) < 0 ||
-        parse_dropout(p, seed, offset, &a.dropout) < 0 ||
+        cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 11) < 0) {
         goto finish;
     }
