@@ -344,3 +344,15 @@ def test_mixed_batch_training_refuses_gradient_checkpointing():
         model(ids(), labels=ids(), adapter_names=NAMES)
     with torch.no_grad():
         model.eval()(ids(), adapter_names=NAMES)  # inference recomputes nothing
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_adapter_names_equals_peft(num_beams):
+    ours, theirs = build("cpeft").eval(), build("peft").eval()
+    prompts = ids()[:4, :5]
+    names = ["wide", "default", "__base__", "small"]
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    expected = theirs.generate(input_ids=prompts, adapter_names=names, **settings)
+    got = ours.generate(input_ids=prompts, adapter_names=names, **settings)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, ours.generate(input_ids=prompts, **settings))

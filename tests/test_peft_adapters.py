@@ -426,3 +426,30 @@ def test_forward_signature_is_the_wrapped_models_and_the_model_pickles(tmp_path)
     # peft's own methods never show through: what cpeft lacks is looked up on the wrapped model.
     with pytest.raises(AttributeError):
         model.add_weighted_adapter
+
+
+def test_classifier_heads_per_adapter_match_peft_in_files_and_mixed_batches(tmp_path):
+    def make(library):
+        lora = LoraConfig if library == "cpeft" else hf_peft.LoraConfig
+        get = get_peft_model if library == "cpeft" else hf_peft.get_peft_model
+        model = get(bert(), lora(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+        model.add_adapter("other", lora(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        randomize(model)
+        return model.eval()
+
+    ours, theirs = make("cpeft"), make("peft")
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    ids = tokens(batch=4)
+    names = ["other", "default", "__base__", "other"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, adapter_names=names).logits,
+                                   theirs(ids, adapter_names=names).logits, **TOL)
+    ours.set_adapter("other")
+    theirs.set_adapter("other")
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in theirs.named_parameters() if p.requires_grad}
+    ours.save_pretrained(tmp_path)
+    loaded = hf_peft.PeftModel.from_pretrained(bert(), tmp_path)
+    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+    loaded.set_adapter("other")
+    torch.testing.assert_close(logits(loaded.eval(), ids), logits(ours, ids), **TOL)

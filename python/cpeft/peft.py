@@ -823,9 +823,13 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save", "active_adapter"):
+            if name in ("original_module", "modules_to_save", "active_adapter", "disable_adapters") \
+                    or "_modules" not in self.__dict__:
                 raise
-            return getattr(self.original_module, name)
+            # As peft: the attributes of the copy that runs (the original when disabled).
+            if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+                return getattr(self.original_module, name)
+            return getattr(self.trained_module, name)
 
 
 def _new_layer(t: _Target, config: LoraConfig | IA3Config) -> BaseTunerLayer:
@@ -1067,17 +1071,21 @@ class PeftModel(nn.Module):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one name per
-        sequence of the batch; beam search and sampling of several sequences per prompt are not
-        expanded for it)."""
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward``, one name per
+        prompt. As in peft, with ``num_beams`` > 1 each name is repeated for the beams, except in
+        the encoder of an encoder-decoder model, which sees the prompts once."""
         generate = self.base_model.model.generate
         if adapter_names is None:
             return generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        num_beams = kwargs.get("num_beams")
+        names = adapter_names
+        if isinstance(num_beams, int) and num_beams > 1 and isinstance(adapter_names, (list, tuple)):
+            names = [name for name in adapter_names for _ in range(num_beams)]
+        with self._mixed_batch(names, encoder_names=adapter_names):
             return generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: Any) -> Iterator[None]:
+    def _mixed_batch(self, adapter_names: Any, encoder_names: Any = None) -> Iterator[None]:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise ValueError(f"adapter_names: expected a list with one adapter name per sample, "
                              f"got {adapter_names!r}")
@@ -1098,6 +1106,10 @@ class PeftModel(nn.Module):
         modules = [m for _, m in self.base_model.tuner_layers()] + [m for _, m in self.base_model.wrappers()]
         for module in modules:
             module._mixed_adapter_names = names
+        if encoder_names is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            for module in model.get_encoder().modules():
+                if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                    module._mixed_adapter_names = list(encoder_names)
         try:
             yield
         finally:
@@ -1303,7 +1315,8 @@ class PeftModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_known(name)
-        state_dict = kwargs.get("state_dict")
+        state_dict = kwargs.pop("state_dict", None)
+        _refuse_unsupported(kwargs, "save_pretrained")
         tensors = {name: self.get_adapter_state_dict(name, state_dict) for name in names}
         if not is_main_process:
             return
@@ -1366,7 +1379,8 @@ class PeftModel(nn.Module):
         """Loads an adapter directory as ``adapter_name``: a new adapter (not activated), or new
         values for an existing one. Everything is checked before the model changes.
         ``torch_device`` / ``device_map`` choose where the file is read to (the adapter
-        parameters live on their base layer's device); see ``from_pretrained``."""
+        parameters live on their base layer's device); see ``from_pretrained``. Other
+        arguments cpeft does not implement are refused (``_local_adapter_dir``)."""
         _check_bool(is_trainable, "is_trainable")
         _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
@@ -1523,6 +1537,11 @@ CpeftModel = PeftModel
 
 def _new_instance(cls: type) -> PeftModel:
     return cls.__new__(cls)
+
+
+def _refuse_unsupported(kwargs: dict, where: str) -> None:
+    if kwargs:
+        raise TypeError(f"{where}: unsupported arguments {sorted(kwargs)} (cpeft does not implement them)")
 
 
 def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:
