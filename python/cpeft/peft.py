@@ -1416,7 +1416,8 @@ class PeftModel(nn.Module):
         """Loads an adapter directory as ``adapter_name``: a new adapter (not activated), or new
         values for an existing one. Everything is checked before the model changes.
         ``torch_device`` / ``device_map`` choose where the file is read to (the adapter
-        parameters live on their base layer's device); see ``from_pretrained``."""
+        parameters live on their base layer's device); see ``from_pretrained``. Other
+        arguments cpeft does not implement are refused (``_local_adapter_dir``)."""
         _check_bool(is_trainable, "is_trainable")
         _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
