@@ -678,3 +678,23 @@ def test_lora_grouped_adapter_index_rewritten_during_call(bad):
                                         out=out, out_xa=out_xa), index, bad, good=1)
     np.testing.assert_array_equal(
         F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5])[0], expected)
+
+
+@pytest.mark.parametrize("clears", ["ranks", "scales"])
+def test_lora_grouped_adapter_lists_emptied_while_converted(clears):
+    """A scale's __float__ that empties the ranks or scales list while the boundary reads it:
+    the lists are converted from a snapshot, never read past their end."""
+    x, w = np.ones((4, 8), np.float32), np.ones((6, 8), np.float32)
+    a, b = np.ones((4, 8), np.float32), np.ones((6, 4), np.float32)
+    index = np.zeros(4, np.int64)
+    ranks, scales = [2, 2], []
+
+    class Emptying:
+        def __float__(self):
+            (ranks if clears == "ranks" else scales).clear()
+            return 1.0
+
+    scales.extend([Emptying(), 1.0])
+    y, _ = F.lora_grouped_forward(x, w, None, a, b, index, ranks, scales)
+    expected = x @ w.T + (x @ a[:2].T) @ b[:, :2].T
+    np.testing.assert_allclose(y, expected, rtol=1e-6)

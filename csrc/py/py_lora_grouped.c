@@ -23,13 +23,26 @@ static void grouped_lists_free(grouped_lists *l)
 /* ranks: G ints >= 1; scales: G finite reals. Converted before any tensor is acquired (items may
  * run Python code through __index__ / __float__); their sum is checked against the packed rank
  * by check_packed_rank once lora_b is known. */
+/* A tuple of obj's items: a list is copied, because converting one item (__index__,
+ * __float__) may run code that shrinks or clears the list while it is being read. */
+static PyObject *sequence_snapshot(PyObject *obj, const char *message)
+{
+    PyObject *seq = PySequence_Fast(obj, message);
+    if (seq == NULL || PyTuple_CheckExact(seq)) {
+        return seq;
+    }
+    PyObject *tuple = PySequence_Tuple(seq);
+    Py_DECREF(seq);
+    return tuple;
+}
+
 static int parse_adapters(PyObject *ranks_obj, PyObject *scales_obj, grouped_lists *l)
 {
-    PyObject *ranks = PySequence_Fast(ranks_obj, "ranks must be a sequence of ints");
+    PyObject *ranks = sequence_snapshot(ranks_obj, "ranks must be a sequence of ints");
     if (ranks == NULL) {
         return -1;
     }
-    PyObject *scales = PySequence_Fast(scales_obj, "scales must be a sequence of numbers");
+    PyObject *scales = sequence_snapshot(scales_obj, "scales must be a sequence of numbers");
     if (scales == NULL) {
         Py_DECREF(ranks);
         return -1;

@@ -178,11 +178,6 @@ def _check_task_type(task_type: Any) -> None:
         raise ValueError(f"task_type: expected None or one of {', '.join(_TASK_TYPES)}, got {task_type!r}")
 
 
-def _check_bool(value: Any, field_name: str) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{field_name}: expected True or False, got {value!r}")
-
-
 def _task_type_value(task_type: Any) -> str | None:
     if task_type is None:
         return None
