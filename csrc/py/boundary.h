@@ -27,8 +27,6 @@
 #include "cpeft/merge.h"
 #include "dlpack.h"
 
-#define CPEFT_NO_CUDA_MESSAGE \
-    "cpeft was built without CUDA; reinstall with CPEFT_CUDA=1 on a machine with the CUDA toolkit"
 
 /* Per-module state (multi-phase init): traversed and cleared by the module's GC hooks. */
 struct cpeft_call;

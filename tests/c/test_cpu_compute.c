@@ -1,6 +1,6 @@
 /*
  * Standalone checks of the CPU compute layer against naive double-precision loops, run before
- * (and independently of) the Python boundary. Not part of the extension build; see build.sh.
+ * (and independently of) the Python boundary. Not part of the extension build; see run.sh.
  *
  * Every test matrix is allocated with padding around its view (row- or column-major, leading
  * dimension larger than needed) filled with a sentinel, so a write outside the view is caught.

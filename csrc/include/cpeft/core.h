@@ -77,6 +77,10 @@ typedef enum {
                                                                           -> RuntimeError */
 } cpeft_code;
 
+/* The message of CPEFT_ERR_UNSUPPORTED for a CUDA op in a CPU-only build. */
+#define CPEFT_NO_CUDA_MESSAGE \
+    "cpeft was built without CUDA; reinstall with CPEFT_CUDA=1 on a machine with the CUDA toolkit"
+
 /* Compute functions return st->code and, on failure, say what failed in st->message
  * (the call, the status name, file:line). The boundary turns it into a Python exception. */
 typedef struct {
