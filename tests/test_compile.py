@@ -144,3 +144,104 @@ def test_cuda_graph_replays_equal_eager(dtype):
         assert sorted(got[1]) == sorted(expected[1])
         for name, grad in expected[1].items():
             torch.testing.assert_close(got[1][name], grad, **tolerance)
+
+
+class DoraModel(nn.Module):
+    """DoRA on both layer kinds that take it: an Embedding and two Linears (one with
+    fan_in_fan_out, Conv1D's layout), beside a plain LoRA Linear."""
+
+    def __init__(self, dropout=0.0, **kw):
+        super().__init__()
+        self.embedding = cpeft.Embedding(20, 8, r=2, lora_alpha=4, padding_idx=0, use_dora=True,
+                                         **kw)
+        self.linear = cpeft.Linear(8, 8, r=2, lora_alpha=4, lora_dropout=dropout, use_dora=True,
+                                   **kw)
+        self.transposed = cpeft.Linear(8, 6, r=3, lora_dropout=dropout, fan_in_fan_out=True,
+                                       use_dora=True, **kw)
+        self.lora = cpeft.Linear(6, 5, r=2, **kw)
+        for module in self.children():
+            nonzero_adapters(module)
+
+    def forward(self, indices):
+        h = torch.relu(self.linear(self.embedding(indices)))
+        return self.lora(self.transposed(h))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_dora_fullgraph_compile_equals_eager(backend, device):
+    """The compiled ops compute ‖W‖² inside each call where eager takes it from the layer's
+    cache: the results and gradients are the same."""
+    torch.manual_seed(0)
+    model = DoraModel(dtype=torch.float64, device=device)
+    indices = torch.randint(0, 20, (3, 4), device=device)
+    expected = run(model, indices)
+    assert {"embedding.lora_magnitude_vector", "linear.lora_magnitude_vector",
+            "transposed.lora_magnitude_vector"} <= set(expected[1])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert_equal_runs(run(compiled, indices), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(indices), expected[0], rtol=1e-12, atol=1e-12)
+
+
+def test_dora_compile_with_a_frozen_magnitude_equals_eager():
+    """A frozen magnitude: the op keeps no base for its gradient, and the others still flow."""
+    torch.manual_seed(0)
+    model = DoraModel(dtype=torch.float64)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_magnitude_vector" not in name and "lora_" in name)
+    indices = torch.randint(0, 20, (3, 4))
+    expected = run(model, indices)
+    assert not any("magnitude" in name for name in expected[1])
+    torch._dynamo.reset()
+    assert_equal_runs(run(torch.compile(model, backend="aot_eager", fullgraph=True), indices),
+                      expected)
+
+
+def test_dora_graph_holds_one_custom_op_per_layer():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(DoraModel(dtype=torch.float64), backend=backend,
+                  fullgraph=True)(torch.randint(0, 20, (3, 4)))
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("cpeft.dora_embedding" in t for t in targets) == 1
+    assert sum("cpeft.dora_linear" in t for t in targets) == 2
+    assert sum("cpeft.lora_linear" in t for t in targets) == 1
+
+
+def test_dora_compiled_dropout_draws_the_eager_seeds():
+    torch.manual_seed(0)
+    model = DoraModel(dropout=0.5, dtype=torch.float64)
+    indices = torch.randint(0, 20, (3, 4))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        torch.manual_seed(100 + step)
+        expected = run(model, indices)
+        torch.manual_seed(100 + step)
+        assert_equal_runs(run(compiled, indices), expected)
+    torch.manual_seed(7)
+    first = compiled(indices)
+    assert not torch.equal(first, compiled(indices)), "the mask must change between steps"
+
+
+def test_dora_compile_sees_a_changed_weight():
+    """Eager's ‖W‖² cache follows W's version; the compiled graph recomputes ‖W‖² per call, so
+    an in-place change of the frozen weights between calls shows in both alike."""
+    torch.manual_seed(0)
+    model = DoraModel(dtype=torch.float64)
+    indices = torch.randint(0, 20, (3, 4))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert_equal_runs(run(compiled, indices), run(model, indices))
+    with torch.no_grad():
+        model.linear.weight.mul_(1.5)
+        model.embedding.weight.add_(0.25)
+    expected = run(model, indices)
+    assert_equal_runs(run(compiled, indices), expected)

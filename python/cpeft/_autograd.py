@@ -732,18 +732,63 @@ class WeightSqNormCache:
         return self._value
 
 
-class DoraLinearSettings(NamedTuple):
-    scale: float
-    fan_in_fan_out: bool
-    dropout: float
-    seed: int
-
+# ---- DoRA linear -----------------------------------------------------------------------------
 
 def _refuse_weight_grad(weight: torch.Tensor, layer: str) -> None:
     if weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
             f"{layer} with DoRA keeps the base weight frozen (peft trains lora_A, lora_B and "
             "lora_magnitude_vector); got a weight with requires_grad=True")
+
+
+def _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale,
+                     fan_in_fan_out, dropout, seed, keep_base):
+    """(y, xa, base, norm) with xa = drop(x)·Aᵀ and the norm (OUT,) kept for backward, and
+    base = drop(x)·Wᵀ + s·xa·Bᵀ only when keep_base (the magnitude's gradient needs it; else
+    None). weight_sq_norm None: the core computes ‖W‖² itself."""
+    stream = _stream_of(x)
+    if stream is not None:
+        x = _cuda_view(x)  # the one copy the CUDA boundary needs
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    lead = tuple(x.shape)[:-1]
+    y = x.new_empty(lead + (out_features,))
+    xa = x.new_empty(lead + (lora_a.shape[0],))
+    norm = x.new_empty((out_features,))
+    base = _new(y, keep_base, y.shape)
+    _C.dora_linear_forward(
+        to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b),
+        to_dlpack(magnitude), scale, fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
+        weight_sq_norm=_dl(weight_sq_norm), out=to_dlpack(y), out_xa=to_dlpack(xa),
+        out_base=_dl(base), out_norm=to_dlpack(norm), stream=stream)
+    return y, xa, base, norm
+
+
+def _dora_linear_bwd(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, scale,
+                     fan_in_fan_out, dropout, seed, needs):
+    """(grad_x, grad_bias, grad_lora_a, grad_lora_b, grad_magnitude), None where not in needs;
+    the weight is frozen, so it has none."""
+    need_x, need_bias, need_a, need_b, need_m = needs
+    stream = _stream_of(grad_out)
+    if stream is not None:
+        grad_out = _cuda_view(grad_out)  # stride 0 of .sum()
+    grad_x, grad_bias = _new(x, need_x, x.shape), _new(grad_out, need_bias, grad_out.shape[-1:])
+    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
+    grad_m = _new(magnitude, need_m, magnitude.shape)
+    _C.dora_linear_backward(
+        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
+        to_dlpack(lora_b), to_dlpack(magnitude), to_dlpack(norm), to_dlpack(xa), _dl(base),
+        scale, fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
+        grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b), grad_magnitude=_dl_or_false(grad_m),
+        grad_bias=_dl_or_false(grad_bias), stream=stream)
+    return grad_x, grad_bias, grad_a, grad_b, grad_m
+
+
+class DoraLinearSettings(NamedTuple):
+    scale: float
+    fan_in_fan_out: bool
+    dropout: float
+    seed: int
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -755,60 +800,149 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
                 settings: DoraLinearSettings):
-        x = _cuda_view(x) if x.is_cuda else x  # the one copy the CUDA boundary needs
-        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
-        y = _empty(x.shape[:-1] + (out_features,), x)
-        xa = _empty(x.shape[:-1] + (lora_a.shape[0],), x)
-        norm = _empty((out_features,), x)
-        base = _empty(y.shape, y) if ctx.needs_input_grad[5] else None
-        functional.dora_linear_forward(
-            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), _dl(magnitude),
-            settings.scale, fan_in_fan_out=settings.fan_in_fan_out, dropout=settings.dropout,
-            seed=settings.seed, weight_sq_norm=_dl(weight_sq_norm), out=_dl(y), out_xa=_dl(xa),
-            out_base=_dl(base), out_norm=_dl(norm), stream=cuda_stream(x.device))
+        y, xa, base, norm = _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude,
+                                             weight_sq_norm, *settings, ctx.needs_input_grad[5])
         ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, xa, base)
         ctx.settings = settings
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, magnitude, norm, xa, base = ctx.saved_tensors
-        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-        settings = ctx.settings
-        need_bias = need_bias and ctx.has_bias
-        grad_x, grad_a = _grad_buffer(need_x, x), _grad_buffer(need_a, lora_a)
-        grad_b, grad_m = _grad_buffer(need_b, lora_b), _grad_buffer(need_m, magnitude)
-        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
-        functional.dora_linear_backward(
-            _dl(grad_out), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude),
-            _dl(norm), _dl(xa), _dl(base), settings.scale,
-            fan_in_fan_out=settings.fan_in_fan_out, dropout=settings.dropout,
-            seed=settings.seed, grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
-            grad_lora_b=_dl_or_false(grad_b), grad_magnitude=_dl_or_false(grad_m),
-            grad_bias=_dl_or_false(grad_bias), stream=cuda_stream(grad_out.device))
+        grad_x, grad_bias, grad_a, grad_b, grad_m = _dora_linear_bwd(
+            grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, *ctx.settings,
+            (need_x, need_bias and ctx.has_bias, need_a, need_b, need_m))
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
+
+
+@torch.library.custom_op("cpeft::dora_linear", mutates_args=())
+def _dora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                    lora_b: Tensor, magnitude: Tensor, scale: float, fan_in_fan_out: bool,
+                    dropout: float, seed: Optional[Tensor],
+                    keep_base: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, xa, base, norm); base is empty when not kept. No ‖W‖² argument: see dora_linear."""
+    y, xa, base, norm = _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, None,
+                                         scale, fan_in_fan_out, dropout, _seed_value(seed),
+                                         keep_base)
+    return y, xa, (y.new_empty((0,)) if base is None else base), norm
+
+
+@_dora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed,
+      keep_base):
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    y = x.new_empty(x.shape[:-1] + (out_features,))
+    base = y.new_empty(y.shape) if keep_base else y.new_empty((0,))
+    return y, x.new_empty(x.shape[:-1] + (lora_a.shape[0],)), base, x.new_empty((out_features,))
+
+
+@torch.library.custom_op("cpeft::dora_linear_backward", mutates_args=())
+def _dora_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
+                             lora_b: Tensor, magnitude: Tensor, norm: Tensor, xa: Tensor,
+                             base: Optional[Tensor], scale: float, fan_in_fan_out: bool,
+                             dropout: float, seed: Optional[Tensor],
+                             needs: List[bool]) -> List[Tensor]:
+    return _requested(_dora_linear_bwd(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa,
+                                       base, scale, fan_in_fan_out, dropout, _seed_value(seed),
+                                       needs), needs)
+
+
+@_dora_linear_backward_op.register_fake
+def _(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, scale, fan_in_fan_out,
+      dropout, seed, needs):
+    likes = (x, grad_out, lora_a, lora_b, magnitude)
+    shapes = (x.shape, grad_out.shape[-1:], lora_a.shape, lora_b.shape, magnitude.shape)
+    return [like.new_empty(shape) for like, shape, need in zip(likes, shapes, needs) if need]
+
+
+def _dora_linear_setup(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed,
+     keep_base) = inputs
+    _, xa, base, norm = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, xa,
+                          base if keep_base else None, seed)
+    ctx.settings = (scale, fan_in_fan_out, dropout)
+    ctx.has_bias = bias is not None
+
+
+def _dora_linear_op_backward(ctx, grad_y, grad_xa, grad_base, grad_norm):
+    x, weight, lora_a, lora_b, magnitude, norm, xa, base, seed = ctx.saved_tensors
+    need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+    needs = [need_x, need_bias and ctx.has_bias, need_a, need_b, need_m]
+    grads = _dora_linear_backward_op(grad_y, x, weight, lora_a, lora_b, magnitude, norm, xa,
+                                     base, *ctx.settings, seed, needs)
+    grad_x, grad_bias, grad_a, grad_b, grad_m = _spread(grads, needs)
+    return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+
+
+_dora_linear_op.register_autograd(_dora_linear_op_backward, setup_context=_dora_linear_setup)
 
 
 def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, *, scale, fan_in_fan_out, dropout,
                 sq_norm_cache: Optional[WeightSqNormCache] = None, layer: str = "Linear"):
-    """Applies DoraLinearFunction under the module-wide dtype rule; returns the compute dtype."""
+    """DoRA linear under the module-wide dtype rule; returns the compute dtype."""
     _refuse_weight_grad(weight, layer)
     device_type = x.device.type
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
-    seed = draw_dropout_seed() if dropout > 0.0 else 0
     kernel_weight = _cast(weight, kernel_dtype)
-    sq_norm = (sq_norm_cache.get(weight, kernel_weight, fan_in_fan_out)
-               if sq_norm_cache is not None else None)
-    settings = DoraLinearSettings(float(scale), bool(fan_in_fan_out), float(dropout), seed)
-    y = DoraLinearFunction.apply(
-        _cast(x, kernel_dtype), kernel_weight, _cast(bias, kernel_dtype),
-        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype),
-        _cast(magnitude, kernel_dtype), sq_norm, settings)
+    x, bias = _cast(x, kernel_dtype), _cast(bias, kernel_dtype)
+    lora_a, lora_b = _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype)
+    magnitude = _cast(magnitude, kernel_dtype)
+    if torch.compiler.is_compiling():
+        # No ‖W‖² cache here: its key (version counter, storage pointer) is Python-side state
+        # that Dynamo cannot trace (it would break the graph or guard on a counter every
+        # optimizer step bumps), and a graph is pure, so it cannot keep a value between calls.
+        # The op lets the core compute ‖W‖² per call: one pass over W, cheaper than the base
+        # GEMM over it, with the same summation as the cached value (results equal eager's).
+        seed = _draw_seed_tensor() if dropout > 0.0 else None
+        keep_base = torch.is_grad_enabled() and magnitude.requires_grad
+        y = _dora_linear_op(x, kernel_weight, bias, lora_a, lora_b, magnitude, float(scale),
+                            bool(fan_in_fan_out), float(dropout), seed, keep_base)[0]
+    else:
+        seed = draw_dropout_seed() if dropout > 0.0 else 0
+        sq_norm = (sq_norm_cache.get(weight, kernel_weight, fan_in_fan_out)
+                   if sq_norm_cache is not None else None)
+        y = DoraLinearFunction.apply(x, kernel_weight, bias, lora_a, lora_b, magnitude, sq_norm,
+                                     DoraLinearSettings(float(scale), bool(fan_in_fan_out),
+                                                        float(dropout), seed))
     return _cast(y, dtype)
+
+
+# ---- DoRA embedding --------------------------------------------------------------------------
+
+def _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude, weight_sq_norm, scale):
+    """(y, norm), the norm (D,) kept for backward; weight_sq_norm as in _dora_linear_fwd."""
+    stream = _stream_of(weight)
+    if stream is not None:
+        indices = _cuda_view(indices)
+    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
+    norm = weight.new_empty((weight.shape[1],))
+    _C.dora_embedding_forward(
+        to_dlpack(indices), to_dlpack(weight), to_dlpack(lora_a), to_dlpack(lora_b),
+        to_dlpack(magnitude), scale, weight_sq_norm=_dl(weight_sq_norm), out=to_dlpack(y),
+        out_norm=to_dlpack(norm), stream=stream)
+    return y, norm
+
+
+def _dora_embedding_bwd(grad_out, indices, weight, lora_a, lora_b, magnitude, norm, scale,
+                        padding_idx, needs):
+    """(grad_lora_a, grad_lora_b, grad_magnitude), None where not in needs."""
+    need_a, need_b, need_m = needs
+    stream = _stream_of(grad_out)
+    if stream is not None:
+        grad_out = _cuda_view(grad_out)  # stride 0 of .sum()
+    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
+    grad_m = _new(magnitude, need_m, magnitude.shape)
+    _C.dora_embedding_backward(
+        to_dlpack(grad_out), to_dlpack(indices), to_dlpack(weight), to_dlpack(lora_a),
+        to_dlpack(lora_b), to_dlpack(magnitude), to_dlpack(norm), scale,
+        padding_idx=padding_idx, grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b), grad_magnitude=_dl_or_false(grad_m), stream=stream)
+    return grad_a, grad_b, grad_m
 
 
 class DoraEmbeddingFunction(torch.autograd.Function):
@@ -818,31 +952,67 @@ class DoraEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices, weight, lora_a, lora_b, magnitude, weight_sq_norm,
                 settings: LoraEmbeddingSettings):
-        indices = _cuda_view(indices) if indices.is_cuda else indices
-        y = _empty(indices.shape + (weight.shape[1],), weight)
-        norm = _empty((weight.shape[1],), weight)
-        functional.dora_embedding_forward(
-            _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude), settings.scale,
-            weight_sq_norm=_dl(weight_sq_norm), out=_dl(y), out_norm=_dl(norm),
-            stream=cuda_stream(weight.device))
+        y, norm = _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude,
+                                      weight_sq_norm, settings.scale)
         ctx.save_for_backward(indices, weight, lora_a, lora_b, magnitude, norm)
         ctx.settings = settings
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
-        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
-        need_a, need_b, need_m = ctx.needs_input_grad[2:5]
-        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
-        grad_m = _grad_buffer(need_m, magnitude)
-        functional.dora_embedding_backward(
-            _dl(grad_out), _dl(indices), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(magnitude),
-            _dl(norm), ctx.settings.scale, padding_idx=ctx.settings.padding_idx,
-            grad_lora_a=_dl_or_false(grad_a), grad_lora_b=_dl_or_false(grad_b),
-            grad_magnitude=_dl_or_false(grad_m), stream=cuda_stream(grad_out.device))
-        return None, None, grad_a, grad_b, grad_m, None, None
+        grads = _dora_embedding_bwd(grad_out, indices, weight, lora_a, lora_b, magnitude, norm,
+                                    *ctx.settings, ctx.needs_input_grad[2:5])
+        return (None, None, *grads, None, None)
+
+
+@torch.library.custom_op("cpeft::dora_embedding", mutates_args=())
+def _dora_embedding_op(indices: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                       magnitude: Tensor, scale: float,
+                       padding_idx: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """(y, norm); padding_idx only affects the backward, as in cpeft::ia3_embedding. No ‖W‖²
+    argument: see dora_linear."""
+    return _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude, None, scale)
+
+
+@_dora_embedding_op.register_fake
+def _(indices, weight, lora_a, lora_b, magnitude, scale, padding_idx):
+    return weight.new_empty(indices.shape + (weight.shape[1],)), weight.new_empty(
+        (weight.shape[1],))
+
+
+@torch.library.custom_op("cpeft::dora_embedding_backward", mutates_args=())
+def _dora_embedding_backward_op(grad_out: Tensor, indices: Tensor, weight: Tensor,
+                                lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, norm: Tensor,
+                                scale: float, padding_idx: Optional[int],
+                                needs: List[bool]) -> List[Tensor]:
+    return _requested(_dora_embedding_bwd(grad_out, indices, weight, lora_a, lora_b, magnitude,
+                                          norm, scale, padding_idx, needs), needs)
+
+
+@_dora_embedding_backward_op.register_fake
+def _(grad_out, indices, weight, lora_a, lora_b, magnitude, norm, scale, padding_idx, needs):
+    likes = (lora_a, lora_b, magnitude)
+    return [like.new_empty(like.shape) for like, need in zip(likes, needs) if need]
+
+
+def _dora_embedding_setup(ctx, inputs, output):
+    indices, weight, lora_a, lora_b, magnitude, scale, padding_idx = inputs
+    ctx.save_for_backward(indices, weight, lora_a, lora_b, magnitude, output[1])
+    ctx.settings = (scale, padding_idx)
+
+
+def _dora_embedding_op_backward(ctx, grad_y, grad_norm):
+    indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[2:5])
+    grads = _dora_embedding_backward_op(grad_y, indices, weight, lora_a, lora_b, magnitude,
+                                        norm, *ctx.settings, needs)
+    return (None, None, *_spread(grads, needs), None, None)
+
+
+_dora_embedding_op.register_autograd(_dora_embedding_op_backward,
+                                     setup_context=_dora_embedding_setup)
 
 
 def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding_idx,
@@ -852,12 +1022,18 @@ def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding
     dtype = weight.dtype
     kernel_dtype = core_dtype(dtype, weight.device.type)
     kernel_weight = _cast(weight, kernel_dtype)
-    sq_norm = (sq_norm_cache.get(weight, kernel_weight, True)
-               if sq_norm_cache is not None else None)
-    y = DoraEmbeddingFunction.apply(
-        _check_indices(indices), kernel_weight, _cast(lora_a, kernel_dtype),
-        _cast(lora_b, kernel_dtype), _cast(magnitude, kernel_dtype), sq_norm,
-        LoraEmbeddingSettings(float(scale), padding_idx))
+    indices = _check_indices(indices)
+    lora_a, lora_b = _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype)
+    magnitude = _cast(magnitude, kernel_dtype)
+    if torch.compiler.is_compiling():
+        # ‖W‖² computed inside the op, for the reasons given in dora_linear.
+        y = _dora_embedding_op(indices, kernel_weight, lora_a, lora_b, magnitude, float(scale),
+                               padding_idx)[0]
+    else:
+        sq_norm = (sq_norm_cache.get(weight, kernel_weight, True)
+                   if sq_norm_cache is not None else None)
+        y = DoraEmbeddingFunction.apply(indices, kernel_weight, lora_a, lora_b, magnitude,
+                                        sq_norm, LoraEmbeddingSettings(float(scale), padding_idx))
     return _cast(y, dtype)
 
 
