@@ -245,3 +245,82 @@ def test_dora_compile_sees_a_changed_weight():
         model.embedding.weight.add_(0.25)
     expected = run(model, indices)
     assert_equal_runs(run(compiled, indices), expected)
+
+
+class GroupedModel(nn.Module):
+    """Two packed adapters of ranks 2 and 3 over one base linear (peft's mixed-adapter batch
+    layout), each row of the input choosing adapter 0, 1 or none (-1)."""
+
+    def __init__(self, dropout=0.0, fan_in_fan_out=False, dtype=torch.float64, device="cpu"):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+
+        def parameter(*shape, requires_grad=True):
+            values = torch.randn(shape, generator=generator, dtype=torch.float64)
+            return nn.Parameter(values.to(dtype=dtype, device=device),
+                                requires_grad=requires_grad)
+
+        self.fan_in_fan_out, self.dropout = fan_in_fan_out, dropout
+        self.weight = parameter(*((8, 6) if fan_in_fan_out else (6, 8)), requires_grad=False)
+        self.bias = parameter(6, requires_grad=False)
+        self.lora_a, self.lora_b = parameter(5, 8), parameter(6, 5)
+
+    def forward(self, x, index):
+        y = cpeft._autograd.lora_grouped(x, self.weight, self.bias, self.lora_a, self.lora_b,
+                                         index, ranks=[2, 3], scales=[0.5, 2.0],
+                                         fan_in_fan_out=self.fan_in_fan_out,
+                                         dropout=self.dropout)
+        return torch.tanh(y)
+
+
+def run_grouped(model, x, index):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    y = model(x, index)
+    y.mean().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    grads["x"] = x.grad.clone()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_grouped_fullgraph_compile_equals_eager(backend, fan_in_fan_out, device):
+    torch.manual_seed(0)
+    model = GroupedModel(fan_in_fan_out=fan_in_fan_out, device=device)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, device=device)
+    index = torch.tensor([0, 1, -1, 1] * 3, device=device)
+    expected = run_grouped(model, x, index)
+    assert sorted(expected[1]) == ["lora_a", "lora_b", "x"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert_equal_runs(run_grouped(compiled, x, index), expected)
+
+
+def test_grouped_graph_holds_one_custom_op_and_dropout_draws_the_eager_seeds():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = GroupedModel(dropout=0.5)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    index = torch.tensor([1, 0, 0, -1, 1, 1])
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x, index)
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("cpeft.lora_grouped" in t for t in targets) == 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        torch.manual_seed(100 + step)
+        expected = run_grouped(model, x, index)
+        torch.manual_seed(100 + step)
+        assert_equal_runs(run_grouped(compiled, x, index), expected)
+    torch.manual_seed(7)
+    first = compiled(x, index)
+    assert not torch.equal(first, compiled(x, index)), "the mask must change between steps"

@@ -1037,6 +1037,44 @@ def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding
     return _cast(y, dtype)
 
 
+# ---- LoRA grouped (mixed-adapter batches) ----------------------------------------------------
+
+def _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out,
+                      dropout, seed):
+    """(y, xa) with xa (..., max rank) kept for backward."""
+    stream = _stream_of(x)
+    if stream is not None:
+        x = _cuda_view(x)  # the one copy the CUDA boundary needs
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    lead = tuple(x.shape)[:-1]
+    y = x.new_empty(lead + (out_features,))
+    xa = x.new_empty(lead + (max(ranks),))
+    _C.lora_grouped_forward(
+        to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b),
+        to_dlpack(index), ranks, scales, fan_in_fan_out=fan_in_fan_out, dropout=dropout,
+        seed=seed, offset=0, out=to_dlpack(y), out_xa=to_dlpack(xa), stream=stream)
+    return y, xa
+
+
+def _lora_grouped_bwd(grad_out, x, weight, lora_a, lora_b, xa, index, ranks, scales,
+                      fan_in_fan_out, dropout, seed, needs):
+    """(grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b), None where not in needs."""
+    need_x, need_weight, need_bias, need_a, need_b = needs
+    stream = _stream_of(grad_out)
+    grad_out = grad_out.contiguous()  # stride 0 of .sum(); the grouped core takes rows as they lie
+    grad_x, grad_weight = _new(x, need_x, x.shape), _new(weight, need_weight, weight.shape)
+    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
+    grad_bias = _new(grad_out, need_bias, grad_out.shape[-1:])
+    _C.lora_grouped_backward(
+        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
+        to_dlpack(lora_b), to_dlpack(xa), to_dlpack(index), ranks, scales,
+        fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed, offset=0,
+        grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b), grad_bias=_dl_or_false(grad_bias),
+        grad_weight=_dl_or_false(grad_weight), stream=stream)
+    return grad_x, grad_weight, grad_bias, grad_a, grad_b
+
+
 class LoraGroupedSettings(NamedTuple):
     ranks: tuple
     scales: tuple
@@ -1051,53 +1089,94 @@ class LoraGroupedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, index, settings: LoraGroupedSettings):
-        x = _cuda_view(x) if x.is_cuda else x  # the one copy the CUDA boundary needs
-        out_features = weight.shape[1] if settings.fan_in_fan_out else weight.shape[0]
-        y = _empty(x.shape[:-1] + (out_features,), x)
-        xa = _empty(x.shape[:-1] + (max(settings.ranks),), x)
-        functional.lora_grouped_forward(
-            _dl(x), _dl(weight), _dl(bias), _dl(lora_a), _dl(lora_b), _dl(index),
-            settings.ranks, settings.scales, fan_in_fan_out=settings.fan_in_fan_out,
-            dropout=settings.dropout, seed=settings.seed, offset=0, out=_dl(y), out_xa=_dl(xa),
-            stream=cuda_stream(x.device))
+        y, xa = _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, *settings)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, index)
         ctx.settings = settings
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, xa, index = ctx.saved_tensors
-        grad_out = _cuda_view(grad_out) if grad_out.is_cuda else grad_out  # stride 0 of .sum()
         need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        settings = ctx.settings
-        need_bias = need_bias and ctx.has_bias
-        grad_x, grad_weight = _grad_buffer(need_x, x), _grad_buffer(need_weight, weight)
-        grad_a, grad_b = _grad_buffer(need_a, lora_a), _grad_buffer(need_b, lora_b)
-        grad_bias = _empty(grad_out.shape[-1:], grad_out) if need_bias else None
-        functional.lora_grouped_backward(
-            _dl(grad_out.contiguous()), _dl(x), _dl(weight), _dl(lora_a), _dl(lora_b), _dl(xa),
-            _dl(index), settings.ranks, settings.scales, fan_in_fan_out=settings.fan_in_fan_out,
-            dropout=settings.dropout, seed=settings.seed, offset=0,
-            grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
-            grad_lora_b=_dl_or_false(grad_b), grad_bias=_dl_or_false(grad_bias),
-            grad_weight=_dl_or_false(grad_weight), stream=cuda_stream(grad_out.device))
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
+        grads = _lora_grouped_bwd(grad_out, x, weight, lora_a, lora_b, xa, index, *ctx.settings,
+                                  (need_x, need_weight, need_bias and ctx.has_bias, need_a,
+                                   need_b))
+        return (*grads, None, None)
+
+
+@torch.library.custom_op("cpeft::lora_grouped", mutates_args=())
+def _lora_grouped_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                     lora_b: Tensor, index: Tensor, ranks: List[int], scales: List[float],
+                     fan_in_fan_out: bool, dropout: float,
+                     seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, ranks, scales,
+                             fan_in_fan_out, dropout, _seed_value(seed))
+
+
+@_lora_grouped_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dropout, seed):
+    lead = x.shape[:-1]
+    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return x.new_empty(lead + (out_features,)), x.new_empty(lead + (max(ranks),))
+
+
+@torch.library.custom_op("cpeft::lora_grouped_backward", mutates_args=())
+def _lora_grouped_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
+                              lora_b: Tensor, xa: Tensor, index: Tensor, ranks: List[int],
+                              scales: List[float], fan_in_fan_out: bool, dropout: float,
+                              seed: Optional[Tensor], needs: List[bool]) -> List[Tensor]:
+    return _requested(_lora_grouped_bwd(grad_out, x, weight, lora_a, lora_b, xa, index, ranks,
+                                        scales, fan_in_fan_out, dropout, _seed_value(seed),
+                                        needs), needs)
+
+
+@_lora_grouped_backward_op.register_fake
+def _(grad_out, x, weight, lora_a, lora_b, xa, index, ranks, scales, fan_in_fan_out, dropout,
+      seed, needs):
+    likes = (x, weight, grad_out, lora_a, lora_b)
+    shapes = (x.shape, weight.shape, grad_out.shape[-1:], lora_a.shape, lora_b.shape)
+    return [like.new_empty(shape) for like, shape, need in zip(likes, shapes, needs) if need]
+
+
+def _lora_grouped_setup(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dropout,
+     seed) = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], index, seed)
+    ctx.settings = (ranks, scales, fan_in_fan_out, dropout)
+    ctx.has_bias = bias is not None
+
+
+def _lora_grouped_op_backward(ctx, grad_y, grad_xa):
+    x, weight, lora_a, lora_b, xa, index, seed = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    needs = [need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b]
+    grads = _lora_grouped_backward_op(grad_y, x, weight, lora_a, lora_b, xa, index,
+                                      *ctx.settings, seed, needs)
+    return (*_spread(grads, needs), None, None, None, None, None, None)
+
+
+_lora_grouped_op.register_autograd(_lora_grouped_op_backward, setup_context=_lora_grouped_setup)
 
 
 def lora_grouped(x, weight, bias, lora_a, lora_b, index, *, ranks, scales, fan_in_fan_out,
                  dropout):
-    """Applies LoraGroupedFunction under the module-wide dtype rule. lora_a (ΣR, IN) and lora_b
+    """Mixed-adapter LoRA linear under the module-wide dtype rule. lora_a (ΣR, IN) and lora_b
     (OUT, ΣR) are the adapters packed (torch.cat keeps each adapter's gradient path); index is
     an int64 tensor with one entry per row of x."""
     device_type = x.device.type
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
-    seed = draw_dropout_seed() if dropout > 0.0 else 0
-    settings = LoraGroupedSettings(tuple(int(r) for r in ranks), tuple(float(s) for s in scales),
-                                   bool(fan_in_fan_out), float(dropout), seed)
-    y = LoraGroupedFunction.apply(
-        _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype),
-        _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype), index, settings)
+    ranks, scales = [int(r) for r in ranks], [float(s) for s in scales]
+    x, weight, bias = _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype)
+    lora_a, lora_b = _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype)
+    if torch.compiler.is_compiling():
+        seed = _draw_seed_tensor() if dropout > 0.0 else None
+        y = _lora_grouped_op(x, weight, bias, lora_a, lora_b, index, ranks, scales,
+                             bool(fan_in_fan_out), float(dropout), seed)[0]
+    else:
+        seed = draw_dropout_seed() if dropout > 0.0 else 0
+        y = LoraGroupedFunction.apply(x, weight, bias, lora_a, lora_b, index, LoraGroupedSettings(
+            tuple(ranks), tuple(scales), bool(fan_in_fan_out), float(dropout), seed))
     return _cast(y, dtype)
