@@ -324,3 +324,18 @@ def test_grouped_graph_holds_one_custom_op_and_dropout_draws_the_eager_seeds():
     torch.manual_seed(7)
     first = compiled(x, index)
     assert not torch.equal(first, compiled(x, index)), "the mask must change between steps"
+
+
+def test_dora_compile_in_float32_differs_from_eager_by_rounding_only():
+    """In float32, eager's cached ‖W‖² is rounded to float32 where the compiled op keeps the
+    core's double sum: the two agree to float32 rounding."""
+    torch.manual_seed(0)
+    model = DoraModel(dtype=torch.float32)
+    indices = torch.randint(0, 20, (3, 4))
+    expected = run(model, indices)
+    torch._dynamo.reset()
+    got = run(torch.compile(model, backend="aot_eager", fullgraph=True), indices)
+    torch.testing.assert_close(got[0], expected[0])
+    assert sorted(got[1]) == sorted(expected[1])
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, msg=lambda m, name=name: f"{name}: {m}")

@@ -897,7 +897,9 @@ def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, *, scale, fan_in_fan
         # that Dynamo cannot trace (it would break the graph or guard on a counter every
         # optimizer step bumps), and a graph is pure, so it cannot keep a value between calls.
         # The op lets the core compute ‖W‖² per call: one pass over W, cheaper than the base
-        # GEMM over it, with the same summation as the cached value (results equal eager's).
+        # GEMM over it, and it sees every change of W, with no key to miss one. The core keeps
+        # that sum in double where the cache rounds it to W's dtype, so float64 results equal
+        # eager's and float32 ones differ from them by that rounding only.
         seed = _draw_seed_tensor() if dropout > 0.0 else None
         keep_base = torch.is_grad_enabled() and magnitude.requires_grad
         y = _dora_linear_op(x, kernel_weight, bias, lora_a, lora_b, magnitude, float(scale),
