@@ -339,3 +339,16 @@ def test_dora_compile_in_float32_differs_from_eager_by_rounding_only():
     assert sorted(got[1]) == sorted(expected[1])
     for name, grad in expected[1].items():
         torch.testing.assert_close(got[1][name], grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_inductor_compiles_dora_layers():
+    torch.manual_seed(0)
+    model = DoraModel(dtype=torch.float32)
+    indices = torch.randint(0, 20, (3, 4))
+    expected = run(model, indices)
+    torch._dynamo.reset()
+    got = run(torch.compile(model, backend="inductor", fullgraph=True), indices)
+    torch.testing.assert_close(got[0], expected[0])
+    assert sorted(got[1]) == sorted(expected[1])
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, msg=lambda m, name=name: f"{name}: {m}")
