@@ -434,7 +434,8 @@ static int magnitude_b_bias_grads(const cpeft_dora_linear_args *a,
     }
     if (rc == CPEFT_OK && o->grad_b.data != NULL) {
         rc = cpeft_gemm_cpu(dt, 1, 0, l->scale, in->grad_out, in->xa, 0.0, o->grad_b, st);
-        if (rc == CPEFT_OK)
+        /* An empty batch's gradient is an empty sum, 0 whatever c holds (0·inf = NaN). */
+        if (rc == CPEFT_OK && l->m > 0)
             cpeft_scale_mat_cpu(dt, o->grad_b, c, 0);
     }
     return rc;
@@ -696,7 +697,10 @@ int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat g
         /* grad_b = (s·c) ⊙ t, the rows of t scaled by s·c (kept in c_minus_one's place, which
          * the embedding does not use). */
         DORA_DISPATCH(dt, times_scalar, c, l->scale, c_minus_one);
-        cpeft_scaled_copy_cpu(dt, t, c_minus_one, 0, o->grad_b);
+        if (l->n > 0)
+            cpeft_scaled_copy_cpu(dt, t, c_minus_one, 0, o->grad_b);
+        else /* an empty sum, 0 whatever c holds (0·inf = NaN) */
+            cpeft_fill_zero_cpu(dt, o->grad_b);
     }
     if (rc == CPEFT_OK && o->grad_a.data != NULL) {
         cpeft_fill_zero_cpu(dt, o->grad_a);

@@ -81,6 +81,19 @@ def test_dora_embedding_empty_batch_with_infinite_lora_b():
     assert not grads.lora_a.any() and not grads.lora_b.any()
 
 
+def test_dora_empty_batch_with_infinite_c():
+    """grad_lora_b of an empty batch is an empty sum, 0 even where c = m / n is infinite (a
+    zero norm) or NaN (found by the fuzzer: the sums were scaled by c afterwards, 0·inf = NaN)."""
+    w, a, b = np.ones((2, 3)), np.ones((1, 3)), np.ones((2, 1))
+    m, n = np.array([1.0, np.inf]), np.array([0.0, 2.0])
+    x, g = np.ones((0, 3)), np.ones((0, 2))
+    lin = F.dora_linear_backward(g, x, w, a, b, m, n, np.ones((0, 1)), np.ones((0, 2)), 1.5)
+    assert not lin.lora_b.any() and not lin.lora_a.any()
+    emb = F.dora_embedding_backward(np.ones((0, 2)), np.zeros(0, np.int64), np.ones((3, 2)),
+                                    np.ones((1, 3)), b, m, n, 1.5)
+    assert not emb.lora_b.any() and not emb.lora_a.any()
+
+
 def test_ia3_empty_batch_with_infinite_l():
     """The gradients of an empty batch are empty sums, 0 whatever l holds (torch gives 0)."""
     x, g, base = np.ones((0, 3)), np.ones((0, 2)), np.ones((0, 2))
