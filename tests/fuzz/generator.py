@@ -849,9 +849,10 @@ def _dora_norm_and_spread(weight, lora_a, lora_b, scale, sq=None):
 
 
 def dora_norm_intermediates_overflow(case):
-    """Whether cpeft's float32 DoRA norm (issue: its intermediates A·Wᵀ and B·(A·Aᵀ) are formed
-    in float32, csrc/cpu/dora.c) would overflow for the current arguments while n itself may
-    be representable: |W|·|A|ᵀ or |B|·(|A|·|A|ᵀ) beyond float32's largest value."""
+    """Whether cpeft's float32 DoRA norm (an open defect: its intermediates A·Wᵀ, A·Aᵀ and
+    B·(A·Aᵀ) are formed in float32, csrc/cpu/dora.c) leaves float32's range for the current
+    arguments while n itself may be representable: |W|·|A|ᵀ, |A|·|A|ᵀ or |B|·(|A|·|A|ᵀ) beyond
+    its largest value, or A·Aᵀ underflowing (below 2²⁴ times its smallest normal number)."""
     if case.entry not in ("dora_weight_norm", "dora_linear_forward", "dora_embedding_forward"):
         return False
     try:
@@ -866,10 +867,23 @@ def dora_norm_intermediates_overflow(case):
         with np.errstate(all="ignore"):
             big = float(np.finfo(np.float32).max)
             gram = a @ a.T
+            # Products of entries of A below float32's normal range lose their bits.
+            small = float(np.finfo(np.float32).tiny) * 2.0**24
             return bool(np.nanmax(w @ a.T, initial=0) > big or np.nanmax(gram, initial=0) > big
-                        or np.nanmax(b @ gram, initial=0) > big)
+                        or np.nanmax(b @ gram, initial=0) > big
+                        or 0 < np.nanmax(gram, initial=0) < small)
     except (KeyError, TypeError, ValueError):
         return False
+
+
+def _c_floor(case, norm):
+    """What to add to |m| in a bound for c = m / n being rounded to the dtype (as peft does):
+    below the dtype's smallest normal number c has fewer bits, an absolute error up to about
+    tiny·eps, which the rule's 8·eps·bound covers once |c| is counted as at least tiny."""
+    dtype = float_dtype(case) or np.dtype(np.float64)
+    info = np.finfo(dtype)
+    with np.errstate(all="ignore"):
+        return np.abs(np.asarray(norm, np.float64)) * float(info.tiny)
 
 
 def _logical_w(weight, fan):
@@ -975,11 +989,11 @@ def _dora_linear(rng, entry, arrays):
                                            mask=mask, norm=n)
             absolute = (_abs(s["x"]), _abs(s["weight"]), _abs(s["bias"]), _abs(s["lora_a"]),
                         _abs(s["lora_b"]))
-            m_abs = _abs(s["magnitude"])
+            m_abs = _abs(s["magnitude"]) + _c_floor(case, n)
             _, bxa, bbase, _ = td.ref_linear(*absolute, m_abs, abs(sc), fan_in_fan_out=f,
                                              mask=mask, norm=n)
             by, _, _, _ = td.ref_linear(*absolute, m_abs * spread, abs(sc), fan_in_fan_out=f,
-                                        norm=n)
+                                        norm=np.abs(n))
             if mask is not None:
                 # x·Wᵀ + bias + (c - 1)·xd·Wᵀ + c·lora: the |c - 1| <= c + 1 part and x·Wᵀ.
                 xm = absolute[0].reshape(-1, w.shape[1])
@@ -1024,7 +1038,9 @@ def _dora_linear(rng, entry, arrays):
             args = (s["grad_out"], s["x"], s["weight"], s["lora_a"], s["lora_b"],
                     s["magnitude"])
             grads = td.ref_linear_grads(*args, sc, fan_in_fan_out=f, mask=mask, norm=s["norm"])
-            bounds = td.ref_linear_grads(*map(_abs, args), abs(sc), fan_in_fan_out=f,
+            absolute = list(map(_abs, args))
+            absolute[5] = absolute[5] + _c_floor(case, s["norm"])
+            bounds = td.ref_linear_grads(*absolute, abs(sc), fan_in_fan_out=f,
                                          mask=mask, norm=_abs(s["norm"]))
             if mask is not None:
                 g = _abs(s["grad_out"]).reshape(-1, bounds["bias"].shape[0])
@@ -1093,8 +1109,9 @@ def _dora_embedding(rng, entry, arrays):
             y, _ = td.ref_embedding(s["indices"], s["weight"], s["lora_a"], s["lora_b"],
                                     s["magnitude"], sc, norm=n)
             by, _ = td.ref_embedding(s["indices"], _abs(s["weight"]), _abs(s["lora_a"]),
-                                     _abs(s["lora_b"]), _abs(s["magnitude"]) * spread, abs(sc),
-                                     norm=np.abs(n))
+                                     _abs(s["lora_b"]),
+                                     (_abs(s["magnitude"]) + _c_floor(case, n)) * spread,
+                                     abs(sc), norm=np.abs(n))
             return {"y": (y, by, k), "norm": (n, (spread - 1) * np.abs(n), k)}
     else:
         grad_out = arrays.place(_values(rng, lead + (dim,), dtype), _layout(rng))
@@ -1123,6 +1140,7 @@ def _dora_embedding(rng, entry, arrays):
                     s["magnitude"])
             grads = td.ref_embedding_grads(*args, sc, padding_idx=pad, norm=s["norm"])
             absolute = [_abs(a) if a.dtype.kind == "f" else a for a in args]
+            absolute[5] = absolute[5] + _c_floor(case, s["norm"])
             bounds = td.ref_embedding_grads(*absolute, abs(sc), padding_idx=pad,
                                             norm=_abs(s["norm"]))
             return {n: (grads[n], bounds[n], k) for n in grads}

@@ -111,6 +111,16 @@ def test_out_base_true_with_torch_tensors():
     assert torch.allclose(base, x @ w.T)
 
 
+def test_dora_out_base_true_with_torch_tensors():
+    """Found by the fuzzer: as ia3_linear_forward's did, an explicit out_base=True reached C,
+    which allocates NumPy arrays only, and raised for torch inputs."""
+    torch = pytest.importorskip("torch")
+    x, w, m = torch.randn(3, 4), torch.randn(5, 4), torch.rand(5) + 0.5
+    a, b = torch.randn(2, 4), torch.randn(5, 2)
+    y, xa, base, norm = F.dora_linear_forward(x, w, None, a, b, m, 0.5, out_base=True)
+    assert torch.allclose(base, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-5)
+
+
 def test_enable_lora_string_is_refused():
     x, w = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
     a, b = np.ones((2, 3), np.float32), np.ones((4, 1), np.float32)
