@@ -10,8 +10,9 @@ a message that ends with the replay line ``python -m tests.fuzz.replay SEED INDE
 Case ``index`` exercises entry point ``ENTRIES[index % 25]``. It starts from a valid problem of
 random small dimensions (rows, leading dims and ranks may be 0; IN, OUT, V, D from 1), float32
 or float64, random options (bias, fan_in_fan_out, enable_lora groups, dropout with random seed
-and offset, padding_idx, keep_base, feedforward, which gradients are wanted, outputs given as
-arrays, True or None) and random memory layouts for every array: C or Fortran order, transposed
+and offset, padding_idx, keep_base, feedforward, DoRA magnitudes and cached squared norms,
+grouped adapter indices with their ranks and scales, which gradients are wanted, outputs given
+as arrays, True or None) and random memory layouts for every array: C or Fortran order, transposed
 views, offsets into a larger buffer, every other row or column, negative strides on one or all
 axes, stride 0 (broadcast), huge strides on dimensions of size 1, read-only inputs. Every array
 lives inside a larger buffer filled with a sentinel, so writes outside a view are caught. Then,
@@ -20,7 +21,8 @@ by chance, one change is made (the ``mutation``):
 * invalid (must raise): wrong kinds of objects, wrong dtypes (ints, float16, complex, bool,
   mixed floats, byte-swapped; float/narrow indices), wrong ndim or a dimension that no longer
   agrees with another argument, non-finite or out-of-range scalars (scale, dropout, seed, offset,
-  padding_idx, dropout_mask's p/shape/dtype), bad enable_lora, embedding indices out of range,
+  padding_idx, dropout_mask's p/shape/dtype), bad enable_lora, bad grouped ranks/scales,
+  embedding or grouped adapter indices out of range,
   outputs that are read-only or alias an input or another output, merge targets aliasing the
   adapter, unmerge records that do not fit;
 * valid (must compute the right result): NaN/inf in float inputs, magnitudes near float32's
@@ -38,7 +40,9 @@ Oracle (every outcome that is not listed fails):
   the arrays returned, outputs not requested are None, and every result agrees with the NumPy
   float64 reference of tests/reference.py evaluated on the very values passed, under the
   tolerance rule of tests/conftest.py (|ours - ref| <= 8 eps sqrt(K) bound + tiny, ``bound`` the
-  reference on absolute values, K the sum of the problem's dimensions), applied to every element
+  reference on absolute values, K the sum of the problem's dimensions; DoRA's references are
+  those of tests/test_dora.py, the grouped op's that of tests/test_lora_grouped.py, and where a
+  DoRA norm is computed its bound widens as ``_dora_norm_and_spread`` explains), applied to every element
   whose reference is finite and whose bound does not exceed the dtype's largest value (beyond
   it an intermediate may overflow legitimately); dropout masks and unmerges are compared bit for
   bit; merges under the tolerance rule, then the unmerge must restore the weight exactly;
