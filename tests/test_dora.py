@@ -95,7 +95,7 @@ def ref_embedding_grads(grad_out, indices, weight, lora_a, lora_b, magnitude, sc
     n = np.linalg.norm(w.T + scale * b @ a, axis=1) if norm is None else _f64(norm)
     c = m / n
     idx = np.asarray(indices).reshape(-1)
-    g = _f64(grad_out).reshape(len(idx), -1)
+    g = _f64(grad_out).reshape(len(idx), w.shape[1])
     a_rows = a[:, idx].T
     grad_a = np.zeros_like(a)
     per_row = scale * (g * c) @ b

@@ -434,7 +434,8 @@ static int magnitude_b_bias_grads(const cpeft_dora_linear_args *a,
     }
     if (rc == CPEFT_OK && o->grad_b.data != NULL) {
         rc = cpeft_gemm_cpu(dt, 1, 0, l->scale, in->grad_out, in->xa, 0.0, o->grad_b, st);
-        if (rc == CPEFT_OK)
+        /* An empty batch's gradient is an empty sum, 0 whatever c holds (0·inf = NaN). */
+        if (rc == CPEFT_OK && l->m > 0)
             cpeft_scale_mat_cpu(dt, o->grad_b, c, 0);
     }
     return rc;
@@ -625,15 +626,16 @@ int cpeft_dora_embedding_fwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat y
         }                                                                                      \
         return CPEFT_OK;                                                                       \
     }                                                                                          \
-    /* acc[d] = (acc[d] + s · Σ_k t[d][k]·b[d][k]) / n[d] */                                   \
+    /* acc[d] = (acc[d] + s · Σ_k t[d][k]·b[d][k]) / n[d]; an empty batch (rows = 0) adds     \
+     * nothing: its sum is empty, 0 whatever b holds (t·b would give 0·inf = NaN). */          \
     static void finish_magnitude_grad_##SUFFIX(double *acc, const T *t, cpeft_mat b, double s,\
-                                               cpeft_vec norm)                                 \
+                                               cpeft_vec norm, int64_t rows)                   \
     {                                                                                          \
         const T *pb = (const T *)b.data;                                                       \
         const T *pn = (const T *)norm.data;                                                    \
         for (int64_t d = 0; d < b.rows; ++d) {                                                 \
             double dot = 0.0;                                                                  \
-            for (int64_t k = 0; k < b.cols; ++k)                                               \
+            for (int64_t k = 0; rows > 0 && k < b.cols; ++k)                                   \
                 dot += (double)t[d * b.cols + k] *                                             \
                        (double)pb[d * b.row_stride + k * b.col_stride];                        \
             acc[d] = (acc[d] + s * dot) / (double)pn[d * norm.stride];                         \
@@ -682,11 +684,11 @@ int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat g
         if (dt == CPEFT_FLOAT32) {
             rc = gather_dots_f32(g, l->index_dtype, l->indices, l->weight, acc, st);
             if (rc == CPEFT_OK)
-                finish_magnitude_grad_f32(acc, t.data, l->lora_b, l->scale, norm);
+                finish_magnitude_grad_f32(acc, t.data, l->lora_b, l->scale, norm, l->n);
         } else {
             rc = gather_dots_f64(g, l->index_dtype, l->indices, l->weight, acc, st);
             if (rc == CPEFT_OK)
-                finish_magnitude_grad_f64(acc, t.data, l->lora_b, l->scale, norm);
+                finish_magnitude_grad_f64(acc, t.data, l->lora_b, l->scale, norm, l->n);
         }
         if (rc == CPEFT_OK)
             DORA_DISPATCH(dt, store, acc, o->grad_m);
@@ -695,7 +697,10 @@ int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat g
         /* grad_b = (s·c) ⊙ t, the rows of t scaled by s·c (kept in c_minus_one's place, which
          * the embedding does not use). */
         DORA_DISPATCH(dt, times_scalar, c, l->scale, c_minus_one);
-        cpeft_scaled_copy_cpu(dt, t, c_minus_one, 0, o->grad_b);
+        if (l->n > 0)
+            cpeft_scaled_copy_cpu(dt, t, c_minus_one, 0, o->grad_b);
+        else /* an empty sum, 0 whatever c holds (0·inf = NaN) */
+            cpeft_fill_zero_cpu(dt, o->grad_b);
     }
     if (rc == CPEFT_OK && o->grad_a.data != NULL) {
         cpeft_fill_zero_cpu(dt, o->grad_a);

@@ -666,7 +666,7 @@ def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale: float
 
     out = _output(out, x, y_shape, required=True)
     out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (lora_a.shape[0],), required=True)
-    if out_base is None and keep_base:
+    if out_base is True or (out_base is None and keep_base):
         out_base = _output(True, x, y_shape)
     out_norm = _output(out_norm, x, lambda: (_out_features(weight, fan_in_fan_out),),
                        required=True)

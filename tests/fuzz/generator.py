@@ -7,11 +7,12 @@ cpeft and returns an ``Outcome`` whose ``kind`` is ``"ok"`` or ``"fail"``, with 
 (what happened: ``valid``, ``raised:ValueError``, ...) and, on failure, a ``failure`` class and
 a message that ends with the replay line ``python -m tests.fuzz.replay SEED INDEX``.
 
-Case ``index`` exercises entry point ``ENTRIES[index % 17]``. It starts from a valid problem of
+Case ``index`` exercises entry point ``ENTRIES[index % 25]``. It starts from a valid problem of
 random small dimensions (rows, leading dims and ranks may be 0; IN, OUT, V, D from 1), float32
 or float64, random options (bias, fan_in_fan_out, enable_lora groups, dropout with random seed
-and offset, padding_idx, keep_base, feedforward, which gradients are wanted, outputs given as
-arrays, True or None) and random memory layouts for every array: C or Fortran order, transposed
+and offset, padding_idx, keep_base, feedforward, DoRA magnitudes and cached squared norms,
+grouped adapter indices with their ranks and scales, which gradients are wanted, outputs given
+as arrays, True or None) and random memory layouts for every array: C or Fortran order, transposed
 views, offsets into a larger buffer, every other row or column, negative strides on one or all
 axes, stride 0 (broadcast), huge strides on dimensions of size 1, read-only inputs. Every array
 lives inside a larger buffer filled with a sentinel, so writes outside a view are caught. Then,
@@ -20,7 +21,8 @@ by chance, one change is made (the ``mutation``):
 * invalid (must raise): wrong kinds of objects, wrong dtypes (ints, float16, complex, bool,
   mixed floats, byte-swapped; float/narrow indices), wrong ndim or a dimension that no longer
   agrees with another argument, non-finite or out-of-range scalars (scale, dropout, seed, offset,
-  padding_idx, dropout_mask's p/shape/dtype), bad enable_lora, embedding indices out of range,
+  padding_idx, dropout_mask's p/shape/dtype), bad enable_lora, bad grouped ranks/scales,
+  embedding or grouped adapter indices out of range,
   outputs that are read-only or alias an input or another output, merge targets aliasing the
   adapter, unmerge records that do not fit;
 * valid (must compute the right result): NaN/inf in float inputs, magnitudes near float32's
@@ -38,7 +40,9 @@ Oracle (every outcome that is not listed fails):
   the arrays returned, outputs not requested are None, and every result agrees with the NumPy
   float64 reference of tests/reference.py evaluated on the very values passed, under the
   tolerance rule of tests/conftest.py (|ours - ref| <= 8 eps sqrt(K) bound + tiny, ``bound`` the
-  reference on absolute values, K the sum of the problem's dimensions), applied to every element
+  reference on absolute values, K the sum of the problem's dimensions; DoRA's references are
+  those of tests/test_dora.py, the grouped op's that of tests/test_lora_grouped.py, and where a
+  DoRA norm is computed its bound widens as ``_dora_norm_and_spread`` explains), applied to every element
   whose reference is finite and whose bound does not exceed the dtype's largest value (beyond
   it an intermediate may overflow legitimately); dropout masks and unmerges are compared bit for
   bit; merges under the tolerance rule, then the unmerge must restore the weight exactly;
@@ -60,6 +64,8 @@ import numpy as np
 
 import reference as ref
 from conftest import TOL_FACTOR
+import test_dora as td
+import test_lora_grouped as tg
 from cpeft import functional as F
 
 ENTRIES = (
@@ -68,6 +74,9 @@ ENTRIES = (
     "ia3_embedding_forward", "ia3_embedding_backward", "lora_merge", "lora_unmerge",
     "lora_embedding_merge", "lora_embedding_unmerge", "ia3_merge", "ia3_unmerge",
     "ia3_embedding_merge", "ia3_embedding_unmerge", "dropout_mask",
+    "dora_weight_sq_norm", "dora_weight_norm", "dora_linear_forward", "dora_linear_backward",
+    "dora_embedding_forward", "dora_embedding_backward", "lora_grouped_forward",
+    "lora_grouped_backward",
 )
 POSITIONAL = {
     "lora_linear_forward": ("x", "weight", "bias", "lora_a", "lora_b", "scale"),
@@ -87,6 +96,18 @@ POSITIONAL = {
     "ia3_embedding_merge": ("weight", "ia3_l"),
     "ia3_embedding_unmerge": ("weight", "ia3_l", "record"),
     "dropout_mask": ("shape", "p", "seed", "offset"),
+    "dora_weight_sq_norm": ("weight",),
+    "dora_weight_norm": ("weight", "lora_a", "lora_b", "scale"),
+    "dora_linear_forward": ("x", "weight", "bias", "lora_a", "lora_b", "magnitude", "scale"),
+    "dora_linear_backward": ("grad_out", "x", "weight", "lora_a", "lora_b", "magnitude", "norm",
+                             "xa", "base", "scale"),
+    "dora_embedding_forward": ("indices", "weight", "lora_a", "lora_b", "magnitude", "scale"),
+    "dora_embedding_backward": ("grad_out", "indices", "weight", "lora_a", "lora_b",
+                                "magnitude", "norm", "scale"),
+    "lora_grouped_forward": ("x", "weight", "bias", "lora_a", "lora_b", "index", "ranks",
+                             "scales"),
+    "lora_grouped_backward": ("grad_out", "x", "weight", "lora_a", "lora_b", "xa", "index",
+                              "ranks", "scales"),
 }
 DOCUMENTED = (TypeError, ValueError, BufferError, IndexError, MemoryError)
 FLOATS = (np.float32, np.float64)
@@ -807,12 +828,435 @@ def _dropout_mask(rng, entry, arrays):
     return case
 
 
+# ---- DoRA and the grouped (mixed-adapter) LoRA op --------------------------------------------
+# The float64 references are those of tests/test_dora.py and tests/test_lora_grouped.py.
+
+def _dora_n2(weight, lora_a, lora_b, scale, sq=None):
+    """(n², n_abs²) of DoRA's row norms over the (OUT, IN) view ``weight``: n² = ‖w‖² (or the
+    given squared norms) + 2s·b·(A·wᵀ) + s²‖b·A‖², the form cpeft evaluates; n_abs² the same
+    sum of absolute terms (how much the rounding of n² can be)."""
+    w, a, b = (np.asarray(v, np.float64) for v in (weight, lora_a, lora_b))
+    ba = b @ a
+    sq = (w * w).sum(1) if sq is None else np.asarray(sq, np.float64)
+    n2 = sq + 2 * scale * (ba * w).sum(1) + scale * scale * (ba * ba).sum(1)
+    aba = np.abs(b) @ np.abs(a)
+    n2_abs = np.abs(sq) + 2 * abs(scale) * (aba * np.abs(w)).sum(1) + scale * scale * (
+        aba * aba).sum(1)
+    return n2, n2_abs
+
+
+def _dora_norm_and_spread(weight, lora_a, lora_b, scale, sq=None):
+    """(n, 1 + n_abs²/n²): the relative error of n is at most about eps·K times the latter."""
+    n2, n2_abs = _dora_n2(weight, lora_a, lora_b, scale, sq)
+    n = np.sqrt(n2)
+    return n, 1 + n2_abs / n2
+
+
+def dora_norm_intermediates_overflow(case):
+    """Whether cpeft's float32 DoRA norm (an open defect: its intermediates A·Wᵀ, A·Aᵀ and
+    B·(A·Aᵀ) are formed in float32, csrc/cpu/dora.c) leaves float32's range for the current
+    arguments while n itself may be representable: |W|·|A|ᵀ, |A|·|A|ᵀ or |B|·(|A|·|A|ᵀ) beyond
+    its largest value, or A·Aᵀ underflowing (below 2²⁴ times its smallest normal number)."""
+    if case.entry not in ("dora_weight_norm", "dora_linear_forward", "dora_embedding_forward"):
+        return False
+    try:
+        w, a, b = (np.abs(np.asarray(as_numpy(case.args[n]), np.float64))
+                   for n in ("weight", "lora_a", "lora_b"))
+        if np.asarray(as_numpy(case.args["weight"])).dtype != np.float32:
+            return False
+        if case.entry == "dora_embedding_forward":
+            w = w.T
+        elif case.args.get("fan_in_fan_out"):
+            w = w.T
+        with np.errstate(all="ignore"):
+            big = float(np.finfo(np.float32).max)
+            gram = a @ a.T
+            # Products of entries of A below float32's normal range lose their bits.
+            small = float(np.finfo(np.float32).tiny) * 2.0**24
+            return bool(np.nanmax(w @ a.T, initial=0) > big or np.nanmax(gram, initial=0) > big
+                        or np.nanmax(b @ gram, initial=0) > big
+                        or 0 < np.nanmax(gram, initial=0) < small)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _c_floor(case, norm):
+    """What to add to |m| in a bound for c = m / n being rounded to the dtype (as peft does):
+    below the dtype's smallest normal number c has fewer bits, an absolute error up to about
+    tiny·eps, which the rule's 8·eps·bound covers once |c| is counted as at least tiny."""
+    dtype = float_dtype(case) or np.dtype(np.float64)
+    info = np.finfo(dtype)
+    with np.errstate(all="ignore"):
+        return np.abs(np.asarray(norm, np.float64)) * float(info.tiny)
+
+
+def _logical_w(weight, fan):
+    w = np.asarray(weight, np.float64)
+    return w.T if fan else w
+
+
+def _abs(v):
+    return None if v is None else np.abs(np.asarray(v, np.float64))
+
+
+def _dora_norms(rng, entry, arrays):
+    dtype = rng.choice(FLOATS)
+    in_f, out_f, rank = _size(rng, arrays, 10), _size(rng, arrays, 10), _size(rng, arrays, 5)
+    fan = bool(rng.random() < 0.3)
+    wshape = (in_f, out_f) if fan else (out_f, in_f)
+    weight = arrays.place(_values(rng, wshape, dtype), _layout(rng))
+    dims = dict(IN=in_f, OUT=out_f, R=rank)
+    case = Case(0, 0, entry, dict(weight=weight), dims=dims, arrays=arrays)
+    if fan or rng.random() < 0.5:
+        case.args["fan_in_fan_out"] = fan
+    k = _k(*dims.values())
+    if entry == "dora_weight_norm":
+        case.args["lora_a"] = arrays.place(_values(rng, (rank, in_f), dtype), _layout(rng))
+        case.args["lora_b"] = arrays.place(_values(rng, (out_f, rank), dtype), _layout(rng))
+        case.args["scale"] = float(rng.choice([0.5, 2.0, -1.25, 0.0,
+                                               float(rng.standard_normal() * 4)]))
+        if rng.random() < 0.3:
+            sq = (_logical_w(raw(weight), fan) ** 2).sum(1)
+            case.args["weight_sq_norm"] = arrays.place(sq.astype(dtype), _layout(rng))
+    out = _request(rng, arrays, (out_f,), dtype, optional=False)
+    if out is not True or rng.random() < 0.5:
+        case.args["out"] = out
+
+    def reference(s):
+        w = _logical_w(s["weight"], s.get("fan_in_fan_out", False))
+        if entry == "dora_weight_sq_norm":
+            want = (w * w).sum(1)
+            return {None: (want, want, k)}
+        n2, n2_abs = _dora_n2(w, s["lora_a"], s["lora_b"], float(s["scale"]),
+                              s.get("weight_sq_norm"))
+        n = np.sqrt(n2)
+        return {None: (n, n2_abs / n, k)}
+    case.reference = reference
+    return case
+
+
+def _dora_linear(rng, entry, arrays):
+    dtype = rng.choice(FLOATS)
+    lead = _lead(rng, arrays)
+    in_f, out_f, rank = _size(rng, arrays, 10), _size(rng, arrays, 10), _size(rng, arrays, 5)
+    fan = bool(rng.random() < 0.3)
+    p, seed, offset = _dropout(rng)
+    scale = float(rng.choice([0.5, 2.0, -1.25, 0.0, float(rng.standard_normal() * 4)]))
+    x = arrays.place(_values(rng, lead + (in_f,), dtype), _layout(rng))
+    wshape = (in_f, out_f) if fan else (out_f, in_f)
+    weight = arrays.place(_values(rng, wshape, dtype), _layout(rng))
+    lora_a = arrays.place(_values(rng, (rank, in_f), dtype), _layout(rng))
+    lora_b = arrays.place(_values(rng, (out_f, rank), dtype), _layout(rng))
+    magnitude = arrays.place((rng.random(out_f) + 0.5).astype(dtype), _layout(rng))
+    options = dict(fan_in_fan_out=fan, dropout=p, seed=seed, offset=offset)
+    for name in ("fan_in_fan_out", "dropout", "seed", "offset"):
+        if options[name] in (False, 0, 0.0) and rng.random() < 0.5:
+            del options[name]
+    dims = dict(M=int(np.prod(lead, dtype=np.int64)), IN=in_f, OUT=out_f, R=rank)
+    k = _k(*dims.values())
+    case = Case(0, 0, entry, {}, dims=dims, arrays=arrays)
+
+    def mask_of(s):
+        return _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
+
+    if entry == "dora_linear_forward":
+        bias = None if rng.random() < 0.4 else arrays.place(_values(rng, (out_f,), dtype),
+                                                            _layout(rng))
+        case.args = dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                         magnitude=magnitude, scale=scale, **options)
+        if rng.random() < 0.3:
+            sq = (_logical_w(raw(weight), fan) ** 2).sum(1)
+            case.args["weight_sq_norm"] = arrays.place(sq.astype(dtype), _layout(rng))
+        for name, shape in (("out", lead + (out_f,)), ("out_xa", lead + (rank,)),
+                            ("out_norm", (out_f,))):
+            value = _request(rng, arrays, shape, dtype, optional=False)
+            if value is not True or rng.random() < 0.5:
+                case.args[name] = value
+        r = rng.random()
+        if r < 0.3:
+            case.args["keep_base"] = True
+        elif r < 0.5:
+            value = _request(rng, arrays, lead + (out_f,), dtype)
+            if value is not None and value is not False:
+                case.args["out_base"] = value
+        case.result_names = ("y", "xa", "base", "norm")
+
+        def reference(s):
+            f = s.get("fan_in_fan_out", False)
+            w = _logical_w(s["weight"], f)
+            sc = float(s["scale"])
+            n, spread = _dora_norm_and_spread(w, s["lora_a"], s["lora_b"], sc,
+                                              s.get("weight_sq_norm"))
+            mask = mask_of(s)
+            y, xa, base, _ = td.ref_linear(s["x"], s["weight"], s["bias"], s["lora_a"],
+                                           s["lora_b"], s["magnitude"], sc, fan_in_fan_out=f,
+                                           mask=mask, norm=n)
+            absolute = (_abs(s["x"]), _abs(s["weight"]), _abs(s["bias"]), _abs(s["lora_a"]),
+                        _abs(s["lora_b"]))
+            m_abs = _abs(s["magnitude"]) + _c_floor(case, n)
+            _, bxa, bbase, _ = td.ref_linear(*absolute, m_abs, abs(sc), fan_in_fan_out=f,
+                                             mask=mask, norm=n)
+            by, _, _, _ = td.ref_linear(*absolute, m_abs * spread, abs(sc), fan_in_fan_out=f,
+                                        norm=np.abs(n))
+            if mask is not None:
+                # x·Wᵀ + bias + (c - 1)·xd·Wᵀ + c·lora: the |c - 1| <= c + 1 part and x·Wᵀ.
+                xm = absolute[0].reshape(-1, w.shape[1])
+                xd = xm * mask.reshape(xm.shape)
+                extra = (xm + xd) @ np.abs(w).T
+                c_b = m_abs * spread / np.abs(n)
+                by = (c_b * (xd @ np.abs(w).T + abs(sc) * (bxa.reshape(len(xm), absolute[3].shape[0]) @
+                                                           absolute[4].T))
+                      + extra).reshape(by.shape)
+                if s["bias"] is not None:
+                    by = by + absolute[2]
+            wants_base = bool(s.get("keep_base")) or s.get("out_base") is True or isinstance(
+                s.get("out_base"), np.ndarray)
+            return {"y": (y, by, k), "xa": (xa, bxa, k),
+                    "base": (base, bbase, k) if wants_base else None,
+                    "norm": (n, (spread - 1) * np.abs(n), k)}
+    else:
+        grad_out = arrays.place(_values(rng, lead + (out_f,), dtype), _layout(rng))
+        case.args = dict(grad_out=grad_out, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b,
+                         magnitude=magnitude, norm=None, xa=None, base=None, scale=scale,
+                         **options)
+        shapes = dict(grad_x=lead + (in_f,), grad_lora_a=(rank, in_f),
+                      grad_lora_b=(out_f, rank), grad_magnitude=(out_f,), grad_bias=(out_f,))
+        for name, shape in shapes.items():
+            if rng.random() < 0.6:
+                case.args[name] = _request(rng, arrays, shape, dtype)
+        drop_base = case.args.get("grad_magnitude", True) is None or \
+            case.args.get("grad_magnitude", True) is False
+        drop_base = drop_base and rng.random() < 0.5
+        case.notes["derive"] = lambda: _derive_dora_linear(case, drop_base)
+        _derive_dora_linear(case, drop_base, layouts=True)
+        case.result_names = ("x", "lora_a", "lora_b", "magnitude", "bias")
+        case.requested_by = {"x": "grad_x", "lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
+                             "magnitude": "grad_magnitude", "bias": "grad_bias"}
+        case.notes["defaults"] = dict(grad_x=True, grad_lora_a=True, grad_lora_b=True,
+                                      grad_magnitude=True, grad_bias=False)
+
+        def reference(s):
+            f = s.get("fan_in_fan_out", False)
+            sc = float(s["scale"])
+            mask = mask_of(s)
+            args = (s["grad_out"], s["x"], s["weight"], s["lora_a"], s["lora_b"],
+                    s["magnitude"])
+            grads = td.ref_linear_grads(*args, sc, fan_in_fan_out=f, mask=mask, norm=s["norm"])
+            absolute = list(map(_abs, args))
+            absolute[5] = absolute[5] + _c_floor(case, s["norm"])
+            bounds = td.ref_linear_grads(*absolute, abs(sc), fan_in_fan_out=f,
+                                         mask=mask, norm=_abs(s["norm"]))
+            if mask is not None:
+                g = _abs(s["grad_out"]).reshape(-1, bounds["bias"].shape[0])
+                extra = 2 * mask.reshape(-1, s["x"].shape[-1]) * (
+                    g @ np.abs(_logical_w(s["weight"], f)))
+                bounds["x"] = bounds["x"] + extra.reshape(bounds["x"].shape)
+            return {n: (grads[n], bounds[n], k) for n in grads}
+    case.reference = reference
+    return case
+
+
+def _derive_dora_linear(case, drop_base, layouts=False):
+    """norm, xa and base of the backward from the forward's reference on the current x."""
+    args, rng = case.args, case.arrays.rng
+    if not all(isinstance(args.get(n), np.ndarray) and args[n].dtype.kind == "f"
+               for n in ("x", "weight", "lora_a", "lora_b", "magnitude")):
+        return
+    s = {k: raw(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    dtype = s["x"].dtype
+    f = s.get("fan_in_fan_out", False)
+    mask = _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
+    with np.errstate(all="ignore"):
+        _, xa, base, n = td.ref_linear(s["x"], s["weight"], None, s["lora_a"], s["lora_b"],
+                                       s["magnitude"], float(s["scale"]), fan_in_fan_out=f,
+                                       mask=mask)
+    for name, value in (("norm", n), ("xa", xa), ("base", base)):
+        if name == "norm" and not layouts:
+            continue  # a given norm is an input like any other
+        if name == "base" and drop_base:
+            args[name] = None
+            continue
+        layout = _layout(rng, KEEPING_LAYOUTS) if layouts else "c"
+        args[name] = case.arrays.place(value.astype(dtype), layout)
+
+
+def _dora_embedding(rng, entry, arrays):
+    dtype = rng.choice(FLOATS)
+    lead = _lead(rng, arrays)
+    vocab, dim, rank = _size(rng, arrays, 10), _size(rng, arrays, 7), _size(rng, arrays, 5)
+    indices = _indices(rng, arrays, lead, vocab)
+    weight = arrays.place(_values(rng, (vocab, dim), dtype), _layout(rng))
+    lora_a = arrays.place(_values(rng, (rank, vocab), dtype), _layout(rng))
+    lora_b = arrays.place(_values(rng, (dim, rank), dtype), _layout(rng))
+    magnitude = arrays.place((rng.random(dim) + 0.5).astype(dtype), _layout(rng))
+    scale = float(rng.choice([0.5, 2.0, -1.25, 0.0, float(rng.standard_normal() * 4)]))
+    dims = dict(N=int(np.prod(lead, dtype=np.int64)), V=vocab, D=dim, R=rank)
+    k = _k(*dims.values())
+    case = Case(0, 0, entry, {}, dims=dims, arrays=arrays)
+    if entry == "dora_embedding_forward":
+        case.args = dict(indices=indices, weight=weight, lora_a=lora_a, lora_b=lora_b,
+                         magnitude=magnitude, scale=scale)
+        if rng.random() < 0.3:
+            sq = (raw(weight).astype(np.float64) ** 2).sum(0)
+            case.args["weight_sq_norm"] = arrays.place(sq.astype(dtype), _layout(rng))
+        for name, shape in (("out", lead + (dim,)), ("out_norm", (dim,))):
+            value = _request(rng, arrays, shape, dtype, optional=False)
+            if value is not True or rng.random() < 0.5:
+                case.args[name] = value
+        case.result_names = ("y", "norm")
+
+        def reference(s):
+            sc = float(s["scale"])
+            n, spread = _dora_norm_and_spread(np.asarray(s["weight"], np.float64).T,
+                                              s["lora_a"], s["lora_b"], sc,
+                                              s.get("weight_sq_norm"))
+            y, _ = td.ref_embedding(s["indices"], s["weight"], s["lora_a"], s["lora_b"],
+                                    s["magnitude"], sc, norm=n)
+            by, _ = td.ref_embedding(s["indices"], _abs(s["weight"]), _abs(s["lora_a"]),
+                                     _abs(s["lora_b"]),
+                                     (_abs(s["magnitude"]) + _c_floor(case, n)) * spread,
+                                     abs(sc), norm=np.abs(n))
+            return {"y": (y, by, k), "norm": (n, (spread - 1) * np.abs(n), k)}
+    else:
+        grad_out = arrays.place(_values(rng, lead + (dim,), dtype), _layout(rng))
+        with np.errstate(all="ignore"):
+            _, n = td.ref_embedding(np.zeros(0, np.int64), raw(weight), raw(lora_a),
+                                    raw(lora_b), raw(magnitude), scale)
+        norm = arrays.place(n.astype(dtype), _layout(rng))
+        case.args = dict(grad_out=grad_out, indices=indices, weight=weight, lora_a=lora_a,
+                         lora_b=lora_b, magnitude=magnitude, norm=norm, scale=scale)
+        if rng.random() < 0.5:
+            case.args["padding_idx"] = _padding_idx(rng, vocab)
+        for name, shape in (("grad_lora_a", (rank, vocab)), ("grad_lora_b", (dim, rank)),
+                            ("grad_magnitude", (dim,))):
+            if rng.random() < 0.6:
+                case.args[name] = _request(rng, arrays, shape, dtype)
+        case.result_names = ("lora_a", "lora_b", "magnitude")
+        case.requested_by = {"lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
+                             "magnitude": "grad_magnitude"}
+        case.notes["defaults"] = dict(grad_lora_a=True, grad_lora_b=True, grad_magnitude=True)
+
+        def reference(s):
+            sc = float(s["scale"])
+            pad = s.get("padding_idx")
+            pad = None if pad is None else int(pad)
+            args = (s["grad_out"], s["indices"], s["weight"], s["lora_a"], s["lora_b"],
+                    s["magnitude"])
+            grads = td.ref_embedding_grads(*args, sc, padding_idx=pad, norm=s["norm"])
+            absolute = [_abs(a) if a.dtype.kind == "f" else a for a in args]
+            absolute[5] = absolute[5] + _c_floor(case, s["norm"])
+            bounds = td.ref_embedding_grads(*absolute, abs(sc), padding_idx=pad,
+                                            norm=_abs(s["norm"]))
+            return {n: (grads[n], bounds[n], k) for n in grads}
+    case.reference = reference
+    return case
+
+
+def _grouped(rng, entry, arrays):
+    dtype = rng.choice(FLOATS)
+    lead = _lead(rng, arrays)
+    in_f, out_f = _size(rng, arrays, 10), _size(rng, arrays, 10)
+    groups = int(rng.integers(1, 5))
+    ranks = [int(r) for r in rng.integers(1, 5, groups)]
+    scales = [float(rng.choice([0.5, 2.0, -1.25, 0.0, float(rng.standard_normal() * 4)]))
+              for _ in ranks]
+    fan = bool(rng.random() < 0.3)
+    p, seed, offset = _dropout(rng)
+    x = arrays.place(_values(rng, lead + (in_f,), dtype), _layout(rng))
+    wshape = (in_f, out_f) if fan else (out_f, in_f)
+    weight = arrays.place(_values(rng, wshape, dtype), _layout(rng))
+    lora_a = arrays.place(_values(rng, (sum(ranks), in_f), dtype), _layout(rng))
+    lora_b = arrays.place(_values(rng, (out_f, sum(ranks)), dtype), _layout(rng))
+    index_values = rng.integers(-1, groups, lead).astype(pick(rng, [np.int64, np.int32]))
+    if rng.random() < 0.2:
+        index_values = index_values.reshape(-1)
+    index = arrays.place(index_values, _layout(rng, KEEPING_LAYOUTS))
+    options = dict(fan_in_fan_out=fan, dropout=p, seed=seed, offset=offset)
+    for name in ("fan_in_fan_out", "dropout", "seed", "offset"):
+        if options[name] in (False, 0, 0.0) and rng.random() < 0.5:
+            del options[name]
+    dims = dict(M=int(np.prod(lead, dtype=np.int64)), IN=in_f, OUT=out_f, R=sum(ranks),
+                G=groups)
+    k = _k(*dims.values())
+    case = Case(0, 0, entry, {}, dims=dims, arrays=arrays)
+
+    def mask_of(s):
+        return _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
+
+    def grouped(s, absolute=False, grad_out=None):
+        f = s.get("fan_in_fan_out", False)
+        conv = _abs if absolute else (lambda v: v)
+        scales = [abs(float(v)) if absolute else float(v) for v in s["scales"]]
+        return tg.grouped_reference(conv(s["x"]), conv(s["weight"]), conv(s["bias"]),
+                                    conv(s["lora_a"]), conv(s["lora_b"]), s["index"],
+                                    [int(r) for r in s["ranks"]], scales, fan_in_fan_out=f,
+                                    mask=mask_of(s), grad_out=conv(grad_out))
+
+    if entry == "lora_grouped_forward":
+        bias = None if rng.random() < 0.4 else arrays.place(_values(rng, (out_f,), dtype),
+                                                            _layout(rng))
+        case.args = dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                         index=index, ranks=ranks, scales=scales, **options)
+        for name, shape in (("out", lead + (out_f,)), ("out_xa", lead + (max(ranks),))):
+            value = _request(rng, arrays, shape, dtype, optional=False)
+            if value is not True or rng.random() < 0.5:
+                case.args[name] = value
+        case.result_names = ("y", "xa")
+
+        def reference(s):
+            y, xa = grouped(s)
+            by, bxa = grouped(s, absolute=True)
+            return {"y": (y, by, k), "xa": (xa, bxa, k)}
+    else:
+        grad_out = arrays.place(_values(rng, lead + (out_f,), dtype), _layout(rng))
+        case.args = dict(grad_out=grad_out, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b,
+                         xa=None, index=index, ranks=ranks, scales=scales, **options)
+        shapes = dict(grad_x=lead + (in_f,), grad_lora_a=lora_a.shape,
+                      grad_lora_b=lora_b.shape, grad_bias=(out_f,), grad_weight=wshape)
+        for name, shape in shapes.items():
+            if rng.random() < 0.6:
+                case.args[name] = _request(rng, arrays, shape, dtype)
+        case.notes["derive"] = lambda: _derive_grouped_xa(case)
+        _derive_grouped_xa(case, layout=_layout(rng, KEEPING_LAYOUTS))
+        case.result_names = ("x", "lora_a", "lora_b", "bias", "weight")
+        case.requested_by = {"x": "grad_x", "lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
+                             "bias": "grad_bias", "weight": "grad_weight"}
+        case.notes["defaults"] = dict(grad_x=True, grad_lora_a=True, grad_lora_b=True,
+                                      grad_bias=False, grad_weight=False)
+
+        def reference(s):
+            s = dict(s, bias=None)
+            grads = grouped(s, grad_out=s["grad_out"])
+            bounds = grouped(s, absolute=True, grad_out=s["grad_out"])
+            return {n: (grads[n], bounds[n], k) for n in grads}
+    case.reference = reference
+    return case
+
+
+def _derive_grouped_xa(case, layout="c"):
+    args = case.args
+    if not all(isinstance(args.get(n), np.ndarray) and args[n].dtype.kind == "f"
+               for n in ("x", "weight", "lora_a", "lora_b")):
+        return
+    s = {k: raw(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    mask = _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
+    with np.errstate(all="ignore"):
+        _, xa = tg.grouped_reference(s["x"], s["weight"], None, s["lora_a"], s["lora_b"],
+                                     s["index"], s["ranks"], s["scales"],
+                                     fan_in_fan_out=s.get("fan_in_fan_out", False), mask=mask)
+    args["xa"] = case.arrays.place(xa.astype(s["x"].dtype), layout)
+
+
 BUILDERS = {
     "lora_linear_forward": _lora_linear, "lora_linear_backward": _lora_linear,
     "lora_embedding_forward": _lora_embedding, "lora_embedding_backward": _lora_embedding,
     "ia3_linear_forward": _ia3_linear, "ia3_linear_backward": _ia3_linear,
     "ia3_embedding_forward": _ia3_embedding, "ia3_embedding_backward": _ia3_embedding,
     "dropout_mask": _dropout_mask,
+    "dora_weight_sq_norm": _dora_norms, "dora_weight_norm": _dora_norms,
+    "dora_linear_forward": _dora_linear, "dora_linear_backward": _dora_linear,
+    "dora_embedding_forward": _dora_embedding, "dora_embedding_backward": _dora_embedding,
+    "lora_grouped_forward": _grouped, "lora_grouped_backward": _grouped,
 }
 for _entry in ENTRIES:
     BUILDERS.setdefault(_entry, _merge)
@@ -848,9 +1292,33 @@ TIED = {
     "ia3_embedding_merge": dict(weight="all", ia3_l="all"),
     "ia3_embedding_unmerge": dict(weight="all", ia3_l="all"),
     "dropout_mask": {},
+    "dora_weight_sq_norm": dict(out="all"),
+    "dora_weight_norm": dict(weight="all", lora_a="all", lora_b="all", weight_sq_norm="all",
+                             out="all"),
+    "dora_linear_forward": dict(x=[-1], weight="all", bias="all", lora_a="all", lora_b="all",
+                                magnitude="all", weight_sq_norm="all", out="all", out_xa="all",
+                                out_base="all", out_norm="all"),
+    "dora_linear_backward": dict(grad_out="all", x="all", weight="all", lora_a="all",
+                                 lora_b="all", magnitude="all", norm="all", xa="all",
+                                 base="all", grad_x="all", grad_lora_a="all", grad_lora_b="all",
+                                 grad_magnitude="all", grad_bias="all"),
+    "dora_embedding_forward": dict(weight="all", lora_a="all", lora_b="all", magnitude="all",
+                                   weight_sq_norm="all", out="all", out_norm="all"),
+    "dora_embedding_backward": dict(grad_out="all", indices="all", weight="all", lora_a="all",
+                                    lora_b="all", magnitude="all", norm="all",
+                                    grad_lora_a="all", grad_lora_b="all",
+                                    grad_magnitude="all"),
+    "lora_grouped_forward": dict(x=[-1], weight="all", bias="all", lora_a="all", lora_b="all",
+                                 index="all", out="all", out_xa="all"),
+    "lora_grouped_backward": dict(grad_out="all", x="all", weight="all", lora_a="all",
+                                  lora_b="all", xa="all", index="all", grad_x="all",
+                                  grad_lora_a="all", grad_lora_b="all", grad_bias="all",
+                                  grad_weight="all"),
 }
-ACTIVATIONS = {"x", "grad_out", "xa", "base", "indices", "out", "out_xa", "out_base", "grad_x"}
-OUTPUT_NAMES = {"out", "out_xa", "out_base", "grad_x", "grad_lora_a", "grad_lora_b",
+ACTIVATIONS = {"x", "grad_out", "xa", "base", "indices", "out", "out_xa", "out_base", "grad_x",
+               "index"}
+OUTPUT_NAMES = {"out", "out_xa", "out_base", "out_norm", "grad_magnitude", "grad_x",
+                "grad_lora_a", "grad_lora_b",
                 "grad_bias", "grad_weight", "grad_ia3_l"}
 OPTIONAL_INPUTS = {"bias", "base"}
 RECORD_NAMES = {"record", "records"}
@@ -890,6 +1358,16 @@ def output_slots(case):
         "ia3_linear_backward": ["grad_x", "grad_ia3_l", "grad_bias", "grad_weight"],
         "ia3_embedding_forward": ["out"],
         "ia3_embedding_backward": ["grad_ia3_l", "grad_weight"],
+        "dora_weight_sq_norm": ["out"],
+        "dora_weight_norm": ["out"],
+        "dora_linear_forward": ["out", "out_xa", "out_base", "out_norm"],
+        "dora_linear_backward": ["grad_x", "grad_lora_a", "grad_lora_b", "grad_magnitude",
+                                 "grad_bias"],
+        "dora_embedding_forward": ["out", "out_norm"],
+        "dora_embedding_backward": ["grad_lora_a", "grad_lora_b", "grad_magnitude"],
+        "lora_grouped_forward": ["out", "out_xa"],
+        "lora_grouped_backward": ["grad_x", "grad_lora_a", "grad_lora_b", "grad_bias",
+                                  "grad_weight"],
     }
     return slots.get(case.entry, [])
 
@@ -899,6 +1377,8 @@ def output_shape(case, slot):
     a = case.args
     fan = a.get("fan_in_fan_out", False)
     e = case.entry
+    if e.startswith(("dora", "lora_grouped")):
+        return _new_output_shape(case, slot)
     if e.startswith("lora_linear"):
         w = a["weight"].shape
         out_f = w[1] if fan else w[0]
@@ -920,6 +1400,27 @@ def output_shape(case, slot):
     if e == "ia3_embedding_forward":
         return a["indices"].shape + (a["weight"].shape[1],)
     return {"grad_ia3_l": a["ia3_l"].shape, "grad_weight": a["weight"].shape}[slot]
+
+
+def _new_output_shape(case, slot):
+    a, e = case.args, case.entry
+    fan = a.get("fan_in_fan_out", False)
+    w = a["weight"].shape
+    if e == "dora_embedding_forward":
+        return {"out": a["indices"].shape + (w[1],), "out_norm": (w[1],)}[slot]
+    if e == "dora_embedding_backward":
+        return {"grad_lora_a": a["lora_a"].shape, "grad_lora_b": a["lora_b"].shape,
+                "grad_magnitude": a["magnitude"].shape}[slot]
+    out_f = w[1] if fan else w[0]
+    if e.startswith("dora_weight"):
+        return (out_f,)
+    x = a["x"].shape
+    xa_width = (max(int(r) for r in a["ranks"]) if e.startswith("lora_grouped")
+                else a["lora_a"].shape[0])
+    return {"out": x[:-1] + (out_f,), "out_xa": x[:-1] + (xa_width,),
+            "out_base": x[:-1] + (out_f,), "out_norm": (out_f,), "grad_x": x,
+            "grad_lora_a": a["lora_a"].shape, "grad_lora_b": a["lora_b"].shape,
+            "grad_magnitude": (out_f,), "grad_bias": (out_f,), "grad_weight": w}[slot]
 
 
 def float_dtype(case):
@@ -979,6 +1480,9 @@ def mutate(rng, case, kind):
                    np.uint8][int(rng.integers(7))]
         args[name] = arrays.place(raw(value).astype(new), "c")
         case.expect, case.mutation = "invalid", f"dtype:{name}->{np.dtype(new).name}"
+        if e == "dora_weight_sq_norm" and new in FLOATS and not isinstance(args.get("out"),
+                                                                           np.ndarray):
+            case.expect = "valid"  # the weight alone decides the dtype
         return True
 
     if kind == "shape":
@@ -997,7 +1501,8 @@ def mutate(rng, case, kind):
             delta = 1
         shape[axis] += delta
         args[name] = _reshape_like(arrays, value, tuple(shape))
-        leading = name in ACTIVATIONS and axis < value.ndim - 1
+        # index (the grouped op) has one entry per row: every axis of it is a row axis.
+        leading = name in ACTIVATIONS and (axis < value.ndim - 1 or name == "index")
         others_empty = math.prod(s for i, s in enumerate(value.shape) if i != axis) == 0
         case.expect = "either" if leading and others_empty else "invalid"
         if name == "weight" and e.startswith("ia3"):
@@ -1032,10 +1537,19 @@ def mutate(rng, case, kind):
         if "scale" in POSITIONAL[e]:
             choices.append(("scale", [math.nan, math.inf, -math.inf, "1.0", None, [1.0],
                                       1 + 1j]))
-        if e.startswith("lora_linear"):
+        if e.startswith(("lora_linear", "dora_linear", "lora_grouped")):
             choices.append(("dropout", [-0.1, 1.0001, math.nan, math.inf, "0.5", None]))
             choices.append(("seed", [-1, 2**64, 1.5, "1", 2**80]))
             choices.append(("offset", [-1, 2**64 + 5, 0.0, "7", -2**70]))
+        if e.startswith("lora_grouped"):
+            g = len(args["ranks"])
+            choices.append(("ranks", [[], [0] * g, [-1] + args["ranks"][1:],
+                                      args["ranks"] + [1], [1.5] * g, "12", None, 3]))
+            choices.append(("scales", [[math.nan] * g, [math.inf] + args["scales"][1:],
+                                       args["scales"][:-1], ["1"] * g, None, 2.0]))
+        if e == "dora_embedding_backward":
+            vocab = args["weight"].shape[0]
+            choices.append(("padding_idx", [vocab, -vocab - 1, 2**70, 1.5, "0", -2**63]))
         if e in ("lora_embedding_forward", "lora_embedding_backward", "ia3_embedding_backward"):
             vocab = (args["weight"].shape[0] if "weight" in args and e != "lora_embedding_backward"
                      else args["lora_a"].shape[1])
@@ -1061,6 +1575,18 @@ def mutate(rng, case, kind):
                 return False  # would be a valid grouping of another size
         args[name] = value
         case.expect, case.mutation = "invalid", f"scalar:{name}={value!r}"
+        return True
+
+    if kind == "indices" and e.startswith("lora_grouped"):
+        if args["index"].size == 0:
+            return False
+        value = raw(args["index"])
+        groups = len(args["ranks"])
+        bad = [groups, -2, groups + 1000, np.iinfo(value.dtype).max, np.iinfo(value.dtype).min]
+        flat = value.reshape(-1)
+        flat[int(rng.integers(flat.size))] = bad[int(rng.integers(len(bad)))]
+        args["index"] = arrays.place(flat.reshape(value.shape), _layout(rng, KEEPING_LAYOUTS))
+        case.expect, case.mutation = "invalid", "indices:out_of_range"
         return True
 
     if kind == "indices":
@@ -1158,7 +1684,7 @@ def mutate(rng, case, kind):
         return True
 
     if kind == "shared_inputs":
-        derived = ("xa", "base")
+        derived = ("xa", "base", "norm", "index")
         pairs = [(a, b) for a in float_inputs for b in float_inputs if a < b
                  and a not in derived and b not in derived
                  and args[a].shape == args[b].shape and args[a].dtype == args[b].dtype
@@ -1285,7 +1811,13 @@ def mutate(rng, case, kind):
                   "ia3_linear_forward": ("fan_in_fan_out", "feedforward", "keep_base"),
                   "ia3_linear_backward": ("fan_in_fan_out", "feedforward"),
                   "lora_merge": ("fan_in_fan_out",),
-                  "ia3_merge": ("fan_in_fan_out", "feedforward")}.get(e, ())]
+                  "ia3_merge": ("fan_in_fan_out", "feedforward"),
+                  "dora_weight_sq_norm": ("fan_in_fan_out",),
+                  "dora_weight_norm": ("fan_in_fan_out",),
+                  "dora_linear_forward": ("fan_in_fan_out", "keep_base"),
+                  "dora_linear_backward": ("fan_in_fan_out",),
+                  "lora_grouped_forward": ("fan_in_fan_out",),
+                  "lora_grouped_backward": ("fan_in_fan_out",)}.get(e, ())]
         if not flags:
             return False
         name = str(rng.choice(flags))
@@ -1344,7 +1876,7 @@ def mutate_huge(rng, case):
             int(rng.integers(4))]
         case.expect, case.mutation = "either", f"huge:shape={args['shape']}"
         return True
-    if e in ("lora_linear_forward", "ia3_linear_forward"):
+    if e in ("lora_linear_forward", "ia3_linear_forward", "dora_linear_forward"):
         x = args["x"]
         row = raw(x).reshape(-1, x.shape[-1])[:1] if x.size else np.ones((1, x.shape[-1]),
                                                                               x.dtype)
@@ -1354,8 +1886,8 @@ def mutate_huge(rng, case):
                 args[slot] = True
         case.expect, case.mutation = "either", f"huge:x_rows={rows}"
         return True
-    if e in ("lora_embedding_forward", "ia3_embedding_forward"):
-        if rng.random() < 0.5:
+    if e in ("lora_embedding_forward", "ia3_embedding_forward", "dora_embedding_forward"):
+        if rng.random() < 0.5 or e == "dora_embedding_forward":
             idx = args["indices"]
             args["indices"] = np.broadcast_to(np.zeros(1, idx.dtype), (rows,))
             if isinstance(args.get("out"), np.ndarray):
@@ -1386,8 +1918,10 @@ def mutate_hostile(rng, case):
     slots = []
     if "scale" in POSITIONAL[e]:
         slots.append("scale")
-    if e.startswith("lora_linear"):
+    if e.startswith(("lora_linear", "dora_linear", "lora_grouped")):
         slots += ["dropout", "seed", "offset"]
+    if e.startswith("lora_grouped"):
+        slots += ["ranks", "scales"]
     if e in ("lora_linear_forward", "lora_linear_backward", "lora_merge", "lora_unmerge") and \
             args.get("enable_lora") is not None:
         slots.append("enable_lora")
@@ -1399,11 +1933,11 @@ def mutate_hostile(rng, case):
     victim = np.array(args[victim_name], copy=True, order="C")
     args[victim_name] = victim
     slot = str(rng.choice(slots))
-    if slot == "enable_lora":
-        enable = list(args["enable_lora"])
-        k = int(rng.integers(len(enable)))
-        enable[k] = Hostile(victim, enable[k])
-        args["enable_lora"] = enable
+    if slot in ("enable_lora", "ranks", "scales"):
+        items = list(args[slot])
+        k = int(rng.integers(len(items)))
+        items[k] = Hostile(victim, items[k])
+        args[slot] = items
     else:
         default = {"scale": 1.0, "dropout": 0.0, "seed": 0, "offset": 0}.get(slot)
         args[slot] = Hostile(victim, args.get(slot, default))
@@ -1505,7 +2039,8 @@ def _dropout_wraps(case):
             return _wraps(args.get("offset", 0), count) and float(args["p"]) > 0
         except (TypeError, ValueError):
             return False
-    if case.entry.startswith("lora_linear") and isinstance(args.get("x"), np.ndarray):
+    if case.entry.startswith(("lora_linear", "dora_linear", "lora_grouped")) and isinstance(
+            args.get("x"), np.ndarray):
         p = args.get("dropout", 0.0)
         offset = args.get("offset", 0)
         if isinstance(p, Hostile) or isinstance(offset, Hostile):
@@ -1530,6 +2065,9 @@ def rederive_dependents(case):
 
 def _rederive(case):
     args = case.args
+    if "derive" in case.notes:
+        case.notes["derive"]()
+        return
     if case.entry == "lora_linear_backward" and all(isinstance(args.get(n), np.ndarray) for n in
                                                     ("x", "weight", "lora_a", "lora_b", "xa")):
         s = {k: raw(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
@@ -1779,7 +2317,7 @@ def _check_result(case, snap, result):
             given = request
         else:
             given = case.args.get({None: "out", "y": "out", "xa": "out_xa",
-                                   "base": "out_base"}[name])
+                                   "base": "out_base", "norm": "out_norm"}[name])
         want = refs.get(name)
         if want is None:
             if ours is not None:

@@ -9,7 +9,8 @@ import pytest
 
 from cpeft import functional as F
 
-from .generator import ENTRIES, MUTATIONS, as_numpy, make_case, replay_line, run_case
+from .generator import (ENTRIES, MUTATIONS, as_numpy, dora_norm_intermediates_overflow,
+                        make_case, replay_line, run_case)
 
 SEED = int(os.environ.get("CPEFT_FUZZ_SEED", "20261130"))
 CASES = int(os.environ.get("CPEFT_FUZZ_CASES", "10000"))
@@ -27,15 +28,70 @@ def _report(failures):
     return "\n".join(lines)
 
 
+# Defects the fuzzer found and that are still open, reported for routing (docs/reliability.md).
+# A failure matching one of these is not counted here; each has a strict-xfail reproducer below,
+# which starts failing as soon as the defect is fixed, so that its entry gets removed.
+KNOWN_OPEN = {
+    "float32 DoRA norms overflow in the intermediates A·Wᵀ, A·Aᵀ, B·(A·Aᵀ)":
+        lambda case, outcome: (outcome.failure == "wrong-result"
+                               and dora_norm_intermediates_overflow(case)),
+}
+
+
+def _known_open(case, outcome):
+    return any(matches(case, outcome) for matches in KNOWN_OPEN.values())
+
+
 @pytest.mark.parametrize("start", range(0, CASES, CHUNK))
 def test_fuzz_chunk(start):
     failures = []
     for index in range(start, min(start + CHUNK, CASES)):
         case = make_case(SEED, index)
         outcome = run_case(case)
-        if outcome.kind == "fail":
+        if outcome.kind == "fail" and not _known_open(case, outcome):
             failures.append(outcome)
     assert not failures, _report(failures)
+
+
+@pytest.mark.xfail(strict=True, reason="open: float32 DoRA norm intermediates overflow")
+def test_open_dora_float32_norm_with_large_lora_a():
+    """n_j = ‖w_j + s·b_j·A‖ is about 1e21 here, well inside float32, and so is every entry of
+    W + s·B·A (what peft norms); A·Aᵀ (about 2e42) is not. Expected: the norm, and y = c ⊙ base
+    finite, as the float64 reference gives."""
+    w = np.array([[1.0, 2.0], [3.0, -1.0]], np.float32)
+    a = np.array([[1e21, -2e21]], np.float32)
+    b = np.array([[0.5], [1.0]], np.float32)
+    want = np.linalg.norm(w.astype(np.float64) + 0.5 * b.astype(np.float64) @ a, axis=1)
+    norm = F.dora_weight_norm(w, a, b, 0.5)
+    assert np.allclose(norm, want, rtol=1e-5)
+    y, _, _, n = F.dora_linear_forward(np.ones((1, 2), np.float32), w, None, a, b,
+                                       np.ones(2, np.float32), 0.5)
+    assert np.isfinite(y).all() and np.allclose(n, want, rtol=1e-5)
+
+
+def test_dora_embedding_empty_batch_with_infinite_lora_b():
+    """grad_magnitude of an empty batch is an empty sum over 0 rows divided by n: 0, whatever
+    lora_b holds (found by the fuzzer: 0·inf gave NaN)."""
+    w = np.ones((4, 2))
+    a = np.ones((3, 4))
+    b = np.array([[1.0, 2.0, np.inf], [0.5, -1.0, 3.0]])
+    grads = F.dora_embedding_backward(np.ones((0, 2)), np.zeros(0, np.int64), w, a, b,
+                                      np.ones(2), np.array([2.0, 4.0]), 1.5)
+    assert np.array_equal(grads.magnitude, [0.0, 0.0])
+    assert not grads.lora_a.any() and not grads.lora_b.any()
+
+
+def test_dora_empty_batch_with_infinite_c():
+    """grad_lora_b of an empty batch is an empty sum, 0 even where c = m / n is infinite (a
+    zero norm) or NaN (found by the fuzzer: the sums were scaled by c afterwards, 0·inf = NaN)."""
+    w, a, b = np.ones((2, 3)), np.ones((1, 3)), np.ones((2, 1))
+    m, n = np.array([1.0, np.inf]), np.array([0.0, 2.0])
+    x, g = np.ones((0, 3)), np.ones((0, 2))
+    lin = F.dora_linear_backward(g, x, w, a, b, m, n, np.ones((0, 1)), np.ones((0, 2)), 1.5)
+    assert not lin.lora_b.any() and not lin.lora_a.any()
+    emb = F.dora_embedding_backward(np.ones((0, 2)), np.zeros(0, np.int64), np.ones((3, 2)),
+                                    np.ones((1, 3)), b, m, n, 1.5)
+    assert not emb.lora_b.any() and not emb.lora_a.any()
 
 
 def test_ia3_empty_batch_with_infinite_l():
@@ -53,6 +109,16 @@ def test_out_base_true_with_torch_tensors():
     x, w, l = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
     y, base = F.ia3_linear_forward(x, w, None, l, out_base=True)
     assert torch.allclose(base, x @ w.T)
+
+
+def test_dora_out_base_true_with_torch_tensors():
+    """Found by the fuzzer: as ia3_linear_forward's did, an explicit out_base=True reached C,
+    which allocates NumPy arrays only, and raised for torch inputs."""
+    torch = pytest.importorskip("torch")
+    x, w, m = torch.randn(3, 4), torch.randn(5, 4), torch.rand(5) + 0.5
+    a, b = torch.randn(2, 4), torch.randn(5, 2)
+    y, xa, base, norm = F.dora_linear_forward(x, w, None, a, b, m, 0.5, out_base=True)
+    assert torch.allclose(base, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-5)
 
 
 def test_enable_lora_string_is_refused():
