@@ -141,9 +141,11 @@ __global__ void gather_kernel(int64_t n, int64_t cols, const I *idx, int64_t idx
 }
 
 /* Embedding: grad_b[d, k] = s·c_d·t[d, k] and grad_m[d] = (grad_m[d] + s·t_d·b_d) / n_d, where
- * grad_m holds Σ_n g[n,d]·W[idx[n],d] on entry and t = gᵀ·Aᵀ[idx] (D x R, Acc). */
+ * grad_m holds Σ_n g[n,d]·W[idx[n],d] on entry and t = gᵀ·Aᵀ[idx] (D x R, Acc). An empty batch
+ * (n_rows = 0) contributes nothing: its sums are empty, 0 whatever b and c hold (0·inf = NaN). */
 template <class T>
-__global__ void embedding_finish_kernel(int64_t dim, int64_t r, const typename Num<T>::acc *t,
+__global__ void embedding_finish_kernel(int64_t n_rows, int64_t dim, int64_t r,
+                                        const typename Num<T>::acc *t,
                                         const T *b, int64_t b_rs, int64_t b_cs, double s,
                                         const T *s_c, const T *inv_n, T *grad_b, int64_t gb_rs,
                                         int64_t gb_cs, T *grad_m, int64_t gm_stride)
@@ -154,9 +156,11 @@ __global__ void embedding_finish_kernel(int64_t dim, int64_t r, const typename N
         Acc dot = 0;
         for (int64_t k = 0; k < r; ++k) {
             const Acc tk = t[d * r + k];
-            dot += tk * Num<T>::load(b[d * b_rs + k * b_cs]);
+            if (n_rows > 0)
+                dot += tk * Num<T>::load(b[d * b_rs + k * b_cs]);
             if (grad_b)
-                grad_b[d * gb_rs + k * gb_cs] = Num<T>::store(Num<T>::load(s_c[d]) * tk);
+                grad_b[d * gb_rs + k * gb_cs] =
+                    Num<T>::store(n_rows > 0 ? Num<T>::load(s_c[d]) * tk : Acc(0));
         }
         if (grad_m)
             grad_m[d * gm_stride] = Num<T>::store(
@@ -532,7 +536,9 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
     }
     if (o->grad_b.data) {
         CPEFT_TRY(gemm(s, dt, dt, l->scale, mat_transpose(g), in->xa, 0.0, o->grad_b, st));
-        CPEFT_TRY(scale_matrix(dt, o->grad_b, sc.c, 0, o->grad_b, s.stream, st));
+        /* An empty batch's gradient is an empty sum, 0 whatever c holds (0·inf = NaN). */
+        if (m > 0)
+            CPEFT_TRY(scale_matrix(dt, o->grad_b, sc.c, 0, o->grad_b, s.stream, st));
     }
     if (!need_gb)
         return CPEFT_OK;
@@ -680,7 +686,7 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
                 typedef typename decltype(tag)::type T;
                 typedef typename Num<T>::acc Acc;
                 embedding_finish_kernel<T><<<grid_1d(dim, kBlock), kBlock, 0, s.stream>>>(
-                    dim, r, static_cast<const Acc *>(t_ws),
+                    n, dim, r, static_cast<const Acc *>(t_ws),
                     static_cast<const T *>(l->lora_b.data), l->lora_b.row_stride,
                     l->lora_b.col_stride, l->scale, static_cast<const T *>(sc.s_c.data),
                     static_cast<const T *>(sc.inv_n.data), static_cast<T *>(o->grad_b.data),
