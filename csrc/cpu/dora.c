@@ -161,12 +161,44 @@ int cpeft_dora_weight_sq_norm_cpu(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec
 }
 
 /* n from the identity in dora.h: W·Aᵀ (OUT x R) is the only product that reads W. */
+/* A compact copy of m scaled by a power of two that brings its largest magnitude into [0.5, 1);
+ * returns the exponent e (m = copy · 2^e; 0 when m is all zeros or holds inf/NaN, which must
+ * propagate). Exact apart from elements that fall below the smallest subnormal, whose share of
+ * the products is below the data type's resolution anyway. */
+static int64_t normalized_copy(cpeft_dtype dt, cpeft_mat m, void *data, cpeft_mat *copy)
+{
+    double largest = 0.0;
+    for (int64_t i = 0; i < m.rows; ++i)
+        for (int64_t j = 0; j < m.cols; ++j) {
+            int64_t at = i * m.row_stride + j * m.col_stride;
+            double v = fabs(dt == CPEFT_FLOAT32 ? (double)((const float *)m.data)[at]
+                                                : ((const double *)m.data)[at]);
+            largest = v > largest || v != v ? v : largest;
+        }
+    int e = 0;
+    if (largest > 0.0 && isfinite(largest))
+        frexp(largest, &e);
+    double factor = ldexp(1.0, -e);
+    *copy = cpeft_mat_compact(data, m.rows, m.cols);
+    for (int64_t i = 0; i < m.rows; ++i)
+        for (int64_t j = 0; j < m.cols; ++j) {
+            int64_t at = i * m.row_stride + j * m.col_stride, to = i * m.cols + j;
+            if (dt == CPEFT_FLOAT32)
+                ((float *)data)[to] = (float)((double)((const float *)m.data)[at] * factor);
+            else
+                ((double *)data)[to] = ((const double *)m.data)[at] * factor;
+        }
+    return e;
+}
+
 static int dora_norm(const cpeft_dora_norm_args *a, cpeft_vec norm, cpeft_status *st)
 {
     cpeft_dtype dt = a->dtype;
     double *wsq = alloc_doubles(a->out, "the squared row norms", st);
-    void *work = wsq ? cpeft_alloc_temp(dt, 2 * a->out * a->r + a->r * a->r, "W·Aᵀ, B·A·Aᵀ",
-                                        st)
+    void *work = wsq ? cpeft_alloc_temp(dt,
+                                        2 * a->out * a->r + a->r * a->r + a->r * a->in +
+                                            a->out * a->r,
+                                        "W·Aᵀ, B·A·Aᵀ and normalized A, B", st)
                      : NULL;
     if (work == NULL) {
         free(wsq);
@@ -175,19 +207,28 @@ static int dora_norm(const cpeft_dora_norm_args *a, cpeft_vec norm, cpeft_status
     size_t elt = cpeft_dtype_size(dt);
     cpeft_mat wa = cpeft_mat_compact(work, a->out, a->r);
     cpeft_mat bg = cpeft_mat_compact((char *)work + (size_t)(a->out * a->r) * elt, a->out, a->r);
+    char *after_gram = (char *)work + (size_t)(2 * a->out * a->r + a->r * a->r) * elt;
     cpeft_mat gram = cpeft_mat_compact((char *)work + (size_t)(2 * a->out * a->r) * elt, a->r,
                                        a->r);
     if (a->weight_sq_norm.data != NULL)
         DORA_DISPATCH(dt, load, a->weight_sq_norm, wsq);
     else
         DORA_DISPATCH(dt, row_sq_norms, a->weight, wsq);
-    int rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a->weight, a->lora_a, 0.0, wa, st);
+    /* A·Aᵀ and B·(A·Aᵀ) square the adapters' magnitudes: in float32, adapters near 1e±19 would
+     * overflow or underflow there although n itself is representable. A and B enter normalized
+     * to [0.5, 1) by powers of two, and the exponents move into the scale, which
+     * finish_norms applies in double. */
+    cpeft_mat a_n, b_n;
+    int64_t e_a = normalized_copy(dt, a->lora_a, after_gram, &a_n);
+    int64_t e_b = normalized_copy(dt, a->lora_b, after_gram + (size_t)(a->r * a->in) * elt, &b_n);
+    double scale = ldexp(a->scale, (int)(e_a + e_b));
+    int rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a->weight, a_n, 0.0, wa, st);
     if (rc == CPEFT_OK)
-        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a->lora_a, a->lora_a, 0.0, gram, st);
+        rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, a_n, a_n, 0.0, gram, st);
     if (rc == CPEFT_OK)
-        rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, a->lora_b, gram, 0.0, bg, st);
+        rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, b_n, gram, 0.0, bg, st);
     if (rc == CPEFT_OK)
-        DORA_DISPATCH(dt, finish_norms, wsq, a->lora_b, wa.data, bg.data, a->scale, norm);
+        DORA_DISPATCH(dt, finish_norms, wsq, b_n, wa.data, bg.data, scale, norm);
     free(work);
     free(wsq);
     return rc;

@@ -852,13 +852,6 @@ def _dora_norm_and_spread(weight, lora_a, lora_b, scale, sq=None):
     return n, 1 + n2_abs / n2
 
 
-def dora_norm_intermediates_overflow(case):
-    """Whether cpeft's float32 DoRA norm (an open defect: its intermediates A·Wᵀ, A·Aᵀ and
-    B·(A·Aᵀ) are formed in float32, csrc/cpu/dora.c) leaves float32's range for the current
-    arguments while n itself may be representable: |W|·|A|ᵀ, |A|·|A|ᵀ or |B|·(|A|·|A|ᵀ) beyond
-    its largest value, or A·Aᵀ underflowing (below 2²⁴ times its smallest normal number)."""
-    if case.entry not in ("dora_weight_norm", "dora_linear_forward", "dora_embedding_forward"):
-        return False
     try:
         w, a, b = (np.abs(np.asarray(as_numpy(case.args[n]), np.float64))
                    for n in ("weight", "lora_a", "lora_b"))
