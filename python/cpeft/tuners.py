@@ -247,6 +247,15 @@ class BaseTunerLayer(nn.Module):
         held = self.adapter_names
         return [a for a in self._active_adapter if a in held]
 
+    def _adapters_outside_mixed_batches(self) -> list[str]:
+        """The adapters to run on a layer kind that mixed-adapter batches do not cover: none
+        while such a batch runs (its samples see the base layer), and an error if the batch
+        names one of this layer's adapters."""
+        if self._mixed_batch_adapters():
+            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
+                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
+        return [] if self._mixed_adapter_names is not None else self._adapters_to_run()
+
 
 def _stream(tensor: torch.Tensor):
     return _autograd.cuda_stream(tensor.device)
@@ -605,10 +614,7 @@ class Embedding(_DoraMixin, LoraLayer):
                                           stream=_stream(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mixed_batch_adapters():
-            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
-                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
-        adapters = [] if self._mixed_adapter_names is not None else self._adapters_to_run()
+        adapters = self._adapters_outside_mixed_batches()
         if not adapters:
             return self._base_forward(x)
         base = self.get_base_layer()
@@ -702,10 +708,7 @@ class IA3Linear(IA3Layer):
             fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mixed_batch_adapters():
-            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
-                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
-        adapters = [] if self._mixed_adapter_names is not None else self._adapters_to_run()
+        adapters = self._adapters_outside_mixed_batches()
         if not adapters:
             return self._base_forward(x)
         base = self.get_base_layer()
@@ -740,10 +743,7 @@ class IA3Embedding(IA3Layer):
                                          stream=_stream(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mixed_batch_adapters():
-            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
-                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
-        adapters = [] if self._mixed_adapter_names is not None else self._adapters_to_run()
+        adapters = self._adapters_outside_mixed_batches()
         if not adapters:
             return self._base_forward(x)
         base = self.get_base_layer()
