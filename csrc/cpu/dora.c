@@ -6,127 +6,17 @@
 
 #include "blas.h"
 
-/*
- * The elementwise passes DoRA adds around the GEMMs, for float and double:
- *   combine:       y = (accumulate ? y : 0) + l ⊙ u + bias     (l and bias along columns)
- *   column_dots:   dot[j] += Σ_i g_ij u_ij, sum[j] += Σ_i g_ij  (either may be NULL), in double
- *   row_sq_norms:  out[j] = Σ_k w_jk², in double
- *   finish_norms:  n_j = sqrt(max(0, wsq_j + Σ_k b_jk·(2s·wa_jk + s²·bg_jk)))
- * Row-major views run their contiguous dimension innermost; column-major ones are walked through
- * their transpose where that is what makes the inner loop contiguous.
- */
-#define DEFINE_DORA_LOOPS(T, SUFFIX)                                                           \
-    static void combine_##SUFFIX(cpeft_mat u, const T *l, cpeft_vec bias, int accumulate,      \
-                                 cpeft_mat y)                                                  \
-    {                                                                                          \
-        const T *pu = (const T *)u.data;                                                       \
-        const T *pb = (const T *)bias.data;                                                    \
-        T *py = (T *)y.data;                                                                   \
-        for (int64_t i = 0; i < y.rows; ++i) {                                                 \
-            const T *ru = pu + i * u.row_stride;                                               \
-            T *ry = py + i * y.row_stride;                                                     \
-            for (int64_t j = 0; j < y.cols; ++j) {                                             \
-                T v = l[j] * ru[j * u.col_stride];                                             \
-                if (pb != NULL)                                                                \
-                    v += pb[j * bias.stride];                                                  \
-                if (accumulate)                                                                \
-                    v += ry[j * y.col_stride];                                                 \
-                ry[j * y.col_stride] = v;                                                      \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    static void column_dots_##SUFFIX(cpeft_mat g, cpeft_mat u, double *dot, double *sum)      \
-    {                                                                                          \
-        const T *pg = (const T *)g.data;                                                       \
-        const T *pu = (const T *)u.data;                                                       \
-        for (int64_t i = 0; i < g.rows; ++i) {                                                 \
-            const T *rg = pg + i * g.row_stride;                                               \
-            if (dot != NULL) {                                                                 \
-                const T *ru = pu + i * u.row_stride;                                           \
-                for (int64_t j = 0; j < g.cols; ++j)                                           \
-                    dot[j] += (double)rg[j * g.col_stride] * (double)ru[j * u.col_stride];     \
-            }                                                                                  \
-            if (sum != NULL)                                                                   \
-                for (int64_t j = 0; j < g.cols; ++j)                                           \
-                    sum[j] += (double)rg[j * g.col_stride];                                    \
-        }                                                                                      \
-    }                                                                                          \
-    static void row_sq_norms_##SUFFIX(cpeft_mat w, double *out)                               \
-    {                                                                                          \
-        const T *pw = (const T *)w.data;                                                       \
-        if (w.col_stride == 1 || w.rows <= 1) {                                                \
-            for (int64_t j = 0; j < w.rows; ++j) {                                             \
-                const T *row = pw + j * w.row_stride;                                          \
-                double acc = 0.0;                                                              \
-                for (int64_t k = 0; k < w.cols; ++k)                                           \
-                    acc += (double)row[k * w.col_stride] * (double)row[k * w.col_stride];      \
-                out[j] = acc;                                                                  \
-            }                                                                                  \
-        } else {                                                                               \
-            for (int64_t j = 0; j < w.rows; ++j)                                               \
-                out[j] = 0.0;                                                                  \
-            for (int64_t k = 0; k < w.cols; ++k) {                                             \
-                const T *col = pw + k * w.col_stride;                                          \
-                for (int64_t j = 0; j < w.rows; ++j)                                           \
-                    out[j] += (double)col[j * w.row_stride] * (double)col[j * w.row_stride];   \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    static void load_##SUFFIX(cpeft_vec v, double *out)                                       \
-    {                                                                                          \
-        const T *p = (const T *)v.data;                                                        \
-        for (int64_t j = 0; j < v.len; ++j)                                                    \
-            out[j] = (double)p[j * v.stride];                                                  \
-    }                                                                                          \
-    static void store_##SUFFIX(const double *src, cpeft_vec out)                              \
-    {                                                                                          \
-        T *p = (T *)out.data;                                                                  \
-        for (int64_t j = 0; j < out.len; ++j)                                                  \
-            p[j * out.stride] = (T)src[j];                                                     \
-    }                                                                                          \
-    static void finish_norms_##SUFFIX(const double *wsq, cpeft_mat b, const T *wa,            \
-                                      const T *bg, double s, cpeft_vec norm)                   \
-    {                                                                                          \
-        const T *pb = (const T *)b.data;                                                       \
-        T *pn = (T *)norm.data;                                                                \
-        for (int64_t j = 0; j < b.rows; ++j) {                                                 \
-            double acc = wsq[j];                                                               \
-            for (int64_t k = 0; k < b.cols; ++k)                                               \
-                acc += (double)pb[j * b.row_stride + k * b.col_stride] *                       \
-                       (2.0 * s * (double)wa[j * b.cols + k] +                                 \
-                        s * s * (double)bg[j * b.cols + k]);                                   \
-            pn[j * norm.stride] = (T)sqrt(acc > 0.0 ? acc : 0.0);                              \
-        }                                                                                      \
-    }                                                                                          \
-    static void copy_##SUFFIX(cpeft_mat src, cpeft_mat dst)                                    \
-    {                                                                                          \
-        const T *ps = (const T *)src.data;                                                     \
-        T *pd = (T *)dst.data;                                                                 \
-        for (int64_t i = 0; i < src.rows; ++i)                                                 \
-            for (int64_t j = 0; j < src.cols; ++j)                                             \
-                pd[i * dst.row_stride + j * dst.col_stride] =                                  \
-                    ps[i * src.row_stride + j * src.col_stride];                               \
-    }                                                                                          \
-    static void times_scalar_##SUFFIX(cpeft_vec v, double s, cpeft_vec out)                   \
-    {                                                                                          \
-        const T *p = (const T *)v.data;                                                        \
-        T *d = (T *)out.data;                                                                  \
-        for (int64_t j = 0; j < v.len; ++j)                                                    \
-            d[j * out.stride] = (T)(s * (double)p[j * v.stride]);                              \
-    }                                                                                          \
-    /* c = m / n and c - 1, rounded to T as peft computes magnitude / weight_norm in T. */     \
-    static void magnitude_scales_##SUFFIX(cpeft_vec m, cpeft_vec n, T *c, T *c_minus_one)     \
-    {                                                                                          \
-        const T *pm = (const T *)m.data;                                                       \
-        const T *pn = (const T *)n.data;                                                       \
-        for (int64_t j = 0; j < m.len; ++j) {                                                  \
-            c[j] = pm[j * m.stride] / pn[j * n.stride];                                        \
-            c_minus_one[j] = c[j] - (T)1;                                                      \
-        }                                                                                      \
-    }
+#define T float
+#define SUFFIX f32
+#include "dora_loops.inc"
+#undef T
+#undef SUFFIX
 
-DEFINE_DORA_LOOPS(float, f32)
-DEFINE_DORA_LOOPS(double, f64)
+#define T double
+#define SUFFIX f64
+#include "dora_loops.inc"
+#undef T
+#undef SUFFIX
 
 #define DORA_DISPATCH(dt, name, ...)                                                           \
     do {                                                                                       \
@@ -647,44 +537,6 @@ int cpeft_dora_embedding_fwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat y
     free(scales);
     return rc;
 }
-
-#define DEFINE_GATHER_DOTS(T, SUFFIX)                                                          \
-    /* acc[d] += Σ_n g[n][d] · W[idx[n]][d]; each index is read once and checked where it is   \
-     * used (the caller's array may change while the GIL is released). */                      \
-    static int gather_dots_##SUFFIX(cpeft_mat g, cpeft_dtype index_dtype, cpeft_vec indices,  \
-                                    cpeft_mat w, double *acc, cpeft_status *st)                \
-    {                                                                                          \
-        const T *pg = (const T *)g.data;                                                       \
-        const T *pw = (const T *)w.data;                                                       \
-        for (int64_t n = 0; n < g.rows; ++n) {                                                 \
-            int64_t row = cpeft_index_at(index_dtype, indices, n);                             \
-            if (row < 0 || row >= w.rows)                                                      \
-                return cpeft_index_error(n, row, w.rows, st);                                  \
-            const T *rg = pg + n * g.row_stride;                                               \
-            const T *rw = pw + row * w.row_stride;                                             \
-            for (int64_t d = 0; d < g.cols; ++d)                                               \
-                acc[d] += (double)rg[d * g.col_stride] * (double)rw[d * w.col_stride];         \
-        }                                                                                      \
-        return CPEFT_OK;                                                                       \
-    }                                                                                          \
-    /* acc[d] = (acc[d] + s · Σ_k t[d][k]·b[d][k]) / n[d]; an empty batch (rows = 0) adds     \
-     * nothing: its sum is empty, 0 whatever b holds (t·b would give 0·inf = NaN). */          \
-    static void finish_magnitude_grad_##SUFFIX(double *acc, const T *t, cpeft_mat b, double s,\
-                                               cpeft_vec norm, int64_t rows)                   \
-    {                                                                                          \
-        const T *pb = (const T *)b.data;                                                       \
-        const T *pn = (const T *)norm.data;                                                    \
-        for (int64_t d = 0; d < b.rows; ++d) {                                                 \
-            double dot = 0.0;                                                                  \
-            for (int64_t k = 0; rows > 0 && k < b.cols; ++k)                                   \
-                dot += (double)t[d * b.cols + k] *                                             \
-                       (double)pb[d * b.row_stride + k * b.col_stride];                        \
-            acc[d] = (acc[d] + s * dot) / (double)pn[d * norm.stride];                         \
-        }                                                                                      \
-    }
-
-DEFINE_GATHER_DOTS(float, f32)
-DEFINE_GATHER_DOTS(double, f64)
 
 int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat grad_out,
                                  cpeft_vec norm, const cpeft_dora_embedding_bwd_out *o,

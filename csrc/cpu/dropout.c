@@ -80,43 +80,17 @@ static void keep_flags(const cpeft_dropout *d, uint32_t threshold, uint64_t coun
     }
 }
 
-#define DEFINE_DROPOUT_LOOPS(T, SUFFIX)                                                        \
-    static void mask_##SUFFIX(const cpeft_dropout *d, cpeft_mat mask)                         \
-    {                                                                                          \
-        uint8_t keep[KEEP_RUN];                                                                \
-        uint32_t threshold = keep_threshold(d->p);                                             \
-        T kept = (T)cpeft_dropout_keep_scale(d->p);                                            \
-        T *out = (T *)mask.data;                                                               \
-        for (int64_t i = 0; i < mask.rows; ++i)                                                \
-            for (int64_t j0 = 0; j0 < mask.cols; j0 += KEEP_RUN) {                             \
-                int64_t n = mask.cols - j0 < KEEP_RUN ? mask.cols - j0 : KEEP_RUN;             \
-                keep_flags(d, threshold, (uint64_t)(i * mask.cols + j0), n, keep);             \
-                T *o = out + i * mask.row_stride + j0 * mask.col_stride;                       \
-                for (int64_t j = 0; j < n; ++j)                                                \
-                    o[j * mask.col_stride] = keep[j] ? kept : (T)0;                            \
-            }                                                                                  \
-    }                                                                                          \
-    static void rows_##SUFFIX(const cpeft_dropout *d, int64_t row0, double alpha,             \
-                              cpeft_mat src, int accumulate, cpeft_mat dst)                    \
-    {                                                                                          \
-        uint8_t keep[KEEP_RUN];                                                                \
-        uint32_t threshold = keep_threshold(d->p);                                             \
-        T kept = (T)(alpha * cpeft_dropout_keep_scale(d->p));                                  \
-        for (int64_t i = 0; i < src.rows; ++i)                                                 \
-            for (int64_t j0 = 0; j0 < src.cols; j0 += KEEP_RUN) {                              \
-                int64_t n = src.cols - j0 < KEEP_RUN ? src.cols - j0 : KEEP_RUN;               \
-                keep_flags(d, threshold, (uint64_t)((row0 + i) * src.cols + j0), n, keep);     \
-                const T *s = (const T *)src.data + i * src.row_stride + j0 * src.col_stride;   \
-                T *o = (T *)dst.data + i * dst.row_stride + j0 * dst.col_stride;               \
-                for (int64_t j = 0; j < n; ++j) {                                              \
-                    T v = (keep[j] ? kept : (T)0) * s[j * src.col_stride];                     \
-                    o[j * dst.col_stride] = accumulate ? o[j * dst.col_stride] + v : v;        \
-                }                                                                              \
-            }                                                                                  \
-    }
+#define T float
+#define SUFFIX f32
+#include "dropout_loops.inc"
+#undef T
+#undef SUFFIX
 
-DEFINE_DROPOUT_LOOPS(float, f32)
-DEFINE_DROPOUT_LOOPS(double, f64)
+#define T double
+#define SUFFIX f64
+#include "dropout_loops.inc"
+#undef T
+#undef SUFFIX
 
 int cpeft_dropout_mask_cpu(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask,
                            cpeft_status *st)

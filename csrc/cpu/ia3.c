@@ -7,42 +7,17 @@
 
 static const cpeft_vec no_scale = {NULL, 0, 1};
 
-/*
- * acc[j] += Σ_i a[i][j] * b[r(i)][j] with r(i) = idx[i] when indices.data != NULL, else i.
- * The sums behind grad_l run over every row of the batch, so they are kept in double whatever
- * the data type, then rounded once when stored.
- */
-#define DEFINE_IA3_LOOPS(T, SUFFIX)                                                            \
-    /* Returns the position of the first index outside b's rows (its value in *bad), else -1:  \
-     * each index is checked where it is used (see cpeft_gather_rows_cpu in blas.h). */        \
-    static int64_t accumulate_products_##SUFFIX(cpeft_mat a, cpeft_mat b,                     \
-                                                cpeft_dtype index_dtype, cpeft_vec indices,    \
-                                                double *acc, int64_t *bad)                     \
-    {                                                                                          \
-        const T *pa = (const T *)a.data;                                                       \
-        const T *pb = (const T *)b.data;                                                       \
-        for (int64_t i = 0; i < a.rows; ++i) {                                                 \
-            int64_t rb = indices.data != NULL ? cpeft_index_at(index_dtype, indices, i) : i;   \
-            if ((uint64_t)rb >= (uint64_t)b.rows) {                                            \
-                *bad = rb;                                                                     \
-                return i;                                                                      \
-            }                                                                                  \
-            const T *ra = pa + i * a.row_stride;                                               \
-            const T *rbp = pb + rb * b.row_stride;                                             \
-            for (int64_t j = 0; j < a.cols; ++j)                                               \
-                acc[j] += (double)ra[j * a.col_stride] * (double)rbp[j * b.col_stride];        \
-        }                                                                                      \
-        return -1;                                                                             \
-    }                                                                                          \
-    static void store_##SUFFIX(const double *acc, cpeft_vec out)                              \
-    {                                                                                          \
-        T *d = (T *)out.data;                                                                  \
-        for (int64_t j = 0; j < out.len; ++j)                                                  \
-            d[j * out.stride] = (T)acc[j];                                                     \
-    }
+#define T float
+#define SUFFIX f32
+#include "ia3_loops.inc"
+#undef T
+#undef SUFFIX
 
-DEFINE_IA3_LOOPS(float, f32)
-DEFINE_IA3_LOOPS(double, f64)
+#define T double
+#define SUFFIX f64
+#include "ia3_loops.inc"
+#undef T
+#undef SUFFIX
 
 static int accumulate_products(cpeft_dtype dt, cpeft_mat a, cpeft_mat b, cpeft_dtype index_dtype,
                                cpeft_vec indices, double *acc, cpeft_status *st)

@@ -27,85 +27,17 @@ typedef struct {
     int64_t base, row, col;
 } linear_index;
 
-#define DEFINE_MERGE_LOOPS(T, SUFFIX)                                                          \
-    static void note_exception_##SUFFIX(merge_pass *mp, int64_t lin, T original)               \
-    {                                                                                          \
-        if (mp->write) {                                                                       \
-            if (mp->count >= mp->rec->capacity) {                                              \
-                mp->overflow = 1;                                                              \
-                return;                                                                        \
-            }                                                                                  \
-            mp->rec->index[mp->count] = lin;                                                   \
-            ((T *)mp->rec->value)[mp->count] = original;                                       \
-        }                                                                                      \
-        ++mp->count;                                                                           \
-    }                                                                                          \
-    /* target ± d, d a compact rows x cols block. */                                          \
-    static void apply_delta_##SUFFIX(merge_pass *mp, cpeft_mat target, const T *d,             \
-                                     linear_index li)                                          \
-    {                                                                                          \
-        T *w = (T *)target.data;                                                               \
-        for (int64_t i = 0; i < target.rows && !mp->overflow; ++i)                             \
-            for (int64_t j = 0; j < target.cols; ++j) {                                        \
-                T *p = &w[i * target.row_stride + j * target.col_stride];                      \
-                T dv = d[i * target.cols + j];                                                 \
-                if (mp->direction == CPEFT_UNMERGE) {                                          \
-                    *p = (T)(*p - dv);                                                         \
-                    continue;                                                                  \
-                }                                                                              \
-                T original = *p;                                                               \
-                T merged = (T)(original + dv);                                                 \
-                T back = (T)(merged - dv);                                                     \
-                if (memcmp(&back, &original, sizeof(T)) != 0)                                  \
-                    note_exception_##SUFFIX(mp, li.base + i * li.row + j * li.col, original);  \
-                if (mp->write)                                                                 \
-                    *p = merged;                                                               \
-            }                                                                                  \
-    }                                                                                          \
-    /* target ⊙ l or target / l, l along columns or rows. */                                  \
-    static void apply_scale_##SUFFIX(merge_pass *mp, cpeft_mat target, cpeft_vec l,            \
-                                     int along_cols, linear_index li)                          \
-    {                                                                                          \
-        T *w = (T *)target.data;                                                               \
-        const T *lv = (const T *)l.data;                                                       \
-        for (int64_t i = 0; i < target.rows && !mp->overflow; ++i)                             \
-            for (int64_t j = 0; j < target.cols; ++j) {                                        \
-                T *p = &w[i * target.row_stride + j * target.col_stride];                      \
-                T s = lv[(along_cols ? j : i) * l.stride];                                     \
-                if (mp->direction == CPEFT_UNMERGE) {                                          \
-                    *p = (T)(*p / s);                                                          \
-                    continue;                                                                  \
-                }                                                                              \
-                T original = *p;                                                               \
-                T merged = (T)(original * s);                                                  \
-                T back = (T)(merged / s);                                                      \
-                if (memcmp(&back, &original, sizeof(T)) != 0)                                  \
-                    note_exception_##SUFFIX(mp, li.base + i * li.row + j * li.col, original);  \
-                if (mp->write)                                                                 \
-                    *p = merged;                                                               \
-            }                                                                                  \
-    }                                                                                          \
-    /* Returns the first k whose index is outside the view, else -1. begin_pass checked every \
-     * index, but the record is the caller's memory and may be rewritten meanwhile by another  \
-     * thread, so each one is read once and checked again where it is used. */                  \
-    static int64_t restore_##SUFFIX(const cpeft_merge_record *rec, cpeft_mat view)            \
-    {                                                                                          \
-        T *w = (T *)view.data;                                                                 \
-        const T *values = (const T *)rec->value;                                               \
-        const volatile int64_t *index = rec->index;                                            \
-        uint64_t size = (uint64_t)(view.rows * view.cols);                                     \
-        for (int64_t k = 0; k < rec->count; ++k) {                                             \
-            int64_t lin = index[k];                                                            \
-            if ((uint64_t)lin >= size)                                                         \
-                return k;                                                                      \
-            int64_t i = lin / view.cols, j = lin % view.cols;                                  \
-            w[i * view.row_stride + j * view.col_stride] = values[k];                          \
-        }                                                                                      \
-        return -1;                                                                             \
-    }
+#define T float
+#define SUFFIX f32
+#include "merge_loops.inc"
+#undef T
+#undef SUFFIX
 
-DEFINE_MERGE_LOOPS(float, f32)
-DEFINE_MERGE_LOOPS(double, f64)
+#define T double
+#define SUFFIX f64
+#include "merge_loops.inc"
+#undef T
+#undef SUFFIX
 
 /* Checks direction and record, and for unmerge every recorded index against the view before
  * anything is written. */
