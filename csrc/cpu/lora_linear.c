@@ -87,26 +87,39 @@ static void copy_scaled(cpeft_dtype dt, cpeft_mat src, double alpha, cpeft_mat d
 
 /* Whether dst = alpha · src (as copy_scaled wrote it) lost an element: a finite nonzero src
  * element whose scaled value is infinite or at the bottom of the exponent range (zero or
- * subnormal). Exponent bits only, without branches, so the check vectorizes. */
-#define DEFINE_RANGE_CHECK(T, U, EXP_SHIFT, EXP_MAX, SUFFIX)                                   \
-    static int scaling_lost_range_##SUFFIX(cpeft_mat src, cpeft_mat dst)                      \
-    {                                                                                          \
-        U lost = 0;                                                                            \
-        for (int64_t i = 0; i < src.rows; ++i) {                                               \
-            const U *s = (const U *)((const T *)src.data + i * src.row_stride);                \
-            const U *d = (const U *)((const T *)dst.data + i * dst.row_stride);                \
-            for (int64_t j = 0; j < src.cols; ++j) {                                           \
-                U sb = s[j * src.col_stride], db = d[j * dst.col_stride];                      \
-                U se = (sb >> EXP_SHIFT) & EXP_MAX, de = (db >> EXP_SHIFT) & EXP_MAX;          \
-                lost |= (U)(se != EXP_MAX) & (U)((sb << 1) != 0) &                             \
-                        ((U)(de == EXP_MAX) | (U)(de == 0));                                   \
-            }                                                                                  \
-        }                                                                                      \
-        return lost != 0;                                                                      \
+ * subnormal). Exponent bits only (float: 8 bits from bit 23, double: 11 bits from bit 52),
+ * without branches, so the check vectorizes. */
+static int scaling_lost_range_f32(cpeft_mat src, cpeft_mat dst)
+{
+    uint32_t lost = 0;
+    for (int64_t i = 0; i < src.rows; ++i) {
+        const uint32_t *s = (const uint32_t *)((const float *)src.data + i * src.row_stride);
+        const uint32_t *d = (const uint32_t *)((const float *)dst.data + i * dst.row_stride);
+        for (int64_t j = 0; j < src.cols; ++j) {
+            uint32_t sb = s[j * src.col_stride], db = d[j * dst.col_stride];
+            uint32_t se = (sb >> 23) & 0xFFu, de = (db >> 23) & 0xFFu;
+            lost |= (uint32_t)(se != 0xFFu) & (uint32_t)((sb << 1) != 0) &
+                    ((uint32_t)(de == 0xFFu) | (uint32_t)(de == 0));
+        }
     }
+    return lost != 0;
+}
 
-DEFINE_RANGE_CHECK(float, uint32_t, 23, 0xFFu, f32)
-DEFINE_RANGE_CHECK(double, uint64_t, 52, (uint64_t)0x7FF, f64)
+static int scaling_lost_range_f64(cpeft_mat src, cpeft_mat dst)
+{
+    uint64_t lost = 0;
+    for (int64_t i = 0; i < src.rows; ++i) {
+        const uint64_t *s = (const uint64_t *)((const double *)src.data + i * src.row_stride);
+        const uint64_t *d = (const uint64_t *)((const double *)dst.data + i * dst.row_stride);
+        for (int64_t j = 0; j < src.cols; ++j) {
+            uint64_t sb = s[j * src.col_stride], db = d[j * dst.col_stride];
+            uint64_t se = (sb >> 52) & 0x7FF, de = (db >> 52) & 0x7FF;
+            lost |= (uint64_t)(se != 0x7FF) & (uint64_t)((sb << 1) != 0) &
+                    ((uint64_t)(de == 0x7FF) | (uint64_t)(de == 0));
+        }
+    }
+    return lost != 0;
+}
 
 static int scaling_lost_range(cpeft_dtype dt, cpeft_mat src, cpeft_mat dst)
 {
