@@ -153,7 +153,8 @@ DEBUG = env_flag("CPEFT_DEBUG")
 SANITIZE = env_flag("CPEFT_SANITIZE")
 BLAS = openblas()
 CUDA, CUDA_OFF_REASON = find_cuda()
-HEADERS = sources("csrc/include/cpeft/*.h") + sources("csrc/py/*.h") + sources("csrc/cpu/*.h")
+HEADERS = (sources("csrc/include/cpeft/*.h") + sources("csrc/py/*.h") + sources("csrc/cpu/*.h")
+           + sources("csrc/cpu/*.inc"))
 
 c_sources = sources("csrc/cpu/*.c") + sources("csrc/py/*.c")
 compile_args = ["-std=c11", "-O2", "-Wall"]
