@@ -10,10 +10,11 @@
  * because merge is not a per-call path); unmerge also reads back the number of record indices
  * outside the weight, and refuses such a record before writing anything, as the CPU twin does.
  *
- * LoRA's d = s·B_k·A_k is built a row chunk at a time by cuBLAS into fp32 (fp64) scratch; the
- * chunking depends only on the shapes, so merge and unmerge run the same GEMMs and get the same
- * d bit for bit. A weight whose (OUT, IN) view is column-major (fan_in_fan_out) is walked through
- * its transpose so the elementwise pass streams through memory.
+ * LoRA's d = s·B_k·A_k is built a row chunk at a time by cuBLAS into fp32 (fp64) scratch (and
+ * kept in the caller's W-sized ΔW scratch of merge.h, which spares a later pass the GEMMs);
+ * the chunking depends only on the shapes, so merge and unmerge run the same GEMMs and get the
+ * same d bit for bit. A weight whose (OUT, IN) view is column-major (fan_in_fan_out) is walked
+ * through its transpose so the elementwise pass streams through memory.
  */
 #include "cpeft/merge.h"
 
@@ -185,6 +186,9 @@ int begin_pass(const char *op, int direction, const cpeft_merge_record *rec, con
                           direction);
     if (rec == nullptr)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: a merge record is required, got NULL", op);
+    if (direction == CPEFT_UNMERGE && rec->delta != nullptr)
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                          "%s: unmerge computes its own ΔW, got a delta scratch", op);
     CPEFT_CUDA_CHECK(st, cudaMemsetAsync(counter, 0, sizeof *counter, stream));
     if (direction == CPEFT_MERGE) {
         if (rec->index != nullptr && rec->value == nullptr)
@@ -263,10 +267,18 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
     if (chunk < 1) chunk = 1;
     if (chunk > target_rows) chunk = target_rows > 0 ? target_rows : 1;
 
+    /* With the caller's ΔW scratch (rec->delta) every chunk has its own place there (output
+     * group g's Δ (or Δᵀ) compact from g·seg·IN on), and a pass with delta_ready reads it back
+     * instead of running the GEMMs. The GEMMs still write to the workspace, as unmerge's do, and
+     * the chunk is copied: cuBLAS may choose its kernel by the pointers' alignment, and unmerge
+     * must get the same d bit for bit. */
+    const bool kept_delta = rec != nullptr && rec->delta != nullptr;
+    const bool run_gemms = !kept_delta || !rec->delta_ready;
+    const size_t acc_elt = cpeft_dtype_size(acc);
     Session s;
     CPEFT_TRY(s.open(stream, st));
     void *ws = nullptr;
-    const size_t d_bytes = (size_t)(chunk * target_cols) * cpeft_dtype_size(acc);
+    const size_t d_bytes = (size_t)(chunk * target_cols) * acc_elt;
     CPEFT_TRY(s.workspace(ws_align(sizeof(unsigned long long)) + d_bytes, &ws, st));
     Carver carve(ws);
     unsigned long long *counter =
@@ -287,8 +299,18 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
         ++k;
         for (int64_t row0 = 0; row0 < target_rows; row0 += chunk) {
             const int64_t n = target_rows - row0 < chunk ? target_rows - row0 : chunk;
-            CPEFT_TRY(gemm(s, dt, acc, a->scale, mat_block(left, row0, n, 0, r, elt), right, 0.0,
-                           mat_dense(d_data, n, target_cols), st));
+            void *kept = kept_delta ? static_cast<char *>(rec->delta) +
+                                          (size_t)(grp * seg * in + row0 * target_cols) * acc_elt
+                                    : nullptr;
+            const size_t chunk_bytes = (size_t)(n * target_cols) * acc_elt;
+            if (run_gemms) {
+                CPEFT_TRY(gemm(s, dt, acc, a->scale, mat_block(left, row0, n, 0, r, elt), right,
+                               0.0, mat_dense(d_data, n, target_cols), st));
+                if (kept_delta && chunk_bytes > 0)
+                    CPEFT_CUDA_CHECK(st, cudaMemcpyAsync(kept, d_data, chunk_bytes,
+                                                         cudaMemcpyDeviceToDevice, s.stream));
+            }
+            const void *d_place = run_gemms ? d_data : kept;
             const cpeft_mat part = mat_block(target, row0, n, 0, target_cols, elt);
             const LinearIndex li = transpose
                                        ? LinearIndex{grp * seg * in + row0, 1, in}
@@ -300,7 +322,7 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
                                             rec->capacity, counter};
                 merge_delta_kernel<T><<<grid_2d(n, target_cols), 256, 0, s.stream>>>(
                     n, target_cols, static_cast<T *>(part.data), part.row_stride,
-                    part.col_stride, static_cast<const Acc *>(d_data), li, direction, sink);
+                    part.col_stride, static_cast<const Acc *>(d_place), li, direction, sink);
                 CPEFT_LAUNCH_CHECK(st, "merge_delta_kernel");
                 return (int)CPEFT_OK;
             }));

@@ -49,6 +49,9 @@ static int begin_pass(const char *op, int direction, cpeft_merge_record *rec, cp
                           direction);
     if (rec == NULL)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: a merge record is required, got NULL", op);
+    if (direction == CPEFT_UNMERGE && rec->delta != NULL)
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: unmerge computes its own ΔW, got a delta "
+                          "scratch", op);
     mp->direction = direction;
     mp->rec = rec;
     mp->count = 0;
@@ -122,6 +125,9 @@ int cpeft_lora_merge_cpu(const cpeft_lora_linear_args *a, int direction, cpeft_m
      * (OUT, IN) view is column-major (fan_in_fan_out, embeddings) the chunks are rows of the
      * transposed problem Δ_kᵀ = s·A_kᵀ·B_kᵀ, so the elementwise pass streams through W. Merge
      * and unmerge run this same sequence of GEMMs, so d is bit-identical in both directions.
+     * With the caller's ΔW scratch (rec->delta) every chunk has its own place there (output
+     * group g's Δ (or Δᵀ) compact from g·seg·IN on), and a pass with delta_ready reads it back
+     * instead of running the GEMMs.
      */
     int transpose = !rows_contiguous(a->weight);
     int64_t target_rows = transpose ? a->in : seg;
@@ -129,8 +135,11 @@ int cpeft_lora_merge_cpu(const cpeft_lora_linear_args *a, int direction, cpeft_m
     int64_t chunk = cpeft_chunk_rows(dt, target_cols);
     if (chunk > target_rows)
         chunk = target_rows > 0 ? target_rows : 1;
-    void *d_data = cpeft_alloc_temp(dt, chunk * target_cols, "merge delta chunk", st);
-    if (d_data == NULL)
+    size_t elt = cpeft_dtype_size(dt);
+    int run_gemms = rec->delta == NULL || !rec->delta_ready;
+    void *d_data = NULL;
+    if (rec->delta == NULL &&
+        (d_data = cpeft_alloc_temp(dt, chunk * target_cols, "merge delta chunk", st)) == NULL)
         return st->code;
 
     for (int64_t grp = 0, kk = 0; grp < a->groups && rc == CPEFT_OK && !mp.overflow; ++grp) {
@@ -145,19 +154,24 @@ int cpeft_lora_merge_cpu(const cpeft_lora_linear_args *a, int direction, cpeft_m
         ++kk;
         for (int64_t row0 = 0; row0 < target_rows && rc == CPEFT_OK && !mp.overflow; row0 += chunk) {
             int64_t n = target_rows - row0 < chunk ? target_rows - row0 : chunk;
-            cpeft_mat d = cpeft_mat_compact(d_data, n, target_cols);
-            rc = cpeft_gemm_cpu(dt, 0, 0, a->scale, cpeft_mat_sub(dt, left, row0, n, 0, a->r),
-                                right, 0.0, d, st);
-            if (rc != CPEFT_OK)
-                break;
+            void *d_place = rec->delta == NULL
+                ? d_data
+                : (char *)rec->delta + (size_t)(grp * seg * a->in + row0 * target_cols) * elt;
+            cpeft_mat d = cpeft_mat_compact(d_place, n, target_cols);
+            if (run_gemms) {
+                rc = cpeft_gemm_cpu(dt, 0, 0, a->scale, cpeft_mat_sub(dt, left, row0, n, 0, a->r),
+                                    right, 0.0, d, st);
+                if (rc != CPEFT_OK)
+                    break;
+            }
             cpeft_mat part = cpeft_mat_sub(dt, target, row0, n, 0, target_cols);
             linear_index li = transpose
                 ? (linear_index){grp * seg * a->in + row0, 1, a->in}
                 : (linear_index){(grp * seg + row0) * a->in, a->in, 1};
             if (dt == CPEFT_FLOAT32)
-                apply_delta_f32(&mp, part, (const float *)d_data, li);
+                apply_delta_f32(&mp, part, (const float *)d.data, li);
             else
-                apply_delta_f64(&mp, part, (const double *)d_data, li);
+                apply_delta_f64(&mp, part, (const double *)d.data, li);
         }
     }
     free(d_data);

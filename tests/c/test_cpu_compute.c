@@ -756,8 +756,13 @@ static void run_lora_merge_case(cpeft_dtype dt, int64_t in, int64_t seg, int64_t
 
     cpeft_status st;
     int64_t total_exceptions = 0;
+    /* Odd cycles keep ΔW in a W-sized scratch between the count pass and the merge, as a caller
+     * that allocates the record itself does; their merge must equal cycle 0's bit for bit. */
+    void *delta = malloc((size_t)(out * in > 0 ? out * in : 1) * cpeft_dtype_size(dt));
+    void *first_merge = malloc(bytes);
     for (int cycle = 0; cycle < cycles; ++cycle) {
-        cpeft_merge_record rec = {NULL, NULL, 0, -1};
+        int with_delta = cycle % 2 == 1;
+        cpeft_merge_record rec = {NULL, NULL, 0, -1, with_delta ? delta : NULL, 0};
         expect_rc("merge count", cpeft_lora_merge_cpu(&a, CPEFT_MERGE, &rec, &st), CPEFT_OK, &st);
         ++checks;
         if (!bits_equal(&w, original))
@@ -767,18 +772,25 @@ static void run_lora_merge_case(cpeft_dtype dt, int64_t in, int64_t seg, int64_t
         rec.index = malloc((size_t)(count + 1) * sizeof(int64_t));
         rec.value = malloc((size_t)(count + 1) * cpeft_dtype_size(dt));
         rec.capacity = count;
+        rec.delta_ready = 1;
         expect_rc("merge", cpeft_lora_merge_cpu(&a, CPEFT_MERGE, &rec, &st), CPEFT_OK, &st);
         ++checks;
         if (rec.count != count)
             fail("merge recorded %lld entries, count-only said %lld", (long long)rec.count,
                  (long long)count);
         if (cycle == 0) {
+            memcpy(first_merge, w.buf, bytes);
             if (out * in > 2)
                 tm_set(&w, out - 1, in - 1, 0.0);
             compare("merged weight", &w, ref, 0);
             if (out * in > 2)
                 tm_set(&w, out - 1, in - 1, NAN);
         }
+        else if (!bits_equal(&w, first_merge)) {
+            fail("merge of cycle %d (%s ΔW scratch) differs from cycle 0's", cycle,
+                 with_delta ? "with" : "without");
+        }
+        rec.delta = NULL;
         expect_rc("unmerge", cpeft_lora_merge_cpu(&a, CPEFT_UNMERGE, &rec, &st), CPEFT_OK, &st);
         ++checks;
         if (!bits_equal(&w, original)) {
@@ -792,6 +804,11 @@ static void run_lora_merge_case(cpeft_dtype dt, int64_t in, int64_t seg, int64_t
             expect_rc("merge overflow", cpeft_lora_merge_cpu(&a, CPEFT_MERGE, &rec, &st),
                       CPEFT_ERR_CHANGED, &st);
             memcpy(w.buf, original, bytes);
+            /* Unmerge recomputes ΔW: a scratch handed to it is refused. */
+            rec.delta = delta;
+            expect_rc("unmerge with delta", cpeft_lora_merge_cpu(&a, CPEFT_UNMERGE, &rec, &st),
+                      CPEFT_ERR_INTERNAL, &st);
+            rec.delta = NULL;
             /* A record index outside the view is refused before W is touched. */
             rec.capacity = count;
             rec.count = 1;
@@ -807,6 +824,8 @@ static void run_lora_merge_case(cpeft_dtype dt, int64_t in, int64_t seg, int64_t
     }
     if (cycles > 1 && dt == CPEFT_FLOAT32 && out * in >= 64 && total_exceptions == 0)
         fail("no exceptions recorded over %d cycles: the test exercises nothing", cycles);
+    free(delta);
+    free(first_merge);
     free(ref);
     free(original);
     tm_free(&w); tm_free(&la); tm_free(&lb);
@@ -835,7 +854,7 @@ static void run_ia3_merge_case(cpeft_dtype dt, int64_t rows, int64_t cols, int a
     cpeft_vec lv = {l.m.data, nl, l.m.row_stride};
     cpeft_status st;
     for (int cycle = 0; cycle < cycles; ++cycle) {
-        cpeft_merge_record rec = {NULL, NULL, 0, -1};
+        cpeft_merge_record rec = {NULL, NULL, 0, -1, NULL, 0};
         expect_rc("ia3 merge count", cpeft_ia3_merge_cpu(dt, w.m, lv, along_cols, CPEFT_MERGE, &rec, &st),
                   CPEFT_OK, &st);
         int64_t count = rec.count;

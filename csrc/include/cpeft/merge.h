@@ -31,6 +31,19 @@ typedef struct {
     void *value;        /* capacity entries of W's dtype */
     int64_t capacity;
     int64_t count;      /* merge: set to the number of exceptions; unmerge: entries to restore */
+    /*
+     * LoRA merges only (NULL otherwise): the caller's scratch for ΔW, OUT*IN elements of the
+     * accumulation dtype (the weight's; float32 for float16 and bfloat16 on CUDA), laid out as
+     * the merge chooses. A caller that allocates the record itself runs a count pass first; with
+     * delta, that pass (delta_ready 0) keeps the ΔW its GEMMs produce and the passes that follow
+     * (delta_ready 1) read it instead of running the GEMMs again. Merges are not a hot path, so
+     * one W-sized temporary is accepted to run the GEMMs once. They are the GEMMs unmerge runs,
+     * so the record stays exact as long as delta is left alone between the passes; it is the
+     * caller's memory, and a changed delta still never makes a pass write outside the weight or
+     * past the record's capacity.
+     */
+    void *delta;
+    int delta_ready;
 } cpeft_merge_record;
 
 #define CPEFT_MERGE (+1)
