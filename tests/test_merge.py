@@ -308,3 +308,154 @@ def test_ia3_embedding_merge(rng, dtype, data):
         record = F.ia3_embedding_merge(weight, l)
         F.ia3_embedding_unmerge(weight, l, record)
     assert_unchanged(weight, before, "weight after 100 cycles")
+
+
+# ------------------------------------------------------------------------------- torch weights
+# A torch weight merges in two C calls: a count pass that keeps ΔW in a scratch, the record
+# allocated with torch, then the merge reading ΔW from the scratch (functional._merge). Its result
+# and record are the NumPy path's (one C call that runs the GEMMs in both of its passes).
+
+def torch_copy(array):
+    """A torch tensor holding a copy of array in the same memory layout (transposed views stay
+    transposed)."""
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(np.array(array, order="K", copy=True))
+
+
+def assert_same_record(ours, expected, name):
+    np.testing.assert_array_equal(np.asarray(ours.index), np.asarray(expected.index), name)
+    assert np.asarray(ours.value).tobytes() == np.asarray(expected.value).tobytes(), name
+
+
+@pytest.mark.parametrize("weights", ["typical", "mixed_magnitudes"])
+@pytest.mark.parametrize("variant", list(LORA_VARIANTS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_lora_merge_of_torch_weight_matches_numpy_path(rng, dtype, variant, weights):
+    p = lora_problem(rng, dtype, variant, weights)
+    kw = p["kw"]
+    before = frozen_copy(p["weight"])
+    weight = torch_copy(p["weight"])
+    lora_a, lora_b = torch_copy(p["lora_a"]), torch_copy(p["lora_b"])
+    record = F.lora_merge(weight, lora_a, lora_b, p["scale"], **kw)
+    numpy_record = F.lora_merge(p["weight"], p["lora_a"], p["lora_b"], p["scale"], **kw)
+    assert_unchanged(weight.numpy(), p["weight"], "torch-merged weight vs the NumPy path's")
+    assert_same_record(record, numpy_record, "torch record vs the NumPy path's")
+    assert record_bytes_equal(record, logical(before, kw))
+    if weights == "typical":
+        args = (before, p["lora_a"], p["lora_b"], p["scale"])
+        assert_close(weight.numpy(), ref.lora_merged_weight(*args, **kw),
+                     bound_of(ref.lora_merged_weight, *args, **kw), dtype, R + 2, "merged weight")
+    F.lora_unmerge(weight, lora_a, lora_b, p["scale"], record, **kw)
+    assert_unchanged(weight.numpy(), before, "torch weight after merge + unmerge")
+
+
+@pytest.mark.parametrize("weights", ["typical", "mixed_magnitudes"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_lora_embedding_merge_of_torch_weight_matches_numpy_path(rng, dtype, weights):
+    weight = (random_array(rng, (V, D), dtype) if weights == "typical"
+              else mixed_magnitudes(rng, (V, D), dtype))
+    lora_a, lora_b = random_array(rng, (R, V), dtype, 0.1), random_array(rng, (D, R), dtype, 0.1)
+    before = frozen_copy(weight)
+    tw, ta, tb = torch_copy(weight), torch_copy(lora_a), torch_copy(lora_b)
+    record = F.lora_embedding_merge(tw, ta, tb, 0.75)
+    numpy_record = F.lora_embedding_merge(weight, lora_a, lora_b, 0.75)
+    assert_unchanged(tw.numpy(), weight, "torch-merged weight vs the NumPy path's")
+    assert_same_record(record, numpy_record, "torch record vs the NumPy path's")
+    if weights == "typical":
+        args = (before, lora_a, lora_b, 0.75)
+        assert_close(tw.numpy(), ref.lora_embedding_merged_weight(*args),
+                     bound_of(ref.lora_embedding_merged_weight, *args), dtype, R + 2, "merged")
+    F.lora_embedding_unmerge(tw, ta, tb, 0.75, record)
+    assert_unchanged(tw.numpy(), before, "torch weight after merge + unmerge")
+
+
+def counted_with_delta(rng, dtype):
+    """A torch weight, its adapter, and the count pass's result with a NaN-filled ΔW scratch."""
+    torch = pytest.importorskip("torch")
+    from cpeft import _C
+    weight = torch_copy(random_array(rng, (OUT, IN), dtype, 0.02))
+    lora_a = torch_copy(random_array(rng, (R, IN), dtype, 1 / math.sqrt(IN)))
+    lora_b = torch_copy(random_array(rng, (OUT, R), dtype, 0.01))
+    delta = torch.full((OUT * IN,), float("nan"), dtype=weight.dtype)
+    count = _C.lora_merge(weight, lora_a, lora_b, 2.0, count_only=True, delta=delta)
+    return _C, torch, weight, lora_a, lora_b, delta, count
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_lora_merge_applies_the_delta_its_count_pass_kept(rng, dtype):
+    """ΔW is computed once: the count pass writes all of it to the scratch (compared without
+    assuming its layout), and the merge pass takes it from there instead of running the GEMMs
+    again (a zeroed scratch merges nothing)."""
+    _C, torch, weight, lora_a, lora_b, delta, count = counted_with_delta(rng, dtype)
+    before = frozen_copy(weight.numpy())
+    assert count > 0
+    assert_unchanged(weight.numpy(), before, "weight after the count pass")
+    want = ref.lora_delta(lora_a.numpy(), lora_b.numpy(), 2.0, OUT).reshape(-1)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(np.sort(delta.numpy()), np.sort(want), rtol=tol,
+                               atol=tol * np.abs(want).max())
+    delta.zero_()
+    record = _C.lora_merge(weight, lora_a, lora_b, 2.0, delta=delta,
+                           index=torch.empty(0, dtype=torch.int64),
+                           value=torch.empty(0, dtype=weight.dtype))
+    assert len(record[0]) == 0
+    assert_unchanged(weight.numpy(), before, "weight merged with a zeroed ΔW scratch")
+
+
+@pytest.mark.parametrize("entry", ["lora_merge", "lora_embedding_merge"])
+def test_functional_torch_merge_hands_one_delta_to_both_calls(rng, monkeypatch, entry):
+    """cpeft.functional's side of computing ΔW once: the count pass and the merge of a torch
+    weight get the same scratch, so the merge reads what the count pass computed."""
+    from cpeft import _C
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return getattr(_C, entry)(*args, **kwargs)
+
+    monkeypatch.setattr(F, "_C", type("RecordingC", (), {entry: staticmethod(recording)}))
+    shapes = {"lora_merge": ((OUT, IN), (R, IN), (OUT, R)),
+              "lora_embedding_merge": ((V, D), (R, V), (D, R))}[entry]
+    weight, lora_a, lora_b = (torch_copy(random_array(rng, shape, np.float32, 0.1))
+                              for shape in shapes)
+    getattr(F, entry)(weight, lora_a, lora_b, 0.5)
+    assert [bool(kw.get("count_only")) for kw in calls] == [True, False]
+    assert calls[0]["delta"] is calls[1]["delta"] and calls[0]["delta"].numel() == weight.numel()
+
+
+@pytest.mark.parametrize("changed", ["weight", "delta"])
+def test_lora_merge_refuses_a_weight_or_delta_changed_after_the_count_pass(rng, changed):
+    """The merge counts again (from the scratch, without GEMMs) before it writes anything, so a
+    weight or scratch changed between the two calls gives a record of the wrong size, refused
+    with the weight untouched."""
+    _C, torch, weight, lora_a, lora_b, delta, count = counted_with_delta(rng, np.float32)
+    assert 0 < count < weight.numel() // 2
+    if changed == "weight":
+        weight.zero_()   # 0 + d - d is 0 again: nothing to record
+    else:
+        delta.fill_(1.0)   # W + 1 - 1 loses low bits of almost every element
+    before = frozen_copy(weight.numpy())
+    with pytest.raises(ValueError, match="record.index must have exactly .* entries"):
+        _C.lora_merge(weight, lora_a, lora_b, 2.0, delta=delta,
+                      index=torch.empty(count, dtype=torch.int64),
+                      value=torch.empty(count, dtype=weight.dtype))
+    assert_unchanged(weight.numpy(), before, "weight after the refused merge")
+
+
+def test_lora_merge_delta_is_checked(rng):
+    from cpeft import _C
+    weight = random_array(rng, (OUT, IN), np.float32)
+    lora_a, lora_b = random_array(rng, (R, IN), np.float32), random_array(rng, (OUT, R), np.float32)
+    before = frozen_copy(weight)
+    bad = {
+        "dtype float32": np.empty(OUT * IN, np.float64),
+        r"shape \(432,\)": np.empty((OUT, IN), np.float32),
+        "writeable": np.empty(OUT * IN, np.float32),
+        "aliases": weight.reshape(-1),
+        "contiguous": np.empty(2 * OUT * IN, np.float32)[::2],
+    }
+    bad["writeable"].flags.writeable = False
+    for message, delta in bad.items():
+        with pytest.raises(ValueError, match=f"delta.*{message}|{message}.*delta"):
+            _C.lora_merge(weight, lora_a, lora_b, 1.0, count_only=True, delta=delta)
+        assert_unchanged(weight, before, f"weight after a delta refused for {message}")

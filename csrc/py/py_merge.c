@@ -7,6 +7,8 @@
  *   index/value None    NumPy weights: count pass, record allocated as NumPy arrays, apply pass,
  *   index/value arrays  a record the caller allocated with exactly the counted size
  *                       (cpeft.functional does this with the weight's own framework).
+ * A LoRA merge's caller that allocates the record also passes delta, a scratch for ΔW (merge.h):
+ * the count_only call writes ΔW there, the merge reads it, so the GEMMs run once.
  * Unmerge takes the record as inputs and writes the recorded values back after the arithmetic.
  */
 #include "py_ops.h"
@@ -27,6 +29,7 @@ typedef struct {
     cpeft_vec l;
     int along_cols;
     int64_t count;                 /* exceptions found by the count pass */
+    void *delta;                   /* LoRA: the caller's ΔW scratch, or NULL */
     cpeft_tensor *index, *value;   /* bound record */
     cpeft_merge_record rec;
 } merge_target;
@@ -52,9 +55,12 @@ static int run_pass(cpeft_call *call, merge_target *m, int direction)
     return 0;
 }
 
-static int count_pass(cpeft_call *call, merge_target *m)
+/* A count_only call computes ΔW into m->delta; a merge reads the ΔW its count_only call left. */
+static int count_pass(cpeft_call *call, merge_target *m, merge_mode mode)
 {
     memset(&m->rec, 0, sizeof m->rec);   /* index NULL with CPEFT_MERGE: count only */
+    m->rec.delta = m->delta;
+    m->rec.delta_ready = mode == MODE_MERGE;
     if (run_pass(call, m, CPEFT_MERGE) < 0) {
         return -1;
     }
@@ -144,6 +150,38 @@ static int bind_record(cpeft_call *call, merge_target *m, merge_mode mode, PyObj
     return 0;
 }
 
+/* delta (None or a 1-D contiguous array with as many elements as the weight, of the accumulation
+ * dtype): written by a count_only call, read by a merge. Unmerge recomputes ΔW and takes none. */
+static int bind_delta(cpeft_call *call, merge_target *m, merge_mode mode, PyObject *delta_obj)
+{
+    if (delta_obj == Py_None) {
+        return 0;
+    }
+    cpeft_tensor *t = cpeft_call_input(call, delta_obj, "delta",
+                                       mode == MODE_COUNT ? CPEFT_ROLE_OUTPUT : CPEFT_ROLE_INPUT);
+    if (t == NULL) {
+        return -1;
+    }
+    int half = m->dtype == CPEFT_FLOAT16 || m->dtype == CPEFT_BFLOAT16;
+    int acc = half ? CPEFT_FLOAT32 : (int)m->dtype;
+    if (t->dtype != acc) {
+        PyErr_Format(PyExc_ValueError, "delta must have dtype %s (%s), got %s",
+                     cpeft_dtype_name(acc),
+                     half ? "float16 and bfloat16 weights accumulate in float32"
+                          : "the weight's dtype",
+                     t->dtype_name);
+        return -1;
+    }
+    int64_t n = m->lora.out * m->lora.in;
+    void *data;
+    if (cpeft_check_shape(t, 1, &n, "(the weight's number of elements,)") < 0 ||
+        cpeft_tensor_contiguous(call, t, &data) < 0 || cpeft_call_check_aliasing(call) < 0) {
+        return -1;
+    }
+    m->delta = data;
+    return 0;
+}
+
 /* The shared tail of every merge entry point once its targets are validated: count, bind the
  * records, check aliasing, apply. `records` holds an (index, value) pair of objects per target.
  * Returns the Python result (see the file comment), or NULL with an exception set. */
@@ -151,7 +189,7 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
                            PyObject *const *records, int as_tuple_of_pairs)
 {
     for (int i = 0; mode != MODE_UNMERGE && i < n; ++i) {
-        if (count_pass(call, &targets[i]) < 0) return NULL;
+        if (count_pass(call, &targets[i], mode) < 0) return NULL;
     }
     if (mode == MODE_COUNT) {
         if (!as_tuple_of_pairs) return PyLong_FromLongLong(targets[0].count);
@@ -169,14 +207,16 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
         merge_target *m = &targets[i];
         if (run_pass(call, m, mode == MODE_MERGE ? CPEFT_MERGE : CPEFT_UNMERGE) < 0) return NULL;
         if (mode == MODE_MERGE && m->rec.count != m->count) {
-            /* The two passes see the same weight unless something wrote to it in between; two
-             * cpeft merges are refused up front (tensor.c), so this is another writer. */
+            /* The two passes see the same weight (and ΔW scratch) unless something wrote to it
+             * in between; two cpeft merges are refused up front (tensor.c), so this is another
+             * writer. */
             PyErr_Format(PyExc_RuntimeError,
-                         "the weight changed while it was being merged (the merge pass found "
+                         "the weight%s changed while it was being merged (the merge pass found "
                          "%lld elements to record where the count pass found %lld): another "
                          "thread wrote to it during the call, and its values are now "
                          "unspecified",
-                         (long long)m->rec.count, (long long)m->count);
+                         m->delta != NULL ? " or delta" : "", (long long)m->rec.count,
+                         (long long)m->count);
             return NULL;
         }
     }
@@ -206,11 +246,12 @@ static merge_mode merge_mode_of(int count_only)
 static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs, int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "fan_in_fan_out",
-                                   "enable_lora", "index", "value", "count_only", "stream", NULL};
+                                   "enable_lora", "index", "value", "count_only", "delta",
+                                   "stream", NULL};
     static char *unmerge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
                                      "fan_in_fan_out", "enable_lora", "stream", NULL};
     PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale, *enable_lora = Py_None,
-             *stream = Py_None;
+             *stream = Py_None, *delta_obj = Py_None;
     PyObject *records[2] = {Py_None, Py_None};
     int fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
@@ -220,10 +261,10 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
                                          &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pOOOpO:lora_merge", merge_kwlist,
+        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pOOOpOO:lora_merge", merge_kwlist,
                                          &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
                                          &fan_in_fan_out, &enable_lora, &records[0], &records[1],
-                                         &count_only, &stream);
+                                         &count_only, &delta_obj, &stream);
     }
     if (!ok) {
         return NULL;
@@ -237,17 +278,20 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
     cpeft_tensor *weight;
     double scale_value;
     cpeft_groups groups;
-    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1]};
+    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1],
+                                     delta_obj};
     static const char *const tensor_names[] = {"weight", "lora_a", "lora_b", "record.index",
-                                               "record.value"};
+                                               "record.value", "delta"};
     if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) == 0 &&
-        cpeft_call_prepare(&call, tensor_objs, tensor_names, 5) == 0 &&
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 6) == 0 &&
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj, lora_b_obj,
                                     scale_value, fan_in_fan_out, &groups, NULL, 0, &m.lora,
                                     &weight) == 0) {
         m.dtype = m.lora.dtype;
-        ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,
-                        0);
+        merge_mode mode = unmerge ? MODE_UNMERGE : merge_mode_of(count_only);
+        if (bind_delta(&call, &m, mode, delta_obj) == 0) {
+            ret = run_merge(&call, mode, &m, 1, records, 0);
+        }
     }
     cpeft_call_release(&call);
     return ret;
@@ -255,9 +299,11 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
 
 const char cpeft_doc_lora_merge[] =
     "lora_merge(weight, lora_a, lora_b, scale, *, fan_in_fan_out=False, enable_lora=None, "
-    "index=None, value=None, count_only=False, stream=None)\n--\n\n"
+    "index=None, value=None, count_only=False, delta=None, stream=None)\n--\n\n"
     "weight[(OUT, IN) view] += scale * B_k A_k on each enabled group, in place. Returns the\n"
-    "record (index int64, value weight.dtype), or its size with count_only=True.";
+    "record (index int64, value weight.dtype), or its size with count_only=True. delta, a\n"
+    "scratch of OUT*IN elements (float32 for float16/bfloat16 weights, else weight.dtype),\n"
+    "keeps dW from the count_only call for the merge that follows, so it is computed once.";
 
 PyObject *cpeft_py_lora_merge(PyObject *module, PyObject *args, PyObject *kwargs)
 {
@@ -280,10 +326,11 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
                                            int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
-                                   "count_only", "stream", NULL};
+                                   "count_only", "delta", "stream", NULL};
     static char *unmerge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
                                      "stream", NULL};
-    PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale, *stream = Py_None;
+    PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale, *stream = Py_None,
+             *delta_obj = Py_None;
     PyObject *records[2] = {Py_None, Py_None};
     int count_only = 0, ok;
     if (unmerge) {
@@ -292,9 +339,10 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
                                          &scale, &records[0], &records[1], &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOpO:lora_embedding_merge",
+        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOpOO:lora_embedding_merge",
                                          merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
-                                         &scale, &records[0], &records[1], &count_only, &stream);
+                                         &scale, &records[0], &records[1], &count_only,
+                                         &delta_obj, &stream);
     }
     if (!ok) {
         return NULL;
@@ -308,11 +356,12 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
     cpeft_lora_embedding_args e = {0};
     cpeft_tensor *weight;
     double scale_value;
-    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1]};
+    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1],
+                                     delta_obj};
     static const char *const tensor_names[] = {"weight", "lora_a", "lora_b", "record.index",
-                                               "record.value"};
+                                               "record.value", "delta"};
     if (cpeft_py_parse_scale(scale, &scale_value) == 0 &&
-        cpeft_call_prepare(&call, tensor_objs, tensor_names, 5) == 0 &&
+        cpeft_call_prepare(&call, tensor_objs, tensor_names, 6) == 0 &&
         cpeft_py_lora_embedding_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj,
                                        lora_b_obj, scale_value, NULL, &e, &weight) == 0) {
         m.dtype = e.dtype;
@@ -327,8 +376,10 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
         m.lora.lora_a = e.lora_a;
         m.lora.lora_b = e.lora_b;
         m.lora.scale = e.scale;
-        ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,
-                        0);
+        merge_mode mode = unmerge ? MODE_UNMERGE : merge_mode_of(count_only);
+        if (bind_delta(&call, &m, mode, delta_obj) == 0) {
+            ret = run_merge(&call, mode, &m, 1, records, 0);
+        }
     }
     cpeft_call_release(&call);
     return ret;
@@ -336,8 +387,9 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
 
 const char cpeft_doc_lora_embedding_merge[] =
     "lora_embedding_merge(weight, lora_a, lora_b, scale, *, index=None, value=None, "
-    "count_only=False, stream=None)\n--\n\n"
-    "weight (V, D) += scale * (B A)^T in place; the record indexes the (D, V) view.";
+    "count_only=False, delta=None, stream=None)\n--\n\n"
+    "weight (V, D) += scale * (B A)^T in place; the record indexes the (D, V) view. delta\n"
+    "(V*D elements) as in lora_merge.";
 
 PyObject *cpeft_py_lora_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs)
 {

@@ -464,11 +464,28 @@ def ia3_embedding_backward(grad_out, indices, weight, ia3_l, *, padding_idx: Opt
 
 # ---- merges ----------------------------------------------------------------------------------
 # NumPy weights: one C call counts, allocates the record and merges. Other frameworks: a count
-# pass, the record allocated with the weight's framework, then the merge.
+# pass, the record allocated with the weight's framework, then the merge. A LoRA merge also
+# passes a weight-sized scratch that keeps ΔW from the count pass for the merge, so its GEMMs run
+# once (merges are not a hot path: the temporary is worth the two GEMMs it saves).
 
-def _merge(entry, weight, args, kwargs):
+def _delta_scratch(weight):
+    """ΔW's scratch for a LoRA merge: as many elements as the weight, in the dtype C computes ΔW
+    in (float32 for float16 and bfloat16 weights, else the weight's; C checks it)."""
+    if _framework(weight) == "torch":
+        torch = sys.modules["torch"]
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        return weight.new_empty((weight.numel(),), dtype=torch.float32 if half else weight.dtype)
+    cupy = sys.modules["cupy"]
+    with weight.device:
+        return cupy.empty((weight.size,), dtype=cupy.float32 if weight.dtype == cupy.float16
+                          else weight.dtype)
+
+
+def _merge(entry, weight, args, kwargs, computes_delta=False):
     if _c_allocates(weight):
         return MergeRecord(*entry(weight, *args, **kwargs))
+    if computes_delta:
+        kwargs = dict(kwargs, delta=_delta_scratch(weight))
     count = entry(weight, *args, count_only=True, **kwargs)
     index, value = _new_record(weight, count)
     return MergeRecord(*entry(weight, *args, index=index, value=value, **kwargs))
@@ -488,7 +505,8 @@ def lora_merge(weight, lora_a, lora_b, scale: float, *, fan_in_fan_out: bool = F
     """
     weight, lora_a, lora_b = map(_detached, (weight, lora_a, lora_b))
     return _merge(_C.lora_merge, weight, (lora_a, lora_b, scale),
-                  dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, stream=stream))
+                  dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, stream=stream),
+                  computes_delta=True)
 
 
 def lora_unmerge(weight, lora_a, lora_b, scale: float, record: MergeRecord, *,
@@ -512,7 +530,8 @@ def lora_embedding_merge(weight, lora_a, lora_b, scale: float, *, stream=None) -
         MergeRecord(index, value); index into the (D, V) view.
     """
     weight, lora_a, lora_b = map(_detached, (weight, lora_a, lora_b))
-    return _merge(_C.lora_embedding_merge, weight, (lora_a, lora_b, scale), dict(stream=stream))
+    return _merge(_C.lora_embedding_merge, weight, (lora_a, lora_b, scale), dict(stream=stream),
+                  computes_delta=True)
 
 
 def lora_embedding_unmerge(weight, lora_a, lora_b, scale: float, record: MergeRecord, *,
