@@ -51,15 +51,23 @@ def _core_merges(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous()
 
 
+def _embedding_options_in_use(layer: nn.Embedding) -> List[str]:
+    """The options of ``layer`` that adapted embeddings (these layers and peft-style targets)
+    refuse, in the order messages name them: loralib applies max_norm to lora_A in place (and
+    to the merged W, which breaks the next unmerge; torch renormalizes whenever it is not
+    None), its sparse backward fails, and scale_grad_by_freq has no C kernel."""
+    in_use = {"max_norm": layer.max_norm is not None, "sparse": bool(layer.sparse),
+              "scale_grad_by_freq": bool(layer.scale_grad_by_freq)}
+    return [option for option, on in in_use.items() if on]
+
+
 def _reject_embedding_options(layer: nn.Embedding, adapter: str) -> None:
-    """loralib applies max_norm to lora_A in place (and to the merged W, which breaks the next
-    unmerge), its sparse backward fails, and scale_grad_by_freq has no C kernel: refuse them."""
-    for option, value in (("max_norm", layer.max_norm), ("sparse", layer.sparse),
-                          ("scale_grad_by_freq", layer.scale_grad_by_freq)):
-        if value not in (None, False):
-            raise ValueError(
-                f"{type(layer).__name__}: {option}={value!r} is not supported with {adapter}; "
-                f"expected {option}={'None' if option == 'max_norm' else 'False'}")
+    in_use = _embedding_options_in_use(layer)
+    if in_use:
+        option = in_use[0]
+        raise ValueError(
+            f"{type(layer).__name__}: {option}={getattr(layer, option)!r} is not supported with "
+            f"{adapter}; expected {option}={'None' if option == 'max_norm' else 'False'}")
 
 
 def _state_dict_unmerged_hook(module, state_dict, prefix, local_metadata):
