@@ -63,7 +63,10 @@ from torch.utils.dlpack import to_dlpack
 
 from . import _C, functional
 
-_CPU_CORE_DTYPES = (torch.float32, torch.float64)
+# The float dtypes the core's kernels take, per device type, as the C boundary checks them.
+_CORE_DTYPES = {device_type: frozenset(getattr(torch, name) for name in names)
+                for device_type, names in _C.supported_dtypes().items()}
+_ANY_CORE_DTYPE = frozenset().union(*_CORE_DTYPES.values())
 # Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are.
 _FP32_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -115,8 +118,10 @@ def compute_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: 
 
 
 def core_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """The dtype the C core computes in for ``dtype`` on this device type."""
-    if device_type == "cpu" and dtype not in _CPU_CORE_DTYPES:
+    """The dtype the C core computes in for ``dtype`` on this device type: float32 for a dtype
+    the core has kernels for on another device only (float16 and bfloat16 on the CPU), else
+    ``dtype`` itself (anything the core has no kernels for at all is left for C to refuse)."""
+    if dtype in _ANY_CORE_DTYPE and dtype not in _CORE_DTYPES.get(device_type, _ANY_CORE_DTYPE):
         return torch.float32
     return dtype
 
