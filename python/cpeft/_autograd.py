@@ -62,6 +62,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.dlpack import to_dlpack
 
 from . import _C, functional
+from .functional import _out_features
 
 # The float dtypes the core's kernels take, per device type, as the C boundary checks them.
 _CORE_DTYPES = {device_type: frozenset(getattr(torch, name) for name in names)
@@ -222,7 +223,7 @@ def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, ena
         x, weight, bias = _cuda_view(x), _cuda_view(weight), _cuda_view(bias)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
     lead = tuple(x.shape)[:-1]  # new_empty takes a tuple about 1 µs faster than a Size
-    y = x.new_empty(lead + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    y = x.new_empty(lead + (_out_features(weight, fan_in_fan_out),))
     xa = x.new_empty(lead + (lora_a.shape[0],))
     _C.lora_linear_forward(
         to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b), scale,
@@ -296,7 +297,7 @@ def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: T
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora, dropout, seed):
     lead = x.shape[:-1]
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     return x.new_empty(lead + (out_features,)), x.new_empty(lead + (lora_a.shape[0],))
 
 
@@ -487,7 +488,7 @@ def _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_ba
     if stream is not None:
         x, weight, bias, ia3_l = _cuda_view(x), _cuda_view(weight), _cuda_view(bias), \
             _cuda_view(ia3_l)
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     y = x.new_empty(tuple(x.shape)[:-1] + (out_features,))
     base = _new(y, keep_base, y.shape)
     _C.ia3_linear_forward(to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(ia3_l),
@@ -555,7 +556,7 @@ def _ia3_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Ten
 
 @_ia3_linear_op.register_fake
 def _(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base):
-    y = x.new_empty(x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    y = x.new_empty(x.shape[:-1] + (_out_features(weight, fan_in_fan_out),))
     return y, (y.new_empty(y.shape) if keep_base else y.new_empty((0,)))
 
 
@@ -729,7 +730,7 @@ class WeightSqNormCache:
                tuple(weight.shape), weight.stride(), bool(fan_in_fan_out))
         if key != self._key:
             value = kernel_weight.new_empty(
-                (kernel_weight.shape[1] if fan_in_fan_out else kernel_weight.shape[0],))
+                (_out_features(kernel_weight, fan_in_fan_out),))
             functional.dora_weight_sq_norm(_dl(kernel_weight.detach()),
                                            fan_in_fan_out=fan_in_fan_out, out=_dl(value),
                                            stream=cuda_stream(weight.device))
@@ -754,7 +755,7 @@ def _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
     stream = _stream_of(x)
     if stream is not None:
         x = _cuda_view(x)  # the one copy the CUDA boundary needs
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     lead = tuple(x.shape)[:-1]
     y = x.new_empty(lead + (out_features,))
     xa = x.new_empty(lead + (lora_a.shape[0],))
@@ -838,7 +839,7 @@ def _dora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: T
 @_dora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed,
       keep_base):
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     y = x.new_empty(x.shape[:-1] + (out_features,))
     base = y.new_empty(y.shape) if keep_base else y.new_empty((0,))
     return y, x.new_empty(x.shape[:-1] + (lora_a.shape[0],)), base, x.new_empty((out_features,))
@@ -1052,7 +1053,7 @@ def _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan
     stream = _stream_of(x)
     if stream is not None:
         x = _cuda_view(x)  # the one copy the CUDA boundary needs
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     lead = tuple(x.shape)[:-1]
     y = x.new_empty(lead + (out_features,))
     xa = x.new_empty(lead + (max(ranks),))
@@ -1125,7 +1126,7 @@ def _lora_grouped_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: 
 @_lora_grouped_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dropout, seed):
     lead = x.shape[:-1]
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     return x.new_empty(lead + (out_features,)), x.new_empty(lead + (max(ranks),))
 
 
