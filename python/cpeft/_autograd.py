@@ -122,9 +122,9 @@ def core_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The dtype the C core computes in for ``dtype`` on this device type: float32 for a dtype
     the core has kernels for on another device only (float16 and bfloat16 on the CPU), else
     ``dtype`` itself (anything the core has no kernels for at all is left for C to refuse)."""
-    if dtype in _ANY_CORE_DTYPE and dtype not in _CORE_DTYPES.get(device_type, _ANY_CORE_DTYPE):
-        return torch.float32
-    return dtype
+    if dtype in _CORE_DTYPES.get(device_type, _ANY_CORE_DTYPE) or dtype not in _ANY_CORE_DTYPE:
+        return dtype
+    return torch.float32
 
 
 def draw_dropout_seed() -> int:
@@ -218,7 +218,10 @@ def _bool_list(values: Optional[Sequence[bool]]) -> Optional[List[bool]]:
 def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora,
                      dropout, seed):
     """(y, xa) with xa = drop(x)·Aᵀ kept for backward."""
-    stream = _stream_of(x)
+    # This and _lora_linear_bwd are the per-call path of every LoRA linear layer: the helpers
+    # (_stream_of, _dl, _new, _dl_or_false) are written out inline, each call of them costing
+    # more than the work it wraps.
+    stream = cuda_stream(x.device) if x.is_cuda else None
     if stream is not None:
         x, weight, bias = _cuda_view(x), _cuda_view(weight), _cuda_view(bias)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
@@ -226,9 +229,10 @@ def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, ena
     y = x.new_empty(lead + (_out_features(weight, fan_in_fan_out),))
     xa = x.new_empty(lead + (lora_a.shape[0],))
     _C.lora_linear_forward(
-        to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b), scale,
-        fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, dropout=dropout, seed=seed,
-        out=to_dlpack(y), out_xa=to_dlpack(xa), stream=stream)
+        to_dlpack(x), to_dlpack(weight), None if bias is None else to_dlpack(bias),
+        to_dlpack(lora_a), to_dlpack(lora_b), scale, fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora, dropout=dropout, seed=seed, out=to_dlpack(y),
+        out_xa=to_dlpack(xa), stream=stream)
     return y, xa
 
 
@@ -236,22 +240,26 @@ def _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_
                      enable_lora, dropout, seed, needs):
     """(grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b), None where not in needs."""
     need_x, need_weight, need_bias, need_a, need_b = needs
-    stream = _stream_of(grad_out)
+    stream = cuda_stream(grad_out.device) if grad_out.is_cuda else None
     if stream is not None:
         grad_out, x, weight, xa = _cuda_view(grad_out), _cuda_view(x), _cuda_view(weight), \
             _cuda_view(xa)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
-    grad_x, grad_weight = _new(x, need_x, x.shape), _new(x, need_weight, weight.shape)
-    grad_bias = _new(x, need_bias, grad_out.shape[-1:])
+    grad_x = x.new_empty(tuple(x.shape)) if need_x else None
+    grad_weight = x.new_empty(tuple(weight.shape)) if need_weight else None
+    grad_bias = x.new_empty((grad_out.shape[-1],)) if need_bias else None
     # Adapter gradients in the adapters' dtype: float32 adapters beside a 16-bit x on CUDA.
-    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
+    grad_a = lora_a.new_empty(tuple(lora_a.shape)) if need_a else None
+    grad_b = lora_b.new_empty(tuple(lora_b.shape)) if need_b else None
     _C.lora_linear_backward(
         to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
         to_dlpack(lora_b), to_dlpack(xa), scale, fan_in_fan_out=fan_in_fan_out,
-        enable_lora=enable_lora, dropout=dropout, seed=seed, grad_x=_dl_or_false(grad_x),
-        grad_lora_a=_dl_or_false(grad_a), grad_lora_b=_dl_or_false(grad_b),
-        grad_bias=_dl_or_false(grad_bias), grad_weight=_dl_or_false(grad_weight),
-        stream=stream)
+        enable_lora=enable_lora, dropout=dropout, seed=seed,
+        grad_x=False if grad_x is None else to_dlpack(grad_x),
+        grad_lora_a=False if grad_a is None else to_dlpack(grad_a),
+        grad_lora_b=False if grad_b is None else to_dlpack(grad_b),
+        grad_bias=False if grad_bias is None else to_dlpack(grad_bias),
+        grad_weight=False if grad_weight is None else to_dlpack(grad_weight), stream=stream)
     return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
@@ -341,7 +349,7 @@ _lora_linear_op.register_autograd(_lora_linear_op_backward, setup_context=_lora_
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enable_lora,
                 dropout):
     """LoRA linear under the module-wide dtype rule; returns the compute dtype."""
-    device_type = x.device.type
+    device_type = "cpu" if x.is_cpu else x.device.type  # is_cpu spares a torch.device object
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
     adapter_dtype = (torch.float32 if kernel_dtype in _FP32_ADAPTER_DTYPES
