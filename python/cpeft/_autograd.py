@@ -355,8 +355,12 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enabl
     adapter_dtype = (torch.float32 if kernel_dtype in _FP32_ADAPTER_DTYPES
                      and lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
                      else kernel_dtype)
-    x, weight, bias = _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype)
-    lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
+    # One test for the common case, where nothing is cast (the four calls cost about 1.5 µs).
+    if not (x.dtype == weight.dtype == kernel_dtype and
+            lora_a.dtype == lora_b.dtype == adapter_dtype):
+        x, weight = _cast(x, kernel_dtype), _cast(weight, kernel_dtype)
+        lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
+    bias = _cast(bias, kernel_dtype)
     if torch.compiler.is_compiling():
         seed = _draw_seed_tensor() if dropout > 0.0 else None
         y = _lora_linear_op(x, weight, bias, lora_a, lora_b, float(scale), bool(fan_in_fan_out),
