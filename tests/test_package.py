@@ -51,5 +51,6 @@ def test_supported_dtypes_is_what_the_cpu_boundary_accepts():
             assert y.dtype == dtype and float(y[0, 0]) == 4.5
         else:
             listed = " or ".join(table["cpu"])
-            with pytest.raises(ValueError, match=f"x must have dtype {listed} on the CPU, got {name}"):
+            expected = f"x must have dtype {listed} on the CPU, got {name}"
+            with pytest.raises(ValueError, match=expected):
                 F.lora_linear_forward(*args)

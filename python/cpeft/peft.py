@@ -664,8 +664,9 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
         base = _base_of(module)
         options_in_use = _embedding_options_in_use(base) if kind == "embedding" else []
         if options_in_use:
-            raise ValueError(f"target_modules: the embedding {name!r} uses {' and '.join(options_in_use)}, "
-                             f"which cpeft's Embedding does not support")
+            raise ValueError(f"target_modules: the embedding {name!r} uses "
+                             f"{' and '.join(options_in_use)}, which cpeft's Embedding does not "
+                             f"support")
         if is_lora and config.use_dora and kind in ("conv", "mha"):
             raise ValueError(f"use_dora: {name!r} is a {type(base).__name__}; cpeft runs DoRA on linear, "
                              f"Conv1D and embedding targets only")
