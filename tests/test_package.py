@@ -28,3 +28,29 @@ def test_torch_names_without_torch_say_what_is_missing():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_supported_dtypes_is_what_the_cpu_boundary_accepts():
+    """cpeft._C.supported_dtypes() is the table Python reads (cpeft._autograd.core_dtype); each
+    float dtype torch has is accepted by the CPU boundary exactly when the table lists it, and
+    the refusal names the listed dtypes."""
+    import pytest
+    import torch
+
+    from cpeft import _C
+    from cpeft import functional as F
+
+    table = _C.supported_dtypes()
+    assert set(table) == {"cpu", "cuda"} and set(table["cpu"]) < set(table["cuda"])
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        dtype = getattr(torch, name)
+        args = (torch.ones(2, 3, dtype=dtype), torch.ones(4, 3, dtype=dtype), None,
+                torch.ones(1, 3, dtype=dtype), torch.ones(4, 1, dtype=dtype), 0.5)
+        if name in table["cpu"]:
+            y, _ = F.lora_linear_forward(*args)
+            assert y.dtype == dtype and float(y[0, 0]) == 4.5
+        else:
+            listed = " or ".join(table["cpu"])
+            expected = f"x must have dtype {listed} on the CPU, got {name}"
+            with pytest.raises(ValueError, match=expected):
+                F.lora_linear_forward(*args)

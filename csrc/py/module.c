@@ -4,6 +4,7 @@
  */
 #define CPEFT_MODULE_TU
 #include "boundary.h"
+#include "dtypes.h"
 
 #ifndef CPEFT_BUILD_BLAS
 #define CPEFT_BUILD_BLAS "unknown"
@@ -91,6 +92,7 @@ static PyMethodDef cpeft_methods[] = {
     CPEFT_ENTRY(lora_grouped_backward),
     {"has_cuda", has_cuda, METH_NOARGS, has_cuda_doc},
     {"build_info", build_info, METH_NOARGS, build_info_doc},
+    {"supported_dtypes", cpeft_py_supported_dtypes, METH_NOARGS, cpeft_doc_supported_dtypes},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,6 +6,8 @@
  */
 #include "tensor.h"
 
+#include "dtypes.h"
+
 #include <string.h>
 
 static const char *const dtype_names[] = {"float32", "float64", "float16", "bfloat16", "int32",
@@ -671,12 +673,11 @@ int cpeft_check_float_dtype(const cpeft_call *call, const cpeft_tensor *t, const
 {
     int dt = t->dtype;
     int on_cuda = cpeft_call_on_cuda(call);
-    int supported = dt == CPEFT_FLOAT32 || dt == CPEFT_FLOAT64 ||
-                    (on_cuda && (dt == CPEFT_FLOAT16 || dt == CPEFT_BFLOAT16));
-    if (!supported) {
+    if (!cpeft_float_dtype_supported(dt, on_cuda)) {
+        char expected[64];
+        cpeft_format_float_dtypes(expected, sizeof expected, on_cuda);
         PyErr_Format(PyExc_ValueError, "%s must have dtype %s on the %s, got %s", t->name,
-                     on_cuda ? "float32, float16, bfloat16 or float64" : "float32 or float64",
-                     on_cuda ? "GPU" : "CPU", t->dtype_name);
+                     expected, on_cuda ? "GPU" : "CPU", t->dtype_name);
         return -1;
     }
     if (like != NULL && like->dtype != dt) {

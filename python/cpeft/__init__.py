@@ -31,7 +31,8 @@ __version__ = "0.1.0"
 __all__ = ["CudaError", "build_info", "functional", "has_cuda", "__version__"]
 
 # ---- torch layers: imported lazily so that `import cpeft` stays torch-free -------------------
-_TORCH_API = frozenset((
+# The one list of these names: cpeft/_torch_api.py takes its __all__ from here.
+_TORCH_NAMES = (
     "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d",
     "Conv3d", "IA3Layer", "IA3Linear", "IA3Embedding", "mark_only_lora_as_trainable",
     "lora_state_dict", "LoraConfig", "IA3Config", "get_peft_model", "PeftModel", "CpeftModel",
@@ -42,7 +43,8 @@ _TORCH_API = frozenset((
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
     "PeftType", "inject_adapter_in_model", "get_base_model_state_dict",
-))
+)
+_TORCH_API = frozenset(_TORCH_NAMES)
 
 
 def __getattr__(name):

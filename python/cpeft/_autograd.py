@@ -62,8 +62,12 @@ from torch.autograd.function import once_differentiable
 from torch.utils.dlpack import to_dlpack
 
 from . import _C, functional
+from .functional import _out_features
 
-_CPU_CORE_DTYPES = (torch.float32, torch.float64)
+# The float dtypes the core's kernels take, per device type, as the C boundary checks them.
+_CORE_DTYPES = {device_type: frozenset(getattr(torch, name) for name in names)
+                for device_type, names in _C.supported_dtypes().items()}
+_ANY_CORE_DTYPE = frozenset().union(*_CORE_DTYPES.values())
 # Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are.
 _FP32_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -115,10 +119,12 @@ def compute_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: 
 
 
 def core_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """The dtype the C core computes in for ``dtype`` on this device type."""
-    if device_type == "cpu" and dtype not in _CPU_CORE_DTYPES:
-        return torch.float32
-    return dtype
+    """The dtype the C core computes in for ``dtype`` on this device type: float32 for a dtype
+    the core has kernels for on another device only (float16 and bfloat16 on the CPU), else
+    ``dtype`` itself (anything the core has no kernels for at all is left for C to refuse)."""
+    if dtype in _CORE_DTYPES.get(device_type, _ANY_CORE_DTYPE) or dtype not in _ANY_CORE_DTYPE:
+        return dtype
+    return torch.float32
 
 
 def draw_dropout_seed() -> int:
@@ -212,17 +218,21 @@ def _bool_list(values: Optional[Sequence[bool]]) -> Optional[List[bool]]:
 def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora,
                      dropout, seed):
     """(y, xa) with xa = drop(x)·Aᵀ kept for backward."""
-    stream = _stream_of(x)
+    # This and _lora_linear_bwd are the per-call path of every LoRA linear layer: the helpers
+    # (_stream_of, _dl, _new, _dl_or_false) are written out inline, each call of them costing
+    # more than the work it wraps.
+    stream = cuda_stream(x.device) if x.is_cuda else None
     if stream is not None:
         x, weight, bias = _cuda_view(x), _cuda_view(weight), _cuda_view(bias)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
     lead = tuple(x.shape)[:-1]  # new_empty takes a tuple about 1 µs faster than a Size
-    y = x.new_empty(lead + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    y = x.new_empty(lead + (_out_features(weight, fan_in_fan_out),))
     xa = x.new_empty(lead + (lora_a.shape[0],))
     _C.lora_linear_forward(
-        to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b), scale,
-        fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, dropout=dropout, seed=seed,
-        out=to_dlpack(y), out_xa=to_dlpack(xa), stream=stream)
+        to_dlpack(x), to_dlpack(weight), None if bias is None else to_dlpack(bias),
+        to_dlpack(lora_a), to_dlpack(lora_b), scale, fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora, dropout=dropout, seed=seed, out=to_dlpack(y),
+        out_xa=to_dlpack(xa), stream=stream)
     return y, xa
 
 
@@ -230,22 +240,26 @@ def _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_
                      enable_lora, dropout, seed, needs):
     """(grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b), None where not in needs."""
     need_x, need_weight, need_bias, need_a, need_b = needs
-    stream = _stream_of(grad_out)
+    stream = cuda_stream(grad_out.device) if grad_out.is_cuda else None
     if stream is not None:
         grad_out, x, weight, xa = _cuda_view(grad_out), _cuda_view(x), _cuda_view(weight), \
             _cuda_view(xa)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
-    grad_x, grad_weight = _new(x, need_x, x.shape), _new(x, need_weight, weight.shape)
-    grad_bias = _new(x, need_bias, grad_out.shape[-1:])
+    grad_x = x.new_empty(tuple(x.shape)) if need_x else None
+    grad_weight = x.new_empty(tuple(weight.shape)) if need_weight else None
+    grad_bias = x.new_empty((grad_out.shape[-1],)) if need_bias else None
     # Adapter gradients in the adapters' dtype: float32 adapters beside a 16-bit x on CUDA.
-    grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
+    grad_a = lora_a.new_empty(tuple(lora_a.shape)) if need_a else None
+    grad_b = lora_b.new_empty(tuple(lora_b.shape)) if need_b else None
     _C.lora_linear_backward(
         to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
         to_dlpack(lora_b), to_dlpack(xa), scale, fan_in_fan_out=fan_in_fan_out,
-        enable_lora=enable_lora, dropout=dropout, seed=seed, grad_x=_dl_or_false(grad_x),
-        grad_lora_a=_dl_or_false(grad_a), grad_lora_b=_dl_or_false(grad_b),
-        grad_bias=_dl_or_false(grad_bias), grad_weight=_dl_or_false(grad_weight),
-        stream=stream)
+        enable_lora=enable_lora, dropout=dropout, seed=seed,
+        grad_x=False if grad_x is None else to_dlpack(grad_x),
+        grad_lora_a=False if grad_a is None else to_dlpack(grad_a),
+        grad_lora_b=False if grad_b is None else to_dlpack(grad_b),
+        grad_bias=False if grad_bias is None else to_dlpack(grad_bias),
+        grad_weight=False if grad_weight is None else to_dlpack(grad_weight), stream=stream)
     return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
@@ -291,7 +305,7 @@ def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: T
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora, dropout, seed):
     lead = x.shape[:-1]
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     return x.new_empty(lead + (out_features,)), x.new_empty(lead + (lora_a.shape[0],))
 
 
@@ -335,14 +349,18 @@ _lora_linear_op.register_autograd(_lora_linear_op_backward, setup_context=_lora_
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enable_lora,
                 dropout):
     """LoRA linear under the module-wide dtype rule; returns the compute dtype."""
-    device_type = x.device.type
+    device_type = "cpu" if x.is_cpu else x.device.type  # is_cpu spares a torch.device object
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
     adapter_dtype = (torch.float32 if kernel_dtype in _FP32_ADAPTER_DTYPES
                      and lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
                      else kernel_dtype)
-    x, weight, bias = _cast(x, kernel_dtype), _cast(weight, kernel_dtype), _cast(bias, kernel_dtype)
-    lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
+    # One test for the common case, where nothing is cast (the four calls cost about 1.5 µs).
+    if not (x.dtype == weight.dtype == kernel_dtype and
+            lora_a.dtype == lora_b.dtype == adapter_dtype):
+        x, weight = _cast(x, kernel_dtype), _cast(weight, kernel_dtype)
+        lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
+    bias = _cast(bias, kernel_dtype)
     if torch.compiler.is_compiling():
         seed = _draw_seed_tensor() if dropout > 0.0 else None
         y = _lora_linear_op(x, weight, bias, lora_a, lora_b, float(scale), bool(fan_in_fan_out),
@@ -482,7 +500,7 @@ def _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_ba
     if stream is not None:
         x, weight, bias, ia3_l = _cuda_view(x), _cuda_view(weight), _cuda_view(bias), \
             _cuda_view(ia3_l)
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     y = x.new_empty(tuple(x.shape)[:-1] + (out_features,))
     base = _new(y, keep_base, y.shape)
     _C.ia3_linear_forward(to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(ia3_l),
@@ -550,7 +568,7 @@ def _ia3_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Ten
 
 @_ia3_linear_op.register_fake
 def _(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base):
-    y = x.new_empty(x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],))
+    y = x.new_empty(x.shape[:-1] + (_out_features(weight, fan_in_fan_out),))
     return y, (y.new_empty(y.shape) if keep_base else y.new_empty((0,)))
 
 
@@ -724,7 +742,7 @@ class WeightSqNormCache:
                tuple(weight.shape), weight.stride(), bool(fan_in_fan_out))
         if key != self._key:
             value = kernel_weight.new_empty(
-                (kernel_weight.shape[1] if fan_in_fan_out else kernel_weight.shape[0],))
+                (_out_features(kernel_weight, fan_in_fan_out),))
             functional.dora_weight_sq_norm(_dl(kernel_weight.detach()),
                                            fan_in_fan_out=fan_in_fan_out, out=_dl(value),
                                            stream=cuda_stream(weight.device))
@@ -749,7 +767,7 @@ def _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
     stream = _stream_of(x)
     if stream is not None:
         x = _cuda_view(x)  # the one copy the CUDA boundary needs
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     lead = tuple(x.shape)[:-1]
     y = x.new_empty(lead + (out_features,))
     xa = x.new_empty(lead + (lora_a.shape[0],))
@@ -833,7 +851,7 @@ def _dora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: T
 @_dora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed,
       keep_base):
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     y = x.new_empty(x.shape[:-1] + (out_features,))
     base = y.new_empty(y.shape) if keep_base else y.new_empty((0,))
     return y, x.new_empty(x.shape[:-1] + (lora_a.shape[0],)), base, x.new_empty((out_features,))
@@ -1047,7 +1065,7 @@ def _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan
     stream = _stream_of(x)
     if stream is not None:
         x = _cuda_view(x)  # the one copy the CUDA boundary needs
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     lead = tuple(x.shape)[:-1]
     y = x.new_empty(lead + (out_features,))
     xa = x.new_empty(lead + (max(ranks),))
@@ -1120,7 +1138,7 @@ def _lora_grouped_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: 
 @_lora_grouped_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dropout, seed):
     lead = x.shape[:-1]
-    out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_features = _out_features(weight, fan_in_fan_out)
     return x.new_empty(lead + (out_features,)), x.new_empty(lead + (max(ranks),))
 
 

@@ -1,6 +1,7 @@
 """What ``import cpeft as lora`` exposes when torch is installed: loralib's public names plus
 the IA3 layers, and the peft-style API. cpeft/__init__.py re-exports these lazily so that ``import cpeft`` alone does
 not import torch."""
+from . import _TORCH_NAMES
 from .layers import (Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, IA3Embedding, IA3Layer,
                      IA3Linear, Linear, LoRALayer, MergedLinear)
 from .peft import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
@@ -14,15 +15,4 @@ from .peft import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeat
 from .tuners import BaseTunerLayer
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
-__all__ = [
-    "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d",
-    "Conv3d", "IA3Layer", "IA3Linear", "IA3Embedding", "mark_only_lora_as_trainable",
-    "lora_state_dict", "LoraConfig", "IA3Config", "get_peft_model", "PeftModel", "CpeftModel",
-    "PeftConfig", "TaskType", "BaseTunerLayer", "get_peft_model_state_dict", "set_peft_model_state_dict",
-    "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
-    "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
-    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
-    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
-    "PeftType", "inject_adapter_in_model", "get_base_model_state_dict",
-]
+__all__ = list(_TORCH_NAMES)

@@ -147,6 +147,8 @@ def _output(request, ref, shape_fn, required=False):
 
 
 def _out_features(weight, fan_in_fan_out):
+    """OUT of a linear weight stored (OUT, IN), or (IN, OUT) with ``fan_in_fan_out``: the one
+    place Python reads it, to size outputs (the C boundary checks every shape it is given)."""
     return weight.shape[1] if fan_in_fan_out else weight.shape[0]
 
 

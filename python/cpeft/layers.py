@@ -40,6 +40,19 @@ def _active_dropout_p(dropout) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
+def _lora_linear_parameters(layer: nn.Module):
+    """(weight, bias, lora_A, lora_B) as ``layer.<name>`` returns them, read from
+    ``_parameters`` directly: attribute access reaches a parameter only through
+    ``Module.__getattr__`` after a failed lookup has built an AttributeError (about 2 µs per
+    name, on the per-call path). Read afresh each call, so a replaced parameter is seen; a name
+    that is not there (a torch.nn.utils.parametrize property) is looked up as an attribute."""
+    params = layer._parameters
+    try:
+        return params["weight"], params["bias"], params["lora_A"], params["lora_B"]
+    except KeyError:
+        return layer.weight, layer.bias, layer.lora_A, layer.lora_B
+
+
 def _core_merges(tensor: torch.Tensor) -> bool:
     """Whether the C core can merge into this tensor in place: a dtype it has kernels for on
     the tensor's device, and a layout whose matrix view is BLAS-able (2-D weights in either
@@ -51,15 +64,23 @@ def _core_merges(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous()
 
 
+def _embedding_options_in_use(layer: nn.Embedding) -> List[str]:
+    """The options of ``layer`` that adapted embeddings (these layers and peft-style targets)
+    refuse, in the order messages name them: loralib applies max_norm to lora_A in place (and
+    to the merged W, which breaks the next unmerge; torch renormalizes whenever it is not
+    None), its sparse backward fails, and scale_grad_by_freq has no C kernel."""
+    in_use = {"max_norm": layer.max_norm is not None, "sparse": bool(layer.sparse),
+              "scale_grad_by_freq": bool(layer.scale_grad_by_freq)}
+    return [option for option, on in in_use.items() if on]
+
+
 def _reject_embedding_options(layer: nn.Embedding, adapter: str) -> None:
-    """loralib applies max_norm to lora_A in place (and to the merged W, which breaks the next
-    unmerge), its sparse backward fails, and scale_grad_by_freq has no C kernel: refuse them."""
-    for option, value in (("max_norm", layer.max_norm), ("sparse", layer.sparse),
-                          ("scale_grad_by_freq", layer.scale_grad_by_freq)):
-        if value not in (None, False):
-            raise ValueError(
-                f"{type(layer).__name__}: {option}={value!r} is not supported with {adapter}; "
-                f"expected {option}={'None' if option == 'max_norm' else 'False'}")
+    in_use = _embedding_options_in_use(layer)
+    if in_use:
+        option = in_use[0]
+        raise ValueError(
+            f"{type(layer).__name__}: {option}={getattr(layer, option)!r} is not supported with "
+            f"{adapter}; expected {option}={'None' if option == 'max_norm' else 'False'}")
 
 
 def _state_dict_unmerged_hook(module, state_dict, prefix, local_metadata):
@@ -431,8 +452,9 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
                 scale=self.scaling, fan_in_fan_out=self.fan_in_fan_out,
                 dropout=_active_dropout_p(self.lora_dropout), sq_norm_cache=self._dora_sq_norm,
                 layer=type(self).__name__)
+        weight, bias, lora_a, lora_b = _lora_linear_parameters(self)
         return _autograd.lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, scale=self.scaling,
+            x, weight, bias, lora_a, lora_b, scale=self.scaling,
             fan_in_fan_out=self.fan_in_fan_out, enable_lora=self._enable_lora(),
             dropout=_active_dropout_p(self.lora_dropout))
 

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from . import tuners, tuners_conv
+from .layers import _embedding_options_in_use
 from .tuners import BaseTunerLayer
+from .utils import _BIAS_MODES
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -311,8 +313,9 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout!r}")
         self.target_modules = _name_list(self.target_modules, "target_modules", allow_regex=True)
         self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules", allow_regex=True)
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias: expected 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.bias not in _BIAS_MODES:
+            *others, last = map(repr, _BIAS_MODES)
+            raise ValueError(f"bias: expected {', '.join(others)} or {last}, got {self.bias!r}")
         _check_bool(self.fan_in_fan_out, "fan_in_fan_out")
         if not (self.init_lora_weights is True or self.init_lora_weights is False
                 or self.init_lora_weights == "gaussian"):
@@ -659,9 +662,11 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
             if adapter_name in module.adapter_names:
                 raise ValueError(f"adapter_name: {name!r} already holds an adapter named {adapter_name!r}")
         base = _base_of(module)
-        if kind == "embedding" and (base.max_norm is not None or base.scale_grad_by_freq or base.sparse):
-            raise ValueError(f"target_modules: the embedding {name!r} uses max_norm, scale_grad_by_freq "
-                             f"or sparse, which cpeft's Embedding does not support")
+        options_in_use = _embedding_options_in_use(base) if kind == "embedding" else []
+        if options_in_use:
+            raise ValueError(f"target_modules: the embedding {name!r} uses "
+                             f"{' and '.join(options_in_use)}, which cpeft's Embedding does not "
+                             f"support")
         if is_lora and config.use_dora and kind in ("conv", "mha"):
             raise ValueError(f"use_dora: {name!r} is a {type(base).__name__}; cpeft runs DoRA on linear, "
                              f"Conv1D and embedding targets only")

@@ -19,6 +19,7 @@ from .layers import IA3Layer, LoRALayer
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict"]
 
 _ADAPTER_MARKERS = ("lora_", "ia3_")
+# The bias modes of loralib's utilities, which peft's LoraConfig.bias shares.
 _BIAS_MODES = ("none", "all", "lora_only")
 
 

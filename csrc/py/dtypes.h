@@ -1,0 +1,19 @@
+/*
+ * The float dtypes each device's kernels take: the one table that the boundary checks tensors
+ * against and that cpeft._C.supported_dtypes() reports to Python.
+ */
+#ifndef CPEFT_PY_DTYPES_H
+#define CPEFT_PY_DTYPES_H
+
+#include "boundary.h"
+
+/* Whether the kernels of the CPU (on_cuda 0) or of CUDA (on_cuda 1) take float dtype `dtype`. */
+int cpeft_float_dtype_supported(int dtype, int on_cuda);
+
+/* "float32 or float64", the device's dtypes as a message lists them. */
+void cpeft_format_float_dtypes(char *buf, size_t size, int on_cuda);
+
+extern const char cpeft_doc_supported_dtypes[];
+PyObject *cpeft_py_supported_dtypes(PyObject *module, PyObject *unused);
+
+#endif /* CPEFT_PY_DTYPES_H */
