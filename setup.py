@@ -1,7 +1,8 @@
 """Build of cpeft's extension module cpeft._C.
 
-Sources are globbed: csrc/cpu/*.c (compute, CPU), csrc/py/*.c (the Python boundary) and, when
-CUDA is enabled, cuda/*.cu compiled by nvcc into objects linked into the same module.
+Sources are globbed: csrc/common/*.c (compute code both backends share), csrc/cpu/*.c (compute,
+CPU), csrc/py/*.c (the Python boundary) and, when CUDA is enabled, cuda/*.cu compiled by nvcc into
+objects linked into the same module.
 
 Environment:
   CPEFT_CUDA=auto|0|1   auto (default): build CUDA kernels when nvcc, cuBLAS and cuda/*.cu exist;
@@ -153,9 +154,10 @@ DEBUG = env_flag("CPEFT_DEBUG")
 SANITIZE = env_flag("CPEFT_SANITIZE")
 BLAS = openblas()
 CUDA, CUDA_OFF_REASON = find_cuda()
-HEADERS = sources("csrc/include/cpeft/*.h") + sources("csrc/py/*.h") + sources("csrc/cpu/*.h")
+HEADERS = (sources("csrc/include/cpeft/*.h") + sources("csrc/py/*.h") + sources("csrc/cpu/*.h")
+           + sources("csrc/cpu/*.inc"))
 
-c_sources = sources("csrc/cpu/*.c") + sources("csrc/py/*.c")
+c_sources = sources("csrc/common/*.c") + sources("csrc/cpu/*.c") + sources("csrc/py/*.c")
 compile_args = ["-std=c11", "-O2", "-Wall"]
 link_args = ["-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib"]
 macros = [
