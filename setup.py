@@ -2,7 +2,7 @@
 
 Sources are globbed: csrc/common/*.c (compute code both backends share), csrc/cpu/*.c (compute,
 CPU), csrc/py/*.c (the Python boundary) and, when CUDA is enabled, cuda/*.cu compiled by nvcc into
-objects linked into the same module.
+objects linked into the same module (without CUDA, cuda/no_cuda.c stands in for them).
 
 Environment:
   CPEFT_CUDA=auto|0|1   auto (default): build CUDA kernels when nvcc, cuBLAS and cuda/*.cu exist;
@@ -177,7 +177,6 @@ if SANITIZE:
     compile_args += sanitize
     link_args += sanitize
 if CUDA:
-    c_sources.remove(os.path.join("csrc", "py", "cuda_stubs.c"))
     archs_text = ";".join(f"sm_{a}" for a in CUDA["archs"])
     macros += [("CPEFT_WITH_CUDA", "1"),
                ("CPEFT_BUILD_CUDA_VERSION", f'"{CUDA["version"]}"'),
@@ -194,6 +193,7 @@ if CUDA:
     SUMMARY = (f"cpeft build: CUDA on (nvcc {CUDA['version']}, {archs_text}) "
                f"| BLAS {BLAS['summary']}")
 else:
+    c_sources.append(os.path.join("cuda", "no_cuda.c"))
     SUMMARY = f"cpeft build: CUDA off ({CUDA_OFF_REASON}) | BLAS {BLAS['summary']}"
 
 

@@ -1,7 +1,8 @@
 /*
  * CPU-only builds: the CUDA twins of the compute functions exist so every entry point links, and
  * each reports CPEFT_ERR_UNSUPPORTED. The boundary already refuses CUDA tensors in such a build
- * (tensor.c), so these run only if something bypasses it. Not compiled when CUDA is enabled.
+ * (csrc/py/tensor.c), so these run only if something bypasses it. Compiled (as C, by setup.py)
+ * only when CUDA is not; nothing here sees Python.
  */
 #include "cpeft/core.h"
 #include "cpeft/dora.h"
