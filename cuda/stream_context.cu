@@ -4,6 +4,7 @@
 #include <new>
 #include <utility>
 
+#include "cpeft/workspace.h"
 #include "status.cuh"
 
 namespace cpeft_cuda {
@@ -76,36 +77,72 @@ int Session::open(void *stream_handle, cpeft_status *st)
 
 StreamContext *Session::context() const { return ctx_; }
 
+/* Replaces ctx's workspace by one of at least `bytes` (rounded up to whole MiB), in the order of
+ * `stream`: the old buffer is freed after the work already queued there, and the new one is
+ * usable by the work queued after it. Nothing synchronizes. */
+static int grow_workspace(StreamContext *ctx, cudaStream_t stream, size_t bytes, cpeft_status *st)
+{
+    const size_t mib = (size_t)1 << 20;
+    const size_t grown = (bytes + mib - 1) / mib * mib;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    CPEFT_CUDA_CHECK(st, cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone)
+        return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED,
+                          "this call needs a CUDA workspace of %zu bytes on its stream, which has "
+                          "%zu, and a workspace cannot grow while the stream is captured into a "
+                          "CUDA graph: run the step once on this stream before capture, or call "
+                          "cpeft._C.cuda_reserve_workspace(%zu, stream) before capture",
+                          bytes, ctx->workspace_bytes, grown);
+    if (ctx->workspace) {
+        CPEFT_CUDA_CHECK(st, cudaFreeAsync(ctx->workspace, stream));
+        ctx->workspace = nullptr;
+        ctx->workspace_bytes = 0;
+    }
+    void *p = nullptr;
+    cudaError_t err = cudaMallocAsync(&p, grown, stream);
+    if (err != cudaSuccess) {
+        cudaGetLastError(); /* an allocation failure is not sticky; clear it */
+        if (err == cudaErrorMemoryAllocation)
+            return cpeft_fail(st, CPEFT_ERR_NOMEM,
+                              "cudaMallocAsync failed: could not allocate a %zu-byte CUDA "
+                              "workspace", grown);
+        return fail_cuda(st, err, "cudaMallocAsync", __FILE__, __LINE__, __func__);
+    }
+    ctx->workspace = p;
+    ctx->workspace_bytes = grown;
+    return CPEFT_OK;
+}
+
 int Session::workspace(size_t bytes, void **out, cpeft_status *st)
 {
     if (!ctx_)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "CUDA workspace requested before Session::open");
-    if (ctx_->workspace_bytes < bytes) {
-        const size_t mib = (size_t)1 << 20;
-        size_t grown = (bytes + mib - 1) / mib * mib;
-        if (ctx_->workspace) {
-            /* Earlier work on this stream may still read the old buffer. */
-            CPEFT_CUDA_CHECK(st, cudaStreamSynchronize(stream));
-            CPEFT_CUDA_CHECK(st, cudaFree(ctx_->workspace));
-            ctx_->workspace = nullptr;
-            ctx_->workspace_bytes = 0;
-        }
-        void *p = nullptr;
-        cudaError_t err = cudaMalloc(&p, grown);
-        if (err != cudaSuccess) {
-            cudaGetLastError(); /* an allocation failure is not sticky; clear it */
-            if (err == cudaErrorMemoryAllocation)
-                return cpeft_fail(st, CPEFT_ERR_NOMEM,
-                                  "cudaMalloc failed: could not allocate a %zu-byte CUDA workspace",
-                                  grown);
-            return fail_cuda(st, err, "cudaMalloc", __FILE__, __LINE__, __func__);
-        }
-        ctx_->workspace = p;
-        ctx_->workspace_bytes = grown;
-    }
+    if (ctx_->workspace_bytes < bytes)
+        CPEFT_TRY(grow_workspace(ctx_, stream, bytes, st));
     *out = ctx_->workspace;
     return CPEFT_OK;
 }
 
 } /* namespace cpeft_cuda */
 
+using namespace cpeft_cuda;
+
+int cpeft_cuda_reserve_workspace(size_t bytes, void *stream, size_t *reserved, cpeft_status *st)
+{
+    st->code = CPEFT_OK;
+    st->message[0] = '\0';
+    Session s;
+    CPEFT_TRY(s.open(stream, st));
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    CPEFT_CUDA_CHECK(st, cudaStreamIsCapturing(s.stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone)
+        return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED,
+                          "cuda_reserve_workspace: the stream is being captured into a CUDA "
+                          "graph; reserve its workspace before the capture begins");
+    void *unused = nullptr;
+    CPEFT_TRY(s.workspace(bytes, &unused, st));
+    /* Done before returning, so that a graph captured afterwards may be replayed on any stream. */
+    CPEFT_CUDA_CHECK(st, cudaStreamSynchronize(s.stream));
+    *reserved = s.context()->workspace_bytes;
+    return CPEFT_OK;
+}

@@ -44,7 +44,7 @@ struct StreamContext {
     cublasHandle_t blas = nullptr;
     cublasLtHandle_t lt = nullptr;     /* created on first use */
     std::map<LtKey, LtPlan> lt_plans;
-    void *workspace = nullptr;
+    void *workspace = nullptr;         /* allocated in this stream's order (cudaMallocAsync) */
     size_t workspace_bytes = 0;
 };
 
@@ -59,9 +59,12 @@ public:
      * binds its cuBLAS handle to the stream. */
     int open(void *stream, cpeft_status *st);
 
-    /* Scratch memory of at least `bytes`, valid until the Session ends; grows the cached buffer
-     * only when a larger size is first needed (that growth is the only cudaMalloc, and it waits
-     * for this stream's earlier work before freeing the old buffer). */
+    /* Scratch memory of at least `bytes` for work queued on this stream, valid until the Session
+     * ends. The cached buffer grows only when a larger size is first needed, and in stream order:
+     * the old buffer is released with cudaFreeAsync and the new one taken with cudaMallocAsync
+     * on the stream, so nothing waits on the host. A stream being captured into a CUDA graph
+     * cannot grow its workspace (the allocation would belong to the graph): that is an error
+     * telling the caller to reserve it before capture (cpeft/workspace.h). */
     int workspace(size_t bytes, void **out, cpeft_status *st);
 
     /* The locked context (for the cuBLASLt plans it caches); null before open. */
