@@ -1,7 +1,8 @@
 """Build of cpeft's extension module cpeft._C.
 
-Sources are globbed: csrc/cpu/*.c (compute, CPU), csrc/py/*.c (the Python boundary) and, when
-CUDA is enabled, cuda/*.cu compiled by nvcc into objects linked into the same module.
+Sources are globbed: csrc/common/*.c (compute code both backends share), csrc/cpu/*.c (compute,
+CPU), csrc/py/*.c (the Python boundary) and, when CUDA is enabled, cuda/*.cu compiled by nvcc into
+objects linked into the same module (without CUDA, cuda/no_cuda.c stands in for them).
 
 Environment:
   CPEFT_CUDA=auto|0|1   auto (default): build CUDA kernels when nvcc, cuBLAS and cuda/*.cu exist;
@@ -156,7 +157,7 @@ CUDA, CUDA_OFF_REASON = find_cuda()
 HEADERS = (sources("csrc/include/cpeft/*.h") + sources("csrc/py/*.h") + sources("csrc/cpu/*.h")
            + sources("csrc/cpu/*.inc"))
 
-c_sources = sources("csrc/cpu/*.c") + sources("csrc/py/*.c")
+c_sources = sources("csrc/common/*.c") + sources("csrc/cpu/*.c") + sources("csrc/py/*.c")
 compile_args = ["-std=c11", "-O2", "-Wall"]
 link_args = ["-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib"]
 macros = [
@@ -176,7 +177,6 @@ if SANITIZE:
     compile_args += sanitize
     link_args += sanitize
 if CUDA:
-    c_sources.remove(os.path.join("csrc", "py", "cuda_stubs.c"))
     archs_text = ";".join(f"sm_{a}" for a in CUDA["archs"])
     macros += [("CPEFT_WITH_CUDA", "1"),
                ("CPEFT_BUILD_CUDA_VERSION", f'"{CUDA["version"]}"'),
@@ -193,6 +193,7 @@ if CUDA:
     SUMMARY = (f"cpeft build: CUDA on (nvcc {CUDA['version']}, {archs_text}) "
                f"| BLAS {BLAS['summary']}")
 else:
+    c_sources.append(os.path.join("cuda", "no_cuda.c"))
     SUMMARY = f"cpeft build: CUDA off ({CUDA_OFF_REASON}) | BLAS {BLAS['summary']}"
 
 

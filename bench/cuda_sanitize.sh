@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA tests under compute-sanitizer: memcheck (out-of-bounds and misaligned device accesses,
 # bad frees) and racecheck (shared-memory hazards between a block's threads, the barriers of the
-# tiled kernels in cuda/rank_r.cu and cuda/common.cu). Run from anywhere after an in-place CUDA
+# tiled kernels in cuda/rank_r.cu and cuda/colreduce.cu). Run from anywhere after an in-place CUDA
 # build, with PYTHONPATH reaching python/ (bench/gpu_check.sh sets both up):
 #
 #   bash bench/cuda_sanitize.sh [memcheck|racecheck|all]     (default: all)

@@ -19,7 +19,15 @@
  */
 #include "cpeft/dora.h"
 
-#include "common.cuh"
+#include "cpeft/views.h"
+#include "colreduce.cuh"
+#include "dropout_rows.cuh"
+#include "elementwise.cuh"
+#include "gemm.cuh"
+#include "index_runs.cuh"
+#include "kernel_support.cuh"
+#include "status.cuh"
+#include "stream_context.cuh"
 
 namespace cpeft_cuda {
 namespace {
@@ -168,27 +176,6 @@ __global__ void embedding_finish_kernel(int64_t n_rows, int64_t dim, int64_t r,
     }
 }
 
-template <class T>
-__global__ void store_acc_kernel(int64_t rows, int64_t cols, const typename Num<T>::acc *src,
-                                 T *dst, int64_t d_rs, int64_t d_cs)
-{
-    const int64_t n = rows * cols;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;
-         e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = e / cols, j = e - i * cols;
-        dst[i * d_rs + j * d_cs] = Num<T>::store(src[e]);
-    }
-}
-
-dim3 grid_2d(int64_t rows, int64_t cols)
-{
-    int64_t gx = (cols + kBlock - 1) / kBlock;
-    if (gx < 1) gx = 1;
-    if (gx > 65535) gx = 65535;
-    int64_t gy = rows < 1 ? 1 : (rows > 65535 ? 65535 : rows);
-    return dim3((unsigned)gx, (unsigned)gy);
-}
-
 unsigned grid_rows(int64_t rows)
 {
     return (unsigned)(rows < 1 ? 1 : (rows > 65535 ? 65535 : rows));
@@ -238,13 +225,13 @@ int dora_norm(Session &s, const cpeft_dora_norm_args *a, const cpeft_vec &norm, 
     void *gram = carve.take((size_t)(a->r * a->r) * cpeft_dtype_size(dt));
     if (a->weight_sq_norm.data == nullptr)
         CPEFT_TRY(row_sq_norms(dt, a->weight, wsq, 1, 1, s.stream, st));
-    CPEFT_TRY(gemm(s, dt, acc, 1.0, a->weight, mat_transpose(a->lora_a), 0.0,
-                   mat_dense(wa, a->out, a->r), st));
+    CPEFT_TRY(gemm(s, dt, acc, 1.0, a->weight, cpeft_mat_transpose(a->lora_a), 0.0,
+                   cpeft_mat_compact(wa, a->out, a->r), st));
     /* A·Aᵀ is an operand of the next product, so it is kept in the data type. */
-    CPEFT_TRY(gemm(s, dt, dt, 1.0, a->lora_a, mat_transpose(a->lora_a), 0.0,
-                   mat_dense(gram, a->r, a->r), st));
-    CPEFT_TRY(gemm(s, dt, acc, 1.0, a->lora_b, mat_dense(gram, a->r, a->r), 0.0,
-                   mat_dense(bg, a->out, a->r), st));
+    CPEFT_TRY(gemm(s, dt, dt, 1.0, a->lora_a, cpeft_mat_transpose(a->lora_a), 0.0,
+                   cpeft_mat_compact(gram, a->r, a->r), st));
+    CPEFT_TRY(gemm(s, dt, acc, 1.0, a->lora_b, cpeft_mat_compact(gram, a->r, a->r), 0.0,
+                   cpeft_mat_compact(bg, a->out, a->r), st));
     if (a->out == 0)
         return CPEFT_OK;
     return dispatch_float(dt, st, [&](auto tag) {
@@ -329,23 +316,6 @@ int gather(cpeft_dtype dt, cpeft_dtype index_dt, const cpeft_vec &indices, int64
     });
 }
 
-int store_acc(cpeft_dtype dt, const void *src, const cpeft_mat &dst, cudaStream_t stream,
-              cpeft_status *st)
-{
-    const int64_t n = dst.rows * dst.cols;
-    if (n == 0)
-        return CPEFT_OK;
-    return dispatch_float(dt, st, [&](auto tag) {
-        typedef typename decltype(tag)::type T;
-        typedef typename Num<T>::acc Acc;
-        store_acc_kernel<T><<<grid_1d(n, kBlock), kBlock, 0, stream>>>(
-            dst.rows, dst.cols, static_cast<const Acc *>(src), static_cast<T *>(dst.data),
-            dst.row_stride, dst.col_stride);
-        CPEFT_LAUNCH_CHECK(st, "store_acc_kernel");
-        return (int)CPEFT_OK;
-    });
-}
-
 cpeft_dora_norm_args linear_norm_args(const cpeft_dora_linear_args *a)
 {
     const cpeft_lora_linear_args *l = &a->lora;
@@ -376,10 +346,10 @@ int scaled_pair(cpeft_dtype dt, const cpeft_mat &g, const cpeft_mat &w, const cp
     *g_use = g;
     *w_use = w;
     if (g.rows >= w.cols) {
-        *w_use = mat_dense_like(w, buf);
+        *w_use = cpeft_mat_compact_like(w, buf);
         return scale_matrix(dt, w, l, 0, *w_use, stream, st);
     }
-    *g_use = mat_dense(buf, g.rows, g.cols);
+    *g_use = cpeft_mat_compact(buf, g.rows, g.cols);
     return scale_matrix(dt, g, l, 1, *g_use, stream, st);
 }
 
@@ -444,13 +414,13 @@ int cpeft_dora_linear_fwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
     CPEFT_TRY(dora_norm(s, &na, o->norm, norm_ws, st));
     Scales sc;
     CPEFT_TRY(magnitude_scales(dt, a->magnitude, o->norm, l->scale, scales_ws, &sc, s.stream, st));
-    const cpeft_mat a_t = mat_transpose(l->lora_a), b_t = mat_transpose(l->lora_b);
+    const cpeft_mat a_t = cpeft_mat_transpose(l->lora_a), b_t = cpeft_mat_transpose(l->lora_b);
 
     if (!dropout) {
         CPEFT_TRY(gemm(s, dt, dt, 1.0, l->x, a_t, 0.0, o->xa, st));
         if (fold) {
-            const cpeft_mat w_scaled = mat_dense_like(l->weight, fold_ws);
-            const cpeft_mat b_scaled = mat_dense(static_cast<char *>(fold_ws) +
+            const cpeft_mat w_scaled = cpeft_mat_compact_like(l->weight, fold_ws);
+            const cpeft_mat b_scaled = cpeft_mat_compact(static_cast<char *>(fold_ws) +
                                                      (size_t)(out * in) * elt, out, r);
             CPEFT_TRY(scale_matrix(dt, l->weight, sc.c, 0, w_scaled, s.stream, st));
             CPEFT_TRY(scale_matrix(dt, l->lora_b, sc.c, 0, b_scaled, s.stream, st));
@@ -459,29 +429,30 @@ int cpeft_dora_linear_fwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
                 CPEFT_TRY(broadcast_rows(dt, o->y, l->bias, nullptr, s.stream, st));
                 beta = 1.0;
             }
-            CPEFT_TRY(gemm(s, dt, dt, l->scale, o->xa, mat_transpose(b_scaled), beta, o->y, st));
-            return gemm(s, dt, dt, 1.0, l->x, mat_transpose(w_scaled), 1.0, o->y, st);
+            CPEFT_TRY(gemm(s, dt, dt, l->scale, o->xa, cpeft_mat_transpose(b_scaled), beta, o->y,
+                           st));
+            return gemm(s, dt, dt, 1.0, l->x, cpeft_mat_transpose(w_scaled), 1.0, o->y, st);
         }
         const cpeft_mat &u = keep ? o->base : o->y;
         CPEFT_TRY(gemm(s, dt, dt, l->scale, o->xa, b_t, 0.0, u, st));
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, l->x, mat_transpose(l->weight), 1.0, u, st));
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, l->x, cpeft_mat_transpose(l->weight), 1.0, u, st));
         return combine(dt, u, sc.c, l->bias, 0, o->y, s.stream, st);
     }
 
-    const cpeft_mat u = keep ? o->base : mat_dense(u_ws, m, out);
+    const cpeft_mat u = keep ? o->base : cpeft_mat_compact(u_ws, m, out);
     for (int64_t row0 = 0; row0 < m; row0 += rows) {
         const int64_t n = m - row0 < rows ? m - row0 : rows;
-        const cpeft_mat xd = mat_dense(chunk, n, in);
-        const cpeft_mat xa_rows = mat_block(o->xa, row0, n, 0, r, elt);
-        const cpeft_mat u_rows = mat_block(u, row0, n, 0, out, elt);
+        const cpeft_mat xd = cpeft_mat_compact(chunk, n, in);
+        const cpeft_mat xa_rows = cpeft_mat_sub(dt, o->xa, row0, n, 0, r);
+        const cpeft_mat u_rows = cpeft_mat_sub(dt, u, row0, n, 0, out);
         CPEFT_TRY(dropout_rows(dt, &l->dropout, l->x, row0, n, chunk, s.stream, st));
         CPEFT_TRY(gemm(s, dt, dt, 1.0, xd, a_t, 0.0, xa_rows, st));
         CPEFT_TRY(gemm(s, dt, dt, l->scale, xa_rows, b_t, 0.0, u_rows, st));
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, xd, mat_transpose(l->weight), 1.0, u_rows, st));
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, xd, cpeft_mat_transpose(l->weight), 1.0, u_rows, st));
     }
     CPEFT_TRY(gemm(s, dt, dt, l->scale, o->xa, b_t, 0.0, o->y, st));
     CPEFT_TRY(combine(dt, u, sc.c_minus_one, l->bias, 1, o->y, s.stream, st));
-    return gemm(s, dt, dt, 1.0, l->x, mat_transpose(l->weight), 1.0, o->y, st);
+    return gemm(s, dt, dt, 1.0, l->x, cpeft_mat_transpose(l->weight), 1.0, o->y, st);
 }
 
 int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora_linear_bwd_in *in,
@@ -535,7 +506,7 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
         CPEFT_TRY(colreduce_finalize(dt, out, partial, nullptr, o->grad_bias, s.stream, st));
     }
     if (o->grad_b.data) {
-        CPEFT_TRY(gemm(s, dt, dt, l->scale, mat_transpose(g), in->xa, 0.0, o->grad_b, st));
+        CPEFT_TRY(gemm(s, dt, dt, l->scale, cpeft_mat_transpose(g), in->xa, 0.0, o->grad_b, st));
         /* An empty batch's gradient is an empty sum, 0 whatever c holds (0·inf = NaN). */
         if (m > 0)
             CPEFT_TRY(scale_matrix(dt, o->grad_b, sc.c, 0, o->grad_b, s.stream, st));
@@ -544,9 +515,9 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
         return CPEFT_OK;
 
     /* gb = g·(c ⊙ B) */
-    const cpeft_mat gb = mat_dense(gb_data, m, r);
-    const cpeft_mat b_scaled = mat_dense(static_cast<char *>(gb_data) + (size_t)(m * r) * elt,
-                                         out, r);
+    const cpeft_mat gb = cpeft_mat_compact(gb_data, m, r);
+    const cpeft_mat b_scaled =
+        cpeft_mat_compact(static_cast<char *>(gb_data) + (size_t)(m * r) * elt, out, r);
     CPEFT_TRY(scale_matrix(dt, l->lora_b, sc.c, 0, b_scaled, s.stream, st));
     CPEFT_TRY(gemm(s, dt, dt, 1.0, g, b_scaled, 0.0, gb, st));
 
@@ -556,7 +527,7 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
                               &w_use, s.stream, st));
     if (!dropout) {
         if (want_a)
-            CPEFT_TRY(gemm(s, dt, dt, l->scale, mat_transpose(gb), l->x, 0.0, o->grad_a, st));
+            CPEFT_TRY(gemm(s, dt, dt, l->scale, cpeft_mat_transpose(gb), l->x, 0.0, o->grad_a, st));
         if (want_x) {
             CPEFT_TRY(gemm(s, dt, dt, l->scale, gb, l->lora_a, 0.0, o->grad_x, st));
             CPEFT_TRY(gemm(s, dt, dt, 1.0, g_use, w_use, 1.0, o->grad_x, st));
@@ -568,20 +539,22 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
             CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
         return CPEFT_OK;   /* M == 0 or IN == 0: grad_x is empty or zero-sized */
     }
-    const cpeft_mat grad_a_target = grad_a_scratch ? mat_dense(grad_a_acc, r, n_in) : o->grad_a;
+    const cpeft_mat grad_a_target =
+        grad_a_scratch ? cpeft_mat_compact(grad_a_acc, r, n_in) : o->grad_a;
     const cpeft_dtype grad_a_dtype = grad_a_scratch ? acc : dt;
     for (int64_t row0 = 0; row0 < m; row0 += rows) {
         const int64_t n = m - row0 < rows ? m - row0 : rows;
-        const cpeft_mat gb_rows = mat_block(gb, row0, n, 0, r, elt);
+        const cpeft_mat gb_rows = cpeft_mat_sub(dt, gb, row0, n, 0, r);
         if (want_a) {
             CPEFT_TRY(dropout_rows(dt, &l->dropout, l->x, row0, n, chunk, s.stream, st));
-            CPEFT_TRY(gemm(s, dt, grad_a_dtype, l->scale, mat_transpose(gb_rows),
-                           mat_dense(chunk, n, n_in), row0 == 0 ? 0.0 : 1.0, grad_a_target, st));
+            CPEFT_TRY(gemm(s, dt, grad_a_dtype, l->scale, cpeft_mat_transpose(gb_rows),
+                           cpeft_mat_compact(chunk, n, n_in), row0 == 0 ? 0.0 : 1.0,
+                           grad_a_target, st));
         }
         if (want_x) {
-            const cpeft_mat tmp = mat_dense(chunk, n, n_in);
+            const cpeft_mat tmp = cpeft_mat_compact(chunk, n, n_in);
             CPEFT_TRY(gemm(s, dt, acc, l->scale, gb_rows, l->lora_a, 0.0, tmp, st));
-            CPEFT_TRY(gemm(s, dt, acc, 1.0, mat_block(g_use, row0, n, 0, out, elt), w_use, 1.0,
+            CPEFT_TRY(gemm(s, dt, acc, 1.0, cpeft_mat_sub(dt, g_use, row0, n, 0, out), w_use, 1.0,
                            tmp, st));
             CPEFT_TRY(dropout_scale_rows(dt, &l->dropout, chunk, 1.0, row0, n, o->grad_x,
                                          s.stream, st));
@@ -603,7 +576,7 @@ int cpeft_dora_embedding_fwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
     const cpeft_dtype dt = l->dtype;
     const size_t elt = cpeft_dtype_size(dt);
     const cpeft_dora_norm_args na = {dt, l->dim, l->num_embeddings, l->r,
-                                     mat_transpose(l->weight), l->lora_a, l->lora_b, l->scale,
+                                     cpeft_mat_transpose(l->weight), l->lora_a, l->lora_b, l->scale,
                                      a->weight_sq_norm};
     const size_t nb = ws_align(norm_bytes(&na)), sb = ws_align(scales_bytes(dt, l->dim));
     const size_t rows_bytes = ws_align((size_t)(l->n * l->r) * elt);
@@ -622,12 +595,12 @@ int cpeft_dora_embedding_fwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
     /* y = W[idx] ⊙ c, then += s·Aᵀ[idx]·(c ⊙ B)ᵀ */
     CPEFT_TRY(gather(dt, l->index_dtype, l->indices, l->num_embeddings, l->weight, &sc.c, y,
                      s.stream, st));
-    const cpeft_mat a_rows = mat_dense(rows_ws, l->n, l->r);
-    const cpeft_mat b_scaled = mat_dense(b_ws, l->dim, l->r);
+    const cpeft_mat a_rows = cpeft_mat_compact(rows_ws, l->n, l->r);
+    const cpeft_mat b_scaled = cpeft_mat_compact(b_ws, l->dim, l->r);
     CPEFT_TRY(gather(dt, l->index_dtype, l->indices, l->num_embeddings,
-                     mat_transpose(l->lora_a), nullptr, a_rows, s.stream, st));
+                     cpeft_mat_transpose(l->lora_a), nullptr, a_rows, s.stream, st));
     CPEFT_TRY(scale_matrix(dt, l->lora_b, sc.c, 0, b_scaled, s.stream, st));
-    return gemm(s, dt, dt, l->scale, a_rows, mat_transpose(b_scaled), 1.0, y, st);
+    return gemm(s, dt, dt, l->scale, a_rows, cpeft_mat_transpose(b_scaled), 1.0, y, st);
 }
 
 int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat grad_out,
@@ -667,11 +640,11 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
     Scales sc;
     CPEFT_TRY(magnitude_scales(dt, a->magnitude, norm, l->scale, scales_ws, &sc, s.stream, st));
     if (o->grad_m.data || o->grad_b.data) {
-        const cpeft_mat a_rows = mat_dense(rows_ws, n, r);
+        const cpeft_mat a_rows = cpeft_mat_compact(rows_ws, n, r);
         CPEFT_TRY(gather(dt, l->index_dtype, l->indices, l->num_embeddings,
-                         mat_transpose(l->lora_a), nullptr, a_rows, s.stream, st));
-        CPEFT_TRY(gemm(s, dt, acc, 1.0, mat_transpose(g), a_rows, 0.0, mat_dense(t_ws, dim, r),
-                       st));
+                         cpeft_mat_transpose(l->lora_a), nullptr, a_rows, s.stream, st));
+        CPEFT_TRY(gemm(s, dt, acc, 1.0, cpeft_mat_transpose(g), a_rows, 0.0,
+                       cpeft_mat_compact(t_ws, dim, r), st));
         if (o->grad_m.data) {
             /* Σ_n g[n, d]·W[idx[n], d], the base rows read through the indices. */
             const ColReduceOperand rows = {l->weight.data, l->weight.row_stride,
@@ -703,9 +676,9 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
     CPEFT_TRY(index_runs_build(l->indices, l->index_dtype, l->num_embeddings, l->padding_idx,
                                runs_ws, runs_bytes, &runs, s.stream, st));
     /* gb = g·(c ⊙ B) in fp32 (fp64); grad_a[:, v] = s·Σ_{idx[n] = v} gb[n]ᵀ */
-    const cpeft_mat b_scaled = mat_dense(b_ws, dim, r);
+    const cpeft_mat b_scaled = cpeft_mat_compact(b_ws, dim, r);
     CPEFT_TRY(scale_matrix(dt, l->lora_b, sc.c, 0, b_scaled, s.stream, st));
-    CPEFT_TRY(gemm(s, dt, acc, 1.0, g, b_scaled, 0.0, mat_dense(gb_ws, n, r), st));
+    CPEFT_TRY(gemm(s, dt, acc, 1.0, g, b_scaled, 0.0, cpeft_mat_compact(gb_ws, n, r), st));
     CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
     return scatter_runs(dt, runs, gb_ws, 1, r, 1, r, l->scale, nullptr, o->grad_a.data,
                         o->grad_a.col_stride, o->grad_a.row_stride, s.stream, st);

@@ -5,7 +5,9 @@
  */
 #include "cpeft/dropout.h"
 
-#include "common.cuh"
+#include "dropout_rows.cuh"
+#include "kernel_support.cuh"
+#include "status.cuh"
 
 namespace cpeft_cuda {
 namespace {

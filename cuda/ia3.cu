@@ -2,7 +2,7 @@
  * IA3 on the GPU (ia3.h): linear with output or input scaling, and embedding.
  *
  * Output scaling without base kept goes through cuBLASLt with l as the GEMM's per-row alpha
- * vector (common.cuh, gemm_scale_cols): the scale costs nothing. Otherwise the scale vector is
+ * vector (gemm.cuh, gemm_scale_cols): the scale costs nothing. Otherwise the scale vector is
  * folded into whichever operand costs less to scale: a scaled copy of W (OUT x IN, in the cached
  * workspace, independent of M) when M is large, or the activations / output when M is small, so
  * no separate full pass over y follows the GEMM in the common training shapes. The exceptions
@@ -12,7 +12,14 @@
  */
 #include "cpeft/ia3.h"
 
-#include "common.cuh"
+#include "cpeft/views.h"
+#include "colreduce.cuh"
+#include "elementwise.cuh"
+#include "gemm.cuh"
+#include "index_runs.cuh"
+#include "kernel_support.cuh"
+#include "status.cuh"
+#include "stream_context.cuh"
 
 namespace cpeft_cuda {
 namespace {
@@ -76,8 +83,8 @@ int cpeft_ia3_linear_fwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
             if (has_bias)
                 CPEFT_TRY(broadcast_rows(dt, o->y, a->bias, &a->l, s.stream, st));
             bool done = false;
-            CPEFT_TRY(gemm_scale_cols(s, dt, a->l, ws, a->x, mat_transpose(a->weight), beta, o->y,
-                                      &done, st));
+            CPEFT_TRY(gemm_scale_cols(s, dt, a->l, ws, a->x, cpeft_mat_transpose(a->weight), beta,
+                                      o->y, &done, st));
             if (done)
                 return CPEFT_OK;
         }
@@ -86,17 +93,17 @@ int cpeft_ia3_linear_fwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
             const cpeft_mat &base = o->base.data ? o->base : o->y;
             if (has_bias)
                 CPEFT_TRY(broadcast_rows(dt, base, a->bias, nullptr, s.stream, st));
-            CPEFT_TRY(gemm(s, dt, dt, 1.0, a->x, mat_transpose(a->weight), beta, base, st));
+            CPEFT_TRY(gemm(s, dt, dt, 1.0, a->x, cpeft_mat_transpose(a->weight), beta, base, st));
             return scale_matrix(dt, base, a->l, 1, o->y, s.stream, st);
         }
         /* y = x·(diag(l)·W)ᵀ + b ⊙ l */
         void *ws = nullptr;
         CPEFT_TRY(s.workspace((size_t)(out * in) * elt, &ws, st));
-        const cpeft_mat w_scaled = mat_dense_like(a->weight, ws);
+        const cpeft_mat w_scaled = cpeft_mat_compact_like(a->weight, ws);
         CPEFT_TRY(scale_matrix(dt, a->weight, a->l, 0, w_scaled, s.stream, st));
         if (has_bias)
             CPEFT_TRY(broadcast_rows(dt, o->y, a->bias, &a->l, s.stream, st));
-        return gemm(s, dt, dt, 1.0, a->x, mat_transpose(w_scaled), beta, o->y, st);
+        return gemm(s, dt, dt, 1.0, a->x, cpeft_mat_transpose(w_scaled), beta, o->y, st);
     }
 
     if (has_bias)
@@ -105,9 +112,9 @@ int cpeft_ia3_linear_fwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
         /* y = x·(W·diag(l))ᵀ + b */
         void *ws = nullptr;
         CPEFT_TRY(s.workspace((size_t)(out * in) * elt, &ws, st));
-        const cpeft_mat w_scaled = mat_dense_like(a->weight, ws);
+        const cpeft_mat w_scaled = cpeft_mat_compact_like(a->weight, ws);
         CPEFT_TRY(scale_matrix(dt, a->weight, a->l, 1, w_scaled, s.stream, st));
-        return gemm(s, dt, dt, 1.0, a->x, mat_transpose(w_scaled), beta, o->y, st);
+        return gemm(s, dt, dt, 1.0, a->x, cpeft_mat_transpose(w_scaled), beta, o->y, st);
     }
     /* Few rows: y = (x ⊙ l)·Wᵀ + b with x ⊙ l built a bounded row chunk at a time. */
     const int64_t rows = chunk_rows(m, in);
@@ -115,11 +122,11 @@ int cpeft_ia3_linear_fwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
     CPEFT_TRY(s.workspace((size_t)(rows * in) * elt, &ws, st));
     for (int64_t row0 = 0; row0 < m; row0 += rows) {
         const int64_t n = m - row0 < rows ? m - row0 : rows;
-        const cpeft_mat x_scaled = mat_dense(ws, n, in);
-        CPEFT_TRY(scale_matrix(dt, mat_block(a->x, row0, n, 0, in, elt), a->l, 1, x_scaled,
+        const cpeft_mat x_scaled = cpeft_mat_compact(ws, n, in);
+        CPEFT_TRY(scale_matrix(dt, cpeft_mat_sub(dt, a->x, row0, n, 0, in), a->l, 1, x_scaled,
                                s.stream, st));
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, x_scaled, mat_transpose(a->weight), beta,
-                       mat_block(o->y, row0, n, 0, out, elt), st));
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, x_scaled, cpeft_mat_transpose(a->weight), beta,
+                       cpeft_mat_sub(dt, o->y, row0, n, 0, out), st));
     }
     return CPEFT_OK;
 }
@@ -148,7 +155,7 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
         void *partial = carve.take(part_bytes);
         if (want_x) {
             /* grad_x = (g ⊙ l)·W = g·(diag(l)·W): the scale goes into W, not over g. */
-            const cpeft_mat w_scaled = mat_dense_like(a->weight, w_data);
+            const cpeft_mat w_scaled = cpeft_mat_compact_like(a->weight, w_data);
             CPEFT_TRY(scale_matrix(dt, a->weight, a->l, 0, w_scaled, s.stream, st));
             CPEFT_TRY(gemm(s, dt, dt, 1.0, g, w_scaled, 0.0, o->grad_x, st));
         }
@@ -168,7 +175,7 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
         }
         if (o->grad_weight.data) {
             /* glᵀ·x = diag(l)·(gᵀ·x): scale the OUT x IN result rather than the M x OUT g. */
-            CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_transpose(g), a->x, 0.0, o->grad_weight, st));
+            CPEFT_TRY(gemm(s, dt, dt, 1.0, cpeft_mat_transpose(g), a->x, 0.0, o->grad_weight, st));
             if (m > 0)
                 CPEFT_TRY(scale_matrix(dt, o->grad_weight, a->l, 0, o->grad_weight, s.stream, st));
         }
@@ -203,10 +210,10 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
             /* Runs at least once so that M == 0 still writes zero partial sums. */
             for (int64_t row0 = 0;; row0 += rows) {
                 const int64_t n = m - row0 < rows ? m - row0 : rows;
-                const cpeft_mat gw = mat_dense(gw_data, n, n_in);
-                CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_block(g, row0, n, 0, out, elt), a->weight,
+                const cpeft_mat gw = cpeft_mat_compact(gw_data, n, n_in);
+                CPEFT_TRY(gemm(s, dt, dt, 1.0, cpeft_mat_sub(dt, g, row0, n, 0, out), a->weight,
                                0.0, gw, st));
-                const cpeft_mat x_rows = mat_block(a->x, row0, n, 0, n_in, elt);
+                const cpeft_mat x_rows = cpeft_mat_sub(dt, a->x, row0, n, 0, n_in);
                 const ColReduceOperand x = {x_rows.data, x_rows.row_stride, x_rows.col_stride,
                                             nullptr, CPEFT_INT32, 0, 0};
                 CPEFT_TRY(colreduce_accumulate(dt, n, n_in, gw, x, nullptr, nullptr, partial,
@@ -218,7 +225,7 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
         CPEFT_TRY(colreduce_finalize(dt, n_in, partial, nullptr, o->grad_l, s.stream, st));
     } else if (want_x) {
         if (fold_w) {
-            const cpeft_mat w_scaled = mat_dense_like(a->weight, w_data);
+            const cpeft_mat w_scaled = cpeft_mat_compact_like(a->weight, w_data);
             CPEFT_TRY(scale_matrix(dt, a->weight, a->l, 1, w_scaled, s.stream, st));
             CPEFT_TRY(gemm(s, dt, dt, 1.0, g, w_scaled, 0.0, o->grad_x, st));
         } else {
@@ -233,7 +240,7 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
     }
     if (o->grad_weight.data) {
         /* gᵀ·(x ⊙ l) = (gᵀ·x)·diag(l) */
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_transpose(g), a->x, 0.0, o->grad_weight, st));
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, cpeft_mat_transpose(g), a->x, 0.0, o->grad_weight, st));
         if (m > 0)   /* an empty batch's gradient stays 0 even for an infinite l */
             CPEFT_TRY(scale_matrix(dt, o->grad_weight, a->l, 1, o->grad_weight, s.stream, st));
     }

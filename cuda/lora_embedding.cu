@@ -6,7 +6,7 @@
  *
  * Backward: grad_b = s·gᵀ·Ag with Ag (N x R) = Aᵀ[idx] gathered (rank_reduce: g read once,
  * deterministic slices); gB = g·B in fp32 (rank_project); grad_a and grad_weight go through the
- * sorted-run scatter of common.cuh (sort the N indices, write each distinct index's column/row
+ * sorted-run scatter of index_runs.cuh (sort the N indices, write each distinct index's column/row
  * once with fp32 sums): deterministic, no atomics, no V-sized accumulator; only the zero-fill of
  * those two gradients, which have V rows by definition, is of vocabulary size.
  *
@@ -19,7 +19,14 @@
  */
 #include "cpeft/lora_embedding.h"
 
-#include "common.cuh"
+#include "cpeft/views.h"
+#include "elementwise.cuh"
+#include "gemm.cuh"
+#include "index_runs.cuh"
+#include "kernel_support.cuh"
+#include "rank_r.cuh"
+#include "status.cuh"
+#include "stream_context.cuh"
 
 namespace cpeft_cuda {
 namespace {
@@ -88,8 +95,8 @@ int cpeft_lora_embedding_fwd_cuda(const cpeft_lora_embedding_args *a, cpeft_mat 
     void *ag = nullptr;
     CPEFT_TRY(s.workspace((size_t)(a->n * a->r) * cpeft_dtype_size(dt), &ag, st));
     CPEFT_TRY(gather(a, &y, ag, s.stream, st));
-    return gemm(s, dt, dt, a->scale, mat_dense(ag, a->n, a->r), mat_transpose(a->lora_b), 1.0, y,
-                st);
+    return gemm(s, dt, dt, a->scale, cpeft_mat_compact(ag, a->n, a->r),
+                cpeft_mat_transpose(a->lora_b), 1.0, y, st);
 }
 
 int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
@@ -126,11 +133,11 @@ int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
         CPEFT_TRY(gather(a, nullptr, ag, s.stream, st));
         if (own)
             /* grad_bᵀ (R x D) = s·Agᵀ·g */
-            CPEFT_TRY(rank_reduce(dt, mat_dense(ag, n, r), g, nullptr, a->scale,
-                                  mat_transpose(o->grad_b), partial, s.stream, st));
+            CPEFT_TRY(rank_reduce(dt, cpeft_mat_compact(ag, n, r), g, nullptr, a->scale,
+                                  cpeft_mat_transpose(o->grad_b), partial, s.stream, st));
         else
-            CPEFT_TRY(gemm(s, dt, dt, a->scale, mat_transpose(g), mat_dense(ag, n, r), 0.0,
-                           o->grad_b, st));
+            CPEFT_TRY(gemm(s, dt, dt, a->scale, cpeft_mat_transpose(g), cpeft_mat_compact(ag, n, r),
+                           0.0, o->grad_b, st));
     }
     if (!want_a && !want_w)
         return CPEFT_OK;
@@ -142,10 +149,10 @@ int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
         /* gB = g·B in fp32 (fp64), then grad_a[:, v] = s·Σ_{idx[n] = v} gB[n]ᵀ: one column of
          * grad_a per distinct index, keyed along grad_a's column stride. */
         if (own)
-            CPEFT_TRY(rank_project(dt, g, nullptr, mat_transpose(a->lora_b), mat_dense(gb, n, r),
-                                   s.stream, st, true));
+            CPEFT_TRY(rank_project(dt, g, nullptr, cpeft_mat_transpose(a->lora_b),
+                                   cpeft_mat_compact(gb, n, r), s.stream, st, true));
         else
-            CPEFT_TRY(gemm(s, dt, acc, 1.0, g, a->lora_b, 0.0, mat_dense(gb, n, r), st));
+            CPEFT_TRY(gemm(s, dt, acc, 1.0, g, a->lora_b, 0.0, cpeft_mat_compact(gb, n, r), st));
         CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
         CPEFT_TRY(scatter_runs(dt, runs, gb, 1, r, 1, r, a->scale, nullptr, o->grad_a.data,
                                o->grad_a.col_stride, o->grad_a.row_stride, s.stream, st));

@@ -16,7 +16,13 @@
 
 #include <cstdlib>
 
-#include "common.cuh"
+#include "cpeft/views.h"
+#include "colreduce.cuh"
+#include "elementwise.cuh"
+#include "gemm.cuh"
+#include "kernel_support.cuh"
+#include "status.cuh"
+#include "stream_context.cuh"
 
 namespace cpeft_cuda {
 namespace {
@@ -203,26 +209,27 @@ int cpeft_lora_grouped_fwd_cuda(const cpeft_lora_grouped_args *a,
     /* y = x·Wᵀ + b over every row. */
     if (a->bias.data)
         CPEFT_TRY(broadcast_rows(dt, o->y, a->bias, nullptr, s.stream, st));
-    CPEFT_TRY(gemm(s, dt, dt, 1.0, a->x, mat_transpose(a->weight), a->bias.data ? 1.0 : 0.0,
+    CPEFT_TRY(gemm(s, dt, dt, 1.0, a->x, cpeft_mat_transpose(a->weight), a->bias.data ? 1.0 : 0.0,
                    o->y, st));
     CPEFT_TRY(zero_fill(o->xa, elt, s.stream, st));
     if (n == 0)
         return CPEFT_OK;
 
     CPEFT_TRY(gather_rows(dt, n, in, order, a->x, xs, &a->dropout, s.stream, st));
-    const cpeft_mat xas_all = mat_dense(xas, n, rmax);
+    const cpeft_mat xas_all = cpeft_mat_compact(xas, n, rmax);
     CPEFT_TRY(zero_fill(xas_all, elt, s.stream, st));
     for (int64_t g = 0, off = 0; g < a->adapters; off += a->ranks[g], ++g) {
         const int64_t first = gr.start[g], rows = gr.start[g + 1] - first, r = a->ranks[g];
         if (rows == 0)
             continue;
-        const cpeft_mat xs_g = mat_block(mat_dense(xs, n, in), first, rows, 0, in, elt);
-        const cpeft_mat xas_g = mat_block(xas_all, first, rows, 0, r, elt);
-        const cpeft_mat ds_g = mat_block(mat_dense(ds, n, out), first, rows, 0, out, elt);
-        const cpeft_mat a_g = mat_block(a->lora_a, off, r, 0, in, elt);
-        const cpeft_mat b_g = mat_block(a->lora_b, 0, out, off, r, elt);
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, xs_g, mat_transpose(a_g), 0.0, xas_g, st));
-        CPEFT_TRY(gemm(s, dt, dt, a->scales[g], xas_g, mat_transpose(b_g), 0.0, ds_g, st));
+        const cpeft_mat xs_g = cpeft_mat_sub(dt, cpeft_mat_compact(xs, n, in), first, rows, 0, in);
+        const cpeft_mat xas_g = cpeft_mat_sub(dt, xas_all, first, rows, 0, r);
+        const cpeft_mat ds_g =
+            cpeft_mat_sub(dt, cpeft_mat_compact(ds, n, out), first, rows, 0, out);
+        const cpeft_mat a_g = cpeft_mat_sub(dt, a->lora_a, off, r, 0, in);
+        const cpeft_mat b_g = cpeft_mat_sub(dt, a->lora_b, 0, out, off, r);
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, xs_g, cpeft_mat_transpose(a_g), 0.0, xas_g, st));
+        CPEFT_TRY(gemm(s, dt, dt, a->scales[g], xas_g, cpeft_mat_transpose(b_g), 0.0, ds_g, st));
     }
     CPEFT_TRY(scatter_rows(dt, n, rmax, order, xas, o->xa, 0, nullptr, s.stream, st));
     return scatter_rows(dt, n, out, order, ds, o->y, 1, nullptr, s.stream, st);
@@ -269,7 +276,7 @@ int cpeft_lora_grouped_bwd_cuda(const cpeft_lora_grouped_args *a,
         CPEFT_TRY(colreduce_finalize(dt, out, partial, nullptr, o->grad_bias, s.stream, st));
     }
     if (o->grad_weight.data)
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_transpose(g), a->x, 0.0, o->grad_weight, st));
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, cpeft_mat_transpose(g), a->x, 0.0, o->grad_weight, st));
     if (want_a)
         CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
     if (want_b)
@@ -288,21 +295,25 @@ int cpeft_lora_grouped_bwd_cuda(const cpeft_lora_grouped_args *a,
         if (rows == 0)
             continue;
         const double scale = a->scales[grp];
-        const cpeft_mat gs_g = mat_block(mat_dense(gs, n, out), first, rows, 0, out, elt);
-        const cpeft_mat xas_g = mat_block(mat_dense(xas, n, rmax), first, rows, 0, r, elt);
-        const cpeft_mat gb_g = mat_block(mat_dense(gb, n, rmax), first, rows, 0, r, elt);
-        const cpeft_mat xs_g = mat_block(mat_dense(xs, n, n_in), first, rows, 0, n_in, elt);
-        const cpeft_mat a_g = mat_block(a->lora_a, off, r, 0, n_in, elt);
-        const cpeft_mat b_g = mat_block(a->lora_b, 0, out, off, r, elt);
+        const cpeft_mat gs_g =
+            cpeft_mat_sub(dt, cpeft_mat_compact(gs, n, out), first, rows, 0, out);
+        const cpeft_mat xas_g =
+            cpeft_mat_sub(dt, cpeft_mat_compact(xas, n, rmax), first, rows, 0, r);
+        const cpeft_mat gb_g =
+            cpeft_mat_sub(dt, cpeft_mat_compact(gb, n, rmax), first, rows, 0, r);
+        const cpeft_mat xs_g =
+            cpeft_mat_sub(dt, cpeft_mat_compact(xs, n, n_in), first, rows, 0, n_in);
+        const cpeft_mat a_g = cpeft_mat_sub(dt, a->lora_a, off, r, 0, n_in);
+        const cpeft_mat b_g = cpeft_mat_sub(dt, a->lora_b, 0, out, off, r);
         if (want_b)
-            CPEFT_TRY(gemm(s, dt, dt, scale, mat_transpose(gs_g), xas_g, 0.0,
-                           mat_block(o->grad_b, 0, out, off, r, elt), st));
+            CPEFT_TRY(gemm(s, dt, dt, scale, cpeft_mat_transpose(gs_g), xas_g, 0.0,
+                           cpeft_mat_sub(dt, o->grad_b, 0, out, off, r), st));
         if (!want_a && !want_x)
             continue;
         CPEFT_TRY(gemm(s, dt, dt, 1.0, gs_g, b_g, 0.0, gb_g, st));
         if (want_a)
-            CPEFT_TRY(gemm(s, dt, dt, scale, mat_transpose(gb_g), xs_g, 0.0,
-                           mat_block(o->grad_a, off, r, 0, n_in, elt), st));
+            CPEFT_TRY(gemm(s, dt, dt, scale, cpeft_mat_transpose(gb_g), xs_g, 0.0,
+                           cpeft_mat_sub(dt, o->grad_a, off, r, 0, n_in), st));
         /* xs_g is free once grad_a_g is queued: stream order keeps the two uses apart. */
         if (want_x)
             CPEFT_TRY(gemm(s, dt, dt, scale, gb_g, a_g, 0.0, xs_g, st));

@@ -30,7 +30,15 @@
  */
 #include "cpeft/lora_linear.h"
 
-#include "common.cuh"
+#include "cpeft/views.h"
+#include "colreduce.cuh"
+#include "dropout_rows.cuh"
+#include "elementwise.cuh"
+#include "gemm.cuh"
+#include "kernel_support.cuh"
+#include "rank_r.cuh"
+#include "status.cuh"
+#include "stream_context.cuh"
 
 namespace cpeft_cuda {
 namespace {
@@ -47,22 +55,11 @@ struct Groups {
 
 int resolve_groups(const cpeft_lora_linear_args *a, Groups *g, cpeft_status *st)
 {
-    if (a->groups < 1 || a->groups > CPEFT_MAX_GROUPS || a->out % a->groups != 0)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "lora_linear: %lld groups do not divide OUT %lld",
-                          (long long)a->groups, (long long)a->out);
-    g->seg = a->out / a->groups;
-    g->k = 0;
+    CPEFT_TRY(cpeft_lora_groups(a, &g->seg, &g->k, st));
+    int64_t k = 0;
     for (int64_t i = 0; i < a->groups; ++i)
         if (a->enabled[i])
-            g->ids[g->k++] = i;
-    if (a->lora_a.rows != a->r * g->k || a->lora_a.cols != a->in ||
-        a->lora_b.rows != g->seg * g->k || a->lora_b.cols != a->r)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
-                          "lora_linear: adapter shapes (%lld x %lld), (%lld x %lld) do not match "
-                          "r=%lld, %lld enabled groups of %lld rows",
-                          (long long)a->lora_a.rows, (long long)a->lora_a.cols,
-                          (long long)a->lora_b.rows, (long long)a->lora_b.cols, (long long)a->r,
-                          (long long)g->k, (long long)g->seg);
+            g->ids[k++] = i;
     return CPEFT_OK;
 }
 
@@ -72,37 +69,6 @@ int64_t chunk_rows(int64_t m, int64_t in)
     if (rows < 1) rows = 1;
     if (rows > m) rows = m;
     return rows;
-}
-
-template <class T>
-static __global__ void store_acc_kernel(int64_t rows, int64_t cols,
-                                        const typename Num<T>::acc *src, T *dst, int64_t d_rs,
-                                        int64_t d_cs)
-{
-    const int64_t n = rows * cols;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;
-         e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = e / cols, j = e - i * cols;
-        dst[i * d_rs + j * d_cs] = Num<T>::store(src[e]);
-    }
-}
-
-/* dst (any layout) = src (dense row-major, acc dtype), rounded once. */
-int store_acc(cpeft_dtype dt, const void *src, const cpeft_mat &dst, cudaStream_t stream,
-              cpeft_status *st)
-{
-    const int64_t n = dst.rows * dst.cols;
-    if (n == 0)
-        return CPEFT_OK;
-    return dispatch_float(dt, st, [&](auto tag) {
-        typedef typename decltype(tag)::type T;
-        typedef typename Num<T>::acc Acc;
-        store_acc_kernel<T><<<grid_1d(n, 256), 256, 0, stream>>>(
-            dst.rows, dst.cols, static_cast<const Acc *>(src), static_cast<T *>(dst.data),
-            dst.row_stride, dst.col_stride);
-        CPEFT_LAUNCH_CHECK(st, "store_acc_kernel");
-        return (int)CPEFT_OK;
-    });
 }
 
 /* The adapters as the products read them: lora_a and lora_b themselves, or, with fp32 adapters,
@@ -161,8 +127,8 @@ int prepare_adapters(const cpeft_lora_linear_args *a, Carver &carve, cudaStream_
     void *b_copy = carve.take((size_t)(a->lora_b.rows * a->lora_b.cols) * elt);
     CPEFT_TRY(round_fp32(a->dtype, a->lora_a, a_copy, stream, st));
     CPEFT_TRY(round_fp32(a->dtype, a->lora_b, b_copy, stream, st));
-    out->a = mat_dense(a_copy, a->lora_a.rows, a->lora_a.cols);
-    out->b = mat_dense(b_copy, a->lora_b.rows, a->lora_b.cols);
+    out->a = cpeft_mat_compact(a_copy, a->lora_a.rows, a->lora_a.cols);
+    out->b = cpeft_mat_compact(b_copy, a->lora_b.rows, a->lora_b.cols);
     return CPEFT_OK;
 }
 
@@ -197,7 +163,7 @@ int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
     CPEFT_TRY(prepare_adapters(a, carve, s.stream, &ad, st));
 
     /* xa = drop(x)·Aᵀ */
-    const cpeft_mat a_t = mat_transpose(ad.a);
+    const cpeft_mat a_t = cpeft_mat_transpose(ad.a);
     if (rank_r) {
         CPEFT_TRY(rank_project(dt, a->x, &a->dropout, a->lora_a, o->xa, s.stream, st));
     } else if (!chunked) {
@@ -206,8 +172,8 @@ int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
         for (int64_t row0 = 0; row0 < m; row0 += rows) {
             const int64_t n = m - row0 < rows ? m - row0 : rows;
             CPEFT_TRY(dropout_rows(dt, &a->dropout, a->x, row0, n, ws, s.stream, st));
-            CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_dense(ws, n, in), a_t, 0.0,
-                           mat_block(o->xa, row0, n, 0, rk, elt), st));
+            CPEFT_TRY(gemm(s, dt, dt, 1.0, cpeft_mat_compact(ws, n, in), a_t, 0.0,
+                           cpeft_mat_sub(dt, o->xa, row0, n, 0, rk), st));
         }
     }
 
@@ -218,15 +184,15 @@ int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
     else if (prefill)
         CPEFT_TRY(zero_fill(o->y, elt, s.stream, st));
     for (int64_t k = 0; k < grp.k; ++k) {
-        const cpeft_mat xa_k = mat_block(o->xa, 0, m, k * r, r, elt);
-        const cpeft_mat b_k = mat_block(ad.b, k * grp.seg, grp.seg, 0, r, elt);
-        const cpeft_mat y_k = mat_block(o->y, 0, m, grp.ids[k] * grp.seg, grp.seg, elt);
-        CPEFT_TRY(gemm(s, dt, dt, a->scale, xa_k, mat_transpose(b_k), prefill ? 1.0 : 0.0, y_k,
-                       st));
+        const cpeft_mat xa_k = cpeft_mat_sub(dt, o->xa, 0, m, k * r, r);
+        const cpeft_mat b_k = cpeft_mat_sub(dt, ad.b, k * grp.seg, grp.seg, 0, r);
+        const cpeft_mat y_k = cpeft_mat_sub(dt, o->y, 0, m, grp.ids[k] * grp.seg, grp.seg);
+        CPEFT_TRY(gemm(s, dt, dt, a->scale, xa_k, cpeft_mat_transpose(b_k), prefill ? 1.0 : 0.0,
+                       y_k, st));
     }
 
     /* y += x·Wᵀ */
-    return gemm(s, dt, dt, 1.0, a->x, mat_transpose(a->weight), 1.0, o->y, st);
+    return gemm(s, dt, dt, 1.0, a->x, cpeft_mat_transpose(a->weight), 1.0, o->y, st);
 }
 
 namespace {
@@ -259,19 +225,19 @@ int lora_backward_rank_r(Session &s, const cpeft_lora_linear_args *a, const Grou
     void *gb_data = carve.take(gb_bytes);
     /* Shared by every rank_reduce below: stream order keeps their uses apart. */
     void *partial = partial_bytes ? carve.take(partial_bytes) : nullptr;
-    const cpeft_mat gb = mat_dense(gb_data, m, rk);
+    const cpeft_mat gb = cpeft_mat_compact(gb_data, m, rk);
 
     for (int64_t k = 0; k < grp.k; ++k) {
-        const cpeft_mat g_k = mat_block(g, 0, m, grp.ids[k] * grp.seg, grp.seg, elt);
-        const cpeft_mat b_k = mat_block(a->lora_b, k * grp.seg, grp.seg, 0, r, elt);
+        const cpeft_mat g_k = cpeft_mat_sub(dt, g, 0, m, grp.ids[k] * grp.seg, grp.seg);
+        const cpeft_mat b_k = cpeft_mat_sub(dt, a->lora_b, k * grp.seg, grp.seg, 0, r);
         if (need_gb)
-            CPEFT_TRY(rank_project(dt, g_k, nullptr, mat_transpose(b_k),
-                                   mat_block(gb, 0, m, k * r, r, elt), s.stream, st));
+            CPEFT_TRY(rank_project(dt, g_k, nullptr, cpeft_mat_transpose(b_k),
+                                   cpeft_mat_sub(dt, gb, 0, m, k * r, r), s.stream, st));
         if (o->grad_b.data) {
             /* grad_b_kᵀ (R x SEG) = s·xa_kᵀ·g_k */
-            const cpeft_mat grad_b_k = mat_block(o->grad_b, k * grp.seg, grp.seg, 0, r, elt);
-            CPEFT_TRY(rank_reduce(dt, mat_block(in->xa, 0, m, k * r, r, elt), g_k, nullptr,
-                                  a->scale, mat_transpose(grad_b_k), partial, s.stream, st));
+            const cpeft_mat grad_b_k = cpeft_mat_sub(dt, o->grad_b, k * grp.seg, grp.seg, 0, r);
+            CPEFT_TRY(rank_reduce(dt, cpeft_mat_sub(dt, in->xa, 0, m, k * r, r), g_k, nullptr,
+                                  a->scale, cpeft_mat_transpose(grad_b_k), partial, s.stream, st));
         }
     }
     if (want_a) {
@@ -324,44 +290,45 @@ int lora_backward_cublas(Session &s, const cpeft_lora_linear_args *a, const Grou
     void *grad_a_acc = carve.take(grad_a_bytes);
     Adapters ad;
     CPEFT_TRY(prepare_adapters(a, carve, s.stream, &ad, st));
-    const cpeft_mat gb = mat_dense(gb_data, m, rk);
+    const cpeft_mat gb = cpeft_mat_compact(gb_data, m, rk);
 
     /* gb = g_blocks·B and grad_b = s·g_blockᵀ·xa_k, block by block. */
     for (int64_t k = 0; k < grp.k; ++k) {
-        const cpeft_mat g_k = mat_block(g, 0, m, grp.ids[k] * grp.seg, grp.seg, elt);
-        const cpeft_mat b_k = mat_block(ad.b, k * grp.seg, grp.seg, 0, r, elt);
+        const cpeft_mat g_k = cpeft_mat_sub(dt, g, 0, m, grp.ids[k] * grp.seg, grp.seg);
+        const cpeft_mat b_k = cpeft_mat_sub(dt, ad.b, k * grp.seg, grp.seg, 0, r);
         if (need_gb)
-            CPEFT_TRY(gemm(s, dt, dt, 1.0, g_k, b_k, 0.0, mat_block(gb, 0, m, k * r, r, elt), st));
+            CPEFT_TRY(
+                gemm(s, dt, dt, 1.0, g_k, b_k, 0.0, cpeft_mat_sub(dt, gb, 0, m, k * r, r), st));
         if (o->grad_b.data)
-            CPEFT_TRY(gemm(s, dt, grad_ab_dt, a->scale, mat_transpose(g_k),
-                           mat_block(in->xa, 0, m, k * r, r, elt), 0.0,
-                           mat_block(o->grad_b, k * grp.seg, grp.seg, 0, r, grad_ab_elt), st));
+            CPEFT_TRY(gemm(s, dt, grad_ab_dt, a->scale, cpeft_mat_transpose(g_k),
+                           cpeft_mat_sub(dt, in->xa, 0, m, k * r, r), 0.0,
+                           cpeft_mat_sub(grad_ab_dt, o->grad_b, k * grp.seg, grp.seg, 0, r), st));
     }
 
     /* grad_a = s·gbᵀ·drop(x); LoRA part of grad_x = s·drop'(gb·A). */
     if (!chunked) {
         if (want_a)
-            CPEFT_TRY(gemm(s, dt, grad_ab_dt, a->scale, mat_transpose(gb), a->x, 0.0, o->grad_a,
-                           st));
+            CPEFT_TRY(gemm(s, dt, grad_ab_dt, a->scale, cpeft_mat_transpose(gb), a->x, 0.0,
+                           o->grad_a, st));
         if (want_x && rk > 0)
             CPEFT_TRY(gemm(s, dt, dt, a->scale, gb, ad.a, 0.0, o->grad_x, st));
     } else {
         const cpeft_mat grad_a_target =
-            grad_a_scratch ? mat_dense(grad_a_acc, rk, n_in) : o->grad_a;
+            grad_a_scratch ? cpeft_mat_compact(grad_a_acc, rk, n_in) : o->grad_a;
         const cpeft_dtype grad_a_dtype = grad_a_scratch ? acc : grad_ab_dt;
         for (int64_t row0 = 0; row0 < m; row0 += rows) {
             const int64_t n = m - row0 < rows ? m - row0 : rows;
-            const cpeft_mat gb_rows = mat_block(gb, row0, n, 0, rk, elt);
+            const cpeft_mat gb_rows = cpeft_mat_sub(dt, gb, row0, n, 0, rk);
             /* The chunk buffer is reused by the two steps; stream order keeps them apart. */
             if (want_a) {
                 CPEFT_TRY(dropout_rows(dt, &a->dropout, a->x, row0, n, chunk, s.stream, st));
-                CPEFT_TRY(gemm(s, dt, grad_a_dtype, a->scale, mat_transpose(gb_rows),
-                               mat_dense(chunk, n, n_in), row0 == 0 ? 0.0 : 1.0, grad_a_target,
-                               st));
+                CPEFT_TRY(gemm(s, dt, grad_a_dtype, a->scale, cpeft_mat_transpose(gb_rows),
+                               cpeft_mat_compact(chunk, n, n_in), row0 == 0 ? 0.0 : 1.0,
+                               grad_a_target, st));
             }
             if (want_x) {
                 CPEFT_TRY(gemm(s, dt, acc, 1.0, gb_rows, ad.a, 0.0,
-                               mat_dense(chunk, n, n_in), st));
+                               cpeft_mat_compact(chunk, n, n_in), st));
                 CPEFT_TRY(dropout_scale_rows(dt, &a->dropout, chunk, a->scale, row0, n,
                                              o->grad_x, s.stream, st));
             }
@@ -407,6 +374,6 @@ int cpeft_lora_linear_bwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora
         CPEFT_TRY(colreduce_finalize(dt, a->out, partial, nullptr, o->grad_bias, s.stream, st));
     }
     if (o->grad_weight.data)
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, mat_transpose(g), a->x, 0.0, o->grad_weight, st));
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, cpeft_mat_transpose(g), a->x, 0.0, o->grad_weight, st));
     return CPEFT_OK;
 }

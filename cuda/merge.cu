@@ -18,7 +18,11 @@
  */
 #include "cpeft/merge.h"
 
-#include "common.cuh"
+#include "cpeft/views.h"
+#include "gemm.cuh"
+#include "kernel_support.cuh"
+#include "status.cuh"
+#include "stream_context.cuh"
 
 #include <cstring>
 
@@ -154,15 +158,6 @@ static __global__ void restore_kernel(int64_t count, const int64_t *index, const
     }
 }
 
-dim3 grid_2d(int64_t rows, int64_t cols)
-{
-    int64_t gx = (cols + 255) / 256;
-    if (gx < 1) gx = 1;
-    if (gx > 65535) gx = 65535;
-    const int64_t gy = rows < 1 ? 1 : (rows > 65535 ? 65535 : rows);
-    return dim3((unsigned)gx, (unsigned)gy);
-}
-
 bool rows_contiguous(const cpeft_mat &m) { return m.col_stride == 1 || m.cols <= 1; }
 
 int read_counter(const unsigned long long *counter, int64_t *out, cudaStream_t stream,
@@ -253,12 +248,10 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
                           void *stream, cpeft_status *st)
 {
     static const char op[] = "lora_merge";
-    if (a->groups < 1 || a->groups > CPEFT_MAX_GROUPS || a->out % a->groups != 0)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: %lld groups do not divide OUT %lld", op,
-                          (long long)a->groups, (long long)a->out);
+    int64_t seg = 0, enabled_count = 0;
+    CPEFT_TRY(cpeft_lora_groups(a, &seg, &enabled_count, st));
     const cpeft_dtype dt = a->dtype, acc = acc_dtype(dt);
-    const size_t elt = cpeft_dtype_size(dt);
-    const int64_t seg = a->out / a->groups, in = a->in, r = a->r;
+    const int64_t in = a->in, r = a->r;
 
     const bool transpose = !rows_contiguous(a->weight);
     const int64_t target_rows = transpose ? in : seg;
@@ -290,12 +283,12 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
     for (int64_t grp = 0, k = 0; grp < a->groups; ++grp) {
         if (!a->enabled[grp])
             continue;
-        const cpeft_mat a_k = mat_block(a->lora_a, k * r, r, 0, in, elt);
-        const cpeft_mat b_k = mat_block(a->lora_b, k * seg, seg, 0, r, elt);
-        const cpeft_mat w_k = mat_block(a->weight, grp * seg, seg, 0, in, elt);
-        const cpeft_mat left = transpose ? mat_transpose(a_k) : b_k;
-        const cpeft_mat right = transpose ? mat_transpose(b_k) : a_k;
-        const cpeft_mat target = transpose ? mat_transpose(w_k) : w_k;
+        const cpeft_mat a_k = cpeft_mat_sub(dt, a->lora_a, k * r, r, 0, in);
+        const cpeft_mat b_k = cpeft_mat_sub(dt, a->lora_b, k * seg, seg, 0, r);
+        const cpeft_mat w_k = cpeft_mat_sub(dt, a->weight, grp * seg, seg, 0, in);
+        const cpeft_mat left = transpose ? cpeft_mat_transpose(a_k) : b_k;
+        const cpeft_mat right = transpose ? cpeft_mat_transpose(b_k) : a_k;
+        const cpeft_mat target = transpose ? cpeft_mat_transpose(w_k) : w_k;
         ++k;
         for (int64_t row0 = 0; row0 < target_rows; row0 += chunk) {
             const int64_t n = target_rows - row0 < chunk ? target_rows - row0 : chunk;
@@ -304,14 +297,14 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
                                     : nullptr;
             const size_t chunk_bytes = (size_t)(n * target_cols) * acc_elt;
             if (run_gemms) {
-                CPEFT_TRY(gemm(s, dt, acc, a->scale, mat_block(left, row0, n, 0, r, elt), right,
-                               0.0, mat_dense(d_data, n, target_cols), st));
+                CPEFT_TRY(gemm(s, dt, acc, a->scale, cpeft_mat_sub(dt, left, row0, n, 0, r), right,
+                               0.0, cpeft_mat_compact(d_data, n, target_cols), st));
                 if (kept_delta && chunk_bytes > 0)
                     CPEFT_CUDA_CHECK(st, cudaMemcpyAsync(kept, d_data, chunk_bytes,
                                                          cudaMemcpyDeviceToDevice, s.stream));
             }
             const void *d_place = run_gemms ? d_data : kept;
-            const cpeft_mat part = mat_block(target, row0, n, 0, target_cols, elt);
+            const cpeft_mat part = cpeft_mat_sub(dt, target, row0, n, 0, target_cols);
             const LinearIndex li = transpose
                                        ? LinearIndex{grp * seg * in + row0, 1, in}
                                        : LinearIndex{(grp * seg + row0) * in, in, 1};
@@ -345,7 +338,7 @@ int cpeft_ia3_merge_cuda(cpeft_dtype dtype, cpeft_mat target, cpeft_vec l, int a
     cpeft_mat walk = target;
     LinearIndex li = {0, target.cols, 1};
     if (!rows_contiguous(target)) {
-        walk = mat_transpose(target);
+        walk = cpeft_mat_transpose(target);
         along_cols = !along_cols;
         li = LinearIndex{0, 1, target.cols};
     }

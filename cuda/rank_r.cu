@@ -1,5 +1,5 @@
 /*
- * The skinny products of the LoRA branch as own kernels (common.cuh, "Rank-r products").
+ * The skinny products of the LoRA branch as own kernels (declared in rank_r.cuh).
  *
  * cuBLAS runs x·Aᵀ (M x IN times IN x R), g·B, gbᵀ·x and gᵀ·xa as split-K GEMMs: 5-12 us each
  * at M=4096, 4096², r=16 on an H200, against a memory floor of about 7 us for one read of x
@@ -24,7 +24,10 @@
  * element type apart from the activations', so fp32 adapters beside fp16/bf16 activations can be
  * instantiated without widening x; today every operand of one call has one dtype.
  */
-#include "common.cuh"
+#include "cpeft/views.h"
+#include "kernel_support.cuh"
+#include "rank_r.cuh"
+#include "status.cuh"
 
 #include <climits>
 #include <cstdlib>
@@ -680,11 +683,11 @@ int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop
         typedef typename Num<T>::acc Acc;
         const DropoutIn<Acc> d = dropout_in<Acc>(drop, 1.0);
         constexpr int wide = wide_rank_tile<T>();
-        const size_t elt = sizeof(T), out_elt = out_acc ? sizeof(Acc) : sizeof(T);
+        const cpeft_dtype out_dt = out_acc ? acc_dtype(dt) : dt;
         for (int64_t k0 = 0; k0 < small.rows; k0 += wide) {
             const int64_t n = small.rows - k0 < wide ? small.rows - k0 : wide;
-            const cpeft_mat sm = mat_block(small, k0, n, 0, small.cols, elt);
-            const cpeft_mat o = mat_block(out, 0, out.rows, k0, n, out_elt);
+            const cpeft_mat sm = cpeft_mat_sub(dt, small, k0, n, 0, small.cols);
+            const cpeft_mat o = cpeft_mat_sub(out_dt, out, 0, out.rows, k0, n);
             if (out_acc && n <= kNarrowRanks)
                 CPEFT_TRY((launch_project<T, T, Acc, kNarrowRanks>(big, sm, n, o, d, stream, st)));
             else if (out_acc)
@@ -735,11 +738,10 @@ int rank_reduce(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &big,
         typedef typename Num<T>::acc Acc;
         const DropoutIn<Acc> d = dropout_in<Acc>(drop, 1.0);
         constexpr int wide = wide_rank_tile<T>();
-        const size_t elt = sizeof(T);
         for (int64_t k0 = 0; k0 < small.cols; k0 += wide) {
             const int64_t n = small.cols - k0 < wide ? small.cols - k0 : wide;
-            const cpeft_mat s = mat_block(small, 0, small.rows, k0, n, elt);
-            const cpeft_mat o = mat_block(out, k0, n, 0, out.cols, elt);
+            const cpeft_mat s = cpeft_mat_sub(dt, small, 0, small.rows, k0, n);
+            const cpeft_mat o = cpeft_mat_sub(dt, out, k0, n, 0, out.cols);
             if (n <= kNarrowRanks)
                 CPEFT_TRY((launch_reduce<T, T, kNarrowRanks>(s, big, n, d, alpha, o, partial,
                                                              stream, st)));

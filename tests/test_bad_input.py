@@ -459,3 +459,29 @@ def test_cuda_request_without_cuda_device():
     fake["out"] = FakeCudaTensor(np.zeros((M, D), DT))
     with pytest.raises((RuntimeError, BufferError), match="(?i)cuda|device"):
         call("lora_embedding_forward", fake)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(nbytes=-1), ValueError, "nbytes must be an int >= 0"),
+    (dict(nbytes=1.5), TypeError, "nbytes"),
+    (dict(nbytes="1"), TypeError, "nbytes"),
+    (dict(nbytes=1, stream="s"), TypeError, "stream"),
+    (dict(nbytes=1, stream=-1), ValueError, "stream"),
+    (dict(nbytes=1, device=-1), ValueError, "device must be None or a CUDA device index"),
+    (dict(nbytes=1, device=1 << 20), ValueError, "device must be None or a CUDA device index"),
+])
+def test_cuda_reserve_workspace_bad_arguments(kwargs, error, words):
+    from cpeft import _C
+
+    with pytest.raises(error, match=words):
+        _C.cuda_reserve_workspace(**kwargs)
+
+
+def test_cuda_reserve_workspace_without_cuda_says_so():
+    import cpeft
+    from cpeft import _C
+
+    if cpeft.build_info()["cuda"]:
+        pytest.skip("this build has CUDA: tests/test_cuda.py covers the reservation")
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        _C.cuda_reserve_workspace(1 << 20)

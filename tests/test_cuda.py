@@ -574,6 +574,53 @@ def test_two_concurrent_streams():
             assert torch.equal(ga, ga_ref)
 
 
+def test_workspace_cannot_grow_under_graph_capture_until_reserved():
+    """Nothing in a captured call allocates or synchronizes (issue 8, item 7): a call whose
+    stream workspace would have to grow while the stream is captured into a CUDA graph raises,
+    naming cuda_reserve_workspace; after the reservation (and a warm-up call) the same call
+    captures, and a replay equals the eager result."""
+    from cpeft import _C
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    # nbytes 0 never grows: it creates the stream's context and reports what it already holds
+    # (streams come from torch's pool, so an earlier test may have grown this one).
+    held = _C.cuda_reserve_workspace(0, stream=s.cuda_stream)
+    out_f = held // 4 + 1  # IA3 output scaling takes OUT floats of workspace: more than held
+    x, w, l = randn(3, 1), randn(out_f, 1), randn(out_f)
+    expected = F.ia3_linear_forward(x, w, None, l)
+    torch.cuda.synchronize()
+    out = torch.zeros_like(expected)
+    with pytest.raises(RuntimeError, match="cuda_reserve_workspace"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=s):
+            F.ia3_linear_forward(x, w, None, l, out=out, stream=s.cuda_stream)
+    torch.cuda.synchronize()
+    assert _C.cuda_reserve_workspace(0, stream=s.cuda_stream) == held, "grew under capture"
+    reserved = _C.cuda_reserve_workspace(4 * out_f, stream=s.cuda_stream)
+    assert reserved >= 4 * out_f and reserved % (1 << 20) == 0
+    with torch.cuda.stream(s):
+        F.ia3_linear_forward(x, w, None, l, out=out, stream=s.cuda_stream)
+    s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        F.ia3_linear_forward(x, w, None, l, out=out, stream=s.cuda_stream)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    assert _C.cuda_reserve_workspace(0, stream=s.cuda_stream) == reserved
+
+
+def test_reserve_workspace_refuses_a_capturing_stream():
+    from cpeft import _C
+
+    s = torch.cuda.Stream()
+    with pytest.raises(RuntimeError, match="before the capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=s):
+            _C.cuda_reserve_workspace(1 << 20, stream=s.cuda_stream)
+    torch.cuda.synchronize()
+
+
 def test_second_device_is_honoured():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")

@@ -4,7 +4,12 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "cpeft/views.h"
 #include "blas.h"
+#include "dropout_rows.h"
+#include "gather.h"
+#include "op_setup.h"
+#include "strided.h"
 
 #define T float
 #define SUFFIX f32
@@ -143,7 +148,7 @@ static cpeft_dora_norm_args linear_norm_args(const cpeft_dora_linear_args *a)
 static int check_plain(const cpeft_lora_linear_args *l, const char *op, cpeft_status *st)
 {
     int64_t seg, k;
-    int rc = cpeft_lora_groups_cpu(l, &seg, &k, st);
+    int rc = cpeft_lora_groups(l, &seg, &k, st);
     if (rc == CPEFT_OK && (l->groups != 1 || k != 1))
         rc = cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: DoRA takes one ungrouped adapter, got %lld "
                         "groups", op, (long long)l->groups);

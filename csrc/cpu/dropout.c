@@ -1,8 +1,9 @@
 /* Counter-based dropout on the CPU: the mask as data (dropout.h) and its row-chunk application
- * used by the LoRA ops (blas.h). Both follow cpeft_dropout_keep (core.h) exactly. */
+ * used by the LoRA ops (dropout_rows.h). Both follow cpeft_dropout_keep (core.h) exactly. */
 #include "cpeft/dropout.h"
 
-#include "blas.h"
+#include "dropout_rows.h"
+#include "op_setup.h"
 
 /*
  * Keep flags for a run of counters. Philox4x32-10 is a chain of ten dependent multiply rounds,

@@ -3,7 +3,11 @@
 
 #include <stdlib.h>
 
+#include "cpeft/views.h"
 #include "blas.h"
+#include "gather.h"
+#include "op_setup.h"
+#include "strided.h"
 
 static const cpeft_vec no_scale = {NULL, 0, 1};
 

@@ -12,7 +12,12 @@
 
 #include <cblas.h>
 
+#include "cpeft/views.h"
 #include "blas.h"
+#include "dropout_rows.h"
+#include "gather.h"
+#include "op_setup.h"
+#include "strided.h"
 
 /* The rows of adapter g are order[start[g]] .. order[start[g+1] - 1], in batch order. */
 typedef struct {

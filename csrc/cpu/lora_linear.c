@@ -3,32 +3,11 @@
 
 #include <stdlib.h>
 
+#include "cpeft/views.h"
 #include "blas.h"
-
-int cpeft_lora_groups_cpu(const cpeft_lora_linear_args *a, int64_t *seg, int64_t *enabled_count,
-                          cpeft_status *st)
-{
-    if (a->groups < 1 || a->groups > CPEFT_MAX_GROUPS || a->out % a->groups != 0)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
-                          "lora_linear: groups must be in [1, %d] and divide out=%lld, got %lld",
-                          CPEFT_MAX_GROUPS, (long long)a->out, (long long)a->groups);
-    int64_t k = 0;
-    for (int64_t g = 0; g < a->groups; ++g)
-        k += a->enabled[g] != 0;
-    *seg = a->out / a->groups;
-    *enabled_count = k;
-    if (a->lora_a.rows != a->r * k || a->lora_a.cols != a->in || a->lora_b.rows != *seg * k ||
-        a->lora_b.cols != a->r)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
-                          "lora_linear: with r=%lld and %lld enabled blocks of %lld rows expected "
-                          "lora_a %lld x %lld and lora_b %lld x %lld, got %lld x %lld and "
-                          "%lld x %lld",
-                          (long long)a->r, (long long)k, (long long)*seg, (long long)(a->r * k),
-                          (long long)a->in, (long long)(*seg * k), (long long)a->r,
-                          (long long)a->lora_a.rows, (long long)a->lora_a.cols,
-                          (long long)a->lora_b.rows, (long long)a->lora_b.cols);
-    return CPEFT_OK;
-}
+#include "dropout_rows.h"
+#include "op_setup.h"
+#include "strided.h"
 
 static int has_dropout(const cpeft_lora_linear_args *a)
 {
@@ -217,7 +196,7 @@ int cpeft_lora_linear_fwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_
         return rc;
     cpeft_dtype dt = a->dtype;
     int64_t seg, k;
-    if ((rc = cpeft_lora_groups_cpu(a, &seg, &k, st)) != CPEFT_OK)
+    if ((rc = cpeft_lora_groups(a, &seg, &k, st)) != CPEFT_OK)
         return rc;
 
     /* xa is what backward needs; a caller that does not keep it still needs it for y. */
@@ -340,7 +319,7 @@ int cpeft_lora_linear_bwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_
         return rc;
     cpeft_dtype dt = a->dtype;
     int64_t seg, k;
-    if ((rc = cpeft_lora_groups_cpu(a, &seg, &k, st)) != CPEFT_OK)
+    if ((rc = cpeft_lora_groups(a, &seg, &k, st)) != CPEFT_OK)
         return rc;
     cpeft_mat g = in->grad_out;
     int64_t rk = a->r * k;

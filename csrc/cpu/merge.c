@@ -5,7 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpeft/views.h"
 #include "blas.h"
+#include "op_setup.h"
 
 /*
  * Per-call merge bookkeeping. Merge (+1) computes merged = round(W + d) and the value unmerge
@@ -114,7 +116,7 @@ int cpeft_lora_merge_cpu(const cpeft_lora_linear_args *a, int direction, cpeft_m
         return rc;
     cpeft_dtype dt = a->dtype;
     int64_t seg, k;
-    if ((rc = cpeft_lora_groups_cpu(a, &seg, &k, st)) != CPEFT_OK)
+    if ((rc = cpeft_lora_groups(a, &seg, &k, st)) != CPEFT_OK)
         return rc;
     merge_pass mp;
     if ((rc = begin_pass(op, direction, rec, a->weight, &mp, st)) != CPEFT_OK)

@@ -134,6 +134,7 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyOb
 PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *args, PyObject *kwargs);
 
 extern const char cpeft_doc_lora_linear_forward[];
 extern const char cpeft_doc_lora_linear_backward[];
@@ -160,5 +161,6 @@ extern const char cpeft_doc_dora_embedding_forward[];
 extern const char cpeft_doc_dora_embedding_backward[];
 extern const char cpeft_doc_lora_grouped_forward[];
 extern const char cpeft_doc_lora_grouped_backward[];
+extern const char cpeft_doc_cuda_reserve_workspace[];
 
 #endif /* CPEFT_PY_BOUNDARY_H */

@@ -90,6 +90,7 @@ static PyMethodDef cpeft_methods[] = {
     CPEFT_ENTRY(dora_embedding_backward),
     CPEFT_ENTRY(lora_grouped_forward),
     CPEFT_ENTRY(lora_grouped_backward),
+    CPEFT_ENTRY(cuda_reserve_workspace),
     {"has_cuda", has_cuda, METH_NOARGS, has_cuda_doc},
     {"build_info", build_info, METH_NOARGS, build_info_doc},
     {"supported_dtypes", cpeft_py_supported_dtypes, METH_NOARGS, cpeft_doc_supported_dtypes},

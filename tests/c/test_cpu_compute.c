@@ -18,6 +18,7 @@
 #include "cpeft/merge.h"
 
 #include "blas.h"
+#include "dropout_rows.h"
 
 static int failures, checks;
 

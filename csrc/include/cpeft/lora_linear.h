@@ -67,6 +67,13 @@ typedef struct {                /* each: data == NULL when not requested */
     cpeft_mat grad_weight;      /* OUT x IN view of W's storage */
 } cpeft_lora_linear_bwd_out;
 
+/* The grouping rule, checked by every op that takes these args on either backend: 1 <= groups <=
+ * CPEFT_MAX_GROUPS dividing OUT, and lora_a / lora_b sized for the K enabled blocks. Sets
+ * *seg = OUT / groups and *enabled_count = K; CPEFT_ERR_INTERNAL otherwise (the boundary has
+ * already refused such input). */
+int cpeft_lora_groups(const cpeft_lora_linear_args *a, int64_t *seg, int64_t *enabled_count,
+                      cpeft_status *st);
+
 int cpeft_lora_linear_fwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_linear_fwd_out *o,
                               cpeft_status *st);
 int cpeft_lora_linear_bwd_cpu(const cpeft_lora_linear_args *a, const cpeft_lora_linear_bwd_in *in,

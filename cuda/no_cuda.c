@@ -1,7 +1,8 @@
 /*
  * CPU-only builds: the CUDA twins of the compute functions exist so every entry point links, and
  * each reports CPEFT_ERR_UNSUPPORTED. The boundary already refuses CUDA tensors in such a build
- * (tensor.c), so these run only if something bypasses it. Not compiled when CUDA is enabled.
+ * (csrc/py/tensor.c), so these run only if something bypasses it. Compiled (as C, by setup.py)
+ * only when CUDA is not; nothing here sees Python.
  */
 #include "cpeft/core.h"
 #include "cpeft/dora.h"
@@ -11,6 +12,7 @@
 #include "cpeft/lora_grouped.h"
 #include "cpeft/lora_linear.h"
 #include "cpeft/merge.h"
+#include "cpeft/workspace.h"
 
 
 int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_fwd_out *o,
@@ -151,5 +153,12 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
                                   void *stream, cpeft_status *st)
 {
     (void)a, (void)grad_out, (void)norm, (void)o, (void)stream;
+    return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);
+}
+
+int cpeft_cuda_reserve_workspace(size_t bytes, void *stream, size_t *reserved, cpeft_status *st)
+{
+    (void)bytes, (void)stream;
+    *reserved = 0;
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);
 }
