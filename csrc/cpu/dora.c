@@ -169,10 +169,9 @@ static void *magnitude_scales(cpeft_dtype dt, cpeft_vec m, cpeft_vec n, cpeft_ve
     return buf;
 }
 
-static void combine(cpeft_dtype dt, cpeft_mat u, cpeft_vec l, cpeft_vec bias, int accumulate,
-                    cpeft_mat y)
+static void combine(cpeft_dtype dt, cpeft_mat u, cpeft_vec l, cpeft_vec bias, cpeft_mat y)
 {
-    DORA_DISPATCH(dt, combine, u, l.data, bias, accumulate, y);
+    DORA_DISPATCH(dt, combine, u, l.data, bias, y);
 }
 
 /* Rows of dropped x per chunk: at least 512, so the chunked products with W (which BLAS
@@ -185,8 +184,8 @@ static int64_t dropout_chunk_rows(cpeft_dtype dt, int64_t m, int64_t in)
     return rows < m ? rows : (m > 0 ? m : 1);
 }
 
-/* With dropout: xa = xd·Aᵀ and u = xd·Wᵀ + s·xa·Bᵀ, building xd one row chunk at a time. */
-static int dropped_terms(const cpeft_lora_linear_args *l, cpeft_mat xa, cpeft_mat u,
+/* With dropout: xa = xd·Aᵀ and d = xd·Wᵀ, building xd one row chunk at a time. */
+static int dropped_terms(const cpeft_lora_linear_args *l, cpeft_mat xa, cpeft_mat d,
                          cpeft_status *st)
 {
     cpeft_dtype dt = l->dtype;
@@ -199,14 +198,12 @@ static int dropped_terms(const cpeft_lora_linear_args *l, cpeft_mat xa, cpeft_ma
         int64_t n = l->m - row0 < rows ? l->m - row0 : rows;
         cpeft_mat xd = cpeft_mat_compact(buf, n, l->in);
         cpeft_mat xa_rows = cpeft_mat_sub(dt, xa, row0, n, 0, l->r);
-        cpeft_mat u_rows = cpeft_mat_sub(dt, u, row0, n, 0, l->out);
+        cpeft_mat d_rows = cpeft_mat_sub(dt, d, row0, n, 0, l->out);
         cpeft_dropout_rows_cpu(dt, &l->dropout, row0, 1.0,
                                cpeft_mat_sub(dt, l->x, row0, n, 0, l->in), 0, xd);
         rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xd, l->lora_a, 0.0, xa_rows, st);
         if (rc == CPEFT_OK)
-            rc = cpeft_gemm_cpu(dt, 0, 1, l->scale, xa_rows, l->lora_b, 0.0, u_rows, st);
-        if (rc == CPEFT_OK)
-            rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xd, l->weight, 1.0, u_rows, st);
+            rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, xd, l->weight, 0.0, d_rows, st);
     }
     free(buf);
     return rc;
@@ -279,7 +276,7 @@ int cpeft_dora_linear_fwd_cpu(const cpeft_dora_linear_args *a, const cpeft_dora_
     }
     if (u.data == NULL) {
         if (dropout) {
-            u_temp = cpeft_alloc_temp(dt, l->m * l->out, "u = xd·Wᵀ + s·xa·Bᵀ", st);
+            u_temp = cpeft_alloc_temp(dt, l->m * l->out, "xd·Wᵀ", st);
             u = cpeft_mat_compact(u_temp, l->m, l->out);
         } else {
             u = o->y;
@@ -299,14 +296,16 @@ int cpeft_dora_linear_fwd_cpu(const cpeft_dora_linear_args *a, const cpeft_dora_
         if (rc == CPEFT_OK)
             rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->weight, 1.0, u, st);
         if (rc == CPEFT_OK)
-            combine(dt, u, c, l->bias, 0, o->y);
+            combine(dt, u, c, l->bias, o->y);
     } else {
-        /* y = s·xa·Bᵀ + (c - 1) ⊙ u + bias, then x·Wᵀ accumulated by the base GEMM. */
+        /* y = c ⊙ s·xa·Bᵀ + (c - 1) ⊙ xd·Wᵀ + bias, then x·Wᵀ accumulated by the base GEMM; u's
+         * place holds xd·Wᵀ until the combining pass turns it into u. */
         rc = dropped_terms(l, xa, u, st);
         if (rc == CPEFT_OK)
             rc = cpeft_gemm_cpu(dt, 0, 1, l->scale, xa, l->lora_b, 0.0, o->y, st);
         if (rc == CPEFT_OK) {
-            combine(dt, u, c_minus_one, l->bias, 1, o->y);
+            DORA_DISPATCH(dt, combine_dropped, u, c.data, c_minus_one.data, l->bias,
+                          o->base.data != NULL, o->y);
             rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, l->x, l->weight, 1.0, o->y, st);
         }
     }

@@ -53,6 +53,35 @@ def test_dora_float32_norm_with_large_lora_a():
     assert np.isfinite(y).all() and np.allclose(n, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep_base", [False, True])
+def test_dora_float32_dropout_forward_with_tiny_c(keep_base):
+    """A scale of 1e15 makes n about 1e15 and c = m / n about 1e-15, below float32's epsilon,
+    while c·s·xd·Aᵀ·Bᵀ is of order 1. Forming c ⊙ t as t + (c - 1) ⊙ (t + xd·Wᵀ) lost that term
+    entirely (the fuzzer's `python -m tests.fuzz.replay 1 15019` and five more). Expected: the
+    float64 value of x·Wᵀ + (c - 1) ⊙ xd·Wᵀ + c ⊙ s·xd·Aᵀ·Bᵀ, and u = xd·Wᵀ + s·xd·Aᵀ·Bᵀ."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    w = rng.standard_normal((5, 6)).astype(np.float32)
+    a = rng.standard_normal((2, 6)).astype(np.float32)
+    b = rng.standard_normal((5, 2)).astype(np.float32)
+    m = (rng.random(5) + 0.5).astype(np.float32)
+    s, p, seed = 1e15, 0.25, 3
+    y, _, u, n = F.dora_linear_forward(x, w, None, a, b, m, s, dropout=p, seed=seed,
+                                       keep_base=keep_base)
+    x64, w64, a64, b64 = (v.astype(np.float64) for v in (x, w, a, b))
+    n64 = np.linalg.norm(w64 + s * b64 @ a64, axis=1)
+    c = m / n64
+    xd = x64 * F.dropout_mask(x.shape, p, seed, dtype="float64")
+    t = s * (xd @ a64.T) @ b64.T
+    want = x64 @ w64.T + (c - 1) * (xd @ w64.T) + c * t
+    assert np.abs(c * t).max() > 0.1
+    assert np.allclose(n, n64, rtol=1e-5)
+    assert np.allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if keep_base:
+        want_u = xd @ w64.T + t
+        assert np.allclose(u, want_u, rtol=1e-5, atol=1e-5 * np.abs(want_u).max())
+
+
 def test_dora_embedding_empty_batch_with_infinite_lora_b():
     """grad_magnitude of an empty batch is an empty sum over 0 rows divided by n: 0, whatever
     lora_b holds (found by the fuzzer: 0·inf gave NaN)."""
