@@ -9,8 +9,9 @@
  * of the base GEMM, read by its epilogue), then y = c ⊙ u + bias in one pass. u is `base` when
  * the caller keeps it for grad_m; otherwise, when M > IN, c is folded into a scaled copy of W
  * (OUT x IN, the cached workspace) and into B, so y = bias + s·xa·(c ⊙ B)ᵀ + x·(c ⊙ W)ᵀ is
- * written by the GEMMs alone, with no pass over y. With dropout (peft's training formula) u is
- * built a row chunk at a time from drop(x), and y = s·xa·Bᵀ + (c - 1) ⊙ u + bias + x·Wᵀ.
+ * written by the GEMMs alone, with no pass over y. With dropout (peft's training formula) xd·Wᵀ
+ * is built a row chunk at a time from drop(x), y = c ⊙ s·xa·Bᵀ + (c - 1) ⊙ xd·Wᵀ + bias in one
+ * pass that also leaves u = xd·Wᵀ + s·xa·Bᵀ in `base` when kept, then x·Wᵀ is accumulated.
  *
  * Backward: grad_m and grad_bias are column reductions over g (grad_m against u); grad_b =
  * s·c ⊙ gᵀ·xa; gb = g·(c ⊙ B); grad_x's rank-R part first, then the base GEMM accumulates
@@ -113,18 +114,40 @@ __global__ void scales_kernel(int64_t len, const T *m, int64_t m_stride, const T
 template <class T>
 __global__ void combine_kernel(int64_t rows, int64_t cols, const T *u, int64_t u_rs,
                                int64_t u_cs, const T *l, const T *bias, int64_t bias_stride,
-                               int accumulate, T *y, int64_t y_rs, int64_t y_cs)
+                               T *y, int64_t y_rs, int64_t y_cs)
 {
     typedef typename Num<T>::acc Acc;
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols;
          j += (int64_t)gridDim.x * blockDim.x) {
         const Acc lj = Num<T>::load(l[j]);
         const Acc bj = bias ? Num<T>::load(bias[j * bias_stride]) : Acc(0);
+        for (int64_t i = blockIdx.y; i < rows; i += gridDim.y)
+            y[i * y_rs + j * y_cs] = Num<T>::store(lj * Num<T>::load(u[i * u_rs + j * u_cs]) + bj);
+    }
+}
+
+/*
+ * The dropout forward, y holding t = s·xa·Bᵀ and d = xd·Wᵀ: y = c ⊙ t + (c - 1) ⊙ d + bias, and
+ * d's place receives u = d + t when the caller keeps u. c multiplies t directly: forming c·t as
+ * t + (c - 1)·(t + d) loses c entirely once |c| is below the dtype's epsilon.
+ */
+template <class T>
+__global__ void combine_dropped_kernel(int64_t rows, int64_t cols, T *d, int64_t d_rs,
+                                       int64_t d_cs, const T *c, const T *c_minus_one,
+                                       const T *bias, int64_t bias_stride, int keep_u, T *y,
+                                       int64_t y_rs, int64_t y_cs)
+{
+    typedef typename Num<T>::acc Acc;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols;
+         j += (int64_t)gridDim.x * blockDim.x) {
+        const Acc cj = Num<T>::load(c[j]), cm1j = Num<T>::load(c_minus_one[j]);
+        const Acc bj = bias ? Num<T>::load(bias[j * bias_stride]) : Acc(0);
         for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
-            Acc v = lj * Num<T>::load(u[i * u_rs + j * u_cs]) + bj;
-            if (accumulate)
-                v += Num<T>::load(y[i * y_rs + j * y_cs]);
-            y[i * y_rs + j * y_cs] = Num<T>::store(v);
+            const Acc t = Num<T>::load(y[i * y_rs + j * y_cs]);
+            const Acc dij = Num<T>::load(d[i * d_rs + j * d_cs]);
+            y[i * y_rs + j * y_cs] = Num<T>::store(cj * t + cm1j * dij + bj);
+            if (keep_u)
+                d[i * d_rs + j * d_cs] = Num<T>::store(dij + t);
         }
     }
 }
@@ -280,7 +303,7 @@ int magnitude_scales(cpeft_dtype dt, const cpeft_vec &m, const cpeft_vec &n, dou
 }
 
 int combine(cpeft_dtype dt, const cpeft_mat &u, const cpeft_vec &l, const cpeft_vec &bias,
-            int accumulate, const cpeft_mat &y, cudaStream_t stream, cpeft_status *st)
+            const cpeft_mat &y, cudaStream_t stream, cpeft_status *st)
 {
     if (y.rows == 0 || y.cols == 0)
         return CPEFT_OK;
@@ -289,8 +312,25 @@ int combine(cpeft_dtype dt, const cpeft_mat &u, const cpeft_vec &l, const cpeft_
         combine_kernel<T><<<grid_2d(y.rows, y.cols), kBlock, 0, stream>>>(
             y.rows, y.cols, static_cast<const T *>(u.data), u.row_stride, u.col_stride,
             static_cast<const T *>(l.data), static_cast<const T *>(bias.data), bias.stride,
-            accumulate, static_cast<T *>(y.data), y.row_stride, y.col_stride);
+            static_cast<T *>(y.data), y.row_stride, y.col_stride);
         CPEFT_LAUNCH_CHECK(st, "combine_kernel");
+        return (int)CPEFT_OK;
+    });
+}
+
+int combine_dropped(cpeft_dtype dt, const cpeft_mat &d, const Scales &sc, const cpeft_vec &bias,
+                    bool keep_u, const cpeft_mat &y, cudaStream_t stream, cpeft_status *st)
+{
+    if (y.rows == 0 || y.cols == 0)
+        return CPEFT_OK;
+    return dispatch_float(dt, st, [&](auto tag) {
+        typedef typename decltype(tag)::type T;
+        combine_dropped_kernel<T><<<grid_2d(y.rows, y.cols), kBlock, 0, stream>>>(
+            y.rows, y.cols, static_cast<T *>(d.data), d.row_stride, d.col_stride,
+            static_cast<const T *>(sc.c.data), static_cast<const T *>(sc.c_minus_one.data),
+            static_cast<const T *>(bias.data), bias.stride, keep_u ? 1 : 0,
+            static_cast<T *>(y.data), y.row_stride, y.col_stride);
+        CPEFT_LAUNCH_CHECK(st, "combine_dropped_kernel");
         return (int)CPEFT_OK;
     });
 }
@@ -436,7 +476,7 @@ int cpeft_dora_linear_fwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
         const cpeft_mat &u = keep ? o->base : o->y;
         CPEFT_TRY(gemm(s, dt, dt, l->scale, o->xa, b_t, 0.0, u, st));
         CPEFT_TRY(gemm(s, dt, dt, 1.0, l->x, cpeft_mat_transpose(l->weight), 1.0, u, st));
-        return combine(dt, u, sc.c, l->bias, 0, o->y, s.stream, st);
+        return combine(dt, u, sc.c, l->bias, o->y, s.stream, st);
     }
 
     const cpeft_mat u = keep ? o->base : cpeft_mat_compact(u_ws, m, out);
@@ -447,11 +487,11 @@ int cpeft_dora_linear_fwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
         const cpeft_mat u_rows = cpeft_mat_sub(dt, u, row0, n, 0, out);
         CPEFT_TRY(dropout_rows(dt, &l->dropout, l->x, row0, n, chunk, s.stream, st));
         CPEFT_TRY(gemm(s, dt, dt, 1.0, xd, a_t, 0.0, xa_rows, st));
-        CPEFT_TRY(gemm(s, dt, dt, l->scale, xa_rows, b_t, 0.0, u_rows, st));
-        CPEFT_TRY(gemm(s, dt, dt, 1.0, xd, cpeft_mat_transpose(l->weight), 1.0, u_rows, st));
+        CPEFT_TRY(gemm(s, dt, dt, 1.0, xd, cpeft_mat_transpose(l->weight), 0.0, u_rows, st));
     }
+    /* u's place holds xd·Wᵀ until the combining pass turns it into u. */
     CPEFT_TRY(gemm(s, dt, dt, l->scale, o->xa, b_t, 0.0, o->y, st));
-    CPEFT_TRY(combine(dt, u, sc.c_minus_one, l->bias, 1, o->y, s.stream, st));
+    CPEFT_TRY(combine_dropped(dt, u, sc, l->bias, keep, o->y, s.stream, st));
     return gemm(s, dt, dt, 1.0, l->x, cpeft_mat_transpose(l->weight), 1.0, o->y, st);
 }
 
