@@ -93,7 +93,14 @@ static int grow_workspace(StreamContext *ctx, cudaStream_t stream, size_t bytes,
                           "CUDA graph: run the step once on this stream before capture, or call "
                           "cpeft._C.cuda_reserve_workspace(%zu, stream) before capture",
                           bytes, ctx->workspace_bytes, grown);
-    if (ctx->workspace) {
+    if (ctx->workspace && ctx->workspace_captured) {
+        /* A graph captured with this buffer may still be replayed, and CUDA does not say when
+         * the last such graph is destroyed: the buffer stays allocated for the process. Sizes
+         * only grow, so what is kept is bounded by the sizes reserved before captures. */
+        ctx->workspace = nullptr;
+        ctx->workspace_bytes = 0;
+        ctx->workspace_captured = false;
+    } else if (ctx->workspace) {
         CPEFT_CUDA_CHECK(st, cudaFreeAsync(ctx->workspace, stream));
         ctx->workspace = nullptr;
         ctx->workspace_bytes = 0;
@@ -119,6 +126,11 @@ int Session::workspace(size_t bytes, void **out, cpeft_status *st)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "CUDA workspace requested before Session::open");
     if (ctx_->workspace_bytes < bytes)
         CPEFT_TRY(grow_workspace(ctx_, stream, bytes, st));
+    if (!ctx_->workspace_captured && ctx_->workspace) {
+        cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+        CPEFT_CUDA_CHECK(st, cudaStreamIsCapturing(stream, &capture));
+        ctx_->workspace_captured = capture != cudaStreamCaptureStatusNone;
+    }
     *out = ctx_->workspace;
     return CPEFT_OK;
 }

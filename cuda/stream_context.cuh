@@ -46,6 +46,7 @@ struct StreamContext {
     std::map<LtKey, LtPlan> lt_plans;
     void *workspace = nullptr;         /* allocated in this stream's order (cudaMallocAsync) */
     size_t workspace_bytes = 0;
+    bool workspace_captured = false;   /* handed to a call on a capturing stream: never freed */
 };
 
 class Session {
@@ -64,7 +65,8 @@ public:
      * the old buffer is released with cudaFreeAsync and the new one taken with cudaMallocAsync
      * on the stream, so nothing waits on the host. A stream being captured into a CUDA graph
      * cannot grow its workspace (the allocation would belong to the graph): that is an error
-     * telling the caller to reserve it before capture (cpeft/workspace.h). */
+     * telling the caller to reserve it before capture (cpeft/workspace.h). A buffer once handed
+     * out under capture is never released (a replay of that graph still writes it). */
     int workspace(size_t bytes, void **out, cpeft_status *st);
 
     /* The locked context (for the cuBLASLt plans it caches); null before open. */

@@ -609,6 +609,13 @@ def test_workspace_cannot_grow_under_graph_capture_until_reserved():
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
     assert _C.cuda_reserve_workspace(0, stream=s.cuda_stream) == reserved
+    # Growing after the capture must not free the buffer the graph was captured with: the
+    # replay still writes it (compute-sanitizer's memcheck in gpu_check.sh would flag a free).
+    assert _C.cuda_reserve_workspace(2 * reserved + 1, stream=s.cuda_stream) > reserved
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
 
 
 def test_reserve_workspace_refuses_a_capturing_stream():
