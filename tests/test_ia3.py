@@ -270,7 +270,10 @@ def test_reference_matches_peft(rng, mode, fan_in_fan_out):
     g = rng.standard_normal((3, out_f))
     y = layer(x)
     y.backward(torch.tensor(g))
-    npy = lambda t: t.detach().numpy()
+
+    def npy(t):
+        return t.detach().numpy()
+
     mode_kw = dict(feedforward=ff, fan_in_fan_out=fan_in_fan_out)
     y_ref, _ = ref.ia3_linear_forward(npy(x), npy(base.weight), npy(base.bias), npy(l_param),
                                       **mode_kw)

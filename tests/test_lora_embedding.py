@@ -191,7 +191,10 @@ def test_reference_matches_loralib(rng, padding_idx):
     g = rng.standard_normal((3, 4, 4))
     y = layer(torch.tensor(idx))
     y.backward(torch.tensor(g))
-    npy = lambda t: t.detach().numpy()
+
+    def npy(t):
+        return t.detach().numpy()
+
     args = (npy(layer.lora_A), npy(layer.lora_B), layer.scaling)
     np.testing.assert_allclose(ref.lora_embedding_forward(idx, npy(layer.weight), *args), npy(y),
                                rtol=1e-12, atol=1e-12)

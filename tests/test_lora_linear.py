@@ -291,7 +291,10 @@ def test_reference_matches_loralib(rng, enable_lora, fan_in_fan_out):
     g = rng.standard_normal((4, out_f))
     y = layer(x)
     y.backward(torch.tensor(g))
-    npy = lambda t: t.detach().numpy()
+
+    def npy(t):
+        return t.detach().numpy()
+
     args = (npy(layer.weight), npy(layer.bias), npy(layer.lora_A), npy(layer.lora_B),
             layer.scaling)
     kw = dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora)
