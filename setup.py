@@ -77,9 +77,10 @@ def find_library_dir(home, name):
 
 
 def find_cublas(home):
-    """cuBLAS headers and library: in the toolkit, or (toolkits installed without it) in the
-    nvidia-cublas wheel's nvidia/cu13 (or nvidia/cublas) folder. The wheel ships only versioned
-    sonames, so the link name is then the exact file."""
+    """cuBLAS headers and the cuBLAS and cuBLASLt libraries (IA3's output scaling is a cuBLASLt
+    GEMM): in the toolkit, or (toolkits installed without it) in the nvidia-cublas wheel's
+    nvidia/cu13 (or nvidia/cublas) folder. The wheel ships only versioned sonames, so the link
+    name is then the exact file."""
     roots = [home]
     for entry in __import__("sys").path:
         roots += [os.path.join(entry, "nvidia", "cu13"), os.path.join(entry, "nvidia", "cublas")]
@@ -96,6 +97,8 @@ def find_cublas(home):
             versioned = sorted(glob.glob(os.path.join(lib_dir, f"lib{name}.so.*")))
             libs[name] = name if os.path.exists(plain) else (
                 ":" + os.path.basename(versioned[0]) if versioned else None)
+        if None in libs.values():
+            continue
         return dict(include=include, lib_dir=lib_dir, libs=libs, in_wheel=root != home)
     return None
 
@@ -130,15 +133,14 @@ def find_cuda():
         return unavailable(f"libcudart not found under {home}")
     cublas = find_cublas(home)
     if cublas is None:
-        return unavailable(f"cuBLAS not found in {home} nor in an installed nvidia-cublas wheel")
+        return unavailable(f"cuBLAS and cuBLASLt not found in {home} nor in an installed "
+                           "nvidia-cublas wheel")
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\d+\.\d+)", out)
     archs = parse_archs(os.environ.get("CPEFT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
-    uses_lt = any("cublasLt" in open(os.path.join(ROOT, p)).read()
-                  for p in cu_sources + sources("cuda/*.cuh"))
     return dict(nvcc=nvcc, home=home, lib_dir=cudart_dir, cublas=cublas,
                 version=match.group(1) if match else "?",
-                archs=archs, sources=cu_sources, uses_lt=uses_lt), None
+                archs=archs, sources=cu_sources), None
 
 
 def gencode_flags(archs):
@@ -183,10 +185,7 @@ if CUDA:
     cublas = CUDA["cublas"]
     include_dirs += [os.path.join(CUDA["home"], "include"), cublas["include"]]
     library_dirs += [CUDA["lib_dir"], cublas["lib_dir"]]
-    libraries += ["cudart", cublas["libs"]["cublas"]]
-    if CUDA["uses_lt"]:
-        libraries.append(cublas["libs"]["cublasLt"])
-    libraries.append("stdc++")
+    libraries += ["cudart", cublas["libs"]["cublas"], cublas["libs"]["cublasLt"], "stdc++"]
     link_args += [f"-Wl,-rpath,{CUDA['lib_dir']}", f"-Wl,-rpath,{cublas['lib_dir']}",
                   "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib"]
     SUMMARY = (f"cpeft build: CUDA on (nvcc {CUDA['version']}, {archs_text}) "
