@@ -11,6 +11,7 @@ Environment:
   CPEFT_DEBUG=1         -O0 -g -UNDEBUG.
   CPEFT_SANITIZE=1      AddressSanitizer and UBSan on the C sources (compile and link).
 """
+import concurrent.futures
 import glob
 import hashlib
 import json
@@ -291,17 +292,23 @@ class BuildExt(build_ext):
         flags += ["-g", "-lineinfo", "-UNDEBUG"] if DEBUG else ["-DNDEBUG"]
         deps = HEADERS + sources("cuda/*.cuh")
         newest_dep = max((os.path.getmtime(os.path.join(ROOT, p)) for p in deps), default=0.0)
-        objects = []
+        objects, commands = [], []
         for src in CUDA["sources"]:
             obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
             stale = (self.force or not os.path.exists(obj)
                      or os.path.getmtime(obj) < max(os.path.getmtime(os.path.join(ROOT, src)),
                                                     newest_dep))
             if stale:
-                cmd = [CUDA["nvcc"], *flags, "-c", os.path.join(ROOT, src), "-o", obj]
-                print(" ".join(cmd), flush=True)
-                subprocess.run(cmd, check=True)
+                commands.append([CUDA["nvcc"], *flags, "-c", os.path.join(ROOT, src), "-o", obj])
             objects.append(obj)
+
+        def run(cmd):
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+
+        # One nvcc per .cu file, `build_ext -j N` of them at once (one at a time without -j).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.parallel or 1) as pool:
+            list(pool.map(run, commands))
         return objects
 
 
