@@ -10,7 +10,7 @@
 # a chosen subset of the GPU tests, sized for bench/gpu_check.sh's budget (70 s for memcheck, 50 s
 # for racecheck, each including the sanitized start of Python, torch, CUDA and cuBLAS): one or
 # two small, awkward shapes per kernel family rather than every size.
-#   memcheck (30 tests): the rank-r kernels (bf16 at three shapes, with and without dropout; the
+#   memcheck (29 tests): the rank-r kernels (bf16 at three shapes, with and without dropout; the
 #     fp64 accumulator once), the one-pass embedding, the dropout masks across 2^64, empty inputs,
 #     a column-major input, IA3 (both scalings, and the cuBLASLt GEMM with l as its alpha vector
 #     on offset and column-major views), the bit-exact merges, DoRA linear and embedding, the
