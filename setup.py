@@ -12,6 +12,7 @@ Environment:
   CPEFT_DEBUG=1         -O0 -g -UNDEBUG.
   CPEFT_SANITIZE=1      AddressSanitizer and UBSan on the C sources (compile and link).
 """
+import concurrent.futures
 import glob
 import hashlib
 import json
@@ -78,9 +79,10 @@ def find_library_dir(home, name):
 
 
 def find_cublas(home):
-    """cuBLAS headers and library: in the toolkit, or (toolkits installed without it) in the
-    nvidia-cublas wheel's nvidia/cu13 (or nvidia/cublas) folder. The wheel ships only versioned
-    sonames, so the link name is then the exact file."""
+    """cuBLAS headers and the cuBLAS and cuBLASLt libraries (IA3's output scaling is a cuBLASLt
+    GEMM): in the toolkit, or (toolkits installed without it) in the nvidia-cublas wheel's
+    nvidia/cu13 (or nvidia/cublas) folder. The wheel ships only versioned sonames, so the link
+    name is then the exact file."""
     roots = [home]
     for entry in __import__("sys").path:
         roots += [os.path.join(entry, "nvidia", "cu13"), os.path.join(entry, "nvidia", "cublas")]
@@ -97,6 +99,8 @@ def find_cublas(home):
             versioned = sorted(glob.glob(os.path.join(lib_dir, f"lib{name}.so.*")))
             libs[name] = name if os.path.exists(plain) else (
                 ":" + os.path.basename(versioned[0]) if versioned else None)
+        if None in libs.values():
+            continue
         return dict(include=include, lib_dir=lib_dir, libs=libs, in_wheel=root != home)
     return None
 
@@ -131,15 +135,14 @@ def find_cuda():
         return unavailable(f"libcudart not found under {home}")
     cublas = find_cublas(home)
     if cublas is None:
-        return unavailable(f"cuBLAS not found in {home} nor in an installed nvidia-cublas wheel")
+        return unavailable(f"cuBLAS and cuBLASLt not found in {home} nor in an installed "
+                           "nvidia-cublas wheel")
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\d+\.\d+)", out)
     archs = parse_archs(os.environ.get("CPEFT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
-    uses_lt = any("cublasLt" in open(os.path.join(ROOT, p)).read()
-                  for p in cu_sources + sources("cuda/*.cuh"))
     return dict(nvcc=nvcc, home=home, lib_dir=cudart_dir, cublas=cublas,
                 version=match.group(1) if match else "?",
-                archs=archs, sources=cu_sources, uses_lt=uses_lt), None
+                archs=archs, sources=cu_sources), None
 
 
 def gencode_flags(archs):
@@ -184,10 +187,7 @@ if CUDA:
     cublas = CUDA["cublas"]
     include_dirs += [os.path.join(CUDA["home"], "include"), cublas["include"]]
     library_dirs += [CUDA["lib_dir"], cublas["lib_dir"]]
-    libraries += ["cudart", cublas["libs"]["cublas"]]
-    if CUDA["uses_lt"]:
-        libraries.append(cublas["libs"]["cublasLt"])
-    libraries.append("stdc++")
+    libraries += ["cudart", cublas["libs"]["cublas"], cublas["libs"]["cublasLt"], "stdc++"]
     link_args += [f"-Wl,-rpath,{CUDA['lib_dir']}", f"-Wl,-rpath,{cublas['lib_dir']}",
                   "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib"]
     SUMMARY = (f"cpeft build: CUDA on (nvcc {CUDA['version']}, {archs_text}) "
@@ -294,17 +294,23 @@ class BuildExt(build_ext):
         flags += ["-g", "-lineinfo", "-UNDEBUG"] if DEBUG else ["-DNDEBUG"]
         deps = HEADERS + sources("cuda/*.cuh")
         newest_dep = max((os.path.getmtime(os.path.join(ROOT, p)) for p in deps), default=0.0)
-        objects = []
+        objects, commands = [], []
         for src in CUDA["sources"]:
             obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
             stale = (self.force or not os.path.exists(obj)
                      or os.path.getmtime(obj) < max(os.path.getmtime(os.path.join(ROOT, src)),
                                                     newest_dep))
             if stale:
-                cmd = [CUDA["nvcc"], *flags, "-c", os.path.join(ROOT, src), "-o", obj]
-                print(" ".join(cmd), flush=True)
-                subprocess.run(cmd, check=True)
+                commands.append([CUDA["nvcc"], *flags, "-c", os.path.join(ROOT, src), "-o", obj])
             objects.append(obj)
+
+        def run(cmd):
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+
+        # One nvcc per .cu file, `build_ext -j N` of them at once (one at a time without -j).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.parallel or 1) as pool:
+            list(pool.map(run, commands))
         return objects
 
 

@@ -10,7 +10,7 @@ Usage: python bench/bench_cuda.py [--dtype bfloat16] [--reps 100] [--runs 3]
                                  [--cases lora,dropout,rankr,memory,ia3,embedding,host,merged]
                                  [--markdown bench_cuda.md]
 Prints a markdown table with the device, versions, commit and date (and writes it to --markdown,
-ready for docs/benchmarks.md). Every timed case runs --runs times; a cell lists each run's median
+ready for docs/benchmarks.md, row by row). Every timed case runs --runs times; a cell lists each run's median
 and the ratio to the frozen base of the median run.
 """
 import argparse
@@ -321,11 +321,14 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     cases = set(args.cases.split(","))
     torch.manual_seed(0)
-    lines = []
+    # Written line by line, so that a run stopped by a time limit keeps the rows it finished.
+    markdown = open(args.markdown, "w") if args.markdown else None
 
     def out(text=""):
         print(text, flush=True)
-        lines.append(text)
+        if markdown is not None:
+            markdown.write(text + "\n")
+            markdown.flush()
 
     out(f"# cpeft CUDA benchmark ({args.dtype})\n")
     out(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
@@ -385,9 +388,8 @@ def main(argv=None):
     if "merged" in cases:
         emit("merged (eval) forward M=4096 4096^2", lambda: merged_case(dtype, args.reps),
              "= base")
-    if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    if markdown is not None:
+        markdown.close()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared test machinery: fixed seeding, the tolerance rule, memory-layout helpers.
+"""Shared test machinery: fixed seeding, the tolerance rule, memory-layout helpers, central
+differences, a DLPack-only wrapper.
 
 Tolerance rule (used by every numeric comparison against the float64 references):
 
@@ -122,6 +123,36 @@ def assert_close(ours, ref, bound, dtype, k, name="result"):
             f"{name} ({np.dtype(dtype).name}, K={k}): {int(bad.sum())} of {err.size} elements "
             f"outside tolerance; worst at {worst}: ours={ours[worst]!r} ref={ref[worst]!r} "
             f"err={err[worst]:.3e} allowed={allowed[worst]:.3e}")
+
+
+def central_difference(loss, array, h=1e-6):
+    """The gradient of ``loss()`` with respect to ``array`` by central differences: each element
+    is moved by +h and -h in place, the loss evaluated at both, and the element restored. In
+    float64 with a loss linear in each single element the only error is cancellation (about
+    eps * |loss| / h)."""
+    numeric = np.zeros_like(array)
+    for i in np.ndindex(array.shape):
+        saved = array[i]
+        array[i] = saved + h
+        up = loss()
+        array[i] = saved - h
+        down = loss()
+        array[i] = saved
+        numeric[i] = (up - down) / (2 * h)
+    return numeric
+
+
+class DLPackOnly:
+    """Exposes an array through the DLPack protocol only (not the NumPy C API)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
 
 
 def random_array(rng, shape, dtype, scale=1.0):

@@ -135,7 +135,7 @@ def test_cuda_graph_replays_equal_eager(dtype):
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2,
                                                                                 atol=2e-2)
-    for step in range(5):
+    for _ in range(5):
         indices = torch.randint(0, 20, (8, 16), device="cuda")
         expected = run(model, indices)
         torch.compiler.cudagraph_mark_step_begin()

@@ -19,7 +19,6 @@ try:
 except ImportError:  # pragma: no cover - the CPU-only CI has torch, the reason stays accurate
     torch = None
 
-import cpeft
 from conftest import skip_without_cuda
 from cpeft import functional as F
 
@@ -399,7 +398,7 @@ def test_ia3_linear_partial_requests(dtype):
         for feedforward in (False, True):
             l = (1 + 0.5 * randn(113 if feedforward else 64)).to(dt)  # noqa: E741
 
-            def formula(x, weight, l):  # noqa: E741
+            def formula(x, weight, l, feedforward=feedforward):
                 return (x * l) @ weight.T if feedforward else (x @ weight.T) * l
 
             inputs = dict(x=x, weight=weight, l=l)
@@ -543,7 +542,7 @@ def test_two_concurrent_streams():
     apart (a shared workspace would corrupt the dropout chunks)."""
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     problems = []
-    for i, s in enumerate(streams):
+    for s in streams:
         with torch.cuda.stream(s):
             x = randn(1023, 1023, dtype="bfloat16")
             w = randn(513, 1023, dtype="bfloat16", scale=0.03)

@@ -108,7 +108,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
                 assert got is None, f"rank {rank}: frozen {name} got a gradient"
             else:
                 torch.testing.assert_close(got, grad, rtol=1e-10, atol=1e-12,
-                                           msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+                                           msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
         for name, weight in expected_weights.items():
             torch.testing.assert_close(result["weights"][name], weight, rtol=1e-10, atol=1e-12)
             if name not in trainable:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cpeft import functional as F
+from conftest import DLPackOnly
 from test_bad_input import POSITIONAL, call, valid_args
 
 torch = pytest.importorskip("torch")
@@ -204,19 +205,6 @@ def test_capsule_reuse_rejected(kind):
     F.lora_linear_forward(capsule, *args, out=out, out_xa=out_xa)
     with pytest.raises((TypeError, ValueError, BufferError), match="(?i)capsule|dltensor|used"):
         F.lora_linear_forward(capsule, *args, out=out, out_xa=out_xa)
-
-
-class DLPackOnly:
-    """Exposes an array through the DLPack protocol only (not the NumPy C API)."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def __dlpack__(self, **kwargs):
-        return self.array.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.array.__dlpack_device__()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])

@@ -118,7 +118,7 @@ def test_fsdp2_two_processes_match_one_process_and_save_loads_in_peft(tmp_path):
         assert sorted(result["grads"]) == sorted(expected_grads)
         for name, grad in expected_grads.items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
         for name, weight in expected_weights.items():
             torch.testing.assert_close(result["weights"][name], weight, rtol=1e-10, atol=1e-12)
 

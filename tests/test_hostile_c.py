@@ -7,7 +7,6 @@ Each test starts from the issue's reproducer. Threaded tests run for a bounded t
 each) and check what a race may and may not do: an IndexError or a clear RuntimeError, never an
 out-of-bounds access (the sanitizer CI runs this file under ASan + UBSan)."""
 import ctypes
-import sys
 import threading
 import time
 

@@ -285,7 +285,7 @@ def train_a_little(peft_model, steps=3):
     its int64 num_batches_tracked move away from their initial values."""
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
+        for parameter in peft_model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
         peft_model.train()

@@ -7,7 +7,8 @@ import pytest
 
 import reference as ref
 from cpeft import functional as F
-from conftest import FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, random_array, with_layout
+from conftest import (FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, central_difference,
+                      random_array, with_layout)
 
 SIZES = [  # (M, IN, OUT)
     (1, 1, 1), (3, 1, 113), (113, 3, 1), (3, 113, 3), (113, 113, 113),
@@ -150,17 +151,8 @@ def test_linear_finite_differences(rng, mode, fan_in_fan_out):
         y, _ = linear_forward(p, **mode_kw)
         return float(np.sum(y * p["grad_out"]))
 
-    h = 1e-6
     for name in ("x", "weight", "bias", "ia3_l"):
-        numeric = np.zeros_like(p[name])
-        for i in np.ndindex(p[name].shape):
-            saved = p[name][i]
-            p[name][i] = saved + h
-            up = loss()
-            p[name][i] = saved - h
-            down = loss()
-            p[name][i] = saved
-            numeric[i] = (up - down) / (2 * h)
+        numeric = central_difference(loss, p[name])
         np.testing.assert_allclose(getattr(grads, name), numeric, rtol=1e-6, atol=1e-7,
                                    err_msg=name)
 
@@ -243,17 +235,8 @@ def test_embedding_defaults_and_finite_differences(rng):
         return float(np.sum(F.ia3_embedding_forward(p["indices"], p["weight"], p["ia3_l"])
                             * p["grad_out"]))
 
-    h = 1e-6
     for name in ("ia3_l", "weight"):
-        numeric = np.zeros_like(p[name])
-        for i in np.ndindex(p[name].shape):
-            saved = p[name][i]
-            p[name][i] = saved + h
-            up = loss()
-            p[name][i] = saved - h
-            down = loss()
-            p[name][i] = saved
-            numeric[i] = (up - down) / (2 * h)
+        numeric = central_difference(loss, p[name])
         if name == "weight":
             numeric[0] = 0
         np.testing.assert_allclose(getattr(grads, name), numeric, rtol=1e-6, atol=1e-7,
@@ -287,7 +270,10 @@ def test_reference_matches_peft(rng, mode, fan_in_fan_out):
     g = rng.standard_normal((3, out_f))
     y = layer(x)
     y.backward(torch.tensor(g))
-    npy = lambda t: t.detach().numpy()
+
+    def npy(t):
+        return t.detach().numpy()
+
     mode_kw = dict(feedforward=ff, fan_in_fan_out=fan_in_fan_out)
     y_ref, _ = ref.ia3_linear_forward(npy(x), npy(base.weight), npy(base.bias), npy(l_param),
                                       **mode_kw)

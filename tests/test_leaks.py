@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cpeft import functional as F
+from conftest import DLPackOnly
 from test_bad_input import POSITIONAL, call, valid_args
 
 REPEATS = 200
@@ -121,17 +122,6 @@ def test_output_array_refcount_stable():
         y, xa = call("lora_linear_forward", dict(args, out=out, out_xa=out_xa))
         del y, xa
     assert (sys.getrefcount(out), sys.getrefcount(out_xa)) == before
-
-
-class DLPackOnly:
-    def __init__(self, array):
-        self.array = array
-
-    def __dlpack__(self, **kwargs):
-        return self.array.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.array.__dlpack_device__()
 
 
 @pytest.mark.parametrize("failing", [False, True], ids=["success", "error"])

@@ -5,7 +5,8 @@ import pytest
 
 import reference as ref
 from cpeft import functional as F
-from conftest import FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, random_array, with_layout
+from conftest import (FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, central_difference,
+                      random_array, with_layout)
 
 SIZES = [  # (N, V, D)
     (1, 1, 1), (3, 113, 3), (113, 3, 113), (1023, 113, 3), (3, 1023, 113), (113, 3, 1023),
@@ -166,17 +167,8 @@ def test_finite_differences(rng, padding_idx):
                                      p["scale"], padding_idx=padding_idx)
         return float(np.sum(y * p["grad_out"]))
 
-    h = 1e-6
     for name in ("lora_a", "lora_b", "weight"):
-        numeric = np.zeros_like(p[name])
-        for i in np.ndindex(p[name].shape):
-            saved = p[name][i]
-            p[name][i] = saved + h
-            up = loss()
-            p[name][i] = saved - h
-            down = loss()
-            p[name][i] = saved
-            numeric[i] = (up - down) / (2 * h)
+        numeric = central_difference(loss, p[name])
         if padding_idx is not None and name == "lora_a":
             numeric[:, padding_idx] = 0
         if padding_idx is not None and name == "weight":
@@ -199,7 +191,10 @@ def test_reference_matches_loralib(rng, padding_idx):
     g = rng.standard_normal((3, 4, 4))
     y = layer(torch.tensor(idx))
     y.backward(torch.tensor(g))
-    npy = lambda t: t.detach().numpy()
+
+    def npy(t):
+        return t.detach().numpy()
+
     args = (npy(layer.lora_A), npy(layer.lora_B), layer.scaling)
     np.testing.assert_allclose(ref.lora_embedding_forward(idx, npy(layer.weight), *args), npy(y),
                                rtol=1e-12, atol=1e-12)

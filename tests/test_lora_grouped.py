@@ -7,7 +7,8 @@ import pytest
 
 from cpeft import functional as F
 
-from conftest import FLOAT_DTYPES, assert_close, bound_of, random_array, with_layout
+from conftest import (FLOAT_DTYPES, assert_close, bound_of, random_array, skip_without_cuda,
+                      with_layout)
 import reference
 
 
@@ -301,10 +302,9 @@ def test_mixed_batch_refused_while_merged_and_for_other_layer_kinds():
                                    rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and cpeft.has_cuda()),
-                    reason="needs an NVIDIA GPU and a CUDA build of cpeft")
 @pytest.mark.parametrize("dtype_name", ["float32", "float64", "bfloat16"])
 def test_cuda_matches_float64_reference(dtype_name):
+    skip_without_cuda()
     rng = np.random.default_rng(3)
     x, weight, b, lora_a, lora_b, index, ranks, scales = problem(rng, np.float64, lead=(6, 7), in_features=64,
                                                                  out_features=48, ranks=(4, 8, 2, 16))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import reference as ref
-from conftest import FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, random_array, with_layout
+from conftest import (FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, central_difference,
+                      random_array, with_layout)
 
 from cpeft import functional as F
 
@@ -252,8 +253,7 @@ def loss(p, grad_out, **kw):
 
 @pytest.mark.parametrize("case", ["plain", "grouped_fan_in_fan_out", "dropout"])
 def test_finite_differences(rng, case):
-    """Central differences of sum(y * grad_out) in float64; the loss is linear in each single
-    parameter, so the only error is cancellation (~eps * |loss| / h)."""
+    """Central differences of sum(y * grad_out) in float64 (conftest.central_difference)."""
     kw = {}
     if case == "plain":
         p = make_problem(rng, np.float64, (3,), 4, 5, 2)
@@ -265,19 +265,9 @@ def test_finite_differences(rng, case):
         p = make_problem(rng, np.float64, (3,), 4, 5, 2)
     _, xa = forward(p, **kw)
     grads = backward(p, xa, **kw)
-    h = 1e-6
-    for name, grad_name in [("x", "x"), ("weight", "weight"), ("bias", "bias"),
-                            ("lora_a", "lora_a"), ("lora_b", "lora_b")]:
-        numeric = np.zeros_like(p[name])
-        for i in np.ndindex(p[name].shape):
-            saved = p[name][i]
-            p[name][i] = saved + h
-            up = loss(p, p["grad_out"], **kw)
-            p[name][i] = saved - h
-            down = loss(p, p["grad_out"], **kw)
-            p[name][i] = saved
-            numeric[i] = (up - down) / (2 * h)
-        np.testing.assert_allclose(getattr(grads, grad_name), numeric, rtol=1e-6, atol=1e-7,
+    for name in ("x", "weight", "bias", "lora_a", "lora_b"):
+        numeric = central_difference(lambda: loss(p, p["grad_out"], **kw), p[name])
+        np.testing.assert_allclose(getattr(grads, name), numeric, rtol=1e-6, atol=1e-7,
                                    err_msg=f"{case}: grad {name}")
 
 
@@ -301,7 +291,10 @@ def test_reference_matches_loralib(rng, enable_lora, fan_in_fan_out):
     g = rng.standard_normal((4, out_f))
     y = layer(x)
     y.backward(torch.tensor(g))
-    npy = lambda t: t.detach().numpy()
+
+    def npy(t):
+        return t.detach().numpy()
+
     args = (npy(layer.weight), npy(layer.bias), npy(layer.lora_A), npy(layer.lora_B),
             layer.scaling)
     kw = dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora)

@@ -16,6 +16,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from torch import nn  # noqa: E402
 
 import cpeft  # noqa: E402
+from conftest import skip_without_cuda  # noqa: E402
 from cpeft.peft import (  # noqa: E402
     ADAPTER_BIN_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, IA3Config, LoraConfig, PeftModel,
     PeftType, get_base_model_state_dict, get_peft_model, inject_adapter_in_model)
@@ -200,12 +201,12 @@ def test_fp32_adapters_on_bf16_layer_against_float64_reference():
     assert x.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and cpeft.has_cuda()), reason="needs a CUDA build and a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_cuda_core_takes_fp32_adapters_without_widening_x(dtype, dropout):
     """The CUDA core runs 16-bit x with float32 A and B: gradients of A and B come back in
     float32 and agree with float64 math (given the same dropout mask) to 16-bit input rounding."""
+    skip_without_cuda()
     from cpeft import functional
 
     torch.manual_seed(0)

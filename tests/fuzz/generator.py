@@ -852,27 +852,6 @@ def _dora_norm_and_spread(weight, lora_a, lora_b, scale, sq=None):
     return n, 1 + n2_abs / n2
 
 
-    try:
-        w, a, b = (np.abs(np.asarray(as_numpy(case.args[n]), np.float64))
-                   for n in ("weight", "lora_a", "lora_b"))
-        if np.asarray(as_numpy(case.args["weight"])).dtype != np.float32:
-            return False
-        if case.entry == "dora_embedding_forward":
-            w = w.T
-        elif case.args.get("fan_in_fan_out"):
-            w = w.T
-        with np.errstate(all="ignore"):
-            big = float(np.finfo(np.float32).max)
-            gram = a @ a.T
-            # Products of entries of A below float32's normal range lose their bits.
-            small = float(np.finfo(np.float32).tiny) * 2.0**24
-            return bool(np.nanmax(w @ a.T, initial=0) > big or np.nanmax(gram, initial=0) > big
-                        or np.nanmax(b @ gram, initial=0) > big
-                        or 0 < np.nanmax(gram, initial=0) < small)
-    except (KeyError, TypeError, ValueError):
-        return False
-
-
 def _c_floor(case, norm):
     """What to add to |m| in a bound for c = m / n being rounded to the dtype (as peft does):
     below the dtype's smallest normal number c has fewer bits, an absolute error up to about
@@ -1843,7 +1822,6 @@ def output_groups_out(case):
 
 def overlapping_pair(rng, first_values, second_values):
     """Two writeable views of one buffer that share at least one element."""
-    arrays = Arrays(rng)
     n1, n2 = first_values.size, second_values.size
     shift = int(rng.integers(0, n1))
     storage = np.full(max(n1, shift + n2) + 4, SENTINEL, first_values.dtype)
@@ -1862,7 +1840,6 @@ def mutate_huge(rng, case):
     this machine can allocate, so a cpeft that copies fails at once instead of thrashing; the
     32-bit BLAS range is reached without memory by the ``size1_huge`` layout."""
     args, e = case.args, case.entry
-    item = float_dtype(case).itemsize if float_dtype(case) is not None else 4
     rows = pick(rng, [2**36, 2**40, 2**44])
     if e == "dropout_mask":
         args["shape"] = [(rows, 2**10), (2**33 + 5, 3), (2**62, 4), (2**40, 2**40)][
@@ -2278,7 +2255,7 @@ def _reference(case, snap):
         raise
     except Exception as exc:
         raise Failure("accepted-inconsistent", "the call returned, but its arguments do not "
-                      f"make a problem the reference can compute ({type(exc).__name__}: {exc})")
+                      f"make a problem the reference can compute ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_result(case, snap, result):
@@ -2339,7 +2316,7 @@ def _check_merge(case, snap, result):
             unmerge(args["weight"], *rest, result, **keywords)
         except Exception as exc:
             raise Failure("unmerge-failed", f"unmerging the merge just made raised "
-                          f"{type(exc).__name__}: {exc}")
+                          f"{type(exc).__name__}: {exc}") from exc
         restored = {"weight": snap["weight"]}
         if is_in_place_target(case, "bias"):
             restored["bias"] = snap["bias"]

@@ -9,7 +9,7 @@ import pytest
 
 from cpeft import functional as F
 
-from .generator import ENTRIES, MUTATIONS, as_numpy, make_case, replay_line, run_case
+from .generator import ENTRIES, MUTATIONS, make_case, replay_line, run_case
 
 SEED = int(os.environ.get("CPEFT_FUZZ_SEED", "20261130"))
 CASES = int(os.environ.get("CPEFT_FUZZ_CASES", "10000"))
