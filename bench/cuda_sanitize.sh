@@ -40,7 +40,8 @@ or (test_ia3_linear and bfloat16 and shape1) \
 or (output_scaling_in_the_gemm and bfloat16 and (37-113-29 or 1-1-1-dense)) \
 or (merge_unmerge_bit_exact and bfloat16) \
 or (dora_linear_dropout_fan_in_fan_out and bfloat16) or (dora_embedding and bfloat16 and int64) \
-or (dora_linear_without_base and bfloat16 and 1100) or (cuda_matches_float64_reference and bfloat16)"
+or (dora_linear_without_base and bfloat16 and 1100) or (cuda_matches_float64_reference and bfloat16) \
+or workspace_cannot_grow_under_graph_capture"
 RACECHECK_TESTS="(rank_r_kernels and own and bfloat16 and 0.2 and (shape1 or shape3 or shape4)) \
 or (embedding_rank_r and own and bfloat16 and (17-1000-1029-3 or 31-64-127-17)) \
 or (dora_linear_dropout_fan_in_fan_out and bfloat16) or (test_ia3_linear and bfloat16-shape1-False)"
