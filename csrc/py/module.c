@@ -4,6 +4,7 @@
  */
 #define CPEFT_MODULE_TU
 #include "boundary.h"
+#include "device.h"
 
 #ifndef CPEFT_BUILD_BLAS
 #define CPEFT_BUILD_BLAS "unknown"

@@ -4,7 +4,7 @@
  * viewed as (OUT, IN), lora_a (R, IN), lora_b (OUT, R), magnitude (OUT,). Embedding: indices
  * (...) flattened to N, weight (V, D), lora_a (R, V), lora_b (D, R), magnitude (D,).
  */
-#include "py_ops.h"
+#include "params.h"
 
 #include "cpeft/dora.h"
 
@@ -17,11 +17,11 @@ static int dora_vector(cpeft_call *call, PyObject *obj, const char *name, int64_
                        const char *meaning, const cpeft_tensor *like, cpeft_vec *vec)
 {
     cpeft_tensor *t = cpeft_call_input(call, obj, name, CPEFT_ROLE_INPUT);
-    if (t == NULL || cpeft_check_float_dtype(call, t, like) < 0 ||
+    if (t == NULL || cpeft_check_float_dtype(t, like) < 0 ||
         cpeft_check_shape(t, 1, &count, meaning) < 0) {
         return -1;
     }
-    return cpeft_tensor_vec(call, t, vec);
+    return cpeft_tensor_vec(t, vec);
 }
 
 static int optional_dora_vector(cpeft_call *call, PyObject *obj, const char *name, int64_t count,
@@ -45,7 +45,7 @@ static int vector_output(cpeft_call *call, PyObject *obj, const char *name, int 
         vec->data = NULL;
         return 0;
     }
-    return cpeft_tensor_vec(call, *t, vec);
+    return cpeft_tensor_vec(*t, vec);
 }
 
 const char cpeft_doc_dora_weight_sq_norm[] =
@@ -63,7 +63,7 @@ PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObjec
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -76,8 +76,8 @@ PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObjec
         goto finish;
     }
     cpeft_tensor *w = cpeft_call_input(&call, weight_obj, "weight", CPEFT_ROLE_INPUT);
-    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(&call, w, NULL) < 0 ||
-        cpeft_tensor_mat(&call, w, fan_in_fan_out, &weight) < 0 ||
+    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, NULL) < 0 ||
+        cpeft_tensor_mat(w, fan_in_fan_out, &weight) < 0 ||
         vector_output(&call, out_obj, "out", 1, w->dtype, weight.rows, &out, &out_vec) < 0 ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
@@ -87,15 +87,12 @@ PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObjec
     CPEFT_DISPATCH(&call, rc, cpeft_dora_weight_sq_norm_cpu(dt, weight, out_vec, &call.status),
                    cpeft_dora_weight_sq_norm_cuda(dt, weight, out_vec, call.stream,
                                                   &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = Py_NewRef(out->source);
     }
-    ret = Py_NewRef(out->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_weight_norm[] =
@@ -117,7 +114,7 @@ PyObject *cpeft_py_dora_weight_norm(PyObject *module, PyObject *args, PyObject *
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -151,15 +148,12 @@ PyObject *cpeft_py_dora_weight_norm(PyObject *module, PyObject *args, PyObject *
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_norm_cpu(&a, out_vec, &call.status),
                    cpeft_dora_norm_cuda(&a, out_vec, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = Py_NewRef(out->source);
     }
-    ret = Py_NewRef(out->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_linear_forward[] =
@@ -187,7 +181,7 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -210,7 +204,7 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
 
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 ||
-        cpeft_check_float_dtype(&call, x, NULL) < 0 ||
+        cpeft_check_float_dtype(x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
                                     scale_value, fan_in_fan_out, &one_group, x, 0, l,
                                     &weight) < 0 ||
@@ -218,9 +212,9 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
         goto finish;
     }
     if (bias != NULL) {
-        if (cpeft_check_float_dtype(&call, bias, x) < 0 ||
+        if (cpeft_check_float_dtype(bias, x) < 0 ||
             cpeft_check_shape(bias, 1, &l->out, "(out_features,)") < 0 ||
-            cpeft_tensor_vec(&call, bias, &l->bias) < 0) {
+            cpeft_tensor_vec(bias, &l->bias) < 0) {
             goto finish;
         }
     }
@@ -238,9 +232,9 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
     cpeft_py_leading_shape_with(x, l->r, shape);
     if (cpeft_call_output(&call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, &xa) < 0 ||
         vector_output(&call, out_norm_obj, "out_norm", 1, x->dtype, l->out, &norm, &o.norm) < 0 ||
-        cpeft_tensor_mat(&call, x, 0, &l->x) < 0 || cpeft_tensor_mat(&call, y, 0, &o.y) < 0 ||
-        cpeft_tensor_mat(&call, xa, 0, &o.xa) < 0 ||
-        (base && cpeft_tensor_mat(&call, base, 0, &o.base) < 0) ||
+        cpeft_tensor_mat(x, 0, &l->x) < 0 || cpeft_tensor_mat(y, 0, &o.y) < 0 ||
+        cpeft_tensor_mat(xa, 0, &o.xa) < 0 ||
+        (base && cpeft_tensor_mat(base, 0, &o.base) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -248,15 +242,12 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_linear_fwd_cpu(&a, &o, &call.status),
                    cpeft_dora_linear_fwd_cuda(&a, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(4, y->source, xa->source, base ? base->source : Py_None, norm->source);
     }
-    ret = PyTuple_Pack(4, y->source, xa->source, base ? base->source : Py_None, norm->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_linear_backward[] =
@@ -286,7 +277,7 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -312,7 +303,7 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
 
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 ||
-        cpeft_check_float_dtype(&call, x, NULL) < 0 ||
+        cpeft_check_float_dtype(x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
                                     scale_value, fan_in_fan_out, &one_group, x, 0, l,
                                     &weight) < 0 ||
@@ -322,7 +313,7 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
     }
     int ndim = cpeft_py_leading_shape_with(x, l->out, shape);
     grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
-    if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, x) < 0 ||
+    if (grad_out == NULL || cpeft_check_float_dtype(grad_out, x) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "x.shape[:-1] + (out_features,)") < 0) {
         goto finish;
     }
@@ -337,14 +328,14 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
             goto finish;
         }
         base = cpeft_call_input(&call, base_obj, "base", CPEFT_ROLE_INPUT);
-        if (base == NULL || cpeft_check_float_dtype(&call, base, x) < 0 ||
+        if (base == NULL || cpeft_check_float_dtype(base, x) < 0 ||
             cpeft_check_shape(base, ndim, shape, "x.shape[:-1] + (out_features,)") < 0) {
             goto finish;
         }
     }
     cpeft_py_leading_shape_with(x, l->r, shape);
     xa = cpeft_call_input(&call, xa_obj, "xa", CPEFT_ROLE_INPUT);
-    if (xa == NULL || cpeft_check_float_dtype(&call, xa, x) < 0 ||
+    if (xa == NULL || cpeft_check_float_dtype(xa, x) < 0 ||
         cpeft_check_shape(xa, ndim, shape, "x.shape[:-1] + (r,)") < 0) {
         goto finish;
     }
@@ -358,15 +349,15 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
                           &gbias) < 0) {
         goto finish;
     }
-    if (cpeft_tensor_mat(&call, x, 0, &l->x) < 0 ||
-        cpeft_tensor_mat(&call, grad_out, 0, &in.grad_out) < 0 ||
-        cpeft_tensor_mat(&call, xa, 0, &in.xa) < 0 ||
-        (base && cpeft_tensor_mat(&call, base, 0, &in.base) < 0) ||
-        (gx && cpeft_tensor_mat(&call, gx, 0, &o.grad_x) < 0) ||
-        (ga && cpeft_tensor_mat(&call, ga, 0, &o.grad_a) < 0) ||
-        (gb && cpeft_tensor_mat(&call, gb, 0, &o.grad_b) < 0) ||
-        (gm && cpeft_tensor_vec(&call, gm, &o.grad_m) < 0) ||
-        (gbias && cpeft_tensor_vec(&call, gbias, &o.grad_bias) < 0) ||
+    if (cpeft_tensor_mat(x, 0, &l->x) < 0 ||
+        cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
+        cpeft_tensor_mat(xa, 0, &in.xa) < 0 ||
+        (base && cpeft_tensor_mat(base, 0, &in.base) < 0) ||
+        (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
+        (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
+        (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
+        (gm && cpeft_tensor_vec(gm, &o.grad_m) < 0) ||
+        (gbias && cpeft_tensor_vec(gbias, &o.grad_bias) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -374,17 +365,14 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_linear_bwd_cpu(&a, &in, &o, &call.status),
                    cpeft_dora_linear_bwd_cuda(&a, &in, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
-    }
-    ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
                        gb ? gb->source : Py_None, gm ? gm->source : Py_None,
                        gbias ? gbias->source : Py_None);
+    }
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_embedding_forward[] =
@@ -405,7 +393,7 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyOb
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -435,7 +423,7 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyOb
         cpeft_call_output(&call, out_obj, "out", 1, l->dtype, ndim, shape, &y) < 0 ||
         vector_output(&call, out_norm_obj, "out_norm", 1, l->dtype, l->dim, &norm,
                       &norm_vec) < 0 ||
-        cpeft_tensor_mat(&call, y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
+        cpeft_tensor_mat(y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
     l->index_dtype = (cpeft_dtype)indices->dtype;
@@ -446,15 +434,12 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyOb
     CPEFT_DISPATCH(&call, rc, cpeft_dora_embedding_fwd_cpu(&a, y_mat, norm_vec, &call.status),
                    cpeft_dora_embedding_fwd_cuda(&a, y_mat, norm_vec, call.stream,
                                                  &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(2, y->source, norm->source);
     }
-    ret = PyTuple_Pack(2, y->source, norm->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_embedding_backward[] =
@@ -481,7 +466,7 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -515,7 +500,7 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
         goto finish;
     }
     grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
-    if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, weight) < 0 ||
+    if (grad_out == NULL || cpeft_check_float_dtype(grad_out, weight) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "indices.shape + (embedding_dim,)") < 0 ||
         cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, l->dtype, 2,
                           (int64_t[]){l->r, l->num_embeddings}, &ga) < 0 ||
@@ -523,9 +508,9 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
                           (int64_t[]){l->dim, l->r}, &gb) < 0 ||
         vector_output(&call, grad_m_obj, "grad_magnitude", 0, l->dtype, l->dim, &gm,
                       &o.grad_m) < 0 ||
-        cpeft_tensor_mat(&call, grad_out, 0, &g) < 0 ||
-        (ga && cpeft_tensor_mat(&call, ga, 0, &o.grad_a) < 0) ||
-        (gb && cpeft_tensor_mat(&call, gb, 0, &o.grad_b) < 0) ||
+        cpeft_tensor_mat(grad_out, 0, &g) < 0 ||
+        (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
+        (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -535,14 +520,11 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_embedding_bwd_cpu(&a, g, norm, &o, &call.status),
                    cpeft_dora_embedding_bwd_cuda(&a, g, norm, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
-    }
-    ret = PyTuple_Pack(3, ga ? ga->source : Py_None, gb ? gb->source : Py_None,
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(3, ga ? ga->source : Py_None, gb ? gb->source : Py_None,
                        gm ? gm->source : Py_None);
+    }
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }

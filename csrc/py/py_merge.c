@@ -9,7 +9,7 @@
  *                       (cpeft.functional does this with the weight's own framework).
  * Unmerge takes the record as inputs and writes the recorded values back after the arithmetic.
  */
-#include "py_ops.h"
+#include "params.h"
 
 typedef enum {
     MODE_COUNT,
@@ -46,10 +46,7 @@ static int run_pass(cpeft_call *call, merge_target *m, int direction)
                        cpeft_ia3_merge_cuda(m->dtype, m->target, m->l, m->along_cols, direction,
                                             &m->rec, call->stream, &call->status));
     }
-    if (rc != CPEFT_OK) {
-        return cpeft_raise_status(call->state, &call->status);
-    }
-    return 0;
+    return rc == CPEFT_OK ? 0 : -1;
 }
 
 static int count_pass(cpeft_call *call, merge_target *m)
@@ -114,8 +111,8 @@ static int bind_record(cpeft_call *call, merge_target *m, merge_mode mode, PyObj
         }
     }
     void *index_data, *value_data;
-    if (cpeft_tensor_contiguous(call, m->index, &index_data) < 0 ||
-        cpeft_tensor_contiguous(call, m->value, &value_data) < 0) {
+    if (cpeft_tensor_contiguous(m->index, &index_data) < 0 ||
+        cpeft_tensor_contiguous(m->value, &value_data) < 0) {
         return -1;
     }
     if (mode == MODE_UNMERGE && !cpeft_call_on_cuda(call)) {
@@ -229,7 +226,7 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -249,8 +246,7 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,
                         0);
     }
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_lora_merge[] =
@@ -300,7 +296,7 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -330,8 +326,7 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,
                         0);
     }
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_lora_embedding_merge[] =
@@ -362,8 +357,8 @@ static int ia3_target(cpeft_call *call, PyObject *weight_obj, PyObject *l_obj, i
                       cpeft_tensor **l)
 {
     cpeft_tensor *w = cpeft_call_input(call, weight_obj, "weight", CPEFT_ROLE_INPLACE);
-    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(call, w, NULL) < 0 ||
-        cpeft_tensor_mat(call, w, 0, &m->target) < 0) {
+    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, NULL) < 0 ||
+        cpeft_tensor_mat(w, 0, &m->target) < 0) {
         return -1;
     }
     m->dtype = (cpeft_dtype)w->dtype;
@@ -403,7 +398,7 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -436,13 +431,13 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
         int64_t out = fan_in_fan_out ? weight->shape[1] : weight->shape[0];
         bias = cpeft_call_input(&call, bias_obj, "bias",
                                 feedforward ? CPEFT_ROLE_INPUT : CPEFT_ROLE_INPLACE);
-        if (bias == NULL || cpeft_check_float_dtype(&call, bias, weight) < 0 ||
+        if (bias == NULL || cpeft_check_float_dtype(bias, weight) < 0 ||
             cpeft_check_shape(bias, 1, &out, "(out_features,)") < 0) {
             goto finish;
         }
     }
     if (!feedforward && bias != NULL) {
-        if (cpeft_tensor_mat(&call, bias, 0, &targets[1].target) < 0) {
+        if (cpeft_tensor_mat(bias, 0, &targets[1].target) < 0) {
             goto finish;
         }
         targets[1].dtype = targets[0].dtype;
@@ -454,8 +449,7 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
                     records, 1);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_ia3_merge[] =
@@ -504,7 +498,7 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyOb
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -517,8 +511,7 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyOb
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1,
                         records, 0);
     }
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_ia3_embedding_merge[] =

@@ -1,12 +1,52 @@
 /*
- * Validation shared between an op family's forward/backward entry points and its merge entry
- * points (py_merge.c): the adapter tensors and their shape relations are checked in one place so
- * the messages are the same whichever entry point the caller used.
+ * The argument parsers and validators the entry points (py_*.c) share, in one place so that a
+ * message is the same whichever entry point the caller used. Scalars are converted before
+ * cpeft_call_begin (their conversion may run Python code); the tensor parameters of an op family
+ * are acquired, checked and viewed after it. Entry points include this header and nothing else of
+ * the boundary's.
  */
-#ifndef CPEFT_PY_OPS_H
-#define CPEFT_PY_OPS_H
+#ifndef CPEFT_PY_PARAMS_H
+#define CPEFT_PY_PARAMS_H
 
-#include "tensor.h"
+#include "call.h"
+#include "checks.h"
+#include "views.h"
+
+/* ---- scalar arguments ------------------------------------------------------------------------ */
+
+/* A real number (float, int, NumPy scalar); obj NULL leaves *value as it is. */
+int cpeft_parse_real(PyObject *obj, const char *name, double *value);
+int cpeft_check_finite(double value, const char *name);
+int cpeft_check_probability(double p, const char *name);
+int cpeft_parse_u64(PyObject *obj, const char *name, uint64_t *value);
+/* dropout p in [0, 1], seed and offset ints >= 0 (NULL: 0). */
+int cpeft_parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft_dropout *d);
+/* Any integer through __index__ (never a float) in the int64 range; `expected` completes
+ * "name must be ..." in messages. */
+int cpeft_parse_i64(PyObject *obj, const char *name, const char *expected, int64_t *value);
+
+/* enable_lora: None (one group, enabled) or a sequence of at most CPEFT_MAX_GROUPS truthy/falsy
+ * items, at least one enabled. Parsed before any tensor is acquired (an item's __bool__ is Python
+ * code); that the groups divide out_features is checked once the weight is known. */
+typedef struct {
+    int64_t groups;
+    int64_t enabled_count;
+    uint8_t enabled[CPEFT_MAX_GROUPS];
+} cpeft_groups;
+int cpeft_parse_groups(PyObject *obj, cpeft_groups *groups);
+int cpeft_check_groups(const cpeft_groups *groups, int64_t out_features);
+/* padding_idx: None (given = 0, -1) or an integer; its range [-V, V) is checked, and a negative
+ * value normalized to [0, V), by cpeft_check_padding_idx once V is known. */
+int cpeft_parse_padding_idx(PyObject *obj, int64_t *padding_idx, int *given);
+int cpeft_check_padding_idx(int64_t *padding_idx, int given, int64_t num_embeddings);
+
+/* scale: a finite real number. */
+int cpeft_py_parse_scale(PyObject *scale_obj, double *scale);
+/* A finite scale and enable_lora, the scalars of a LoRA linear call. */
+int cpeft_py_lora_linear_scalars(PyObject *scale_obj, PyObject *enable_lora, double *scale,
+                                 cpeft_groups *groups);
+
+/* ---- tensor parameters of the op families ---------------------------------------------------- */
 
 /*
  * weight (OUT, IN), or (IN, OUT) with fan_in_fan_out; lora_a (R*K, IN); lora_b (OUT/G*K, R);
@@ -22,12 +62,6 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
                                 int fan_in_fan_out, const cpeft_groups *groups,
                                 const cpeft_tensor *x, int allow_fp32_adapters,
                                 cpeft_lora_linear_args *a, cpeft_tensor **weight);
-/* The Python-level arguments of the above, converted before any tensor is acquired: a finite
- * scale and enable_lora. */
-int cpeft_py_lora_linear_scalars(PyObject *scale_obj, PyObject *enable_lora, double *scale,
-                                 cpeft_groups *groups);
-/* scale: a finite real number (converted before any tensor is acquired). */
-int cpeft_py_parse_scale(PyObject *scale_obj, double *scale);
 
 /*
  * weight (V, D) when weight_obj is not NULL; lora_a (R, V); lora_b (D, R). Fills dtype,
@@ -59,4 +93,4 @@ int cpeft_py_leading_shape_with(const cpeft_tensor *x, int64_t last, int64_t *sh
 int cpeft_py_ia3_l(cpeft_call *call, PyObject *obj, int64_t count, const char *meaning,
                    const cpeft_tensor *like, cpeft_tensor **l, cpeft_vec *vec);
 
-#endif /* CPEFT_PY_OPS_H */
+#endif /* CPEFT_PY_PARAMS_H */
