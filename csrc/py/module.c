@@ -61,7 +61,7 @@ static PyObject *build_info(PyObject *module, PyObject *unused)
 }
 
 #define CPEFT_ENTRY(name) \
-    {#name, (PyCFunction)(void (*)(void))cpeft_py_##name, METH_VARARGS | METH_KEYWORDS, \
+    {#name, (PyCFunction)(void (*)(void))cpeft_py_##name, METH_FASTCALL | METH_KEYWORDS, \
      cpeft_doc_##name}
 
 static PyMethodDef cpeft_methods[] = {

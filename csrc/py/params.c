@@ -7,7 +7,88 @@
 #include "params.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <string.h>
+
+#define MAX_ARGUMENTS 32
+
+/* Keyword names are compared in place: no string object is made to look one up. */
+static int keyword_position(PyObject *key, char *const *kwlist, int count)
+{
+    for (int i = 0; i < count; ++i) {
+        if (PyUnicode_CompareWithASCIIString(key, kwlist[i]) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                     const char *format, char *const *kwlist, ...)
+{
+    const char *function = strchr(format, ':');
+    function = function ? function + 1 : "function";
+    char kinds[MAX_ARGUMENTS];
+    int count = 0, required = -1, positional = -1;
+    for (const char *f = format; *f != '\0' && *f != ':' && count < MAX_ARGUMENTS; ++f) {
+        if (*f == '|') required = count;
+        else if (*f == '$') positional = count;
+        else kinds[count++] = *f;
+    }
+    if (required < 0) required = count;
+    if (positional < 0) positional = count;
+
+    PyObject *values[MAX_ARGUMENTS] = {NULL};
+    if (nargs > positional) {
+        PyErr_Format(PyExc_TypeError, "%.200s() takes at most %d positional arguments (%zd given)",
+                     function, positional, nargs);
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < nargs; ++i) values[i] = args[i];
+    Py_ssize_t keywords = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < keywords; ++k) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int i = keyword_position(key, kwlist, count);
+        if (i < 0) {
+            PyErr_Format(PyExc_TypeError, "'%U' is an invalid keyword argument for %.200s()", key,
+                         function);
+            return 0;
+        }
+        if (values[i] != NULL) {
+            PyErr_Format(PyExc_TypeError, "argument for %.200s() given by name ('%s') and "
+                         "position (%d)", function, kwlist[i], i + 1);
+            return 0;
+        }
+        values[i] = args[nargs + k];
+    }
+    for (int i = 0; i < required; ++i) {
+        if (values[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%.200s() missing required argument '%s' (pos %d)",
+                         function, kwlist[i], i + 1);
+            return 0;
+        }
+    }
+    va_list va;
+    va_start(va, kwlist);
+    int ok = 1;
+    for (int i = 0; i < count; ++i) {
+        void *destination = va_arg(va, void *);
+        if (values[i] == NULL) continue;
+        if (kinds[i] == 'p') {
+            int truth = PyObject_IsTrue(values[i]);
+            if (truth < 0) {
+                ok = 0;
+                break;
+            }
+            *(int *)destination = truth;
+        }
+        else {
+            *(PyObject **)destination = values[i];
+        }
+    }
+    va_end(va);
+    return ok;
+}
 
 int cpeft_parse_real(PyObject *obj, const char *name, double *value)
 {

@@ -12,6 +12,19 @@
 #include "checks.h"
 #include "views.h"
 
+/* ---- the argument list ----------------------------------------------------------------------- */
+
+/*
+ * An entry point's arguments as METH_FASTCALL | METH_KEYWORDS passes them (no tuple or dict is
+ * built for the call), bound like PyArg_ParseTupleAndKeywords with a format of 'O' (the object,
+ * borrowed) and 'p' (its truth value as an int) items, '|' before the optional ones, '$' before
+ * the keyword-only ones and ':' before the function name. kwlist names every item; an argument
+ * not given leaves its variable as it was. Like PyArg_ParseTupleAndKeywords, returns 1, or 0 with
+ * TypeError (or the error of a __bool__) on failure.
+ */
+int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                     const char *format, char *const *kwlist, ...);
+
 /* ---- scalar arguments ------------------------------------------------------------------------ */
 
 /* A real number (float, int, NumPy scalar); obj NULL leaves *value as it is. */

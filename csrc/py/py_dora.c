@@ -53,12 +53,13 @@ const char cpeft_doc_dora_weight_sq_norm[] =
     "The squared L2 norm of every row of weight's (OUT, IN) view (out_features entries), the part\n"
     "of DoRA's row norms that changes only when the weight does. out: None/True or an array.";
 
-PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"weight", "fan_in_fan_out", "out", "stream", NULL};
     PyObject *weight_obj, *out_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$pOO:dora_weight_sq_norm", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "O|$pOO:dora_weight_sq_norm", kwlist,
                                      &weight_obj, &fan_in_fan_out, &out_obj, &stream)) {
         return NULL;
     }
@@ -101,14 +102,15 @@ const char cpeft_doc_dora_weight_norm[] =
     "n_j = ||w_j + scale * lora_b[j] @ lora_a|| for every row j of weight's (OUT, IN) view,\n"
     "without forming W + scale * B A. weight_sq_norm: None or dora_weight_sq_norm(weight).";
 
-PyObject *cpeft_py_dora_weight_norm(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_weight_norm(PyObject *module,
+                                    PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"weight", "lora_a", "lora_b", "scale", "fan_in_fan_out",
                              "weight_sq_norm", "out", "stream", NULL};
     PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale;
     PyObject *sq_obj = Py_None, *out_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pOOO:dora_weight_norm", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$pOOO:dora_weight_norm", kwlist,
                                      &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
                                      &fan_in_fan_out, &sq_obj, &out_obj, &stream)) {
         return NULL;
@@ -163,7 +165,8 @@ const char cpeft_doc_dora_linear_forward[] =
     "DoRA linear forward with peft's semantics; returns (y, xa, base, norm). base (kept for the\n"
     "gradient of magnitude) is written only when out_base is True or an array, else None.";
 
-PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_linear_forward(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"x", "weight", "bias", "lora_a", "lora_b", "magnitude", "scale",
                              "fan_in_fan_out", "dropout", "seed", "offset", "weight_sq_norm",
@@ -173,7 +176,7 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
              *out_xa_obj = Py_None, *out_base_obj = Py_None, *out_norm_obj = Py_None,
              *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$pOOOOOOOOO:dora_linear_forward",
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOO|$pOOOOOOOOO:dora_linear_forward",
                                      kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
                                      &lora_b_obj, &m_obj, &scale, &fan_in_fan_out, &p, &seed,
                                      &offset, &sq_obj, &out_obj, &out_xa_obj, &out_base_obj,
@@ -257,7 +260,8 @@ const char cpeft_doc_dora_linear_backward[] =
     "Gradients of dora_linear_forward as (x, lora_a, lora_b, magnitude, bias), None where not\n"
     "requested. base (from the forward) is required for grad_magnitude, else may be None.";
 
-PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_linear_backward(PyObject *module,
+                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "x", "weight", "lora_a", "lora_b", "magnitude", "norm",
                              "xa", "base", "scale", "fan_in_fan_out", "dropout", "seed", "offset",
@@ -269,8 +273,8 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
     PyObject *grad_x_obj = Py_True, *grad_a_obj = Py_True, *grad_b_obj = Py_True,
              *grad_m_obj = Py_True, *grad_bias_obj = Py_False;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOO|$pOOOOOOOOO:dora_linear_backward", kwlist, &grad_out_obj,
+    if (!cpeft_parse_args(
+            args, nargs, kwnames, "OOOOOOOOOO|$pOOOOOOOOO:dora_linear_backward", kwlist, &grad_out_obj,
             &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &m_obj, &norm_obj, &xa_obj, &base_obj,
             &scale, &fan_in_fan_out, &p, &seed, &offset, &grad_x_obj, &grad_a_obj, &grad_b_obj,
             &grad_m_obj, &grad_bias_obj, &stream)) {
@@ -381,13 +385,14 @@ const char cpeft_doc_dora_embedding_forward[] =
     "y[n] = (magnitude / norm) * (weight[indices[n]] + scale * lora_a[:, indices[n]] @ "
     "lora_b.T),\nnorm[d] = ||weight[:, d] + scale * (lora_b @ lora_a)[d]||; returns (y, norm).";
 
-PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_embedding_forward(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"indices", "weight", "lora_a", "lora_b", "magnitude", "scale",
                              "weight_sq_norm", "out", "out_norm", "stream", NULL};
     PyObject *indices_obj, *weight_obj, *lora_a_obj, *lora_b_obj, *m_obj, *scale;
     PyObject *sq_obj = Py_None, *out_obj = Py_None, *out_norm_obj = Py_None, *stream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$OOOO:dora_embedding_forward", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$OOOO:dora_embedding_forward", kwlist,
                                      &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &m_obj,
                                      &scale, &sq_obj, &out_obj, &out_norm_obj, &stream)) {
         return NULL;
@@ -449,7 +454,8 @@ const char cpeft_doc_dora_embedding_backward[] =
     "Gradients of dora_embedding_forward as (lora_a, lora_b, magnitude), None where not\n"
     "requested. Rows whose index is padding_idx contribute nothing to grad_lora_a.";
 
-PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_embedding_backward(PyObject *module,
+                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "indices", "weight", "lora_a", "lora_b", "magnitude",
                              "norm", "scale", "padding_idx", "grad_lora_a", "grad_lora_b",
@@ -458,7 +464,7 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
         *norm_obj, *scale;
     PyObject *padding_obj = Py_None, *stream = Py_None, *grad_a_obj = Py_True,
              *grad_b_obj = Py_True, *grad_m_obj = Py_True;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOO|$OOOOO:dora_embedding_backward",
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$OOOOO:dora_embedding_backward",
                                      kwlist, &grad_out_obj, &indices_obj, &weight_obj,
                                      &lora_a_obj, &lora_b_obj, &m_obj, &norm_obj, &scale,
                                      &padding_obj, &grad_a_obj, &grad_b_obj, &grad_m_obj,

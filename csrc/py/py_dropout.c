@@ -93,13 +93,14 @@ const char cpeft_doc_dropout_mask[] =
     "(m, i) is 1/(1-p) where counter offset + m*IN + i is kept, else 0. Written into out when\n"
     "given (an array of exactly that shape and dtype), else into a new NumPy array; returned.";
 
-PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dropout_mask(PyObject *module,
+                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"shape", "p", "seed", "offset", "dtype", "out", "stream", NULL};
     PyObject *shape_obj, *p_obj, *seed_obj, *offset_obj = NULL, *dtype_obj = NULL,
              *out_obj = Py_None, *stream = Py_None;
     double p = 0.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O$OOO:dropout_mask", kwlist, &shape_obj,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOO|O$OOO:dropout_mask", kwlist, &shape_obj,
                                      &p_obj, &seed_obj, &offset_obj, &dtype_obj, &out_obj,
                                      &stream)) {
         return NULL;

@@ -27,14 +27,15 @@ const char cpeft_doc_ia3_linear_forward[] =
     "Returns (y, base): base = x W^T + bias, written with output scaling when keep_base is true\n"
     "or out_base is an array (needed for the gradient of l), else None.";
 
-PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_linear_forward(PyObject *module,
+                                      PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"x", "weight", "bias", "ia3_l", "feedforward", "fan_in_fan_out",
                              "keep_base", "out", "out_base", "stream", NULL};
     PyObject *x_obj, *weight_obj, *bias_obj, *l_obj;
     PyObject *out_obj = Py_None, *out_base_obj = Py_None, *stream = Py_None;
     int feedforward = 0, fan_in_fan_out = 0, keep_base = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pppOOO:ia3_linear_forward", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$pppOOO:ia3_linear_forward", kwlist,
                                      &x_obj, &weight_obj, &bias_obj, &l_obj, &feedforward,
                                      &fan_in_fan_out, &keep_base, &out_obj, &out_base_obj,
                                      &stream)) {
@@ -109,7 +110,8 @@ const char cpeft_doc_ia3_linear_backward[] =
     "Gradients of ia3_linear_forward as (x, ia3_l, bias, weight), None where not requested.\n"
     "base (from forward with keep_base=True) is required for grad_ia3_l with output scaling.";
 
-PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_linear_backward(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "x", "weight", "ia3_l", "base", "feedforward",
                              "fan_in_fan_out", "grad_x", "grad_ia3_l", "grad_bias",
@@ -118,7 +120,7 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObjec
     PyObject *grad_x_obj = Py_True, *grad_l_obj = Py_True, *grad_bias_obj = Py_False,
              *grad_weight_obj = Py_False, *stream = Py_None;
     int feedforward = 0, fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$ppOOOOO:ia3_linear_backward", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOO|$ppOOOOO:ia3_linear_backward", kwlist,
                                      &grad_out_obj, &x_obj, &weight_obj, &l_obj, &base_obj,
                                      &feedforward, &fan_in_fan_out, &grad_x_obj, &grad_l_obj,
                                      &grad_bias_obj, &grad_weight_obj, &stream)) {
@@ -229,11 +231,12 @@ const char cpeft_doc_ia3_embedding_forward[] =
     "ia3_embedding_forward(indices, weight, ia3_l, *, out=None, stream=None)\n--\n\n"
     "y[n] = weight[indices[n]] * l; y has shape indices.shape + (embedding_dim,).";
 
-PyObject *cpeft_py_ia3_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_forward(PyObject *module,
+                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"indices", "weight", "ia3_l", "out", "stream", NULL};
     PyObject *indices_obj, *weight_obj, *l_obj, *out_obj = Py_None, *stream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OO:ia3_embedding_forward", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOO|$OO:ia3_embedding_forward", kwlist,
                                      &indices_obj, &weight_obj, &l_obj, &out_obj, &stream)) {
         return NULL;
     }
@@ -276,13 +279,14 @@ const char cpeft_doc_ia3_embedding_backward[] =
     "Gradients of ia3_embedding_forward as (ia3_l, weight), None where not requested; rows at\n"
     "padding_idx are skipped for grad_weight only.";
 
-PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_backward(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "indices", "weight", "ia3_l", "padding_idx",
                              "grad_ia3_l", "grad_weight", "stream", NULL};
     PyObject *grad_out_obj, *indices_obj, *weight_obj, *l_obj, *padding_obj = Py_None,
              *grad_l_obj = Py_True, *grad_weight_obj = Py_False, *stream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOOO:ia3_embedding_backward", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOOO:ia3_embedding_backward", kwlist,
                                      &grad_out_obj, &indices_obj, &weight_obj, &l_obj,
                                      &padding_obj, &grad_l_obj, &grad_weight_obj, &stream)) {
         return NULL;

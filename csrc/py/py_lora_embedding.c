@@ -10,13 +10,14 @@ const char cpeft_doc_lora_embedding_forward[] =
     "y[n] = weight[indices[n]] + scale * (lora_a[:, indices[n]] @ lora_b.T); y has shape\n"
     "indices.shape + (embedding_dim,). out: None/True allocate NumPy, or an array to write.";
 
-PyObject *cpeft_py_lora_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_embedding_forward(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"indices", "weight", "lora_a", "lora_b", "scale", "padding_idx",
                              "out", "stream", NULL};
     PyObject *indices_obj, *weight_obj, *lora_a_obj, *lora_b_obj, *scale;
     PyObject *padding_obj = Py_None, *out_obj = Py_None, *stream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$OOO:lora_embedding_forward", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOO|$OOO:lora_embedding_forward", kwlist,
                                      &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
                                      &padding_obj, &out_obj, &stream)) {
         return NULL;
@@ -67,14 +68,15 @@ const char cpeft_doc_lora_embedding_backward[] =
     "Gradients of lora_embedding_forward as (lora_a, lora_b, weight), None where not requested.\n"
     "Rows whose index is padding_idx contribute nothing to grad_lora_a and grad_weight.";
 
-PyObject *cpeft_py_lora_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_embedding_backward(PyObject *module,
+                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "indices", "lora_a", "lora_b", "scale", "padding_idx",
                              "grad_lora_a", "grad_lora_b", "grad_weight", "stream", NULL};
     PyObject *grad_out_obj, *indices_obj, *lora_a_obj, *lora_b_obj, *scale;
     PyObject *padding_obj = Py_None, *stream = Py_None, *grad_a_obj = Py_True,
              *grad_b_obj = Py_True, *grad_weight_obj = Py_False;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$OOOOO:lora_embedding_backward",
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOO|$OOOOO:lora_embedding_backward",
                                      kwlist, &grad_out_obj, &indices_obj, &lora_a_obj,
                                      &lora_b_obj, &scale, &padding_obj, &grad_a_obj, &grad_b_obj,
                                      &grad_weight_obj, &stream)) {

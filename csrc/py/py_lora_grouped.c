@@ -184,7 +184,8 @@ const char cpeft_doc_lora_grouped_forward[] =
     "adapters packed: lora_a (sum(ranks), IN), lora_b (OUT, sum(ranks)). Returns (y, xa),\n"
     "xa (..., max(ranks)) kept for backward.";
 
-PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_grouped_forward(PyObject *module,
+                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"x", "weight", "bias", "lora_a", "lora_b", "index", "ranks",
                              "scales", "fan_in_fan_out", "dropout", "seed", "offset", "out",
@@ -194,7 +195,7 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObje
     PyObject *p = NULL, *seed = NULL, *offset = NULL, *out_obj = Py_None, *out_xa_obj = Py_None,
              *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOO|$pOOOOOO:lora_grouped_forward",
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$pOOOOOO:lora_grouped_forward",
                                      kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
                                      &lora_b_obj, &index_obj, &ranks_obj, &scales_obj,
                                      &fan_in_fan_out, &p, &seed, &offset, &out_obj, &out_xa_obj,
@@ -261,7 +262,8 @@ const char cpeft_doc_lora_grouped_backward[] =
     "Gradients of lora_grouped_forward as (x, lora_a, lora_b, bias, weight), None where not\n"
     "requested; grad_lora_a / grad_lora_b are packed like lora_a / lora_b.";
 
-PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_grouped_backward(PyObject *module,
+                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "x", "weight", "lora_a", "lora_b", "xa", "index",
                              "ranks", "scales", "fan_in_fan_out", "dropout", "seed", "offset",
@@ -273,8 +275,8 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObj
     PyObject *grad_x_obj = Py_True, *grad_a_obj = Py_True, *grad_b_obj = Py_True,
              *grad_bias_obj = Py_False, *grad_weight_obj = Py_False;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOO|$pOOOOOOOOO:lora_grouped_backward", kwlist, &grad_out_obj,
+    if (!cpeft_parse_args(
+            args, nargs, kwnames, "OOOOOOOOO|$pOOOOOOOOO:lora_grouped_backward", kwlist, &grad_out_obj,
             &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &xa_obj, &index_obj, &ranks_obj,
             &scales_obj, &fan_in_fan_out, &p, &seed, &offset, &grad_x_obj, &grad_a_obj,
             &grad_b_obj, &grad_bias_obj, &grad_weight_obj, &stream)) {

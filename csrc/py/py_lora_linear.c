@@ -13,7 +13,8 @@ const char cpeft_doc_lora_linear_forward[] =
     "y = x W^T + bias + scale * scatter(drop(x) A^T B^T); returns (y, xa) with xa = drop(x) A^T.\n"
     "out / out_xa: None or True allocate NumPy arrays (NumPy inputs only), or arrays to write.";
 
-PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_linear_forward(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"x", "weight", "bias", "lora_a", "lora_b", "scale",
                              "fan_in_fan_out", "enable_lora", "dropout", "seed", "offset", "out",
@@ -22,7 +23,7 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *args, PyObjec
     PyObject *enable_lora = Py_None, *p = NULL, *seed = NULL, *offset = NULL, *out_obj = Py_None,
              *out_xa_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$pOOOOOOO:lora_linear_forward", kwlist,
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$pOOOOOOO:lora_linear_forward", kwlist,
                                      &x_obj, &weight_obj, &bias_obj, &lora_a_obj, &lora_b_obj,
                                      &scale, &fan_in_fan_out, &enable_lora, &p, &seed, &offset,
                                      &out_obj, &out_xa_obj, &stream)) {
@@ -93,7 +94,8 @@ const char cpeft_doc_lora_linear_backward[] =
     "Gradients of lora_linear_forward, returned as (x, lora_a, lora_b, bias, weight) with None\n"
     "where not requested. Each grad_* is False/None (skip), True (allocate NumPy) or an array.";
 
-PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_linear_backward(PyObject *module,
+                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "x", "weight", "lora_a", "lora_b", "xa", "scale",
                              "fan_in_fan_out", "enable_lora", "dropout", "seed", "offset",
@@ -104,8 +106,8 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *args, PyObje
     PyObject *grad_x_obj = Py_True, *grad_a_obj = Py_True, *grad_b_obj = Py_True,
              *grad_bias_obj = Py_False, *grad_weight_obj = Py_False;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOO|$pOOOOOOOOOO:lora_linear_backward", kwlist, &grad_out_obj,
+    if (!cpeft_parse_args(
+            args, nargs, kwnames, "OOOOOOO|$pOOOOOOOOOO:lora_linear_backward", kwlist, &grad_out_obj,
             &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &xa_obj, &scale, &fan_in_fan_out,
             &enable_lora, &p, &seed, &offset, &grad_x_obj, &grad_a_obj, &grad_b_obj,
             &grad_bias_obj, &grad_weight_obj, &stream)) {

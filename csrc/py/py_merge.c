@@ -200,7 +200,8 @@ static merge_mode merge_mode_of(int count_only)
 
 /* ---- LoRA linear ---------------------------------------------------------------------------- */
 
-static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs, int unmerge)
+static PyObject *lora_merge_impl(PyObject *module,
+                                 PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "fan_in_fan_out",
                                    "enable_lora", "index", "value", "count_only", "stream", NULL};
@@ -211,13 +212,13 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
     PyObject *records[2] = {Py_None, Py_None};
     int fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$pOO:lora_unmerge", unmerge_kwlist,
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$pOO:lora_unmerge", unmerge_kwlist,
                                          &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
                                          &records[0], &records[1], &fan_in_fan_out, &enable_lora,
                                          &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pOOOpO:lora_merge", merge_kwlist,
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$pOOOpO:lora_merge", merge_kwlist,
                                          &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
                                          &fan_in_fan_out, &enable_lora, &records[0], &records[1],
                                          &count_only, &stream);
@@ -255,9 +256,10 @@ const char cpeft_doc_lora_merge[] =
     "weight[(OUT, IN) view] += scale * B_k A_k on each enabled group, in place. Returns the\n"
     "record (index int64, value weight.dtype), or its size with count_only=True.";
 
-PyObject *cpeft_py_lora_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_merge(PyObject *module,
+                              PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_merge_impl(module, args, kwargs, 0);
+    return lora_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_lora_unmerge[] =
@@ -265,14 +267,16 @@ const char cpeft_doc_lora_unmerge[] =
     "enable_lora=None, stream=None)\n--\n\n"
     "Undo lora_merge in place, bit for bit, given its record and the same adapter.";
 
-PyObject *cpeft_py_lora_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_unmerge(PyObject *module,
+                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_merge_impl(module, args, kwargs, 1);
+    return lora_merge_impl(module, args, nargs, kwnames, 1);
 }
 
 /* ---- LoRA embedding: the (V, D) weight merges as its (D, V) view with B (D, R), A (R, V) ------ */
 
-static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs,
+static PyObject *lora_embedding_merge_impl(PyObject *module,
+                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                                            int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
@@ -283,12 +287,12 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
     PyObject *records[2] = {Py_None, Py_None};
     int count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$O:lora_embedding_unmerge",
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$O:lora_embedding_unmerge",
                                          unmerge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
                                          &scale, &records[0], &records[1], &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOpO:lora_embedding_merge",
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOpO:lora_embedding_merge",
                                          merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
                                          &scale, &records[0], &records[1], &count_only, &stream);
     }
@@ -334,18 +338,20 @@ const char cpeft_doc_lora_embedding_merge[] =
     "count_only=False, stream=None)\n--\n\n"
     "weight (V, D) += scale * (B A)^T in place; the record indexes the (D, V) view.";
 
-PyObject *cpeft_py_lora_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_embedding_merge(PyObject *module,
+                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_embedding_merge_impl(module, args, kwargs, 0);
+    return lora_embedding_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_lora_embedding_unmerge[] =
     "lora_embedding_unmerge(weight, lora_a, lora_b, scale, index, value, *, stream=None)\n--\n\n"
     "Undo lora_embedding_merge in place, bit for bit.";
 
-PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_embedding_merge_impl(module, args, kwargs, 1);
+    return lora_embedding_merge_impl(module, args, nargs, kwnames, 1);
 }
 
 /* ---- IA3: targets in their own stored 2-D view, a bias as (1, OUT) --------------------------- */
@@ -371,7 +377,8 @@ static int ia3_target(cpeft_call *call, PyObject *weight_obj, PyObject *l_obj, i
     return 0;
 }
 
-static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs, int unmerge)
+static PyObject *ia3_merge_impl(PyObject *module,
+                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "ia3_l", "bias", "feedforward", "fan_in_fan_out",
                                    "index", "value", "bias_index", "bias_value", "count_only",
@@ -383,13 +390,13 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
     PyObject *records[4] = {Py_None, Py_None, Py_None, Py_None};
     int feedforward = 0, fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOOppO:ia3_unmerge", unmerge_kwlist,
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOOppO:ia3_unmerge", unmerge_kwlist,
                                          &weight_obj, &l_obj, &records[0], &records[1], &bias_obj,
                                          &records[2], &records[3], &feedforward, &fan_in_fan_out,
                                          &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OppOOOOpO:ia3_merge", merge_kwlist,
+        ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OppOOOOpO:ia3_merge", merge_kwlist,
                                          &weight_obj, &l_obj, &bias_obj, &feedforward,
                                          &fan_in_fan_out, &records[0], &records[1], &records[2],
                                          &records[3], &count_only, &stream);
@@ -460,9 +467,10 @@ const char cpeft_doc_ia3_merge[] =
     "scaling. Returns ((index, value), (bias_index, bias_value) or None); with count_only, the\n"
     "record sizes (weight's, bias's or None).";
 
-PyObject *cpeft_py_ia3_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_merge(PyObject *module,
+                             PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_merge_impl(module, args, kwargs, 0);
+    return ia3_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_ia3_unmerge[] =
@@ -470,12 +478,14 @@ const char cpeft_doc_ia3_unmerge[] =
     "feedforward=False, fan_in_fan_out=False, stream=None)\n--\n\n"
     "Undo ia3_merge in place, bit for bit, given its records.";
 
-PyObject *cpeft_py_ia3_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_unmerge(PyObject *module,
+                               PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_merge_impl(module, args, kwargs, 1);
+    return ia3_merge_impl(module, args, nargs, kwnames, 1);
 }
 
-static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs,
+static PyObject *ia3_embedding_merge_impl(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                                           int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "ia3_l", "index", "value", "count_only", "stream",
@@ -485,12 +495,12 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyOb
     PyObject *records[2] = {Py_None, Py_None};
     int count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$O:ia3_embedding_unmerge",
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$O:ia3_embedding_unmerge",
                                          unmerge_kwlist, &weight_obj, &l_obj, &records[0],
                                          &records[1], &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOpO:ia3_embedding_merge",
+        ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OOpO:ia3_embedding_merge",
                                          merge_kwlist, &weight_obj, &l_obj, &records[0],
                                          &records[1], &count_only, &stream);
     }
@@ -519,16 +529,18 @@ const char cpeft_doc_ia3_embedding_merge[] =
     "stream=None)\n--\n\n"
     "weight (V, D) *= l along D in place; returns the record (index, value).";
 
-PyObject *cpeft_py_ia3_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_merge(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_embedding_merge_impl(module, args, kwargs, 0);
+    return ia3_embedding_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_ia3_embedding_unmerge[] =
     "ia3_embedding_unmerge(weight, ia3_l, index, value, *, stream=None)\n--\n\n"
     "Undo ia3_embedding_merge in place, bit for bit.";
 
-PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module,
+                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_embedding_merge_impl(module, args, kwargs, 1);
+    return ia3_embedding_merge_impl(module, args, nargs, kwnames, 1);
 }
