@@ -12,11 +12,12 @@
 
 #define MAX_ARGUMENTS 32
 
-/* Keyword names are compared in place: no string object is made to look one up. */
-static int keyword_position(PyObject *key, char *const *kwlist, int count)
+/* The position of keyword `key` in kwlist[first, last), or -1. Compared in place (no string object
+ * is made to look a name up), first character first. */
+static int keyword_position(const char *key, char *const *kwlist, int first, int last)
 {
-    for (int i = 0; i < count; ++i) {
-        if (PyUnicode_CompareWithASCIIString(key, kwlist[i]) == 0) {
+    for (int i = first; i < last; ++i) {
+        if (kwlist[i][0] == key[0] && strcmp(kwlist[i], key) == 0) {
             return i;
         }
     }
@@ -48,7 +49,15 @@ int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     Py_ssize_t keywords = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t k = 0; k < keywords; ++k) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, k);
-        int i = keyword_position(key, kwlist, count);
+        const char *name = PyUnicode_AsUTF8(key);
+        if (name == NULL) {
+            return 0;
+        }
+        /* Arguments given by position come first; a name among them is reported below. */
+        int i = keyword_position(name, kwlist, (int)nargs, count);
+        if (i < 0) {
+            i = keyword_position(name, kwlist, 0, (int)nargs);
+        }
         if (i < 0) {
             PyErr_Format(PyExc_TypeError, "'%U' is an invalid keyword argument for %.200s()", key,
                          function);
