@@ -31,6 +31,12 @@ typedef struct {
     cpeft_merge_record rec;
 } merge_target;
 
+/* Elements of the merged view, the range of the record's linear indices. */
+static int64_t target_size(const merge_target *m)
+{
+    return m->is_lora ? m->lora.out * m->lora.in : m->target.rows * m->target.cols;
+}
+
 static int run_pass(cpeft_call *call, merge_target *m, int direction)
 {
     int rc;
@@ -45,6 +51,14 @@ static int run_pass(cpeft_call *call, merge_target *m, int direction)
                                            &m->rec, &call->status),
                        cpeft_ia3_merge_cuda(m->dtype, m->target, m->l, m->along_cols, direction,
                                             &m->rec, call->stream, &call->status));
+    }
+    if (rc == CPEFT_ERR_INDEX && direction == CPEFT_UNMERGE) {
+        /* The compute checks every recorded index before it writes anything (and again where it
+         * uses it): an index outside the weight is a record made for another tensor. */
+        cpeft_reraise_with_context(PyExc_ValueError,
+                                   "%s must hold linear indices in [0, %lld) for this weight; was "
+                                   "the record made for another tensor?",
+                                   m->index_name, (long long)target_size(m));
     }
     return rc == CPEFT_OK ? 0 : -1;
 }
@@ -115,21 +129,6 @@ static int bind_record(cpeft_call *call, merge_target *m, merge_mode mode, PyObj
         cpeft_tensor_contiguous(m->value, &value_data) < 0) {
         return -1;
     }
-    if (mode == MODE_UNMERGE && !cpeft_call_on_cuda(call)) {
-        /* Unmerge writes value[i] at index[i]: an index from some other tensor's record would
-         * write outside this one. Device records are trusted (a scan would need a copy). */
-        int64_t size = m->is_lora ? m->lora.out * m->lora.in : m->target.rows * m->target.cols;
-        const int64_t *idx = index_data;
-        for (int64_t i = 0; i < n; ++i) {
-            if (idx[i] < 0 || idx[i] >= size) {
-                PyErr_Format(PyExc_ValueError,
-                             "%s must hold linear indices in [0, %lld) for this weight, got %lld "
-                             "at position %lld; was the record made for another tensor?",
-                             m->index_name, (long long)size, (long long)idx[i], (long long)i);
-                return -1;
-            }
-        }
-    }
     /* A NULL index means "count only" to the compute layer, and DLPack producers export empty
      * tensors with data == NULL: an empty record still has to merge, so it gets a valid address
      * that is never dereferenced (capacity 0). */
@@ -138,6 +137,27 @@ static int bind_record(cpeft_call *call, merge_target *m, merge_mode mode, PyObj
     m->rec.value = value_data ? value_data : (void *)&empty_record_slot;
     m->rec.capacity = n;
     m->rec.count = mode == MODE_UNMERGE ? n : 0;
+    return 0;
+}
+
+/* The compute checks a record before its own pass writes. An unmerge of two targets (an IA3
+ * weight and its bias) runs two passes, and the second record's check would come after the first
+ * pass wrote: on the CPU that record is scanned before any pass, so that a refused call modifies
+ * nothing. (Device records are checked by the compute only, a scan here would need a copy.) */
+static int check_later_record(const cpeft_call *call, const merge_target *m)
+{
+    if (cpeft_call_on_cuda(call)) return 0;
+    int64_t size = target_size(m);
+    const int64_t *index = m->rec.index;
+    for (int64_t i = 0; i < m->rec.count; ++i) {
+        if (index[i] < 0 || index[i] >= size) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s must hold linear indices in [0, %lld) for this weight; was the record "
+                         "made for another tensor?: record index[%lld] = %lld is outside it",
+                         m->index_name, (long long)size, (long long)i, (long long)index[i]);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -162,12 +182,15 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
         }
     }
     if (cpeft_call_check_aliasing(call) < 0) return NULL;
+    for (int i = 1; mode == MODE_UNMERGE && i < n; ++i) {
+        if (check_later_record(call, &targets[i]) < 0) return NULL;
+    }
     for (int i = 0; i < n; ++i) {
         merge_target *m = &targets[i];
         if (run_pass(call, m, mode == MODE_MERGE ? CPEFT_MERGE : CPEFT_UNMERGE) < 0) return NULL;
         if (mode == MODE_MERGE && m->rec.count != m->count) {
             /* The two passes see the same weight unless something wrote to it in between; two
-             * cpeft merges are refused up front (tensor.c), so this is another writer. */
+             * cpeft merges are refused up front (call.c), so this is another writer. */
             PyErr_Format(PyExc_RuntimeError,
                          "the weight changed while it was being merged (the merge pass found "
                          "%lld elements to record where the count pass found %lld): another "
