@@ -60,7 +60,7 @@ PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module,
     PyObject *weight_obj, *out_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "O|$pOO:dora_weight_sq_norm", kwlist,
-                                     &weight_obj, &fan_in_fan_out, &out_obj, &stream)) {
+                          &weight_obj, &fan_in_fan_out, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -111,8 +111,8 @@ PyObject *cpeft_py_dora_weight_norm(PyObject *module,
     PyObject *sq_obj = Py_None, *out_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$pOOO:dora_weight_norm", kwlist,
-                                     &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                                     &fan_in_fan_out, &sq_obj, &out_obj, &stream)) {
+                          &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                          &fan_in_fan_out, &sq_obj, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -177,10 +177,10 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module,
              *stream = Py_None;
     int fan_in_fan_out = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOO|$pOOOOOOOOO:dora_linear_forward",
-                                     kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
-                                     &lora_b_obj, &m_obj, &scale, &fan_in_fan_out, &p, &seed,
-                                     &offset, &sq_obj, &out_obj, &out_xa_obj, &out_base_obj,
-                                     &out_norm_obj, &stream)) {
+                          kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
+                          &lora_b_obj, &m_obj, &scale, &fan_in_fan_out, &p, &seed,
+                          &offset, &sq_obj, &out_obj, &out_xa_obj, &out_base_obj,
+                          &out_norm_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -393,8 +393,8 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module,
     PyObject *indices_obj, *weight_obj, *lora_a_obj, *lora_b_obj, *m_obj, *scale;
     PyObject *sq_obj = Py_None, *out_obj = Py_None, *out_norm_obj = Py_None, *stream = Py_None;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$OOOO:dora_embedding_forward", kwlist,
-                                     &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &m_obj,
-                                     &scale, &sq_obj, &out_obj, &out_norm_obj, &stream)) {
+                          &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &m_obj,
+                          &scale, &sq_obj, &out_obj, &out_norm_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -465,10 +465,10 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module,
     PyObject *padding_obj = Py_None, *stream = Py_None, *grad_a_obj = Py_True,
              *grad_b_obj = Py_True, *grad_m_obj = Py_True;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$OOOOO:dora_embedding_backward",
-                                     kwlist, &grad_out_obj, &indices_obj, &weight_obj,
-                                     &lora_a_obj, &lora_b_obj, &m_obj, &norm_obj, &scale,
-                                     &padding_obj, &grad_a_obj, &grad_b_obj, &grad_m_obj,
-                                     &stream)) {
+                          kwlist, &grad_out_obj, &indices_obj, &weight_obj,
+                          &lora_a_obj, &lora_b_obj, &m_obj, &norm_obj, &scale,
+                          &padding_obj, &grad_a_obj, &grad_b_obj, &grad_m_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;

@@ -101,8 +101,8 @@ PyObject *cpeft_py_dropout_mask(PyObject *module,
              *out_obj = Py_None, *stream = Py_None;
     double p = 0.0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOO|O$OOO:dropout_mask", kwlist, &shape_obj,
-                                     &p_obj, &seed_obj, &offset_obj, &dtype_obj, &out_obj,
-                                     &stream)) {
+                          &p_obj, &seed_obj, &offset_obj, &dtype_obj, &out_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;

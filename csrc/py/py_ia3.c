@@ -36,9 +36,9 @@ PyObject *cpeft_py_ia3_linear_forward(PyObject *module,
     PyObject *out_obj = Py_None, *out_base_obj = Py_None, *stream = Py_None;
     int feedforward = 0, fan_in_fan_out = 0, keep_base = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$pppOOO:ia3_linear_forward", kwlist,
-                                     &x_obj, &weight_obj, &bias_obj, &l_obj, &feedforward,
-                                     &fan_in_fan_out, &keep_base, &out_obj, &out_base_obj,
-                                     &stream)) {
+                          &x_obj, &weight_obj, &bias_obj, &l_obj, &feedforward,
+                          &fan_in_fan_out, &keep_base, &out_obj, &out_base_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -121,9 +121,9 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module,
              *grad_weight_obj = Py_False, *stream = Py_None;
     int feedforward = 0, fan_in_fan_out = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOO|$ppOOOOO:ia3_linear_backward", kwlist,
-                                     &grad_out_obj, &x_obj, &weight_obj, &l_obj, &base_obj,
-                                     &feedforward, &fan_in_fan_out, &grad_x_obj, &grad_l_obj,
-                                     &grad_bias_obj, &grad_weight_obj, &stream)) {
+                          &grad_out_obj, &x_obj, &weight_obj, &l_obj, &base_obj,
+                          &feedforward, &fan_in_fan_out, &grad_x_obj, &grad_l_obj,
+                          &grad_bias_obj, &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -237,7 +237,7 @@ PyObject *cpeft_py_ia3_embedding_forward(PyObject *module,
     static char *kwlist[] = {"indices", "weight", "ia3_l", "out", "stream", NULL};
     PyObject *indices_obj, *weight_obj, *l_obj, *out_obj = Py_None, *stream = Py_None;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOO|$OO:ia3_embedding_forward", kwlist,
-                                     &indices_obj, &weight_obj, &l_obj, &out_obj, &stream)) {
+                          &indices_obj, &weight_obj, &l_obj, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -287,8 +287,8 @@ PyObject *cpeft_py_ia3_embedding_backward(PyObject *module,
     PyObject *grad_out_obj, *indices_obj, *weight_obj, *l_obj, *padding_obj = Py_None,
              *grad_l_obj = Py_True, *grad_weight_obj = Py_False, *stream = Py_None;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOOO:ia3_embedding_backward", kwlist,
-                                     &grad_out_obj, &indices_obj, &weight_obj, &l_obj,
-                                     &padding_obj, &grad_l_obj, &grad_weight_obj, &stream)) {
+                          &grad_out_obj, &indices_obj, &weight_obj, &l_obj,
+                          &padding_obj, &grad_l_obj, &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;

@@ -18,8 +18,8 @@ PyObject *cpeft_py_lora_embedding_forward(PyObject *module,
     PyObject *indices_obj, *weight_obj, *lora_a_obj, *lora_b_obj, *scale;
     PyObject *padding_obj = Py_None, *out_obj = Py_None, *stream = Py_None;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOO|$OOO:lora_embedding_forward", kwlist,
-                                     &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                                     &padding_obj, &out_obj, &stream)) {
+                          &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                          &padding_obj, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -77,9 +77,9 @@ PyObject *cpeft_py_lora_embedding_backward(PyObject *module,
     PyObject *padding_obj = Py_None, *stream = Py_None, *grad_a_obj = Py_True,
              *grad_b_obj = Py_True, *grad_weight_obj = Py_False;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOO|$OOOOO:lora_embedding_backward",
-                                     kwlist, &grad_out_obj, &indices_obj, &lora_a_obj,
-                                     &lora_b_obj, &scale, &padding_obj, &grad_a_obj, &grad_b_obj,
-                                     &grad_weight_obj, &stream)) {
+                          kwlist, &grad_out_obj, &indices_obj, &lora_a_obj,
+                          &lora_b_obj, &scale, &padding_obj, &grad_a_obj, &grad_b_obj,
+                          &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;

@@ -196,10 +196,10 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module,
              *stream = Py_None;
     int fan_in_fan_out = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$pOOOOOO:lora_grouped_forward",
-                                     kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
-                                     &lora_b_obj, &index_obj, &ranks_obj, &scales_obj,
-                                     &fan_in_fan_out, &p, &seed, &offset, &out_obj, &out_xa_obj,
-                                     &stream)) {
+                          kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
+                          &lora_b_obj, &index_obj, &ranks_obj, &scales_obj,
+                          &fan_in_fan_out, &p, &seed, &offset, &out_obj, &out_xa_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;

@@ -24,9 +24,9 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module,
              *out_xa_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$pOOOOOOO:lora_linear_forward", kwlist,
-                                     &x_obj, &weight_obj, &bias_obj, &lora_a_obj, &lora_b_obj,
-                                     &scale, &fan_in_fan_out, &enable_lora, &p, &seed, &offset,
-                                     &out_obj, &out_xa_obj, &stream)) {
+                          &x_obj, &weight_obj, &bias_obj, &lora_a_obj, &lora_b_obj,
+                          &scale, &fan_in_fan_out, &enable_lora, &p, &seed, &offset,
+                          &out_obj, &out_xa_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;

@@ -236,15 +236,15 @@ static PyObject *lora_merge_impl(PyObject *module,
     int fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$pOO:lora_unmerge", unmerge_kwlist,
-                                         &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                                         &records[0], &records[1], &fan_in_fan_out, &enable_lora,
-                                         &stream);
+                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                              &records[0], &records[1], &fan_in_fan_out, &enable_lora,
+                              &stream);
     }
     else {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$pOOOpO:lora_merge", merge_kwlist,
-                                         &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                                         &fan_in_fan_out, &enable_lora, &records[0], &records[1],
-                                         &count_only, &stream);
+                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                              &fan_in_fan_out, &enable_lora, &records[0], &records[1],
+                              &count_only, &stream);
     }
     if (!ok) {
         return NULL;
@@ -311,13 +311,13 @@ static PyObject *lora_embedding_merge_impl(PyObject *module,
     int count_only = 0, ok;
     if (unmerge) {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$O:lora_embedding_unmerge",
-                                         unmerge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
-                                         &scale, &records[0], &records[1], &stream);
+                              unmerge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
+                              &scale, &records[0], &records[1], &stream);
     }
     else {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOpO:lora_embedding_merge",
-                                         merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
-                                         &scale, &records[0], &records[1], &count_only, &stream);
+                              merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
+                              &scale, &records[0], &records[1], &count_only, &stream);
     }
     if (!ok) {
         return NULL;
@@ -414,15 +414,15 @@ static PyObject *ia3_merge_impl(PyObject *module,
     int feedforward = 0, fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOOppO:ia3_unmerge", unmerge_kwlist,
-                                         &weight_obj, &l_obj, &records[0], &records[1], &bias_obj,
-                                         &records[2], &records[3], &feedforward, &fan_in_fan_out,
-                                         &stream);
+                              &weight_obj, &l_obj, &records[0], &records[1], &bias_obj,
+                              &records[2], &records[3], &feedforward, &fan_in_fan_out,
+                              &stream);
     }
     else {
         ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OppOOOOpO:ia3_merge", merge_kwlist,
-                                         &weight_obj, &l_obj, &bias_obj, &feedforward,
-                                         &fan_in_fan_out, &records[0], &records[1], &records[2],
-                                         &records[3], &count_only, &stream);
+                              &weight_obj, &l_obj, &bias_obj, &feedforward,
+                              &fan_in_fan_out, &records[0], &records[1], &records[2],
+                              &records[3], &count_only, &stream);
     }
     if (!ok) {
         return NULL;
@@ -519,13 +519,13 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module,
     int count_only = 0, ok;
     if (unmerge) {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$O:ia3_embedding_unmerge",
-                                         unmerge_kwlist, &weight_obj, &l_obj, &records[0],
-                                         &records[1], &stream);
+                              unmerge_kwlist, &weight_obj, &l_obj, &records[0],
+                              &records[1], &stream);
     }
     else {
         ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OOpO:ia3_embedding_merge",
-                                         merge_kwlist, &weight_obj, &l_obj, &records[0],
-                                         &records[1], &count_only, &stream);
+                              merge_kwlist, &weight_obj, &l_obj, &records[0],
+                              &records[1], &count_only, &stream);
     }
     if (!ok) {
         return NULL;
