@@ -51,7 +51,8 @@ int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
         PyObject *key = PyTuple_GET_ITEM(kwnames, k);
         const char *name = PyUnicode_AsUTF8(key);
         if (name == NULL) {
-            return 0;
+            PyErr_Clear();   /* not UTF-8 encodable (a lone surrogate): no argument's name */
+            name = "";
         }
         /* Arguments given by position come first; a name among them is reported below. */
         int i = keyword_position(name, kwlist, (int)nargs, count);
