@@ -697,3 +697,26 @@ def test_lora_grouped_adapter_lists_emptied_while_converted(clears):
     y, _ = F.lora_grouped_forward(x, w, None, a, b, index, ranks, scales)
     expected = x @ w.T + (x @ a[:2].T) @ b[:, :2].T
     np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("position", range(5))
+def test_bool_in_place_of_a_tensor_is_a_type_error(position, value):
+    """True/False request or refuse outputs, so the boundary's preparation skips them; in an
+    input's place they are the wrong kind of object (was: SystemError "not prepared")."""
+    arrays = [np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), None,
+              np.ones((2, 3), np.float32), np.ones((4, 2), np.float32)]
+    arrays[position] = value
+    name = ["x", "weight", "bias", "lora_a", "lora_b"][position]
+    with pytest.raises(TypeError, match=f"^{name} must be a numpy.ndarray .* got bool"):
+        _C.lora_linear_forward(*arrays, 1.0)
+
+
+def test_bool_as_merge_delta_or_grouped_index_is_a_type_error():
+    w = np.ones((4, 3), np.float32)
+    a, b = np.ones((2, 3), np.float32), np.ones((4, 2), np.float32)
+    with pytest.raises(TypeError, match="^delta must be a numpy.ndarray"):
+        _C.lora_merge(w, a, b, 1.0, count_only=True, delta=True)
+    with pytest.raises(TypeError, match="^index must be a numpy.ndarray"):
+        _C.lora_grouped_forward(np.ones((2, 3), np.float32), w, None, a, b, True, [2], [1.0])
+    assert (w == 1).all()

@@ -4,6 +4,7 @@
  */
 #define CPEFT_MODULE_TU
 #include "boundary.h"
+#include "device.h"
 #include "dtypes.h"
 
 #ifndef CPEFT_BUILD_BLAS
@@ -61,7 +62,7 @@ static PyObject *build_info(PyObject *module, PyObject *unused)
 }
 
 #define CPEFT_ENTRY(name) \
-    {#name, (PyCFunction)(void (*)(void))cpeft_py_##name, METH_VARARGS | METH_KEYWORDS, \
+    {#name, (PyCFunction)(void (*)(void))cpeft_py_##name, METH_FASTCALL | METH_KEYWORDS, \
      cpeft_doc_##name}
 
 static PyMethodDef cpeft_methods[] = {

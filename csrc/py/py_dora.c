@@ -4,7 +4,7 @@
  * viewed as (OUT, IN), lora_a (R, IN), lora_b (OUT, R), magnitude (OUT,). Embedding: indices
  * (...) flattened to N, weight (V, D), lora_a (R, V), lora_b (D, R), magnitude (D,).
  */
-#include "py_ops.h"
+#include "params.h"
 
 #include "cpeft/dora.h"
 
@@ -17,11 +17,11 @@ static int dora_vector(cpeft_call *call, PyObject *obj, const char *name, int64_
                        const char *meaning, const cpeft_tensor *like, cpeft_vec *vec)
 {
     cpeft_tensor *t = cpeft_call_input(call, obj, name, CPEFT_ROLE_INPUT);
-    if (t == NULL || cpeft_check_float_dtype(call, t, like) < 0 ||
+    if (t == NULL || cpeft_check_float_dtype(t, like) < 0 ||
         cpeft_check_shape(t, 1, &count, meaning) < 0) {
         return -1;
     }
-    return cpeft_tensor_vec(call, t, vec);
+    return cpeft_tensor_vec(t, vec);
 }
 
 static int optional_dora_vector(cpeft_call *call, PyObject *obj, const char *name, int64_t count,
@@ -45,7 +45,7 @@ static int vector_output(cpeft_call *call, PyObject *obj, const char *name, int 
         vec->data = NULL;
         return 0;
     }
-    return cpeft_tensor_vec(call, *t, vec);
+    return cpeft_tensor_vec(*t, vec);
 }
 
 const char cpeft_doc_dora_weight_sq_norm[] =
@@ -53,17 +53,18 @@ const char cpeft_doc_dora_weight_sq_norm[] =
     "The squared L2 norm of every row of weight's (OUT, IN) view (out_features entries), the part\n"
     "of DoRA's row norms that changes only when the weight does. out: None/True or an array.";
 
-PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"weight", "fan_in_fan_out", "out", "stream", NULL};
     PyObject *weight_obj, *out_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$pOO:dora_weight_sq_norm", kwlist,
-                                     &weight_obj, &fan_in_fan_out, &out_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "O|$pOO:dora_weight_sq_norm", kwlist,
+                          &weight_obj, &fan_in_fan_out, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -76,8 +77,8 @@ PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObjec
         goto finish;
     }
     cpeft_tensor *w = cpeft_call_input(&call, weight_obj, "weight", CPEFT_ROLE_INPUT);
-    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(&call, w, NULL) < 0 ||
-        cpeft_tensor_mat(&call, w, fan_in_fan_out, &weight) < 0 ||
+    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, NULL) < 0 ||
+        cpeft_tensor_mat(w, fan_in_fan_out, &weight) < 0 ||
         vector_output(&call, out_obj, "out", 1, w->dtype, weight.rows, &out, &out_vec) < 0 ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
@@ -87,15 +88,12 @@ PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *args, PyObjec
     CPEFT_DISPATCH(&call, rc, cpeft_dora_weight_sq_norm_cpu(dt, weight, out_vec, &call.status),
                    cpeft_dora_weight_sq_norm_cuda(dt, weight, out_vec, call.stream,
                                                   &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = Py_NewRef(out->source);
     }
-    ret = Py_NewRef(out->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_weight_norm[] =
@@ -104,20 +102,21 @@ const char cpeft_doc_dora_weight_norm[] =
     "n_j = ||w_j + scale * lora_b[j] @ lora_a|| for every row j of weight's (OUT, IN) view,\n"
     "without forming W + scale * B A. weight_sq_norm: None or dora_weight_sq_norm(weight).";
 
-PyObject *cpeft_py_dora_weight_norm(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_weight_norm(PyObject *module,
+                                    PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"weight", "lora_a", "lora_b", "scale", "fan_in_fan_out",
                              "weight_sq_norm", "out", "stream", NULL};
     PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale;
     PyObject *sq_obj = Py_None, *out_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pOOO:dora_weight_norm", kwlist,
-                                     &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                                     &fan_in_fan_out, &sq_obj, &out_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$pOOO:dora_weight_norm", kwlist,
+                          &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                          &fan_in_fan_out, &sq_obj, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -151,15 +150,12 @@ PyObject *cpeft_py_dora_weight_norm(PyObject *module, PyObject *args, PyObject *
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_norm_cpu(&a, out_vec, &call.status),
                    cpeft_dora_norm_cuda(&a, out_vec, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = Py_NewRef(out->source);
     }
-    ret = Py_NewRef(out->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_linear_forward[] =
@@ -169,7 +165,8 @@ const char cpeft_doc_dora_linear_forward[] =
     "DoRA linear forward with peft's semantics; returns (y, xa, base, norm). base (kept for the\n"
     "gradient of magnitude) is written only when out_base is True or an array, else None.";
 
-PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_linear_forward(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"x", "weight", "bias", "lora_a", "lora_b", "magnitude", "scale",
                              "fan_in_fan_out", "dropout", "seed", "offset", "weight_sq_norm",
@@ -179,15 +176,15 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
              *out_xa_obj = Py_None, *out_base_obj = Py_None, *out_norm_obj = Py_None,
              *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|$pOOOOOOOOO:dora_linear_forward",
-                                     kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
-                                     &lora_b_obj, &m_obj, &scale, &fan_in_fan_out, &p, &seed,
-                                     &offset, &sq_obj, &out_obj, &out_xa_obj, &out_base_obj,
-                                     &out_norm_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOO|$pOOOOOOOOO:dora_linear_forward",
+                          kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
+                          &lora_b_obj, &m_obj, &scale, &fan_in_fan_out, &p, &seed,
+                          &offset, &sq_obj, &out_obj, &out_xa_obj, &out_base_obj,
+                          &out_norm_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -210,7 +207,7 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
 
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 ||
-        cpeft_check_float_dtype(&call, x, NULL) < 0 ||
+        cpeft_check_float_dtype(x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
                                     scale_value, fan_in_fan_out, &one_group, x, 0, l,
                                     &weight) < 0 ||
@@ -218,9 +215,9 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
         goto finish;
     }
     if (bias != NULL) {
-        if (cpeft_check_float_dtype(&call, bias, x) < 0 ||
+        if (cpeft_check_float_dtype(bias, x) < 0 ||
             cpeft_check_shape(bias, 1, &l->out, "(out_features,)") < 0 ||
-            cpeft_tensor_vec(&call, bias, &l->bias) < 0) {
+            cpeft_tensor_vec(bias, &l->bias) < 0) {
             goto finish;
         }
     }
@@ -238,9 +235,9 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
     cpeft_py_leading_shape_with(x, l->r, shape);
     if (cpeft_call_output(&call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, &xa) < 0 ||
         vector_output(&call, out_norm_obj, "out_norm", 1, x->dtype, l->out, &norm, &o.norm) < 0 ||
-        cpeft_tensor_mat(&call, x, 0, &l->x) < 0 || cpeft_tensor_mat(&call, y, 0, &o.y) < 0 ||
-        cpeft_tensor_mat(&call, xa, 0, &o.xa) < 0 ||
-        (base && cpeft_tensor_mat(&call, base, 0, &o.base) < 0) ||
+        cpeft_tensor_mat(x, 0, &l->x) < 0 || cpeft_tensor_mat(y, 0, &o.y) < 0 ||
+        cpeft_tensor_mat(xa, 0, &o.xa) < 0 ||
+        (base && cpeft_tensor_mat(base, 0, &o.base) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -248,15 +245,12 @@ PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *args, PyObjec
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_linear_fwd_cpu(&a, &o, &call.status),
                    cpeft_dora_linear_fwd_cuda(&a, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(4, y->source, xa->source, base ? base->source : Py_None, norm->source);
     }
-    ret = PyTuple_Pack(4, y->source, xa->source, base ? base->source : Py_None, norm->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_linear_backward[] =
@@ -266,7 +260,8 @@ const char cpeft_doc_dora_linear_backward[] =
     "Gradients of dora_linear_forward as (x, lora_a, lora_b, magnitude, bias), None where not\n"
     "requested. base (from the forward) is required for grad_magnitude, else may be None.";
 
-PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_linear_backward(PyObject *module,
+                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "x", "weight", "lora_a", "lora_b", "magnitude", "norm",
                              "xa", "base", "scale", "fan_in_fan_out", "dropout", "seed", "offset",
@@ -278,15 +273,15 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
     PyObject *grad_x_obj = Py_True, *grad_a_obj = Py_True, *grad_b_obj = Py_True,
              *grad_m_obj = Py_True, *grad_bias_obj = Py_False;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOOO|$pOOOOOOOOO:dora_linear_backward", kwlist, &grad_out_obj,
+    if (!cpeft_parse_args(
+            args, nargs, kwnames, "OOOOOOOOOO|$pOOOOOOOOO:dora_linear_backward", kwlist, &grad_out_obj,
             &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &m_obj, &norm_obj, &xa_obj, &base_obj,
             &scale, &fan_in_fan_out, &p, &seed, &offset, &grad_x_obj, &grad_a_obj, &grad_b_obj,
             &grad_m_obj, &grad_bias_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -312,7 +307,7 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
 
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 ||
-        cpeft_check_float_dtype(&call, x, NULL) < 0 ||
+        cpeft_check_float_dtype(x, NULL) < 0 ||
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
                                     scale_value, fan_in_fan_out, &one_group, x, 0, l,
                                     &weight) < 0 ||
@@ -322,7 +317,7 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
     }
     int ndim = cpeft_py_leading_shape_with(x, l->out, shape);
     grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
-    if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, x) < 0 ||
+    if (grad_out == NULL || cpeft_check_float_dtype(grad_out, x) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "x.shape[:-1] + (out_features,)") < 0) {
         goto finish;
     }
@@ -337,14 +332,14 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
             goto finish;
         }
         base = cpeft_call_input(&call, base_obj, "base", CPEFT_ROLE_INPUT);
-        if (base == NULL || cpeft_check_float_dtype(&call, base, x) < 0 ||
+        if (base == NULL || cpeft_check_float_dtype(base, x) < 0 ||
             cpeft_check_shape(base, ndim, shape, "x.shape[:-1] + (out_features,)") < 0) {
             goto finish;
         }
     }
     cpeft_py_leading_shape_with(x, l->r, shape);
     xa = cpeft_call_input(&call, xa_obj, "xa", CPEFT_ROLE_INPUT);
-    if (xa == NULL || cpeft_check_float_dtype(&call, xa, x) < 0 ||
+    if (xa == NULL || cpeft_check_float_dtype(xa, x) < 0 ||
         cpeft_check_shape(xa, ndim, shape, "x.shape[:-1] + (r,)") < 0) {
         goto finish;
     }
@@ -358,15 +353,15 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
                           &gbias) < 0) {
         goto finish;
     }
-    if (cpeft_tensor_mat(&call, x, 0, &l->x) < 0 ||
-        cpeft_tensor_mat(&call, grad_out, 0, &in.grad_out) < 0 ||
-        cpeft_tensor_mat(&call, xa, 0, &in.xa) < 0 ||
-        (base && cpeft_tensor_mat(&call, base, 0, &in.base) < 0) ||
-        (gx && cpeft_tensor_mat(&call, gx, 0, &o.grad_x) < 0) ||
-        (ga && cpeft_tensor_mat(&call, ga, 0, &o.grad_a) < 0) ||
-        (gb && cpeft_tensor_mat(&call, gb, 0, &o.grad_b) < 0) ||
-        (gm && cpeft_tensor_vec(&call, gm, &o.grad_m) < 0) ||
-        (gbias && cpeft_tensor_vec(&call, gbias, &o.grad_bias) < 0) ||
+    if (cpeft_tensor_mat(x, 0, &l->x) < 0 ||
+        cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
+        cpeft_tensor_mat(xa, 0, &in.xa) < 0 ||
+        (base && cpeft_tensor_mat(base, 0, &in.base) < 0) ||
+        (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
+        (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
+        (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
+        (gm && cpeft_tensor_vec(gm, &o.grad_m) < 0) ||
+        (gbias && cpeft_tensor_vec(gbias, &o.grad_bias) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -374,17 +369,14 @@ PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *args, PyObje
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_linear_bwd_cpu(&a, &in, &o, &call.status),
                    cpeft_dora_linear_bwd_cuda(&a, &in, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
-    }
-    ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
                        gb ? gb->source : Py_None, gm ? gm->source : Py_None,
                        gbias ? gbias->source : Py_None);
+    }
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_embedding_forward[] =
@@ -393,19 +385,20 @@ const char cpeft_doc_dora_embedding_forward[] =
     "y[n] = (magnitude / norm) * (weight[indices[n]] + scale * lora_a[:, indices[n]] @ "
     "lora_b.T),\nnorm[d] = ||weight[:, d] + scale * (lora_b @ lora_a)[d]||; returns (y, norm).";
 
-PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_embedding_forward(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"indices", "weight", "lora_a", "lora_b", "magnitude", "scale",
                              "weight_sq_norm", "out", "out_norm", "stream", NULL};
     PyObject *indices_obj, *weight_obj, *lora_a_obj, *lora_b_obj, *m_obj, *scale;
     PyObject *sq_obj = Py_None, *out_obj = Py_None, *out_norm_obj = Py_None, *stream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$OOOO:dora_embedding_forward", kwlist,
-                                     &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &m_obj,
-                                     &scale, &sq_obj, &out_obj, &out_norm_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$OOOO:dora_embedding_forward", kwlist,
+                          &indices_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &m_obj,
+                          &scale, &sq_obj, &out_obj, &out_norm_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -435,7 +428,7 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyOb
         cpeft_call_output(&call, out_obj, "out", 1, l->dtype, ndim, shape, &y) < 0 ||
         vector_output(&call, out_norm_obj, "out_norm", 1, l->dtype, l->dim, &norm,
                       &norm_vec) < 0 ||
-        cpeft_tensor_mat(&call, y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
+        cpeft_tensor_mat(y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
     l->index_dtype = (cpeft_dtype)indices->dtype;
@@ -446,15 +439,12 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *args, PyOb
     CPEFT_DISPATCH(&call, rc, cpeft_dora_embedding_fwd_cpu(&a, y_mat, norm_vec, &call.status),
                    cpeft_dora_embedding_fwd_cuda(&a, y_mat, norm_vec, call.stream,
                                                  &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(2, y->source, norm->source);
     }
-    ret = PyTuple_Pack(2, y->source, norm->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_dora_embedding_backward[] =
@@ -464,7 +454,8 @@ const char cpeft_doc_dora_embedding_backward[] =
     "Gradients of dora_embedding_forward as (lora_a, lora_b, magnitude), None where not\n"
     "requested. Rows whose index is padding_idx contribute nothing to grad_lora_a.";
 
-PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dora_embedding_backward(PyObject *module,
+                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "indices", "weight", "lora_a", "lora_b", "magnitude",
                              "norm", "scale", "padding_idx", "grad_lora_a", "grad_lora_b",
@@ -473,15 +464,15 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
         *norm_obj, *scale;
     PyObject *padding_obj = Py_None, *stream = Py_None, *grad_a_obj = Py_True,
              *grad_b_obj = Py_True, *grad_m_obj = Py_True;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOO|$OOOOO:dora_embedding_backward",
-                                     kwlist, &grad_out_obj, &indices_obj, &weight_obj,
-                                     &lora_a_obj, &lora_b_obj, &m_obj, &norm_obj, &scale,
-                                     &padding_obj, &grad_a_obj, &grad_b_obj, &grad_m_obj,
-                                     &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$OOOOO:dora_embedding_backward",
+                          kwlist, &grad_out_obj, &indices_obj, &weight_obj,
+                          &lora_a_obj, &lora_b_obj, &m_obj, &norm_obj, &scale,
+                          &padding_obj, &grad_a_obj, &grad_b_obj, &grad_m_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -515,7 +506,7 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
         goto finish;
     }
     grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
-    if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, weight) < 0 ||
+    if (grad_out == NULL || cpeft_check_float_dtype(grad_out, weight) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "indices.shape + (embedding_dim,)") < 0 ||
         cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, l->dtype, 2,
                           (int64_t[]){l->r, l->num_embeddings}, &ga) < 0 ||
@@ -523,9 +514,9 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
                           (int64_t[]){l->dim, l->r}, &gb) < 0 ||
         vector_output(&call, grad_m_obj, "grad_magnitude", 0, l->dtype, l->dim, &gm,
                       &o.grad_m) < 0 ||
-        cpeft_tensor_mat(&call, grad_out, 0, &g) < 0 ||
-        (ga && cpeft_tensor_mat(&call, ga, 0, &o.grad_a) < 0) ||
-        (gb && cpeft_tensor_mat(&call, gb, 0, &o.grad_b) < 0) ||
+        cpeft_tensor_mat(grad_out, 0, &g) < 0 ||
+        (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
+        (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -535,14 +526,11 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *args, PyO
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_dora_embedding_bwd_cpu(&a, g, norm, &o, &call.status),
                    cpeft_dora_embedding_bwd_cuda(&a, g, norm, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
-    }
-    ret = PyTuple_Pack(3, ga ? ga->source : Py_None, gb ? gb->source : Py_None,
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(3, ga ? ga->source : Py_None, gb ? gb->source : Py_None,
                        gm ? gm->source : Py_None);
+    }
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }

@@ -3,7 +3,7 @@
  * (seed, offset) and never store it; tests and curious callers get it here. Its shape and dtype
  * are checked here and nowhere else (cpeft.functional passes them through).
  */
-#include "py_ops.h"
+#include "params.h"
 
 /* shape: an int or a sequence of ints (anything with __index__, never floats), each >= 0. */
 static int parse_shape(PyObject *obj, int *ndim, int64_t *shape)
@@ -93,19 +93,20 @@ const char cpeft_doc_dropout_mask[] =
     "(m, i) is 1/(1-p) where counter offset + m*IN + i is kept, else 0. Written into out when\n"
     "given (an array of exactly that shape and dtype), else into a new NumPy array; returned.";
 
-PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_dropout_mask(PyObject *module,
+                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"shape", "p", "seed", "offset", "dtype", "out", "stream", NULL};
     PyObject *shape_obj, *p_obj, *seed_obj, *offset_obj = NULL, *dtype_obj = NULL,
              *out_obj = Py_None, *stream = Py_None;
     double p = 0.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|O$OOO:dropout_mask", kwlist, &shape_obj,
-                                     &p_obj, &seed_obj, &offset_obj, &dtype_obj, &out_obj,
-                                     &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOO|O$OOO:dropout_mask", kwlist, &shape_obj,
+                          &p_obj, &seed_obj, &offset_obj, &dtype_obj, &out_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -123,7 +124,7 @@ PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *args, PyObject *kwar
         (dtype_obj != NULL && parse_mask_dtype(dtype_obj, &dtype) < 0) ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 1) < 0 ||
         cpeft_call_output(&call, out_obj, "out", 1, dtype, ndim, shape, &out) < 0 ||
-        cpeft_tensor_mat(&call, out, 0, &mask) < 0) {
+        cpeft_tensor_mat(out, 0, &mask) < 0) {
         goto finish;
     }
     d.p = p;
@@ -133,13 +134,10 @@ PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *args, PyObject *kwar
                    cpeft_dropout_mask_cpu((cpeft_dtype)out->dtype, &d, mask, &call.status),
                    cpeft_dropout_mask_cuda((cpeft_dtype)out->dtype, &d, mask, call.stream,
                                            &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = Py_NewRef(out->source);
     }
-    ret = Py_NewRef(out->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }

@@ -3,38 +3,15 @@
  * backward. Output scaling: l has OUT entries; input scaling (feedforward): l has IN entries;
  * embedding: l has D entries. Letters as in cpeft/ia3.h.
  */
-#include "py_ops.h"
-
-int cpeft_py_ia3_l(cpeft_call *call, PyObject *obj, int64_t count, const char *meaning,
-                   const cpeft_tensor *like, cpeft_tensor **l, cpeft_vec *vec)
-{
-    cpeft_tensor *t = cpeft_call_input(call, obj, "ia3_l", CPEFT_ROLE_INPUT);
-    if (t == NULL || cpeft_check_float_dtype(call, t, like) < 0) {
-        return -1;
-    }
-    int ok = (t->ndim == 1 && t->shape[0] == count) ||
-             (t->ndim == 2 && ((t->shape[0] == count && t->shape[1] == 1) ||
-                               (t->shape[0] == 1 && t->shape[1] == count)));
-    if (!ok) {
-        char got[256];
-        cpeft_format_shape(got, sizeof got, t->ndim, t->shape);
-        PyErr_Format(PyExc_ValueError,
-                     "ia3_l must have n = %lld entries (%s) in shape (n,), (n, 1) or (1, n), "
-                     "got shape %s",
-                     (long long)count, meaning, got);
-        return -1;
-    }
-    *l = t;
-    return cpeft_tensor_vec(call, t, vec);
-}
+#include "params.h"
 
 /* weight (OUT, IN), or (IN, OUT) with fan_in_fan_out; same dtype as like. */
 static cpeft_tensor *ia3_weight(cpeft_call *call, PyObject *obj, int fan_in_fan_out,
                                 const cpeft_tensor *like, cpeft_ia3_linear_args *a)
 {
     cpeft_tensor *w = cpeft_call_input(call, obj, "weight", CPEFT_ROLE_INPUT);
-    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(call, w, like) < 0 ||
-        cpeft_tensor_mat(call, w, fan_in_fan_out, &a->weight) < 0) {
+    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, like) < 0 ||
+        cpeft_tensor_mat(w, fan_in_fan_out, &a->weight) < 0) {
         return NULL;
     }
     a->dtype = (cpeft_dtype)w->dtype;
@@ -50,21 +27,22 @@ const char cpeft_doc_ia3_linear_forward[] =
     "Returns (y, base): base = x W^T + bias, written with output scaling when keep_base is true\n"
     "or out_base is an array (needed for the gradient of l), else None.";
 
-PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_linear_forward(PyObject *module,
+                                      PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"x", "weight", "bias", "ia3_l", "feedforward", "fan_in_fan_out",
                              "keep_base", "out", "out_base", "stream", NULL};
     PyObject *x_obj, *weight_obj, *bias_obj, *l_obj;
     PyObject *out_obj = Py_None, *out_base_obj = Py_None, *stream = Py_None;
     int feedforward = 0, fan_in_fan_out = 0, keep_base = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pppOOO:ia3_linear_forward", kwlist,
-                                     &x_obj, &weight_obj, &bias_obj, &l_obj, &feedforward,
-                                     &fan_in_fan_out, &keep_base, &out_obj, &out_base_obj,
-                                     &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$pppOOO:ia3_linear_forward", kwlist,
+                          &x_obj, &weight_obj, &bias_obj, &l_obj, &feedforward,
+                          &fan_in_fan_out, &keep_base, &out_obj, &out_base_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -81,15 +59,15 @@ PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *args, PyObject
 
     a.feedforward = feedforward;
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
-    if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(&call, x, NULL) < 0 ||
+    if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(x, NULL) < 0 ||
         ia3_weight(&call, weight_obj, fan_in_fan_out, x, &a) == NULL ||
         cpeft_py_check_in_features(x, a.in) < 0 ||
         cpeft_call_optional_input(&call, bias_obj, "bias", &bias) < 0) {
         goto finish;
     }
-    if (bias != NULL && (cpeft_check_float_dtype(&call, bias, x) < 0 ||
+    if (bias != NULL && (cpeft_check_float_dtype(bias, x) < 0 ||
                          cpeft_check_shape(bias, 1, &a.out, "(out_features,)") < 0 ||
-                         cpeft_tensor_vec(&call, bias, &a.bias) < 0)) {
+                         cpeft_tensor_vec(bias, &a.bias) < 0)) {
         goto finish;
     }
     if (cpeft_py_ia3_l(&call, l_obj, feedforward ? a.in : a.out,
@@ -108,8 +86,8 @@ PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *args, PyObject
                                                                                      : out_base_obj;
     if (cpeft_call_output(&call, out_obj, "out", 1, x->dtype, ndim, shape, &y) < 0 ||
         cpeft_call_output(&call, base_request, "out_base", 0, x->dtype, ndim, shape, &base) < 0 ||
-        cpeft_tensor_mat(&call, x, 0, &a.x) < 0 || cpeft_tensor_mat(&call, y, 0, &o.y) < 0 ||
-        (base && cpeft_tensor_mat(&call, base, 0, &o.base) < 0) ||
+        cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(y, 0, &o.y) < 0 ||
+        (base && cpeft_tensor_mat(base, 0, &o.base) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -117,15 +95,12 @@ PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *args, PyObject
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_ia3_linear_fwd_cpu(&a, &o, &call.status),
                    cpeft_ia3_linear_fwd_cuda(&a, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(2, y->source, base ? base->source : Py_None);
     }
-    ret = PyTuple_Pack(2, y->source, base ? base->source : Py_None);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_ia3_linear_backward[] =
@@ -135,7 +110,8 @@ const char cpeft_doc_ia3_linear_backward[] =
     "Gradients of ia3_linear_forward as (x, ia3_l, bias, weight), None where not requested.\n"
     "base (from forward with keep_base=True) is required for grad_ia3_l with output scaling.";
 
-PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_linear_backward(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "x", "weight", "ia3_l", "base", "feedforward",
                              "fan_in_fan_out", "grad_x", "grad_ia3_l", "grad_bias",
@@ -144,14 +120,14 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObjec
     PyObject *grad_x_obj = Py_True, *grad_l_obj = Py_True, *grad_bias_obj = Py_False,
              *grad_weight_obj = Py_False, *stream = Py_None;
     int feedforward = 0, fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$ppOOOOO:ia3_linear_backward", kwlist,
-                                     &grad_out_obj, &x_obj, &weight_obj, &l_obj, &base_obj,
-                                     &feedforward, &fan_in_fan_out, &grad_x_obj, &grad_l_obj,
-                                     &grad_bias_obj, &grad_weight_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOO|$ppOOOOO:ia3_linear_backward", kwlist,
+                          &grad_out_obj, &x_obj, &weight_obj, &l_obj, &base_obj,
+                          &feedforward, &fan_in_fan_out, &grad_x_obj, &grad_l_obj,
+                          &grad_bias_obj, &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -171,7 +147,7 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObjec
 
     a.feedforward = feedforward;
     cpeft_tensor *x = cpeft_call_input(&call, x_obj, "x", CPEFT_ROLE_INPUT);
-    if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(&call, x, NULL) < 0 ||
+    if (x == NULL || cpeft_check_min_ndim(x, 1) < 0 || cpeft_check_float_dtype(x, NULL) < 0 ||
         (weight = ia3_weight(&call, weight_obj, fan_in_fan_out, x, &a)) == NULL ||
         cpeft_py_check_in_features(x, a.in) < 0 ||
         cpeft_py_ia3_l(&call, l_obj, feedforward ? a.in : a.out,
@@ -181,12 +157,12 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObjec
     }
     int ndim = cpeft_py_leading_shape_with(x, a.out, shape);
     grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
-    if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, x) < 0 ||
+    if (grad_out == NULL || cpeft_check_float_dtype(grad_out, x) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "x.shape[:-1] + (out_features,)") < 0 ||
         cpeft_call_optional_input(&call, base_obj, "base", &base) < 0) {
         goto finish;
     }
-    if (base != NULL && (cpeft_check_float_dtype(&call, base, x) < 0 ||
+    if (base != NULL && (cpeft_check_float_dtype(base, x) < 0 ||
                          cpeft_check_shape(base, ndim, shape,
                                            "x.shape[:-1] + (out_features,)") < 0)) {
         goto finish;
@@ -205,13 +181,13 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObjec
                         "pass the base returned by ia3_linear_forward(..., keep_base=True)");
         goto finish;
     }
-    if (cpeft_tensor_mat(&call, x, 0, &a.x) < 0 ||
-        cpeft_tensor_mat(&call, grad_out, 0, &in.grad_out) < 0 ||
-        (base && cpeft_tensor_mat(&call, base, 0, &in.base) < 0) ||
-        (gx && cpeft_tensor_mat(&call, gx, 0, &o.grad_x) < 0) ||
-        (gl && cpeft_tensor_vec(&call, gl, &o.grad_l) < 0) ||
-        (gbias && cpeft_tensor_vec(&call, gbias, &o.grad_bias) < 0) ||
-        (gw && cpeft_tensor_mat(&call, gw, fan_in_fan_out, &o.grad_weight) < 0) ||
+    if (cpeft_tensor_mat(x, 0, &a.x) < 0 ||
+        cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
+        (base && cpeft_tensor_mat(base, 0, &in.base) < 0) ||
+        (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
+        (gl && cpeft_tensor_vec(gl, &o.grad_l) < 0) ||
+        (gbias && cpeft_tensor_vec(gbias, &o.grad_bias) < 0) ||
+        (gw && cpeft_tensor_mat(gw, fan_in_fan_out, &o.grad_weight) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -219,16 +195,13 @@ PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *args, PyObjec
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_ia3_linear_bwd_cpu(&a, &in, &o, &call.status),
                    cpeft_ia3_linear_bwd_cuda(&a, &in, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
-    }
-    ret = PyTuple_Pack(4, gx ? gx->source : Py_None, gl ? gl->source : Py_None,
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(4, gx ? gx->source : Py_None, gl ? gl->source : Py_None,
                        gbias ? gbias->source : Py_None, gw ? gw->source : Py_None);
+    }
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 /* weight (V, D), ia3_l with D entries, indices; fills everything of `a` but padding_idx. */
@@ -238,8 +211,8 @@ static int ia3_embedding_params(cpeft_call *call, PyObject *indices_obj, PyObjec
                                 cpeft_tensor **l)
 {
     cpeft_tensor *w = cpeft_call_input(call, weight_obj, "weight", CPEFT_ROLE_INPUT);
-    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(call, w, like) < 0 ||
-        cpeft_tensor_mat(call, w, 0, &a->weight) < 0) {
+    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, like) < 0 ||
+        cpeft_tensor_mat(w, 0, &a->weight) < 0) {
         return -1;
     }
     a->dtype = (cpeft_dtype)w->dtype;
@@ -258,16 +231,17 @@ const char cpeft_doc_ia3_embedding_forward[] =
     "ia3_embedding_forward(indices, weight, ia3_l, *, out=None, stream=None)\n--\n\n"
     "y[n] = weight[indices[n]] * l; y has shape indices.shape + (embedding_dim,).";
 
-PyObject *cpeft_py_ia3_embedding_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_forward(PyObject *module,
+                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"indices", "weight", "ia3_l", "out", "stream", NULL};
     PyObject *indices_obj, *weight_obj, *l_obj, *out_obj = Py_None, *stream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OO:ia3_embedding_forward", kwlist,
-                                     &indices_obj, &weight_obj, &l_obj, &out_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOO|$OO:ia3_embedding_forward", kwlist,
+                          &indices_obj, &weight_obj, &l_obj, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -284,22 +258,19 @@ PyObject *cpeft_py_ia3_embedding_forward(PyObject *module, PyObject *args, PyObj
         ia3_embedding_params(&call, indices_obj, weight_obj, l_obj, NULL, &a, &indices, &l) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, a.dim, shape)) < 0 ||
         cpeft_call_output(&call, out_obj, "out", 1, a.dtype, ndim, shape, &y) < 0 ||
-        cpeft_tensor_mat(&call, y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
+        cpeft_tensor_mat(y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
 
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_ia3_embedding_fwd_cpu(&a, y_mat, &call.status),
                    cpeft_ia3_embedding_fwd_cuda(&a, y_mat, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = Py_NewRef(y->source);
     }
-    ret = Py_NewRef(y->source);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_ia3_embedding_backward[] =
@@ -308,19 +279,20 @@ const char cpeft_doc_ia3_embedding_backward[] =
     "Gradients of ia3_embedding_forward as (ia3_l, weight), None where not requested; rows at\n"
     "padding_idx are skipped for grad_weight only.";
 
-PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_backward(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "indices", "weight", "ia3_l", "padding_idx",
                              "grad_ia3_l", "grad_weight", "stream", NULL};
     PyObject *grad_out_obj, *indices_obj, *weight_obj, *l_obj, *padding_obj = Py_None,
              *grad_l_obj = Py_True, *grad_weight_obj = Py_False, *stream = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOOO:ia3_embedding_backward", kwlist,
-                                     &grad_out_obj, &indices_obj, &weight_obj, &l_obj,
-                                     &padding_obj, &grad_l_obj, &grad_weight_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOOO:ia3_embedding_backward", kwlist,
+                          &grad_out_obj, &indices_obj, &weight_obj, &l_obj,
+                          &padding_obj, &grad_l_obj, &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -341,7 +313,7 @@ PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *args, PyOb
     }
 
     cpeft_tensor *grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
-    if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, NULL) < 0 ||
+    if (grad_out == NULL || cpeft_check_float_dtype(grad_out, NULL) < 0 ||
         ia3_embedding_params(&call, indices_obj, weight_obj, l_obj, grad_out, &a, &indices,
                              &l) < 0 ||
         cpeft_check_padding_idx(&padding_idx, padding_given, a.num_embeddings) < 0 ||
@@ -353,9 +325,9 @@ PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *args, PyOb
     if (cpeft_call_output(&call, grad_l_obj, "grad_ia3_l", 0, a.dtype, l->ndim, l->shape, &gl) < 0 ||
         cpeft_call_output(&call, grad_weight_obj, "grad_weight", 0, a.dtype, 2,
                           (int64_t[]){a.num_embeddings, a.dim}, &gw) < 0 ||
-        cpeft_tensor_mat(&call, grad_out, 0, &grad_out_mat) < 0 ||
-        (gl && cpeft_tensor_vec(&call, gl, &o.grad_l) < 0) ||
-        (gw && cpeft_tensor_mat(&call, gw, 0, &o.grad_weight) < 0) ||
+        cpeft_tensor_mat(grad_out, 0, &grad_out_mat) < 0 ||
+        (gl && cpeft_tensor_vec(gl, &o.grad_l) < 0) ||
+        (gw && cpeft_tensor_mat(gw, 0, &o.grad_weight) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -363,13 +335,10 @@ PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *args, PyOb
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_ia3_embedding_bwd_cpu(&a, grad_out_mat, &o, &call.status),
                    cpeft_ia3_embedding_bwd_cuda(&a, grad_out_mat, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(2, gl ? gl->source : Py_None, gw ? gw->source : Py_None);
     }
-    ret = PyTuple_Pack(2, gl ? gl->source : Py_None, gw ? gw->source : Py_None);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }

@@ -3,7 +3,7 @@
  * The G adapters arrive packed (lora_a (ΣR, IN), lora_b (OUT, ΣR)) with their ranks and scales as
  * Python sequences, and `index` says which adapter each row of x uses (-1: none).
  */
-#include "py_ops.h"
+#include "params.h"
 #include "cpeft/lora_grouped.h"
 
 typedef struct {
@@ -126,7 +126,7 @@ static int parse_index(cpeft_call *call, PyObject *obj, const cpeft_tensor *x,
                      "%lld rows), got shape %s", want, (long long)a->m, got);
         return -1;
     }
-    if (cpeft_tensor_vec(call, t, &a->index) < 0) {
+    if (cpeft_tensor_vec(t, &a->index) < 0) {
         return -1;
     }
     a->index_dtype = (cpeft_dtype)t->dtype;
@@ -158,7 +158,7 @@ static int parse_common(cpeft_call *call, PyObject *x_obj, PyObject *weight_obj,
     cpeft_groups one_group = {.groups = 1, .enabled_count = 1, .enabled = {1}};
     *x = cpeft_call_input(call, x_obj, "x", CPEFT_ROLE_INPUT);
     if (*x == NULL || cpeft_check_min_ndim(*x, 1) < 0 ||
-        cpeft_check_float_dtype(call, *x, NULL) < 0 ||
+        cpeft_check_float_dtype(*x, NULL) < 0 ||
         cpeft_py_lora_linear_params(call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
                                     1.0, fan_in_fan_out, &one_group, *x, 0, &packed, weight) < 0) {
         return -1;
@@ -184,7 +184,8 @@ const char cpeft_doc_lora_grouped_forward[] =
     "adapters packed: lora_a (sum(ranks), IN), lora_b (OUT, sum(ranks)). Returns (y, xa),\n"
     "xa (..., max(ranks)) kept for backward.";
 
-PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_grouped_forward(PyObject *module,
+                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"x", "weight", "bias", "lora_a", "lora_b", "index", "ranks",
                              "scales", "fan_in_fan_out", "dropout", "seed", "offset", "out",
@@ -194,15 +195,15 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObje
     PyObject *p = NULL, *seed = NULL, *offset = NULL, *out_obj = Py_None, *out_xa_obj = Py_None,
              *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOO|$pOOOOOO:lora_grouped_forward",
-                                     kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
-                                     &lora_b_obj, &index_obj, &ranks_obj, &scales_obj,
-                                     &fan_in_fan_out, &p, &seed, &offset, &out_obj, &out_xa_obj,
-                                     &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$pOOOOOO:lora_grouped_forward",
+                          kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
+                          &lora_b_obj, &index_obj, &ranks_obj, &scales_obj,
+                          &fan_in_fan_out, &p, &seed, &offset, &out_obj, &out_xa_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -226,9 +227,9 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObje
         cpeft_call_optional_input(&call, bias_obj, "bias", &bias) < 0) {
         goto finish;
     }
-    if (bias != NULL && (cpeft_check_float_dtype(&call, bias, x) < 0 ||
+    if (bias != NULL && (cpeft_check_float_dtype(bias, x) < 0 ||
                          cpeft_check_shape(bias, 1, &a.out, "(out_features,)") < 0 ||
-                         cpeft_tensor_vec(&call, bias, &a.bias) < 0)) {
+                         cpeft_tensor_vec(bias, &a.bias) < 0)) {
         goto finish;
     }
     int ndim = cpeft_py_leading_shape_with(x, a.out, shape);
@@ -237,24 +238,21 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *args, PyObje
     }
     cpeft_py_leading_shape_with(x, a.r_max, shape);
     if (cpeft_call_output(&call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, &xa) < 0 ||
-        cpeft_tensor_mat(&call, x, 0, &a.x) < 0 || cpeft_tensor_mat(&call, y, 0, &o.y) < 0 ||
-        cpeft_tensor_mat(&call, xa, 0, &o.xa) < 0 || cpeft_call_check_aliasing(&call) < 0) {
+        cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(y, 0, &o.y) < 0 ||
+        cpeft_tensor_mat(xa, 0, &o.xa) < 0 || cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
 
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_lora_grouped_fwd_cpu(&a, &o, &call.status),
                    cpeft_lora_grouped_fwd_cuda(&a, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(2, y->source, xa->source);
     }
-    ret = PyTuple_Pack(2, y->source, xa->source);
 
 finish:
     grouped_lists_free(&lists);
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_lora_grouped_backward[] =
@@ -264,7 +262,8 @@ const char cpeft_doc_lora_grouped_backward[] =
     "Gradients of lora_grouped_forward as (x, lora_a, lora_b, bias, weight), None where not\n"
     "requested; grad_lora_a / grad_lora_b are packed like lora_a / lora_b.";
 
-PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_grouped_backward(PyObject *module,
+                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static char *kwlist[] = {"grad_out", "x", "weight", "lora_a", "lora_b", "xa", "index",
                              "ranks", "scales", "fan_in_fan_out", "dropout", "seed", "offset",
@@ -276,15 +275,15 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObj
     PyObject *grad_x_obj = Py_True, *grad_a_obj = Py_True, *grad_b_obj = Py_True,
              *grad_bias_obj = Py_False, *grad_weight_obj = Py_False;
     int fan_in_fan_out = 0;
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOOO|$pOOOOOOOOO:lora_grouped_backward", kwlist, &grad_out_obj,
+    if (!cpeft_parse_args(
+            args, nargs, kwnames, "OOOOOOOOO|$pOOOOOOOOO:lora_grouped_backward", kwlist, &grad_out_obj,
             &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &xa_obj, &index_obj, &ranks_obj,
             &scales_obj, &fan_in_fan_out, &p, &seed, &offset, &grad_x_obj, &grad_a_obj,
             &grad_b_obj, &grad_bias_obj, &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -312,13 +311,13 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObj
     }
     int ndim = cpeft_py_leading_shape_with(x, a.out, shape);
     grad_out = cpeft_call_input(&call, grad_out_obj, "grad_out", CPEFT_ROLE_INPUT);
-    if (grad_out == NULL || cpeft_check_float_dtype(&call, grad_out, x) < 0 ||
+    if (grad_out == NULL || cpeft_check_float_dtype(grad_out, x) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "x.shape[:-1] + (out_features,)") < 0) {
         goto finish;
     }
     cpeft_py_leading_shape_with(x, a.r_max, shape);
     xa = cpeft_call_input(&call, xa_obj, "xa", CPEFT_ROLE_INPUT);
-    if (xa == NULL || cpeft_check_float_dtype(&call, xa, x) < 0 ||
+    if (xa == NULL || cpeft_check_float_dtype(xa, x) < 0 ||
         cpeft_check_shape(xa, ndim, shape, "x.shape[:-1] + (max(ranks),)") < 0) {
         goto finish;
     }
@@ -332,14 +331,14 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObj
                           &gw) < 0) {
         goto finish;
     }
-    if (cpeft_tensor_mat(&call, x, 0, &a.x) < 0 ||
-        cpeft_tensor_mat(&call, grad_out, 0, &in.grad_out) < 0 ||
-        cpeft_tensor_mat(&call, xa, 0, &in.xa) < 0 ||
-        (gx && cpeft_tensor_mat(&call, gx, 0, &o.grad_x) < 0) ||
-        (ga && cpeft_tensor_mat(&call, ga, 0, &o.grad_a) < 0) ||
-        (gb && cpeft_tensor_mat(&call, gb, 0, &o.grad_b) < 0) ||
-        (gbias && cpeft_tensor_vec(&call, gbias, &o.grad_bias) < 0) ||
-        (gw && cpeft_tensor_mat(&call, gw, fan_in_fan_out, &o.grad_weight) < 0) ||
+    if (cpeft_tensor_mat(x, 0, &a.x) < 0 ||
+        cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
+        cpeft_tensor_mat(xa, 0, &in.xa) < 0 ||
+        (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
+        (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
+        (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
+        (gbias && cpeft_tensor_vec(gbias, &o.grad_bias) < 0) ||
+        (gw && cpeft_tensor_mat(gw, fan_in_fan_out, &o.grad_weight) < 0) ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -347,16 +346,13 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *args, PyObj
     int rc;
     CPEFT_DISPATCH(&call, rc, cpeft_lora_grouped_bwd_cpu(&a, &in, &o, &call.status),
                    cpeft_lora_grouped_bwd_cuda(&a, &in, &o, call.stream, &call.status));
-    if (rc != CPEFT_OK) {
-        cpeft_raise_status(call.state, &call.status);
-        goto finish;
-    }
-    ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
+    if (rc == CPEFT_OK) {
+        ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
                        gb ? gb->source : Py_None, gbias ? gbias->source : Py_None,
                        gw ? gw->source : Py_None);
+    }
 
 finish:
     grouped_lists_free(&lists);
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }

@@ -11,7 +11,7 @@
  * the count_only call writes ΔW there, the merge reads it, so the GEMMs run once.
  * Unmerge takes the record as inputs and writes the recorded values back after the arithmetic.
  */
-#include "py_ops.h"
+#include "params.h"
 
 typedef enum {
     MODE_COUNT,
@@ -34,6 +34,12 @@ typedef struct {
     cpeft_merge_record rec;
 } merge_target;
 
+/* Elements of the merged view, the range of the record's linear indices. */
+static int64_t target_size(const merge_target *m)
+{
+    return m->is_lora ? m->lora.out * m->lora.in : m->target.rows * m->target.cols;
+}
+
 static int run_pass(cpeft_call *call, merge_target *m, int direction)
 {
     int rc;
@@ -49,10 +55,15 @@ static int run_pass(cpeft_call *call, merge_target *m, int direction)
                        cpeft_ia3_merge_cuda(m->dtype, m->target, m->l, m->along_cols, direction,
                                             &m->rec, call->stream, &call->status));
     }
-    if (rc != CPEFT_OK) {
-        return cpeft_raise_status(call->state, &call->status);
+    if (rc == CPEFT_ERR_INDEX && direction == CPEFT_UNMERGE) {
+        /* The compute checks every recorded index before it writes anything (and again where it
+         * uses it): an index outside the weight is a record made for another tensor. */
+        cpeft_reraise_with_context(PyExc_ValueError,
+                                   "%s must hold linear indices in [0, %lld) for this weight; was "
+                                   "the record made for another tensor?",
+                                   m->index_name, (long long)target_size(m));
     }
-    return 0;
+    return rc == CPEFT_OK ? 0 : -1;
 }
 
 /* A count_only call computes ΔW into m->delta; a merge reads the ΔW its count_only call left. */
@@ -120,24 +131,9 @@ static int bind_record(cpeft_call *call, merge_target *m, merge_mode mode, PyObj
         }
     }
     void *index_data, *value_data;
-    if (cpeft_tensor_contiguous(call, m->index, &index_data) < 0 ||
-        cpeft_tensor_contiguous(call, m->value, &value_data) < 0) {
+    if (cpeft_tensor_contiguous(m->index, &index_data) < 0 ||
+        cpeft_tensor_contiguous(m->value, &value_data) < 0) {
         return -1;
-    }
-    if (mode == MODE_UNMERGE && !cpeft_call_on_cuda(call)) {
-        /* Unmerge writes value[i] at index[i]: an index from some other tensor's record would
-         * write outside this one. Device records are trusted (a scan would need a copy). */
-        int64_t size = m->is_lora ? m->lora.out * m->lora.in : m->target.rows * m->target.cols;
-        const int64_t *idx = index_data;
-        for (int64_t i = 0; i < n; ++i) {
-            if (idx[i] < 0 || idx[i] >= size) {
-                PyErr_Format(PyExc_ValueError,
-                             "%s must hold linear indices in [0, %lld) for this weight, got %lld "
-                             "at position %lld; was the record made for another tensor?",
-                             m->index_name, (long long)size, (long long)idx[i], (long long)i);
-                return -1;
-            }
-        }
     }
     /* A NULL index means "count only" to the compute layer, and DLPack producers export empty
      * tensors with data == NULL: an empty record still has to merge, so it gets a valid address
@@ -175,10 +171,31 @@ static int bind_delta(cpeft_call *call, merge_target *m, merge_mode mode, PyObje
     int64_t n = m->lora.out * m->lora.in;
     void *data;
     if (cpeft_check_shape(t, 1, &n, "(the weight's number of elements,)") < 0 ||
-        cpeft_tensor_contiguous(call, t, &data) < 0 || cpeft_call_check_aliasing(call) < 0) {
+        cpeft_tensor_contiguous(t, &data) < 0 || cpeft_call_check_aliasing(call) < 0) {
         return -1;
     }
     m->delta = data;
+    return 0;
+}
+
+/* The compute checks a record before its own pass writes. An unmerge of two targets (an IA3
+ * weight and its bias) runs two passes, and the second record's check would come after the first
+ * pass wrote: on the CPU that record is scanned before any pass, so that a refused call modifies
+ * nothing. (Device records are checked by the compute only, a scan here would need a copy.) */
+static int check_later_record(const cpeft_call *call, const merge_target *m)
+{
+    if (cpeft_call_on_cuda(call)) return 0;
+    int64_t size = target_size(m);
+    const int64_t *index = m->rec.index;
+    for (int64_t i = 0; i < m->rec.count; ++i) {
+        if (index[i] < 0 || index[i] >= size) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s must hold linear indices in [0, %lld) for this weight; was the record "
+                         "made for another tensor?: record index[%lld] = %lld is outside it",
+                         m->index_name, (long long)size, (long long)i, (long long)index[i]);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -203,12 +220,15 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
         }
     }
     if (cpeft_call_check_aliasing(call) < 0) return NULL;
+    for (int i = 1; mode == MODE_UNMERGE && i < n; ++i) {
+        if (check_later_record(call, &targets[i]) < 0) return NULL;
+    }
     for (int i = 0; i < n; ++i) {
         merge_target *m = &targets[i];
         if (run_pass(call, m, mode == MODE_MERGE ? CPEFT_MERGE : CPEFT_UNMERGE) < 0) return NULL;
         if (mode == MODE_MERGE && m->rec.count != m->count) {
             /* The two passes see the same weight (and ΔW scratch) unless something wrote to it
-             * in between; two cpeft merges are refused up front (tensor.c), so this is another
+             * in between; two cpeft merges are refused up front (call.c), so this is another
              * writer. */
             PyErr_Format(PyExc_RuntimeError,
                          "the weight%s changed while it was being merged (the merge pass found "
@@ -243,7 +263,8 @@ static merge_mode merge_mode_of(int count_only)
 
 /* ---- LoRA linear ---------------------------------------------------------------------------- */
 
-static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs, int unmerge)
+static PyObject *lora_merge_impl(PyObject *module,
+                                 PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "fan_in_fan_out",
                                    "enable_lora", "index", "value", "count_only", "delta",
@@ -255,22 +276,22 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
     PyObject *records[2] = {Py_None, Py_None};
     int fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$pOO:lora_unmerge", unmerge_kwlist,
-                                         &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                                         &records[0], &records[1], &fan_in_fan_out, &enable_lora,
-                                         &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$pOO:lora_unmerge", unmerge_kwlist,
+                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                              &records[0], &records[1], &fan_in_fan_out, &enable_lora,
+                              &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$pOOOpOO:lora_merge", merge_kwlist,
-                                         &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                                         &fan_in_fan_out, &enable_lora, &records[0], &records[1],
-                                         &count_only, &delta_obj, &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$pOOOpOO:lora_merge", merge_kwlist,
+                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                              &fan_in_fan_out, &enable_lora, &records[0], &records[1],
+                              &count_only, &delta_obj, &stream);
     }
     if (!ok) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -293,8 +314,7 @@ static PyObject *lora_merge_impl(PyObject *module, PyObject *args, PyObject *kwa
             ret = run_merge(&call, mode, &m, 1, records, 0);
         }
     }
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_lora_merge[] =
@@ -305,9 +325,10 @@ const char cpeft_doc_lora_merge[] =
     "scratch of OUT*IN elements (float32 for float16/bfloat16 weights, else weight.dtype),\n"
     "keeps dW from the count_only call for the merge that follows, so it is computed once.";
 
-PyObject *cpeft_py_lora_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_merge(PyObject *module,
+                              PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_merge_impl(module, args, kwargs, 0);
+    return lora_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_lora_unmerge[] =
@@ -315,14 +336,16 @@ const char cpeft_doc_lora_unmerge[] =
     "enable_lora=None, stream=None)\n--\n\n"
     "Undo lora_merge in place, bit for bit, given its record and the same adapter.";
 
-PyObject *cpeft_py_lora_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_unmerge(PyObject *module,
+                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_merge_impl(module, args, kwargs, 1);
+    return lora_merge_impl(module, args, nargs, kwnames, 1);
 }
 
 /* ---- LoRA embedding: the (V, D) weight merges as its (D, V) view with B (D, R), A (R, V) ------ */
 
-static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs,
+static PyObject *lora_embedding_merge_impl(PyObject *module,
+                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                                            int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
@@ -334,21 +357,20 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
     PyObject *records[2] = {Py_None, Py_None};
     int count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|$O:lora_embedding_unmerge",
-                                         unmerge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
-                                         &scale, &records[0], &records[1], &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$O:lora_embedding_unmerge",
+                              unmerge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
+                              &scale, &records[0], &records[1], &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOpOO:lora_embedding_merge",
-                                         merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
-                                         &scale, &records[0], &records[1], &count_only,
-                                         &delta_obj, &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOpOO:lora_embedding_merge",
+                              merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
+                              &scale, &records[0], &records[1], &count_only, &delta_obj, &stream);
     }
     if (!ok) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -381,8 +403,7 @@ static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *args, PyO
             ret = run_merge(&call, mode, &m, 1, records, 0);
         }
     }
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_lora_embedding_merge[] =
@@ -391,18 +412,20 @@ const char cpeft_doc_lora_embedding_merge[] =
     "weight (V, D) += scale * (B A)^T in place; the record indexes the (D, V) view. delta\n"
     "(V*D elements) as in lora_merge.";
 
-PyObject *cpeft_py_lora_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_embedding_merge(PyObject *module,
+                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_embedding_merge_impl(module, args, kwargs, 0);
+    return lora_embedding_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_lora_embedding_unmerge[] =
     "lora_embedding_unmerge(weight, lora_a, lora_b, scale, index, value, *, stream=None)\n--\n\n"
     "Undo lora_embedding_merge in place, bit for bit.";
 
-PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return lora_embedding_merge_impl(module, args, kwargs, 1);
+    return lora_embedding_merge_impl(module, args, nargs, kwnames, 1);
 }
 
 /* ---- IA3: targets in their own stored 2-D view, a bias as (1, OUT) --------------------------- */
@@ -414,8 +437,8 @@ static int ia3_target(cpeft_call *call, PyObject *weight_obj, PyObject *l_obj, i
                       cpeft_tensor **l)
 {
     cpeft_tensor *w = cpeft_call_input(call, weight_obj, "weight", CPEFT_ROLE_INPLACE);
-    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(call, w, NULL) < 0 ||
-        cpeft_tensor_mat(call, w, 0, &m->target) < 0) {
+    if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, NULL) < 0 ||
+        cpeft_tensor_mat(w, 0, &m->target) < 0) {
         return -1;
     }
     m->dtype = (cpeft_dtype)w->dtype;
@@ -428,7 +451,8 @@ static int ia3_target(cpeft_call *call, PyObject *weight_obj, PyObject *l_obj, i
     return 0;
 }
 
-static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs, int unmerge)
+static PyObject *ia3_merge_impl(PyObject *module,
+                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "ia3_l", "bias", "feedforward", "fan_in_fan_out",
                                    "index", "value", "bias_index", "bias_value", "count_only",
@@ -440,22 +464,22 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
     PyObject *records[4] = {Py_None, Py_None, Py_None, Py_None};
     int feedforward = 0, fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOOppO:ia3_unmerge", unmerge_kwlist,
-                                         &weight_obj, &l_obj, &records[0], &records[1], &bias_obj,
-                                         &records[2], &records[3], &feedforward, &fan_in_fan_out,
-                                         &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOOppO:ia3_unmerge", unmerge_kwlist,
+                              &weight_obj, &l_obj, &records[0], &records[1], &bias_obj,
+                              &records[2], &records[3], &feedforward, &fan_in_fan_out,
+                              &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OppOOOOpO:ia3_merge", merge_kwlist,
-                                         &weight_obj, &l_obj, &bias_obj, &feedforward,
-                                         &fan_in_fan_out, &records[0], &records[1], &records[2],
-                                         &records[3], &count_only, &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OppOOOOpO:ia3_merge", merge_kwlist,
+                              &weight_obj, &l_obj, &bias_obj, &feedforward,
+                              &fan_in_fan_out, &records[0], &records[1], &records[2],
+                              &records[3], &count_only, &stream);
     }
     if (!ok) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -488,13 +512,13 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
         int64_t out = fan_in_fan_out ? weight->shape[1] : weight->shape[0];
         bias = cpeft_call_input(&call, bias_obj, "bias",
                                 feedforward ? CPEFT_ROLE_INPUT : CPEFT_ROLE_INPLACE);
-        if (bias == NULL || cpeft_check_float_dtype(&call, bias, weight) < 0 ||
+        if (bias == NULL || cpeft_check_float_dtype(bias, weight) < 0 ||
             cpeft_check_shape(bias, 1, &out, "(out_features,)") < 0) {
             goto finish;
         }
     }
     if (!feedforward && bias != NULL) {
-        if (cpeft_tensor_mat(&call, bias, 0, &targets[1].target) < 0) {
+        if (cpeft_tensor_mat(bias, 0, &targets[1].target) < 0) {
             goto finish;
         }
         targets[1].dtype = targets[0].dtype;
@@ -506,8 +530,7 @@ static PyObject *ia3_merge_impl(PyObject *module, PyObject *args, PyObject *kwar
                     records, 1);
 
 finish:
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_ia3_merge[] =
@@ -518,9 +541,10 @@ const char cpeft_doc_ia3_merge[] =
     "scaling. Returns ((index, value), (bias_index, bias_value) or None); with count_only, the\n"
     "record sizes (weight's, bias's or None).";
 
-PyObject *cpeft_py_ia3_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_merge(PyObject *module,
+                             PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_merge_impl(module, args, kwargs, 0);
+    return ia3_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_ia3_unmerge[] =
@@ -528,12 +552,14 @@ const char cpeft_doc_ia3_unmerge[] =
     "feedforward=False, fan_in_fan_out=False, stream=None)\n--\n\n"
     "Undo ia3_merge in place, bit for bit, given its records.";
 
-PyObject *cpeft_py_ia3_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_unmerge(PyObject *module,
+                               PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_merge_impl(module, args, kwargs, 1);
+    return ia3_merge_impl(module, args, nargs, kwnames, 1);
 }
 
-static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyObject *kwargs,
+static PyObject *ia3_embedding_merge_impl(PyObject *module,
+                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                                           int unmerge)
 {
     static char *merge_kwlist[] = {"weight", "ia3_l", "index", "value", "count_only", "stream",
@@ -543,20 +569,20 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyOb
     PyObject *records[2] = {Py_None, Py_None};
     int count_only = 0, ok;
     if (unmerge) {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$O:ia3_embedding_unmerge",
-                                         unmerge_kwlist, &weight_obj, &l_obj, &records[0],
-                                         &records[1], &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$O:ia3_embedding_unmerge",
+                              unmerge_kwlist, &weight_obj, &l_obj, &records[0],
+                              &records[1], &stream);
     }
     else {
-        ok = PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOpO:ia3_embedding_merge",
-                                         merge_kwlist, &weight_obj, &l_obj, &records[0],
-                                         &records[1], &count_only, &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OOpO:ia3_embedding_merge",
+                              merge_kwlist, &weight_obj, &l_obj, &records[0],
+                              &records[1], &count_only, &stream);
     }
     if (!ok) {
         return NULL;
     }
     cpeft_call call;
-    if (cpeft_call_init(&call, module, stream) < 0) {
+    if (cpeft_call_begin(&call, module, stream) < 0) {
         return NULL;
     }
     PyObject *ret = NULL;
@@ -569,8 +595,7 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *args, PyOb
         ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1,
                         records, 0);
     }
-    cpeft_call_release(&call);
-    return ret;
+    return cpeft_call_end(&call, ret);
 }
 
 const char cpeft_doc_ia3_embedding_merge[] =
@@ -578,16 +603,18 @@ const char cpeft_doc_ia3_embedding_merge[] =
     "stream=None)\n--\n\n"
     "weight (V, D) *= l along D in place; returns the record (index, value).";
 
-PyObject *cpeft_py_ia3_embedding_merge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_merge(PyObject *module,
+                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_embedding_merge_impl(module, args, kwargs, 0);
+    return ia3_embedding_merge_impl(module, args, nargs, kwnames, 0);
 }
 
 const char cpeft_doc_ia3_embedding_unmerge[] =
     "ia3_embedding_unmerge(weight, ia3_l, index, value, *, stream=None)\n--\n\n"
     "Undo ia3_embedding_merge in place, bit for bit.";
 
-PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module,
+                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return ia3_embedding_merge_impl(module, args, kwargs, 1);
+    return ia3_embedding_merge_impl(module, args, nargs, kwnames, 1);
 }

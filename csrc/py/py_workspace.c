@@ -2,9 +2,9 @@
  * cuda_reserve_workspace: grows the CUDA workspace of a stream ahead of CUDA graph capture
  * (cpeft/workspace.h), since a stream being captured cannot grow it.
  */
-#include "boundary.h"
-
 #include "cpeft/workspace.h"
+#include "device.h"
+#include "params.h"
 
 const char cpeft_doc_cuda_reserve_workspace[] =
     "cuda_reserve_workspace(nbytes, stream=None, device=None)\n--\n\n"
@@ -14,12 +14,13 @@ const char cpeft_doc_cuda_reserve_workspace[] =
     "stream: a captured call that needs a larger workspace raises instead of growing it. Returns\n"
     "the workspace's size in bytes.";
 
-PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *args, PyObject *kwargs)
+PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *const *args,
+                                          Py_ssize_t nargs, PyObject *kwnames)
 {
-    static char *kwlist[] = {"nbytes", "stream", "device", NULL};
-    PyObject *nbytes_obj, *stream_obj = Py_None, *device_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OO:cuda_reserve_workspace", kwlist,
-                                     &nbytes_obj, &stream_obj, &device_obj)) {
+    static char *const kwlist[] = {"nbytes", "stream", "device", NULL};
+    PyObject *nbytes_obj = NULL, *stream_obj = Py_None, *device_obj = Py_None;
+    if (!cpeft_parse_args(args, nargs, kwnames, "O|OO:cuda_reserve_workspace", kwlist,
+                          &nbytes_obj, &stream_obj, &device_obj)) {
         return NULL;
     }
     int64_t nbytes = 0, device = -1;

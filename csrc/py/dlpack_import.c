@@ -1,0 +1,192 @@
+/* DLPack export, import and release (dlpack_import.h). */
+#include "dlpack_import.h"
+
+#include <string.h>
+
+static int dlpack_dtype(DLDataType dt, char *name, size_t name_size)
+{
+    if (dt.code == kDLFloat && dt.bits == 32) return CPEFT_FLOAT32;
+    if (dt.code == kDLFloat && dt.bits == 64) return CPEFT_FLOAT64;
+    if (dt.code == kDLFloat && dt.bits == 16) return CPEFT_FLOAT16;
+    if (dt.code == kDLBfloat && dt.bits == 16) return CPEFT_BFLOAT16;
+    if (dt.code == kDLInt && dt.bits == 32) return CPEFT_INT32;
+    if (dt.code == kDLInt && dt.bits == 64) return CPEFT_INT64;
+    static const char *const codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex",
+                                        "bool"};
+    snprintf(name, name_size, "%s%u", dt.code < 7 ? codes[dt.code] : "dlpack-code-",
+             dt.code < 7 ? (unsigned)dt.bits : (unsigned)dt.code);
+    return CPEFT_DTYPE_UNSUPPORTED;
+}
+
+/* Call obj.__dlpack__, passing the consumer stream for CUDA producers and asking for a versioned
+ * capsule; producers that predate max_version (torch 1.x, NumPy 1.x) raise TypeError, so retry
+ * once without it. */
+PyObject *cpeft_dlpack_export(PyObject *obj, const char *name, uintptr_t stream_value)
+{
+    PyObject *device = NULL, *method = NULL, *kwargs = NULL, *no_args = NULL, *capsule = NULL;
+    long device_type = 0;
+
+    device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (device == NULL) {
+        cpeft_reraise_with_context(PyExc_BufferError, "%s.__dlpack_device__() failed", name);
+        goto finish;
+    }
+    if (!PyTuple_Check(device) || PyTuple_GET_SIZE(device) != 2) {
+        PyErr_Format(PyExc_BufferError,
+                     "%s.__dlpack_device__() must return a (device_type, device_id) tuple, got %R",
+                     name, device);
+        goto finish;
+    }
+    device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
+    if (device_type == -1 && PyErr_Occurred()) {
+        goto finish;
+    }
+#ifndef CPEFT_WITH_CUDA
+    if (device_type == kDLCUDA) {
+        PyErr_Format(PyExc_RuntimeError, "%s is a CUDA tensor, but " CPEFT_NO_CUDA_MESSAGE, name);
+        goto finish;
+    }
+#endif
+
+    method = PyObject_GetAttrString(obj, "__dlpack__");
+    if (method == NULL) {
+        goto finish;
+    }
+    kwargs = Py_BuildValue("{s:(ii)}", "max_version", CPEFT_DLPACK_MAJOR, CPEFT_DLPACK_MINOR);
+    if (kwargs == NULL) {
+        goto finish;
+    }
+    if (device_type == kDLCUDA) {
+        PyObject *stream = PyLong_FromUnsignedLongLong((unsigned long long)stream_value);
+        if (stream == NULL || PyDict_SetItemString(kwargs, "stream", stream) < 0) {
+            Py_XDECREF(stream);
+            goto finish;
+        }
+        Py_DECREF(stream);
+    }
+    no_args = PyTuple_New(0);
+    if (no_args == NULL) {
+        goto finish;
+    }
+    capsule = PyObject_Call(method, no_args, kwargs);
+    if (capsule == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        if (PyDict_DelItemString(kwargs, "max_version") == 0) {
+            capsule = PyObject_Call(method, no_args, kwargs);
+        }
+    }
+    if (capsule == NULL) {
+        cpeft_reraise_with_context(PyExc_BufferError, "%s could not be exported through DLPack",
+                                   name);
+    }
+
+finish:
+    Py_XDECREF(device);
+    Py_XDECREF(method);
+    Py_XDECREF(kwargs);
+    Py_XDECREF(no_args);
+    return capsule;
+}
+
+static int dlpack_device(int32_t device_type, int32_t device_id, cpeft_tensor *t)
+{
+    switch (device_type) {
+    case kDLCPU:
+    case kDLCUDAHost:
+        t->device_type = CPEFT_DEVICE_CPU;
+        t->device_id = 0;
+        return 0;
+    case kDLCUDA:
+#ifdef CPEFT_WITH_CUDA
+        t->device_type = CPEFT_DEVICE_CUDA;
+        t->device_id = device_id;
+        return 0;
+#else
+        PyErr_Format(PyExc_RuntimeError, "%s is a CUDA tensor, but " CPEFT_NO_CUDA_MESSAGE,
+                     t->name);
+        return -1;
+#endif
+    default:
+        PyErr_Format(PyExc_BufferError,
+                     "%s is on DLPack device type %d; cpeft takes CPU and CUDA tensors", t->name,
+                     (int)device_type);
+        return -1;
+    }
+}
+
+int cpeft_dlpack_import(PyObject *capsule, cpeft_tensor *t)
+{
+    DLTensor *dl;
+    const char *capsule_name = PyCapsule_GetName(capsule);
+    if (capsule_name == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    t->capsule = Py_NewRef(capsule);
+    if (capsule_name != NULL && strcmp(capsule_name, "dltensor_versioned") == 0) {
+        DLManagedTensorVersioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
+        if (m == NULL || PyCapsule_SetName(capsule, "used_dltensor_versioned") < 0) {
+            return -1;
+        }
+        t->managed_versioned = m;
+        if (m->version.major != CPEFT_DLPACK_MAJOR) {
+            PyErr_Format(PyExc_BufferError,
+                         "%s is a DLPack %u.%u tensor; cpeft reads DLPack major version %d",
+                         t->name, m->version.major, m->version.minor, CPEFT_DLPACK_MAJOR);
+            return -1;
+        }
+        t->readonly = (m->flags & CPEFT_DLPACK_FLAG_READ_ONLY) != 0;
+        dl = &m->dl_tensor;
+    }
+    else if (capsule_name != NULL && strcmp(capsule_name, "dltensor") == 0) {
+        DLManagedTensor *m = PyCapsule_GetPointer(capsule, "dltensor");
+        if (m == NULL || PyCapsule_SetName(capsule, "used_dltensor") < 0) {
+            return -1;
+        }
+        t->managed = m;
+        dl = &m->dl_tensor;
+    }
+    else {
+        PyErr_Format(PyExc_BufferError,
+                     "%s: expected a DLPack capsule named 'dltensor' or 'dltensor_versioned', "
+                     "got one named '%s' (a capsule can be consumed only once)",
+                     t->name, capsule_name ? capsule_name : "");
+        return -1;
+    }
+
+    if (dlpack_device(dl->device.device_type, dl->device.device_id, t) < 0) {
+        return -1;
+    }
+    if (dl->dtype.lanes != 1) {
+        PyErr_Format(PyExc_BufferError, "%s must have DLPack lanes == 1, got %u", t->name,
+                     (unsigned)dl->dtype.lanes);
+        return -1;
+    }
+    t->dtype = dlpack_dtype(dl->dtype, t->foreign_dtype, sizeof t->foreign_dtype);
+    t->dtype_name = t->dtype == CPEFT_DTYPE_UNSUPPORTED ? t->foreign_dtype
+                                                        : cpeft_dtype_name(t->dtype);
+    t->itemsize = ((size_t)dl->dtype.bits + 7) / 8;
+    if (dl->ndim < 0 || dl->ndim > CPEFT_MAX_NDIM) {
+        PyErr_Format(PyExc_ValueError, "%s must have at most %d dimensions, got %d", t->name,
+                     CPEFT_MAX_NDIM, (int)dl->ndim);
+        return -1;
+    }
+    t->ndim = dl->ndim;
+    int64_t compact = 1;
+    for (int i = t->ndim - 1; i >= 0; --i) {
+        t->shape[i] = dl->shape[i];
+        t->strides[i] = dl->strides ? dl->strides[i] : compact;
+        compact *= dl->shape[i];
+    }
+    t->data = (char *)dl->data + dl->byte_offset;
+    return 0;
+}
+
+void cpeft_dlpack_release(cpeft_tensor *t)
+{
+    if (t->managed_versioned != NULL && t->managed_versioned->deleter != NULL) {
+        t->managed_versioned->deleter(t->managed_versioned);
+    }
+    if (t->managed != NULL && t->managed->deleter != NULL) {
+        t->managed->deleter(t->managed);
+    }
+}
