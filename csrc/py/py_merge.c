@@ -342,7 +342,7 @@ PyObject *cpeft_py_lora_unmerge(PyObject *module,
     return lora_merge_impl(module, args, nargs, kwnames, 1);
 }
 
-/* ---- LoRA embedding: the (V, D) weight merges as its (D, V) view with B (D, R), A (R, V) ------ */
+/* ---- LoRA embedding: the (V, D) weight merges as its (D, V) view with B (D, R), A (R, V) --- */
 
 static PyObject *lora_embedding_merge_impl(PyObject *module,
                                            PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,

@@ -22,7 +22,7 @@ import scipy_openblas32 as _openblas  # noqa: E402
 _ctypes.CDLL(_os.path.join(_openblas.get_lib_dir(), _openblas.get_library(fullname=True)),
              mode=_ctypes.RTLD_GLOBAL)
 
-from . import _C  # noqa: E402
+from . import _C as _C  # noqa: E402  (cpeft._C is part of the API: tests and tools call it)
 from . import functional  # noqa: E402
 from ._C import CudaError, build_info, has_cuda  # noqa: E402
 
