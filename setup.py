@@ -12,6 +12,7 @@ Environment:
   CPEFT_DEBUG=1         -O0 -g -UNDEBUG.
   CPEFT_SANITIZE=1      AddressSanitizer and UBSan on the C sources (compile and link).
 """
+
 import concurrent.futures
 import glob
 import hashlib
@@ -42,9 +43,12 @@ def openblas():
     import scipy_openblas32
 
     version = ".".join(scipy_openblas32.__version__.split(".")[:3])
-    return dict(include=scipy_openblas32.get_include_dir(), lib_dir=scipy_openblas32.get_lib_dir(),
-                library=scipy_openblas32.get_library(),
-                summary=f"scipy-openblas32 {version}")
+    return dict(
+        include=scipy_openblas32.get_include_dir(),
+        lib_dir=scipy_openblas32.get_lib_dir(),
+        library=scipy_openblas32.get_library(),
+        summary=f"scipy-openblas32 {version}",
+    )
 
 
 def parse_archs(text):
@@ -62,8 +66,12 @@ def parse_archs(text):
 def cuda_home_of(nvcc):
     """The toolkit root: CUDA_HOME, else nvcc's grandparent (nvcc may be a wrapper script
     elsewhere on PATH, so fall back to /usr/local/cuda when that has no runtime header)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+        "/usr/local/cuda",
+    ]
     for home in candidates:
         if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
             return home
@@ -71,8 +79,12 @@ def cuda_home_of(nvcc):
 
 
 def find_library_dir(home, name):
-    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
-                os.path.join("targets", "sbsa-linux", "lib")):
+    for sub in (
+        "lib64",
+        "lib",
+        os.path.join("targets", "x86_64-linux", "lib"),
+        os.path.join("targets", "sbsa-linux", "lib"),
+    ):
         if glob.glob(os.path.join(home, sub, f"lib{name}.so*")):
             return os.path.join(home, sub)
     return None
@@ -97,8 +109,11 @@ def find_cublas(home):
         for name in ("cublas", "cublasLt"):
             plain = os.path.join(lib_dir, f"lib{name}.so")
             versioned = sorted(glob.glob(os.path.join(lib_dir, f"lib{name}.so.*")))
-            libs[name] = name if os.path.exists(plain) else (
-                ":" + os.path.basename(versioned[0]) if versioned else None)
+            libs[name] = (
+                name
+                if os.path.exists(plain)
+                else (":" + os.path.basename(versioned[0]) if versioned else None)
+            )
         if None in libs.values():
             continue
         return dict(include=include, lib_dir=lib_dir, libs=libs, in_wheel=root != home)
@@ -135,14 +150,21 @@ def find_cuda():
         return unavailable(f"libcudart not found under {home}")
     cublas = find_cublas(home)
     if cublas is None:
-        return unavailable(f"cuBLAS and cuBLASLt not found in {home} nor in an installed "
-                           "nvidia-cublas wheel")
+        return unavailable(
+            f"cuBLAS and cuBLASLt not found in {home} nor in an installed nvidia-cublas wheel"
+        )
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\d+\.\d+)", out)
     archs = parse_archs(os.environ.get("CPEFT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
-    return dict(nvcc=nvcc, home=home, lib_dir=cudart_dir, cublas=cublas,
-                version=match.group(1) if match else "?",
-                archs=archs, sources=cu_sources), None
+    return dict(
+        nvcc=nvcc,
+        home=home,
+        lib_dir=cudart_dir,
+        cublas=cublas,
+        version=match.group(1) if match else "?",
+        archs=archs,
+        sources=cu_sources,
+    ), None
 
 
 def gencode_flags(archs):
@@ -157,8 +179,12 @@ DEBUG = env_flag("CPEFT_DEBUG")
 SANITIZE = env_flag("CPEFT_SANITIZE")
 BLAS = openblas()
 CUDA, CUDA_OFF_REASON = find_cuda()
-HEADERS = (sources("csrc/include/cpeft/*.h") + sources("csrc/py/*.h") + sources("csrc/cpu/*.h")
-           + sources("csrc/cpu/*.inc"))
+HEADERS = (
+    sources("csrc/include/cpeft/*.h")
+    + sources("csrc/py/*.h")
+    + sources("csrc/cpu/*.h")
+    + sources("csrc/cpu/*.inc")
+)
 
 c_sources = sources("csrc/common/*.c") + sources("csrc/cpu/*.c") + sources("csrc/py/*.c")
 compile_args = ["-std=c11", "-O2", "-Wall"]
@@ -181,17 +207,23 @@ if SANITIZE:
     link_args += sanitize
 if CUDA:
     archs_text = ";".join(f"sm_{a}" for a in CUDA["archs"])
-    macros += [("CPEFT_WITH_CUDA", "1"),
-               ("CPEFT_BUILD_CUDA_VERSION", f'"{CUDA["version"]}"'),
-               ("CPEFT_BUILD_CUDA_ARCHS", f'"{archs_text}"')]
+    macros += [
+        ("CPEFT_WITH_CUDA", "1"),
+        ("CPEFT_BUILD_CUDA_VERSION", f'"{CUDA["version"]}"'),
+        ("CPEFT_BUILD_CUDA_ARCHS", f'"{archs_text}"'),
+    ]
     cublas = CUDA["cublas"]
     include_dirs += [os.path.join(CUDA["home"], "include"), cublas["include"]]
     library_dirs += [CUDA["lib_dir"], cublas["lib_dir"]]
     libraries += ["cudart", cublas["libs"]["cublas"], cublas["libs"]["cublasLt"], "stdc++"]
-    link_args += [f"-Wl,-rpath,{CUDA['lib_dir']}", f"-Wl,-rpath,{cublas['lib_dir']}",
-                  "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib"]
-    SUMMARY = (f"cpeft build: CUDA on (nvcc {CUDA['version']}, {archs_text}) "
-               f"| BLAS {BLAS['summary']}")
+    link_args += [
+        f"-Wl,-rpath,{CUDA['lib_dir']}",
+        f"-Wl,-rpath,{cublas['lib_dir']}",
+        "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib",
+    ]
+    SUMMARY = (
+        f"cpeft build: CUDA on (nvcc {CUDA['version']}, {archs_text}) | BLAS {BLAS['summary']}"
+    )
 else:
     c_sources.append(os.path.join("cuda", "no_cuda.c"))
     SUMMARY = f"cpeft build: CUDA off ({CUDA_OFF_REASON}) | BLAS {BLAS['summary']}"
@@ -203,11 +235,19 @@ def build_configuration(numpy_version):
     RUNPATH entries), flags and libraries. Search paths of the build-time numpy and BLAS headers
     are left out on purpose: pip's isolated builds put them in a fresh temporary folder each time,
     and the same versions give the same binary."""
-    return dict(python=sys.executable, ext_suffix=sysconfig.get_config_var("EXT_SUFFIX"),
-                numpy=numpy_version, blas=[BLAS["summary"], BLAS["library"]],
-                cuda=CUDA and {k: v for k, v in CUDA.items() if k != "sources"},
-                debug=DEBUG, sanitize=SANITIZE, compile_args=compile_args, link_args=link_args,
-                macros=macros, libraries=libraries)
+    return dict(
+        python=sys.executable,
+        ext_suffix=sysconfig.get_config_var("EXT_SUFFIX"),
+        numpy=numpy_version,
+        blas=[BLAS["summary"], BLAS["library"]],
+        cuda=CUDA and {k: v for k, v in CUDA.items() if k != "sources"},
+        debug=DEBUG,
+        sanitize=SANITIZE,
+        compile_args=compile_args,
+        link_args=link_args,
+        macros=macros,
+        libraries=libraries,
+    )
 
 
 def configuration_key(configuration):
@@ -262,8 +302,9 @@ class BuildExt(build_ext):
         output = self.get_ext_fullpath(ext.name)
         foreign = os.path.exists(output) and not self.built_here(output)
         if foreign:
-            print(f"cpeft build: {output} was not built by this configuration; rebuilding",
-                  flush=True)
+            print(
+                f"cpeft build: {output} was not built by this configuration; rebuilding", flush=True
+            )
         force = self.force
         self.force = force or foreign
         try:
@@ -288,18 +329,29 @@ class BuildExt(build_ext):
     def compile_cuda(self):
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
-        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                 "-I", os.path.join(ROOT, "csrc", "include"), "-I", CUDA["cublas"]["include"],
-                 *gencode_flags(CUDA["archs"])]
+        flags = [
+            "-O3",
+            "-std=c++17",
+            "-Xcompiler",
+            "-fPIC",
+            "-I",
+            os.path.join(ROOT, "csrc", "include"),
+            "-I",
+            CUDA["cublas"]["include"],
+            *gencode_flags(CUDA["archs"]),
+        ]
         flags += ["-g", "-lineinfo", "-UNDEBUG"] if DEBUG else ["-DNDEBUG"]
         deps = HEADERS + sources("cuda/*.cuh")
         newest_dep = max((os.path.getmtime(os.path.join(ROOT, p)) for p in deps), default=0.0)
         objects, commands = [], []
         for src in CUDA["sources"]:
             obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
-            stale = (self.force or not os.path.exists(obj)
-                     or os.path.getmtime(obj) < max(os.path.getmtime(os.path.join(ROOT, src)),
-                                                    newest_dep))
+            stale = (
+                self.force
+                or not os.path.exists(obj)
+                or os.path.getmtime(obj)
+                < max(os.path.getmtime(os.path.join(ROOT, src)), newest_dep)
+            )
             if stale:
                 commands.append([CUDA["nvcc"], *flags, "-c", os.path.join(ROOT, src), "-o", obj])
             objects.append(obj)
@@ -315,16 +367,18 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension(
-        "cpeft._C",
-        sources=c_sources,
-        depends=HEADERS + sources("cuda/*.cu") + sources("cuda/*.cuh"),
-        include_dirs=include_dirs,
-        define_macros=macros,
-        library_dirs=library_dirs,
-        libraries=libraries,
-        extra_compile_args=compile_args,
-        extra_link_args=link_args,
-    )],
+    ext_modules=[
+        Extension(
+            "cpeft._C",
+            sources=c_sources,
+            depends=HEADERS + sources("cuda/*.cu") + sources("cuda/*.cuh"),
+            include_dirs=include_dirs,
+            define_macros=macros,
+            library_dirs=library_dirs,
+            libraries=libraries,
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    ],
     cmdclass={"build_ext": BuildExt},
 )

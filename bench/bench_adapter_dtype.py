@@ -18,6 +18,7 @@ Usage: python bench/bench_adapter_dtype.py [--device cuda|cpu] [--m 4096] [--fea
        [--r 16] [--reps 50]
 Prints a markdown table with the device, versions, commit and date.
 """
+
 import argparse
 import datetime
 import os
@@ -41,21 +42,30 @@ except ImportError:
 def commit():
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def base_layer(features, device, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(features, features, bias=False)).to(device=device, dtype=torch.bfloat16)
+    return nn.Sequential(nn.Linear(features, features, bias=False)).to(
+        device=device, dtype=torch.bfloat16
+    )
 
 
 def adapted(library, features, r, device, autocast):
-    config = library.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, init_lora_weights=False,
-                                target_modules=["0"])
-    model = library.get_peft_model(base_layer(features, device), config, autocast_adapter_dtype=autocast)
+    config = library.LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.05, init_lora_weights=False, target_modules=["0"]
+    )
+    model = library.get_peft_model(
+        base_layer(features, device), config, autocast_adapter_dtype=autocast
+    )
     return model.train()
 
 
@@ -72,11 +82,13 @@ def step_fn(model, x, g):
         for parameter in model.parameters():
             parameter.grad = None
         model(x).backward(g)
+
     return step
 
 
 def timer(device):
     if device == "cuda":
+
         def timed(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -85,17 +97,21 @@ def timer(device):
             end.synchronize()
             return start.elapsed_time(end)
     else:
+
         def timed(fn):
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e3
+
     return timed
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--m", type=int, default=None, help="rows of x (default 4096 on CUDA, 1024 on CPU)")
+    parser.add_argument(
+        "--m", type=int, default=None, help="rows of x (default 4096 on CUDA, 1024 on CPU)"
+    )
     parser.add_argument("--features", type=int, default=None, help="in = out (default 4096 / 1024)")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--reps", type=int, default=50)
@@ -106,9 +122,11 @@ def main():
     features = args.features or (4096 if cuda else 1024)
     warnings.simplefilter("ignore")
 
-    cases = {"frozen bf16 layer": frozen(features, device),
-             "cpeft, fp32 adapters": adapted(cpeft, features, args.r, device, True),
-             "cpeft, bf16 adapters": adapted(cpeft, features, args.r, device, False)}
+    cases = {
+        "frozen bf16 layer": frozen(features, device),
+        "cpeft, fp32 adapters": adapted(cpeft, features, args.r, device, True),
+        "cpeft, bf16 adapters": adapted(cpeft, features, args.r, device, False),
+    }
     if peft is not None:
         cases["peft 0.21 defaults, fp32 adapters"] = adapted(peft, features, args.r, device, True)
     torch.manual_seed(1)
@@ -119,8 +137,9 @@ def main():
         # torch's bf16 CPU GEMMs are slow where the CPU has no bf16 instructions, while cpeft's
         # CPU core computes in float32: the frozen float32 layer is the fairer yardstick there.
         x32 = x.detach().float().requires_grad_(True)
-        steps["frozen layer in float32 (CPU yardstick)"] = step_fn(frozen(features, device, torch.float32),
-                                                                 x32, g.float())
+        steps["frozen layer in float32 (CPU yardstick)"] = step_fn(
+            frozen(features, device, torch.float32), x32, g.float()
+        )
     timed = timer(device)
     for step in steps.values():
         for _ in range(3):
@@ -134,19 +153,30 @@ def main():
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians["frozen bf16 layer"]
 
-    where = torch.cuda.get_device_name() if cuda else f"CPU, torch threads {torch.get_num_threads()}"
-    print(f"adapter-dtype benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"commit {commit()}, {where}")
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cpeft {cpeft.__version__}, "
-          f"peft {getattr(peft, '__version__', 'not installed')}")
-    print(f"bf16 base, M={m}, {features}x{features}, r={args.r}, lora_dropout=0.05, train mode, "
-          f"fwd+bwd, median of {args.reps}")
+    where = (
+        torch.cuda.get_device_name() if cuda else f"CPU, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"adapter-dtype benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"commit {commit()}, {where}"
+    )
+    print(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, cpeft {cpeft.__version__}, "
+        f"peft {getattr(peft, '__version__', 'not installed')}"
+    )
+    print(
+        f"bf16 base, M={m}, {features}x{features}, r={args.r}, lora_dropout=0.05, train mode, "
+        f"fwd+bwd, median of {args.reps}"
+    )
     print()
     yardstick = medians.get("frozen layer in float32 (CPU yardstick)")
     print("| case | fwd+bwd ms | / frozen bf16 |" + (" / frozen fp32 |" if yardstick else ""))
     print("|---|---|---|" + ("---|" if yardstick else ""))
     for name, value in medians.items():
-        print(f"| {name} | {value:.3f} | {value / base:.2f}x |" + (f" {value / yardstick:.2f}x |" if yardstick else ""))
+        print(
+            f"| {name} | {value:.3f} | {value / base:.2f}x |"
+            + (f" {value / yardstick:.2f}x |" if yardstick else "")
+        )
 
 
 if __name__ == "__main__":

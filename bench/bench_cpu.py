@@ -17,6 +17,7 @@ The thread count is fixed through OPENBLAS_NUM_THREADS before NumPy and cpeft lo
 OPENBLAS_THREAD_TIMEOUT=4 (cpeft's default) is set for both libraries: with two OpenBLAS thread
 pools in one process, one pool's threads spinning after its call would slow the other's next call.
 """
+
 import argparse
 import os
 import platform
@@ -26,7 +27,9 @@ import time
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--m", type=int, default=2048)
@@ -58,7 +61,9 @@ def interleaved_ms(fns, repeat):
 def git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True).strip()
+        return subprocess.check_output(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -71,6 +76,7 @@ def main():
 
     import numpy as np
     import scipy_openblas32
+
     import cpeft
     from cpeft import functional as F
 
@@ -88,8 +94,9 @@ def main():
     y = np.empty((m, n), f32)
     gx = np.empty((m, n), f32)
 
-    blas = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
-                                    scipy_openblas32.get_library(fullname=True)))
+    blas = ctypes.CDLL(
+        os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+    )
     sgemm = blas.scipy_cblas_sgemm
     sgemm.restype = None
     row_major, no_trans, trans = 101, 111, 112
@@ -97,9 +104,22 @@ def main():
 
     def blas_matmul(trans_b, a_mat, b_mat, c_mat, k):
         rows, cols = c_mat.shape
-        sgemm(row_major, no_trans, trans_b, rows, cols, k, ctypes.c_float(1.0),
-              ptr(a_mat.ctypes.data), a_mat.shape[1], ptr(b_mat.ctypes.data), b_mat.shape[1],
-              ctypes.c_float(0.0), ptr(c_mat.ctypes.data), c_mat.shape[1])
+        sgemm(
+            row_major,
+            no_trans,
+            trans_b,
+            rows,
+            cols,
+            k,
+            ctypes.c_float(1.0),
+            ptr(a_mat.ctypes.data),
+            a_mat.shape[1],
+            ptr(b_mat.ctypes.data),
+            b_mat.shape[1],
+            ctypes.c_float(0.0),
+            ptr(c_mat.ctypes.data),
+            c_mat.shape[1],
+        )
 
     def base():
         blas_matmul(trans, x, w, y, n)
@@ -133,29 +153,39 @@ def main():
 
     def cpeft_lora():
         F.lora_linear_forward(x, w, b, a, bb, s, out=c_y, out_xa=c_xa)
-        F.lora_linear_backward(g, x, w, a, bb, c_xa, s, grad_x=True, grad_lora_a=True,
-                               grad_lora_b=True, grad_bias=True)
+        F.lora_linear_backward(
+            g, x, w, a, bb, c_xa, s, grad_x=True, grad_lora_a=True, grad_lora_b=True, grad_bias=True
+        )
 
     t_base, t_numpy_base, t_numpy, t_cpeft = interleaved_ms(
-        (base, numpy_base, numpy_lora, cpeft_lora), args.repeat)
+        (base, numpy_base, numpy_lora, cpeft_lora), args.repeat
+    )
 
     print(f"# cpeft CPU benchmark ({time.strftime('%Y-%m-%d')}, commit {git_commit()})")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"OPENBLAS_NUM_THREADS={args.threads}; Python {platform.python_version()}, "
-          f"NumPy {np.__version__}, cpeft {cpeft.__version__} ({cpeft.build_info()})")
-    print(f"case: float32, M={m}, {n}->{n}, r={r}, bias, no dropout; median of {args.repeat} "
-          "interleaved runs\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"OPENBLAS_NUM_THREADS={args.threads}; Python {platform.python_version()}, "
+        f"NumPy {np.__version__}, cpeft {cpeft.__version__} ({cpeft.build_info()})"
+    )
+    print(
+        f"case: float32, M={m}, {n}->{n}, r={r}, bias, no dropout; median of {args.repeat} "
+        "interleaved runs\n"
+    )
     print("| what | median ms | min ms | max ms | / base |")
     print("|---|---|---|---|---|")
-    for name, t in (("base matmuls x·Wᵀ + g·W (cpeft's OpenBLAS)", t_base),
-                    ("base matmuls x·Wᵀ + g·W (NumPy)", t_numpy_base),
-                    ("LoRA fwd+bwd, NumPy formula", t_numpy),
-                    ("LoRA fwd+bwd, cpeft", t_cpeft)):
+    for name, t in (
+        ("base matmuls x·Wᵀ + g·W (cpeft's OpenBLAS)", t_base),
+        ("base matmuls x·Wᵀ + g·W (NumPy)", t_numpy_base),
+        ("LoRA fwd+bwd, NumPy formula", t_numpy),
+        ("LoRA fwd+bwd, cpeft", t_cpeft),
+    ):
         print(f"| {name} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t[0] / t_base[0]:.3f} |")
     ok_base = t_cpeft[0] <= 1.15 * t_base[0]
     ok_numpy = t_cpeft[0] <= t_numpy[0]
-    print(f"\ntarget: cpeft <= 1.15x base: {'met' if ok_base else 'MISSED'}; "
-          f"cpeft <= NumPy formula: {'met' if ok_numpy else 'MISSED'}")
+    print(
+        f"\ntarget: cpeft <= 1.15x base: {'met' if ok_base else 'MISSED'}; "
+        f"cpeft <= NumPy formula: {'met' if ok_numpy else 'MISSED'}"
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ Prints a markdown table with the device, versions, commit and date (and writes i
 ready for docs/benchmarks.md, row by row). Every timed case runs --runs times; a cell lists each run's median
 and the ratio to the frozen base of the median run.
 """
+
 import argparse
 import datetime
 import os
@@ -67,6 +68,7 @@ def stream_handle():
 
 # ---- LoRA linear -----------------------------------------------------------------------------
 
+
 def frozen_linear(in_f, out_f, dtype):
     lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
     lin.weight.requires_grad_(False)
@@ -77,6 +79,7 @@ def autograd_step(module, x, g):
     def step():
         x.grad = None
         module(x).backward(g)
+
     return step
 
 
@@ -107,6 +110,7 @@ def lora_functional_step(x, w, a, b, g, scale, dropout):
         _, xa = F.lora_linear_forward(x, w, None, a, b, scale, **kw)
         F.lora_linear_backward(g, x, w, a, b, xa, scale, **kw)
         state["offset"] += m * in_f
+
     return step
 
 
@@ -114,11 +118,12 @@ def lora_case(m, in_f, out_f, r, dtype, reps, dropout=0.0):
     x = randn(m, in_f, dtype=dtype).requires_grad_(True)
     g = randn(m, out_f, dtype=dtype)
     base = frozen_linear(in_f, out_f, dtype)
-    a = randn(r, in_f, dtype=dtype, scale=in_f ** -0.5)
+    a = randn(r, in_f, dtype=dtype, scale=in_f**-0.5)
     b = randn(out_f, r, dtype=dtype, scale=0.02)
     row = {"base": median_ms(autograd_step(base, x, g), reps)}
-    row["cpeft"] = median_ms(lora_functional_step(x.detach(), base.weight, a, b, g, 2.0, dropout),
-                             reps)
+    row["cpeft"] = median_ms(
+        lora_functional_step(x.detach(), base.weight, a, b, g, 2.0, dropout), reps
+    )
     layer = cpeft_layer(in_f, out_f, r, dtype, dropout)
     if layer is not None:
         row["cpeft.Linear"] = median_ms(autograd_step(layer, x, g), reps)
@@ -146,13 +151,23 @@ def memory_case(dtype, dropout=0.05, m=4096, n=4096, r=16):
     only its output)."""
     x = randn(m, n, dtype=dtype).requires_grad_(True)
     base = frozen_linear(n, n, dtype)
-    a = randn(r, n, dtype=dtype, scale=n ** -0.5)
+    a = randn(r, n, dtype=dtype, scale=n**-0.5)
     b = randn(n, r, dtype=dtype, scale=0.02)
     base_kept, _ = kept_bytes(lambda: base(x))
     row = {}
-    kept, _ = kept_bytes(lambda: F.lora_linear_forward(x.detach(), base.weight, None, a, b, 2.0,
-                                                       dropout=dropout, seed=1,
-                                                       stream=stream_handle()))
+    kept, _ = kept_bytes(
+        lambda: F.lora_linear_forward(
+            x.detach(),
+            base.weight,
+            None,
+            a,
+            b,
+            2.0,
+            dropout=dropout,
+            seed=1,
+            stream=stream_handle(),
+        )
+    )
     row["cpeft"] = (kept - base_kept) / MIB
     layer = cpeft_layer(n, n, r, dtype, dropout)
     if layer is not None:
@@ -167,6 +182,7 @@ def memory_case(dtype, dropout=0.05, m=4096, n=4096, r=16):
 
 # ---- IA3 ---------------------------------------------------------------------------------------
 
+
 def ia3_case(feedforward, dtype, reps, m=4096, n=4096):
     x = randn(m, n, dtype=dtype).requires_grad_(True)
     g = randn(m, n, dtype=dtype)
@@ -176,10 +192,19 @@ def ia3_case(feedforward, dtype, reps, m=4096, n=4096):
     row = {"base": median_ms(autograd_step(base, x, g), reps)}
 
     def step():
-        _, kept = F.ia3_linear_forward(x.detach(), base.weight, None, l, feedforward=feedforward,
-                                       keep_base=not feedforward, stream=stream)
-        F.ia3_linear_backward(g, x.detach(), base.weight, l, kept, feedforward=feedforward,
-                              stream=stream)
+        _, kept = F.ia3_linear_forward(
+            x.detach(),
+            base.weight,
+            None,
+            l,
+            feedforward=feedforward,
+            keep_base=not feedforward,
+            stream=stream,
+        )
+        F.ia3_linear_backward(
+            g, x.detach(), base.weight, l, kept, feedforward=feedforward, stream=stream
+        )
+
     row["cpeft"] = median_ms(step, reps)
     if hasattr(cpeft, "IA3Linear"):
         layer = cpeft.IA3Linear(n, n, is_feedforward=feedforward, bias=False)
@@ -195,6 +220,7 @@ def ia3_case(feedforward, dtype, reps, m=4096, n=4096):
 
 # ---- LoRA embedding ----------------------------------------------------------------------------
 
+
 def embedding_case(dtype, reps, vocab=32000, dim=4096, r=16, tokens=8192):
     idx = torch.randint(0, vocab, (tokens,), device="cuda")
     weight = randn(vocab, dim, dtype=dtype)
@@ -206,6 +232,7 @@ def embedding_case(dtype, reps, vocab=32000, dim=4096, r=16, tokens=8192):
     def step():
         F.lora_embedding_forward(idx, weight, a, b, 2.0, stream=stream)
         F.lora_embedding_backward(g, idx, a, b, 2.0, stream=stream)
+
     row = {"cpeft": median_ms(step, reps)}
     if hasattr(cpeft, "Embedding"):
         layer = cpeft.Embedding(vocab, dim, r=r, lora_alpha=2 * r).to(device="cuda", dtype=dtype)
@@ -219,6 +246,7 @@ def embedding_case(dtype, reps, vocab=32000, dim=4096, r=16, tokens=8192):
 
 
 # ---- merged (eval) forward ---------------------------------------------------------------------
+
 
 def merged_case(dtype, reps, m=4096, n=4096, r=16):
     x = randn(m, n, dtype=dtype)
@@ -239,6 +267,7 @@ def merged_case(dtype, reps, m=4096, n=4096, r=16):
 
 
 # ---- host path ---------------------------------------------------------------------------------
+
 
 def host_us(step, iters=300):
     """Host microseconds per call of step() while only enqueueing (no synchronization inside)."""
@@ -288,8 +317,12 @@ COLUMNS = ("cpeft", "cpeft.Linear", "peft")
 def commit():
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip() or "?"
+        return (
+            subprocess.run(
+                ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or "?"
+        )
     except OSError:
         return "?"
 
@@ -333,12 +366,16 @@ def main(argv=None):
     out(f"# cpeft CUDA benchmark ({args.dtype})\n")
     out(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     out(f"- device: {torch.cuda.get_device_name()}")
-    out(f"- torch {torch.__version__} (CUDA {torch.version.cuda}), "
+    out(
+        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"peft {peft.__version__ if peft else 'not installed'}, "
-        f"cpeft {cpeft.__version__} commit {commit()}, {cpeft.build_info()}")
-    out(f"- timer: {'triton do_bench' if _triton_do_bench else 'CUDA events'}, median of "
+        f"cpeft {cpeft.__version__} commit {commit()}, {cpeft.build_info()}"
+    )
+    out(
+        f"- timer: {'triton do_bench' if _triton_do_bench else 'CUDA events'}, median of "
         f"--reps {args.reps}; {args.runs} runs per cell (each run's median, then the ratio to "
-        f"the frozen base of the median run)\n")
+        f"the frozen base of the median run)\n"
+    )
     out("| case | frozen base | cpeft functional | cpeft layer | HF peft | target |")
     out("|---|---|---|---|---|---|")
 
@@ -348,46 +385,68 @@ def main(argv=None):
         cells = " | ".join(fmt_cell(runs, k, unit, digits) for k in COLUMNS)
         out(f"| {name} | {base} | {cells} | {target} |")
 
-    lora_shapes = [((4096, 4096, 4096, 16), "<= 1.10x", "<= 1.13x"),
-                   ((16384, 4096, 4096, 16), "<= 1.05x", "<= 1.07x"),
-                   ((8192, 4096, 11008, 16), "<= 1.05x", "<= 1.07x"),
-                   ((2048, 1024, 1024, 8), "<= 1.5x", None)]
+    lora_shapes = [
+        ((4096, 4096, 4096, 16), "<= 1.10x", "<= 1.13x"),
+        ((16384, 4096, 4096, 16), "<= 1.05x", "<= 1.07x"),
+        ((8192, 4096, 11008, 16), "<= 1.05x", "<= 1.07x"),
+        ((2048, 1024, 1024, 8), "<= 1.5x", None),
+    ]
     for (m, i, o, r), target, dropout_target in lora_shapes:
         name = f"LoRA linear fwd+bwd M={m} {i}->{o} r={r}"
         if "lora" in cases:
             emit(name, lambda: lora_case(m, i, o, r, dtype, args.reps), target)
         if "dropout" in cases and dropout_target:
-            emit(f"{name}, dropout 0.05",
-                 lambda: lora_case(m, i, o, r, dtype, args.reps, dropout=0.05), dropout_target)
+            emit(
+                f"{name}, dropout 0.05",
+                lambda: lora_case(m, i, o, r, dtype, args.reps, dropout=0.05),
+                dropout_target,
+            )
         if "rankr" in cases and m == 4096:
             # The path cuda/rank_r.cu replaced, for comparison (cpeft columns only matter).
             for p in (0.0, 0.05):
-                emit(f"{name}, dropout {p}, CPEFT_CUDA_RANK_R=cublas (previous path)",
-                     lambda: with_rank_r_path("cublas", lambda: lora_case(m, i, o, r, dtype,
-                                                                          args.reps, dropout=p)),
-                     "reference")
+                emit(
+                    f"{name}, dropout {p}, CPEFT_CUDA_RANK_R=cublas (previous path)",
+                    lambda: with_rank_r_path(
+                        "cublas", lambda: lora_case(m, i, o, r, dtype, args.reps, dropout=p)
+                    ),
+                    "reference",
+                )
     if "memory" in cases:
         row = memory_case(dtype)
         cells = " | ".join(f"{row[k]:+.2f} MiB" if k in row else "n/a" for k in COLUMNS)
-        out(f"| extra memory kept for backward, dropout 0.05, M=4096 4096^2 | 0 | {cells} "
-            f"| <= 1 MiB |")
+        out(
+            f"| extra memory kept for backward, dropout 0.05, M=4096 4096^2 | 0 | {cells} "
+            f"| <= 1 MiB |"
+        )
     if "ia3" in cases:
         for feedforward, name in [(False, "output"), (True, "input")]:
-            emit(f"IA3 fwd+bwd M=4096 4096^2, {name} scaling",
-                 lambda: ia3_case(feedforward, dtype, args.reps), "<= 1.05x")
+            emit(
+                f"IA3 fwd+bwd M=4096 4096^2, {name} scaling",
+                lambda: ia3_case(feedforward, dtype, args.reps),
+                "<= 1.05x",
+            )
     if "embedding" in cases:
-        emit("LoRA embedding fwd+bwd 32000x4096 r=16, 8192 tokens",
-             lambda: embedding_case(dtype, args.reps), "<= 0.10 ms")
+        emit(
+            "LoRA embedding fwd+bwd 32000x4096 r=16, 8192 tokens",
+            lambda: embedding_case(dtype, args.reps),
+            "<= 0.10 ms",
+        )
         if "rankr" in cases:
-            emit("same, CPEFT_CUDA_RANK_R=cublas (previous path)",
-                 lambda: with_rank_r_path("cublas", lambda: embedding_case(dtype, args.reps)),
-                 "reference")
+            emit(
+                "same, CPEFT_CUDA_RANK_R=cublas (previous path)",
+                lambda: with_rank_r_path("cublas", lambda: embedding_case(dtype, args.reps)),
+                "reference",
+            )
     if "host" in cases:
-        emit("host time of one fwd+bwd, M=16 64->64 r=8 (enqueue only)",
-             lambda: host_case(dtype), "<= 1.3x", unit="us", digits=1)
+        emit(
+            "host time of one fwd+bwd, M=16 64->64 r=8 (enqueue only)",
+            lambda: host_case(dtype),
+            "<= 1.3x",
+            unit="us",
+            digits=1,
+        )
     if "merged" in cases:
-        emit("merged (eval) forward M=4096 4096^2", lambda: merged_case(dtype, args.reps),
-             "= base")
+        emit("merged (eval) forward M=4096 4096^2", lambda: merged_case(dtype, args.reps), "= base")
     if markdown is not None:
         markdown.close()
     return 0

@@ -23,6 +23,7 @@ neither parameters nor the input x (counted once per storage, via saved_tensors_
 layer adds to the activation memory of training. Prints a markdown table with the machine,
 versions, commit and date.
 """
+
 import argparse
 import datetime
 import os
@@ -33,8 +34,9 @@ import time
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32")
     p.add_argument("--m", default="2048", help="comma-separated row counts")
@@ -49,8 +51,9 @@ def parse_args():
 def git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                                       text=True).strip()
+        return subprocess.check_output(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -70,16 +73,18 @@ def interleaved_ms(fns, repeat, warmup, sync):
             sync()
             samples[name].append((time.perf_counter() - t0) * 1e3)
             cpu[name].append((time.process_time() - c0) * 1e3)
-    return ({name: statistics.median(v) for name, v in samples.items()},
-            {name: min(v) for name, v in samples.items()},
-            {name: statistics.median(v) for name, v in cpu.items()})
+    return (
+        {name: statistics.median(v) for name, v in samples.items()},
+        {name: min(v) for name, v in samples.items()},
+        {name: statistics.median(v) for name, v in cpu.items()},
+    )
 
 
 def main():
     args = parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
-    import torch
     import peft
+    import torch
 
     import cpeft
     from cpeft import functional as F
@@ -97,12 +102,12 @@ def main():
     def make_layers():
         torch.manual_seed(0)
         lora = cpeft.Linear(n, n, r=r, lora_alpha=2 * r, device=device, dtype=dtype)
-        dora = cpeft.Linear(n, n, r=r, lora_alpha=2 * r, use_dora=True, device=device,
-                            dtype=dtype)
+        dora = cpeft.Linear(n, n, r=r, lora_alpha=2 * r, use_dora=True, device=device, dtype=dtype)
         base = torch.nn.Sequential()
         base.add_module("lin", torch.nn.Linear(n, n, device=device, dtype=dtype))
-        peft_model = peft.get_peft_model(base, peft.LoraConfig(
-            r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=True))
+        peft_model = peft.get_peft_model(
+            base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], use_dora=True)
+        )
         peft_layer = peft_model.base_model.model.lin
         with torch.no_grad():
             b = torch.randn(n, r, device=device, dtype=dtype) * 0.02
@@ -113,7 +118,8 @@ def main():
                 layer.lora_B.copy_(b)
             peft_layer.lora_B["default"].weight.copy_(b)
             magnitude = torch.linalg.norm(
-                dora.weight.float() + dora.scaling * (b.float() @ dora.lora_A.float()), dim=1)
+                dora.weight.float() + dora.scaling * (b.float() @ dora.lora_A.float()), dim=1
+            )
             magnitude = (magnitude * 1.05).to(dtype)
             dora.lora_magnitude_vector.copy_(magnitude)
             peft_layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
@@ -137,14 +143,18 @@ def main():
                 for p in module.parameters():
                     p.grad = None
                 module(x).backward(grad_out)
+
             return once
 
         # correctness first: cpeft's DoRA against peft's
         step(dora)()
         ours = (x.grad.clone(), dora.lora_magnitude_vector.grad.clone(), dora.lora_B.grad.clone())
         step(peft_model)()
-        theirs = (x.grad.clone(), peft_layer.lora_magnitude_vector["default"].weight.grad.clone(),
-                  peft_layer.lora_B["default"].weight.grad.clone())
+        theirs = (
+            x.grad.clone(),
+            peft_layer.lora_magnitude_vector["default"].weight.grad.clone(),
+            peft_layer.lora_B["default"].weight.grad.clone(),
+        )
         # Relative to the whole tensor. In fp16/bf16 both sides round differently (peft many
         # times over), so only a gross difference (a wrong result) stops the benchmark there.
         tol = 1e-1 if dtype in (torch.float16, torch.bfloat16) else 1e-4
@@ -166,8 +176,11 @@ def main():
             del y
             return sum(seen.values())
 
-        kept = {"cpeft LoRA": kept_bytes(lora), "cpeft DoRA": kept_bytes(dora),
-                "peft DoRA": kept_bytes(peft_model)}
+        kept = {
+            "cpeft LoRA": kept_bytes(lora),
+            "cpeft DoRA": kept_bytes(dora),
+            "peft DoRA": kept_bytes(peft_model),
+        }
 
         # the C core alone, on preallocated tensors
         w, bias = dora.weight.detach(), dora.bias.detach()
@@ -175,44 +188,102 @@ def main():
         mag, xs = dora.lora_magnitude_vector.detach(), x.detach()
         stream = torch.cuda.current_stream().cuda_stream if device.type == "cuda" else None
         y_buf, base_buf = torch.empty_like(grad_out), torch.empty_like(grad_out)
-        xa_buf, norm_buf = torch.empty(m, r, device=device, dtype=dtype), torch.empty(
-            n, device=device, dtype=dtype)
-        gx, ga, gb, gm = (torch.empty_like(xs), torch.empty_like(a_), torch.empty_like(b_),
-                          torch.empty_like(mag))
+        xa_buf, norm_buf = (
+            torch.empty(m, r, device=device, dtype=dtype),
+            torch.empty(n, device=device, dtype=dtype),
+        )
+        gx, ga, gb, gm = (
+            torch.empty_like(xs),
+            torch.empty_like(a_),
+            torch.empty_like(b_),
+            torch.empty_like(mag),
+        )
         sq = F.dora_weight_sq_norm(w, stream=stream)
 
         def core_lora():
-            F.lora_linear_forward(xs, w, bias, a_, b_, dora.scaling, out=y_buf, out_xa=xa_buf,
-                                  stream=stream)
-            F.lora_linear_backward(grad_out, xs, w, a_, b_, xa_buf, dora.scaling, grad_x=gx,
-                                   grad_lora_a=ga, grad_lora_b=gb, stream=stream)
+            F.lora_linear_forward(
+                xs, w, bias, a_, b_, dora.scaling, out=y_buf, out_xa=xa_buf, stream=stream
+            )
+            F.lora_linear_backward(
+                grad_out,
+                xs,
+                w,
+                a_,
+                b_,
+                xa_buf,
+                dora.scaling,
+                grad_x=gx,
+                grad_lora_a=ga,
+                grad_lora_b=gb,
+                stream=stream,
+            )
 
         def core_dora():
-            F.dora_linear_forward(xs, w, bias, a_, b_, mag, dora.scaling, weight_sq_norm=sq,
-                                  out=y_buf, out_xa=xa_buf, out_base=base_buf, out_norm=norm_buf,
-                                  stream=stream)
-            F.dora_linear_backward(grad_out, xs, w, a_, b_, mag, norm_buf, xa_buf, base_buf,
-                                   dora.scaling, grad_x=gx, grad_lora_a=ga, grad_lora_b=gb,
-                                   grad_magnitude=gm, stream=stream)
+            F.dora_linear_forward(
+                xs,
+                w,
+                bias,
+                a_,
+                b_,
+                mag,
+                dora.scaling,
+                weight_sq_norm=sq,
+                out=y_buf,
+                out_xa=xa_buf,
+                out_base=base_buf,
+                out_norm=norm_buf,
+                stream=stream,
+            )
+            F.dora_linear_backward(
+                grad_out,
+                xs,
+                w,
+                a_,
+                b_,
+                mag,
+                norm_buf,
+                xa_buf,
+                base_buf,
+                dora.scaling,
+                grad_x=gx,
+                grad_lora_a=ga,
+                grad_lora_b=gb,
+                grad_magnitude=gm,
+                stream=stream,
+            )
 
-        variants = {"cpeft LoRA": step(lora), "cpeft DoRA": step(dora),
-                    "peft DoRA": step(peft_model), "core LoRA": core_lora, "core DoRA": core_dora}
+        variants = {
+            "cpeft LoRA": step(lora),
+            "cpeft DoRA": step(dora),
+            "peft DoRA": step(peft_model),
+            "core LoRA": core_lora,
+            "core DoRA": core_dora,
+        }
         times, fastest, cpu_times = interleaved_ms(variants, args.repeat, args.warmup, sync)
         rows.append((m, times, fastest, kept, cpu_times))
 
-    print(f"# bench_dora {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"commit {git_commit()}")
-    machine = (torch.cuda.get_device_name() if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"{args.threads} threads")
-    print(f"# {machine}; torch {torch.__version__}, peft {peft.__version__}, "
-          f"{cpeft.build_info()['blas']}; {args.dtype}, {n}->{n}, r={r}, bias frozen, "
-          f"no dropout, median of {args.repeat}")
+    print(
+        f"# bench_dora {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"commit {git_commit()}"
+    )
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.threads} threads"
+    )
+    print(
+        f"# {machine}; torch {torch.__version__}, peft {peft.__version__}, "
+        f"{cpeft.build_info()['blas']}; {args.dtype}, {n}->{n}, r={r}, bias frozen, "
+        f"no dropout, median of {args.repeat}"
+    )
     print()
     print("Times: median (fastest) over the runs; ratios of medians (of fastest).")
     print()
-    print("| M | cpeft LoRA | cpeft DoRA | peft DoRA | DoRA / LoRA (cpeft) | peft DoRA / cpeft DoRA "
-          "| C core: DoRA / LoRA | kept: cpeft LoRA | kept: cpeft DoRA | kept: peft DoRA |")
+    print(
+        "| M | cpeft LoRA | cpeft DoRA | peft DoRA | DoRA / LoRA (cpeft) | peft DoRA / cpeft DoRA "
+        "| C core: DoRA / LoRA | kept: cpeft LoRA | kept: cpeft DoRA | kept: peft DoRA |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     mib = float(1 << 20)
 
@@ -223,20 +294,26 @@ def main():
         return f"{t[a] / t[b]:.3f} ({f[a] / f[b]:.3f})"
 
     for m, t, f, k, _ in rows:
-        print(f"| {m} | {ms('cpeft LoRA', t, f)} | {ms('cpeft DoRA', t, f)} | "
-              f"{ms('peft DoRA', t, f)} | {ratio('cpeft DoRA', 'cpeft LoRA', t, f)} | "
-              f"{ratio('peft DoRA', 'cpeft DoRA', t, f)} | "
-              f"{ratio('core DoRA', 'core LoRA', t, f)} | {k['cpeft LoRA'] / mib:.2f} MiB | "
-              f"{k['cpeft DoRA'] / mib:.2f} MiB | {k['peft DoRA'] / mib:.2f} MiB |")
+        print(
+            f"| {m} | {ms('cpeft LoRA', t, f)} | {ms('cpeft DoRA', t, f)} | "
+            f"{ms('peft DoRA', t, f)} | {ratio('cpeft DoRA', 'cpeft LoRA', t, f)} | "
+            f"{ratio('peft DoRA', 'cpeft DoRA', t, f)} | "
+            f"{ratio('core DoRA', 'core LoRA', t, f)} | {k['cpeft LoRA'] / mib:.2f} MiB | "
+            f"{k['cpeft DoRA'] / mib:.2f} MiB | {k['peft DoRA'] / mib:.2f} MiB |"
+        )
     if device.type == "cpu":
         # Process CPU time (all threads) is what a time-sliced, shared machine disturbs least.
         print()
-        print("| M | CPU time: cpeft LoRA | cpeft DoRA | peft DoRA | DoRA / LoRA | C core DoRA / LoRA |")
+        print(
+            "| M | CPU time: cpeft LoRA | cpeft DoRA | peft DoRA | DoRA / LoRA | C core DoRA / LoRA |"
+        )
         print("|---|---|---|---|---|---|")
         for m, _, _, _, c in rows:
-            print(f"| {m} | {c['cpeft LoRA']:.2f} ms | {c['cpeft DoRA']:.2f} ms | "
-                  f"{c['peft DoRA']:.2f} ms | {c['cpeft DoRA'] / c['cpeft LoRA']:.3f} | "
-                  f"{c['core DoRA'] / c['core LoRA']:.3f} |")
+            print(
+                f"| {m} | {c['cpeft LoRA']:.2f} ms | {c['cpeft DoRA']:.2f} ms | "
+                f"{c['peft DoRA']:.2f} ms | {c['cpeft DoRA'] / c['cpeft LoRA']:.3f} | "
+                f"{c['core DoRA'] / c['core LoRA']:.3f} |"
+            )
 
 
 if __name__ == "__main__":

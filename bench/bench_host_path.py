@@ -14,6 +14,7 @@ Python-level autograd node, against which the rest of the layer's cost can be re
 Then the raw C calls alone (forward, backward) at this shape and at M=1, 4->4, r=1.
 --profile adds a cProfile of 300 layer steps (tottime) for the importable build.
 """
+
 import argparse
 import os
 import subprocess
@@ -84,8 +85,7 @@ def measure():
             for _ in range(STEPS):
                 fn()
             best[fn] = min(best[fn], (time.process_time() - start) / STEPS)
-    return (best[layer_step] * 1e6, best[base_step] * 1e6, best[empty_step] * 1e6,
-            layer_step)
+    return (best[layer_step] * 1e6, best[base_step] * 1e6, best[empty_step] * 1e6, layer_step)
 
 
 def c_calls():
@@ -115,14 +115,26 @@ def c_calls():
         gx, ga, gb = torch.empty(m, n_in), torch.empty(r, n_in), torch.empty(n_out, r)
 
         def forward():
-            _C.lora_linear_forward(dl(x), dl(w), None, dl(a), dl(b), 2.0, out=dl(y),
-                                   out_xa=dl(xa))
+            _C.lora_linear_forward(dl(x), dl(w), None, dl(a), dl(b), 2.0, out=dl(y), out_xa=dl(xa))
 
         def backward():
-            _C.lora_linear_backward(dl(g), dl(x), dl(w), dl(a), dl(b), dl(xa), 2.0,
-                                    grad_x=dl(gx), grad_lora_a=dl(ga), grad_lora_b=dl(gb))
-        rows.append(f"M={m} {n_in}->{n_out} r={r}: forward {per_call(forward):.1f} us, "
-                    f"backward {per_call(backward):.1f} us")
+            _C.lora_linear_backward(
+                dl(g),
+                dl(x),
+                dl(w),
+                dl(a),
+                dl(b),
+                dl(xa),
+                2.0,
+                grad_x=dl(gx),
+                grad_lora_a=dl(ga),
+                grad_lora_b=dl(gb),
+            )
+
+        rows.append(
+            f"M={m} {n_in}->{n_out} r={r}: forward {per_call(forward):.1f} us, "
+            f"backward {per_call(backward):.1f} us"
+        )
     print("raw C calls (capsules included): " + "; ".join(rows))
 
 
@@ -143,8 +155,11 @@ def profile(layer_step):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--compare", metavar="PYTHON_DIR",
-                        help="also measure the cpeft package found in this directory")
+    parser.add_argument(
+        "--compare",
+        metavar="PYTHON_DIR",
+        help="also measure the cpeft package found in this directory",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,25 +168,34 @@ def main():
         print(f"{layer_us} {base_us} {empty_us}")
         return
     import cpeft
+
     here = os.path.dirname(os.path.dirname(cpeft.__file__))
     builds = [("this build", here)] + ([("compared", args.compare)] if args.compare else [])
     results = {label: [] for label, _ in builds}
     for _ in range(3):
         for label, path in builds:
             env = dict(os.environ, PYTHONPATH=path)
-            out = subprocess.run([sys.executable, __file__, "--child"], env=env, check=True,
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, __file__, "--child"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
             results[label].append(tuple(float(v) for v in out))
-    print(f"cpeft.Linear fwd+bwd, M={M} {IN}->{OUT} r={R} float32, CPU time per step "
-          "(best of 9 batches; 3 alternating processes per build, median shown)")
-    print("| build | cpeft.Linear us | nn.Linear us | ratio | empty autograd.Function us "
-          "(ratio) |")
+    print(
+        f"cpeft.Linear fwd+bwd, M={M} {IN}->{OUT} r={R} float32, CPU time per step "
+        "(best of 9 batches; 3 alternating processes per build, median shown)"
+    )
+    print("| build | cpeft.Linear us | nn.Linear us | ratio | empty autograd.Function us (ratio) |")
     print("|---|---|---|---|---|")
     for label, path in builds:
         runs = sorted(results[label], key=lambda r: r[0] / r[1])
         layer_us, base_us, empty_us = runs[len(runs) // 2]
-        print(f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x "
-              f"| {empty_us:.1f} ({empty_us / base_us:.2f}x) |")
+        print(
+            f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x "
+            f"| {empty_us:.1f} ({empty_us / base_us:.2f}x) |"
+        )
     c_calls()
     if args.profile:
         profile(measure()[3])

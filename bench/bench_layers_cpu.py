@@ -13,6 +13,7 @@ The two layers' outputs and gradients are compared before timing, so a fast wron
 pass. Timed samples alternate between the two layers (the machine may be shared). Prints a
 markdown table.
 """
+
 import argparse
 import os
 import platform
@@ -21,8 +22,9 @@ import time
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     return parser.parse_args()
@@ -62,15 +64,20 @@ def run_case(torch, libraries, m, in_features, out_features, rank, repeat, inner
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(m, in_features, generator=generator).requires_grad_(True)
     grad_out = torch.randn(m, out_features, generator=generator)
-    layers = {name: build(lib, torch, in_features, out_features, rank)
-              for name, lib in libraries.items()}
+    layers = {
+        name: build(lib, torch, in_features, out_features, rank) for name, lib in libraries.items()
+    }
     results = {}
     for name, layer in layers.items():
         x.grad = None
         layer.zero_grad(set_to_none=True)
         y = step(layer, x, grad_out)
-        results[name] = (y.detach(), x.grad.clone(), layer.lora_A.grad.clone(),
-                         layer.lora_B.grad.clone())
+        results[name] = (
+            y.detach(),
+            x.grad.clone(),
+            layer.lora_A.grad.clone(),
+            layer.lora_B.grad.clone(),
+        )
     reference = results["loralib"]
     for got, want in zip(results["cpeft"], reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -80,36 +87,48 @@ def run_case(torch, libraries, m, in_features, out_features, rank, repeat, inner
             x.grad = None
             layer.zero_grad(set_to_none=True)
             step(layer, x, grad_out)
+
         return once
 
-    return interleaved_medians({name: step_of(layer) for name, layer in layers.items()},
-                               repeat, inner)
+    return interleaved_medians(
+        {name: step_of(layer) for name, layer in layers.items()}, repeat, inner
+    )
 
 
 def main():
     args = parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
-    import torch
     import loralib
+    import torch
+
     import cpeft as lora
+
     torch.set_num_threads(args.threads)
     libraries = {"loralib": loralib, "cpeft": lora}
     cases = [
-        ("fwd+bwd M=2048 1024->1024 r=16", dict(m=2048, in_features=1024, out_features=1024,
-                                                 rank=16, inner=1)),
-        ("per call M=16 256->256 r=8", dict(m=16, in_features=256, out_features=256, rank=8,
-                                            inner=50)),
+        (
+            "fwd+bwd M=2048 1024->1024 r=16",
+            dict(m=2048, in_features=1024, out_features=1024, rank=16, inner=1),
+        ),
+        (
+            "per call M=16 256->256 r=8",
+            dict(m=16, in_features=256, out_features=256, rank=8, inner=50),
+        ),
     ]
-    print(f"CPU: {platform.processor() or platform.machine()}, threads={args.threads}, "
-          f"torch {torch.__version__}, float32, median of {args.repeat}\n")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, threads={args.threads}, "
+        f"torch {torch.__version__}, float32, median of {args.repeat}\n"
+    )
     print("| case | loralib | cpeft | cpeft / loralib |")
     print("|---|---|---|---|")
     for label, params in cases:
         timings = run_case(torch, libraries, repeat=args.repeat, **params)
         ours, theirs = timings["cpeft"], timings["loralib"]
         unit, factor = ("ms", 1e3) if theirs > 1e-3 else ("us", 1e6)
-        print(f"| {label} | {theirs * factor:.1f} {unit} | {ours * factor:.1f} {unit} | "
-              f"{ours / theirs:.2f} |")
+        print(
+            f"| {label} | {theirs * factor:.1f} {unit} | {ours * factor:.1f} {unit} | "
+            f"{ours / theirs:.2f} |"
+        )
 
 
 if __name__ == "__main__":

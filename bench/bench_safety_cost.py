@@ -12,6 +12,7 @@ batches), which a shared machine disturbs less than wall time.
   N=400,000 int64 indices, V=1000, D=64, r=8: the gathers and scatters that check every index
   where they use it.
 """
+
 import os
 
 os.environ["OMP_NUM_THREADS"] = "1"
@@ -49,14 +50,30 @@ def main():
     y, xa = _C.lora_linear_forward(x, w, bias, a, b, 2.0)
     g = np.ones_like(y)
     rows = [
-        ("tiny forward", "us", 1e6, per_call(lambda: _C.lora_linear_forward(x1, w1, None, a1, b1,
-                                                                            2.0), 3000)),
-        ("small forward, bias", "us", 1e6,
-         per_call(lambda: _C.lora_linear_forward(x, w, bias, a, b, 2.0), 2000)),
-        ("small forward, no bias", "us", 1e6,
-         per_call(lambda: _C.lora_linear_forward(x, w, None, a, b, 2.0), 2000)),
-        ("small backward", "us", 1e6,
-         per_call(lambda: _C.lora_linear_backward(g, x, w, a, b, xa, 2.0), 2000)),
+        (
+            "tiny forward",
+            "us",
+            1e6,
+            per_call(lambda: _C.lora_linear_forward(x1, w1, None, a1, b1, 2.0), 3000),
+        ),
+        (
+            "small forward, bias",
+            "us",
+            1e6,
+            per_call(lambda: _C.lora_linear_forward(x, w, bias, a, b, 2.0), 2000),
+        ),
+        (
+            "small forward, no bias",
+            "us",
+            1e6,
+            per_call(lambda: _C.lora_linear_forward(x, w, None, a, b, 2.0), 2000),
+        ),
+        (
+            "small backward",
+            "us",
+            1e6,
+            per_call(lambda: _C.lora_linear_backward(g, x, w, a, b, xa, 2.0), 2000),
+        ),
     ]
     n, v, d, r = 400_000, 1000, 64, 8
     idx = rng.integers(0, v, n)
@@ -66,14 +83,30 @@ def main():
     ge = np.ones((n, d), f32)
     out = np.empty((n, d), f32)
     rows += [
-        ("lora_embedding forward", "ms", 1e3,
-         per_call(lambda: F.lora_embedding_forward(idx, we, ea, eb, 1.0, out=out), 5)),
-        ("lora_embedding backward", "ms", 1e3,
-         per_call(lambda: F.lora_embedding_backward(ge, idx, ea, eb, 1.0, grad_weight=True), 5)),
-        ("ia3_embedding forward", "ms", 1e3,
-         per_call(lambda: F.ia3_embedding_forward(idx, we, l, out=out), 5)),
-        ("ia3_embedding backward", "ms", 1e3,
-         per_call(lambda: F.ia3_embedding_backward(ge, idx, we, l, grad_weight=True), 5)),
+        (
+            "lora_embedding forward",
+            "ms",
+            1e3,
+            per_call(lambda: F.lora_embedding_forward(idx, we, ea, eb, 1.0, out=out), 5),
+        ),
+        (
+            "lora_embedding backward",
+            "ms",
+            1e3,
+            per_call(lambda: F.lora_embedding_backward(ge, idx, ea, eb, 1.0, grad_weight=True), 5),
+        ),
+        (
+            "ia3_embedding forward",
+            "ms",
+            1e3,
+            per_call(lambda: F.ia3_embedding_forward(idx, we, l, out=out), 5),
+        ),
+        (
+            "ia3_embedding backward",
+            "ms",
+            1e3,
+            per_call(lambda: F.ia3_embedding_backward(ge, idx, we, l, grad_weight=True), 5),
+        ),
     ]
     print(f"cpeft from {cpeft.__file__}")
     for name, unit, factor, seconds in rows:

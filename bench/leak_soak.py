@@ -15,6 +15,7 @@ sample to the last, and the range over the post-warm-up samples, both stay under
 (21 bytes per call at 10**5 calls), 100 gc-tracked objects and 1,000 allocated blocks (a leak
 of one object per call would be 80,000). The script exits 1 when a series is not flat.
 """
+
 import argparse
 import gc
 import os
@@ -92,14 +93,14 @@ def functional_ops():
         F.dropout_mask((8, 32), 0.5, 3, 2**64 - 7)
 
     raising = [
-        lambda: F.lora_linear_forward(x[:, :31], w, b, a, lb, 0.5),           # shape
+        lambda: F.lora_linear_forward(x[:, :31], w, b, a, lb, 0.5),  # shape
         lambda: F.lora_linear_forward(x.astype(np.float64), w, b, a, lb, 0.5),  # dtype
-        lambda: F.lora_linear_backward(g, x, w, a, lb, object(), 0.5),        # kind of object
-        lambda: F.lora_linear_forward(x, w, b, a, lb, float("nan")),          # scale
-        lambda: F.lora_embedding_forward(bad_idx, we, ae, be, 1.0),           # index
-        lambda: F.lora_embedding_backward(ge, bad_idx, ae, be, 1.0),          # index
-        lambda: F.ia3_linear_forward(x, w, b, li),                            # ia3_l length
-        lambda: F.ia3_embedding_backward(ge, bad_idx, we, le),                # index
+        lambda: F.lora_linear_backward(g, x, w, a, lb, object(), 0.5),  # kind of object
+        lambda: F.lora_linear_forward(x, w, b, a, lb, float("nan")),  # scale
+        lambda: F.lora_embedding_forward(bad_idx, we, ae, be, 1.0),  # index
+        lambda: F.lora_embedding_backward(ge, bad_idx, ae, be, 1.0),  # index
+        lambda: F.ia3_linear_forward(x, w, b, li),  # ia3_l length
+        lambda: F.ia3_embedding_backward(ge, bad_idx, we, le),  # index
         lambda: F.lora_unmerge(w.copy(), a, lb, 0.5, (np.array([10**9]), np.zeros(1, w.dtype))),
         lambda: F.dropout_mask((3, 4), 0.5, seed=-1),
         lambda: F.lora_linear_forward(x, w, b, a, lb, 0.5, out=np.empty((16, 24), np.float64)),
@@ -132,10 +133,17 @@ def layer_ops():
             xin = inp.clone().requires_grad_(True) if inp.is_floating_point() else inp
             layer(xin).square().sum().backward()
             layer.zero_grad(set_to_none=True)
+
         return run
 
-    ops = [fwd_bwd("linear", x), fwd_bwd("merged", x), fwd_bwd("embedding", idx),
-           fwd_bwd("ia3", x), fwd_bwd("ia3_ff", x), fwd_bwd("ia3_embedding", idx)]
+    ops = [
+        fwd_bwd("linear", x),
+        fwd_bwd("merged", x),
+        fwd_bwd("embedding", idx),
+        fwd_bwd("ia3", x),
+        fwd_bwd("ia3_ff", x),
+        fwd_bwd("ia3_embedding", idx),
+    ]
     bad_idx = idx.clone()
     bad_idx[0] = 40
     raising = [
@@ -179,7 +187,7 @@ def soak(name, ops, raising, merges, calls, samples):
             ops[i % n_ops]()
     sample(series[taken])
     seconds = time.time() - began
-    series = [dict(zip(KEYS, (int(v) for v in row))) for row in series[:taken + 1]]
+    series = [dict(zip(KEYS, (int(v) for v in row))) for row in series[: taken + 1]]
     return dict(name=name, calls=calls, raised=errors, seconds=seconds, series=series)
 
 
@@ -191,9 +199,15 @@ def judge(result):
         values = [s[key] for s in series[start:]]
         growth = values[-1] - values[0]
         spread = max(values) - min(values)
-        verdicts[key] = dict(first=series[0][key], after_warmup=values[0], last=values[-1],
-                             growth=growth, range=spread, limit=limit,
-                             flat=growth <= limit and spread <= limit)
+        verdicts[key] = dict(
+            first=series[0][key],
+            after_warmup=values[0],
+            last=values[-1],
+            growth=growth,
+            range=spread,
+            limit=limit,
+            flat=growth <= limit and spread <= limit,
+        )
     return verdicts
 
 
@@ -205,24 +219,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import cpeft
 
-    print(f"cpeft {cpeft.__version__} from {os.path.dirname(cpeft.__file__)}; "
-          f"{cpeft.build_info()}")
+    print(f"cpeft {cpeft.__version__} from {os.path.dirname(cpeft.__file__)}; {cpeft.build_info()}")
     all_flat = True
     for phase in args.phases.split(","):
         ops, raising, merges = {"functional": functional_ops, "layers": layer_ops}[phase]()
         result = soak(phase, ops, raising, merges, args.calls, args.samples)
-        print(f"\n== {phase}: {result['calls']} iterations ({result['raised']} raising calls, "
-              f"the rest forward+backward), {result['seconds']:.1f} s")
+        print(
+            f"\n== {phase}: {result['calls']} iterations ({result['raised']} raising calls, "
+            f"the rest forward+backward), {result['seconds']:.1f} s"
+        )
         print(f"{'iteration':>10} {'RSS MiB':>10} {'gc objects':>11} {'alloc blocks':>13}")
         every = max(1, args.calls // args.samples)
         for k, s in enumerate(result["series"]):
-            print(f"{min(k * every, args.calls):>10} {s['rss_bytes'] / 2**20:>10.2f} "
-                  f"{s['gc_objects']:>11} {s['allocated_blocks']:>13}")
+            print(
+                f"{min(k * every, args.calls):>10} {s['rss_bytes'] / 2**20:>10.2f} "
+                f"{s['gc_objects']:>11} {s['allocated_blocks']:>13}"
+            )
         for key, v in judge(result).items():
             all_flat &= v["flat"]
-            print(f"{key}: first {v['first']}, after warm-up {v['after_warmup']}, last "
-                  f"{v['last']}, growth {v['growth']:+d}, range {v['range']} "
-                  f"(limit {v['limit']}): {'flat' if v['flat'] else 'NOT FLAT'}")
+            print(
+                f"{key}: first {v['first']}, after warm-up {v['after_warmup']}, last "
+                f"{v['last']}, growth {v['growth']:+d}, range {v['range']} "
+                f"(limit {v['limit']}): {'flat' if v['flat'] else 'NOT FLAT'}"
+            )
     print("\nall series flat" if all_flat else "\nSOME SERIES ARE NOT FLAT")
     return 0 if all_flat else 1
 

@@ -8,9 +8,9 @@
 
 namespace cpeft_cuda {
 
-static const int kColTile = 32;     /* columns per block: one warp reads 32 consecutive elements */
-static const int kRowThreads = 8;   /* rows per block step */
-static const int kSlices = 64;      /* fixed, so chunks fed with accumulate = 1 line up */
+static const int kColTile = 32; /* columns per block: one warp reads 32 consecutive elements */
+static const int kRowThreads = 8; /* rows per block step */
+static const int kSlices = 64; /* fixed, so chunks fed with accumulate = 1 line up */
 
 size_t colreduce_partial_bytes(cpeft_dtype dt, int64_t cols)
 {
@@ -23,8 +23,7 @@ static __global__ void colreduce_kernel(int64_t rows, int64_t cols, const T *a, 
                                         const I *b_index, int64_t b_index_stride,
                                         int64_t b_index_limit, const T *col_scale,
                                         int64_t col_scale_stride, T *scaled, int64_t s_rs,
-                                        int64_t s_cs, typename Num<T>::acc *partial,
-                                        int accumulate)
+                                        int64_t s_cs, typename Num<T>::acc *partial, int accumulate)
 {
     typedef typename Num<T>::acc Acc;
     __shared__ Acc tile[kRowThreads][kColTile];
@@ -79,9 +78,9 @@ static __global__ void colreduce_vec_kernel(int64_t rows, int64_t cols, const T 
         Acc l[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q)
-            l[q] = col_scale && j0 + q < cols ? (Acc)Num<T>::load(col_scale[(j0 + q) *
-                                                                            col_scale_stride])
-                                              : Acc(1);
+            l[q] = col_scale && j0 + q < cols
+                       ? (Acc)Num<T>::load(col_scale[(j0 + q) * col_scale_stride])
+                       : Acc(1);
         for (int64_t i = (int64_t)blockIdx.y * kRowThreads + threadIdx.y; i < rows;
              i += (int64_t)gridDim.y * kRowThreads) {
             Acc v[4];

@@ -41,15 +41,17 @@ int64_t dropout_chunk_rows(int64_t m, int64_t in)
 {
     const int64_t budget = (int64_t)1 << 23;
     int64_t rows = in > 0 ? budget / in : m;
-    if (rows < 1) rows = 1;
-    if (rows > m) rows = m;
+    if (rows < 1)
+        rows = 1;
+    if (rows > m)
+        rows = m;
     return rows;
 }
 
 /* out[j] = Σ_k w[j, k]² for every row j; one block per row, tree-reduced in Acc. */
 template <class T, class O>
-__global__ void row_sq_norm_kernel(int64_t rows, int64_t cols, const T *w, int64_t rs,
-                                   int64_t cs, O *out, int64_t out_stride)
+__global__ void row_sq_norm_kernel(int64_t rows, int64_t cols, const T *w, int64_t rs, int64_t cs,
+                                   O *out, int64_t out_stride)
 {
     typedef typename Num<T>::acc Acc;
     __shared__ Acc partial[kBlock];
@@ -75,8 +77,8 @@ __global__ void row_sq_norm_kernel(int64_t rows, int64_t cols, const T *w, int64
 /* n_j = sqrt(max(0, wsq_j + Σ_k b_jk·(2s·wa_jk + s²·bg_jk))); wsq from the caller (T) or from
  * row_sq_norm_kernel (Acc); wa and bg dense OUT x R in Acc. */
 template <class T>
-__global__ void finish_norm_kernel(int64_t out, int64_t r, const T *wsq_given,
-                                   int64_t wsq_stride, const typename Num<T>::acc *wsq_acc,
+__global__ void finish_norm_kernel(int64_t out, int64_t r, const T *wsq_given, int64_t wsq_stride,
+                                   const typename Num<T>::acc *wsq_acc,
                                    const typename Num<T>::acc *wa, const typename Num<T>::acc *bg,
                                    const T *b, int64_t b_rs, int64_t b_cs, double s, T *norm,
                                    int64_t norm_stride)
@@ -112,9 +114,9 @@ __global__ void scales_kernel(int64_t len, const T *m, int64_t m_stride, const T
 
 /* y = (accumulate ? y : 0) + l ⊙ u + bias, l and bias along columns; y may be u. */
 template <class T>
-__global__ void combine_kernel(int64_t rows, int64_t cols, const T *u, int64_t u_rs,
-                               int64_t u_cs, const T *l, const T *bias, int64_t bias_stride,
-                               T *y, int64_t y_rs, int64_t y_cs)
+__global__ void combine_kernel(int64_t rows, int64_t cols, const T *u, int64_t u_rs, int64_t u_cs,
+                               const T *l, const T *bias, int64_t bias_stride, T *y, int64_t y_rs,
+                               int64_t y_cs)
 {
     typedef typename Num<T>::acc Acc;
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols;
@@ -132,10 +134,10 @@ __global__ void combine_kernel(int64_t rows, int64_t cols, const T *u, int64_t u
  * t + (c - 1)·(t + d) loses c entirely once |c| is below the dtype's epsilon.
  */
 template <class T>
-__global__ void combine_dropped_kernel(int64_t rows, int64_t cols, T *d, int64_t d_rs,
-                                       int64_t d_cs, const T *c, const T *c_minus_one,
-                                       const T *bias, int64_t bias_stride, int keep_u, T *y,
-                                       int64_t y_rs, int64_t y_cs)
+__global__ void combine_dropped_kernel(int64_t rows, int64_t cols, T *d, int64_t d_rs, int64_t d_cs,
+                                       const T *c, const T *c_minus_one, const T *bias,
+                                       int64_t bias_stride, int keep_u, T *y, int64_t y_rs,
+                                       int64_t y_cs)
 {
     typedef typename Num<T>::acc Acc;
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols;
@@ -176,10 +178,10 @@ __global__ void gather_kernel(int64_t n, int64_t cols, const I *idx, int64_t idx
  * (n_rows = 0) contributes nothing: its sums are empty, 0 whatever b and c hold (0·inf = NaN). */
 template <class T>
 __global__ void embedding_finish_kernel(int64_t n_rows, int64_t dim, int64_t r,
-                                        const typename Num<T>::acc *t,
-                                        const T *b, int64_t b_rs, int64_t b_cs, double s,
-                                        const T *s_c, const T *inv_n, T *grad_b, int64_t gb_rs,
-                                        int64_t gb_cs, T *grad_m, int64_t gm_stride)
+                                        const typename Num<T>::acc *t, const T *b, int64_t b_rs,
+                                        int64_t b_cs, double s, const T *s_c, const T *inv_n,
+                                        T *grad_b, int64_t gb_rs, int64_t gb_cs, T *grad_m,
+                                        int64_t gm_stride)
 {
     typedef typename Num<T>::acc Acc;
     for (int64_t d = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; d < dim;
@@ -190,8 +192,8 @@ __global__ void embedding_finish_kernel(int64_t n_rows, int64_t dim, int64_t r,
             if (n_rows > 0)
                 dot += tk * Num<T>::load(b[d * b_rs + k * b_cs]);
             if (grad_b)
-                grad_b[d * gb_rs + k * gb_cs] =
-                    Num<T>::store(n_rows > 0 ? Num<T>::load(s_c[d]) * tk : Acc(0));
+                grad_b[d * gb_rs + k * gb_cs] = Num<T>::store(n_rows > 0 ? Num<T>::load(s_c[d]) * tk
+                                                                         : Acc(0));
         }
         if (grad_m)
             grad_m[d * gm_stride] = Num<T>::store(
@@ -206,8 +208,8 @@ unsigned grid_rows(int64_t rows)
 
 /* ---- launchers ------------------------------------------------------------------------------ */
 
-int row_sq_norms(cpeft_dtype dt, const cpeft_mat &w, void *out, int out_is_acc,
-                 int64_t out_stride, cudaStream_t stream, cpeft_status *st)
+int row_sq_norms(cpeft_dtype dt, const cpeft_mat &w, void *out, int out_is_acc, int64_t out_stride,
+                 cudaStream_t stream, cpeft_status *st)
 {
     if (w.rows == 0)
         return CPEFT_OK;
@@ -261,11 +263,11 @@ int dora_norm(Session &s, const cpeft_dora_norm_args *a, const cpeft_vec &norm, 
         typedef typename decltype(tag)::type T;
         typedef typename Num<T>::acc Acc;
         finish_norm_kernel<T><<<grid_1d(a->out, kBlock), kBlock, 0, s.stream>>>(
-            a->out, a->r, static_cast<const T *>(a->weight_sq_norm.data),
-            a->weight_sq_norm.stride, static_cast<const Acc *>(wsq),
-            static_cast<const Acc *>(wa), static_cast<const Acc *>(bg),
-            static_cast<const T *>(a->lora_b.data), a->lora_b.row_stride, a->lora_b.col_stride,
-            a->scale, static_cast<T *>(norm.data), norm.stride);
+            a->out, a->r, static_cast<const T *>(a->weight_sq_norm.data), a->weight_sq_norm.stride,
+            static_cast<const Acc *>(wsq), static_cast<const Acc *>(wa),
+            static_cast<const Acc *>(bg), static_cast<const T *>(a->lora_b.data),
+            a->lora_b.row_stride, a->lora_b.col_stride, a->scale, static_cast<T *>(norm.data),
+            norm.stride);
         CPEFT_LAUNCH_CHECK(st, "finish_norm_kernel");
         return (int)CPEFT_OK;
     });
@@ -336,8 +338,8 @@ int combine_dropped(cpeft_dtype dt, const cpeft_mat &d, const Scales &sc, const 
 }
 
 int gather(cpeft_dtype dt, cpeft_dtype index_dt, const cpeft_vec &indices, int64_t limit,
-           const cpeft_mat &src, const cpeft_vec *scale, const cpeft_mat &dst,
-           cudaStream_t stream, cpeft_status *st)
+           const cpeft_mat &src, const cpeft_vec *scale, const cpeft_mat &dst, cudaStream_t stream,
+           cpeft_status *st)
 {
     if (dst.rows == 0 || dst.cols == 0)
         return CPEFT_OK;
@@ -348,8 +350,8 @@ int gather(cpeft_dtype dt, cpeft_dtype index_dt, const cpeft_vec &indices, int64
             gather_kernel<T, I><<<grid_rows(dst.rows), 128, 0, stream>>>(
                 dst.rows, dst.cols, static_cast<const I *>(indices.data), indices.stride, limit,
                 static_cast<const T *>(src.data), src.row_stride, src.col_stride,
-                scale ? static_cast<const T *>(scale->data) : nullptr,
-                static_cast<T *>(dst.data), dst.row_stride, dst.col_stride);
+                scale ? static_cast<const T *>(scale->data) : nullptr, static_cast<T *>(dst.data),
+                dst.row_stride, dst.col_stride);
             CPEFT_LAUNCH_CHECK(st, "gather_kernel");
             return (int)CPEFT_OK;
         });
@@ -359,8 +361,9 @@ int gather(cpeft_dtype dt, cpeft_dtype index_dt, const cpeft_vec &indices, int64
 cpeft_dora_norm_args linear_norm_args(const cpeft_dora_linear_args *a)
 {
     const cpeft_lora_linear_args *l = &a->lora;
-    cpeft_dora_norm_args n = {l->dtype, l->out, l->in, l->r, l->weight, l->lora_a, l->lora_b,
-                              l->scale, a->weight_sq_norm};
+    cpeft_dora_norm_args n = {l->dtype,  l->out,    l->in,
+                              l->r,      l->weight, l->lora_a,
+                              l->lora_b, l->scale,  a->weight_sq_norm};
     return n;
 }
 
@@ -403,8 +406,8 @@ size_t scaled_pair_bytes(cpeft_dtype dt, int64_t m, int64_t in, int64_t out)
 
 using namespace cpeft_cuda;
 
-int cpeft_dora_weight_sq_norm_cuda(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec out,
-                                   void *stream, cpeft_status *st)
+int cpeft_dora_weight_sq_norm_cuda(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec out, void *stream,
+                                   cpeft_status *st)
 {
     Session s;
     CPEFT_TRY(s.open(stream, st));
@@ -460,8 +463,8 @@ int cpeft_dora_linear_fwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
         CPEFT_TRY(gemm(s, dt, dt, 1.0, l->x, a_t, 0.0, o->xa, st));
         if (fold) {
             const cpeft_mat w_scaled = cpeft_mat_compact_like(l->weight, fold_ws);
-            const cpeft_mat b_scaled = cpeft_mat_compact(static_cast<char *>(fold_ws) +
-                                                     (size_t)(out * in) * elt, out, r);
+            const cpeft_mat b_scaled = cpeft_mat_compact(
+                static_cast<char *>(fold_ws) + (size_t)(out * in) * elt, out, r);
             CPEFT_TRY(scale_matrix(dt, l->weight, sc.c, 0, w_scaled, s.stream, st));
             CPEFT_TRY(scale_matrix(dt, l->lora_b, sc.c, 0, b_scaled, s.stream, st));
             double beta = 0.0;
@@ -531,13 +534,12 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
     void *grad_a_acc = carve.take(grad_a_bytes);
 
     Scales sc;
-    CPEFT_TRY(magnitude_scales(dt, a->magnitude, in->norm, l->scale, scales_ws, &sc, s.stream,
-                               st));
+    CPEFT_TRY(magnitude_scales(dt, a->magnitude, in->norm, l->scale, scales_ws, &sc, s.stream, st));
     if (o->grad_m.data) {
-        const ColReduceOperand base = {in->base.data, in->base.row_stride, in->base.col_stride,
-                                       nullptr, CPEFT_INT32, 0, 0};
-        CPEFT_TRY(colreduce_accumulate(dt, m, out, g, base, nullptr, nullptr, partial, 0,
-                                       s.stream, st));
+        const ColReduceOperand base = {
+            in->base.data, in->base.row_stride, in->base.col_stride, nullptr, CPEFT_INT32, 0, 0};
+        CPEFT_TRY(colreduce_accumulate(dt, m, out, g, base, nullptr, nullptr, partial, 0, s.stream,
+                                       st));
         CPEFT_TRY(colreduce_finalize(dt, out, partial, &sc.inv_n, o->grad_m, s.stream, st));
     }
     if (o->grad_bias.data) {
@@ -556,8 +558,8 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
 
     /* gb = g·(c ⊙ B) */
     const cpeft_mat gb = cpeft_mat_compact(gb_data, m, r);
-    const cpeft_mat b_scaled =
-        cpeft_mat_compact(static_cast<char *>(gb_data) + (size_t)(m * r) * elt, out, r);
+    const cpeft_mat b_scaled = cpeft_mat_compact(
+        static_cast<char *>(gb_data) + (size_t)(m * r) * elt, out, r);
     CPEFT_TRY(scale_matrix(dt, l->lora_b, sc.c, 0, b_scaled, s.stream, st));
     CPEFT_TRY(gemm(s, dt, dt, 1.0, g, b_scaled, 0.0, gb, st));
 
@@ -579,8 +581,8 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
             CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
         return CPEFT_OK;   /* M == 0 or IN == 0: grad_x is empty or zero-sized */
     }
-    const cpeft_mat grad_a_target =
-        grad_a_scratch ? cpeft_mat_compact(grad_a_acc, r, n_in) : o->grad_a;
+    const cpeft_mat grad_a_target = grad_a_scratch ? cpeft_mat_compact(grad_a_acc, r, n_in)
+                                                   : o->grad_a;
     const cpeft_dtype grad_a_dtype = grad_a_scratch ? acc : dt;
     for (int64_t row0 = 0; row0 < m; row0 += rows) {
         const int64_t n = m - row0 < rows ? m - row0 : rows;
@@ -588,16 +590,16 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
         if (want_a) {
             CPEFT_TRY(dropout_rows(dt, &l->dropout, l->x, row0, n, chunk, s.stream, st));
             CPEFT_TRY(gemm(s, dt, grad_a_dtype, l->scale, cpeft_mat_transpose(gb_rows),
-                           cpeft_mat_compact(chunk, n, n_in), row0 == 0 ? 0.0 : 1.0,
-                           grad_a_target, st));
+                           cpeft_mat_compact(chunk, n, n_in), row0 == 0 ? 0.0 : 1.0, grad_a_target,
+                           st));
         }
         if (want_x) {
             const cpeft_mat tmp = cpeft_mat_compact(chunk, n, n_in);
             CPEFT_TRY(gemm(s, dt, acc, l->scale, gb_rows, l->lora_a, 0.0, tmp, st));
             CPEFT_TRY(gemm(s, dt, acc, 1.0, cpeft_mat_sub(dt, g_use, row0, n, 0, out), w_use, 1.0,
                            tmp, st));
-            CPEFT_TRY(dropout_scale_rows(dt, &l->dropout, chunk, 1.0, row0, n, o->grad_x,
-                                         s.stream, st));
+            CPEFT_TRY(dropout_scale_rows(dt, &l->dropout, chunk, 1.0, row0, n, o->grad_x, s.stream,
+                                         st));
         }
     }
     if (grad_a_scratch)
@@ -615,9 +617,9 @@ int cpeft_dora_embedding_fwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
     CPEFT_TRY(s.open(stream, st));
     const cpeft_dtype dt = l->dtype;
     const size_t elt = cpeft_dtype_size(dt);
-    const cpeft_dora_norm_args na = {dt, l->dim, l->num_embeddings, l->r,
-                                     cpeft_mat_transpose(l->weight), l->lora_a, l->lora_b, l->scale,
-                                     a->weight_sq_norm};
+    const cpeft_dora_norm_args na = {
+        dt,        l->dim,   l->num_embeddings, l->r, cpeft_mat_transpose(l->weight), l->lora_a,
+        l->lora_b, l->scale, a->weight_sq_norm};
     const size_t nb = ws_align(norm_bytes(&na)), sb = ws_align(scales_bytes(dt, l->dim));
     const size_t rows_bytes = ws_align((size_t)(l->n * l->r) * elt);
     const size_t b_bytes = ws_align((size_t)(l->dim * l->r) * elt);
@@ -667,7 +669,8 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
     const size_t partial_bytes = o->grad_m.data ? ws_align(colreduce_partial_bytes(dt, dim)) : 0;
     void *ws = nullptr;
     CPEFT_TRY(s.workspace(sb + rows_bytes + t_bytes + b_bytes + gb_bytes + partial_bytes +
-                              ws_align(runs_bytes), &ws, st));
+                              ws_align(runs_bytes),
+                          &ws, st));
     Carver carve(ws);
     void *scales_ws = carve.take(sb);
     void *rows_ws = carve.take(rows_bytes);
@@ -687,9 +690,9 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
                        cpeft_mat_compact(t_ws, dim, r), st));
         if (o->grad_m.data) {
             /* Σ_n g[n, d]·W[idx[n], d], the base rows read through the indices. */
-            const ColReduceOperand rows = {l->weight.data, l->weight.row_stride,
-                                           l->weight.col_stride, l->indices.data, l->index_dtype,
-                                           l->indices.stride, l->num_embeddings};
+            const ColReduceOperand rows = {
+                l->weight.data, l->weight.row_stride, l->weight.col_stride, l->indices.data,
+                l->index_dtype, l->indices.stride,    l->num_embeddings};
             CPEFT_TRY(colreduce_accumulate(dt, n, dim, g, rows, nullptr, nullptr, partial, 0,
                                            s.stream, st));
             CPEFT_TRY(colreduce_finalize(dt, dim, partial, nullptr, o->grad_m, s.stream, st));
@@ -703,8 +706,8 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
                     static_cast<const T *>(l->lora_b.data), l->lora_b.row_stride,
                     l->lora_b.col_stride, l->scale, static_cast<const T *>(sc.s_c.data),
                     static_cast<const T *>(sc.inv_n.data), static_cast<T *>(o->grad_b.data),
-                    o->grad_b.row_stride, o->grad_b.col_stride,
-                    static_cast<T *>(o->grad_m.data), o->grad_m.stride);
+                    o->grad_b.row_stride, o->grad_b.col_stride, static_cast<T *>(o->grad_m.data),
+                    o->grad_m.stride);
                 CPEFT_LAUNCH_CHECK(st, "embedding_finish_kernel");
                 return (int)CPEFT_OK;
             }));

@@ -83,8 +83,8 @@ static int launch_dropout(const cpeft_dropout *d, uint64_t e_lo, uint64_t e_hi, 
     const DropoutCounters counters = {d->seed, d->offset, (float)d->p};
     const uint64_t blocks = (((d->offset + e_lo) & 3) + (e_hi - e_lo) + 3) >> 2;
     const int threads = 256;
-    dropout_apply_kernel<S, T><<<grid_1d((int64_t)blocks, threads), threads, 0, stream>>>(
-        counters, e_lo, e_hi, in, op);
+    dropout_apply_kernel<S, T>
+        <<<grid_1d((int64_t)blocks, threads), threads, 0, stream>>>(counters, e_lo, e_hi, in, op);
     CPEFT_LAUNCH_CHECK(st, "dropout_apply_kernel");
     return CPEFT_OK;
 }
@@ -99,8 +99,15 @@ int dropout_rows(cpeft_dtype dt, const cpeft_dropout *d, const cpeft_mat &x, int
     return dispatch_float(dt, st, [&](auto tag) {
         typedef typename decltype(tag)::type T;
         typedef typename Num<T>::acc Acc;
-        const DropoutApply<T, T> op = {static_cast<const T *>(x.data), x.row_stride, x.col_stride,
-                                       0, static_cast<T *>(out), in, 1, row0, (Acc)factor};
+        const DropoutApply<T, T> op = {static_cast<const T *>(x.data),
+                                       x.row_stride,
+                                       x.col_stride,
+                                       0,
+                                       static_cast<T *>(out),
+                                       in,
+                                       1,
+                                       row0,
+                                       (Acc)factor};
         return launch_dropout(d, (uint64_t)(row0 * in), (uint64_t)((row0 + rows) * in), in, op,
                               stream, st);
     });
@@ -115,9 +122,15 @@ int dropout_scale_rows(cpeft_dtype dt, const cpeft_dropout *d, const void *t, do
     return dispatch_float(dt, st, [&](auto tag) {
         typedef typename decltype(tag)::type T;
         typedef typename Num<T>::acc Acc;
-        const DropoutApply<Acc, T> op = {static_cast<const Acc *>(t), in, 1, row0,
-                                         static_cast<T *>(dst.data), dst.row_stride,
-                                         dst.col_stride, 0, (Acc)factor};
+        const DropoutApply<Acc, T> op = {static_cast<const Acc *>(t),
+                                         in,
+                                         1,
+                                         row0,
+                                         static_cast<T *>(dst.data),
+                                         dst.row_stride,
+                                         dst.col_stride,
+                                         0,
+                                         (Acc)factor};
         return launch_dropout(d, (uint64_t)(row0 * in), (uint64_t)((row0 + rows) * in), in, op,
                               stream, st);
     });
@@ -125,8 +138,8 @@ int dropout_scale_rows(cpeft_dtype dt, const cpeft_dropout *d, const void *t, do
 
 } /* namespace cpeft_cuda */
 
-int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask,
-                            void *stream, cpeft_status *st)
+int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask, void *stream,
+                            cpeft_status *st)
 {
     using namespace cpeft_cuda;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -135,8 +148,9 @@ int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat
     return dispatch_float(dtype, st, [&](auto tag) {
         typedef typename decltype(tag)::type T;
         typedef typename Num<T>::acc Acc;
-        const DropoutApply<T, T> op = {nullptr, 0, 0, 0, static_cast<T *>(mask.data),
-                                       mask.row_stride, mask.col_stride, 0, (Acc)factor};
+        const DropoutApply<T, T> op = {
+            nullptr,         0, 0,          0, static_cast<T *>(mask.data), mask.row_stride,
+            mask.col_stride, 0, (Acc)factor};
         return launch_dropout(d, 0, (uint64_t)(mask.rows * in), in, op, s, st);
     });
 }

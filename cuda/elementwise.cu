@@ -124,9 +124,12 @@ int scale_matrix(cpeft_dtype dt, const cpeft_mat &src, const cpeft_vec &l, int a
             return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, "scale_matrix: %lld columns",
                               (long long)from.cols);
         int64_t row_blocks = (kVecTargetBlocks + col_blocks - 1) / col_blocks;
-        if (row_blocks > from.rows) row_blocks = from.rows;
-        if (row_blocks > 65535) row_blocks = 65535;
-        if (row_blocks < 1) row_blocks = 1;
+        if (row_blocks > from.rows)
+            row_blocks = from.rows;
+        if (row_blocks > 65535)
+            row_blocks = 65535;
+        if (row_blocks < 1)
+            row_blocks = 1;
         const dim3 grid((unsigned)col_blocks, (unsigned)row_blocks);
         return dispatch_float(dt, st, [&](auto tag) {
             typedef typename decltype(tag)::type T;
@@ -150,9 +153,8 @@ int scale_matrix(cpeft_dtype dt, const cpeft_mat &src, const cpeft_vec &l, int a
 }
 
 template <class T>
-static __global__ void store_acc_kernel(int64_t rows, int64_t cols,
-                                        const typename Num<T>::acc *src, T *dst, int64_t d_rs,
-                                        int64_t d_cs)
+static __global__ void store_acc_kernel(int64_t rows, int64_t cols, const typename Num<T>::acc *src,
+                                        T *dst, int64_t d_rs, int64_t d_cs)
 {
     const int64_t n = rows * cols;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;

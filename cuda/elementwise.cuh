@@ -1,6 +1,7 @@
 /*
  * Elementwise passes of the CUDA compute code over cpeft_mat views: zero fill, the bias row
- * broadcast, row or column scaling and the rounding of fp32 (fp64) sums. Each is queued on `stream` and never synchronizes.
+ * broadcast, row or column scaling and the rounding of fp32 (fp64) sums. Each is queued on `stream`
+ * and never synchronizes.
  */
 #ifndef CPEFT_CUDA_ELEMENTWISE_CUH
 #define CPEFT_CUDA_ELEMENTWISE_CUH

@@ -85,16 +85,16 @@ int gemm(Session &s, cpeft_dtype ab, cpeft_dtype c, double alpha, const cpeft_ma
                           (int)ab, (int)c);
     if (ab == CPEFT_FLOAT64) {
         const double al = alpha, be = beta;
-        CPEFT_CUBLAS_CHECK(st, cublasGemmEx(s.blas, op_a, op_b, (int)m, (int)n, (int)k, &al,
-                                            A.data, type_ab, (int)lda, B.data, type_ab, (int)ldb,
-                                            &be, C.data, type_c, (int)ldc, CUBLAS_COMPUTE_64F,
-                                            CUBLAS_GEMM_DEFAULT));
+        CPEFT_CUBLAS_CHECK(st,
+                           cublasGemmEx(s.blas, op_a, op_b, (int)m, (int)n, (int)k, &al, A.data,
+                                        type_ab, (int)lda, B.data, type_ab, (int)ldb, &be, C.data,
+                                        type_c, (int)ldc, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
     } else {
         const float al = (float)alpha, be = (float)beta;
-        CPEFT_CUBLAS_CHECK(st, cublasGemmEx(s.blas, op_a, op_b, (int)m, (int)n, (int)k, &al,
-                                            A.data, type_ab, (int)lda, B.data, type_ab, (int)ldb,
-                                            &be, C.data, type_c, (int)ldc, CUBLAS_COMPUTE_32F,
-                                            CUBLAS_GEMM_DEFAULT));
+        CPEFT_CUBLAS_CHECK(st,
+                           cublasGemmEx(s.blas, op_a, op_b, (int)m, (int)n, (int)k, &al, A.data,
+                                        type_ab, (int)lda, B.data, type_ab, (int)ldb, &be, C.data,
+                                        type_c, (int)ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
     return CPEFT_OK;
 }
@@ -103,10 +103,10 @@ int gemm(Session &s, cpeft_dtype ab, cpeft_dtype c, double alpha, const cpeft_ma
  * cuBLASLt GEMM with a per-column scale of C (IA3's output scaling inside the GEMM)
  * ------------------------------------------------------------------------------------------- */
 
-#define CPEFT_LT_TRY(call)                                                                      \
-    do {                                                                                        \
-        if ((call) != CUBLAS_STATUS_SUCCESS)                                                    \
-            return false;                                                                       \
+#define CPEFT_LT_TRY(call)                   \
+    do {                                     \
+        if ((call) != CUBLAS_STATUS_SUCCESS) \
+            return false;                    \
     } while (0)
 
 static int64_t pointer_alignment(const void *p)
@@ -119,10 +119,14 @@ static int64_t pointer_alignment(const void *p)
 
 static void destroy_plan(LtPlan &plan)
 {
-    if (plan.a) cublasLtMatrixLayoutDestroy(plan.a);
-    if (plan.b) cublasLtMatrixLayoutDestroy(plan.b);
-    if (plan.c) cublasLtMatrixLayoutDestroy(plan.c);
-    if (plan.desc) cublasLtMatmulDescDestroy(plan.desc);
+    if (plan.a)
+        cublasLtMatrixLayoutDestroy(plan.a);
+    if (plan.b)
+        cublasLtMatrixLayoutDestroy(plan.b);
+    if (plan.c)
+        cublasLtMatrixLayoutDestroy(plan.c);
+    if (plan.desc)
+        cublasLtMatmulDescDestroy(plan.desc);
     plan = LtPlan();
 }
 
@@ -159,11 +163,11 @@ static bool make_plan(cublasLtHandle_t lt, const LtKey &key, cudaDataType_t type
     int returned = 0;
     const bool ok =
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                             &no_workspace, sizeof(no_workspace)) ==
-            CUBLAS_STATUS_SUCCESS &&
+                                             &no_workspace,
+                                             sizeof(no_workspace)) == CUBLAS_STATUS_SUCCESS &&
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                                             &reductions, sizeof(reductions)) ==
-            CUBLAS_STATUS_SUCCESS &&
+                                             &reductions,
+                                             sizeof(reductions)) == CUBLAS_STATUS_SUCCESS &&
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
                                              &align_a, sizeof(align_a)) == CUBLAS_STATUS_SUCCESS &&
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -172,8 +176,8 @@ static bool make_plan(cublasLtHandle_t lt, const LtKey &key, cudaDataType_t type
                                              &align_c, sizeof(align_c)) == CUBLAS_STATUS_SUCCESS &&
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                              &align_c, sizeof(align_c)) == CUBLAS_STATUS_SUCCESS &&
-        cublasLtMatmulAlgoGetHeuristic(lt, plan->desc, plan->a, plan->b, plan->c, plan->c, pref,
-                                       1, &result, &returned) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoGetHeuristic(lt, plan->desc, plan->a, plan->b, plan->c, plan->c, pref, 1,
+                                       &result, &returned) == CUBLAS_STATUS_SUCCESS &&
         returned > 0;
     cublasLtMatmulPreferenceDestroy(pref);
     if (!ok)
@@ -197,8 +201,8 @@ int gemm_scale_cols(Session &s, cpeft_dtype dt, const cpeft_vec &col_scale, void
     *done = false;
     cudaDataType_t type;
     if (dt == CPEFT_FLOAT64 || !cuda_data_type(dt, &type) || !cpeft_mat_is_row_major(cm) ||
-        cm.rows == 0 || cm.cols == 0 || a.cols == 0 || a.rows != cm.rows ||
-        b.cols != cm.cols || a.cols != b.rows || col_scale.len != cm.cols)
+        cm.rows == 0 || cm.cols == 0 || a.cols == 0 || a.rows != cm.rows || b.cols != cm.cols ||
+        a.cols != b.rows || col_scale.len != cm.cols)
         return CPEFT_OK;
     /* Row-major C is the column-major Cᵀ = Bᵀ·Aᵀ, whose rows are C's columns: the alpha vector
      * then scales C's columns. */
@@ -216,8 +220,17 @@ int gemm_scale_cols(Session &s, cpeft_dtype dt, const cpeft_vec &col_scale, void
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "gemm_scale_cols before Session::open");
     if (!ctx->lt)
         CPEFT_CUBLAS_CHECK(st, cublasLtCreate(&ctx->lt));
-    const LtKey key = {(int64_t)dt, (int64_t)op_a, (int64_t)op_b, m, n, k, lda, ldb, ldc,
-                       pointer_alignment(A.data), pointer_alignment(B.data),
+    const LtKey key = {(int64_t)dt,
+                       (int64_t)op_a,
+                       (int64_t)op_b,
+                       m,
+                       n,
+                       k,
+                       lda,
+                       ldb,
+                       ldc,
+                       pointer_alignment(A.data),
+                       pointer_alignment(B.data),
                        pointer_alignment(C.data)};
     auto found = ctx->lt_plans.find(key);
     if (found == ctx->lt_plans.end()) {
@@ -239,9 +252,9 @@ int gemm_scale_cols(Session &s, cpeft_dtype dt, const cpeft_vec &col_scale, void
         return (int)CPEFT_OK;
     }));
     const float be = (float)beta;
-    CPEFT_CUBLAS_CHECK(st, cublasLtMatmul(ctx->lt, plan.desc, alpha, A.data, plan.a, B.data,
-                                          plan.b, &be, C.data, plan.c, C.data, plan.c, &plan.algo,
-                                          nullptr, 0, s.stream));
+    CPEFT_CUBLAS_CHECK(st, cublasLtMatmul(ctx->lt, plan.desc, alpha, A.data, plan.a, B.data, plan.b,
+                                          &be, C.data, plan.c, C.data, plan.c, &plan.algo, nullptr,
+                                          0, s.stream));
     *done = true;
     return CPEFT_OK;
 }

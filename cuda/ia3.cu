@@ -31,17 +31,17 @@ int64_t chunk_rows(int64_t m, int64_t cols)
 {
     const int64_t budget = (int64_t)1 << 23;
     int64_t rows = cols > 0 ? budget / cols : m;
-    if (rows < 1) rows = 1;
-    if (rows > m) rows = m;
+    if (rows < 1)
+        rows = 1;
+    if (rows > m)
+        rows = m;
     return rows;
 }
 
 template <class T, class I>
-static __global__ void ia3_embedding_gather_kernel(int64_t n, int64_t dim, const I *indices,
-                                                   int64_t idx_stride, int64_t vocab, const T *w,
-                                                   int64_t w_rs, int64_t w_cs, const T *l,
-                                                   int64_t l_stride, T *y, int64_t y_rs,
-                                                   int64_t y_cs)
+static __global__ void ia3_embedding_gather_kernel(
+    int64_t n, int64_t dim, const I *indices, int64_t idx_stride, int64_t vocab, const T *w,
+    int64_t w_rs, int64_t w_cs, const T *l, int64_t l_stride, T *y, int64_t y_rs, int64_t y_cs)
 {
     typedef typename Num<T>::acc Acc;
     for (int64_t p = blockIdx.x; p < n; p += gridDim.x) {
@@ -160,8 +160,13 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
             CPEFT_TRY(gemm(s, dt, dt, 1.0, g, w_scaled, 0.0, o->grad_x, st));
         }
         if (want_l) {
-            const ColReduceOperand base = {in->base.data, in->base.row_stride,
-                                           in->base.col_stride, nullptr, CPEFT_INT32, 0, 0};
+            const ColReduceOperand base = {in->base.data,
+                                           in->base.row_stride,
+                                           in->base.col_stride,
+                                           nullptr,
+                                           CPEFT_INT32,
+                                           0,
+                                           0};
             CPEFT_TRY(colreduce_accumulate(dt, m, out, g, base, nullptr, nullptr, partial, 0,
                                            s.stream, st));
             CPEFT_TRY(colreduce_finalize(dt, out, partial, nullptr, o->grad_l, s.stream, st));
@@ -188,8 +193,7 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
     const bool fold_w = want_x && !want_l && m > out;
     const size_t w_bytes = fold_w ? ws_align((size_t)(out * n_in) * elt) : 0;
     const size_t gw_bytes = gw_scratch ? ws_align((size_t)(rows * n_in) * elt) : 0;
-    const size_t part_bytes =
-        ws_align(colreduce_partial_bytes(dt, n_in > out ? n_in : out));
+    const size_t part_bytes = ws_align(colreduce_partial_bytes(dt, n_in > out ? n_in : out));
     void *ws = nullptr;
     CPEFT_TRY(s.workspace(w_bytes + gw_bytes + part_bytes, &ws, st));
     Carver carve(ws);
@@ -202,10 +206,10 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
             /* gw lands in grad_x; one fused pass reads it with x for grad_l and scales it by l
              * in place into grad_x. */
             CPEFT_TRY(gemm(s, dt, dt, 1.0, g, a->weight, 0.0, o->grad_x, st));
-            const ColReduceOperand x = {a->x.data, a->x.row_stride, a->x.col_stride, nullptr,
-                                        CPEFT_INT32, 0, 0};
-            CPEFT_TRY(colreduce_accumulate(dt, m, n_in, o->grad_x, x, &a->l, &o->grad_x, partial,
-                                           0, s.stream, st));
+            const ColReduceOperand x = {
+                a->x.data, a->x.row_stride, a->x.col_stride, nullptr, CPEFT_INT32, 0, 0};
+            CPEFT_TRY(colreduce_accumulate(dt, m, n_in, o->grad_x, x, &a->l, &o->grad_x, partial, 0,
+                                           s.stream, st));
         } else {
             /* Runs at least once so that M == 0 still writes zero partial sums. */
             for (int64_t row0 = 0;; row0 += rows) {
@@ -214,8 +218,8 @@ int cpeft_ia3_linear_bwd_cuda(const cpeft_ia3_linear_args *a, const cpeft_ia3_li
                 CPEFT_TRY(gemm(s, dt, dt, 1.0, cpeft_mat_sub(dt, g, row0, n, 0, out), a->weight,
                                0.0, gw, st));
                 const cpeft_mat x_rows = cpeft_mat_sub(dt, a->x, row0, n, 0, n_in);
-                const ColReduceOperand x = {x_rows.data, x_rows.row_stride, x_rows.col_stride,
-                                            nullptr, CPEFT_INT32, 0, 0};
+                const ColReduceOperand x = {
+                    x_rows.data, x_rows.row_stride, x_rows.col_stride, nullptr, CPEFT_INT32, 0, 0};
                 CPEFT_TRY(colreduce_accumulate(dt, n, n_in, gw, x, nullptr, nullptr, partial,
                                                row0 > 0, s.stream, st));
                 if (row0 + n >= m)
@@ -291,10 +295,9 @@ int cpeft_ia3_embedding_bwd_cuda(const cpeft_ia3_embedding_args *a, cpeft_mat gr
     if (o->grad_l.data) {
         /* Σ_n g[n] ⊙ W[idx[n]], gathering W's rows inside the reduction; out-of-range rows are
          * skipped there. */
-        const ColReduceOperand w_rows = {a->weight.data,  a->weight.row_stride,
-                                         a->weight.col_stride, a->indices.data,
-                                         a->index_dtype,  a->indices.stride,
-                                         a->num_embeddings};
+        const ColReduceOperand w_rows = {
+            a->weight.data, a->weight.row_stride, a->weight.col_stride, a->indices.data,
+            a->index_dtype, a->indices.stride,    a->num_embeddings};
         CPEFT_TRY(colreduce_accumulate(dt, a->n, a->dim, grad_out, w_rows, nullptr, nullptr,
                                        partial, 0, s.stream, st));
         CPEFT_TRY(colreduce_finalize(dt, a->dim, partial, nullptr, o->grad_l, s.stream, st));
@@ -306,10 +309,9 @@ int cpeft_ia3_embedding_bwd_cuda(const cpeft_ia3_embedding_args *a, cpeft_mat gr
         IndexRuns runs;
         CPEFT_TRY(index_runs_build(a->indices, a->index_dtype, a->num_embeddings, a->padding_idx,
                                    runs_ws, runs_bytes, &runs, s.stream, st));
-        CPEFT_TRY(scatter_runs(dt, runs, grad_out.data, 0, grad_out.row_stride,
-                               grad_out.col_stride, a->dim, 1.0, &a->l, o->grad_weight.data,
-                               o->grad_weight.row_stride, o->grad_weight.col_stride, s.stream,
-                               st));
+        CPEFT_TRY(scatter_runs(dt, runs, grad_out.data, 0, grad_out.row_stride, grad_out.col_stride,
+                               a->dim, 1.0, &a->l, o->grad_weight.data, o->grad_weight.row_stride,
+                               o->grad_weight.col_stride, s.stream, st));
     }
     return CPEFT_OK;
 }

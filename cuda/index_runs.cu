@@ -22,9 +22,10 @@ static int key_bits(int64_t v)
 static int sort_temp_bytes(int64_t n, int64_t v, size_t *bytes, cpeft_status *st)
 {
     *bytes = 0;
-    CPEFT_CUDA_CHECK(st, cub::DeviceRadixSort::SortPairs(
-                             nullptr, *bytes, (const uint32_t *)nullptr, (uint32_t *)nullptr,
-                             (const int32_t *)nullptr, (int32_t *)nullptr, (int)n, 0, key_bits(v)));
+    CPEFT_CUDA_CHECK(st,
+                     cub::DeviceRadixSort::SortPairs(nullptr, *bytes, (const uint32_t *)nullptr,
+                                                     (uint32_t *)nullptr, (const int32_t *)nullptr,
+                                                     (int32_t *)nullptr, (int)n, 0, key_bits(v)));
     return CPEFT_OK;
 }
 
@@ -106,10 +107,9 @@ int index_runs_build(const cpeft_vec &indices, cpeft_dtype index_dtype, int64_t 
 template <class S, class T>
 static __global__ void scatter_runs_kernel(const uint32_t *keys, const int32_t *order, int64_t n,
                                            uint32_t sentinel, const S *src, int64_t src_rs,
-                                           int64_t src_cs, int64_t cols,
-                                           typename Num<T>::acc scale, const T *col_scale,
-                                           int64_t col_scale_stride, T *dst, int64_t dst_ks,
-                                           int64_t dst_cs)
+                                           int64_t src_cs, int64_t cols, typename Num<T>::acc scale,
+                                           const T *col_scale, int64_t col_scale_stride, T *dst,
+                                           int64_t dst_ks, int64_t dst_cs)
 {
     typedef typename Num<T>::acc Acc;
     for (int64_t p = blockIdx.x; p < n; p += gridDim.x) {
@@ -143,15 +143,17 @@ int scatter_runs(cpeft_dtype dt, const IndexRuns &runs, const void *src, int src
         const T *cs = col_scale ? static_cast<const T *>(col_scale->data) : nullptr;
         const int64_t css = col_scale ? col_scale->stride : 0;
         if (src_is_acc)
-            scatter_runs_kernel<Acc, T><<<grid, block, 0, stream>>>(
-                runs.keys, runs.order, runs.n, runs.sentinel, static_cast<const Acc *>(src),
-                src_row_stride, src_col_stride, cols, (Acc)scale, cs, css, static_cast<T *>(dst),
-                dst_key_stride, dst_col_stride);
+            scatter_runs_kernel<Acc, T>
+                <<<grid, block, 0, stream>>>(runs.keys, runs.order, runs.n, runs.sentinel,
+                                             static_cast<const Acc *>(src), src_row_stride,
+                                             src_col_stride, cols, (Acc)scale, cs, css,
+                                             static_cast<T *>(dst), dst_key_stride, dst_col_stride);
         else
-            scatter_runs_kernel<T, T><<<grid, block, 0, stream>>>(
-                runs.keys, runs.order, runs.n, runs.sentinel, static_cast<const T *>(src),
-                src_row_stride, src_col_stride, cols, (Acc)scale, cs, css, static_cast<T *>(dst),
-                dst_key_stride, dst_col_stride);
+            scatter_runs_kernel<T, T>
+                <<<grid, block, 0, stream>>>(runs.keys, runs.order, runs.n, runs.sentinel,
+                                             static_cast<const T *>(src), src_row_stride,
+                                             src_col_stride, cols, (Acc)scale, cs, css,
+                                             static_cast<T *>(dst), dst_key_stride, dst_col_stride);
         CPEFT_LAUNCH_CHECK(st, "scatter_runs_kernel");
         return (int)CPEFT_OK;
     });

@@ -55,7 +55,9 @@ __device__ __forceinline__ double quiet_nan(double)
     return __longlong_as_double(0x7ff8000000000000LL);
 }
 
-template <class T> struct TypeTag { typedef T type; };
+template <class T> struct TypeTag {
+    typedef T type;
+};
 
 /* Calls f(TypeTag<T>()) with T the C++ type of a float cpeft_dtype. */
 template <class F> int dispatch_float(cpeft_dtype dt, cpeft_status *st, F &&f)
@@ -160,8 +162,10 @@ __device__ __forceinline__ void store4(T *p, int64_t stride, int64_t i0, int64_t
 inline unsigned grid_1d(int64_t work, int block)
 {
     int64_t g = (work + block - 1) / block;
-    if (g < 1) g = 1;
-    if (g > 65535) g = 65535;
+    if (g < 1)
+        g = 1;
+    if (g > 65535)
+        g = 65535;
     return (unsigned)g;
 }
 
@@ -174,8 +178,10 @@ static const int kElementBlock = 256;
 inline dim3 grid_2d(int64_t rows, int64_t cols)
 {
     int64_t gx = (cols + kElementBlock - 1) / kElementBlock;
-    if (gx < 1) gx = 1;
-    if (gx > 65535) gx = 65535;
+    if (gx < 1)
+        gx = 1;
+    if (gx > 65535)
+        gx = 65535;
     int64_t gy = rows < 1 ? 1 : (rows > 65535 ? 65535 : rows);
     return dim3((unsigned)gx, (unsigned)gy);
 }

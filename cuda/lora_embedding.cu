@@ -32,12 +32,10 @@ namespace cpeft_cuda {
 namespace {
 
 template <class T, class I>
-static __global__ void lora_embedding_gather_kernel(int64_t n, int64_t dim, int64_t r,
-                                                    const I *indices, int64_t idx_stride,
-                                                    int64_t vocab, const T *w, int64_t w_rs,
-                                                    int64_t w_cs, const T *lora_a, int64_t a_rs,
-                                                    int64_t a_cs, T *y, int64_t y_rs, int64_t y_cs,
-                                                    T *ag)
+static __global__ void lora_embedding_gather_kernel(
+    int64_t n, int64_t dim, int64_t r, const I *indices, int64_t idx_stride, int64_t vocab,
+    const T *w, int64_t w_rs, int64_t w_cs, const T *lora_a, int64_t a_rs, int64_t a_cs, T *y,
+    int64_t y_rs, int64_t y_cs, T *ag)
 {
     typedef typename Num<T>::acc Acc;
     for (int64_t p = blockIdx.x; p < n; p += gridDim.x) {
@@ -45,8 +43,8 @@ static __global__ void lora_embedding_gather_kernel(int64_t n, int64_t dim, int6
         const bool valid = row >= 0 && row < vocab;
         if (y)
             for (int64_t c = threadIdx.x; c < dim; c += blockDim.x)
-                y[p * y_rs + c * y_cs] =
-                    valid ? w[row * w_rs + c * w_cs] : Num<T>::store(quiet_nan(Acc()));
+                y[p * y_rs + c * y_cs] = valid ? w[row * w_rs + c * w_cs]
+                                               : Num<T>::store(quiet_nan(Acc()));
         for (int64_t c = threadIdx.x; c < r; c += blockDim.x)
             ag[p * r + c] = valid ? lora_a[c * a_rs + row * a_cs] : Num<T>::store(Acc(0));
     }
@@ -68,10 +66,9 @@ int gather(const cpeft_lora_embedding_args *a, const cpeft_mat *y, void *ag, cud
             lora_embedding_gather_kernel<T, I><<<grid, block, 0, stream>>>(
                 a->n, a->dim, a->r, static_cast<const I *>(a->indices.data), a->indices.stride,
                 a->num_embeddings, static_cast<const T *>(a->weight.data), a->weight.row_stride,
-                a->weight.col_stride, static_cast<const T *>(a->lora_a.data),
-                a->lora_a.row_stride, a->lora_a.col_stride,
-                y ? static_cast<T *>(y->data) : nullptr, y ? y->row_stride : 0,
-                y ? y->col_stride : 0, static_cast<T *>(ag));
+                a->weight.col_stride, static_cast<const T *>(a->lora_a.data), a->lora_a.row_stride,
+                a->lora_a.col_stride, y ? static_cast<T *>(y->data) : nullptr,
+                y ? y->row_stride : 0, y ? y->col_stride : 0, static_cast<T *>(ag));
             CPEFT_LAUNCH_CHECK(st, "lora_embedding_gather_kernel");
             return (int)CPEFT_OK;
         });
@@ -90,8 +87,8 @@ int cpeft_lora_embedding_fwd_cuda(const cpeft_lora_embedding_args *a, cpeft_mat 
     CPEFT_TRY(s.open(stream, st));
     const cpeft_dtype dt = a->dtype;
     if (rank_r_kernels_enabled())
-        return rank_embedding_forward(dt, a->index_dtype, a->indices, a->num_embeddings,
-                                      a->weight, a->lora_a, a->lora_b, a->scale, y, s.stream, st);
+        return rank_embedding_forward(dt, a->index_dtype, a->indices, a->num_embeddings, a->weight,
+                                      a->lora_a, a->lora_b, a->scale, y, s.stream, st);
     void *ag = nullptr;
     CPEFT_TRY(s.workspace((size_t)(a->n * a->r) * cpeft_dtype_size(dt), &ag, st));
     CPEFT_TRY(gather(a, &y, ag, s.stream, st));
@@ -119,8 +116,9 @@ int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
         CPEFT_TRY(index_runs_bytes(n, a->num_embeddings, &runs_bytes, st));
     const size_t ag_bytes = want_b ? ws_align((size_t)(n * r) * elt) : 0;
     const size_t gb_bytes = want_a ? ws_align((size_t)(n * r) * cpeft_dtype_size(acc)) : 0;
-    const size_t partial_bytes =
-        want_b && own ? ws_align(rank_reduce_partial_bytes(dt, n, a->dim, r)) : 0;
+    const size_t partial_bytes = want_b && own
+                                     ? ws_align(rank_reduce_partial_bytes(dt, n, a->dim, r))
+                                     : 0;
     void *ws = nullptr;
     CPEFT_TRY(s.workspace(ag_bytes + gb_bytes + partial_bytes + ws_align(runs_bytes), &ws, st));
     Carver carve(ws);

@@ -5,12 +5,11 @@
  * (one stream sync, as peft's per-adapter loop has) and is grouped there by a stable counting
  * sort; the resulting row order goes to the device. Then, all on the stream:
  *   xs = drop(x)[order]                   one gather launch over every adapter row
- *   xa_s,g = xs_g·A_gᵀ, d_g = s_g·xa_s,g·B_gᵀ   a GEMM pair per adapter (cuBLAS, loop on the stream)
- *   y = x·Wᵀ + b, then y[order] += d      one scatter launch
- * Backward mirrors it: g and xa gathered once, per adapter grad_b_g, gb_g = g_g·B_g, grad_a_g and
- * gb_g·A_g, then one masked scatter-add into grad_x = g·W.
- * A first step: the per-adapter GEMMs are a loop of cuBLAS calls, not one grouped launch
- * (cublasGemmGroupedBatchedEx would make them one).
+ *   xa_s,g = xs_g·A_gᵀ, d_g = s_g·xa_s,g·B_gᵀ   a GEMM pair per adapter (cuBLAS, loop on the
+ * stream) y = x·Wᵀ + b, then y[order] += d      one scatter launch Backward mirrors it: g and xa
+ * gathered once, per adapter grad_b_g, gb_g = g_g·B_g, grad_a_g and gb_g·A_g, then one masked
+ * scatter-add into grad_x = g·W. A first step: the per-adapter GEMMs are a loop of cuBLAS calls,
+ * not one grouped launch (cublasGemmGroupedBatchedEx would make them one).
  */
 #include "cpeft/lora_grouped.h"
 
@@ -71,8 +70,10 @@ int group_rows_on_host(const cpeft_lora_grouped_args *a, Session &s, HostGroupin
             const int64_t g = a->index_dtype == CPEFT_INT32 ? static_cast<int32_t *>(host_index)[e]
                                                             : static_cast<int64_t *>(host_index)[e];
             if (g < -1 || g >= g_count) {
-                rc = cpeft_fail(st, CPEFT_ERR_INDEX, "lora_grouped: index[%lld] = %lld is outside "
-                                "[-1, %lld)", (long long)i, (long long)g, (long long)g_count);
+                rc = cpeft_fail(st, CPEFT_ERR_INDEX,
+                                "lora_grouped: index[%lld] = %lld is outside "
+                                "[-1, %lld)",
+                                (long long)i, (long long)g, (long long)g_count);
                 break;
             }
             if (g < 0)
@@ -184,8 +185,7 @@ int upload_order(const HostGrouping &gr, void *order_dev, cudaStream_t stream, c
 using namespace cpeft_cuda;
 
 int cpeft_lora_grouped_fwd_cuda(const cpeft_lora_grouped_args *a,
-                                const cpeft_lora_grouped_fwd_out *o, void *stream,
-                                cpeft_status *st)
+                                const cpeft_lora_grouped_fwd_out *o, void *stream, cpeft_status *st)
 {
     Session s;
     CPEFT_TRY(s.open(stream, st));
@@ -224,8 +224,8 @@ int cpeft_lora_grouped_fwd_cuda(const cpeft_lora_grouped_args *a,
             continue;
         const cpeft_mat xs_g = cpeft_mat_sub(dt, cpeft_mat_compact(xs, n, in), first, rows, 0, in);
         const cpeft_mat xas_g = cpeft_mat_sub(dt, xas_all, first, rows, 0, r);
-        const cpeft_mat ds_g =
-            cpeft_mat_sub(dt, cpeft_mat_compact(ds, n, out), first, rows, 0, out);
+        const cpeft_mat ds_g = cpeft_mat_sub(dt, cpeft_mat_compact(ds, n, out), first, rows, 0,
+                                             out);
         const cpeft_mat a_g = cpeft_mat_sub(dt, a->lora_a, off, r, 0, in);
         const cpeft_mat b_g = cpeft_mat_sub(dt, a->lora_b, 0, out, off, r);
         CPEFT_TRY(gemm(s, dt, dt, 1.0, xs_g, cpeft_mat_transpose(a_g), 0.0, xas_g, st));
@@ -237,8 +237,7 @@ int cpeft_lora_grouped_fwd_cuda(const cpeft_lora_grouped_args *a,
 
 int cpeft_lora_grouped_bwd_cuda(const cpeft_lora_grouped_args *a,
                                 const cpeft_lora_grouped_bwd_in *in,
-                                const cpeft_lora_grouped_bwd_out *o, void *stream,
-                                cpeft_status *st)
+                                const cpeft_lora_grouped_bwd_out *o, void *stream, cpeft_status *st)
 {
     Session s;
     CPEFT_TRY(s.open(stream, st));
@@ -271,8 +270,8 @@ int cpeft_lora_grouped_bwd_cuda(const cpeft_lora_grouped_args *a,
         CPEFT_TRY(gemm(s, dt, dt, 1.0, g, a->weight, 0.0, o->grad_x, st));
     if (o->grad_bias.data) {
         const ColReduceOperand none = {nullptr, 0, 0, nullptr, CPEFT_INT32, 0, 0};
-        CPEFT_TRY(colreduce_accumulate(dt, m, out, g, none, nullptr, nullptr, partial, 0,
-                                       s.stream, st));
+        CPEFT_TRY(colreduce_accumulate(dt, m, out, g, none, nullptr, nullptr, partial, 0, s.stream,
+                                       st));
         CPEFT_TRY(colreduce_finalize(dt, out, partial, nullptr, o->grad_bias, s.stream, st));
     }
     if (o->grad_weight.data)
@@ -295,14 +294,13 @@ int cpeft_lora_grouped_bwd_cuda(const cpeft_lora_grouped_args *a,
         if (rows == 0)
             continue;
         const double scale = a->scales[grp];
-        const cpeft_mat gs_g =
-            cpeft_mat_sub(dt, cpeft_mat_compact(gs, n, out), first, rows, 0, out);
-        const cpeft_mat xas_g =
-            cpeft_mat_sub(dt, cpeft_mat_compact(xas, n, rmax), first, rows, 0, r);
-        const cpeft_mat gb_g =
-            cpeft_mat_sub(dt, cpeft_mat_compact(gb, n, rmax), first, rows, 0, r);
-        const cpeft_mat xs_g =
-            cpeft_mat_sub(dt, cpeft_mat_compact(xs, n, n_in), first, rows, 0, n_in);
+        const cpeft_mat gs_g = cpeft_mat_sub(dt, cpeft_mat_compact(gs, n, out), first, rows, 0,
+                                             out);
+        const cpeft_mat xas_g = cpeft_mat_sub(dt, cpeft_mat_compact(xas, n, rmax), first, rows, 0,
+                                              r);
+        const cpeft_mat gb_g = cpeft_mat_sub(dt, cpeft_mat_compact(gb, n, rmax), first, rows, 0, r);
+        const cpeft_mat xs_g = cpeft_mat_sub(dt, cpeft_mat_compact(xs, n, n_in), first, rows, 0,
+                                             n_in);
         const cpeft_mat a_g = cpeft_mat_sub(dt, a->lora_a, off, r, 0, n_in);
         const cpeft_mat b_g = cpeft_mat_sub(dt, a->lora_b, 0, out, off, r);
         if (want_b)

@@ -66,8 +66,10 @@ int resolve_groups(const cpeft_lora_linear_args *a, Groups *g, cpeft_status *st)
 int64_t chunk_rows(int64_t m, int64_t in)
 {
     int64_t rows = in > 0 ? kChunkElems / in : m;
-    if (rows < 1) rows = 1;
-    if (rows > m) rows = m;
+    if (rows < 1)
+        rows = 1;
+    if (rows > m)
+        rows = m;
     return rows;
 }
 
@@ -87,8 +89,8 @@ size_t adapter_copy_bytes(const cpeft_lora_linear_args *a)
 }
 
 template <class T>
-static __global__ void round_fp32_kernel(int64_t rows, int64_t cols, const float *src,
-                                         int64_t s_rs, int64_t s_cs, T *dst)
+static __global__ void round_fp32_kernel(int64_t rows, int64_t cols, const float *src, int64_t s_rs,
+                                         int64_t s_cs, T *dst)
 {
     const int64_t n = rows * cols;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;
@@ -215,7 +217,8 @@ int lora_backward_rank_r(Session &s, const cpeft_lora_linear_args *a, const Grou
     size_t partial_bytes = want_a ? rank_reduce_partial_bytes(dt, m, n_in, rk) : 0;
     if (o->grad_b.data) {
         const size_t b_bytes = rank_reduce_partial_bytes(dt, m, grp.seg, r);
-        if (b_bytes > partial_bytes) partial_bytes = b_bytes;
+        if (b_bytes > partial_bytes)
+            partial_bytes = b_bytes;
     }
     partial_bytes = ws_align(partial_bytes);
     void *ws = nullptr;
@@ -242,8 +245,7 @@ int lora_backward_rank_r(Session &s, const cpeft_lora_linear_args *a, const Grou
     }
     if (want_a) {
         if (rk > 0)
-            CPEFT_TRY(rank_reduce(dt, gb, a->x, drop, a->scale, o->grad_a, partial, s.stream,
-                                  st));
+            CPEFT_TRY(rank_reduce(dt, gb, a->x, drop, a->scale, o->grad_a, partial, s.stream, st));
         else
             CPEFT_TRY(zero_fill(o->grad_a, elt, s.stream, st));
     }
@@ -297,8 +299,8 @@ int lora_backward_cublas(Session &s, const cpeft_lora_linear_args *a, const Grou
         const cpeft_mat g_k = cpeft_mat_sub(dt, g, 0, m, grp.ids[k] * grp.seg, grp.seg);
         const cpeft_mat b_k = cpeft_mat_sub(dt, ad.b, k * grp.seg, grp.seg, 0, r);
         if (need_gb)
-            CPEFT_TRY(
-                gemm(s, dt, dt, 1.0, g_k, b_k, 0.0, cpeft_mat_sub(dt, gb, 0, m, k * r, r), st));
+            CPEFT_TRY(gemm(s, dt, dt, 1.0, g_k, b_k, 0.0, cpeft_mat_sub(dt, gb, 0, m, k * r, r),
+                           st));
         if (o->grad_b.data)
             CPEFT_TRY(gemm(s, dt, grad_ab_dt, a->scale, cpeft_mat_transpose(g_k),
                            cpeft_mat_sub(dt, in->xa, 0, m, k * r, r), 0.0,
@@ -313,8 +315,8 @@ int lora_backward_cublas(Session &s, const cpeft_lora_linear_args *a, const Grou
         if (want_x && rk > 0)
             CPEFT_TRY(gemm(s, dt, dt, a->scale, gb, ad.a, 0.0, o->grad_x, st));
     } else {
-        const cpeft_mat grad_a_target =
-            grad_a_scratch ? cpeft_mat_compact(grad_a_acc, rk, n_in) : o->grad_a;
+        const cpeft_mat grad_a_target = grad_a_scratch ? cpeft_mat_compact(grad_a_acc, rk, n_in)
+                                                       : o->grad_a;
         const cpeft_dtype grad_a_dtype = grad_a_scratch ? acc : grad_ab_dt;
         for (int64_t row0 = 0; row0 < m; row0 += rows) {
             const int64_t n = m - row0 < rows ? m - row0 : rows;
@@ -329,8 +331,8 @@ int lora_backward_cublas(Session &s, const cpeft_lora_linear_args *a, const Grou
             if (want_x) {
                 CPEFT_TRY(gemm(s, dt, acc, 1.0, gb_rows, ad.a, 0.0,
                                cpeft_mat_compact(chunk, n, n_in), st));
-                CPEFT_TRY(dropout_scale_rows(dt, &a->dropout, chunk, a->scale, row0, n,
-                                             o->grad_x, s.stream, st));
+                CPEFT_TRY(dropout_scale_rows(dt, &a->dropout, chunk, a->scale, row0, n, o->grad_x,
+                                             s.stream, st));
             }
         }
         if (grad_a_scratch)

@@ -164,8 +164,8 @@ int read_counter(const unsigned long long *counter, int64_t *out, cudaStream_t s
                  cpeft_status *st)
 {
     unsigned long long host = 0;
-    CPEFT_CUDA_CHECK(st, cudaMemcpyAsync(&host, counter, sizeof host, cudaMemcpyDeviceToHost,
-                                         stream));
+    CPEFT_CUDA_CHECK(st,
+                     cudaMemcpyAsync(&host, counter, sizeof host, cudaMemcpyDeviceToHost, stream));
     CPEFT_CUDA_CHECK(st, cudaStreamSynchronize(stream));
     *out = (int64_t)host;
     return CPEFT_OK;
@@ -198,8 +198,9 @@ int begin_pass(const char *op, int direction, const cpeft_merge_record *rec, con
                           op, (long long)rec->count);
     if (rec->count == 0)
         return CPEFT_OK;
-    count_invalid_kernel<<<grid_1d(rec->count, 256), 256, 0, stream>>>(
-        rec->count, rec->index, view.rows * view.cols, counter);
+    count_invalid_kernel<<<grid_1d(rec->count, 256), 256, 0, stream>>>(rec->count, rec->index,
+                                                                       view.rows * view.cols,
+                                                                       counter);
     CPEFT_LAUNCH_CHECK(st, "count_invalid_kernel");
     int64_t invalid = 0;
     CPEFT_TRY(read_counter(counter, &invalid, stream, st));
@@ -257,8 +258,10 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
     const int64_t target_rows = transpose ? in : seg;
     const int64_t target_cols = transpose ? seg : in;
     int64_t chunk = target_cols > 0 ? kChunkElems / target_cols : 1;
-    if (chunk < 1) chunk = 1;
-    if (chunk > target_rows) chunk = target_rows > 0 ? target_rows : 1;
+    if (chunk < 1)
+        chunk = 1;
+    if (chunk > target_rows)
+        chunk = target_rows > 0 ? target_rows : 1;
 
     /* With the caller's ΔW scratch (rec->delta) every chunk has its own place there (output
      * group g's Δ (or Δᵀ) compact from g·seg·IN on), and a pass with delta_ready reads it back
@@ -274,8 +277,8 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
     const size_t d_bytes = (size_t)(chunk * target_cols) * acc_elt;
     CPEFT_TRY(s.workspace(ws_align(sizeof(unsigned long long)) + d_bytes, &ws, st));
     Carver carve(ws);
-    unsigned long long *counter =
-        static_cast<unsigned long long *>(carve.take(sizeof(unsigned long long)));
+    unsigned long long *counter = static_cast<unsigned long long *>(
+        carve.take(sizeof(unsigned long long)));
     void *d_data = carve.take(d_bytes);
     CPEFT_TRY(begin_pass(op, direction, rec, a->weight, counter, s.stream, st));
 
@@ -305,17 +308,16 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
             }
             const void *d_place = run_gemms ? d_data : kept;
             const cpeft_mat part = cpeft_mat_sub(dt, target, row0, n, 0, target_cols);
-            const LinearIndex li = transpose
-                                       ? LinearIndex{grp * seg * in + row0, 1, in}
-                                       : LinearIndex{(grp * seg + row0) * in, in, 1};
+            const LinearIndex li = transpose ? LinearIndex{grp * seg * in + row0, 1, in}
+                                             : LinearIndex{(grp * seg + row0) * in, in, 1};
             CPEFT_TRY(dispatch_float(dt, st, [&](auto tag) {
                 typedef typename decltype(tag)::type T;
                 typedef typename Num<T>::acc Acc;
                 const RecordSink<T> sink = {write, rec->index, static_cast<T *>(rec->value),
                                             rec->capacity, counter};
                 merge_delta_kernel<T><<<grid_2d(n, target_cols), 256, 0, s.stream>>>(
-                    n, target_cols, static_cast<T *>(part.data), part.row_stride,
-                    part.col_stride, static_cast<const Acc *>(d_place), li, direction, sink);
+                    n, target_cols, static_cast<T *>(part.data), part.row_stride, part.col_stride,
+                    static_cast<const Acc *>(d_place), li, direction, sink);
                 CPEFT_LAUNCH_CHECK(st, "merge_delta_kernel");
                 return (int)CPEFT_OK;
             }));
@@ -349,9 +351,8 @@ int cpeft_ia3_merge_cuda(cpeft_dtype dtype, cpeft_mat target, cpeft_vec l, int a
             const RecordSink<T> sink = {write, rec->index, static_cast<T *>(rec->value),
                                         rec->capacity, counter};
             merge_scale_kernel<T><<<grid_2d(walk.rows, walk.cols), 256, 0, s.stream>>>(
-                walk.rows, walk.cols, static_cast<T *>(walk.data), walk.row_stride,
-                walk.col_stride, static_cast<const T *>(l.data), l.stride, along_cols, li,
-                direction, sink);
+                walk.rows, walk.cols, static_cast<T *>(walk.data), walk.row_stride, walk.col_stride,
+                static_cast<const T *>(l.data), l.stride, along_cols, li, direction, sink);
             CPEFT_LAUNCH_CHECK(st, "merge_scale_kernel");
             return (int)CPEFT_OK;
         }));

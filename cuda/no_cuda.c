@@ -14,7 +14,6 @@
 #include "cpeft/merge.h"
 #include "cpeft/workspace.h"
 
-
 int cpeft_lora_linear_fwd_cuda(const cpeft_lora_linear_args *a, const cpeft_lora_linear_fwd_out *o,
                                void *stream, cpeft_status *st)
 {
@@ -84,21 +83,19 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
 int cpeft_ia3_merge_cuda(cpeft_dtype dtype, cpeft_mat target, cpeft_vec l, int along_cols,
                          int direction, cpeft_merge_record *rec, void *stream, cpeft_status *st)
 {
-    (void)dtype, (void)target, (void)l, (void)along_cols, (void)direction, (void)rec,
-        (void)stream;
+    (void)dtype, (void)target, (void)l, (void)along_cols, (void)direction, (void)rec, (void)stream;
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);
 }
 
-int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask,
-                            void *stream, cpeft_status *st)
+int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask, void *stream,
+                            cpeft_status *st)
 {
     (void)dtype, (void)d, (void)mask, (void)stream;
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);
 }
 
 int cpeft_lora_grouped_fwd_cuda(const cpeft_lora_grouped_args *a,
-                                const cpeft_lora_grouped_fwd_out *o, void *stream,
-                                cpeft_status *st)
+                                const cpeft_lora_grouped_fwd_out *o, void *stream, cpeft_status *st)
 {
     (void)a, (void)o, (void)stream;
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);
@@ -106,15 +103,14 @@ int cpeft_lora_grouped_fwd_cuda(const cpeft_lora_grouped_args *a,
 
 int cpeft_lora_grouped_bwd_cuda(const cpeft_lora_grouped_args *a,
                                 const cpeft_lora_grouped_bwd_in *in,
-                                const cpeft_lora_grouped_bwd_out *o, void *stream,
-                                cpeft_status *st)
+                                const cpeft_lora_grouped_bwd_out *o, void *stream, cpeft_status *st)
 {
     (void)a, (void)in, (void)o, (void)stream;
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);
 }
 
-int cpeft_dora_weight_sq_norm_cuda(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec out,
-                                   void *stream, cpeft_status *st)
+int cpeft_dora_weight_sq_norm_cuda(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec out, void *stream,
+                                   cpeft_status *st)
 {
     (void)dtype, (void)weight, (void)out, (void)stream;
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);

@@ -87,11 +87,20 @@ __device__ __forceinline__ unsigned keep_bits4(uint64_t seed, uint64_t c0, float
         uint32_t v[4] = {(uint32_t)b1, (uint32_t)(b1 >> 32), 0u, 0u};
         cpeft_philox4x32_10(v, (uint32_t)seed, (uint32_t)(seed >> 32));
         if (lead == 1) {
-            w0 = u[1]; w1 = u[2]; w2 = u[3]; w3 = v[0];
+            w0 = u[1];
+            w1 = u[2];
+            w2 = u[3];
+            w3 = v[0];
         } else if (lead == 2) {
-            w0 = u[2]; w1 = u[3]; w2 = v[0]; w3 = v[1];
+            w0 = u[2];
+            w1 = u[3];
+            w2 = v[0];
+            w3 = v[1];
         } else {
-            w0 = u[3]; w1 = v[0]; w2 = v[1]; w3 = v[2];
+            w0 = u[3];
+            w1 = v[0];
+            w2 = v[1];
+            w3 = v[2];
         }
     }
     return keep_bit(w0, p, 0) | keep_bit(w1, p, 1) | keep_bit(w2, p, 2) | keep_bit(w3, p, 3);
@@ -183,8 +192,8 @@ template <class Acc, int RT> __host__ __device__ constexpr int project_groups()
 template <class T, class TA, class TO, int RT, int RPW>
 __global__ void __launch_bounds__(kProjectWarps * 32)
     project_kernel(int64_t m, int64_t len, int64_t r, const T *big, int64_t b_rs, int64_t b_cs,
-                   const TA *small, int64_t s_rs, int64_t s_cs, TO *out, int64_t o_rs,
-                   int64_t o_cs, DropoutIn<typename Num<T>::acc> drop)
+                   const TA *small, int64_t s_rs, int64_t s_cs, TO *out, int64_t o_rs, int64_t o_cs,
+                   DropoutIn<typename Num<T>::acc> drop)
 {
     typedef typename Num<T>::acc Acc;
     constexpr int G = project_groups<Acc, RT>();
@@ -234,8 +243,8 @@ __global__ void __launch_bounds__(kProjectWarps * 32)
                     const Acc a2 = small_s[k][j + 2], a3 = small_s[k][j + 3];
 #pragma unroll
                     for (int rr = 0; rr < RPW; ++rr)
-                        acc[rr][k] += v[rr][grp][0] * a0 + v[rr][grp][1] * a1 +
-                                      v[rr][grp][2] * a2 + v[rr][grp][3] * a3;
+                        acc[rr][k] += v[rr][grp][0] * a0 + v[rr][grp][1] * a1 + v[rr][grp][2] * a2 +
+                                      v[rr][grp][3] * a3;
                 }
             }
         }
@@ -260,7 +269,8 @@ int launch_project(const cpeft_mat &big, const cpeft_mat &small, int64_t r, cons
     constexpr int rpw = RT <= kNarrowRanks ? 2 : 1;
     const int64_t rows_per_block = (int64_t)kProjectWarps * rpw;
     int64_t blocks = (big.rows + rows_per_block - 1) / rows_per_block;
-    if (blocks > (1 << 20)) blocks = 1 << 20;
+    if (blocks > (1 << 20))
+        blocks = 1 << 20;
     project_kernel<T, TA, TO, RT, rpw><<<(unsigned)blocks, kProjectWarps * 32, 0, stream>>>(
         big.rows, big.cols, r, static_cast<const T *>(big.data), big.row_stride, big.col_stride,
         static_cast<const TA *>(small.data), small.row_stride, small.col_stride,
@@ -295,9 +305,12 @@ int64_t reduce_slices(int64_t m, int64_t len, int cols_per_thread, int64_t *rows
     const int64_t col_blocks = (len + cols_per_block - 1) / cols_per_block;
     int64_t slices = (kReduceTargetBlocks + col_blocks - 1) / col_blocks;
     const int64_t by_rows = (m + 63) / 64;  /* at least 64 rows per slice */
-    if (slices > by_rows) slices = by_rows;
-    if (slices > 64) slices = 64;
-    if (slices < 1) slices = 1;
+    if (slices > by_rows)
+        slices = by_rows;
+    if (slices > 64)
+        slices = 64;
+    if (slices < 1)
+        slices = 1;
     *rows_per_slice = m > 0 ? (m + slices - 1) / slices : 1;
     return m > 0 ? (m + *rows_per_slice - 1) / *rows_per_slice : 1;
 }
@@ -396,9 +409,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 template <class TO, class Acc>
-__global__ void reduce_finalize_kernel(int64_t slices, int64_t r, int64_t len,
-                                       const Acc *partial, Acc alpha, TO *out, int64_t o_rs,
-                                       int64_t o_cs)
+__global__ void reduce_finalize_kernel(int64_t slices, int64_t r, int64_t len, const Acc *partial,
+                                       Acc alpha, TO *out, int64_t o_rs, int64_t o_cs)
 {
     const int64_t n = r * len;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n;
@@ -413,8 +425,8 @@ __global__ void reduce_finalize_kernel(int64_t slices, int64_t r, int64_t len,
 
 template <class T, class TS, int RT>
 int launch_reduce(const cpeft_mat &small, const cpeft_mat &big, int64_t r,
-                  const DropoutIn<typename Num<T>::acc> &drop, double alpha,
-                  const cpeft_mat &out, void *partial, cudaStream_t stream, cpeft_status *st)
+                  const DropoutIn<typename Num<T>::acc> &drop, double alpha, const cpeft_mat &out,
+                  void *partial, cudaStream_t stream, cpeft_status *st)
 {
     typedef typename Num<T>::acc Acc;
     constexpr int cpt = reduce_cols_per_thread<RT>();
@@ -486,7 +498,7 @@ __global__ void __launch_bounds__(kExpandThreads)
             __syncthreads();    /* the previous tile's reads are done */
             if (!one_tile || mb == m_begin)
                 stage_tile<TA, Acc, KT, kExpandCols, kExpandCols + 4>(a_s, a, a_rs, a_cs, k0, r,
-                                                                       c_base, len);
+                                                                      c_base, len);
             for (int e = threadIdx.x; e < KT * kExpandRows; e += blockDim.x) {
                 const int k = e / kExpandRows, rr = e - k * kExpandRows;
                 const int64_t row = mb + rr;
@@ -572,8 +584,8 @@ __global__ void __launch_bounds__(kExpandThreads)
         for (int64_t k0 = 0; k0 < r; k0 += KT) {
             __syncthreads();
             if (!one_tile || mb == m_begin)     /* Bᵀ: rank k of column c is B[c][k] */
-                stage_tile<T, Acc, KT, kExpandCols, kExpandCols + 4>(b_s, lora_b, b_cs, b_rs, k0,
-                                                                      r, c_base, dim);
+                stage_tile<T, Acc, KT, kExpandCols, kExpandCols + 4>(b_s, lora_b, b_cs, b_rs, k0, r,
+                                                                     c_base, dim);
             for (int e = threadIdx.x; e < KT * kExpandRows; e += blockDim.x) {
                 const int k = e / kExpandRows, rr = e - k * kExpandRows;
                 const int64_t row = rows_s[rr];
@@ -631,8 +643,10 @@ int expand_grid(int64_t m, int64_t len, dim3 *grid, int64_t *rows_per_block, cpe
                           (long long)len);
     int64_t row_groups = (kExpandTargetBlocks + col_blocks - 1) / col_blocks;
     const int64_t tiles = (m + kExpandRows - 1) / kExpandRows;
-    if (row_groups > tiles) row_groups = tiles;
-    if (row_groups < 1) row_groups = 1;
+    if (row_groups > tiles)
+        row_groups = tiles;
+    if (row_groups < 1)
+        row_groups = 1;
     /* Whole register tiles per block, so only the last block has a partial tile. */
     const int64_t tiles_per_block = (tiles + row_groups - 1) / row_groups;
     *rows_per_block = (tiles_per_block > 0 ? tiles_per_block : 1) * kExpandRows;
@@ -673,8 +687,7 @@ int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop
                  const cpeft_mat &small, const cpeft_mat &out, cudaStream_t stream,
                  cpeft_status *st, bool out_acc)
 {
-    CPEFT_TRY(check_shapes(small.cols == big.cols && out.rows == big.rows &&
-                               out.cols == small.rows,
+    CPEFT_TRY(check_shapes(small.cols == big.cols && out.rows == big.rows && out.cols == small.rows,
                            "rank_project", st));
     if (big.rows == 0 || small.rows == 0)
         return CPEFT_OK;
@@ -728,8 +741,7 @@ int rank_reduce(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &big,
                 const cpeft_dropout *drop, double alpha, const cpeft_mat &out, void *partial,
                 cudaStream_t stream, cpeft_status *st)
 {
-    CPEFT_TRY(check_shapes(small.rows == big.rows && out.rows == small.cols &&
-                               out.cols == big.cols,
+    CPEFT_TRY(check_shapes(small.rows == big.rows && out.rows == small.cols && out.cols == big.cols,
                            "rank_reduce", st));
     if (out.rows == 0 || out.cols == 0)
         return CPEFT_OK;
@@ -746,8 +758,7 @@ int rank_reduce(cpeft_dtype dt, const cpeft_mat &small, const cpeft_mat &big,
                 CPEFT_TRY((launch_reduce<T, T, kNarrowRanks>(s, big, n, d, alpha, o, partial,
                                                              stream, st)));
             else
-                CPEFT_TRY((launch_reduce<T, T, wide>(s, big, n, d, alpha, o, partial, stream,
-                                                     st)));
+                CPEFT_TRY((launch_reduce<T, T, wide>(s, big, n, d, alpha, o, partial, stream, st)));
         }
         return (int)CPEFT_OK;
     });

@@ -29,9 +29,8 @@ int fail_cuda(cpeft_status *st, cudaError_t err, const char *call, const char *f
 int fail_cublas(cpeft_status *st, cublasStatus_t status, const char *call, const char *file,
                 int line, const char *func)
 {
-    return cpeft_fail(st, CPEFT_ERR_CUBLAS, "%.*s failed: %s (%s:%d in %s)",
-                      call_name_length(call), call, cublasGetStatusName(status),
-                      file_basename(file), line, func);
+    return cpeft_fail(st, CPEFT_ERR_CUBLAS, "%.*s failed: %s (%s:%d in %s)", call_name_length(call),
+                      call, cublasGetStatusName(status), file_basename(file), line, func);
 }
 
 } /* namespace cpeft_cuda */

@@ -112,7 +112,8 @@ static int grow_workspace(StreamContext *ctx, cudaStream_t stream, size_t bytes,
         if (err == cudaErrorMemoryAllocation)
             return cpeft_fail(st, CPEFT_ERR_NOMEM,
                               "cudaMallocAsync failed: could not allocate a %zu-byte CUDA "
-                              "workspace", grown);
+                              "workspace",
+                              grown);
         return fail_cuda(st, err, "cudaMallocAsync", __FILE__, __LINE__, __func__);
     }
     ctx->workspace = p;

@@ -19,6 +19,7 @@ Tolerance rule (used by every numeric comparison against the float64 references)
 * eps(float32) = 1.19e-7, eps(float64) = 2.2e-16: float64 results must agree to ~1e-13 relative
   for the sizes used here (the float64 reference has the same rounding noise as ours).
 """
+
 import functools
 import math
 import sys
@@ -59,6 +60,7 @@ def cuda_unavailable_reason():
     if not torch.cuda.is_available():
         return "needs an NVIDIA GPU"
     import cpeft
+
     if not cpeft.has_cuda():
         return "needs a CUDA build of cpeft"
     return None
@@ -100,8 +102,7 @@ def absolute(value):
 
 def bound_of(reference_fn, *args, **kwargs):
     """The reference evaluated on absolute values of all float inputs (see the module docstring)."""
-    return reference_fn(*[absolute(a) for a in args],
-                        **{k: absolute(v) for k, v in kwargs.items()})
+    return reference_fn(*[absolute(a) for a in args], **{k: absolute(v) for k, v in kwargs.items()})
 
 
 def assert_close(ours, ref, bound, dtype, k, name="result"):
@@ -122,7 +123,8 @@ def assert_close(ours, ref, bound, dtype, k, name="result"):
         raise AssertionError(
             f"{name} ({np.dtype(dtype).name}, K={k}): {int(bad.sum())} of {err.size} elements "
             f"outside tolerance; worst at {worst}: ours={ours[worst]!r} ref={ref[worst]!r} "
-            f"err={err[worst]:.3e} allowed={allowed[worst]:.3e}")
+            f"err={err[worst]:.3e} allowed={allowed[worst]:.3e}"
+        )
 
 
 def central_difference(loss, array, h=1e-6):
@@ -212,4 +214,5 @@ def frozen_copy(a):
 def assert_unchanged(after, before, name):
     assert after.shape == before.shape and after.dtype == before.dtype, name
     assert np.ascontiguousarray(after).tobytes() == np.ascontiguousarray(before).tobytes(), (
-        f"{name} was modified")
+        f"{name} was modified"
+    )

@@ -9,6 +9,7 @@ indices, V vocabulary size, D embedding width. Dropout is an explicit ``mask`` a
 holding 0 or 1/(1-p) (``None``: no dropout); ``dropout_mask`` rebuilds it from the documented
 Philox4x32-10 counter scheme.
 """
+
 import numpy as np
 
 
@@ -31,8 +32,10 @@ def _groups(out_features, enable_lora):
 # LoRA linear (loralib Linear / MergedLinear)
 # ---------------------------------------------------------------------------------------------
 
-def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, *, fan_in_fan_out=False,
-                        enable_lora=None, mask=None):
+
+def lora_linear_forward(
+    x, weight, bias, lora_a, lora_b, scale, *, fan_in_fan_out=False, enable_lora=None, mask=None
+):
     """y = x·Wᵀ + b + s · scatter_K(xa_k · B_kᵀ),  xa = (x ⊙ mask)·Aᵀ.
 
     x (..., IN); weight (OUT, IN), or (IN, OUT) with fan_in_fan_out; bias (OUT,) or None;
@@ -53,13 +56,15 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, *, fan_in_fan_ou
         y = y + _f64(bias)
     seg, enabled = _groups(out_features, enable_lora)
     for k, g in enumerate(enabled):
-        y[:, g * seg:(g + 1) * seg] += scale * (xa[:, k * r:(k + 1) * r]
-                                                @ b[k * seg:(k + 1) * seg].T)
+        y[:, g * seg : (g + 1) * seg] += scale * (
+            xa[:, k * r : (k + 1) * r] @ b[k * seg : (k + 1) * seg].T
+        )
     return y.reshape(lead + (out_features,)), xa.reshape(lead + (a.shape[0],))
 
 
-def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, scale, *, fan_in_fan_out=False,
-                         enable_lora=None, mask=None):
+def lora_linear_backward(
+    grad_out, x, weight, lora_a, lora_b, scale, *, fan_in_fan_out=False, enable_lora=None, mask=None
+):
     """Gradients of lora_linear_forward for upstream gradient grad_out (..., OUT).
 
     With g = grad_out as (M, OUT), xd = x ⊙ mask, xa = xd·Aᵀ and gb_k = g_k·B_k (M, R):
@@ -84,9 +89,9 @@ def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, scale, *, fan_in_f
     gb = np.zeros_like(xa)
     grad_b = np.zeros_like(b)
     for k, grp in enumerate(enabled):
-        g_k = g[:, grp * seg:(grp + 1) * seg]
-        gb[:, k * r:(k + 1) * r] = g_k @ b[k * seg:(k + 1) * seg]
-        grad_b[k * seg:(k + 1) * seg] = scale * (g_k.T @ xa[:, k * r:(k + 1) * r])
+        g_k = g[:, grp * seg : (grp + 1) * seg]
+        gb[:, k * r : (k + 1) * r] = g_k @ b[k * seg : (k + 1) * seg]
+        grad_b[k * seg : (k + 1) * seg] = scale * (g_k.T @ xa[:, k * r : (k + 1) * r])
     lora_x = gb @ a
     if mk is not None:
         lora_x = lora_x * mk
@@ -111,7 +116,9 @@ def lora_delta(lora_a, lora_b, scale, out_features, *, enable_lora=None):
     delta = np.zeros((out_features, a.shape[1]))
     seg, enabled = _groups(out_features, enable_lora)
     for k, g in enumerate(enabled):
-        delta[g * seg:(g + 1) * seg] = scale * (b[k * seg:(k + 1) * seg] @ a[k * r:(k + 1) * r])
+        delta[g * seg : (g + 1) * seg] = scale * (
+            b[k * seg : (k + 1) * seg] @ a[k * r : (k + 1) * r]
+        )
     return delta
 
 
@@ -126,6 +133,7 @@ def lora_merged_weight(weight, lora_a, lora_b, scale, *, fan_in_fan_out=False, e
 # ---------------------------------------------------------------------------------------------
 # LoRA embedding (loralib Embedding)
 # ---------------------------------------------------------------------------------------------
+
 
 def lora_embedding_forward(indices, weight, lora_a, lora_b, scale):
     """y[n] = W[idx[n]] + s · Aᵀ[idx[n]]·Bᵀ.
@@ -169,6 +177,7 @@ def lora_embedding_merged_weight(weight, lora_a, lora_b, scale):
 # IA3 (peft): output scaling, input scaling (feedforward), embedding
 # ---------------------------------------------------------------------------------------------
 
+
 def ia3_linear_forward(x, weight, bias, ia3_l, *, feedforward=False, fan_in_fan_out=False):
     """Output scaling: y = (x·Wᵀ + b) ⊙ l, l with OUT entries; also returns base = x·Wᵀ + b.
     Input scaling (feedforward): y = (x ⊙ l)·Wᵀ + b, l with IN entries; base is None.
@@ -186,8 +195,9 @@ def ia3_linear_forward(x, weight, bias, ia3_l, *, feedforward=False, fan_in_fan_
     return base * l, base
 
 
-def ia3_linear_backward(grad_out, x, weight, bias, ia3_l, *, feedforward=False,
-                        fan_in_fan_out=False):
+def ia3_linear_backward(
+    grad_out, x, weight, bias, ia3_l, *, feedforward=False, fan_in_fan_out=False
+):
     """Gradients for upstream grad_out (..., OUT) (x (..., IN) as in the forward):
 
     output scaling: x = (g ⊙ l)·W;  ia3_l = Σ_rows g ⊙ (x·Wᵀ + b);  bias = Σ_rows g ⊙ l;
@@ -203,13 +213,21 @@ def ia3_linear_backward(grad_out, x, weight, bias, ia3_l, *, feedforward=False,
     l = _f64(ia3_l).reshape(-1)
     if feedforward:
         gw = g @ w
-        grad = {"x": gw * l, "ia3_l": (xm * gw).sum(axis=0), "bias": g.sum(axis=0),
-                "weight": g.T @ (xm * l)}
+        grad = {
+            "x": gw * l,
+            "ia3_l": (xm * gw).sum(axis=0),
+            "bias": g.sum(axis=0),
+            "weight": g.T @ (xm * l),
+        }
     else:
         b = 0.0 if bias is None else _f64(bias)
         gl = g * l
-        grad = {"x": gl @ w, "ia3_l": (g * (xm @ w.T + b)).sum(axis=0),
-                "bias": gl.sum(axis=0), "weight": gl.T @ xm}
+        grad = {
+            "x": gl @ w,
+            "ia3_l": (g * (xm @ w.T + b)).sum(axis=0),
+            "bias": gl.sum(axis=0),
+            "weight": gl.T @ xm,
+        }
     grad["x"] = grad["x"].reshape(np.shape(x))
     grad["ia3_l"] = grad["ia3_l"].reshape(np.shape(ia3_l))
     if fan_in_fan_out:
@@ -220,8 +238,9 @@ def ia3_linear_backward(grad_out, x, weight, bias, ia3_l, *, feedforward=False,
 def ia3_embedding_forward(indices, weight, ia3_l):
     """y[n] = W[idx[n]] ⊙ l.  indices (...); weight (V, D); ia3_l with D entries. y (..., D)."""
     idx = np.asarray(indices)
-    return _f64(weight)[idx.reshape(-1)].reshape(idx.shape + (np.shape(weight)[1],)) \
-        * _f64(ia3_l).reshape(-1)
+    return _f64(weight)[idx.reshape(-1)].reshape(idx.shape + (np.shape(weight)[1],)) * _f64(
+        ia3_l
+    ).reshape(-1)
 
 
 def ia3_embedding_backward(grad_out, indices, weight, ia3_l, *, padding_idx=None):

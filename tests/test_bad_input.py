@@ -1,5 +1,6 @@
 """Every entry point of cpeft.functional rejects bad input with the documented exception type and
 a message naming the offending argument, and leaves every array it was given untouched."""
+
 import ctypes
 import sys
 
@@ -42,29 +43,38 @@ def indices(*values, dtype=np.int64):
 
 def valid_args(entry):
     """A valid call of ``entry`` (M=4 rows, IN=5, OUT=6, R=2, V=7, D=3, float32)."""
-    lora_linear = dict(x=arr(M, IN), weight=arr(OUT, IN), bias=arr(OUT), lora_a=arr(R, IN),
-                       lora_b=arr(OUT, R), scale=0.5)
-    lora_emb = dict(indices=indices(0, 3, 6, 3), weight=arr(V, D), lora_a=arr(R, V),
-                    lora_b=arr(D, R), scale=0.5)
+    lora_linear = dict(
+        x=arr(M, IN),
+        weight=arr(OUT, IN),
+        bias=arr(OUT),
+        lora_a=arr(R, IN),
+        lora_b=arr(OUT, R),
+        scale=0.5,
+    )
+    lora_emb = dict(
+        indices=indices(0, 3, 6, 3), weight=arr(V, D), lora_a=arr(R, V), lora_b=arr(D, R), scale=0.5
+    )
     ia3_linear = dict(x=arr(M, IN), weight=arr(OUT, IN), bias=arr(OUT), ia3_l=arr(OUT, 1))
     ia3_emb = dict(indices=indices(0, 3, 6, 3), weight=arr(V, D), ia3_l=arr(D))
     table = {
         "lora_linear_forward": lora_linear,
-        "lora_linear_backward": dict(lora_linear, grad_out=arr(M, OUT), xa=arr(M, R),
-                                     bias=None),
+        "lora_linear_backward": dict(lora_linear, grad_out=arr(M, OUT), xa=arr(M, R), bias=None),
         "lora_embedding_forward": lora_emb,
-        "lora_embedding_backward": dict(grad_out=arr(M, D), indices=lora_emb["indices"],
-                                        lora_a=lora_emb["lora_a"], lora_b=lora_emb["lora_b"],
-                                        scale=0.5),
+        "lora_embedding_backward": dict(
+            grad_out=arr(M, D),
+            indices=lora_emb["indices"],
+            lora_a=lora_emb["lora_a"],
+            lora_b=lora_emb["lora_b"],
+            scale=0.5,
+        ),
         "ia3_linear_forward": ia3_linear,
-        "ia3_linear_backward": dict(ia3_linear, grad_out=arr(M, OUT), base=arr(M, OUT),
-                                    bias=None),
+        "ia3_linear_backward": dict(ia3_linear, grad_out=arr(M, OUT), base=arr(M, OUT), bias=None),
         "ia3_embedding_forward": ia3_emb,
         "ia3_embedding_backward": dict(ia3_emb, grad_out=arr(M, D)),
-        "lora_merge": dict(weight=arr(OUT, IN), lora_a=arr(R, IN), lora_b=arr(OUT, R),
-                           scale=0.5),
-        "lora_embedding_merge": dict(weight=arr(V, D), lora_a=arr(R, V), lora_b=arr(D, R),
-                                     scale=0.5),
+        "lora_merge": dict(weight=arr(OUT, IN), lora_a=arr(R, IN), lora_b=arr(OUT, R), scale=0.5),
+        "lora_embedding_merge": dict(
+            weight=arr(V, D), lora_a=arr(R, V), lora_b=arr(D, R), scale=0.5
+        ),
         "ia3_merge": dict(weight=arr(OUT, IN), ia3_l=arr(OUT, 1)),
         "ia3_embedding_merge": dict(weight=arr(V, D), ia3_l=arr(D)),
         "dropout_mask": dict(shape=(M, IN), p=0.5, seed=1, offset=0),
@@ -100,8 +110,10 @@ def non_blas(shape, dtype=DT):
 def overlapping(shape_a, shape_b, shift):
     """Two views of one buffer that share elements."""
     buf = np.zeros(int(np.prod(shape_a)) + int(np.prod(shape_b)), DT)
-    return (buf[:int(np.prod(shape_a))].reshape(shape_a),
-            buf[shift:shift + int(np.prod(shape_b))].reshape(shape_b))
+    return (
+        buf[: int(np.prod(shape_a))].reshape(shape_a),
+        buf[shift : shift + int(np.prod(shape_b))].reshape(shape_b),
+    )
 
 
 def overlapping_x_out(_args):
@@ -117,6 +129,7 @@ def overlapping_grads(_args):
 
 def bad_record(entry, field):
     """A record whose index or value does not fit the weight."""
+
     def change(args):
         key = "records" if entry == "ia3_unmerge" else "record"
         record = args[key][0] if entry == "ia3_unmerge" else args[key]
@@ -128,6 +141,7 @@ def bad_record(entry, field):
         else:
             new = type(record)(np.array([0, 1], np.int64), np.zeros(1, DT))
         return {key: (new, args[key][1]) if entry == "ia3_unmerge" else new}
+
     return change
 
 
@@ -156,10 +170,8 @@ def common_linear_cases(entry, lora):
     if lora:
         case(entry, {"lora_a": object()}, TypeError, "lora_a", "lora_a_object")
         case(entry, {"lora_b": [[1.0]]}, (TypeError, ValueError), "lora_b", "lora_b_list")
-        case(entry, {"lora_a": arr(R, IN).astype(np.float64)}, ValueError, "lora_a",
-             "lora_a_mixed")
-        case(entry, {"lora_b": arr(OUT, R).astype(np.int64)}, ValueError, "lora_b",
-             "lora_b_int64")
+        case(entry, {"lora_a": arr(R, IN).astype(np.float64)}, ValueError, "lora_a", "lora_a_mixed")
+        case(entry, {"lora_b": arr(OUT, R).astype(np.int64)}, ValueError, "lora_b", "lora_b_int64")
         case(entry, {"lora_a": arr(R * IN)}, ValueError, "lora_a", "lora_a_1d")
         case(entry, {"lora_a": arr(1, R, IN)}, ValueError, "lora_a", "lora_a_3d")
         case(entry, {"lora_b": arr(OUT)}, ValueError, "lora_b", "lora_b_1d")
@@ -176,12 +188,16 @@ def common_linear_cases(entry, lora):
         case(entry, {"enable_lora": [True] * 4}, ValueError, "enable_lora", "enable_not_dividing")
         case(entry, {"enable_lora": [False, False]}, ValueError, "enable_lora", "enable_all_false")
         case(entry, {"enable_lora": []}, ValueError, "enable_lora", "enable_empty")
-        case(entry, {"enable_lora": [True, False]}, ValueError, "lora_b|enable_lora",
-             "enable_lora_b_rows")
+        case(
+            entry,
+            {"enable_lora": [True, False]},
+            ValueError,
+            "lora_b|enable_lora",
+            "enable_lora_b_rows",
+        )
     else:
         case(entry, {"ia3_l": object()}, TypeError, "ia3_l", "ia3_l_object")
-        case(entry, {"ia3_l": arr(OUT, 1).astype(np.float64)}, ValueError, "ia3_l",
-             "ia3_l_mixed")
+        case(entry, {"ia3_l": arr(OUT, 1).astype(np.float64)}, ValueError, "ia3_l", "ia3_l_mixed")
         case(entry, {"ia3_l": arr(OUT + 1)}, ValueError, "ia3_l", "ia3_l_numel")
         case(entry, {"ia3_l": arr(OUT, 1, 1)}, ValueError, "ia3_l", "ia3_l_3d")
         case(entry, {"ia3_l": arr(2, 3)}, ValueError, "ia3_l", "ia3_l_not_vector")
@@ -225,8 +241,7 @@ case(E, {"grad_x": non_blas((M, IN))}, ValueError, "grad_x", "grad_x_not_blas")
 case(E, {"grad_lora_a": np.zeros((R + 1, IN), DT)}, ValueError, "grad_lora_a", "grad_a_shape")
 case(E, {"grad_lora_b": np.zeros((OUT, R + 1), DT)}, ValueError, "grad_lora_b", "grad_b_shape")
 case(E, {"grad_bias": np.zeros((OUT + 1,), DT)}, ValueError, "grad_bias", "grad_bias_shape")
-case(E, {"grad_weight": np.zeros((IN, OUT), DT)}, ValueError, "grad_weight",
-     "grad_weight_layout")
+case(E, {"grad_weight": np.zeros((IN, OUT), DT)}, ValueError, "grad_weight", "grad_weight_layout")
 case(E, lambda a: {"grad_lora_a": a["lora_a"]}, ValueError, "grad_lora_a", "grad_a_is_lora_a")
 case(E, lambda a: {"grad_x": a["x"]}, ValueError, "grad_x", "grad_x_is_x")
 case(E, lambda a: {"grad_weight": a["weight"]}, ValueError, "grad_weight", "grad_weight_is_w")
@@ -235,15 +250,26 @@ case(E, overlapping_grads, ValueError, "grad_lora_[ab]", "grad_outputs_overlap")
 # ---- LoRA embedding
 for E in ("lora_embedding_forward", "lora_embedding_backward"):
     case(E, {"indices": object()}, TypeError, "indices", "indices_object")
-    case(E, {"indices": indices(0, 3, 6, 3).astype(np.float64)}, ValueError, "indices",
-         "indices_float")
-    case(E, {"indices": indices(0, 3, 6, 3).astype(np.int16)}, ValueError, "indices",
-         "indices_int16")
+    case(
+        E,
+        {"indices": indices(0, 3, 6, 3).astype(np.float64)},
+        ValueError,
+        "indices",
+        "indices_float",
+    )
+    case(
+        E, {"indices": indices(0, 3, 6, 3).astype(np.int16)}, ValueError, "indices", "indices_int16"
+    )
     case(E, {"indices": indices(0, 3, V, 3)}, IndexError, "(?i)indices|index", "index_equals_V")
     case(E, {"indices": indices(0, -1, 2, 3)}, IndexError, "(?i)indices|index", "index_negative")
     case(E, {"indices": indices(0, 3, 2**40, 3)}, IndexError, "(?i)indices|index", "index_huge")
-    case(E, {"indices": indices(0, 3, V, 3, dtype=np.int32)}, IndexError, "(?i)indices|index",
-         "index_equals_V_int32")
+    case(
+        E,
+        {"indices": indices(0, 3, V, 3, dtype=np.int32)},
+        IndexError,
+        "(?i)indices|index",
+        "index_equals_V_int32",
+    )
     case(E, {"lora_a": object()}, TypeError, "lora_a", "lora_a_object")
     case(E, {"lora_b": arr(D, R + 1)}, ValueError, "lora_[ab]", "rank_mismatch")
     case(E, {"lora_a": arr(R * V)}, ValueError, "lora_a", "lora_a_1d")
@@ -266,8 +292,13 @@ E = "lora_embedding_backward"
 case(E, {"grad_out": arr(M, D + 1)}, ValueError, "grad_out|lora_b", "grad_out_width")
 case(E, {"grad_out": arr(M + 1, D)}, ValueError, "grad_out|indices", "grad_out_rows")
 case(E, {"grad_weight": np.zeros((V, D + 1), DT)}, ValueError, "grad_weight", "grad_w_shape")
-case(E, {"grad_lora_a": read_only(np.zeros((R, V), DT))}, ValueError, "grad_lora_a",
-     "grad_a_read_only")
+case(
+    E,
+    {"grad_lora_a": read_only(np.zeros((R, V), DT))},
+    ValueError,
+    "grad_lora_a",
+    "grad_a_read_only",
+)
 case(E, lambda a: {"grad_lora_b": a["lora_b"]}, ValueError, "grad_lora_b", "grad_b_is_lora_b")
 
 # ---- IA3 linear
@@ -276,10 +307,20 @@ common_linear_cases(E, lora=False)
 case(E, {"bias": arr(OUT + 1)}, ValueError, "bias", "bias_length")
 case(E, {"out": np.zeros((M, OUT + 1), DT)}, ValueError, "out", "out_shape")
 case(E, {"out": read_only(np.zeros((M, OUT), DT))}, ValueError, "out", "out_read_only")
-case(E, {"keep_base": True, "out_base": np.zeros((M, OUT + 1), DT)}, ValueError, "out_base",
-     "out_base_shape")
-case(E, {"keep_base": True, "out_base": non_blas((M, OUT))}, ValueError, "out_base",
-     "out_base_not_blas")
+case(
+    E,
+    {"keep_base": True, "out_base": np.zeros((M, OUT + 1), DT)},
+    ValueError,
+    "out_base",
+    "out_base_shape",
+)
+case(
+    E,
+    {"keep_base": True, "out_base": non_blas((M, OUT))},
+    ValueError,
+    "out_base",
+    "out_base_not_blas",
+)
 case(E, overlapping_x_out, ValueError, "out", "out_overlaps_x")
 E = "ia3_linear_backward"
 common_linear_cases(E, lora=False)
@@ -294,8 +335,13 @@ case(E, lambda a: {"grad_ia3_l": a["ia3_l"]}, ValueError, "grad_ia3_l", "grad_l_
 # ---- IA3 embedding
 for E in ("ia3_embedding_forward", "ia3_embedding_backward"):
     case(E, {"indices": indices(0, 3, V, 3)}, IndexError, "(?i)indices|index", "index_equals_V")
-    case(E, {"indices": indices(0, 3, 6, 3).astype(np.float32)}, ValueError, "indices",
-         "indices_float")
+    case(
+        E,
+        {"indices": indices(0, 3, 6, 3).astype(np.float32)},
+        ValueError,
+        "indices",
+        "indices_float",
+    )
     case(E, {"ia3_l": arr(D + 1)}, ValueError, "ia3_l", "ia3_l_numel")
     case(E, {"ia3_l": arr(D).astype(np.float64)}, ValueError, "ia3_l", "ia3_l_mixed")
     case(E, {"weight": object()}, TypeError, "weight", "weight_object")
@@ -311,8 +357,7 @@ case(E, {"grad_weight": np.zeros((V + 1, D), DT)}, ValueError, "grad_weight", "g
 # ---- merges
 for E in ("lora_merge", "lora_unmerge"):
     case(E, {"weight": object()}, TypeError, "weight", "weight_object")
-    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight",
-         "weight_read_only")
+    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight", "weight_read_only")
     case(E, {"weight": arr(OUT, IN).astype(np.int32)}, ValueError, "weight", "weight_int32")
     case(E, {"lora_b": arr(OUT, R).astype(np.float64)}, ValueError, "lora_b", "lora_b_mixed")
     case(E, {"lora_b": arr(OUT, R + 1)}, ValueError, "lora_[ab]", "rank_mismatch")
@@ -323,14 +368,12 @@ for E in ("lora_merge", "lora_unmerge"):
     for bad in (float("nan"), float("inf")):
         case(E, {"scale": bad}, ValueError, "scale", f"scale_{bad}")
 for E in ("lora_embedding_merge", "lora_embedding_unmerge"):
-    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight",
-         "weight_read_only")
+    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight", "weight_read_only")
     case(E, {"lora_a": arr(R, V + 1)}, ValueError, "lora_a|weight", "vocab_mismatch")
     case(E, {"lora_b": arr(D, R + 1)}, ValueError, "lora_[ab]", "rank_mismatch")
     case(E, {"scale": float("nan")}, ValueError, "scale", "scale_nan")
 for E in ("ia3_merge", "ia3_unmerge"):
-    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight",
-         "weight_read_only")
+    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight", "weight_read_only")
     case(E, {"ia3_l": arr(OUT + 1, 1)}, ValueError, "ia3_l", "ia3_l_numel")
     case(E, {"ia3_l": arr(OUT, 1).astype(np.float64)}, ValueError, "ia3_l", "ia3_l_mixed")
     case(E, {"feedforward": True}, ValueError, "ia3_l", "feedforward_numel")
@@ -339,8 +382,7 @@ case("ia3_merge", {"bias": arr(OUT + 1)}, ValueError, "bias", "bias_length")
 case("ia3_merge", {"bias": read_only(arr(OUT))}, ValueError, "bias", "bias_read_only")
 case("ia3_merge", {"bias": arr(OUT).astype(np.float64)}, ValueError, "bias", "bias_mixed")
 for E in ("ia3_embedding_merge", "ia3_embedding_unmerge"):
-    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight",
-         "weight_read_only")
+    case(E, lambda a: {"weight": read_only(a["weight"])}, ValueError, "weight", "weight_read_only")
     case(E, {"ia3_l": arr(D + 1)}, ValueError, "ia3_l", "ia3_l_numel")
 for E in ("lora_unmerge", "lora_embedding_unmerge", "ia3_unmerge", "ia3_embedding_unmerge"):
     key = "records" if E == "ia3_unmerge" else "record"
@@ -403,6 +445,7 @@ def test_every_entry_point_has_cases():
 
 # ---- a CUDA request where no CUDA device can run it
 
+
 class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
 
@@ -412,14 +455,23 @@ class _DLDataType(ctypes.Structure):
 
 
 class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
 
 
 class _DLManagedTensor(ctypes.Structure):
-    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p),
-                ("deleter", ctypes.c_void_p)]
+    _fields_ = [
+        ("dl_tensor", _DLTensor),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+    ]
 
 
 _CAPSULE_NAME = ctypes.c_char_p(b"dltensor")
@@ -432,13 +484,23 @@ class FakeCudaTensor:
     def __init__(self, array):
         self.array = np.ascontiguousarray(array)
         self.shape = (ctypes.c_int64 * array.ndim)(*array.shape)
-        self.strides = (ctypes.c_int64 * array.ndim)(*[s // array.itemsize
-                                                       for s in self.array.strides])
+        self.strides = (ctypes.c_int64 * array.ndim)(
+            *[s // array.itemsize for s in self.array.strides]
+        )
         code = 0 if array.dtype.kind == "i" else 2
         self.managed = _DLManagedTensor(
-            _DLTensor(self.array.ctypes.data, _DLDevice(2, 0), array.ndim,
-                      _DLDataType(code, array.itemsize * 8, 1), self.shape, self.strides, 0),
-            None, None)
+            _DLTensor(
+                self.array.ctypes.data,
+                _DLDevice(2, 0),
+                array.ndim,
+                _DLDataType(code, array.itemsize * 8, 1),
+                self.shape,
+                self.strides,
+                0,
+            ),
+            None,
+            None,
+        )
 
     def __dlpack_device__(self):
         return (2, 0)
@@ -461,15 +523,18 @@ def test_cuda_request_without_cuda_device():
         call("lora_embedding_forward", fake)
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(nbytes=-1), ValueError, "nbytes must be an int >= 0"),
-    (dict(nbytes=1.5), TypeError, "nbytes"),
-    (dict(nbytes="1"), TypeError, "nbytes"),
-    (dict(nbytes=1, stream="s"), TypeError, "stream"),
-    (dict(nbytes=1, stream=-1), ValueError, "stream"),
-    (dict(nbytes=1, device=-1), ValueError, "device must be None or a CUDA device index"),
-    (dict(nbytes=1, device=1 << 20), ValueError, "device must be None or a CUDA device index"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(nbytes=-1), ValueError, "nbytes must be an int >= 0"),
+        (dict(nbytes=1.5), TypeError, "nbytes"),
+        (dict(nbytes="1"), TypeError, "nbytes"),
+        (dict(nbytes=1, stream="s"), TypeError, "stream"),
+        (dict(nbytes=1, stream=-1), ValueError, "stream"),
+        (dict(nbytes=1, device=-1), ValueError, "device must be None or a CUDA device index"),
+        (dict(nbytes=1, device=1 << 20), ValueError, "device must be None or a CUDA device index"),
+    ],
+)
 def test_cuda_reserve_workspace_bad_arguments(kwargs, error, words):
     from cpeft import _C
 

@@ -2,14 +2,16 @@
 torch.library custom ops, so ``fullgraph=True`` compiles with no graph break, and results and
 gradients equal eager. On a GPU, ``mode="reduce-overhead"`` captures the ops in CUDA graphs whose
 replays equal eager."""
+
 import pytest
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from test_layers_torch import nonzero_adapters  # noqa: E402
+
 import cpeft  # noqa: E402
 from conftest import skip_without_cuda  # noqa: E402
-from test_layers_torch import nonzero_adapters  # noqa: E402
 
 
 class Model(nn.Module):
@@ -21,9 +23,15 @@ class Model(nn.Module):
         self.embedding = cpeft.Embedding(20, 8, r=2, lora_alpha=4, padding_idx=0, **kw)
         self.ia3_embedding = cpeft.IA3Embedding(20, 8, padding_idx=3, **kw)
         self.linear = cpeft.Linear(8, 8, r=2, lora_alpha=4, lora_dropout=dropout, **kw)
-        self.merged = cpeft.MergedLinear(8, 12, r=2, lora_dropout=dropout,
-                                         enable_lora=[True, False, True], fan_in_fan_out=True,
-                                         **kw)
+        self.merged = cpeft.MergedLinear(
+            8,
+            12,
+            r=2,
+            lora_dropout=dropout,
+            enable_lora=[True, False, True],
+            fan_in_fan_out=True,
+            **kw,
+        )
         self.ia3 = cpeft.IA3Linear(12, 8, **kw)
         self.ia3_feedforward = cpeft.IA3Linear(8, 5, is_feedforward=True, **kw)
         for module in self.children():
@@ -40,16 +48,20 @@ def run(model, indices):
     model.zero_grad(set_to_none=True)
     y = model(indices)
     y.mean().backward()
-    return y.detach(), {n.removeprefix("_orig_mod."): p.grad.clone()
-                        for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), {
+        n.removeprefix("_orig_mod."): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
 def assert_equal_runs(got, expected):
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
     assert sorted(got[1]) == sorted(expected[1])
     for name, grad in expected[1].items():
-        torch.testing.assert_close(got[1][name], grad, rtol=1e-12, atol=1e-12,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[1][name], grad, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
@@ -104,8 +116,11 @@ def test_compiled_dropout_draws_the_eager_seeds():
 
 def test_inductor_compiles_a_lora_linear():
     torch.manual_seed(0)
-    model = nn.Sequential(nonzero_adapters(cpeft.Linear(6, 6, r=2)), nn.GELU(),
-                          nonzero_adapters(cpeft.IA3Linear(6, 3)))
+    model = nn.Sequential(
+        nonzero_adapters(cpeft.Linear(6, 6, r=2)),
+        nn.GELU(),
+        nonzero_adapters(cpeft.IA3Linear(6, 3)),
+    )
     x = torch.randn(4, 6)
     model.zero_grad(set_to_none=True)
     y = model(x)
@@ -133,8 +148,7 @@ def test_cuda_graph_replays_equal_eager(dtype):
     model = Model(dtype=dtype, device="cuda")
     torch._dynamo.reset()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2,
-                                                                                atol=2e-2)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for _ in range(5):
         indices = torch.randint(0, 20, (8, 16), device="cuda")
         expected = run(model, indices)
@@ -152,12 +166,15 @@ class DoraModel(nn.Module):
 
     def __init__(self, dropout=0.0, **kw):
         super().__init__()
-        self.embedding = cpeft.Embedding(20, 8, r=2, lora_alpha=4, padding_idx=0, use_dora=True,
-                                         **kw)
-        self.linear = cpeft.Linear(8, 8, r=2, lora_alpha=4, lora_dropout=dropout, use_dora=True,
-                                   **kw)
-        self.transposed = cpeft.Linear(8, 6, r=3, lora_dropout=dropout, fan_in_fan_out=True,
-                                       use_dora=True, **kw)
+        self.embedding = cpeft.Embedding(
+            20, 8, r=2, lora_alpha=4, padding_idx=0, use_dora=True, **kw
+        )
+        self.linear = cpeft.Linear(
+            8, 8, r=2, lora_alpha=4, lora_dropout=dropout, use_dora=True, **kw
+        )
+        self.transposed = cpeft.Linear(
+            8, 6, r=3, lora_dropout=dropout, fan_in_fan_out=True, use_dora=True, **kw
+        )
         self.lora = cpeft.Linear(6, 5, r=2, **kw)
         for module in self.children():
             nonzero_adapters(module)
@@ -175,8 +192,11 @@ def test_dora_fullgraph_compile_equals_eager(backend, device):
     model = DoraModel(dtype=torch.float64, device=device)
     indices = torch.randint(0, 20, (3, 4), device=device)
     expected = run(model, indices)
-    assert {"embedding.lora_magnitude_vector", "linear.lora_magnitude_vector",
-            "transposed.lora_magnitude_vector"} <= set(expected[1])
+    assert {
+        "embedding.lora_magnitude_vector",
+        "linear.lora_magnitude_vector",
+        "transposed.lora_magnitude_vector",
+    } <= set(expected[1])
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     assert_equal_runs(run(compiled, indices), expected)
@@ -194,8 +214,9 @@ def test_dora_compile_with_a_frozen_magnitude_equals_eager():
     expected = run(model, indices)
     assert not any("magnitude" in name for name in expected[1])
     torch._dynamo.reset()
-    assert_equal_runs(run(torch.compile(model, backend="aot_eager", fullgraph=True), indices),
-                      expected)
+    assert_equal_runs(
+        run(torch.compile(model, backend="aot_eager", fullgraph=True), indices), expected
+    )
 
 
 def test_dora_graph_holds_one_custom_op_per_layer():
@@ -206,8 +227,9 @@ def test_dora_graph_holds_one_custom_op_per_layer():
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(DoraModel(dtype=torch.float64), backend=backend,
-                  fullgraph=True)(torch.randint(0, 20, (3, 4)))
+    torch.compile(DoraModel(dtype=torch.float64), backend=backend, fullgraph=True)(
+        torch.randint(0, 20, (3, 4))
+    )
     assert len(graphs) == 1
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert sum("cpeft.dora_embedding" in t for t in targets) == 1
@@ -257,8 +279,7 @@ class GroupedModel(nn.Module):
 
         def parameter(*shape, requires_grad=True):
             values = torch.randn(shape, generator=generator, dtype=torch.float64)
-            return nn.Parameter(values.to(dtype=dtype, device=device),
-                                requires_grad=requires_grad)
+            return nn.Parameter(values.to(dtype=dtype, device=device), requires_grad=requires_grad)
 
         self.fan_in_fan_out, self.dropout = fan_in_fan_out, dropout
         self.weight = parameter(*((8, 6) if fan_in_fan_out else (6, 8)), requires_grad=False)
@@ -266,10 +287,18 @@ class GroupedModel(nn.Module):
         self.lora_a, self.lora_b = parameter(5, 8), parameter(6, 5)
 
     def forward(self, x, index):
-        y = cpeft._autograd.lora_grouped(x, self.weight, self.bias, self.lora_a, self.lora_b,
-                                         index, ranks=[2, 3], scales=[0.5, 2.0],
-                                         fan_in_fan_out=self.fan_in_fan_out,
-                                         dropout=self.dropout)
+        y = cpeft._autograd.lora_grouped(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_a,
+            self.lora_b,
+            index,
+            ranks=[2, 3],
+            scales=[0.5, 2.0],
+            fan_in_fan_out=self.fan_in_fan_out,
+            dropout=self.dropout,
+        )
         return torch.tanh(y)
 
 
@@ -278,8 +307,11 @@ def run_grouped(model, x, index):
     x = x.detach().requires_grad_(True)
     y = model(x, index)
     y.mean().backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.clone()
-             for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     grads["x"] = x.grad.clone()
     return y.detach(), grads
 

@@ -9,6 +9,7 @@
 
 Each threaded test is bounded in time (a couple of seconds).
 """
+
 import threading
 import time
 
@@ -30,8 +31,9 @@ def _family_calls(rng, dtype):
     """name -> function of no arguments returning a tuple of fresh result arrays; every input is
     shared by all callers and never written."""
     m, n_in, n_out, r, v, d = 48, 96, 80, 8, 50, 24
-    x, w, b, a, lb, g = _arrays(rng, (m, n_in), (n_out, n_in), (n_out,), (r, n_in), (n_out, r),
-                                (m, n_out), dtype=dtype)
+    x, w, b, a, lb, g = _arrays(
+        rng, (m, n_in), (n_out, n_in), (n_out,), (r, n_in), (n_out, r), (m, n_out), dtype=dtype
+    )
     we, ae, be, ge = _arrays(rng, (v, d), (r, v), (d, r), (m, d), dtype=dtype)
     l_out, l_in, l_emb = [1 + a_ for a_ in _arrays(rng, (n_out,), (n_in,), (d,), dtype=dtype)]
     idx = rng.integers(0, v, m).astype(np.int64)
@@ -54,36 +56,59 @@ def _family_calls(rng, dtype):
         return (*merged, own_w, own_b, *records[0], *records[1])
 
     return {
-        "lora_linear_forward": lambda: F.lora_linear_forward(x, w, b, a, lb, 0.5, dropout=0.25,
-                                                             seed=9, offset=3),
-        "lora_linear_backward": lambda: tuple(F.lora_linear_backward(
-            g, x, w, a, lb, xa, 0.5, dropout=0.25, seed=9, offset=3, grad_bias=True,
-            grad_weight=True)),
+        "lora_linear_forward": lambda: F.lora_linear_forward(
+            x, w, b, a, lb, 0.5, dropout=0.25, seed=9, offset=3
+        ),
+        "lora_linear_backward": lambda: tuple(
+            F.lora_linear_backward(
+                g,
+                x,
+                w,
+                a,
+                lb,
+                xa,
+                0.5,
+                dropout=0.25,
+                seed=9,
+                offset=3,
+                grad_bias=True,
+                grad_weight=True,
+            )
+        ),
         "lora_embedding_forward": lambda: (F.lora_embedding_forward(idx, we, ae, be, 2.0),),
-        "lora_embedding_backward": lambda: tuple(F.lora_embedding_backward(
-            ge, idx, ae, be, 2.0, padding_idx=3, grad_weight=True)),
+        "lora_embedding_backward": lambda: tuple(
+            F.lora_embedding_backward(ge, idx, ae, be, 2.0, padding_idx=3, grad_weight=True)
+        ),
         "ia3_linear_forward": lambda: F.ia3_linear_forward(x, w, b, l_out, keep_base=True),
-        "ia3_linear_backward": lambda: tuple(F.ia3_linear_backward(
-            g, x, w, l_out, base, grad_bias=True, grad_weight=True)),
-        "ia3_feedforward_backward": lambda: tuple(F.ia3_linear_backward(
-            g, x, w, l_in, None, feedforward=True, grad_bias=True, grad_weight=True)),
+        "ia3_linear_backward": lambda: tuple(
+            F.ia3_linear_backward(g, x, w, l_out, base, grad_bias=True, grad_weight=True)
+        ),
+        "ia3_feedforward_backward": lambda: tuple(
+            F.ia3_linear_backward(
+                g, x, w, l_in, None, feedforward=True, grad_bias=True, grad_weight=True
+            )
+        ),
         "ia3_embedding_forward": lambda: (F.ia3_embedding_forward(idx, we, l_emb),),
-        "ia3_embedding_backward": lambda: tuple(F.ia3_embedding_backward(
-            ge, idx, we, l_emb, padding_idx=3, grad_weight=True)),
+        "ia3_embedding_backward": lambda: tuple(
+            F.ia3_embedding_backward(ge, idx, we, l_emb, padding_idx=3, grad_weight=True)
+        ),
         "lora_merge": lambda: merge_roundtrip(F.lora_merge, F.lora_unmerge, w, a, lb, 0.5),
-        "lora_embedding_merge": lambda: merge_roundtrip(F.lora_embedding_merge,
-                                                        F.lora_embedding_unmerge, we, ae, be,
-                                                        2.0),
+        "lora_embedding_merge": lambda: merge_roundtrip(
+            F.lora_embedding_merge, F.lora_embedding_unmerge, we, ae, be, 2.0
+        ),
         "ia3_merge": ia3_merge_roundtrip,
-        "ia3_embedding_merge": lambda: merge_roundtrip(F.ia3_embedding_merge,
-                                                       F.ia3_embedding_unmerge, we, l_emb),
+        "ia3_embedding_merge": lambda: merge_roundtrip(
+            F.ia3_embedding_merge, F.ia3_embedding_unmerge, we, l_emb
+        ),
         "dropout_mask": lambda: (F.dropout_mask((m, n_in), 0.3, 5, 2**64 - 100),),
     }
 
 
 def _bits(results):
-    return [None if r is None else (r.shape, r.dtype.str, np.ascontiguousarray(r).tobytes())
-            for r in results]
+    return [
+        None if r is None else (r.shape, r.dtype.str, np.ascontiguousarray(r).tobytes())
+        for r in results
+    ]
 
 
 def _run_threads(worker, count=THREADS):
@@ -117,7 +142,7 @@ def test_shared_inputs_give_serial_results_bit_for_bit(dtype):
 
     def worker(k):
         for round_ in range(ROUNDS):
-            for name in names[k % len(names):] + names[:k % len(names)]:
+            for name in names[k % len(names) :] + names[: k % len(names)]:
                 if _bits(calls[name]()) != serial[name]:
                     mismatches.append((k, round_, name))
 
@@ -135,8 +160,10 @@ def test_torch_layers_shared_by_threads_give_serial_results():
     torch.manual_seed(3)
     layers = {
         "Linear": (cpeft.Linear(40, 32, r=4, lora_alpha=8), lambda: torch.randn(16, 40)),
-        "MergedLinear": (cpeft.MergedLinear(40, 48, r=2, enable_lora=[True, False, True]),
-                         lambda: torch.randn(16, 40)),
+        "MergedLinear": (
+            cpeft.MergedLinear(40, 48, r=2, enable_lora=[True, False, True]),
+            lambda: torch.randn(16, 40),
+        ),
         "Embedding": (cpeft.Embedding(30, 12, r=4), lambda: torch.randint(0, 30, (16,))),
         "IA3Linear": (cpeft.IA3Linear(40, 32), lambda: torch.randn(16, 40)),
         "IA3Embedding": (cpeft.IA3Embedding(30, 12), lambda: torch.randint(0, 30, (16,))),
@@ -173,6 +200,7 @@ def test_torch_layers_shared_by_threads_give_serial_results():
 
 
 # ---- a thread rewriting an input while others call cpeft -----------------------------------
+
 
 class Rewriter:
     """Rewrites part of an array in a loop until stopped."""
@@ -223,8 +251,15 @@ def _hammer(call, seconds, check=None, threads=2):
 BIG = 1 << 40
 
 
-@pytest.mark.parametrize("entry", ["lora_embedding_forward", "lora_embedding_backward",
-                                   "ia3_embedding_forward", "ia3_embedding_backward"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "lora_embedding_forward",
+        "lora_embedding_backward",
+        "ia3_embedding_forward",
+        "ia3_embedding_backward",
+    ],
+)
 def test_indices_rewritten_during_calls(entry):
     """Indices flip between 0 and 2**40 (and -1) while the calls run: a call raises IndexError
     or returns a result in which only row 0 can have been read or written."""
@@ -245,10 +280,12 @@ def test_indices_rewritten_during_calls(entry):
         if entry == "ia3_embedding_forward":
             return F.ia3_embedding_forward(idx, weight, ia3_l)
         if entry == "lora_embedding_backward":
-            return F.lora_embedding_backward(grad, idx, lora_a, lora_b, 1.0, grad_lora_b=False,
-                                             grad_weight=True).weight
-        return F.ia3_embedding_backward(grad, idx, weight, ia3_l, grad_ia3_l=False,
-                                        grad_weight=True).weight
+            return F.lora_embedding_backward(
+                grad, idx, lora_a, lora_b, 1.0, grad_lora_b=False, grad_weight=True
+            ).weight
+        return F.ia3_embedding_backward(
+            grad, idx, weight, ia3_l, grad_ia3_l=False, grad_weight=True
+        ).weight
 
     def check(result):
         if entry.endswith("forward"):
@@ -313,14 +350,15 @@ def test_unmerge_record_rewritten_during_calls():
 
     def call():
         guard = np.full(weight.size + 64, 9.5, np.float32)
-        target = guard[32:32 + weight.size].reshape(weight.shape)
+        target = guard[32 : 32 + weight.size].reshape(weight.shape)
         target[...] = weight  # a fresh merged copy for every call
         F.lora_merge(target, a, b, 0.75)
         try:
             F.lora_unmerge(target, a, b, 0.75, record)
         finally:
-            assert np.all(guard[:32] == 9.5) and np.all(guard[-32:] == 9.5), \
+            assert np.all(guard[:32] == 9.5) and np.all(guard[-32:] == 9.5), (
                 "an unmerge wrote outside its weight"
+            )
         return target
 
     with Rewriter(flip):

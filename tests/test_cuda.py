@@ -9,6 +9,7 @@ ulps of the output's largest magnitude covers formulas torch happens to compute 
 Everything here needs an NVIDIA GPU and a CUDA build of cpeft; elsewhere each test is skipped
 with that reason. Inputs also arrive through DLPack from CuPy and JAX where those import.
 """
+
 import math
 
 import numpy as np
@@ -29,6 +30,7 @@ def _needs_cuda():
     import (collecting this module touches no GPU)."""
     skip_without_cuda()
 
+
 LOW = ("float16", "bfloat16", "float32")
 FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0
 # (M, IN, OUT, R): the awkward sizes of the issue (1, 3, 113, 1023) in every position.
@@ -45,14 +47,16 @@ def dev():
 
 def randn(*shape, dtype="float32", scale=1.0, device=None):
     return (torch.randn(*shape, dtype=torch.float64, device=device or dev()) * scale).to(
-        tdtype(dtype) if isinstance(dtype, str) else dtype)
+        tdtype(dtype) if isinstance(dtype, str) else dtype
+    )
 
 
 def check(name, got, ref, torch_lp, factor):
     """got/torch_lp: results in the test precision; ref: float64 on the same inputs."""
     assert got is not None, f"{name}: not computed"
     assert tuple(got.shape) == tuple(ref.shape), (
-        f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
+        f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    )
     ref = ref.double()
     err = (got.double() - ref).abs().max().item() if ref.numel() else 0.0
     err_torch = (torch_lp.double() - ref).abs().max().item() if ref.numel() else 0.0
@@ -62,7 +66,8 @@ def check(name, got, ref, torch_lp, factor):
     floor = ulps * torch.finfo(got.dtype).eps * scale
     assert err <= factor * err_torch + floor, (
         f"{name}: max error {err:.3e} exceeds {factor}x torch's {err_torch:.3e} "
-        f"(+ floor {floor:.3e}) in {got.dtype}")
+        f"(+ floor {floor:.3e}) in {got.dtype}"
+    )
 
 
 def autograd_run(fn, inputs, grad_names, grad_out, dtype):
@@ -79,8 +84,10 @@ def autograd_run(fn, inputs, grad_names, grad_out, dtype):
 
 def both(fn, inputs, grad_names, grad_out, dtype):
     """(reference float64 run, torch run in dtype) of the same formula on the same values."""
-    return (autograd_run(fn, inputs, grad_names, grad_out, torch.float64),
-            autograd_run(fn, inputs, grad_names, grad_out, dtype))
+    return (
+        autograd_run(fn, inputs, grad_names, grad_out, torch.float64),
+        autograd_run(fn, inputs, grad_names, grad_out, dtype),
+    )
 
 
 def cpu_mask(m, n, p, seed, offset):
@@ -91,6 +98,7 @@ def cpu_mask(m, n, p, seed, offset):
 # LoRA linear
 # --------------------------------------------------------------------------------------------
 
+
 def lora_formula(x, weight, bias, lora_a, lora_b, mask, scale, seg, groups):
     xd = x if mask is None else x * mask.to(x.dtype)
     y = x @ weight.T
@@ -98,12 +106,12 @@ def lora_formula(x, weight, bias, lora_a, lora_b, mask, scale, seg, groups):
         y = y + bias
     lora = []
     for k, g in enumerate(groups):
-        xa_k = xd @ lora_a[k * lora_b.shape[1]:(k + 1) * lora_b.shape[1]].T
-        lora.append((g, (xa_k @ lora_b[k * seg:(k + 1) * seg].T) * scale))
+        xa_k = xd @ lora_a[k * lora_b.shape[1] : (k + 1) * lora_b.shape[1]].T
+        lora.append((g, (xa_k @ lora_b[k * seg : (k + 1) * seg].T) * scale))
     parts = []
     out = weight.shape[0]
     for g0 in range(out // seg):
-        block = y[:, g0 * seg:(g0 + 1) * seg]
+        block = y[:, g0 * seg : (g0 + 1) * seg]
         for g, term in lora:
             if g == g0:
                 block = block + term
@@ -111,25 +119,45 @@ def lora_formula(x, weight, bias, lora_a, lora_b, mask, scale, seg, groups):
     return torch.cat(parts, dim=1)
 
 
-def run_lora(dtype, m, in_f, out_f, r, *, bias=True, dropout=0.0, seed=3, offset=0,
-             enable_lora=None, fan_in_fan_out=False, stream=None):
+def run_lora(
+    dtype,
+    m,
+    in_f,
+    out_f,
+    r,
+    *,
+    bias=True,
+    dropout=0.0,
+    seed=3,
+    offset=0,
+    enable_lora=None,
+    fan_in_fan_out=False,
+    stream=None,
+):
     dt = tdtype(dtype)
     groups_mask = enable_lora or [True]
     G, K = len(groups_mask), sum(groups_mask)
     seg = out_f // G
     x = randn(m, in_f, dtype=dtype)
-    weight = randn(out_f, in_f, dtype=dtype, scale=in_f ** -0.5)
+    weight = randn(out_f, in_f, dtype=dtype, scale=in_f**-0.5)
     b = randn(out_f, dtype=dtype) if bias else None
-    lora_a = randn(r * K, in_f, dtype=dtype, scale=in_f ** -0.5)
-    lora_b = randn(seg * K, r, dtype=dtype, scale=r ** -0.5)
+    lora_a = randn(r * K, in_f, dtype=dtype, scale=in_f**-0.5)
+    lora_b = randn(seg * K, r, dtype=dtype, scale=r**-0.5)
     g = randn(m, out_f, dtype=dtype)
     scale = 0.75
     stored_w = weight.T.contiguous() if fan_in_fan_out else weight
-    kw = dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, dropout=dropout,
-              seed=seed, offset=offset, stream=stream)
+    kw = dict(
+        fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora,
+        dropout=dropout,
+        seed=seed,
+        offset=offset,
+        stream=stream,
+    )
     y, xa = F.lora_linear_forward(x, stored_w, b, lora_a, lora_b, scale, **kw)
-    grads = F.lora_linear_backward(g, x, stored_w, lora_a, lora_b, xa, scale, grad_bias=bias,
-                                   grad_weight=True, **kw)
+    grads = F.lora_linear_backward(
+        g, x, stored_w, lora_a, lora_b, xa, scale, grad_bias=bias, grad_weight=True, **kw
+    )
     if stream is not None:
         torch.cuda.ExternalStream(stream).synchronize()
     mask = cpu_mask(m, in_f, dropout, seed, offset).to(x.device) if dropout > 0 else None
@@ -137,7 +165,8 @@ def run_lora(dtype, m, in_f, out_f, r, *, bias=True, dropout=0.0, seed=3, offset
     inputs = dict(x=x, weight=weight, bias=b, lora_a=lora_a, lora_b=lora_b)
     names = ["x", "weight", "lora_a", "lora_b"] + (["bias"] if bias else [])
     formula = lambda x, weight, bias, lora_a, lora_b: lora_formula(  # noqa: E731
-        x, weight, bias, lora_a, lora_b, mask, scale, seg, enabled)
+        x, weight, bias, lora_a, lora_b, mask, scale, seg, enabled
+    )
     (y64, g64), (ylp, glp) = both(formula, inputs, names, g, dt)
     check("y", y, y64, ylp, FWD_FACTOR)
     xa64 = (x.double() * (mask if mask is not None else 1)) @ lora_a.double().T
@@ -174,23 +203,32 @@ def test_lora_linear_dropout_several_chunks(dtype):
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_lora_linear_grouped(dtype, fan_in_fan_out, enable_lora):
-    run_lora(dtype, 37, 113, 5 * len(enable_lora), 4, enable_lora=enable_lora,
-             fan_in_fan_out=fan_in_fan_out, dropout=0.2)
+    run_lora(
+        dtype,
+        37,
+        113,
+        5 * len(enable_lora),
+        4,
+        enable_lora=enable_lora,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=0.2,
+    )
 
 
-@pytest.mark.parametrize("offset", [7, 2 ** 64 - 5 * 113 - 2])   # crossing 2^64 at row 5
+@pytest.mark.parametrize("offset", [7, 2**64 - 5 * 113 - 2])  # crossing 2^64 at row 5
 def test_dropout_masks_identical_forward_backward_and_cpu(rank_r_path, offset):
     """With A = I, B = I, W = 0 and scale 1: xa = drop(x) exactly and the LoRA part of grad_x is
     mask ⊙ g exactly, so both sides of the GPU mask are compared bit for bit with the CPU mask."""
-    m, n, p, seed = 37, 113, 0.4, 1234   # offsets not a multiple of 4, odd row length
+    m, n, p, seed = 37, 113, 0.4, 1234  # offsets not a multiple of 4, odd row length
     x = randn(m, n)
     eye = torch.eye(n, device=dev())
     zero_w = torch.zeros(n, n, device=dev())
     g = randn(m, n)
     kw = dict(dropout=p, seed=seed, offset=offset)
     _, xa = F.lora_linear_forward(x, zero_w, None, eye, eye, 1.0, **kw)
-    grads = F.lora_linear_backward(g, x, zero_w, eye, eye, xa, 1.0, grad_lora_a=False,
-                                   grad_lora_b=False, **kw)
+    grads = F.lora_linear_backward(
+        g, x, zero_w, eye, eye, xa, 1.0, grad_lora_a=False, grad_lora_b=False, **kw
+    )
     mask = cpu_mask(m, n, p, seed, offset).float().to(x.device)
     assert torch.equal(xa, x * mask)
     assert torch.equal(grads.x, g * mask)
@@ -217,8 +255,14 @@ def rank_r_path(request, monkeypatch):
 
 # (M, IN, OUT, R): M around the 16-row blocks and 8-row tiles, IN odd and around the 512-column
 # chunk, R = 1, 3, 16 (one narrow tile), 17 and 33 (a wide tile, then a tile remainder), 64.
-RANK_R_SHAPES = [(1, 1, 1, 1), (17, 513, 7, 3), (37, 1023, 113, 16), (129, 127, 515, 17),
-                 (23, 2049, 64, 33), (65, 257, 33, 64)]
+RANK_R_SHAPES = [
+    (1, 1, 1, 1),
+    (17, 513, 7, 3),
+    (37, 1023, 113, 16),
+    (129, 127, 515, 17),
+    (23, 2049, 64, 33),
+    (65, 257, 33, 64),
+]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -238,11 +282,11 @@ def test_lora_linear_empty_rows(rank_r_path, dtype, dropout):
         assert torch.count_nonzero(getattr(grads, name)).item() == 0, name
 
 
-@pytest.mark.parametrize("offset", [2 ** 64 - 1, 2 ** 64 - 4 * 113 - 3, 2 ** 63 + 2])
+@pytest.mark.parametrize("offset", [2**64 - 1, 2**64 - 4 * 113 - 3, 2**63 + 2])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_lora_linear_dropout_offsets_near_2_64(rank_r_path, dtype, offset):
     """Counters offset + m*IN + i wrap modulo 2^64 inside the kernels exactly as on the CPU."""
-    run_lora(dtype, 37, 113, 29, 3, bias=False, dropout=0.3, seed=2 ** 64 - 3, offset=offset)
+    run_lora(dtype, 37, 113, 29, 3, bias=False, dropout=0.3, seed=2**64 - 3, offset=offset)
 
 
 def test_lora_linear_column_major_input(rank_r_path):
@@ -281,11 +325,13 @@ def test_lora_linear_rank_r_kernels_deterministic():
 # LoRA embedding
 # --------------------------------------------------------------------------------------------
 
+
 def embedding_formula(indices, padding_idx, scale):
     def f(weight, lora_a, lora_b):
         base = torch.nn.functional.embedding(indices, weight, padding_idx=padding_idx)
         after_a = torch.nn.functional.embedding(indices, lora_a.T, padding_idx=padding_idx)
         return base + (after_a @ lora_b.T) * scale
+
     return f
 
 
@@ -298,24 +344,32 @@ def test_lora_embedding(dtype, n, vocab, dim, r, index_dtype):
     padding_idx = int(indices[0]) if n > 2 else None
     weight = randn(vocab, dim, dtype=dtype)
     lora_a = randn(r, vocab, dtype=dtype)
-    lora_b = randn(dim, r, dtype=dtype, scale=r ** -0.5)
+    lora_b = randn(dim, r, dtype=dtype, scale=r**-0.5)
     g = randn(n, dim, dtype=dtype)
     scale = 1.5
     idx = indices.to(index_dtype)
     y = F.lora_embedding_forward(idx, weight, lora_a, lora_b, scale, padding_idx=padding_idx)
-    grads = F.lora_embedding_backward(g, idx, lora_a, lora_b, scale, padding_idx=padding_idx,
-                                      grad_weight=True)
+    grads = F.lora_embedding_backward(
+        g, idx, lora_a, lora_b, scale, padding_idx=padding_idx, grad_weight=True
+    )
     inputs = dict(weight=weight, lora_a=lora_a, lora_b=lora_b)
-    (y64, g64), (ylp, glp) = both(embedding_formula(indices, padding_idx, scale), inputs,
-                                  ["weight", "lora_a", "lora_b"], g, dt)
+    (y64, g64), (ylp, glp) = both(
+        embedding_formula(indices, padding_idx, scale),
+        inputs,
+        ["weight", "lora_a", "lora_b"],
+        g,
+        dt,
+    )
     check("y", y, y64, ylp, FWD_FACTOR)
     check("grad_lora_a", grads.lora_a, g64["lora_a"], glp["lora_a"], GRAD_FACTOR)
     check("grad_lora_b", grads.lora_b, g64["lora_b"], glp["lora_b"], GRAD_FACTOR)
     check("grad_weight", grads.weight, g64["weight"], glp["weight"], GRAD_FACTOR)
 
 
-@pytest.mark.parametrize("n,vocab,dim,r", [(9, 5, 513, 1), (17, 1000, 1029, 3), (0, 7, 5, 2),
-                                         (31, 64, 127, 17), (8, 33, 64, 64)])
+@pytest.mark.parametrize(
+    "n,vocab,dim,r",
+    [(9, 5, 513, 1), (17, 1000, 1029, 3), (0, 7, 5, 2), (31, 64, 127, 17), (8, 33, 64, 64)],
+)
 @pytest.mark.parametrize("dtype", LOW + ("float64",))
 def test_lora_embedding_rank_r_kernels(rank_r_path, dtype, n, vocab, dim, r):
     """The one-pass forward and the rank-r backward products at awkward sizes: tokens around
@@ -324,13 +378,14 @@ def test_lora_embedding_rank_r_kernels(rank_r_path, dtype, n, vocab, dim, r):
     indices = torch.randint(0, vocab, (n,), device=dev())
     weight = randn(vocab, dim, dtype=dtype)
     lora_a = randn(r, vocab, dtype=dtype)
-    lora_b = randn(dim, r, dtype=dtype, scale=r ** -0.5)
+    lora_b = randn(dim, r, dtype=dtype, scale=r**-0.5)
     g = randn(n, dim, dtype=dtype)
     y = F.lora_embedding_forward(indices, weight, lora_a, lora_b, 0.5)
     grads = F.lora_embedding_backward(g, indices, lora_a, lora_b, 0.5)
     inputs = dict(weight=weight, lora_a=lora_a, lora_b=lora_b)
-    (y64, g64), (ylp, glp) = both(embedding_formula(indices, None, 0.5), inputs,
-                                  ["weight", "lora_a", "lora_b"], g, dt)
+    (y64, g64), (ylp, glp) = both(
+        embedding_formula(indices, None, 0.5), inputs, ["weight", "lora_a", "lora_b"], g, dt
+    )
     check("y", y, y64, ylp, FWD_FACTOR)
     check("grad_lora_a", grads.lora_a, g64["lora_a"], glp["lora_a"], GRAD_FACTOR)
     check("grad_lora_b", grads.lora_b, g64["lora_b"], glp["lora_b"], GRAD_FACTOR)
@@ -356,6 +411,7 @@ def test_lora_embedding_out_of_range_cuda_indices_give_nan_rows_and_no_gradient(
 # IA3
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("feedforward", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", LOW)
@@ -363,14 +419,16 @@ def test_ia3_linear(dtype, shape, feedforward):
     m, in_f, out_f, _ = shape
     dt = tdtype(dtype)
     x = randn(m, in_f, dtype=dtype)
-    weight = randn(out_f, in_f, dtype=dtype, scale=in_f ** -0.5)
+    weight = randn(out_f, in_f, dtype=dtype, scale=in_f**-0.5)
     b = randn(out_f, dtype=dtype)
     l = (1 + 0.5 * randn(in_f if feedforward else out_f)).to(dt)  # noqa: E741
     g = randn(m, out_f, dtype=dtype)
-    y, base = F.ia3_linear_forward(x, weight, b, l, feedforward=feedforward,
-                                   keep_base=not feedforward)
-    grads = F.ia3_linear_backward(g, x, weight, l, base, feedforward=feedforward,
-                                  grad_bias=True, grad_weight=True)
+    y, base = F.ia3_linear_forward(
+        x, weight, b, l, feedforward=feedforward, keep_base=not feedforward
+    )
+    grads = F.ia3_linear_backward(
+        g, x, weight, l, base, feedforward=feedforward, grad_bias=True, grad_weight=True
+    )
 
     def formula(x, weight, bias, l):  # noqa: E741
         if feedforward:
@@ -393,7 +451,7 @@ def test_ia3_linear_partial_requests(dtype):
     dt = tdtype(dtype)
     for m in (3, 1023):
         x = randn(m, 113, dtype=dtype)
-        weight = randn(64, 113, dtype=dtype, scale=113 ** -0.5)
+        weight = randn(64, 113, dtype=dtype, scale=113**-0.5)
         g = randn(m, 64, dtype=dtype)
         for feedforward in (False, True):
             l = (1 + 0.5 * randn(113 if feedforward else 64)).to(dt)  # noqa: E741
@@ -407,11 +465,13 @@ def test_ia3_linear_partial_requests(dtype):
             check("y", y, y64, ylp, FWD_FACTOR)
             if not feedforward:
                 _, base = F.ia3_linear_forward(x, weight, None, l, keep_base=True)
-            only_l = F.ia3_linear_backward(g, x, weight, l, base, feedforward=feedforward,
-                                           grad_x=False)
+            only_l = F.ia3_linear_backward(
+                g, x, weight, l, base, feedforward=feedforward, grad_x=False
+            )
             check("grad_l", only_l.ia3_l, g64["l"], glp["l"], GRAD_FACTOR)
-            only_x = F.ia3_linear_backward(g, x, weight, l, base, feedforward=feedforward,
-                                           grad_ia3_l=False)
+            only_x = F.ia3_linear_backward(
+                g, x, weight, l, base, feedforward=feedforward, grad_ia3_l=False
+            )
             check("grad_x", only_x.x, g64["x"], glp["x"], GRAD_FACTOR)
 
 
@@ -425,18 +485,23 @@ def test_ia3_output_scaling_in_the_gemm(dtype, m, in_f, out_f, layout):
     dt = tdtype(dtype)
     pad = 1 if layout == "offset_views" else 0
     x = randn(m * in_f + pad, dtype=dtype)[pad:].view(m, in_f)
-    weight = randn(out_f * in_f + pad, dtype=dtype, scale=in_f ** -0.5)[pad:].view(out_f, in_f)
+    weight = randn(out_f * in_f + pad, dtype=dtype, scale=in_f**-0.5)[pad:].view(out_f, in_f)
     b = randn(out_f, dtype=dtype)
     l = (1 + 0.5 * randn(out_f)).to(dt)  # noqa: E741
     out = torch.empty(out_f, m, dtype=dt, device=dev()).T if layout == "column_major_out" else None
     y, base = F.ia3_linear_forward(x, weight, b, l, out=out)
     assert base is None
     formula = lambda x, weight, bias, l: (x @ weight.T + bias) * l  # noqa: E731, E741
-    (y64, _), (ylp, _) = both(formula, dict(x=x, weight=weight, bias=b, l=l), ["x"],
-                              torch.zeros(m, out_f, device=dev()), dt)
+    (y64, _), (ylp, _) = both(
+        formula,
+        dict(x=x, weight=weight, bias=b, l=l),
+        ["x"],
+        torch.zeros(m, out_f, device=dev()),
+        dt,
+    )
     check("y", y, y64, ylp, FWD_FACTOR)
     if out is None:
-        again, _ = F.ia3_linear_forward(x, weight, b, l)    # the cached plan: the same bits
+        again, _ = F.ia3_linear_forward(x, weight, b, l)  # the cached plan: the same bits
         assert torch.equal(again, y)
 
 
@@ -450,8 +515,9 @@ def test_ia3_embedding(dtype):
     l = (1 + 0.5 * randn(dim)).to(dt)  # noqa: E741
     g = randn(n, dim, dtype=dtype)
     y = F.ia3_embedding_forward(indices, weight, l)
-    grads = F.ia3_embedding_backward(g, indices, weight, l, padding_idx=padding_idx,
-                                     grad_weight=True)
+    grads = F.ia3_embedding_backward(
+        g, indices, weight, l, padding_idx=padding_idx, grad_weight=True
+    )
 
     def formula(weight, l):  # noqa: E741
         return torch.nn.functional.embedding(indices, weight, padding_idx=padding_idx) * l
@@ -465,6 +531,7 @@ def test_ia3_embedding(dtype):
 # --------------------------------------------------------------------------------------------
 # Merge
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dtype", LOW)
@@ -507,7 +574,7 @@ def test_ia3_merge_unmerge_bit_exact(dtype, feedforward):
     l = (1 + 0.3 * randn(1023 if feedforward else 113)).to(dt)  # noqa: E741
     w0, b0 = weight.clone(), bias.clone()
     records = F.ia3_merge(weight, l, bias=None if feedforward else bias, feedforward=feedforward)
-    expected = (w0.double() * (l.double() if feedforward else l.double()[:, None]))
+    expected = w0.double() * (l.double() if feedforward else l.double()[:, None])
     check("merged", weight, expected, (w0 * (l if feedforward else l[:, None])), FWD_FACTOR)
     F.ia3_unmerge(weight, l, records, bias=None if feedforward else bias, feedforward=feedforward)
     assert torch.equal(weight.view(torch.int16), w0.view(torch.int16))
@@ -530,6 +597,7 @@ def test_embedding_merges_bit_exact():
 # --------------------------------------------------------------------------------------------
 # Streams, devices and DLPack producers
 # --------------------------------------------------------------------------------------------
+
 
 def test_non_default_stream():
     s = torch.cuda.Stream()
@@ -555,19 +623,37 @@ def test_two_concurrent_streams():
         for i, s in enumerate(streams):
             x, w, a, b = problems[i]
             with torch.cuda.stream(s):
-                y, xa = F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.1, seed=i,
-                                              stream=s.cuda_stream)
-                grads = F.lora_linear_backward(x[:, :513].contiguous(), x, w, a, b, xa, 0.5,
-                                               dropout=0.1, seed=i, stream=s.cuda_stream)
+                y, xa = F.lora_linear_forward(
+                    x, w, None, a, b, 0.5, dropout=0.1, seed=i, stream=s.cuda_stream
+                )
+                grads = F.lora_linear_backward(
+                    x[:, :513].contiguous(),
+                    x,
+                    w,
+                    a,
+                    b,
+                    xa,
+                    0.5,
+                    dropout=0.1,
+                    seed=i,
+                    stream=s.cuda_stream,
+                )
             results[i].append((y, grads.lora_a))
     torch.cuda.synchronize()
     for i in range(2):
         x, w, a, b = problems[i]
         y_ref, _ = F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.1, seed=i)
-        ga_ref = F.lora_linear_backward(x[:, :513].contiguous(), x, w, a, b,
-                                        F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.1,
-                                                              seed=i)[1],
-                                        0.5, dropout=0.1, seed=i).lora_a
+        ga_ref = F.lora_linear_backward(
+            x[:, :513].contiguous(),
+            x,
+            w,
+            a,
+            b,
+            F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.1, seed=i)[1],
+            0.5,
+            dropout=0.1,
+            seed=i,
+        ).lora_a
         for y, ga in results[i]:
             assert torch.equal(y, y_ref)
             assert torch.equal(ga, ga_ref)
@@ -636,8 +722,10 @@ def test_second_device_is_honoured():
 
 def test_cupy_inputs():
     cupy = pytest.importorskip("cupy")
-    x, w, a, b = (cupy.asarray(np.random.randn(*s).astype(np.float32))
-                  for s in [(37, 113), (64, 113), (4, 113), (64, 4)])
+    x, w, a, b = (
+        cupy.asarray(np.random.randn(*s).astype(np.float32))
+        for s in [(37, 113), (64, 113), (4, 113), (64, 4)]
+    )
     y, xa = F.lora_linear_forward(x, w, None, a, b, 0.5)
     xn, wn, an, bn = (cupy.asnumpy(t).astype(np.float64) for t in (x, w, a, b))
     ref = xn @ wn.T + 0.5 * (xn @ an.T) @ bn.T
@@ -651,8 +739,9 @@ def test_jax_inputs_with_torch_outputs():
     if not any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("JAX has no GPU backend here")
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal(s).astype(np.float32)
-              for s in [(37, 113), (64, 113), (4, 113), (64, 4)]]
+    arrays = [
+        rng.standard_normal(s).astype(np.float32) for s in [(37, 113), (64, 113), (4, 113), (64, 4)]
+    ]
     x, w, a, b = (jnp.asarray(t) for t in arrays)
     out = torch.empty(37, 64, device=dev())
     out_xa = torch.empty(37, 4, device=dev())
@@ -668,8 +757,14 @@ def test_torch_inputs_through_raw_dlpack_capsules_match_tensors():
     y_t, _ = F.lora_linear_forward(x, w, None, a, b, 1.0)
     out = torch.empty(17, 9, device=dev())
     out_xa = torch.empty(17, 2, device=dev())
-    F.lora_linear_forward(*(t.__dlpack__() for t in (x, w)), None,
-                          *(t.__dlpack__() for t in (a, b)), 1.0, out=out, out_xa=out_xa)
+    F.lora_linear_forward(
+        *(t.__dlpack__() for t in (x, w)),
+        None,
+        *(t.__dlpack__() for t in (a, b)),
+        1.0,
+        out=out,
+        out_xa=out_xa,
+    )
     torch.cuda.synchronize()
     assert torch.equal(out, y_t)
     assert math.isfinite(out.abs().max().item())

@@ -1,11 +1,11 @@
 """DoRA on CUDA against float64 references, with tests/test_cuda.py's rule: cpeft's largest error
 is at most 2x (3x for gradients) the largest error torch makes evaluating peft's formula in the
 same precision on the same inputs. Skipped without an NVIDIA GPU and a CUDA build of cpeft."""
-import pytest
 
-from conftest import skip_without_cuda
+import pytest
 from test_cuda import FWD_FACTOR, GRAD_FACTOR, LOW, both, check, cpu_mask, dev, randn, tdtype
 
+from conftest import skip_without_cuda
 from cpeft import functional as F
 
 
@@ -13,6 +13,7 @@ from cpeft import functional as F
 def _needs_cuda():
     """Probed when a test runs, never at import (see tests/conftest.py)."""
     skip_without_cuda()
+
 
 torch = pytest.importorskip("torch")
 
@@ -32,27 +33,55 @@ def dora_formula(x, weight, bias, lora_a, lora_b, magnitude, mask, scale):
     return y if bias is None else y + bias
 
 
-def run_dora(dtype, m, in_f, out_f, r, *, bias=True, dropout=0.0, seed=3, fan_in_fan_out=False,
-             keep_base=True):
+def run_dora(
+    dtype,
+    m,
+    in_f,
+    out_f,
+    r,
+    *,
+    bias=True,
+    dropout=0.0,
+    seed=3,
+    fan_in_fan_out=False,
+    keep_base=True,
+):
     dt = tdtype(dtype)
     x = randn(m, in_f, dtype=dtype)
-    weight = randn(out_f, in_f, dtype=dtype, scale=in_f ** -0.5)
+    weight = randn(out_f, in_f, dtype=dtype, scale=in_f**-0.5)
     b = randn(out_f, dtype=dtype) if bias else None
-    lora_a = randn(r, in_f, dtype=dtype, scale=in_f ** -0.5)
-    lora_b = randn(out_f, r, dtype=dtype, scale=r ** -0.5)
+    lora_a = randn(r, in_f, dtype=dtype, scale=in_f**-0.5)
+    lora_b = randn(out_f, r, dtype=dtype, scale=r**-0.5)
     magnitude = (torch.rand(out_f, device=dev(), dtype=torch.float64) + 0.5).to(dt)
     g = randn(m, out_f, dtype=dtype)
     scale = 0.75
     stored_w = weight.T.contiguous() if fan_in_fan_out else weight
     kw = dict(fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed)
-    y, xa, base, norm = F.dora_linear_forward(x, stored_w, b, lora_a, lora_b, magnitude, scale,
-                                              keep_base=keep_base, **kw)
-    grads = F.dora_linear_backward(g, x, stored_w, lora_a, lora_b, magnitude, norm, xa, base,
-                                   scale, grad_bias=bias, grad_magnitude=keep_base, **kw)
+    y, xa, base, norm = F.dora_linear_forward(
+        x, stored_w, b, lora_a, lora_b, magnitude, scale, keep_base=keep_base, **kw
+    )
+    grads = F.dora_linear_backward(
+        g,
+        x,
+        stored_w,
+        lora_a,
+        lora_b,
+        magnitude,
+        norm,
+        xa,
+        base,
+        scale,
+        grad_bias=bias,
+        grad_magnitude=keep_base,
+        **kw,
+    )
     mask = cpu_mask(m, in_f, dropout, seed, 0).to(x.device) if dropout > 0 else None
     inputs = dict(x=x, weight=weight, bias=b, lora_a=lora_a, lora_b=lora_b, magnitude=magnitude)
-    names = ["x", "lora_a", "lora_b"] + (["magnitude"] if keep_base else []) + (
-        ["bias"] if bias else [])
+    names = (
+        ["x", "lora_a", "lora_b"]
+        + (["magnitude"] if keep_base else [])
+        + (["bias"] if bias else [])
+    )
     formula = lambda **t: dora_formula(mask=mask, scale=scale, **t)  # noqa: E731
     (y64, g64), (ylp, glp) = both(formula, inputs, names, g, dt)
     check("y", y, y64, ylp, FWD_FACTOR)
@@ -106,8 +135,9 @@ def test_dora_embedding(dtype, index_dtype):
     idx = torch.randint(0, v, (n,), device=dev(), dtype=getattr(torch, index_dtype))
     g = randn(n, d, dtype=dtype)
     y, norm = F.dora_embedding_forward(idx, weight, lora_a, lora_b, magnitude, 0.5)
-    grads = F.dora_embedding_backward(g, idx, weight, lora_a, lora_b, magnitude, norm, 0.5,
-                                      padding_idx=int(idx[0]))
+    grads = F.dora_embedding_backward(
+        g, idx, weight, lora_a, lora_b, magnitude, norm, 0.5, padding_idx=int(idx[0])
+    )
     inputs = dict(weight=weight, lora_a=lora_a, lora_b=lora_b, magnitude=magnitude)
     formula = lambda **t: embedding_formula(idx=idx.long(), scale=0.5, **t)  # noqa: E731
     (y64, g64), (ylp, glp) = both(formula, inputs, ["lora_b", "magnitude"], g, dt)
@@ -117,7 +147,8 @@ def test_dora_embedding(dtype, index_dtype):
     # grad_lora_a with padding_idx: rows at idx[0] contribute nothing (peft's F.embedding).
     keep = (idx != idx[0]).double().unsqueeze(1)
     c = magnitude.double() / torch.linalg.norm(
-        weight.double().T + 0.5 * lora_b.double() @ lora_a.double(), dim=1)
+        weight.double().T + 0.5 * lora_b.double() @ lora_a.double(), dim=1
+    )
     per_row = 0.5 * (g.double() * c) @ lora_b.double() * keep
     want = torch.zeros(r, v, dtype=torch.float64, device=dev())
     want.index_add_(1, idx.long(), per_row.T)

@@ -1,6 +1,7 @@
 """Scale-out on an existing engine: torch.distributed DDP (gloo, CPU, 2 processes) trains a small
 cpeft LoRA model; its gradients and weights must equal one process on the same global batch,
 and only the LoRA parameters (plus the biases chosen by bias='lora_only') may get gradients."""
+
 import socket
 
 import pytest
@@ -46,8 +47,13 @@ def build_model():
 
 def global_batches():
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, 20, (GLOBAL_BATCH, 5), generator=generator),
-             torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randint(0, 20, (GLOBAL_BATCH, 5), generator=generator),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def train(model, batches, rank=0, world_size=1):
@@ -62,8 +68,9 @@ def train(model, batches, rank=0, world_size=1):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if first_grads is None:
-            first_grads = {n: None if p.grad is None else p.grad.clone()
-                           for n, p in model.named_parameters()}
+            first_grads = {
+                n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+            }
         optimizer.step()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return first_grads, weights
@@ -71,15 +78,20 @@ def train(model, batches, rank=0, world_size=1):
 
 def _worker(rank, port, result_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
+    )
     try:
         model = nn.parallel.DistributedDataParallel(build_model())
         grads, weights = train(model, global_batches(), rank, WORLD_SIZE)
         strip = len("module.")
-        torch.save({"grads": {k[strip:]: v for k, v in grads.items()},
-                    "weights": {k[strip:]: v for k, v in weights.items()}},
-                   f"{result_path}.{rank}")
+        torch.save(
+            {
+                "grads": {k[strip:]: v for k, v in grads.items()},
+                "weights": {k[strip:]: v for k, v in weights.items()},
+            },
+            f"{result_path}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -92,13 +104,25 @@ def free_port():
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     result_path = str(tmp_path / "ddp_result")
-    torch.multiprocessing.spawn(_worker, args=(free_port(), result_path), nprocs=WORLD_SIZE,
-                                join=True)
+    torch.multiprocessing.spawn(
+        _worker, args=(free_port(), result_path), nprocs=WORLD_SIZE, join=True
+    )
     expected_grads, expected_weights = train(build_model(), global_batches())
     trainable = sorted(n for n, g in expected_grads.items() if g is not None)
     assert trainable == sorted(
-        ["embed.lora_A", "embed.lora_B", "qkv.lora_A", "qkv.lora_B", "qkv.bias",
-         "proj.lora_A", "proj.lora_B", "proj.bias", "scale.ia3_l", "scale.bias"])
+        [
+            "embed.lora_A",
+            "embed.lora_B",
+            "qkv.lora_A",
+            "qkv.lora_B",
+            "qkv.bias",
+            "proj.lora_A",
+            "proj.lora_B",
+            "proj.bias",
+            "scale.ia3_l",
+            "scale.bias",
+        ]
+    )
     initial = {n: p.detach() for n, p in build_model().named_parameters()}
     for rank in range(WORLD_SIZE):
         result = torch.load(f"{result_path}.{rank}")
@@ -107,8 +131,13 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             if grad is None:
                 assert got is None, f"rank {rank}: frozen {name} got a gradient"
             else:
-                torch.testing.assert_close(got, grad, rtol=1e-10, atol=1e-12,
-                                           msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+                torch.testing.assert_close(
+                    got,
+                    grad,
+                    rtol=1e-10,
+                    atol=1e-12,
+                    msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}",
+                )
         for name, weight in expected_weights.items():
             torch.testing.assert_close(result["weights"][name], weight, rtol=1e-10, atol=1e-12)
             if name not in trainable:

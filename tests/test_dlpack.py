@@ -1,14 +1,15 @@
 """Tensors crossing the boundary through DLPack: torch CPU tensors in and out for every entry
 point, strided and transposed views, tensors requiring grad, raw legacy and versioned capsules,
 NumPy through __dlpack__, zero-copy outputs, one-shot capsules, and no torch import."""
+
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from cpeft import functional as F
 from conftest import DLPackOnly
+from cpeft import functional as F
 from test_bad_input import POSITIONAL, call, valid_args
 
 torch = pytest.importorskip("torch")
@@ -57,16 +58,25 @@ def test_torch_in_torch_out(entry):
 
 def linear_tensors(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return dict(x=torch.randn(M, IN, generator=g, dtype=dtype),
-                weight=torch.randn(OUT, IN, generator=g, dtype=dtype),
-                bias=torch.randn(OUT, generator=g, dtype=dtype),
-                lora_a=torch.randn(R, IN, generator=g, dtype=dtype),
-                lora_b=torch.randn(OUT, R, generator=g, dtype=dtype))
+    return dict(
+        x=torch.randn(M, IN, generator=g, dtype=dtype),
+        weight=torch.randn(OUT, IN, generator=g, dtype=dtype),
+        bias=torch.randn(OUT, generator=g, dtype=dtype),
+        lora_a=torch.randn(R, IN, generator=g, dtype=dtype),
+        lora_b=torch.randn(OUT, R, generator=g, dtype=dtype),
+    )
 
 
 def numpy_forward(t, **kw):
-    return F.lora_linear_forward(t["x"].numpy(), t["weight"].numpy(), t["bias"].numpy(),
-                                 t["lora_a"].numpy(), t["lora_b"].numpy(), 0.5, **kw)
+    return F.lora_linear_forward(
+        t["x"].numpy(),
+        t["weight"].numpy(),
+        t["bias"].numpy(),
+        t["lora_a"].numpy(),
+        t["lora_b"].numpy(),
+        0.5,
+        **kw,
+    )
 
 
 def test_zero_copy_outputs():
@@ -75,8 +85,9 @@ def test_zero_copy_outputs():
     t = linear_tensors()
     out = torch.empty(M, OUT)
     out_xa = torch.empty(M, R)
-    y, xa = F.lora_linear_forward(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 0.5,
-                                  out=out, out_xa=out_xa)
+    y, xa = F.lora_linear_forward(
+        t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 0.5, out=out, out_xa=out_xa
+    )
     assert y.data_ptr() == out.data_ptr() and xa.data_ptr() == out_xa.data_ptr()
     y_np, xa_np = numpy_forward(t)
     np.testing.assert_array_equal(out.numpy(), y_np)
@@ -94,20 +105,39 @@ def test_preallocated_torch_gradients():
     t = linear_tensors(torch.float64)
     g = torch.randn(M, OUT, dtype=torch.float64)
     _, xa = F.lora_linear_forward(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 0.5)
-    buffers = dict(grad_x=torch.empty(M, IN, dtype=torch.float64),
-                   grad_lora_a=torch.empty(R, IN, dtype=torch.float64),
-                   grad_lora_b=torch.empty(OUT, R, dtype=torch.float64))
-    grads = F.lora_linear_backward(g, t["x"], t["weight"], t["lora_a"], t["lora_b"], xa, 0.5,
-                                   **buffers)
-    want = F.lora_linear_backward(g.numpy(), t["x"].numpy(), t["weight"].numpy(),
-                                  t["lora_a"].numpy(), t["lora_b"].numpy(), xa.numpy(), 0.5)
+    buffers = dict(
+        grad_x=torch.empty(M, IN, dtype=torch.float64),
+        grad_lora_a=torch.empty(R, IN, dtype=torch.float64),
+        grad_lora_b=torch.empty(OUT, R, dtype=torch.float64),
+    )
+    grads = F.lora_linear_backward(
+        g, t["x"], t["weight"], t["lora_a"], t["lora_b"], xa, 0.5, **buffers
+    )
+    want = F.lora_linear_backward(
+        g.numpy(),
+        t["x"].numpy(),
+        t["weight"].numpy(),
+        t["lora_a"].numpy(),
+        t["lora_b"].numpy(),
+        xa.numpy(),
+        0.5,
+    )
     for name in ("x", "lora_a", "lora_b"):
         assert getattr(grads, name).data_ptr() == buffers[f"grad_{name}"].data_ptr()
         np.testing.assert_array_equal(buffers[f"grad_{name}"].numpy(), getattr(want, name))
 
 
-@pytest.mark.parametrize("view", ["transposed_x", "strided_x", "row_strided_x", "offset_x",
-                                  "fan_in_fan_out_weight", "transposed_lora_b"])
+@pytest.mark.parametrize(
+    "view",
+    [
+        "transposed_x",
+        "strided_x",
+        "row_strided_x",
+        "offset_x",
+        "fan_in_fan_out_weight",
+        "transposed_lora_b",
+    ],
+)
 def test_strided_torch_tensors(view):
     t = linear_tensors(torch.float64)
     kw = {}
@@ -124,11 +154,19 @@ def test_strided_torch_tensors(view):
         kw["fan_in_fan_out"] = True
     else:
         t["lora_b"] = t["lora_b"].T.contiguous().T
-    y, xa = F.lora_linear_forward(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 0.5,
-                                  **kw)
+    y, xa = F.lora_linear_forward(
+        t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 0.5, **kw
+    )
     compact = {k: np.ascontiguousarray(v.numpy()) for k, v in t.items()}
-    y_np, xa_np = F.lora_linear_forward(compact["x"], compact["weight"], compact["bias"],
-                                        compact["lora_a"], compact["lora_b"], 0.5, **kw)
+    y_np, xa_np = F.lora_linear_forward(
+        compact["x"],
+        compact["weight"],
+        compact["bias"],
+        compact["lora_a"],
+        compact["lora_b"],
+        0.5,
+        **kw,
+    )
     np.testing.assert_allclose(y.numpy(), y_np, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(xa.numpy(), xa_np, rtol=1e-13, atol=1e-13)
 
@@ -165,8 +203,9 @@ def test_torch_indices(index_dtype):
     idx = torch.tensor([[0, 6], [3, 3]], dtype=index_dtype)
     y = F.lora_embedding_forward(idx, weight, lora_a, lora_b, 2.0)
     assert isinstance(y, torch.Tensor) and y.shape == (2, 2, 3)
-    want = F.lora_embedding_forward(idx.numpy(), weight.numpy(), lora_a.numpy(), lora_b.numpy(),
-                                    2.0)
+    want = F.lora_embedding_forward(
+        idx.numpy(), weight.numpy(), lora_a.numpy(), lora_b.numpy(), 2.0
+    )
     np.testing.assert_array_equal(y.numpy(), want)
 
 
@@ -188,8 +227,16 @@ def test_raw_capsules(kind):
     expected_name = "dltensor_versioned" if kind == "versioned" else "dltensor"
     assert f'"{expected_name}"' in repr(capsules["x"])
     out, out_xa = np.empty((M, OUT), np.float32), np.empty((M, R), np.float32)
-    F.lora_linear_forward(capsules["x"], capsules["weight"], capsules["bias"], capsules["lora_a"],
-                          capsules["lora_b"], 0.5, out=out, out_xa=out_xa)
+    F.lora_linear_forward(
+        capsules["x"],
+        capsules["weight"],
+        capsules["bias"],
+        capsules["lora_a"],
+        capsules["lora_b"],
+        0.5,
+        out=out,
+        out_xa=out_xa,
+    )
     y_np, xa_np = numpy_forward(t)
     np.testing.assert_array_equal(out, y_np)
     np.testing.assert_array_equal(out_xa, xa_np)
@@ -219,8 +266,16 @@ def test_numpy_through_dlpack_protocol(layout):
         arrays["x"] = big[:, ::2]
     wrapped = {k: DLPackOnly(v) for k, v in arrays.items()}
     out, out_xa = np.empty((M, OUT), np.float32), np.empty((M, R), np.float32)
-    F.lora_linear_forward(wrapped["x"], wrapped["weight"], wrapped["bias"], wrapped["lora_a"],
-                          wrapped["lora_b"], 0.5, out=out, out_xa=out_xa)
+    F.lora_linear_forward(
+        wrapped["x"],
+        wrapped["weight"],
+        wrapped["bias"],
+        wrapped["lora_a"],
+        wrapped["lora_b"],
+        0.5,
+        out=out,
+        out_xa=out_xa,
+    )
     y_np, xa_np = numpy_forward(t)
     np.testing.assert_allclose(out, y_np, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out_xa, xa_np, rtol=1e-6, atol=1e-6)
@@ -230,15 +285,29 @@ def test_output_reached_only_through_dlpack():
     """An output that is only reachable through DLPack is written in place (zero copy)."""
     t = linear_tensors()
     out, out_xa = np.zeros((M, OUT), np.float32), np.zeros((M, R), np.float32)
-    F.lora_linear_forward(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 0.5,
-                          out=DLPackOnly(out), out_xa=DLPackOnly(out_xa))
+    F.lora_linear_forward(
+        t["x"],
+        t["weight"],
+        t["bias"],
+        t["lora_a"],
+        t["lora_b"],
+        0.5,
+        out=DLPackOnly(out),
+        out_xa=DLPackOnly(out_xa),
+    )
     np.testing.assert_array_equal(out, numpy_forward(t)[0])
 
 
 def test_import_does_not_import_torch():
-    code = ("import sys, cpeft, cpeft.functional; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys, cpeft, cpeft.functional; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     env_path = ":".join(p for p in sys.path if p)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr

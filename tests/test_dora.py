@@ -6,16 +6,17 @@ every DoRA output is multilinear in the remaining inputs, so conftest's toleranc
 the reference on absolute values) applies unchanged; n itself is checked against the norm of
 |W| + |s|·|B|·|A|.
 """
+
 import math
 
 import numpy as np
 import pytest
 
-from cpeft import functional as F
 from conftest import assert_close, random_array, with_layout
-
+from cpeft import functional as F
 
 # ---- float64 references ---------------------------------------------------------------------
+
 
 def _f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
@@ -32,8 +33,9 @@ def ref_norm(weight, lora_a, lora_b, scale, fan_in_fan_out=False):
     return np.linalg.norm(w + scale * _f64(lora_b) @ _f64(lora_a), axis=1)
 
 
-def ref_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, *, fan_in_fan_out=False,
-               mask=None, norm=None):
+def ref_linear(
+    x, weight, bias, lora_a, lora_b, magnitude, scale, *, fan_in_fan_out=False, mask=None, norm=None
+):
     """(y, xa, base, norm) of peft's DoRA linear (see cpeft/dora.h)."""
     x = _f64(x)
     lead = x.shape[:-1]
@@ -53,12 +55,27 @@ def ref_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, *, fan_in_fan_
     if bias is not None:
         y = y + _f64(bias)
     out = w.shape[0]
-    return (y.reshape(lead + (out,)), xa.reshape(lead + (a.shape[0],)),
-            base.reshape(lead + (out,)), n)
+    return (
+        y.reshape(lead + (out,)),
+        xa.reshape(lead + (a.shape[0],)),
+        base.reshape(lead + (out,)),
+        n,
+    )
 
 
-def ref_linear_grads(grad_out, x, weight, lora_a, lora_b, magnitude, scale, *,
-                     fan_in_fan_out=False, mask=None, norm=None):
+def ref_linear_grads(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    magnitude,
+    scale,
+    *,
+    fan_in_fan_out=False,
+    mask=None,
+    norm=None,
+):
     """dict of the gradients of ref_linear with n held constant."""
     x, g = _f64(x), _f64(grad_out)
     w = _logical(weight, fan_in_fan_out)
@@ -76,9 +93,13 @@ def ref_linear_grads(grad_out, x, weight, lora_a, lora_b, magnitude, scale, *,
         gx = (gm * c) @ w + scale * gb @ a
     else:
         gx = gm @ w + maskm * ((gm * (c - 1)) @ w + scale * gb @ a)
-    return dict(x=gx.reshape(x.shape), lora_a=scale * gb.T @ xd,
-                lora_b=scale * (gm * c).T @ xa, magnitude=(gm * base).sum(0) / n,
-                bias=gm.sum(0))
+    return dict(
+        x=gx.reshape(x.shape),
+        lora_a=scale * gb.T @ xd,
+        lora_b=scale * (gm * c).T @ xa,
+        magnitude=(gm * base).sum(0) / n,
+        bias=gm.sum(0),
+    )
 
 
 def ref_embedding(indices, weight, lora_a, lora_b, magnitude, scale, norm=None):
@@ -89,8 +110,9 @@ def ref_embedding(indices, weight, lora_a, lora_b, magnitude, scale, norm=None):
     return y.reshape(np.shape(indices) + (w.shape[1],)), n
 
 
-def ref_embedding_grads(grad_out, indices, weight, lora_a, lora_b, magnitude, scale,
-                        padding_idx=None, norm=None):
+def ref_embedding_grads(
+    grad_out, indices, weight, lora_a, lora_b, magnitude, scale, padding_idx=None, norm=None
+):
     w, a, b, m = map(_f64, (weight, lora_a, lora_b, magnitude))
     n = np.linalg.norm(w.T + scale * b @ a, axis=1) if norm is None else _f64(norm)
     c = m / n
@@ -103,11 +125,11 @@ def ref_embedding_grads(grad_out, indices, weight, lora_a, lora_b, magnitude, sc
         if padding_idx is None or i != padding_idx % w.shape[0]:
             grad_a[:, i] += per_row[k]
     base = w[idx] + scale * a_rows @ b.T
-    return dict(lora_a=grad_a, lora_b=scale * (g * c).T @ a_rows,
-                magnitude=(g * base).sum(0) / n)
+    return dict(lora_a=grad_a, lora_b=scale * (g * c).T @ a_rows, magnitude=(g * base).sum(0) / n)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
 
 def linear_inputs(rng, dtype, lead, in_f, out_f, r, fan_in_fan_out=False, bias=True):
     x = random_array(rng, lead + (in_f,), dtype)
@@ -130,6 +152,7 @@ def mask_for(shape, p, seed, dtype):
 
 # ---- norms -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("cached", [False, True])
@@ -137,8 +160,14 @@ def test_weight_norm(rng, dtype, fan_in_fan_out, cached):
     _, w, _, a, b, _ = linear_inputs(rng, dtype, (1,), 37, 19, 4, fan_in_fan_out)
     sq = F.dora_weight_sq_norm(w, fan_in_fan_out=fan_in_fan_out) if cached else None
     if cached:
-        assert_close(sq, (_logical(w, fan_in_fan_out) ** 2).sum(1),
-                     (_logical(w, fan_in_fan_out) ** 2).sum(1), dtype, 37, "weight_sq_norm")
+        assert_close(
+            sq,
+            (_logical(w, fan_in_fan_out) ** 2).sum(1),
+            (_logical(w, fan_in_fan_out) ** 2).sum(1),
+            dtype,
+            37,
+            "weight_sq_norm",
+        )
     n = F.dora_weight_norm(w, a, b, 1.7, fan_in_fan_out=fan_in_fan_out, weight_sq_norm=sq)
     bound = ref_norm(absolute(w), absolute(a), absolute(b), 1.7, fan_in_fan_out)
     assert_close(n, ref_norm(w, a, b, 1.7, fan_in_fan_out), bound, dtype, 37 + 19 + 4, "norm")
@@ -149,7 +178,7 @@ def test_weight_norm_uses_the_given_squared_norms(rng):
     _, w, _, a, b, _ = linear_inputs(rng, np.float64, (1,), 8, 5, 2)
     sq = F.dora_weight_sq_norm(w) + 1.0
     n = F.dora_weight_norm(w, a, b, 0.5, weight_sq_norm=sq)
-    np.testing.assert_allclose(n ** 2, ref_norm(w, a, b, 0.5) ** 2 + 1.0, rtol=1e-12)
+    np.testing.assert_allclose(n**2, ref_norm(w, a, b, 0.5) ** 2 + 1.0, rtol=1e-12)
 
 
 # ---- linear ----------------------------------------------------------------------------------
@@ -166,19 +195,44 @@ def test_linear_forward_backward(rng, dtype, lead, in_f, out_f, r, p, fan_in_fan
     x, w, b, a, bb, m = linear_inputs(rng, dtype, lead, in_f, out_f, r, fan_in_fan_out, bias)
     scale, seed = 0.75, 11
     mask = mask_for(x.shape, p, seed, dtype)
-    y, xa, base, n = F.dora_linear_forward(x, w, b, a, bb, m, scale,
-                                           fan_in_fan_out=fan_in_fan_out, dropout=p, seed=seed,
-                                           keep_base=True)
+    y, xa, base, n = F.dora_linear_forward(
+        x,
+        w,
+        b,
+        a,
+        bb,
+        m,
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=p,
+        seed=seed,
+        keep_base=True,
+    )
     k = in_f + out_f + r + int(np.prod(lead))
     ref = ref_linear(x, w, b, a, bb, m, scale, fan_in_fan_out=fan_in_fan_out, mask=mask)
     bound_mask = None if mask is None else np.abs(mask)
-    bound = ref_linear(absolute(x), absolute(w), absolute(b), absolute(a), absolute(bb),
-                       absolute(m), scale, fan_in_fan_out=fan_in_fan_out, mask=bound_mask,
-                       norm=ref[3])
+    bound = ref_linear(
+        absolute(x),
+        absolute(w),
+        absolute(b),
+        absolute(a),
+        absolute(bb),
+        absolute(m),
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        mask=bound_mask,
+        norm=ref[3],
+    )
     # With dropout y has a (c - 1) term: its bound is |c| + 1, i.e. add the undropped base.
     if mask is not None:
-        bound_y = bound[0] + absolute(x).reshape(-1, in_f).dot(
-            np.abs(_logical(w, fan_in_fan_out)).T).reshape(bound[0].shape) * 2
+        bound_y = (
+            bound[0]
+            + absolute(x)
+            .reshape(-1, in_f)
+            .dot(np.abs(_logical(w, fan_in_fan_out)).T)
+            .reshape(bound[0].shape)
+            * 2
+        )
     else:
         bound_y = bound[0]
     norm_bound = ref_norm(absolute(w), absolute(a), absolute(bb), scale, fan_in_fan_out)
@@ -188,17 +242,41 @@ def test_linear_forward_backward(rng, dtype, lead, in_f, out_f, r, p, fan_in_fan
     assert_close(base, ref[2], bound[2], dtype, k, "base")
 
     g = random_array(rng, y.shape, dtype)
-    grads = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, base, scale,
-                                   fan_in_fan_out=fan_in_fan_out, dropout=p, seed=seed,
-                                   grad_bias=bias)
-    want = ref_linear_grads(g, x, w, a, bb, m, scale, fan_in_fan_out=fan_in_fan_out, mask=mask,
-                            norm=ref[3])
-    bound_g = ref_linear_grads(absolute(g), absolute(x), absolute(w), absolute(a), absolute(bb),
-                               absolute(m), scale, fan_in_fan_out=fan_in_fan_out,
-                               mask=bound_mask, norm=ref[3])
+    grads = F.dora_linear_backward(
+        g,
+        x,
+        w,
+        a,
+        bb,
+        m,
+        n,
+        xa,
+        base,
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=p,
+        seed=seed,
+        grad_bias=bias,
+    )
+    want = ref_linear_grads(
+        g, x, w, a, bb, m, scale, fan_in_fan_out=fan_in_fan_out, mask=mask, norm=ref[3]
+    )
+    bound_g = ref_linear_grads(
+        absolute(g),
+        absolute(x),
+        absolute(w),
+        absolute(a),
+        absolute(bb),
+        absolute(m),
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        mask=bound_mask,
+        norm=ref[3],
+    )
     if mask is not None:
-        bound_g["x"] = bound_g["x"] + 2 * (np.abs(_f64(g)).reshape(-1, out_f) @ np.abs(
-            _logical(w, fan_in_fan_out))).reshape(x.shape)
+        bound_g["x"] = bound_g["x"] + 2 * (
+            np.abs(_f64(g)).reshape(-1, out_f) @ np.abs(_logical(w, fan_in_fan_out))
+        ).reshape(x.shape)
     for name in ("x", "lora_a", "lora_b", "magnitude") + (("bias",) if bias else ()):
         assert_close(getattr(grads, name), want[name], bound_g[name], dtype, k, f"grad {name}")
     if not bias:
@@ -214,25 +292,66 @@ def test_linear_without_kept_base_matches(rng, p, rows, bias, fan_in_fan_out):
     B, M <= IN scales y in place); backward without grad_magnitude needs no base."""
     x, w, b, a, bb, m = linear_inputs(rng, np.float64, (rows,), 10, 6, 3, fan_in_fan_out, bias)
     kw = dict(fan_in_fan_out=fan_in_fan_out)
-    y_keep, xa, base, n = F.dora_linear_forward(x, w, b, a, bb, m, 0.5, dropout=p, seed=2,
-                                                keep_base=True, **kw)
+    y_keep, xa, base, n = F.dora_linear_forward(
+        x, w, b, a, bb, m, 0.5, dropout=p, seed=2, keep_base=True, **kw
+    )
     y, xa2, none, n2 = F.dora_linear_forward(x, w, b, a, bb, m, 0.5, dropout=p, seed=2, **kw)
     assert none is None
     np.testing.assert_array_equal(xa, xa2)
     np.testing.assert_array_equal(n, n2)
     np.testing.assert_allclose(y, y_keep, rtol=1e-13, atol=1e-13)
-    ref = ref_linear(x, w, b, a, bb, m, 0.5, fan_in_fan_out=fan_in_fan_out,
-                     mask=mask_for(x.shape, p, 2, np.float64))
+    ref = ref_linear(
+        x,
+        w,
+        b,
+        a,
+        bb,
+        m,
+        0.5,
+        fan_in_fan_out=fan_in_fan_out,
+        mask=mask_for(x.shape, p, 2, np.float64),
+    )
     np.testing.assert_allclose(y, ref[0], rtol=1e-12, atol=1e-12)
     g = random_array(rng, y.shape, np.float64)
     full = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, base, 0.5, dropout=p, seed=2, **kw)
-    part = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, None, 0.5, dropout=p, seed=2,
-                                  grad_magnitude=False, grad_x=False, **kw)
+    part = F.dora_linear_backward(
+        g,
+        x,
+        w,
+        a,
+        bb,
+        m,
+        n,
+        xa,
+        None,
+        0.5,
+        dropout=p,
+        seed=2,
+        grad_magnitude=False,
+        grad_x=False,
+        **kw,
+    )
     assert part.magnitude is None and part.x is None
     np.testing.assert_allclose(part.lora_a, full.lora_a, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(part.lora_b, full.lora_b, rtol=1e-13, atol=1e-13)
-    only_m = F.dora_linear_backward(g, x, w, a, bb, m, n, xa, base, 0.5, dropout=p, seed=2,
-                                    grad_x=False, grad_lora_a=False, grad_lora_b=False, **kw)
+    only_m = F.dora_linear_backward(
+        g,
+        x,
+        w,
+        a,
+        bb,
+        m,
+        n,
+        xa,
+        base,
+        0.5,
+        dropout=p,
+        seed=2,
+        grad_x=False,
+        grad_lora_a=False,
+        grad_lora_b=False,
+        **kw,
+    )
     np.testing.assert_array_equal(only_m.magnitude, full.magnitude)
 
 
@@ -240,15 +359,31 @@ def test_linear_without_kept_base_matches(rng, p, rows, bias, fan_in_fan_out):
 def test_linear_input_layouts(rng, layout):
     x, w, b, a, bb, m = linear_inputs(rng, np.float64, (6,), 9, 7, 3)
     scale = 1.25
-    y, xa, base, n = F.dora_linear_forward(with_layout(x, layout), with_layout(w, layout),
-                                           with_layout(b, layout), with_layout(a, layout),
-                                           with_layout(bb, layout), with_layout(m, layout),
-                                           scale, keep_base=True)
+    y, xa, base, n = F.dora_linear_forward(
+        with_layout(x, layout),
+        with_layout(w, layout),
+        with_layout(b, layout),
+        with_layout(a, layout),
+        with_layout(bb, layout),
+        with_layout(m, layout),
+        scale,
+        keep_base=True,
+    )
     ref = ref_linear(x, w, b, a, bb, m, scale)
     np.testing.assert_allclose(y, ref[0], rtol=1e-12, atol=1e-12)
     g = random_array(rng, y.shape, np.float64)
-    grads = F.dora_linear_backward(with_layout(g, layout), with_layout(x, layout), w, a, bb, m,
-                                   n, with_layout(xa, layout), with_layout(base, layout), scale)
+    grads = F.dora_linear_backward(
+        with_layout(g, layout),
+        with_layout(x, layout),
+        w,
+        a,
+        bb,
+        m,
+        n,
+        with_layout(xa, layout),
+        with_layout(base, layout),
+        scale,
+    )
     want = ref_linear_grads(g, x, w, a, bb, m, scale)
     for name in ("x", "lora_a", "lora_b", "magnitude"):
         np.testing.assert_allclose(getattr(grads, name), want[name], rtol=1e-11, atol=1e-12)
@@ -269,8 +404,9 @@ def test_linear_outputs_written_in_place(rng):
     x, w, b, a, bb, m = linear_inputs(rng, np.float32, (4,), 5, 6, 2)
     out, out_xa = np.full((4, 6), np.nan, np.float32), np.full((4, 2), np.nan, np.float32)
     out_base, out_norm = np.full((4, 6), np.nan, np.float32), np.full(6, np.nan, np.float32)
-    res = F.dora_linear_forward(x, w, b, a, bb, m, 0.5, out=out, out_xa=out_xa,
-                                out_base=out_base, out_norm=out_norm)
+    res = F.dora_linear_forward(
+        x, w, b, a, bb, m, 0.5, out=out, out_xa=out_xa, out_base=out_base, out_norm=out_norm
+    )
     assert res[0] is out and res[1] is out_xa and res[2] is out_base and res[3] is out_norm
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(out_base))
 
@@ -285,6 +421,7 @@ def test_magnitude_equal_to_norm_gives_lora(rng):
 
 
 # ---- embedding -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
@@ -302,14 +439,24 @@ def test_embedding_forward_backward(rng, dtype, index_dtype, padding_idx):
     k = v + d + r + idx.size
     bound_n = np.linalg.norm(np.abs(_f64(w)).T + scale * np.abs(_f64(b)) @ np.abs(_f64(a)), axis=1)
     assert_close(n, ref_n, bound_n, dtype, k, "norm")
-    bound_y, _ = ref_embedding(idx, absolute(w), absolute(a), absolute(b), absolute(m), scale,
-                               norm=ref_n)
+    bound_y, _ = ref_embedding(
+        idx, absolute(w), absolute(a), absolute(b), absolute(m), scale, norm=ref_n
+    )
     assert_close(y, ref_y, bound_y, dtype, k, "y")
     g = random_array(rng, y.shape, dtype)
     grads = F.dora_embedding_backward(g, idx, w, a, b, m, n, scale, padding_idx=padding_idx)
     want = ref_embedding_grads(g, idx, w, a, b, m, scale, padding_idx, norm=ref_n)
-    bound = ref_embedding_grads(absolute(g), idx, absolute(w), absolute(a), absolute(b),
-                                absolute(m), scale, padding_idx, norm=ref_n)
+    bound = ref_embedding_grads(
+        absolute(g),
+        idx,
+        absolute(w),
+        absolute(a),
+        absolute(b),
+        absolute(m),
+        scale,
+        padding_idx,
+        norm=ref_n,
+    )
     for name in ("lora_a", "lora_b", "magnitude"):
         assert_close(getattr(grads, name), want[name], bound[name], dtype, k, f"grad {name}")
 
@@ -319,7 +466,7 @@ def test_embedding_cached_sq_norm(rng):
     a, b = random_array(rng, (2, 9), np.float64), random_array(rng, (4, 2), np.float64)
     m = rng.random(4) + 0.5
     sq = F.dora_weight_sq_norm(w, fan_in_fan_out=True)
-    np.testing.assert_allclose(sq, (w ** 2).sum(0), rtol=1e-14)
+    np.testing.assert_allclose(sq, (w**2).sum(0), rtol=1e-14)
     y, n = F.dora_embedding_forward(np.array([1, 8]), w, a, b, m, 0.3, weight_sq_norm=sq)
     y2, n2 = F.dora_embedding_forward(np.array([1, 8]), w, a, b, m, 0.3)
     np.testing.assert_allclose(n, n2, rtol=1e-14)
@@ -336,18 +483,36 @@ def _arr(*shape, dtype=np.float32):
 
 
 def _linear_args(entry):
-    base = dict(x=_arr(M_, IN_), weight=_arr(OUT_, IN_), bias=_arr(OUT_), lora_a=_arr(R_, IN_),
-                lora_b=_arr(OUT_, R_), magnitude=_arr(OUT_) ** 2 + 0.5, scale=0.5)
+    base = dict(
+        x=_arr(M_, IN_),
+        weight=_arr(OUT_, IN_),
+        bias=_arr(OUT_),
+        lora_a=_arr(R_, IN_),
+        lora_b=_arr(OUT_, R_),
+        magnitude=_arr(OUT_) ** 2 + 0.5,
+        scale=0.5,
+    )
     if entry == "dora_linear_forward":
         return base
     base.pop("bias")
-    return dict(base, grad_out=_arr(M_, OUT_), norm=_arr(OUT_) ** 2 + 0.5, xa=_arr(M_, R_),
-                base=_arr(M_, OUT_))
+    return dict(
+        base,
+        grad_out=_arr(M_, OUT_),
+        norm=_arr(OUT_) ** 2 + 0.5,
+        xa=_arr(M_, R_),
+        base=_arr(M_, OUT_),
+    )
 
 
 def _embedding_args(entry):
-    base = dict(indices=np.array([0, 3, 6, 3]), weight=_arr(V_, D_), lora_a=_arr(R_, V_),
-                lora_b=_arr(D_, R_), magnitude=_arr(D_) ** 2 + 0.5, scale=0.5)
+    base = dict(
+        indices=np.array([0, 3, 6, 3]),
+        weight=_arr(V_, D_),
+        lora_a=_arr(R_, V_),
+        lora_b=_arr(D_, R_),
+        magnitude=_arr(D_) ** 2 + 0.5,
+        scale=0.5,
+    )
     if entry == "dora_embedding_forward":
         return base
     return dict(base, grad_out=_arr(4, D_), norm=_arr(D_) ** 2 + 0.5)
@@ -355,11 +520,29 @@ def _embedding_args(entry):
 
 POSITIONAL = {
     "dora_linear_forward": ("x", "weight", "bias", "lora_a", "lora_b", "magnitude", "scale"),
-    "dora_linear_backward": ("grad_out", "x", "weight", "lora_a", "lora_b", "magnitude", "norm",
-                             "xa", "base", "scale"),
+    "dora_linear_backward": (
+        "grad_out",
+        "x",
+        "weight",
+        "lora_a",
+        "lora_b",
+        "magnitude",
+        "norm",
+        "xa",
+        "base",
+        "scale",
+    ),
     "dora_embedding_forward": ("indices", "weight", "lora_a", "lora_b", "magnitude", "scale"),
-    "dora_embedding_backward": ("grad_out", "indices", "weight", "lora_a", "lora_b", "magnitude",
-                                "norm", "scale"),
+    "dora_embedding_backward": (
+        "grad_out",
+        "indices",
+        "weight",
+        "lora_a",
+        "lora_b",
+        "magnitude",
+        "norm",
+        "scale",
+    ),
     "dora_weight_norm": ("weight", "lora_a", "lora_b", "scale"),
     "dora_weight_sq_norm": ("weight",),
 }
@@ -376,8 +559,9 @@ def _valid(entry):
 
 def _call(entry, args):
     names = POSITIONAL[entry]
-    return getattr(F, entry)(*[args[n] for n in names],
-                             **{k: v for k, v in args.items() if k not in names})
+    return getattr(F, entry)(
+        *[args[n] for n in names], **{k: v for k, v in args.items() if k not in names}
+    )
 
 
 BAD = []
@@ -396,8 +580,9 @@ for _e in ("dora_linear_forward", "dora_linear_backward"):
     bad(_e, {"lora_b": _arr(OUT_ + 1, R_)}, ValueError, "lora_b", "lora_b_shape")
     bad(_e, {"magnitude": _arr(OUT_ + 1)}, ValueError, "magnitude", "magnitude_length")
     bad(_e, {"magnitude": _arr(OUT_, 1)}, ValueError, "magnitude", "magnitude_2d")
-    bad(_e, {"magnitude": _arr(OUT_).astype(np.float64)}, ValueError, "magnitude",
-        "magnitude_mixed")
+    bad(
+        _e, {"magnitude": _arr(OUT_).astype(np.float64)}, ValueError, "magnitude", "magnitude_mixed"
+    )
     bad(_e, {"magnitude": "m"}, TypeError, "magnitude", "magnitude_str")
     bad(_e, {"scale": float("nan")}, ValueError, "scale", "scale_nan")
     bad(_e, {"dropout": 1.5}, ValueError, "dropout", "dropout_range")
@@ -416,28 +601,37 @@ bad(E, {"norm": _arr(OUT_ + 2)}, ValueError, "norm", "norm_length")
 bad(E, {"xa": _arr(M_, R_ + 1)}, ValueError, "xa", "xa_shape")
 bad(E, {"base": None}, ValueError, "base", "base_missing")
 bad(E, {"base": _arr(M_, OUT_ - 1)}, ValueError, "base", "base_shape")
-bad(E, {"grad_magnitude": np.zeros(OUT_ + 1, np.float32)}, ValueError, "grad_magnitude",
-    "grad_magnitude_shape")
-bad(E, {"grad_lora_b": np.zeros((OUT_, R_), np.float64)}, ValueError, "grad_lora_b",
-    "grad_b_dtype")
+bad(
+    E,
+    {"grad_magnitude": np.zeros(OUT_ + 1, np.float32)},
+    ValueError,
+    "grad_magnitude",
+    "grad_magnitude_shape",
+)
+bad(E, {"grad_lora_b": np.zeros((OUT_, R_), np.float64)}, ValueError, "grad_lora_b", "grad_b_dtype")
 for _e in ("dora_embedding_forward", "dora_embedding_backward"):
     bad(_e, {"indices": np.array([0, 7])}, IndexError, "indices|7", "index_range")
     bad(_e, {"indices": np.array([0.0, 1.0])}, ValueError, "indices", "index_float")
     bad(_e, {"magnitude": _arr(D_ + 1)}, ValueError, "magnitude", "magnitude_length")
     bad(_e, {"lora_a": _arr(R_, V_ + 1)}, ValueError, "lora_a", "lora_a_shape")
     bad(_e, {"lora_b": _arr(D_ + 1, R_)}, ValueError, "lora_b", "lora_b_shape")
-    bad(_e, {"weight": _arr(V_, D_).astype(np.float64)}, ValueError, "lora_a|weight",
-        "weight_mixed")
+    bad(
+        _e, {"weight": _arr(V_, D_).astype(np.float64)}, ValueError, "lora_a|weight", "weight_mixed"
+    )
 E = "dora_embedding_backward"
 bad(E, {"norm": _arr(D_ + 1)}, ValueError, "norm", "norm_length")
 bad(E, {"grad_out": _arr(4, D_ + 1)}, ValueError, "grad_out", "grad_out_shape")
 bad(E, {"padding_idx": V_}, ValueError, "padding_idx", "padding_range")
-bad("dora_weight_norm", {"weight_sq_norm": _arr(OUT_, 1)}, ValueError, "weight_sq_norm",
-    "sq_norm_2d")
+bad(
+    "dora_weight_norm",
+    {"weight_sq_norm": _arr(OUT_, 1)},
+    ValueError,
+    "weight_sq_norm",
+    "sq_norm_2d",
+)
 bad("dora_weight_norm", {"lora_b": _arr(OUT_, R_ + 1)}, ValueError, "lora_[ab]", "rank")
 bad("dora_weight_sq_norm", {"weight": _arr(OUT_)}, ValueError, "weight", "weight_1d")
-bad("dora_weight_sq_norm", {"out": np.zeros(OUT_ + 1, np.float32)}, ValueError, "out",
-    "out_shape")
+bad("dora_weight_sq_norm", {"out": np.zeros(OUT_ + 1, np.float32)}, ValueError, "out", "out_shape")
 
 
 @pytest.mark.parametrize("entry,change,exc,match", BAD)
@@ -484,6 +678,7 @@ def test_refcounts_and_heap_stable(entry, failing):
     import gc
     import sys
     import tracemalloc
+
     args = _valid(entry)
     if failing:
         args.update(DORA_BAD_CHANGE[entry])

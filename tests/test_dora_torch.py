@@ -1,6 +1,7 @@
 """DoRA in the torch layers (loralib API) and the peft-style API, against the real peft 0.21:
 outputs, every gradient, dropout semantics, merged weights, exact unmerge, files both ways.
 The framework-free op tests (float64 references, bad input) are in tests/test_dora.py."""
+
 import pytest
 
 from cpeft import functional as F
@@ -15,8 +16,18 @@ import cpeft  # noqa: E402
 
 def _peft_dora(base: "torch.nn.Module", target: str, r=4, alpha=8, dropout=0.0, **config):
     from peft import LoraConfig, get_peft_model
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                            target_modules=[target], use_dora=True, **config))
+
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=[target],
+            use_dora=True,
+            **config,
+        ),
+    )
     return model, model.base_model.model._modules[target]
 
 
@@ -50,7 +61,8 @@ def test_functional_matches_peft_linear(p, bias):
     _randomize(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     with torch.no_grad():
         layer.lora_magnitude_vector["default"].weight.mul_(
-            1 + 0.2 * torch.rand(out_f, dtype=torch.float64))
+            1 + 0.2 * torch.rand(out_f, dtype=torch.float64)
+        )
     if bias:
         layer.base_layer.bias.requires_grad_(True)
     x = torch.randn(m_rows, in_f, dtype=torch.float64, requires_grad=True)
@@ -66,15 +78,22 @@ def test_functional_matches_peft_linear(p, bias):
     mag = layer.lora_magnitude_vector["default"].weight
     w, bb = layer.base_layer.weight, layer.base_layer.bias
     scale = layer.scaling["default"]
-    y, xa, kept, n = F.dora_linear_forward(x, w, bb, a, b, mag, scale, dropout=p, seed=seed,
-                                           keep_base=True)
-    grads = F.dora_linear_backward(g, x, w, a, b, mag, n, xa, kept, scale, dropout=p, seed=seed,
-                                   grad_bias=bias)
+    y, xa, kept, n = F.dora_linear_forward(
+        x, w, bb, a, b, mag, scale, dropout=p, seed=seed, keep_base=True
+    )
+    grads = F.dora_linear_backward(
+        g, x, w, a, b, mag, n, xa, kept, scale, dropout=p, seed=seed, grad_bias=bias
+    )
     torch.testing.assert_close(y, y_peft.detach(), rtol=1e-12, atol=1e-12)
-    for name, want in (("x", x.grad), ("lora_a", a.grad), ("lora_b", b.grad),
-                       ("magnitude", mag.grad)) + ((("bias", bb.grad),) if bias else ()):
-        torch.testing.assert_close(getattr(grads, name), want, rtol=1e-11, atol=1e-12,
-                                   msg=f"grad {name}")
+    for name, want in (
+        ("x", x.grad),
+        ("lora_a", a.grad),
+        ("lora_b", b.grad),
+        ("magnitude", mag.grad),
+    ) + ((("bias", bb.grad),) if bias else ()):
+        torch.testing.assert_close(
+            getattr(grads, name), want, rtol=1e-11, atol=1e-12, msg=f"grad {name}"
+        )
 
 
 def _copy_into(ours, layer, embedding=False):
@@ -103,9 +122,12 @@ def test_linear_layer_matches_peft_and_merges_exactly():
         ours.weight.copy_(layer.base_layer.weight)
     with torch.no_grad():
         ours.lora_magnitude_vector.copy_(torch.linalg.norm(ours.weight, dim=1))
-    torch.testing.assert_close(ours.lora_magnitude_vector,
-                               layer.lora_magnitude_vector["default"].weight, rtol=1e-14,
-                               atol=0)
+    torch.testing.assert_close(
+        ours.lora_magnitude_vector,
+        layer.lora_magnitude_vector["default"].weight,
+        rtol=1e-14,
+        atol=0,
+    )
     _randomize(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     with torch.no_grad():
         layer.lora_magnitude_vector["default"].weight.mul_(1.1)
@@ -118,8 +140,9 @@ def test_linear_layer_matches_peft_and_merges_exactly():
     g = torch.randn_like(y)
     y_peft.backward(g)
     y.backward(g)
-    torch.testing.assert_close(ours.lora_magnitude_vector.grad,
-                               layer.lora_magnitude_vector["default"].weight.grad)
+    torch.testing.assert_close(
+        ours.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad
+    )
     torch.testing.assert_close(ours.lora_A.grad, layer.lora_A["default"].weight.grad)
     torch.testing.assert_close(ours.lora_B.grad, layer.lora_B["default"].weight.grad)
     # merge: cpeft's merged W equals peft's merged W; unmerge restores the bits
@@ -136,8 +159,9 @@ def test_linear_layer_matches_peft_and_merges_exactly():
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_linear_layer_merge_cycles_bit_exact(dtype, fan_in_fan_out):
     torch.manual_seed(2)
-    layer = cpeft.Linear(24, 18, r=4, lora_alpha=16, use_dora=True,
-                         fan_in_fan_out=fan_in_fan_out, dtype=dtype)
+    layer = cpeft.Linear(
+        24, 18, r=4, lora_alpha=16, use_dora=True, fan_in_fan_out=fan_in_fan_out, dtype=dtype
+    )
     _randomize(layer.lora_B)
     with torch.no_grad():
         layer.lora_magnitude_vector.mul_(torch.rand(18, dtype=dtype) + 0.5)
@@ -152,8 +176,7 @@ def test_linear_layer_merge_cycles_bit_exact(dtype, fan_in_fan_out):
 
 
 def test_magnitude_is_an_adapter_parameter():
-    model = torch.nn.Sequential(cpeft.Linear(8, 4, r=2, use_dora=True),
-                                torch.nn.Linear(4, 3))
+    model = torch.nn.Sequential(cpeft.Linear(8, 4, r=2, use_dora=True), torch.nn.Linear(4, 3))
     cpeft.mark_only_lora_as_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"0.lora_A", "0.lora_B", "0.lora_magnitude_vector"}
@@ -166,17 +189,20 @@ def test_magnitude_initialized_to_norm():
     reset_parameters, on the stored layout."""
     torch.manual_seed(3)
     layer = cpeft.Linear(10, 7, r=3, use_dora=True, fan_in_fan_out=True, dtype=torch.float64)
-    torch.testing.assert_close(layer.lora_magnitude_vector,
-                               torch.linalg.norm(layer.weight.T, dim=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        layer.lora_magnitude_vector, torch.linalg.norm(layer.weight.T, dim=1), rtol=1e-14, atol=0
+    )
     before = layer.lora_magnitude_vector.detach().clone()
     layer.reset_parameters()
     assert not torch.equal(before, layer.lora_magnitude_vector)
-    torch.testing.assert_close(layer.lora_magnitude_vector,
-                               torch.linalg.norm(layer.weight.T, dim=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        layer.lora_magnitude_vector, torch.linalg.norm(layer.weight.T, dim=1), rtol=1e-14, atol=0
+    )
     x = torch.randn(4, 10, dtype=torch.float64)
     plain = cpeft.Linear(10, 7, r=3, fan_in_fan_out=True, dtype=torch.float64)
-    plain.load_state_dict({k: v for k, v in layer.state_dict().items()
-                           if k != "lora_magnitude_vector"})
+    plain.load_state_dict(
+        {k: v for k, v in layer.state_dict().items() if k != "lora_magnitude_vector"}
+    )
     torch.testing.assert_close(layer(x), plain(x), rtol=1e-13, atol=1e-13)
 
 
@@ -191,8 +217,12 @@ def test_weight_change_invalidates_cached_sq_norm():
     y = layer(x)
     w = layer.weight
     n = torch.linalg.norm(w + layer.scaling * layer.lora_B @ layer.lora_A, dim=1)
-    want = layer.lora_magnitude_vector / n * (
-        x @ w.T + layer.scaling * x @ layer.lora_A.T @ layer.lora_B.T) + layer.bias
+    want = (
+        layer.lora_magnitude_vector
+        / n
+        * (x @ w.T + layer.scaling * x @ layer.lora_A.T @ layer.lora_B.T)
+        + layer.bias
+    )
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
 
@@ -212,8 +242,9 @@ def test_embedding_layer_matches_peft_and_merges_exactly():
     base = torch.nn.Sequential()
     base.add_module("emb", torch.nn.Embedding(13, 6, padding_idx=2, dtype=torch.float64))
     model, layer = _peft_dora(base, "emb", r=3, alpha=6)
-    ours = cpeft.Embedding(13, 6, r=3, lora_alpha=6, use_dora=True, padding_idx=2,
-                           dtype=torch.float64)
+    ours = cpeft.Embedding(
+        13, 6, r=3, lora_alpha=6, use_dora=True, padding_idx=2, dtype=torch.float64
+    )
     with torch.no_grad():
         layer.lora_embedding_A["default"].normal_()
         layer.lora_magnitude_vector["default"].weight.mul_(1.2)
@@ -225,8 +256,9 @@ def test_embedding_layer_matches_peft_and_merges_exactly():
     g = torch.randn_like(y)
     y_peft.backward(g)
     y.backward(g)
-    torch.testing.assert_close(ours.lora_magnitude_vector.grad,
-                               layer.lora_magnitude_vector["default"].weight.grad)
+    torch.testing.assert_close(
+        ours.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad
+    )
     torch.testing.assert_close(ours.lora_A.grad, layer.lora_embedding_A["default"].grad)
     torch.testing.assert_close(ours.lora_B.grad, layer.lora_embedding_B["default"].grad)
     original = ours.weight.detach().clone()
@@ -242,13 +274,16 @@ def test_embedding_layer_matches_peft_and_merges_exactly():
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from cpeft.peft import ADAPTER_WEIGHTS_NAME, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from test_peft import bert, gpt2, output, tokens  # noqa: E402
+
+from cpeft.peft import ADAPTER_WEIGHTS_NAME, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 DORA_CASES = {
     # c_attn / mlp.c_proj are transformers' Conv1D, wte an Embedding
-    "gpt2-conv1d-embedding": (gpt2, dict(r=4, lora_alpha=16,
-                                         target_modules=["c_attn", "mlp.c_proj", "wte"])),
+    "gpt2-conv1d-embedding": (
+        gpt2,
+        dict(r=4, lora_alpha=16, target_modules=["c_attn", "mlp.c_proj", "wte"]),
+    ),
     "bert-linear": (bert, dict(r=2, lora_alpha=4, target_modules=["query", "value"])),
 }
 
@@ -275,8 +310,9 @@ def test_peft_api_dora_layout_and_initial_magnitude_match_peft(case, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     our_tensors = safetensors_torch.load_file(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME)
     their_tensors = safetensors_torch.load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS_NAME)
-    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == \
-        {k: tuple(v.shape) for k, v in their_tensors.items()}
+    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == {
+        k: tuple(v.shape) for k, v in their_tensors.items()
+    }
     magnitudes = [k for k in their_tensors if k.endswith(".lora_magnitude_vector")]
     assert magnitudes
     for key in magnitudes:  # m = ‖W + s·B·A‖ at creation, B = 0 (embedding: A = 0)
@@ -320,8 +356,7 @@ def test_dora_adapter_written_by_cpeft_loads_in_peft_with_equal_outputs(case, tm
     torch.testing.assert_close(output(theirs, ids), expected, rtol=1e-5, atol=1e-5)
     merged = theirs.merge_and_unload()
     ours_merged = ours.merge_and_unload()
-    torch.testing.assert_close(output(ours_merged, ids), output(merged, ids), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(output(ours_merged, ids), output(merged, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(DORA_CASES))
@@ -338,13 +373,17 @@ def test_dora_training_gradients_match_peft(case, tmp_path):
         result = model(ids)
         logits = result.logits if hasattr(result, "logits") else result.last_hidden_state
         (logits.double() ** 2).sum().backward()
-        grads.append({n.replace(".default", ""): p.grad for n, p in model.named_parameters()
-                      if p.requires_grad})
+        grads.append(
+            {
+                n.replace(".default", ""): p.grad
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+        )
     assert set(grads[0]) == set(grads[1])
     assert any("lora_magnitude_vector" in n for n in grads[0])
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-4, atol=1e-5,
-                                   msg=name)
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-4, atol=1e-5, msg=name)
 
 
 def test_peft_api_refuses_several_active_adapters_with_dora():
@@ -359,7 +398,9 @@ def test_layer_releases_every_dlpack_export():
     """The DoRA Functions hand tensors to C as torch capsules: after many steps no parameter,
     input or cached norm holds an extra reference."""
     import gc
+
     from test_leaks import holders
+
     layer = cpeft.Linear(6, 5, r=2, use_dora=True, lora_dropout=0.2)
     x = torch.randn(4, 6, requires_grad=True)
     layer(x).sum().backward()
@@ -378,8 +419,9 @@ def test_peft_api_dora_merged_after_another_adapter_unmerges_exactly():
     model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
     model.add_adapter("dora", LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
     _randomize_dora(model)
-    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()
-              if "base_layer" in k}
+    before = {
+        k: v.clone() for k, v in model.get_base_model().state_dict().items() if "base_layer" in k
+    }
     model.set_adapter("dora")
     model.eval()
     expected = output(model, ids)
@@ -393,14 +435,17 @@ def test_peft_api_dora_merged_after_another_adapter_unmerges_exactly():
 
 
 def test_get_peft_model_state_dict_keys_match_peft():
-    from cpeft.peft import get_peft_model_state_dict
     from peft import get_peft_model_state_dict as peft_state_dict
+
+    from cpeft.peft import get_peft_model_state_dict
+
     kwargs = dict(r=2, lora_alpha=4, target_modules=["c_attn", "wte"], use_dora=True)
     ours = get_peft_model(gpt2(), LoraConfig(**kwargs))
     theirs = peft.get_peft_model(gpt2(), peft.LoraConfig(**kwargs))
     mine, want = get_peft_model_state_dict(ours), peft_state_dict(theirs)
-    assert {k: tuple(v.shape) for k, v in mine.items()} == \
-        {k: tuple(v.shape) for k, v in want.items()}
+    assert {k: tuple(v.shape) for k, v in mine.items()} == {
+        k: tuple(v.shape) for k, v in want.items()
+    }
     for key in want:
         if key.endswith("lora_magnitude_vector"):
             torch.testing.assert_close(mine[key], want[key], rtol=1e-5, atol=1e-6)
@@ -409,6 +454,7 @@ def test_get_peft_model_state_dict_keys_match_peft():
 def test_dora_layer_pickles_and_state_dict_round_trips():
     import copy
     import pickle
+
     torch.manual_seed(6)
     layer = cpeft.Linear(8, 5, r=2, use_dora=True, dtype=torch.float64)
     _randomize(layer.lora_B)

@@ -1,20 +1,23 @@
 """Dropout on the LoRA branch input: the mask cpeft.functional.dropout_mask returns follows the
 documented Philox4x32-10 counter scheme bit for bit, forward and backward apply exactly that
 mask, and its statistics are right."""
+
 import math
 
 import numpy as np
 import pytest
 
 import reference as ref
-from cpeft import functional as F
 from conftest import FLOAT_DTYPES, assert_close, bound_of, random_array, with_layout
+from cpeft import functional as F
 
 DTYPE_NAMES = {np.float32: "float32", np.float64: "float64"}
 
 
-@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 0), (12345, 3), (2**32 + 7, 0),
-                                         (2**63 - 1, 2**32 - 5), (99, 2**40 + 1)])
+@pytest.mark.parametrize(
+    "seed,offset",
+    [(0, 0), (1, 0), (12345, 3), (2**32 + 7, 0), (2**63 - 1, 2**32 - 5), (99, 2**40 + 1)],
+)
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_mask_matches_philox_reference(dtype, p, seed, offset):
@@ -37,8 +40,9 @@ def test_mask_shapes_flatten_to_rows(shape):
 
 
 def test_mask_default_dtype_and_offset():
-    np.testing.assert_array_equal(F.dropout_mask((4, 9), 0.5, 3),
-                                  ref.dropout_mask((4, 9), 0.5, 3, 0, np.float32))
+    np.testing.assert_array_equal(
+        F.dropout_mask((4, 9), 0.5, 3), ref.dropout_mask((4, 9), 0.5, 3, 0, np.float32)
+    )
     assert F.dropout_mask((4, 9), 0.5, 3).dtype == np.float32
 
 
@@ -51,8 +55,9 @@ def test_same_seed_and_offset_same_mask():
 @pytest.mark.parametrize("change", ["offset", "seed"])
 def test_different_offset_or_seed_different_mask(change):
     a = F.dropout_mask((64, 33), 0.5, 5, 0)
-    b = F.dropout_mask((64, 33), 0.5, 5 if change == "offset" else 6,
-                       64 * 33 if change == "offset" else 0)
+    b = F.dropout_mask(
+        (64, 33), 0.5, 5 if change == "offset" else 6, 64 * 33 if change == "offset" else 0
+    )
     assert np.mean(a != b) > 0.3
 
 
@@ -104,15 +109,17 @@ def check_with_mask(p, dtype, mask, **kw):
     """Forward and backward with dropout settings kw against the reference with mask."""
     ref_kw = {"enable_lora": kw["enable_lora"]} if "enable_lora" in kw else {}
     k = p["x"].size // p["x"].shape[-1] + sum(p["x"].shape[-1:]) + p["grad_out"].shape[-1] + 5
-    y, xa = F.lora_linear_forward(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"],
-                                  p["scale"], **kw)
+    y, xa = F.lora_linear_forward(
+        p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["scale"], **kw
+    )
     fargs = (p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["scale"])
     y_ref, xa_ref = ref.lora_linear_forward(*fargs, mask=mask, **ref_kw)
     y_bound, xa_bound = bound_of(ref.lora_linear_forward, *fargs, mask=mask, **ref_kw)
     assert_close(xa, xa_ref, xa_bound, dtype, k, "xa = (x * mask) @ A.T")
     assert_close(y, y_ref, y_bound, dtype, k, "y")
-    grads = F.lora_linear_backward(p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"],
-                                   xa, p["scale"], **kw)
+    grads = F.lora_linear_backward(
+        p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"], xa, p["scale"], **kw
+    )
     bargs = (p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"], p["scale"])
     want = ref.lora_linear_backward(*bargs, mask=mask, **ref_kw)
     bound = bound_of(ref.lora_linear_backward, *bargs, mask=mask, **ref_kw)
@@ -127,8 +134,7 @@ def test_forward_and_backward_use_the_mask(rng, dtype, p_drop):
     p = make_problem(rng, dtype)
     seed, offset = 1234, 77
     mask = F.dropout_mask(p["x"].shape, p_drop, seed, offset, dtype=DTYPE_NAMES[dtype])
-    np.testing.assert_array_equal(mask, ref.dropout_mask(p["x"].shape, p_drop, seed, offset,
-                                                         dtype))
+    np.testing.assert_array_equal(mask, ref.dropout_mask(p["x"].shape, p_drop, seed, offset, dtype))
     check_with_mask(p, dtype, mask, dropout=p_drop, seed=seed, offset=offset)
 
 
@@ -154,15 +160,17 @@ def test_backward_with_other_offset_differs(rng):
     """Backward regenerates the mask from (seed, offset): a different offset changes grad_a."""
     p = make_problem(rng, np.float64)
     kw = dict(dropout=0.5, seed=3)
-    _, xa = F.lora_linear_forward(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"],
-                                  p["scale"], offset=0, **kw)
+    _, xa = F.lora_linear_forward(
+        p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["scale"], offset=0, **kw
+    )
     args = (p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"], xa, p["scale"])
     same = F.lora_linear_backward(*args, offset=0, **kw)
     other = F.lora_linear_backward(*args, offset=1000, **kw)
     assert not np.allclose(same.lora_a, other.lora_a)
     assert not np.allclose(same.x, other.x)
-    _, xa_other = F.lora_linear_forward(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"],
-                                        p["scale"], offset=1000, **kw)
+    _, xa_other = F.lora_linear_forward(
+        p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["scale"], offset=1000, **kw
+    )
     assert not np.allclose(xa, xa_other)
 
 

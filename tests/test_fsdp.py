@@ -2,6 +2,7 @@
 API, on two CPU processes with gloo: the adapter gradients and weights equal one process on the
 same global batch, and the adapter saved from the sharded model loads in peft with the same
 outputs."""
+
 import socket
 
 import pytest
@@ -60,8 +61,13 @@ def build_model():
 
 def global_batches():
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, 20, (GLOBAL_BATCH, 5), generator=generator),
-             torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randint(0, 20, (GLOBAL_BATCH, 5), generator=generator),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def full(tensor):
@@ -79,7 +85,9 @@ def train(model, batches, rank=0, world_size=1):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if first_grads is None:
-            first_grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+            first_grads = {
+                n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None
+            }
         optimizer.step()
     weights = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
     return first_grads, weights
@@ -87,7 +95,9 @@ def train(model, batches, rank=0, world_size=1):
 
 def _worker(rank, port, result_path, adapter_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
+    )
     try:
         model = build_model()
         for block in model.base_model.model.blocks:
@@ -108,8 +118,9 @@ def free_port():
 
 def test_fsdp2_two_processes_match_one_process_and_save_loads_in_peft(tmp_path):
     result_path, adapter_dir = str(tmp_path / "fsdp_result"), str(tmp_path / "adapter")
-    torch.multiprocessing.spawn(_worker, args=(free_port(), result_path, adapter_dir), nprocs=WORLD_SIZE,
-                                join=True)
+    torch.multiprocessing.spawn(
+        _worker, args=(free_port(), result_path, adapter_dir), nprocs=WORLD_SIZE, join=True
+    )
     single = build_model()
     expected_grads, expected_weights = train(single, global_batches())
     assert sorted(expected_grads) == sorted(n for n, p in single.named_parameters() if "lora_" in n)
@@ -117,8 +128,13 @@ def test_fsdp2_two_processes_match_one_process_and_save_loads_in_peft(tmp_path):
         result = torch.load(f"{result_path}.{rank}")
         assert sorted(result["grads"]) == sorted(expected_grads)
         for name, grad in expected_grads.items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(
+                result["grads"][name],
+                grad,
+                rtol=1e-10,
+                atol=1e-12,
+                msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}",
+            )
         for name, weight in expected_weights.items():
             torch.testing.assert_close(result["weights"][name], weight, rtol=1e-10, atol=1e-12)
 

@@ -6,6 +6,7 @@ views, empty tensors with a null data pointer, scaled operands that overflow, vi
 Each test starts from the issue's reproducer. Threaded tests run for a bounded time (about a second
 each) and check what a race may and may not do: an IndexError or a clear RuntimeError, never an
 out-of-bounds access (the sanitizer CI runs this file under ASan + UBSan)."""
+
 import ctypes
 import threading
 import time
@@ -14,10 +15,9 @@ import numpy as np
 import pytest
 
 import cpeft
+import reference as ref
 from cpeft import _C
 from cpeft import functional as F
-
-import reference as ref
 
 RACE_SECONDS = 1.0
 
@@ -31,6 +31,7 @@ def randn(*shape, seed=0, dtype=np.float32):
 
 
 # ---- defect 1: indices rewritten while the GIL is released --------------------------------------
+
 
 class Flipper:
     """A thread that keeps writing an out-of-range value into array[-1] and restoring it."""
@@ -83,8 +84,13 @@ def test_lora_embedding_backward_indices_rewritten_during_call(index_dtype):
     g = np.ones((idx.size, D), np.float32)
     a, b = np.ones((R, V), np.float32), np.ones((D, R), np.float32)
     bad = (1 << 40) if index_dtype == np.int64 else (1 << 30)
-    race(lambda: F.lora_embedding_backward(g, idx, a, b, 1.0, grad_lora_a=True,
-                                           grad_lora_b=True, grad_weight=True), idx, bad)
+    race(
+        lambda: F.lora_embedding_backward(
+            g, idx, a, b, 1.0, grad_lora_a=True, grad_lora_b=True, grad_weight=True
+        ),
+        idx,
+        bad,
+    )
 
 
 def test_lora_embedding_forward_indices_rewritten_during_call():
@@ -100,8 +106,7 @@ def test_ia3_embedding_indices_rewritten_during_call():
     g = np.ones((idx.size, D), np.float32)
     out = np.empty((idx.size, D), np.float32)
     race(lambda: F.ia3_embedding_forward(idx, w, l, out=out), idx, 1 << 40)
-    race(lambda: F.ia3_embedding_backward(g, idx, w, l, grad_ia3_l=True, grad_weight=True), idx,
-         V)
+    race(lambda: F.ia3_embedding_backward(g, idx, w, l, grad_ia3_l=True, grad_weight=True), idx, V)
 
 
 def test_unmerge_record_rewritten_during_call():
@@ -113,8 +118,13 @@ def test_unmerge_record_rewritten_during_call():
     index, value = record.index.copy(), record.value.copy()
     # The last entry flips between its own position and one far outside the weight.
     good = int(index[-1])
-    race(lambda: F.lora_unmerge(w, a, b, 0.37, F.MergeRecord(index, value)), index, 1 << 50,
-         good, allowed=(IndexError, ValueError))
+    race(
+        lambda: F.lora_unmerge(w, a, b, 0.37, F.MergeRecord(index, value)),
+        index,
+        1 << 50,
+        good,
+        allowed=(IndexError, ValueError),
+    )
 
 
 def test_indices_checked_before_anything_is_written():
@@ -122,12 +132,19 @@ def test_indices_checked_before_anything_is_written():
     idx = np.array([0, 1, 5], np.int64)
     out = np.full((3, D), 7.0, np.float32)
     with pytest.raises(IndexError, match="indices"):
-        F.lora_embedding_forward(idx, np.ones((V, D), np.float32), np.ones((R, V), np.float32),
-                                 np.ones((D, R), np.float32), 1.0, out=out)
+        F.lora_embedding_forward(
+            idx,
+            np.ones((V, D), np.float32),
+            np.ones((R, V), np.float32),
+            np.ones((D, R), np.float32),
+            1.0,
+            out=out,
+        )
     assert (out == 7.0).all()
 
 
 # ---- defect 2: Python code after buffers were captured -----------------------------------------
+
 
 def linear_case(groups=1):
     """The issue's shapes: x (64, 256), weight (8, 256), rank 2 per enabled group."""
@@ -230,10 +247,16 @@ class DLPackWrapper:
 def test_later_dlpack_export_moves_earlier_array():
     """x's pointer used to be taken before weight.__dlpack__ ran."""
     x, w, a, b = linear_case()
-    y, _ = F.lora_linear_forward(x, DLPackWrapper(w, lambda: grow_rows(x) if x.shape[0] == 64
-                                                  else None), None, a, b, 1.0,
-                                 out=np.empty((128, 8), np.float32),
-                                 out_xa=np.empty((128, 2), np.float32))
+    y, _ = F.lora_linear_forward(
+        x,
+        DLPackWrapper(w, lambda: grow_rows(x) if x.shape[0] == 64 else None),
+        None,
+        a,
+        b,
+        1.0,
+        out=np.empty((128, 8), np.float32),
+        out_xa=np.empty((128, 2), np.float32),
+    )
     assert y.shape == (128, 8)
     np.testing.assert_allclose(y, expected_forward(x, w, a, b, 1.0), rtol=1e-4, atol=1e-4)
 
@@ -245,13 +268,20 @@ def test_output_dlpack_export_moves_input():
     out_xa = torch.empty(64, 4)
     # The output's export shrinks x back to a shape that no longer fits out: refused cleanly.
     with pytest.raises(ValueError, match="out"):
-        _C.lora_linear_forward(x, w, None, a, b, 1.0,
-                               out=DLPackWrapper(out, lambda: grow_rows(x) if x.shape[0] == 64
-                                                 else None),
-                               out_xa=out_xa)
+        _C.lora_linear_forward(
+            x,
+            w,
+            None,
+            a,
+            b,
+            1.0,
+            out=DLPackWrapper(out, lambda: grow_rows(x) if x.shape[0] == 64 else None),
+            out_xa=out_xa,
+        )
 
 
 # ---- defect 3: dropout counters past 2**64 ------------------------------------------------------
+
 
 @pytest.mark.parametrize("offset", [2**64 - 2, 2**64 - 1, 2**64 - 700, 2**64 - 1401])
 def test_dropout_mask_wraps_modulo_2_64(offset):
@@ -279,6 +309,7 @@ def test_dropout_wrapping_forward_and_backward_agree():
 
 # ---- defect 4: unaligned views -------------------------------------------------------------------
 
+
 def unaligned(shape, dtype=np.float32, fill=None):
     """A view of `shape` starting one byte into a buffer: misaligned for any dtype wider than 1."""
     itemsize = np.dtype(dtype).itemsize
@@ -294,15 +325,25 @@ def test_unaligned_inputs_are_copied():
     x, w = randn(5, 6, seed=1), randn(4, 6, seed=2)
     a, b, bias = randn(2, 6, seed=3), randn(4, 2, seed=4), randn(4, seed=5)
     want_y, want_xa = F.lora_linear_forward(x, w, bias, a, b, 0.5, dropout=0.3, seed=3)
-    y, xa = F.lora_linear_forward(unaligned(x.shape, fill=x), unaligned(w.shape, fill=w),
-                                  unaligned(bias.shape, fill=bias), unaligned(a.shape, fill=a),
-                                  unaligned(b.shape, fill=b), 0.5, dropout=0.3, seed=3)
+    y, xa = F.lora_linear_forward(
+        unaligned(x.shape, fill=x),
+        unaligned(w.shape, fill=w),
+        unaligned(bias.shape, fill=bias),
+        unaligned(a.shape, fill=a),
+        unaligned(b.shape, fill=b),
+        0.5,
+        dropout=0.3,
+        seed=3,
+    )
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(xa, want_xa)
     idx = np.array([0, 3, 1], np.int64)
     want = F.ia3_embedding_forward(idx, w, randn(6, seed=6))
-    got = F.ia3_embedding_forward(unaligned(idx.shape, np.int64, idx), unaligned(w.shape, fill=w),
-                                  unaligned((6,), fill=randn(6, seed=6)))
+    got = F.ia3_embedding_forward(
+        unaligned(idx.shape, np.int64, idx),
+        unaligned(w.shape, fill=w),
+        unaligned((6,), fill=randn(6, seed=6)),
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -322,6 +363,7 @@ def test_unaligned_outputs_and_targets_are_refused():
 
 # ---- defect 7: empty tensors, with a null data pointer from torch --------------------------------
 
+
 def test_ia3_linear_zero_rows_backward():
     """The issue's reproducer: 'internal error (status 6)' from a base with data == NULL."""
     torch = pytest.importorskip("torch")
@@ -337,29 +379,57 @@ def empty_calls(xp):
     idx = np.zeros(0, np.int64) if xp is np else xp.zeros(0, dtype=xp.int64)
     x, w, bias, a, b = z(0, 6), rnd(4, 6), rnd(4), rnd(2, 6), rnd(4, 2)
     we, ae, be, l4, l6 = rnd(7, 3), rnd(2, 7), rnd(3, 2), rnd(4), rnd(6)
-    all_grads = dict(grad_x=True, grad_lora_a=True, grad_lora_b=True, grad_bias=True,
-                     grad_weight=True)
+    all_grads = dict(
+        grad_x=True, grad_lora_a=True, grad_lora_b=True, grad_bias=True, grad_weight=True
+    )
     return [
-        ("lora_linear_forward", lambda: F.lora_linear_forward(x, w, bias, a, b, 0.5,
-                                                              dropout=0.5), [(0, 4), (0, 2)]),
-        ("lora_linear_backward", lambda: F.lora_linear_backward(z(0, 4), x, w, a, b, z(0, 2), 0.5,
-                                                                dropout=0.5, **all_grads),
-         [(0, 6), (2, 6), (4, 2), (4,), (4, 6)]),
-        ("lora_embedding_forward", lambda: F.lora_embedding_forward(idx, we, ae, be, 0.5),
-         [(0, 3)]),
-        ("lora_embedding_backward", lambda: F.lora_embedding_backward(
-            z(0, 3), idx, ae, be, 0.5, grad_weight=True), [(2, 7), (3, 2), (7, 3)]),
-        ("ia3_linear_forward", lambda: F.ia3_linear_forward(x, w, bias, l4, keep_base=True),
-         [(0, 4), (0, 4)]),
-        ("ia3_linear_backward", lambda: F.ia3_linear_backward(
-            z(0, 4), x, w, l4, z(0, 4), grad_bias=True, grad_weight=True),
-         [(0, 6), (4,), (4,), (4, 6)]),
-        ("ia3_linear_backward_ff", lambda: F.ia3_linear_backward(
-            z(0, 4), x, w, l6, None, feedforward=True, grad_bias=True, grad_weight=True),
-         [(0, 6), (6,), (4,), (4, 6)]),
+        (
+            "lora_linear_forward",
+            lambda: F.lora_linear_forward(x, w, bias, a, b, 0.5, dropout=0.5),
+            [(0, 4), (0, 2)],
+        ),
+        (
+            "lora_linear_backward",
+            lambda: F.lora_linear_backward(
+                z(0, 4), x, w, a, b, z(0, 2), 0.5, dropout=0.5, **all_grads
+            ),
+            [(0, 6), (2, 6), (4, 2), (4,), (4, 6)],
+        ),
+        (
+            "lora_embedding_forward",
+            lambda: F.lora_embedding_forward(idx, we, ae, be, 0.5),
+            [(0, 3)],
+        ),
+        (
+            "lora_embedding_backward",
+            lambda: F.lora_embedding_backward(z(0, 3), idx, ae, be, 0.5, grad_weight=True),
+            [(2, 7), (3, 2), (7, 3)],
+        ),
+        (
+            "ia3_linear_forward",
+            lambda: F.ia3_linear_forward(x, w, bias, l4, keep_base=True),
+            [(0, 4), (0, 4)],
+        ),
+        (
+            "ia3_linear_backward",
+            lambda: F.ia3_linear_backward(
+                z(0, 4), x, w, l4, z(0, 4), grad_bias=True, grad_weight=True
+            ),
+            [(0, 6), (4,), (4,), (4, 6)],
+        ),
+        (
+            "ia3_linear_backward_ff",
+            lambda: F.ia3_linear_backward(
+                z(0, 4), x, w, l6, None, feedforward=True, grad_bias=True, grad_weight=True
+            ),
+            [(0, 6), (6,), (4,), (4, 6)],
+        ),
         ("ia3_embedding_forward", lambda: F.ia3_embedding_forward(idx, we, rnd(3)), [(0, 3)]),
-        ("ia3_embedding_backward", lambda: F.ia3_embedding_backward(
-            z(0, 3), idx, we, rnd(3), grad_weight=True), [(3,), (7, 3)]),
+        (
+            "ia3_embedding_backward",
+            lambda: F.ia3_embedding_backward(z(0, 3), idx, we, rnd(3), grad_weight=True),
+            [(3,), (7, 3)],
+        ),
     ]
 
 
@@ -372,16 +442,23 @@ def test_every_op_on_empty_batches(framework):
         got = [np.asarray(r) for r in results if r is not None]
         assert [g.shape for g in got] == [tuple(s) for s in shapes], name
         for g in got:
-            assert (g == 0).all(), name   # sums over no rows are zeros
+            assert (g == 0).all(), name  # sums over no rows are zeros
     np.testing.assert_array_equal(F.dropout_mask((0, 5), 0.5, 1), np.zeros((0, 5), np.float32))
 
 
 def layer_cases(torch):
     return [
         ("Linear", cpeft.Linear(6, 4, r=2, lora_alpha=4), torch.randn(0, 6)),
-        ("MergedLinear", cpeft.MergedLinear(6, 6, r=2, lora_alpha=4,
-                                            enable_lora=[True, False, True]), torch.randn(0, 6)),
-        ("Embedding", cpeft.Embedding(7, 3, r=2, lora_alpha=4), torch.zeros(0, 2, dtype=torch.long)),
+        (
+            "MergedLinear",
+            cpeft.MergedLinear(6, 6, r=2, lora_alpha=4, enable_lora=[True, False, True]),
+            torch.randn(0, 6),
+        ),
+        (
+            "Embedding",
+            cpeft.Embedding(7, 3, r=2, lora_alpha=4),
+            torch.zeros(0, 2, dtype=torch.long),
+        ),
         ("Conv1d", cpeft.Conv1d(3, 4, 3, r=2, lora_alpha=4), torch.randn(0, 3, 8)),
         ("Conv2d", cpeft.Conv2d(3, 4, 3, r=2, lora_alpha=4), torch.randn(0, 3, 8, 8)),
         ("Conv3d", cpeft.Conv3d(3, 4, 3, r=2, lora_alpha=4), torch.randn(0, 3, 5, 5, 5)),
@@ -400,7 +477,7 @@ def test_every_layer_on_empty_batches():
                 x.requires_grad_(True)
             y = layer(x)
             assert y.shape[0] == 0, name
-            if not y.requires_grad:   # eval of an embedding: merged, nothing trainable is used
+            if not y.requires_grad:  # eval of an embedding: merged, nothing trainable is used
                 continue
             y.sum().backward()
             for pname, p in layer.named_parameters():
@@ -414,6 +491,7 @@ def test_every_layer_on_empty_batches():
 
 # ---- defect 8: float32 with a bias must not overflow on s·B -------------------------------------
 
+
 # One row (bias written first) and 16 rows (bias fused into the adapter GEMM as [xa | 1]).
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -421,22 +499,33 @@ def test_scaled_operand_never_overflows(rows, with_bias):
     """The issue's reproducer: x=1, w=1, A=1e-20, B=1e20, scale=1e20 gave inf with a bias."""
     one = np.ones((rows, 1), np.float32)
     bias = np.zeros(1, np.float32) if with_bias else None
-    y, _ = F.lora_linear_forward(one, np.ones((1, 1), np.float32), bias,
-                                 np.full((1, 1), 1e-20, np.float32),
-                                 np.full((1, 1), 1e20, np.float32), 1e20)
+    y, _ = F.lora_linear_forward(
+        one,
+        np.ones((1, 1), np.float32),
+        bias,
+        np.full((1, 1), 1e-20, np.float32),
+        np.full((1, 1), 1e20, np.float32),
+        1e20,
+    )
     np.testing.assert_allclose(y, np.full((rows, 1), 1e20), rtol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 16])
 def test_scaled_operand_never_underflows(rows):
     """s·B = 1e-20 * 1e-30 is below float32's range though s·xa·B = 1e-20 is not."""
-    y, _ = F.lora_linear_forward(np.ones((rows, 1), np.float32), np.zeros((1, 1), np.float32),
-                                 np.zeros(1, np.float32), np.full((1, 1), 1e30, np.float32),
-                                 np.full((1, 1), 1e-30, np.float32), 1e-20)
+    y, _ = F.lora_linear_forward(
+        np.ones((rows, 1), np.float32),
+        np.zeros((1, 1), np.float32),
+        np.zeros(1, np.float32),
+        np.full((1, 1), 1e30, np.float32),
+        np.full((1, 1), 1e-30, np.float32),
+        1e-20,
+    )
     np.testing.assert_allclose(y, np.full((rows, 1), 1e-20), rtol=1e-6)
 
 
 # ---- defect 9: views beyond the 32-bit BLAS range ---------------------------------------------------
+
 
 def test_weight_view_with_a_64_bit_row_stride():
     """The issue's (2, 2**31 + 64) array sliced to 8 columns: a leading dimension beyond 32 bits.
@@ -450,24 +539,25 @@ def test_weight_view_with_a_64_bit_row_stride():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     out = np.lib.stride_tricks.as_strided(backing, shape=(2, 8), strides=((2**31 + 64) * 4, 4))
     with pytest.raises(ValueError, match="grad_weight"):
-        F.lora_linear_backward(randn(3, 2), x, np.array(w), a, b, randn(3, 2), 0.5,
-                               grad_weight=out)
+        F.lora_linear_backward(randn(3, 2), x, np.array(w), a, b, randn(3, 2), 0.5, grad_weight=out)
 
 
 def test_stride_zero_expand_beyond_memory_names_the_argument():
-    rows = 2**45   # a compact copy would need 2**49 bytes: never allocatable
+    rows = 2**45  # a compact copy would need 2**49 bytes: never allocatable
     x = np.broadcast_to(np.ones((1, 4), np.float32), (rows, 4))
     g = np.broadcast_to(np.ones((1, 3), np.float32), (rows, 3))
     xa = np.broadcast_to(np.ones((1, 2), np.float32), (rows, 2))
     with pytest.raises(MemoryError, match=r"^x .*compact copy"):
-        F.lora_linear_backward(g, x, randn(3, 4), randn(2, 4), randn(3, 2), xa, 1.0,
-                               grad_x=False)
+        F.lora_linear_backward(g, x, randn(3, 4), randn(2, 4), randn(3, 2), xa, 1.0, grad_x=False)
 
 
 # ---- defect 10: unchecked arguments ----------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype, exc", [("bogus", ValueError), (None, TypeError),
-                                        (object(), TypeError), ("int32", ValueError)])
+
+@pytest.mark.parametrize(
+    "dtype, exc",
+    [("bogus", ValueError), (None, TypeError), (object(), TypeError), ("int32", ValueError)],
+)
 def test_dropout_mask_dtype_checked(dtype, exc):
     with pytest.raises(exc, match="dtype"):
         F.dropout_mask((2, 3), 0.5, 1, dtype=dtype)
@@ -488,14 +578,16 @@ def test_dropout_mask_dtype_spellings():
 def test_integer_arguments_through_index():
     x, w, a, b = randn(4, 6, seed=1), randn(3, 6, seed=2), randn(2, 6, seed=3), randn(3, 2, seed=4)
     want = F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=0.5, seed=7, offset=9)[0]
-    got = F.lora_linear_forward(x, w, None, a, b, 0.5, dropout=np.float32(0.5),
-                                seed=np.int64(7), offset=np.uint8(9))[0]
+    got = F.lora_linear_forward(
+        x, w, None, a, b, 0.5, dropout=np.float32(0.5), seed=np.int64(7), offset=np.uint8(9)
+    )[0]
     np.testing.assert_array_equal(got, want)
     idx = np.array([0, 1, 2], np.int64)
     we, ae, be = randn(3, 2, seed=5), randn(1, 3, seed=6), randn(2, 1, seed=7)
     np.testing.assert_array_equal(
         F.lora_embedding_backward(randn(3, 2), idx, ae, be, 1.0, padding_idx=np.int32(-2)).lora_a,
-        F.lora_embedding_backward(randn(3, 2), idx, ae, be, 1.0, padding_idx=1).lora_a)
+        F.lora_embedding_backward(randn(3, 2), idx, ae, be, 1.0, padding_idx=1).lora_a,
+    )
     for name in ("seed", "offset"):
         with pytest.raises(TypeError, match=name):
             F.lora_linear_forward(x, w, None, a, b, 0.5, **{name: 7.0})
@@ -507,20 +599,24 @@ def test_integer_arguments_through_index():
 
 def test_ia3_feedforward_bias_checked():
     w, l = randn(3, 4, seed=1), randn(4, seed=2)
-    for bias, exc, match in [("not an array", TypeError, "bias"),
-                             (np.zeros(2, np.float32), ValueError, "bias"),
-                             (np.zeros(3, np.float64), ValueError, "bias")]:
+    for bias, exc, match in [
+        ("not an array", TypeError, "bias"),
+        (np.zeros(2, np.float32), ValueError, "bias"),
+        (np.zeros(3, np.float64), ValueError, "bias"),
+    ]:
         before = w.copy()
         with pytest.raises(exc, match=match):
             F.ia3_merge(w, l, bias=bias, feedforward=True)
         np.testing.assert_array_equal(w, before)
     aliased = randn(4, 3, seed=3)
     with pytest.raises(ValueError, match="alias"):
-        F.ia3_merge(aliased, randn(4, seed=4), bias=aliased[0], feedforward=True,
-                    fan_in_fan_out=True)
+        F.ia3_merge(
+            aliased, randn(4, seed=4), bias=aliased[0], feedforward=True, fan_in_fan_out=True
+        )
 
 
 # ---- defect 12: DLPack deleters written in Python ---------------------------------------------------
+
 
 class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
@@ -531,9 +627,15 @@ class _DLDataType(ctypes.Structure):
 
 
 class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
 
 
 class _DLManagedTensor(ctypes.Structure):
@@ -541,8 +643,11 @@ class _DLManagedTensor(ctypes.Structure):
 
 
 _DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
-_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p),
-                             ("deleter", _DELETER)]
+_DLManagedTensor._fields_ = [
+    ("dl_tensor", _DLTensor),
+    ("manager_ctx", ctypes.c_void_p),
+    ("deleter", _DELETER),
+]
 
 
 class PythonDeleterProducer:
@@ -554,8 +659,18 @@ class PythonDeleterProducer:
         self.shape = (ctypes.c_int64 * self.array.ndim)(*self.array.shape)
         self.deleter = _DELETER(self.delete)
         self.managed = _DLManagedTensor(
-            _DLTensor(self.array.ctypes.data, _DLDevice(1, 0), self.array.ndim,
-                      _DLDataType(2, 32, 1), self.shape, None, 0), None, self.deleter)
+            _DLTensor(
+                self.array.ctypes.data,
+                _DLDevice(1, 0),
+                self.array.ndim,
+                _DLDataType(2, 32, 1),
+                self.shape,
+                None,
+                0,
+            ),
+            None,
+            self.deleter,
+        )
 
     def delete(self, _managed):
         self.deleted += 1
@@ -572,20 +687,38 @@ class PythonDeleterProducer:
 
 def test_python_deleter_runs_once_with_an_exception_pending():
     x, w, b = randn(4, 6, seed=1), randn(3, 6, seed=2), randn(3, 2, seed=3)
-    bad_a = PythonDeleterProducer(randn(2, 5, seed=4))    # wrong in_features
+    bad_a = PythonDeleterProducer(randn(2, 5, seed=4))  # wrong in_features
     with pytest.raises(ValueError, match="lora_a must have shape"):
-        F.lora_linear_forward(x, w, None, bad_a, b, 0.5, out=np.empty((4, 3), np.float32),
-                              out_xa=np.empty((4, 2), np.float32))
+        F.lora_linear_forward(
+            x,
+            w,
+            None,
+            bad_a,
+            b,
+            0.5,
+            out=np.empty((4, 3), np.float32),
+            out_xa=np.empty((4, 2), np.float32),
+        )
     assert bad_a.deleted == 1
     good_a = PythonDeleterProducer(randn(2, 6, seed=4))
-    y, _ = F.lora_linear_forward(x, w, None, good_a, b, 0.5, out=np.empty((4, 3), np.float32),
-                                 out_xa=np.empty((4, 2), np.float32))
+    y, _ = F.lora_linear_forward(
+        x,
+        w,
+        None,
+        good_a,
+        b,
+        0.5,
+        out=np.empty((4, 3), np.float32),
+        out_xa=np.empty((4, 2), np.float32),
+    )
     assert good_a.deleted == 1
-    np.testing.assert_allclose(y, ref.lora_linear_forward(x, w, None, good_a.array, b, 0.5)[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y, ref.lora_linear_forward(x, w, None, good_a.array, b, 0.5)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 # ---- defect 13: two threads merging one weight -------------------------------------------------------
+
 
 def test_concurrent_merges_of_one_weight_are_reported():
     w = randn(1024, 1024, seed=1)
@@ -604,7 +737,7 @@ def test_concurrent_merges_of_one_weight_are_reported():
                 if "another cpeft call" not in str(e) and "changed while" not in str(e):
                     errors.append(e)
                 kind = "conflict"
-            except Exception as e:   # anything else is a bug
+            except Exception as e:  # anything else is a bug
                 errors.append(e)
                 kind = "conflict"
             with lock:
@@ -618,7 +751,7 @@ def test_concurrent_merges_of_one_weight_are_reported():
     for t in threads:
         t.join(10)
     assert not errors, errors[:3]
-    assert outcomes["conflict"] > 0, outcomes   # the merges did overlap, and it was noticed
+    assert outcomes["conflict"] > 0, outcomes  # the merges did overlap, and it was noticed
 
 
 def test_concurrent_merges_of_separate_weights_do_not_conflict():
@@ -634,7 +767,7 @@ def test_concurrent_merges_of_separate_weights_do_not_conflict():
         while time.monotonic() < deadline:
             try:
                 F.lora_unmerge(w, a, b, 0.5, F.lora_merge(w, a, b, 0.5))
-            except Exception as e:   # noqa: BLE001 - any error is the failure reported below
+            except Exception as e:  # noqa: BLE001 - any error is the failure reported below
                 errors.append(e)
                 return
 
@@ -649,15 +782,16 @@ def test_concurrent_merges_of_separate_weights_do_not_conflict():
 
 
 def test_vector_output_with_a_64_bit_stride_is_refused():
-    backing = np.zeros(2**31 + 9, np.float32)   # two elements 2**31 + 8 apart, lazily mapped
+    backing = np.zeros(2**31 + 9, np.float32)  # two elements 2**31 + 8 apart, lazily mapped
     grad_bias = np.lib.stride_tricks.as_strided(backing, shape=(2,), strides=((2**31 + 8) * 4,))
     x, w, a, b = randn(3, 4, seed=1), randn(2, 4, seed=2), randn(1, 4, seed=3), randn(2, 1, seed=4)
     with pytest.raises(ValueError, match="grad_bias"):
         F.lora_linear_backward(randn(3, 2), x, w, a, b, randn(3, 1), 0.5, grad_bias=grad_bias)
     bias = np.lib.stride_tricks.as_strided(backing, shape=(2,), strides=((2**31 + 8) * 4,))
     y, _ = F.lora_linear_forward(x, w, bias, a, b, 0.5)
-    np.testing.assert_allclose(y, ref.lora_linear_forward(x, w, np.zeros(2), a, b, 0.5)[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y, ref.lora_linear_forward(x, w, np.zeros(2), a, b, 0.5)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("bad", [1 << 40, -1, 0])
@@ -673,10 +807,17 @@ def test_lora_grouped_adapter_index_rewritten_during_call(bad):
     out = np.empty((m, dim), np.float32)
     out_xa = np.empty((m, rank), np.float32)
     expected = F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5])[0]
-    race(lambda: F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5],
-                                        out=out, out_xa=out_xa), index, bad, good=1)
+    race(
+        lambda: F.lora_grouped_forward(
+            x, w, None, a, b, index, [rank, rank], [0.5, 0.5], out=out, out_xa=out_xa
+        ),
+        index,
+        bad,
+        good=1,
+    )
     np.testing.assert_array_equal(
-        F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5])[0], expected)
+        F.lora_grouped_forward(x, w, None, a, b, index, [rank, rank], [0.5, 0.5])[0], expected
+    )
 
 
 @pytest.mark.parametrize("clears", ["ranks", "scales"])
@@ -704,8 +845,13 @@ def test_lora_grouped_adapter_lists_emptied_while_converted(clears):
 def test_bool_in_place_of_a_tensor_is_a_type_error(position, value):
     """True/False request or refuse outputs, so the boundary's preparation skips them; in an
     input's place they are the wrong kind of object (was: SystemError "not prepared")."""
-    arrays = [np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), None,
-              np.ones((2, 3), np.float32), np.ones((4, 2), np.float32)]
+    arrays = [
+        np.ones((2, 3), np.float32),
+        np.ones((4, 3), np.float32),
+        None,
+        np.ones((2, 3), np.float32),
+        np.ones((4, 2), np.float32),
+    ]
     arrays[position] = value
     name = ["x", "weight", "bias", "lora_a", "lora_b"][position]
     with pytest.raises(TypeError, match=f"^{name} must be a numpy.ndarray .* got bool"):

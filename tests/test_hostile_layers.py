@@ -10,6 +10,7 @@
   (defect 12, the Python half);
 * a build never reuses objects built with another configuration (defect 14).
 """
+
 import copy
 import json
 import os
@@ -21,15 +22,19 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import cpeft as lora  # noqa: E402
 from test_layers_torch import CASE_NAMES, case, reference_output  # noqa: E402
+
+import cpeft as lora  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tolerances between two computations of the same function in one dtype (a merged layer against
 # an unmerged one: the merge rounds W + ΔW once more).
-TOLERANCE = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
-             torch.float64: dict(rtol=1e-12, atol=1e-12)}
+TOLERANCE = {
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+}
 
 CONVERSIONS = {
     "half": (torch.float16, lambda module: module.half()),
@@ -85,8 +90,9 @@ def test_dtype_change_while_merged_leaves_a_layer_that_trains(name, conversion):
         assert torch.equal(value, fresh_state[key]), f"{key}: not the unmerged original converted"
     assert not [n for n, _ in layer.named_buffers() if n.startswith("_merge_")]
 
-    adapters_before = {n: p.detach().clone() for n, p in layer.named_parameters()
-                       if "lora_" in n or "ia3_" in n}
+    adapters_before = {
+        n: p.detach().clone() for n, p in layer.named_parameters() if "lora_" in n or "ia3_" in n
+    }
     sgd_step(layer, x)
     sgd_step(fresh, x)
     for n, p in layer.named_parameters():
@@ -118,8 +124,9 @@ def test_the_issue_reproducer_half_while_merged_then_train(name):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
 
 
-@pytest.mark.parametrize("name", ["Linear", "MergedLinear", "Embedding", "IA3Linear",
-                                  "IA3Linear-feedforward", "Conv2d"])
+@pytest.mark.parametrize(
+    "name", ["Linear", "MergedLinear", "Embedding", "IA3Linear", "IA3Linear-feedforward", "Conv2d"]
+)
 def test_a_failing_unmerge_or_merge_leaves_the_flags_as_they_were(name, monkeypatch):
     layer, x = case(name, dtype=torch.float32)
     before = copy.deepcopy(layer.state_dict())
@@ -173,10 +180,23 @@ def test_moving_a_merged_layer_to_meta_leaves_it_unmerged():
 # Defect 11: torch's dtype rules, no silent casts.
 
 LAYER_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-INPUT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
-                torch.bool]
-INDEX_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.float32,
-                torch.float64]
+INPUT_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    torch.int64,
+    torch.bool,
+]
+INDEX_DTYPES = [
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.uint8,
+    torch.bool,
+    torch.float32,
+    torch.float64,
+]
 AUTOCAST = [None, torch.bfloat16, torch.float16]
 
 
@@ -185,10 +205,12 @@ def plain_torch_twin(layer):
     if isinstance(layer, lora.ConvLoRA):
         return copy.deepcopy(layer.conv)
     if isinstance(layer, nn.Embedding):
-        return nn.Embedding.from_pretrained(layer.weight.detach().clone(), freeze=False,
-                                            padding_idx=layer.padding_idx)
-    twin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                     dtype=layer.weight.dtype)
+        return nn.Embedding.from_pretrained(
+            layer.weight.detach().clone(), freeze=False, padding_idx=layer.padding_idx
+        )
+    twin = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=layer.weight.dtype
+    )
     with torch.no_grad():
         twin.weight.copy_(layer.weight.T if layer.fan_in_fan_out else layer.weight)
         if layer.bias is not None:
@@ -221,7 +243,7 @@ def test_input_dtypes_follow_torch_merged_or_not(name):
         layer, x = case(name, dtype=layer_dtype)
         twin = plain_torch_twin(layer)
         embedding = isinstance(layer, nn.Embedding)
-        for input_dtype in (INDEX_DTYPES if embedding else INPUT_DTYPES):
+        for input_dtype in INDEX_DTYPES if embedding else INPUT_DTYPES:
             probe = x.to(input_dtype)
             for autocast_dtype in AUTOCAST:
                 expected = outcome(twin, probe, autocast_dtype)
@@ -229,12 +251,23 @@ def test_input_dtypes_follow_torch_merged_or_not(name):
                     layer.train(mode)
                     got = outcome(layer, probe, autocast_dtype)
                     if embedding:
-                        got, expected_here = index_message_prefix(got), index_message_prefix(expected)
+                        got, expected_here = (
+                            index_message_prefix(got),
+                            index_message_prefix(expected),
+                        )
                     else:
                         expected_here = expected
                     if got != expected_here:
-                        mismatches.append((layer_dtype, input_dtype, autocast_dtype,
-                                           "train" if mode else "eval", got, expected_here))
+                        mismatches.append(
+                            (
+                                layer_dtype,
+                                input_dtype,
+                                autocast_dtype,
+                                "train" if mode else "eval",
+                                got,
+                                expected_here,
+                            )
+                        )
     assert not mismatches, "\n".join(map(str, mismatches[:10]))
 
 
@@ -331,16 +364,23 @@ def test_batch_norm_in_modules_to_save_crosses_to_and_from_peft(tmp_path):
     hf_peft = pytest.importorskip("peft")
     from cpeft.peft import LoraConfig, PeftModel, get_peft_model
 
-    ours = train_a_little(get_peft_model(
-        NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["bn"])))
+    ours = train_a_little(
+        get_peft_model(
+            NetWithBatchNorm(),
+            LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["bn"]),
+        )
+    )
     ours.save_pretrained(tmp_path / "ours")
     theirs_loaded = hf_peft.PeftModel.from_pretrained(NetWithBatchNorm(), tmp_path / "ours").eval()
     assert int(batch_norm_copy(theirs_loaded).num_batches_tracked) == 3
     torch.testing.assert_close(eval_output(theirs_loaded), eval_output(ours), rtol=1e-6, atol=1e-6)
 
-    theirs = train_a_little(hf_peft.get_peft_model(
-        NetWithBatchNorm(), hf_peft.LoraConfig(r=2, target_modules=["fc1", "fc2"],
-                                               modules_to_save=["bn"])))
+    theirs = train_a_little(
+        hf_peft.get_peft_model(
+            NetWithBatchNorm(),
+            hf_peft.LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["bn"]),
+        )
+    )
     theirs.save_pretrained(tmp_path / "theirs")
     ours_loaded = PeftModel.from_pretrained(NetWithBatchNorm(), tmp_path / "theirs")
     assert int(batch_norm_copy(ours_loaded).num_batches_tracked) == 3
@@ -352,13 +392,18 @@ def test_an_integer_buffer_is_loaded_only_from_its_own_dtype(tmp_path):
 
     from cpeft.peft import ADAPTER_WEIGHTS_NAME, LoraConfig, PeftModel, get_peft_model
 
-    train_a_little(get_peft_model(
-        NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["bn"]),
-    )).save_pretrained(tmp_path)
+    train_a_little(
+        get_peft_model(
+            NetWithBatchNorm(),
+            LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["bn"]),
+        )
+    ).save_pretrained(tmp_path)
     weights = tmp_path / ADAPTER_WEIGHTS_NAME
     tensors = load_file(weights)
-    for key, dtype in (("base_model.model.bn.num_batches_tracked", torch.float32),
-                       ("base_model.model.bn.running_mean", torch.int64)):
+    for key, dtype in (
+        ("base_model.model.bn.num_batches_tracked", torch.float32),
+        ("base_model.model.bn.running_mean", torch.int64),
+    ):
         save_file(dict(tensors, **{key: tensors[key].to(dtype)}), weights)
         model = NetWithBatchNorm()
         state, types = copy.deepcopy(model.state_dict()), [type(m) for m in model.modules()]
@@ -375,9 +420,12 @@ def corrupt_config_cases():
     deep = "[" * 100_000 + "]" * 100_000
     return {
         "nested_far_beyond_the_recursion_limit": lambda text: text[:-1] + f', "r": {deep}}}',
-        "a_field_nested_far_beyond_the_recursion_limit":
-            lambda text: text[:-1] + f', "target_modules": {deep}}}',
-        "an_integer_beyond_python_digit_limit": lambda text: text[:-1] + ', "r": 1' + "0" * 5000 + "}",
+        "a_field_nested_far_beyond_the_recursion_limit": lambda text: (
+            text[:-1] + f', "target_modules": {deep}}}'
+        ),
+        "an_integer_beyond_python_digit_limit": lambda text: (
+            text[:-1] + ', "r": 1' + "0" * 5000 + "}"
+        ),
         "not_json": lambda text: text[: len(text) // 2],
         "not_utf8": lambda text: "\udcff",
         "a_list": lambda text: "[1, 2]",
@@ -390,10 +438,14 @@ def corrupt_config_cases():
 def test_a_corrupt_adapter_config_is_a_value_error_naming_it(case_name, tmp_path):
     from cpeft.peft import ADAPTER_CONFIG_NAME, LoraConfig, PeftModel, get_peft_model
 
-    get_peft_model(NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"])).save_pretrained(tmp_path)
+    get_peft_model(NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"])).save_pretrained(
+        tmp_path
+    )
     config_path = tmp_path / ADAPTER_CONFIG_NAME
     text = json.dumps(json.loads(config_path.read_text()))
-    config_path.write_bytes(corrupt_config_cases()[case_name](text).encode("utf-8", "surrogateescape"))
+    config_path.write_bytes(
+        corrupt_config_cases()[case_name](text).encode("utf-8", "surrogateescape")
+    )
     model = NetWithBatchNorm()
     state, types = copy.deepcopy(model.state_dict()), [type(m) for m in model.modules()]
     with pytest.raises(ValueError) as raised:
@@ -406,11 +458,19 @@ def test_a_corrupt_adapter_config_is_a_value_error_naming_it(case_name, tmp_path
 def test_a_corrupt_weights_file_is_a_value_error_naming_it(cut, tmp_path):
     from cpeft.peft import ADAPTER_WEIGHTS_NAME, LoraConfig, PeftModel, get_peft_model
 
-    get_peft_model(NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"])).save_pretrained(tmp_path)
+    get_peft_model(NetWithBatchNorm(), LoraConfig(r=2, target_modules=["fc1"])).save_pretrained(
+        tmp_path
+    )
     weights = tmp_path / ADAPTER_WEIGHTS_NAME
     data = weights.read_bytes()
-    weights.write_bytes({"empty": b"", "header_only": data[:8], "truncated": data[:-3],
-                         "garbage": bytes(range(256)) * 2}[cut])
+    weights.write_bytes(
+        {
+            "empty": b"",
+            "header_only": data[:8],
+            "truncated": data[:-3],
+            "garbage": bytes(range(256)) * 2,
+        }[cut]
+    )
     model = NetWithBatchNorm()
     state, types = copy.deepcopy(model.state_dict()), [type(m) for m in model.modules()]
     with pytest.raises(ValueError) as raised:
@@ -427,9 +487,22 @@ def build_into(lib, temp, **config):
     """``setup.py build_ext`` into scratch folders, CPU only; returns its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CPEFT_")}
     env.update(CPEFT_CUDA="0", **config)
-    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(lib),
-                           "--build-temp", str(temp)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "build_ext",
+            "--build-lib",
+            str(lib),
+            "--build-temp",
+            str(temp),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -446,9 +519,13 @@ def build_info_of(lib):
         if name.endswith(".py"):
             with open(os.path.join(sources, name), "rb") as handle:
                 (lib / "cpeft" / name).write_bytes(handle.read())
-    done = subprocess.run([sys.executable, "-c", "import cpeft, json; print(json.dumps(cpeft.build_info()))"],
-                          env=dict(os.environ, PYTHONPATH=str(lib)), capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", "import cpeft, json; print(json.dumps(cpeft.build_info()))"],
+        env=dict(os.environ, PYTHONPATH=str(lib)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

@@ -1,18 +1,32 @@
 """cpeft.functional IA3 linear (output scaling and feedforward input scaling) and IA3 embedding
 against the float64 reference (peft IA3 semantics)."""
+
 import math
 
 import numpy as np
 import pytest
 
 import reference as ref
+from conftest import (
+    FLOAT_DTYPES,
+    LAYOUTS,
+    assert_close,
+    bound_of,
+    central_difference,
+    random_array,
+    with_layout,
+)
 from cpeft import functional as F
-from conftest import (FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, central_difference,
-                      random_array, with_layout)
 
 SIZES = [  # (M, IN, OUT)
-    (1, 1, 1), (3, 1, 113), (113, 3, 1), (3, 113, 3), (113, 113, 113),
-    (1023, 3, 3), (3, 1023, 3), (3, 3, 1023),
+    (1, 1, 1),
+    (3, 1, 113),
+    (113, 3, 1),
+    (3, 113, 3),
+    (113, 113, 113),
+    (1023, 3, 3),
+    (3, 1023, 3),
+    (3, 3, 1023),
 ]
 L_SHAPES = ["flat", "column", "row"]
 MODES = ["output", "feedforward"]
@@ -22,13 +36,24 @@ def l_shape(kind, n):
     return {"flat": (n,), "column": (n, 1), "row": (1, n)}[kind]
 
 
-def make_linear(rng, dtype, lead, in_f, out_f, *, feedforward=False, fan_in_fan_out=False,
-                bias=True, l_kind="flat"):
+def make_linear(
+    rng,
+    dtype,
+    lead,
+    in_f,
+    out_f,
+    *,
+    feedforward=False,
+    fan_in_fan_out=False,
+    bias=True,
+    l_kind="flat",
+):
     n = in_f if feedforward else out_f
     return dict(
         x=random_array(rng, tuple(lead) + (in_f,), dtype),
-        weight=random_array(rng, (in_f, out_f) if fan_in_fan_out else (out_f, in_f), dtype,
-                            1 / math.sqrt(in_f)),
+        weight=random_array(
+            rng, (in_f, out_f) if fan_in_fan_out else (out_f, in_f), dtype, 1 / math.sqrt(in_f)
+        ),
         bias=random_array(rng, (out_f,), dtype) if bias else None,
         ia3_l=(1 + 0.5 * rng.standard_normal(l_shape(l_kind, n))).astype(dtype),
         grad_out=random_array(rng, tuple(lead) + (out_f,), dtype),
@@ -56,8 +81,16 @@ def check_linear(p, dtype, *, feedforward=False, fan_in_fan_out=False):
         assert_close(base, base_ref, base_bound, dtype, k, "base")
     else:
         assert base is None
-    grads = F.ia3_linear_backward(p["grad_out"], p["x"], p["weight"], p["ia3_l"], base,
-                                  grad_bias=p["bias"] is not None, grad_weight=True, **mode)
+    grads = F.ia3_linear_backward(
+        p["grad_out"],
+        p["x"],
+        p["weight"],
+        p["ia3_l"],
+        base,
+        grad_bias=p["bias"] is not None,
+        grad_weight=True,
+        **mode,
+    )
     bargs = (p["grad_out"], p["x"], p["weight"], p["bias"], p["ia3_l"])
     want = ref.ia3_linear_backward(*bargs, **mode)
     bound = bound_of(ref.ia3_linear_backward, *bargs, **mode)
@@ -75,8 +108,7 @@ def check_linear(p, dtype, *, feedforward=False, fan_in_fan_out=False):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_linear_matches_reference(rng, dtype, m, in_f, out_f, mode):
     ff = mode == "feedforward"
-    check_linear(make_linear(rng, dtype, (m,), in_f, out_f, feedforward=ff), dtype,
-                 feedforward=ff)
+    check_linear(make_linear(rng, dtype, (m,), in_f, out_f, feedforward=ff), dtype, feedforward=ff)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -88,8 +120,17 @@ def test_linear_variants(rng, dtype, mode, l_kind, fan_in_fan_out, bias):
     """ia3_l as (n,), (n, 1) or (1, n) (its gradient keeps that shape); weight stored (IN, OUT)
     with fan_in_fan_out; with and without bias."""
     ff = mode == "feedforward"
-    p = make_linear(rng, dtype, (2, 5), 7, 9, feedforward=ff, fan_in_fan_out=fan_in_fan_out,
-                    bias=bias, l_kind=l_kind)
+    p = make_linear(
+        rng,
+        dtype,
+        (2, 5),
+        7,
+        9,
+        feedforward=ff,
+        fan_in_fan_out=fan_in_fan_out,
+        bias=bias,
+        l_kind=l_kind,
+    )
     y, _, grads = check_linear(p, dtype, feedforward=ff, fan_in_fan_out=fan_in_fan_out)
     assert y.shape == (2, 5, 9)
     assert grads.ia3_l.shape == p["ia3_l"].shape
@@ -113,11 +154,14 @@ def test_linear_empty_batch(rng, dtype, mode):
     p = make_linear(rng, dtype, (0,), 6, 4, feedforward=ff)
     y, base = linear_forward(p, keep_base=not ff, feedforward=ff)
     assert y.shape == (0, 4)
-    buffers = {"grad_ia3_l": np.full(p["ia3_l"].shape, np.nan, dtype),
-               "grad_bias": np.full((4,), np.nan, dtype),
-               "grad_weight": np.full((4, 6), np.nan, dtype)}
-    grads = F.ia3_linear_backward(p["grad_out"], p["x"], p["weight"], p["ia3_l"], base,
-                                  feedforward=ff, **buffers)
+    buffers = {
+        "grad_ia3_l": np.full(p["ia3_l"].shape, np.nan, dtype),
+        "grad_bias": np.full((4,), np.nan, dtype),
+        "grad_weight": np.full((4, 6), np.nan, dtype),
+    }
+    grads = F.ia3_linear_backward(
+        p["grad_out"], p["x"], p["weight"], p["ia3_l"], base, feedforward=ff, **buffers
+    )
     assert grads.x.shape == (0, 6)
     for name in ("ia3_l", "bias", "weight"):
         assert np.array_equal(getattr(grads, name), np.zeros_like(buffers[f"grad_{name}"]))
@@ -133,8 +177,9 @@ def test_linear_keep_base_and_requested_gradients(rng):
     grads = F.ia3_linear_backward(*args)
     assert grads.x is not None and grads.ia3_l is not None
     assert grads.bias is None and grads.weight is None
-    only_x = F.ia3_linear_backward(p["grad_out"], p["x"], p["weight"], p["ia3_l"], None,
-                                   grad_ia3_l=False)
+    only_x = F.ia3_linear_backward(
+        p["grad_out"], p["x"], p["weight"], p["ia3_l"], None, grad_ia3_l=False
+    )
     assert only_x.ia3_l is None
     np.testing.assert_array_equal(only_x.x, grads.x)
 
@@ -153,8 +198,9 @@ def test_linear_finite_differences(rng, mode, fan_in_fan_out):
 
     for name in ("x", "weight", "bias", "ia3_l"):
         numeric = central_difference(loss, p[name])
-        np.testing.assert_allclose(getattr(grads, name), numeric, rtol=1e-6, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            getattr(grads, name), numeric, rtol=1e-6, atol=1e-7, err_msg=name
+        )
 
 
 # ------------------------------------------------------------------------------- embedding
@@ -175,10 +221,22 @@ def check_embedding(p, dtype, padding_idx=None):
     k = p["indices"].size + p["weight"].shape[0] + p["weight"].shape[1]
     y = F.ia3_embedding_forward(p["indices"], p["weight"], p["ia3_l"])
     fargs = (p["indices"], p["weight"], p["ia3_l"])
-    assert_close(y, ref.ia3_embedding_forward(*fargs), bound_of(ref.ia3_embedding_forward, *fargs),
-                 dtype, k, "y")
-    grads = F.ia3_embedding_backward(p["grad_out"], p["indices"], p["weight"], p["ia3_l"],
-                                     padding_idx=padding_idx, grad_weight=True)
+    assert_close(
+        y,
+        ref.ia3_embedding_forward(*fargs),
+        bound_of(ref.ia3_embedding_forward, *fargs),
+        dtype,
+        k,
+        "y",
+    )
+    grads = F.ia3_embedding_backward(
+        p["grad_out"],
+        p["indices"],
+        p["weight"],
+        p["ia3_l"],
+        padding_idx=padding_idx,
+        grad_weight=True,
+    )
     bargs = (p["grad_out"], p["indices"], p["weight"], p["ia3_l"])
     want = ref.ia3_embedding_backward(*bargs, padding_idx=padding_idx)
     bound = bound_of(ref.ia3_embedding_backward, *bargs, padding_idx=padding_idx)
@@ -232,15 +290,17 @@ def test_embedding_defaults_and_finite_differences(rng):
     _, grads = check_embedding(p, np.float64, padding_idx=0)
 
     def loss():
-        return float(np.sum(F.ia3_embedding_forward(p["indices"], p["weight"], p["ia3_l"])
-                            * p["grad_out"]))
+        return float(
+            np.sum(F.ia3_embedding_forward(p["indices"], p["weight"], p["ia3_l"]) * p["grad_out"])
+        )
 
     for name in ("ia3_l", "weight"):
         numeric = central_difference(loss, p[name])
         if name == "weight":
             numeric[0] = 0
-        np.testing.assert_allclose(getattr(grads, name), numeric, rtol=1e-6, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            getattr(grads, name), numeric, rtol=1e-6, atol=1e-7, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
@@ -254,18 +314,19 @@ def test_reference_matches_peft(rng, mode, fan_in_fan_out):
     base = torch.nn.Linear(in_f, out_f).double()
     if fan_in_fan_out:
         base.weight = torch.nn.Parameter(base.weight.detach().T.contiguous())
-    config = ia3.IA3Config(target_modules=["x"], feedforward_modules=["x"] if ff else [],
-                           fan_in_fan_out=fan_in_fan_out)
-    layer = ia3.layer.Linear(base, "default", config, is_feedforward=ff,
-                             fan_in_fan_out=fan_in_fan_out)
+    config = ia3.IA3Config(
+        target_modules=["x"], feedforward_modules=["x"] if ff else [], fan_in_fan_out=fan_in_fan_out
+    )
+    layer = ia3.layer.Linear(
+        base, "default", config, is_feedforward=ff, fan_in_fan_out=fan_in_fan_out
+    )
     layer.double()
     l_param = layer.ia3_l["default"]
     with torch.no_grad():
         l_param.normal_()
     base.weight.requires_grad_(True)
     if fan_in_fan_out:
-        layer.base_layer.forward = lambda t: torch.nn.functional.linear(t, base.weight.T,
-                                                                        base.bias)
+        layer.base_layer.forward = lambda t: torch.nn.functional.linear(t, base.weight.T, base.bias)
     x = torch.tensor(rng.standard_normal((3, in_f)), requires_grad=True)
     g = rng.standard_normal((3, out_f))
     y = layer(x)
@@ -275,12 +336,19 @@ def test_reference_matches_peft(rng, mode, fan_in_fan_out):
         return t.detach().numpy()
 
     mode_kw = dict(feedforward=ff, fan_in_fan_out=fan_in_fan_out)
-    y_ref, _ = ref.ia3_linear_forward(npy(x), npy(base.weight), npy(base.bias), npy(l_param),
-                                      **mode_kw)
+    y_ref, _ = ref.ia3_linear_forward(
+        npy(x), npy(base.weight), npy(base.bias), npy(l_param), **mode_kw
+    )
     np.testing.assert_allclose(y_ref, npy(y), rtol=1e-12, atol=1e-12)
-    want = ref.ia3_linear_backward(g, npy(x), npy(base.weight), npy(base.bias), npy(l_param),
-                                   **mode_kw)
-    for name, tensor in [("x", x), ("weight", base.weight), ("bias", base.bias),
-                         ("ia3_l", l_param)]:
-        np.testing.assert_allclose(want[name], npy(tensor.grad), rtol=1e-12, atol=1e-12,
-                                   err_msg=name)
+    want = ref.ia3_linear_backward(
+        g, npy(x), npy(base.weight), npy(base.bias), npy(l_param), **mode_kw
+    )
+    for name, tensor in [
+        ("x", x),
+        ("weight", base.weight),
+        ("bias", base.bias),
+        ("ia3_l", l_param),
+    ]:
+        np.testing.assert_allclose(
+            want[name], npy(tensor.grad), rtol=1e-12, atol=1e-12, err_msg=name
+        )

@@ -7,6 +7,7 @@ unmerged outputs, state-dict keys and requires_grad flags. The defects of lorali
 fixes on purpose (docs/loralib-differences.md) each have a test that shows loralib's behaviour
 next to cpeft's.
 """
+
 import copy
 import io
 import pickle
@@ -20,8 +21,7 @@ nn = torch.nn
 import cpeft as lora  # noqa: E402
 
 # Tolerances for comparing two implementations of the same float64/float32 math.
-TOLERANCE = {torch.float64: dict(rtol=1e-12, atol=1e-12),
-             torch.float32: dict(rtol=2e-5, atol=2e-5)}
+TOLERANCE = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
 def build_pair(name, *args, **kwargs):
@@ -48,8 +48,9 @@ def assert_same_parameters(reference, ours):
     for key in ref_state:
         assert ref_state[key].shape == our_state[key].shape, key
         assert torch.equal(ref_state[key], our_state[key]), key
-    assert [(n, p.requires_grad) for n, p in reference.named_parameters()] == \
-           [(n, p.requires_grad) for n, p in ours.named_parameters()]
+    assert [(n, p.requires_grad) for n, p in reference.named_parameters()] == [
+        (n, p.requires_grad) for n, p in ours.named_parameters()
+    ]
 
 
 def input_for(layer, dtype, leading=(3, 5)):
@@ -84,8 +85,12 @@ def assert_matches(reference, ours, x, dtype):
     torch.testing.assert_close(our_y, ref_y, **TOLERANCE[dtype])
     assert sorted(our_grads) == sorted(ref_grads)
     for name in ref_grads:
-        torch.testing.assert_close(our_grads[name], ref_grads[name], **TOLERANCE[dtype],
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+        torch.testing.assert_close(
+            our_grads[name],
+            ref_grads[name],
+            **TOLERANCE[dtype],
+            msg=lambda m, name=name: f"grad of {name}: {m}",
+        )
 
 
 LAYER_CASES = [
@@ -94,8 +99,11 @@ LAYER_CASES = [
     ("Linear", (12, 10), dict(r=2, lora_alpha=1, bias=False)),
     ("Linear", (12, 10), dict(r=0)),
     ("MergedLinear", (12, 18), dict(r=2, lora_alpha=4, enable_lora=[True, False, True])),
-    ("MergedLinear", (12, 18), dict(r=2, lora_alpha=4, enable_lora=[True, False, True],
-                                    fan_in_fan_out=True)),
+    (
+        "MergedLinear",
+        (12, 18),
+        dict(r=2, lora_alpha=4, enable_lora=[True, False, True], fan_in_fan_out=True),
+    ),
     ("MergedLinear", (8, 8), dict(r=3, lora_alpha=6, enable_lora=[False, True])),
     ("Embedding", (20, 6), dict(r=3, lora_alpha=6)),
     ("Embedding", (20, 6), dict(r=3, lora_alpha=6, padding_idx=2)),
@@ -104,8 +112,7 @@ LAYER_CASES = [
     ("Conv2d", (4, 6, 3), dict(r=2, lora_alpha=4, groups=2, padding=1)),
     ("Conv1d", (4, 6, 1), dict(r=2, lora_alpha=4)),
 ]
-CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
-            for name, _, kw in LAYER_CASES]
+CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for name, _, kw in LAYER_CASES]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -138,14 +145,22 @@ def test_layer_matches_loralib(name, args, kwargs, dtype):
     reference.train()
     ours.train()
     assert not ours.merged
-    assert torch.equal(dict(ours.named_parameters())[weight_key].detach(), original), \
+    assert torch.equal(dict(ours.named_parameters())[weight_key].detach(), original), (
         "merge then unmerge must restore W bit for bit"
+    )
     assert_matches(reference, ours, x, dtype)
 
 
 def test_merged_linear_block_layout_matches_loralib():
-    reference, ours = build_pair("MergedLinear", 5, 12, r=2, lora_alpha=2,
-                                 enable_lora=[False, True, True], fan_in_fan_out=True)
+    reference, ours = build_pair(
+        "MergedLinear",
+        5,
+        12,
+        r=2,
+        lora_alpha=2,
+        enable_lora=[False, True, True],
+        fan_in_fan_out=True,
+    )
     randomize_adapters(reference, ours)
     torch.testing.assert_close(ours.merge_AB(), reference.merge_AB(), rtol=1e-6, atol=1e-6)
     assert torch.equal(ours.lora_ind, reference.lora_ind)
@@ -165,8 +180,9 @@ def test_embedding_padding_column_gets_no_gradient_like_loralib():
 
 
 def test_dropout_is_on_the_lora_branch_only_and_off_in_eval():
-    reference, ours = build_pair("Linear", 16, 8, r=4, lora_alpha=4, lora_dropout=0.5,
-                                 merge_weights=False)
+    reference, ours = build_pair(
+        "Linear", 16, 8, r=4, lora_alpha=4, lora_dropout=0.5, merge_weights=False
+    )
     randomize_adapters(reference, ours)
     assert isinstance(ours.lora_dropout, nn.Dropout) and ours.lora_dropout.p == 0.5
     x = torch.randn(6, 16)
@@ -180,11 +196,13 @@ def test_dropout_is_on_the_lora_branch_only_and_off_in_eval():
 
 # --- utilities: requires_grad per bias mode and lora_state_dict key sets ----------------------
 
+
 class Attention(nn.Module):
     def __init__(self, library):
         super().__init__()
-        self.c_attn = library.MergedLinear(8, 24, r=2, lora_alpha=4,
-                                           enable_lora=[True, False, True], fan_in_fan_out=True)
+        self.c_attn = library.MergedLinear(
+            8, 24, r=2, lora_alpha=4, enable_lora=[True, False, True], fan_in_fan_out=True
+        )
         self.register_buffer("bias", torch.tril(torch.ones(4, 4)))
 
 
@@ -240,8 +258,9 @@ def test_lora_state_dict_matches_loralib(bias):
         assert "attn.bias" in our_state, "buffers named like bias are kept, as in loralib"
     live = dict(ours.named_parameters())
     shared = [k for k in our_state if k in live]
-    assert shared and all(our_state[k].data_ptr() == live[k].data_ptr() for k in shared), \
+    assert shared and all(our_state[k].data_ptr() == live[k].data_ptr() for k in shared), (
         "entries share storage with the live parameters, as in loralib"
+    )
 
 
 def test_full_state_dict_keys_match_loralib():
@@ -255,15 +274,22 @@ def test_unknown_bias_mode_is_rejected_before_freezing():
     assert not reference.norm.weight.requires_grad, "loralib freezes before it rejects (Q14)"
     with pytest.raises(NotImplementedError, match="'some'"):
         lora.mark_only_lora_as_trainable(ours, bias="some")
-    assert all(p.requires_grad for n, p in ours.named_parameters()
-               if n in ("norm.weight", "fc.bias", "fc.lora_A"))
+    assert all(
+        p.requires_grad
+        for n, p in ours.named_parameters()
+        if n in ("norm.weight", "fc.bias", "fc.lora_A")
+    )
     with pytest.raises(NotImplementedError, match="bias must be one of"):
         lora.lora_state_dict(ours, bias="everything")
 
 
 def test_ia3_parameters_are_treated_like_lora_ones_by_the_utilities():
-    model = nn.Sequential(lora.IA3Linear(6, 4), lora.IA3Linear(4, 6, is_feedforward=True),
-                          lora.IA3Embedding(9, 6), nn.Linear(6, 6))
+    model = nn.Sequential(
+        lora.IA3Linear(6, 4),
+        lora.IA3Linear(4, 6, is_feedforward=True),
+        lora.IA3Embedding(9, 6),
+        nn.Linear(6, 6),
+    )
     lora.mark_only_lora_as_trainable(model, bias="lora_only")
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == ["0.bias", "0.ia3_l", "1.bias", "1.ia3_l", "2.ia3_l"]
@@ -273,6 +299,7 @@ def test_ia3_parameters_are_treated_like_lora_ones_by_the_utilities():
 
 # --- the README flow of loralib, run with `import cpeft as lora` ------------------------------
 
+
 def readme_flow(library, tmp_path, tag):
     """Replace layers, mark trainable, train, save lora_state_dict, reload into a fresh model
     (pretrained weights, then the LoRA checkpoint, both strict=False), evaluate."""
@@ -281,8 +308,9 @@ def readme_flow(library, tmp_path, tag):
         def __init__(self):
             super().__init__()
             self.embed = library.Embedding(16, 8, r=4, lora_alpha=8)
-            self.qkv = library.MergedLinear(8, 24, r=4, lora_alpha=8,
-                                            enable_lora=[True, False, True])
+            self.qkv = library.MergedLinear(
+                8, 24, r=4, lora_alpha=8, enable_lora=[True, False, True]
+            )
             self.proj = library.Linear(24, 8, r=4, lora_alpha=8)
             self.head = nn.Linear(8, 3)
 
@@ -332,6 +360,7 @@ def test_strict_loading_of_a_lora_only_checkpoint_fails_as_in_loralib():
 
 # --- defects of loralib fixed on purpose -------------------------------------------------------
 
+
 def test_q1_loading_lora_weights_while_merged_gives_fresh_outputs_and_keeps_w():
     reference, ours = build_pair("Linear", 6, 5, r=2, lora_alpha=2, dtype=torch.float64)
     randomize_adapters(reference, ours)
@@ -380,14 +409,16 @@ def test_q1_state_dict_saved_in_eval_mode_holds_the_unmerged_weight():
     fresh.load_state_dict(saved)
     torch.testing.assert_close(fresh.eval()(x), expected, rtol=1e-12, atol=1e-12)
     reference.eval()
-    assert not torch.equal(reference.state_dict()["weight"], base_weight), \
+    assert not torch.equal(reference.state_dict()["weight"], base_weight), (
         "loralib saves the merged W, which a later eval() merges a second time"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_q2_many_eval_train_cycles_restore_w_exactly(dtype):
-    reference, ours = build_pair("MergedLinear", 32, 48, r=4, lora_alpha=16,
-                                 enable_lora=[True, False, True], dtype=dtype)
+    reference, ours = build_pair(
+        "MergedLinear", 32, 48, r=4, lora_alpha=16, enable_lora=[True, False, True], dtype=dtype
+    )
     randomize_adapters(reference, ours)
     original = ours.weight.detach().clone()
     for _ in range(50):
@@ -438,12 +469,15 @@ def test_q10_lora_ind_follows_to():
     assert moved.lora_ind.device.type == "meta"
 
 
-@pytest.mark.parametrize("name,args,kwargs", [
-    ("Linear", (8, 6), dict(r=2)),
-    ("MergedLinear", (8, 6), dict(r=2, enable_lora=[True, True])),
-    ("Conv2d", (2, 4, 3), dict(r=1)),
-    ("Embedding", (10, 6), dict(r=2)),
-])
+@pytest.mark.parametrize(
+    "name,args,kwargs",
+    [
+        ("Linear", (8, 6), dict(r=2)),
+        ("MergedLinear", (8, 6), dict(r=2, enable_lora=[True, True])),
+        ("Conv2d", (2, 4, 3), dict(r=1)),
+        ("Embedding", (10, 6), dict(r=2)),
+    ],
+)
 def test_q12_bfloat16_weights_with_float32_adapters_follow_the_dtype_rule(name, args, kwargs):
     torch.manual_seed(0)
     layer = getattr(lora, name)(*args, **kwargs)
@@ -489,8 +523,13 @@ def test_q15_embedding_max_norm_and_sparse_are_rejected_clearly():
 
 
 def test_q16_train_and_eval_return_the_module():
-    for layer in (lora.Linear(4, 4, r=2), lora.Embedding(5, 4, r=2), lora.Conv2d(2, 2, 3, r=1),
-                  lora.MergedLinear(4, 4, r=1, enable_lora=[True]), lora.IA3Linear(4, 4)):
+    for layer in (
+        lora.Linear(4, 4, r=2),
+        lora.Embedding(5, 4, r=2),
+        lora.Conv2d(2, 2, 3, r=1),
+        lora.MergedLinear(4, 4, r=1, enable_lora=[True]),
+        lora.IA3Linear(4, 4),
+    ):
         assert layer.eval() is layer
         assert layer.train() is layer
 
@@ -501,8 +540,9 @@ def test_repr_shows_adapter_settings():
     assert "lora_dropout=0.1" in repr(layer) and "merged=False" in repr(layer)
     assert "merged=True" in repr(layer.eval())
     assert "r=1" in repr(lora.Conv2d(2, 2, 3, r=1))
-    assert "enable_lora=[True, False]" in repr(lora.MergedLinear(4, 4, r=1,
-                                                                 enable_lora=[True, False]))
+    assert "enable_lora=[True, False]" in repr(
+        lora.MergedLinear(4, 4, r=1, enable_lora=[True, False])
+    )
 
 
 def test_merged_flag_follows_loralib_for_r0_and_merge_weights_false():
@@ -515,6 +555,7 @@ def test_merged_flag_follows_loralib_for_r0_and_merge_weights_false():
 
 def test_isinstance_and_signature_defaults_match_loralib():
     import inspect
+
     for name in ("Linear", "Embedding", "MergedLinear", "ConvLoRA"):
         ours = inspect.signature(getattr(lora, name).__init__).parameters
         theirs = inspect.signature(getattr(loralib, name).__init__).parameters
@@ -525,6 +566,7 @@ def test_isinstance_and_signature_defaults_match_loralib():
                 got = list(got)
             assert got == expected, f"{name}.{param}"
     assert issubclass(lora.Linear, lora.LoRALayer) and issubclass(lora.Linear, nn.Linear)
-    assert issubclass(lora.MergedLinear, lora.Linear) == issubclass(loralib.MergedLinear,
-                                                                    loralib.Linear)
+    assert issubclass(lora.MergedLinear, lora.Linear) == issubclass(
+        loralib.MergedLinear, loralib.Linear
+    )
     assert issubclass(lora.Conv2d, lora.ConvLoRA) and issubclass(lora.Embedding, nn.Embedding)

@@ -2,6 +2,7 @@
 (stride-0) gradients of ``y.sum()`` and ``y.mean()``, a cross-entropy loss, non-contiguous,
 expanded, 3-D and 4-D inputs and non-contiguous indices. Every case is compared in float64 with
 the same layer written in plain torch ops (test_layers_torch.reference_output)."""
+
 import copy
 
 import pytest
@@ -9,9 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from test_layers_torch import CASE_NAMES, case, nonzero_adapters, reference_output  # noqa: E402
+
 import cpeft as lora  # noqa: E402
 from cpeft import _autograd  # noqa: E402
-from test_layers_torch import CASE_NAMES, case, nonzero_adapters, reference_output  # noqa: E402
 
 
 def cross_entropy(y):
@@ -40,8 +42,9 @@ def assert_same_function_and_gradients(layer, x, loss=torch.sum):
     for (name, p), p_ref in zip(layer.named_parameters(), reference.parameters()):
         assert (p.grad is None) == (p_ref.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                p.grad, p_ref.grad, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}"
+            )
     if x.is_floating_point():
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
 
@@ -57,22 +60,25 @@ def test_loss_straight_after_the_layer(name, loss, device):
 def strided_views(x):
     """Views of values shaped like x (..., IN) whose memory is not a contiguous block."""
     big = torch.randn(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
-    views = {"every_other_column": big[..., ::2],
-             "expanded_rows": torch.randn(x.shape[-1], dtype=x.dtype,
-                                          device=x.device).expand(x.shape),
-             "leading_dims_permuted": torch.randn((x.shape[1], x.shape[0]) + x.shape[2:],
-                                                  dtype=x.dtype,
-                                                  device=x.device).transpose(0, 1)}
-    views["every_other_row"] = torch.randn((2 * x.shape[0],) + x.shape[1:], dtype=x.dtype,
-                                           device=x.device)[::2]
+    views = {
+        "every_other_column": big[..., ::2],
+        "expanded_rows": torch.randn(x.shape[-1], dtype=x.dtype, device=x.device).expand(x.shape),
+        "leading_dims_permuted": torch.randn(
+            (x.shape[1], x.shape[0]) + x.shape[2:], dtype=x.dtype, device=x.device
+        ).transpose(0, 1),
+    }
+    views["every_other_row"] = torch.randn(
+        (2 * x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device
+    )[::2]
     return views
 
 
 LINEAR_NAMES = [n for n in CASE_NAMES if "Linear" in n]
 
 
-@pytest.mark.parametrize("view", ["every_other_column", "expanded_rows",
-                                  "leading_dims_permuted", "every_other_row"])
+@pytest.mark.parametrize(
+    "view", ["every_other_column", "expanded_rows", "leading_dims_permuted", "every_other_row"]
+)
 @pytest.mark.parametrize("name", LINEAR_NAMES)
 def test_non_contiguous_inputs(name, view, device):
     layer, x = case(name, device=device)
@@ -121,8 +127,12 @@ def test_cuda_view_copies_only_what_cublas_cannot_take():
     transposed = torch.randn(6, 4).t()
     assert _autograd._cuda_view(transposed) is transposed
     assert _autograd._cuda_view(None) is None
-    for view in (torch.randn(6).expand(4, 6), torch.randn(4, 12)[:, ::2],
-                 torch.randn(3, 2, 6).transpose(0, 1), torch.ones(()).expand(2, 3, 6)):
+    for view in (
+        torch.randn(6).expand(4, 6),
+        torch.randn(4, 12)[:, ::2],
+        torch.randn(3, 2, 6).transpose(0, 1),
+        torch.ones(()).expand(2, 3, 6),
+    ):
         copy_ = _autograd._cuda_view(view)
         assert copy_.is_contiguous() and copy_.data_ptr() != view.data_ptr()
         assert torch.equal(copy_, view)
@@ -131,13 +141,20 @@ def test_cuda_view_copies_only_what_cublas_cannot_take():
 def dora_layers(device):
     torch.manual_seed(0)
     kw = dict(dtype=torch.float64, device=device)
-    return {"DoraLinear": (lora.Linear(7, 5, r=2, lora_alpha=4, use_dora=True, **kw),
-                           torch.randn(2, 3, 7, **kw)),
-            "DoraLinear-fan_in_fan_out": (lora.Linear(7, 5, r=2, use_dora=True,
-                                                      fan_in_fan_out=True, **kw),
-                                          torch.randn(4, 7, **kw)[::2]),
-            "DoraEmbedding": (lora.Embedding(11, 5, r=2, use_dora=True, padding_idx=1, **kw),
-                              torch.tensor([[0, 1, 4, 10], [3, 1, 1, 7]], device=device).t())}
+    return {
+        "DoraLinear": (
+            lora.Linear(7, 5, r=2, lora_alpha=4, use_dora=True, **kw),
+            torch.randn(2, 3, 7, **kw),
+        ),
+        "DoraLinear-fan_in_fan_out": (
+            lora.Linear(7, 5, r=2, use_dora=True, fan_in_fan_out=True, **kw),
+            torch.randn(4, 7, **kw)[::2],
+        ),
+        "DoraEmbedding": (
+            lora.Embedding(11, 5, r=2, use_dora=True, padding_idx=1, **kw),
+            torch.tensor([[0, 1, 4, 10], [3, 1, 1, 7]], device=device).t(),
+        ),
+    }
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -156,7 +173,7 @@ def test_dora_layers_take_any_strides(name, loss, device):
         x_twin.requires_grad_(True)
     y_twin = twin(x_twin)
     probe = y_twin.detach().requires_grad_(True)
-    grad, = torch.autograd.grad(LOSSES[loss](probe), probe)
+    (grad,) = torch.autograd.grad(LOSSES[loss](probe), probe)
     y_twin.backward(grad.contiguous())
     torch.testing.assert_close(y, y_twin, rtol=1e-12, atol=1e-12)
     for (p_name, p), p_twin in zip(layer.named_parameters(), twin.parameters()):

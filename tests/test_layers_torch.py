@@ -5,6 +5,7 @@ Conv1d/Conv3d against a plain torch reference, IA3 against the real peft. Tests 
 ``device`` fixture (tests/conftest.py) run on the CPU and, where present, on CUDA under the same
 tolerances; test_cuda_matches_cpu_float64 adds the low-precision dtypes on the GPU.
 """
+
 import copy
 import io
 import itertools
@@ -38,11 +39,16 @@ def make_layers(dtype=torch.float64, device="cpu"):
     cases = [
         ("Linear", lora.Linear(7, 5, r=3, lora_alpha=6, **kw), (2, 3, 7)),
         ("Linear-fan_in_fan_out", lora.Linear(7, 5, r=2, fan_in_fan_out=True, **kw), (4, 7)),
-        ("MergedLinear", lora.MergedLinear(6, 9, r=2, lora_alpha=3,
-                                           enable_lora=[True, False, True], **kw), (4, 6)),
-        ("MergedLinear-fan_in_fan_out",
-         lora.MergedLinear(6, 8, r=1, enable_lora=[False, True], fan_in_fan_out=True, **kw),
-         (3, 6)),
+        (
+            "MergedLinear",
+            lora.MergedLinear(6, 9, r=2, lora_alpha=3, enable_lora=[True, False, True], **kw),
+            (4, 6),
+        ),
+        (
+            "MergedLinear-fan_in_fan_out",
+            lora.MergedLinear(6, 8, r=1, enable_lora=[False, True], fan_in_fan_out=True, **kw),
+            (3, 6),
+        ),
         ("Embedding", lora.Embedding(11, 5, r=2, lora_alpha=4, padding_idx=1, **kw), None),
         ("IA3Linear", lora.IA3Linear(6, 4, **kw), (3, 6)),
         ("IA3Linear-feedforward", lora.IA3Linear(6, 4, is_feedforward=True, **kw), (3, 6)),
@@ -75,14 +81,18 @@ def case(name, **kwargs):
 def reference_output(layer, x):
     """The layer's function written with plain torch ops on its current parameters."""
     if isinstance(layer, lora.ConvLoRA):
-        weight = layer.conv.weight + (layer.lora_B @ layer.lora_A).view(
-            layer.conv.weight.shape) * layer.scaling
+        weight = (
+            layer.conv.weight
+            + (layer.lora_B @ layer.lora_A).view(layer.conv.weight.shape) * layer.scaling
+        )
         return layer.conv._conv_forward(x, weight, layer.conv.bias)
     if isinstance(layer, lora.IA3Embedding):
         return F.embedding(x, layer.weight, layer.padding_idx) * layer.ia3_l.flatten()
     if isinstance(layer, lora.Embedding):
-        return F.embedding(x, layer.weight, layer.padding_idx) + \
-            F.embedding(x, layer.lora_A.T, layer.padding_idx) @ layer.lora_B.T * layer.scaling
+        return (
+            F.embedding(x, layer.weight, layer.padding_idx)
+            + F.embedding(x, layer.lora_A.T, layer.padding_idx) @ layer.lora_B.T * layer.scaling
+        )
     weight = layer.weight.T if layer.fan_in_fan_out else layer.weight
     if isinstance(layer, lora.IA3Linear):
         if layer.is_feedforward:
@@ -108,8 +118,13 @@ def test_forward_and_backward_match_plain_torch(name, device):
     (y * probe).sum().backward()
     (y_ref * probe).sum().backward()
     for (p_name, p), p_ref in zip(layer.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-12, atol=1e-12,
-                                   msg=lambda m, p_name=p_name: f"{p_name}: {m}")
+        torch.testing.assert_close(
+            p.grad,
+            p_ref.grad,
+            rtol=1e-12,
+            atol=1e-12,
+            msg=lambda m, p_name=p_name: f"{p_name}: {m}",
+        )
     if x.is_floating_point():
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
 
@@ -136,13 +151,16 @@ def test_gradcheck_float64(name, device):
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-8, fast_mode=fast)
 
 
-@pytest.mark.parametrize("name", ["Linear", "MergedLinear", "Embedding", "IA3Linear",
-                                  "IA3Linear-feedforward", "IA3Embedding"])
+@pytest.mark.parametrize(
+    "name",
+    ["Linear", "MergedLinear", "Embedding", "IA3Linear", "IA3Linear-feedforward", "IA3Embedding"],
+)
 def test_every_requires_grad_combination(name, device):
     layer, x = case(name, device=device)
     reference = copy.deepcopy(layer)
-    trainable = [n for n, _ in layer.named_parameters()] + \
-        (["input"] if x.is_floating_point() else [])
+    trainable = [n for n, _ in layer.named_parameters()] + (
+        ["input"] if x.is_floating_point() else []
+    )
     for flags in itertools.product([False, True], repeat=len(trainable)):
         wanted = dict(zip(trainable, flags))
         for (p_name, p), p_ref in zip(layer.named_parameters(), reference.parameters()):
@@ -183,20 +201,24 @@ def test_no_grad_and_inference_mode(name, context, device):
 
 def test_dropout_mask_is_the_documented_one_and_backward_reuses_it(device):
     torch.manual_seed(0)
-    layer = nonzero_adapters(lora.Linear(16, 8, r=4, lora_alpha=8, lora_dropout=0.3,
-                                         dtype=torch.float64, device=device))
+    layer = nonzero_adapters(
+        lora.Linear(16, 8, r=4, lora_alpha=8, lora_dropout=0.3, dtype=torch.float64, device=device)
+    )
     x = torch.randn(5, 16, dtype=torch.float64, device=device, requires_grad=True)
     torch.manual_seed(123)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    mask = torch.as_tensor(functional.dropout_mask((5, 16), 0.3, seed, 0, dtype="float64"),
-                           device=device)
+    mask = torch.as_tensor(
+        functional.dropout_mask((5, 16), 0.3, seed, 0, dtype="float64"), device=device
+    )
     assert set(mask.unique().tolist()) <= {0.0, 1 / 0.7}
     torch.manual_seed(123)
     y = layer(x)
     x_ref = x.detach().clone().requires_grad_(True)
     reference = copy.deepcopy(layer)
-    y_ref = F.linear(x_ref, reference.weight, reference.bias) + \
-        (x_ref * mask) @ reference.lora_A.T @ reference.lora_B.T * reference.scaling
+    y_ref = (
+        F.linear(x_ref, reference.weight, reference.bias)
+        + (x_ref * mask) @ reference.lora_A.T @ reference.lora_B.T * reference.scaling
+    )
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     y.sum().backward()
     y_ref.sum().backward()
@@ -207,8 +229,11 @@ def test_dropout_mask_is_the_documented_one_and_backward_reuses_it(device):
 
 def test_gradcheck_with_dropout_under_a_fixed_seed():
     torch.manual_seed(0)
-    layer = nonzero_adapters(lora.MergedLinear(6, 6, r=2, lora_dropout=0.5,
-                                               enable_lora=[True, True], dtype=torch.float64))
+    layer = nonzero_adapters(
+        lora.MergedLinear(
+            6, 6, r=2, lora_dropout=0.5, enable_lora=[True, True], dtype=torch.float64
+        )
+    )
     names = [n for n, _ in layer.named_parameters()]
 
     def run(x, *params):
@@ -225,7 +250,8 @@ def test_activation_checkpointing_recomputes_the_same_dropout_mask():
     model = nn.Sequential(
         nonzero_adapters(lora.Linear(8, 8, r=2, lora_dropout=0.5, dtype=torch.float64)),
         nn.Tanh(),
-        nonzero_adapters(lora.Linear(8, 4, r=2, lora_dropout=0.5, dtype=torch.float64)))
+        nonzero_adapters(lora.Linear(8, 4, r=2, lora_dropout=0.5, dtype=torch.float64)),
+    )
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(5)
     model(x).square().sum().backward()
@@ -259,8 +285,9 @@ def test_to_dtype_and_state_dict_round_trip(name):
     state = copy.deepcopy(layer.state_dict())
     layer32 = copy.deepcopy(layer).to(torch.float32)
     x32 = x.float() if x.is_floating_point() else x
-    torch.testing.assert_close(layer32(x32).double(), reference_output(layer, x),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        layer32(x32).double(), reference_output(layer, x), rtol=1e-4, atol=1e-4
+    )
     fresh = copy.deepcopy(layer)
     with torch.no_grad():
         for p in fresh.parameters():
@@ -299,8 +326,9 @@ def test_exact_unmerge_with_a_zero_ia3_entry_and_large_adapters(name):
         expected = reference_output(layer, x)
         for _ in range(3):
             merged = layer.eval()(x)
-            torch.testing.assert_close(merged, expected, rtol=1e-3,
-                                       atol=1e-4 * float(expected.abs().max()))
+            torch.testing.assert_close(
+                merged, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())
+            )
             layer.train()
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -320,8 +348,9 @@ def test_torch_compile_gives_eager_results():
     """The layers' ops are torch.library custom ops under torch.compile: one graph, no break
     (fullgraph), eager results and gradients. tests/test_compile.py covers every layer."""
     torch.manual_seed(0)
-    model = nn.Sequential(nonzero_adapters(lora.Linear(8, 8, r=2)), nn.ReLU(),
-                          nonzero_adapters(lora.IA3Linear(8, 4)))
+    model = nn.Sequential(
+        nonzero_adapters(lora.Linear(8, 8, r=2)), nn.ReLU(), nonzero_adapters(lora.IA3Linear(8, 4))
+    )
     x = torch.randn(3, 8, requires_grad=True)
     expected = model(x)
     expected.sum().backward()
@@ -331,8 +360,9 @@ def test_torch_compile_gives_eager_results():
     y = compiled(x)
     torch.testing.assert_close(y, expected)
     y.sum().backward()
-    for got, want in zip([p.grad for p in model.parameters() if p.grad is not None],
-                         expected_grads):
+    for got, want in zip(
+        [p.grad for p in model.parameters() if p.grad is not None], expected_grads
+    ):
         torch.testing.assert_close(got, want)
 
 
@@ -350,13 +380,16 @@ def test_ia3_linear_matches_peft():
 
     torch.manual_seed(0)
     base = Block().double()
-    model = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(
-        target_modules=["k", "ff"], feedforward_modules=["ff"]))
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.IA3Config(target_modules=["k", "ff"], feedforward_modules=["ff"])
+    )
     k = lora.IA3Linear(6, 5, dtype=torch.float64)
     ff = lora.IA3Linear(5, 4, is_feedforward=True, dtype=torch.float64)
     with torch.no_grad():
-        for ours, theirs, name in ((k, model.base_model.model.k, "k"),
-                                   (ff, model.base_model.model.ff, "ff")):
+        for ours, theirs, name in (
+            (k, model.base_model.model.k, "k"),
+            (ff, model.base_model.model.ff, "ff"),
+        ):
             assert ours.ia3_l.shape == theirs.ia3_l["default"].shape
             assert torch.equal(ours.ia3_l, theirs.ia3_l["default"])
             theirs.ia3_l["default"].normal_()
@@ -368,10 +401,12 @@ def test_ia3_linear_matches_peft():
     torch.testing.assert_close(ours_out, model(x), rtol=1e-12, atol=1e-12)
     ours_out.sum().backward()
     model(x).sum().backward()
-    torch.testing.assert_close(k.ia3_l.grad, model.base_model.model.k.ia3_l["default"].grad,
-                               rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ff.ia3_l.grad, model.base_model.model.ff.ia3_l["default"].grad,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        k.ia3_l.grad, model.base_model.model.k.ia3_l["default"].grad, rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        ff.ia3_l.grad, model.base_model.model.ff.ia3_l["default"].grad, rtol=1e-12, atol=1e-12
+    )
     model.merge_adapter()
     k.eval()
     ff.eval()
@@ -407,8 +442,7 @@ def test_cuda_matches_cpu_float64(name, dtype):
     expected = reference_output(reference, x)
     cuda_layer = copy.deepcopy(layer).to(device="cuda", dtype=dtype)
     x_cuda = x.to("cuda", dtype) if x.is_floating_point() else x.to("cuda")
-    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else \
-        dict(rtol=5e-2, atol=5e-2)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         y = cuda_layer(x_cuda)
@@ -418,6 +452,7 @@ def test_cuda_matches_cpu_float64(name, dtype):
     torch.testing.assert_close(y.double().cpu(), expected, **tolerance)
     torch.testing.assert_close(merged.double().cpu(), expected, **tolerance)
     cuda_layer.train()
-    for (key, value), original in zip(cuda_layer.state_dict().items(),
-                                      layer.to(dtype).state_dict().values()):
+    for (key, value), original in zip(
+        cuda_layer.state_dict().items(), layer.to(dtype).state_dict().values()
+    ):
         assert torch.equal(value.cpu(), original), key

@@ -1,6 +1,7 @@
 """Reference counting and memory: repeated calls of every entry point, on success and on error,
 leave the reference counts of their arguments unchanged, release DLPack producers (their
 deleter runs exactly once), and do not grow the Python heap."""
+
 import gc
 import sys
 import tracemalloc
@@ -8,8 +9,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from cpeft import functional as F
 from conftest import DLPackOnly
+from cpeft import functional as F
 from test_bad_input import POSITIONAL, call, valid_args
 
 REPEATS = 200
@@ -23,6 +24,8 @@ def _cheap_gc():
     gc.freeze()
     yield
     gc.unfreeze()
+
+
 ENTRIES = sorted(POSITIONAL)
 
 BAD_CHANGE = {  # one rejected argument per entry point
@@ -63,10 +66,12 @@ def prepare(entry, failing):
         weight = args["weight"]
         unmerge = getattr(F, entry.replace("merge", "unmerge"))
         if not failing:
+
             def run():
                 records = call(entry, args)
                 rest = [args[n] for n in POSITIONAL[entry][1:]]
                 unmerge(weight, *rest, records)
+
             return args, run
     return args, lambda: call(entry, args)
 
@@ -136,8 +141,12 @@ def test_numpy_dlpack_producer_released(failing):
     wrapped["out_xa"] = DLPackOnly(np.empty((4, 2), np.float32))
     if failing:
         wrapped["lora_b"] = DLPackOnly(np.ones((6, 3), np.float32))
-    watched = dict(arrays, out=wrapped["out"].array, out_xa=wrapped["out_xa"].array,
-                   lora_b=wrapped["lora_b"].array)
+    watched = dict(
+        arrays,
+        out=wrapped["out"].array,
+        out_xa=wrapped["out_xa"].array,
+        lora_b=wrapped["lora_b"].array,
+    )
     before = refcounts(watched)
     run_many(lambda: call("lora_linear_forward", wrapped), failing, REPEATS)
     gc.collect()
@@ -151,6 +160,7 @@ def holders(tensor):
     """(references to the tensor's TensorImpl, references to its storage): a DLPack export
     holds one of the two (torch exports the tensor itself; a detached alias holds the storage)."""
     import torch
+
     return tensor._use_count(), torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
@@ -159,14 +169,18 @@ def test_torch_producer_released(failing):
     """A torch tensor exported through DLPack holds one extra TensorImpl reference per capsule
     until the deleter runs; the use count must come back to its baseline."""
     torch = pytest.importorskip("torch")
-    t = dict(x=torch.randn(4, 5), weight=torch.randn(6, 5), bias=torch.randn(6),
-             lora_a=torch.randn(2, 5), lora_b=torch.randn(6, 2 + int(failing)))
+    t = dict(
+        x=torch.randn(4, 5),
+        weight=torch.randn(6, 5),
+        bias=torch.randn(6),
+        lora_a=torch.randn(2, 5),
+        lora_b=torch.randn(6, 2 + int(failing)),
+    )
     before = {k: holders(v) for k, v in t.items()}
     refs_before = refcounts(t)
 
     def run():
-        y, xa = F.lora_linear_forward(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"],
-                                      0.5)
+        y, xa = F.lora_linear_forward(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], 0.5)
         del y, xa
 
     run_many(run, failing, REPEATS)
@@ -182,6 +196,7 @@ def test_consumed_capsule_deleter_runs_once(kind, failing):
     object is deleted, whether the call succeeded or failed."""
     torch = pytest.importorskip("torch")
     from torch.utils import dlpack as torch_dlpack
+
     x = torch.randn(4, 5)
     weight, bias = torch.randn(6, 5), torch.randn(6)
     lora_a, lora_b = torch.randn(2, 5), torch.randn(6, 2)
@@ -189,12 +204,21 @@ def test_consumed_capsule_deleter_runs_once(kind, failing):
     out = np.empty((4, 6), np.float32)
     out_xa = np.empty((4, 2), np.float32)
     for _ in range(20):
-        capsule = torch_dlpack.to_dlpack(x) if kind == "legacy" else x.__dlpack__(
-            max_version=(1, 0))
+        capsule = (
+            torch_dlpack.to_dlpack(x) if kind == "legacy" else x.__dlpack__(max_version=(1, 0))
+        )
         assert holders(x) != base
         try:
-            F.lora_linear_forward(capsule, weight, bias, lora_a, lora_b,
-                                  float("nan") if failing else 0.5, out=out, out_xa=out_xa)
+            F.lora_linear_forward(
+                capsule,
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                float("nan") if failing else 0.5,
+                out=out,
+                out_xa=out_xa,
+            )
         except ValueError:
             assert failing
         del capsule

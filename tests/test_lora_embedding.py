@@ -1,15 +1,28 @@
 """cpeft.functional.lora_embedding_forward / lora_embedding_backward against the float64
 reference (loralib Embedding semantics, torch's padding_idx gradient rule)."""
+
 import numpy as np
 import pytest
 
 import reference as ref
+from conftest import (
+    FLOAT_DTYPES,
+    LAYOUTS,
+    assert_close,
+    bound_of,
+    central_difference,
+    random_array,
+    with_layout,
+)
 from cpeft import functional as F
-from conftest import (FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, central_difference,
-                      random_array, with_layout)
 
 SIZES = [  # (N, V, D)
-    (1, 1, 1), (3, 113, 3), (113, 3, 113), (1023, 113, 3), (3, 1023, 113), (113, 3, 1023),
+    (1, 1, 1),
+    (3, 113, 3),
+    (113, 3, 113),
+    (1023, 113, 3),
+    (3, 1023, 113),
+    (113, 3, 1023),
 ]
 RANKS = [1, 8, 64]
 INDEX_DTYPES = (np.int32, np.int64)
@@ -31,25 +44,40 @@ def problem_k(p):
 
 
 def check_forward(p, dtype, **kw):
-    y = F.lora_embedding_forward(p["indices"], p["weight"], p["lora_a"], p["lora_b"], p["scale"],
-                                 **kw)
+    y = F.lora_embedding_forward(
+        p["indices"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], **kw
+    )
     args = (p["indices"], p["weight"], p["lora_a"], p["lora_b"], p["scale"])
     assert isinstance(y, np.ndarray)
-    assert_close(y, ref.lora_embedding_forward(*args),
-                 bound_of(ref.lora_embedding_forward, *args), dtype, problem_k(p), "y")
+    assert_close(
+        y,
+        ref.lora_embedding_forward(*args),
+        bound_of(ref.lora_embedding_forward, *args),
+        dtype,
+        problem_k(p),
+        "y",
+    )
     return y
 
 
 def check_backward(p, dtype, padding_idx=None, **kw):
     kw.setdefault("grad_weight", True)
-    grads = F.lora_embedding_backward(p["grad_out"], p["indices"], p["lora_a"], p["lora_b"],
-                                      p["scale"], padding_idx=padding_idx, **kw)
+    grads = F.lora_embedding_backward(
+        p["grad_out"],
+        p["indices"],
+        p["lora_a"],
+        p["lora_b"],
+        p["scale"],
+        padding_idx=padding_idx,
+        **kw,
+    )
     args = (p["grad_out"], p["indices"], p["lora_a"], p["lora_b"], p["scale"])
     want = ref.lora_embedding_backward(*args, padding_idx=padding_idx)
     bound = bound_of(ref.lora_embedding_backward, *args, padding_idx=padding_idx)
     for name in ("lora_a", "lora_b", "weight"):
-        assert_close(getattr(grads, name), want[name], bound[name], dtype, problem_k(p),
-                     f"grad {name}")
+        assert_close(
+            getattr(grads, name), want[name], bound[name], dtype, problem_k(p), f"grad {name}"
+        )
     return grads
 
 
@@ -112,11 +140,14 @@ def test_empty_indices(rng, dtype):
     p = make_problem(rng, dtype, (0,), 5, 3, 2)
     y = F.lora_embedding_forward(p["indices"], p["weight"], p["lora_a"], p["lora_b"], p["scale"])
     assert y.shape == (0, 3) and y.dtype == dtype
-    buffers = {"grad_lora_a": np.full((2, 5), np.nan, dtype),
-               "grad_lora_b": np.full((3, 2), np.nan, dtype),
-               "grad_weight": np.full((5, 3), np.nan, dtype)}
-    grads = F.lora_embedding_backward(p["grad_out"], p["indices"], p["lora_a"], p["lora_b"],
-                                      p["scale"], **buffers)
+    buffers = {
+        "grad_lora_a": np.full((2, 5), np.nan, dtype),
+        "grad_lora_b": np.full((3, 2), np.nan, dtype),
+        "grad_weight": np.full((5, 3), np.nan, dtype),
+    }
+    grads = F.lora_embedding_backward(
+        p["grad_out"], p["indices"], p["lora_a"], p["lora_b"], p["scale"], **buffers
+    )
     for name in ("lora_a", "lora_b", "weight"):
         got = getattr(grads, name)
         assert np.shares_memory(got, buffers[f"grad_{name}"])
@@ -129,15 +160,19 @@ def test_preallocated_outputs_overwritten(rng, dtype):
     what the caller's buffer held."""
     p = make_problem(rng, dtype, (6,), 8, 5, 3)
     out = np.full((6, 5), np.nan, dtype)
-    y = F.lora_embedding_forward(p["indices"], p["weight"], p["lora_a"], p["lora_b"], p["scale"],
-                                 out=out)
+    y = F.lora_embedding_forward(
+        p["indices"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], out=out
+    )
     assert np.shares_memory(y, out)
     np.testing.assert_array_equal(out, check_forward(p, dtype))
-    buffers = {"grad_lora_a": np.full((3, 8), np.nan, dtype),
-               "grad_lora_b": np.full((5, 3), np.nan, dtype),
-               "grad_weight": np.full((8, 5), 7.0, dtype)}
-    F.lora_embedding_backward(p["grad_out"], p["indices"], p["lora_a"], p["lora_b"], p["scale"],
-                              **buffers)
+    buffers = {
+        "grad_lora_a": np.full((3, 8), np.nan, dtype),
+        "grad_lora_b": np.full((5, 3), np.nan, dtype),
+        "grad_weight": np.full((8, 5), 7.0, dtype),
+    }
+    F.lora_embedding_backward(
+        p["grad_out"], p["indices"], p["lora_a"], p["lora_b"], p["scale"], **buffers
+    )
     fresh = check_backward(p, dtype)
     for name in ("lora_a", "lora_b", "weight"):
         np.testing.assert_array_equal(buffers[f"grad_{name}"], getattr(fresh, name))
@@ -151,8 +186,9 @@ def test_default_and_requested_gradients(rng):
     only_b = F.lora_embedding_backward(*args, grad_lora_a=False)
     assert only_b.lora_a is None
     np.testing.assert_array_equal(only_b.lora_b, grads.lora_b)
-    only_w = F.lora_embedding_backward(*args, grad_lora_a=False, grad_lora_b=False,
-                                       grad_weight=True)
+    only_w = F.lora_embedding_backward(
+        *args, grad_lora_a=False, grad_lora_b=False, grad_weight=True
+    )
     assert only_w.lora_a is None and only_w.lora_b is None and only_w.weight.shape == (8, 5)
 
 
@@ -163,8 +199,9 @@ def test_finite_differences(rng, padding_idx):
     grads = check_backward(p, np.float64, padding_idx=padding_idx)
 
     def loss():
-        y = F.lora_embedding_forward(p["indices"], p["weight"], p["lora_a"], p["lora_b"],
-                                     p["scale"], padding_idx=padding_idx)
+        y = F.lora_embedding_forward(
+            p["indices"], p["weight"], p["lora_a"], p["lora_b"], p["scale"], padding_idx=padding_idx
+        )
         return float(np.sum(y * p["grad_out"]))
 
     for name in ("lora_a", "lora_b", "weight"):
@@ -173,8 +210,9 @@ def test_finite_differences(rng, padding_idx):
             numeric[:, padding_idx] = 0
         if padding_idx is not None and name == "weight":
             numeric[padding_idx] = 0
-        np.testing.assert_allclose(getattr(grads, name), numeric, rtol=1e-6, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            getattr(grads, name), numeric, rtol=1e-6, atol=1e-7, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])
@@ -196,10 +234,15 @@ def test_reference_matches_loralib(rng, padding_idx):
         return t.detach().numpy()
 
     args = (npy(layer.lora_A), npy(layer.lora_B), layer.scaling)
-    np.testing.assert_allclose(ref.lora_embedding_forward(idx, npy(layer.weight), *args), npy(y),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        ref.lora_embedding_forward(idx, npy(layer.weight), *args), npy(y), rtol=1e-12, atol=1e-12
+    )
     want = ref.lora_embedding_backward(g, idx, *args, padding_idx=padding_idx)
-    for name, tensor in [("lora_a", layer.lora_A), ("lora_b", layer.lora_B),
-                         ("weight", layer.weight)]:
-        np.testing.assert_allclose(want[name], npy(tensor.grad), rtol=1e-12, atol=1e-12,
-                                   err_msg=name)
+    for name, tensor in [
+        ("lora_a", layer.lora_A),
+        ("lora_b", layer.lora_B),
+        ("weight", layer.weight),
+    ]:
+        np.testing.assert_allclose(
+            want[name], npy(tensor.grad), rtol=1e-12, atol=1e-12, err_msg=name
+        )

@@ -1,25 +1,41 @@
 """cpeft.functional.lora_linear_forward / lora_linear_backward against the float64 reference."""
+
 import math
 
 import numpy as np
 import pytest
 
 import reference as ref
-from conftest import (FLOAT_DTYPES, LAYOUTS, assert_close, bound_of, central_difference,
-                      random_array, with_layout)
-
+from conftest import (
+    FLOAT_DTYPES,
+    LAYOUTS,
+    assert_close,
+    bound_of,
+    central_difference,
+    random_array,
+    with_layout,
+)
 from cpeft import functional as F
 
 SIZES = [  # (M, IN, OUT): every awkward size, 1023 only once per problem
-    (1, 1, 1), (3, 1, 3), (1, 3, 113), (113, 3, 1), (3, 113, 3),
-    (113, 113, 113), (1023, 3, 3), (3, 1023, 3), (3, 3, 1023), (1, 113, 1023),
+    (1, 1, 1),
+    (3, 1, 3),
+    (1, 3, 113),
+    (113, 3, 1),
+    (3, 113, 3),
+    (113, 113, 113),
+    (1023, 3, 3),
+    (3, 1023, 3),
+    (3, 3, 1023),
+    (1, 113, 1023),
 ]
 RANKS = [1, 8, 64]
 GRAD_NAMES = ("x", "lora_a", "lora_b", "bias", "weight")
 
 
-def make_problem(rng, dtype, lead, in_f, out_f, r, *, enable_lora=None, fan_in_fan_out=False,
-                 bias=True):
+def make_problem(
+    rng, dtype, lead, in_f, out_f, r, *, enable_lora=None, fan_in_fan_out=False, bias=True
+):
     groups = 1 if enable_lora is None else len(enable_lora)
     enabled = 1 if enable_lora is None else sum(map(bool, enable_lora))
     seg = out_f // groups
@@ -42,15 +58,17 @@ def problem_k(p):
 
 
 def forward(p, **kw):
-    return F.lora_linear_forward(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"],
-                                 p["scale"], **kw)
+    return F.lora_linear_forward(
+        p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["scale"], **kw
+    )
 
 
 def backward(p, xa, **kw):
     kw.setdefault("grad_bias", p["bias"] is not None)
     kw.setdefault("grad_weight", True)
-    return F.lora_linear_backward(p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"],
-                                  xa, p["scale"], **kw)
+    return F.lora_linear_backward(
+        p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"], xa, p["scale"], **kw
+    )
 
 
 def check_forward(p, dtype, **kw):
@@ -98,13 +116,16 @@ def test_backward_matches_reference(rng, dtype, m, in_f, out_f, r):
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-@pytest.mark.parametrize("enable_lora", [[True, False, True], [False, True, False],
-                                         [True, True, True], [True, False], [True]])
+@pytest.mark.parametrize(
+    "enable_lora",
+    [[True, False, True], [False, True, False], [True, True, True], [True, False], [True]],
+)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_grouped_matches_reference(rng, dtype, enable_lora, fan_in_fan_out):
     groups = len(enable_lora)
-    p = make_problem(rng, dtype, (7,), 37, 5 * groups, 4, enable_lora=enable_lora,
-                     fan_in_fan_out=fan_in_fan_out)
+    p = make_problem(
+        rng, dtype, (7,), 37, 5 * groups, 4, enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out
+    )
     kw = dict(enable_lora=enable_lora, fan_in_fan_out=fan_in_fan_out)
     _, xa = check_forward(p, dtype, **kw)
     grads = check_backward(p, dtype, xa, **kw)
@@ -185,8 +206,12 @@ def test_preallocated_outputs_any_blas_layout(rng, dtype, layout):
     y, xa = forward(p, out=out, out_xa=out_xa)
     assert np.shares_memory(y, out) and np.shares_memory(xa, out_xa)
     args = (p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], p["scale"])
-    for got, want, bound, name in zip((out, out_xa), ref.lora_linear_forward(*args),
-                                      bound_of(ref.lora_linear_forward, *args), ("y", "xa")):
+    for got, want, bound, name in zip(
+        (out, out_xa),
+        ref.lora_linear_forward(*args),
+        bound_of(ref.lora_linear_forward, *args),
+        ("y", "xa"),
+    ):
         assert_close(got, want, bound, dtype, problem_k(p), name)
     buffers = {
         "grad_x": with_layout(np.full((6, 9), np.nan, dtype), layout),
@@ -211,9 +236,15 @@ def test_empty_batch(rng, dtype, dropout):
     p = make_problem(rng, dtype, (0,), 8, 6, 4)
     y, xa = forward(p, dropout=dropout, seed=3)
     assert y.shape == (0, 6) and xa.shape == (0, 4)
-    buffers = {k: np.full(s, np.nan, dtype) for k, s in
-               [("grad_lora_a", (4, 8)), ("grad_lora_b", (6, 4)), ("grad_bias", (6,)),
-                ("grad_weight", (6, 8))]}
+    buffers = {
+        k: np.full(s, np.nan, dtype)
+        for k, s in [
+            ("grad_lora_a", (4, 8)),
+            ("grad_lora_b", (6, 4)),
+            ("grad_bias", (6,)),
+            ("grad_weight", (6, 8)),
+        ]
+    }
     grads = backward(p, xa, dropout=dropout, seed=3, **buffers)
     assert grads.x.shape == (0, 8)
     for name in ("lora_a", "lora_b", "bias", "weight"):
@@ -226,8 +257,9 @@ def test_only_requested_gradients(rng, requested):
     p = make_problem(rng, np.float64, (5,), 6, 4, 2)
     _, xa = forward(p)
     flags = {f"grad_{name}": name == requested for name in GRAD_NAMES}
-    grads = F.lora_linear_backward(p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"],
-                                   xa, p["scale"], **flags)
+    grads = F.lora_linear_backward(
+        p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"], xa, p["scale"], **flags
+    )
     full = backward(p, xa)
     for name in GRAD_NAMES:
         got = getattr(grads, name)
@@ -240,8 +272,9 @@ def test_only_requested_gradients(rng, requested):
 def test_default_gradients_are_x_and_lora(rng):
     p = make_problem(rng, np.float64, (5,), 6, 4, 2)
     _, xa = forward(p)
-    grads = F.lora_linear_backward(p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"],
-                                   xa, p["scale"])
+    grads = F.lora_linear_backward(
+        p["grad_out"], p["x"], p["weight"], p["lora_a"], p["lora_b"], xa, p["scale"]
+    )
     assert grads.x is not None and grads.lora_a is not None and grads.lora_b is not None
     assert grads.bias is None and grads.weight is None
 
@@ -267,8 +300,9 @@ def test_finite_differences(rng, case):
     grads = backward(p, xa, **kw)
     for name in ("x", "weight", "bias", "lora_a", "lora_b"):
         numeric = central_difference(lambda: loss(p, p["grad_out"], **kw), p[name])
-        np.testing.assert_allclose(getattr(grads, name), numeric, rtol=1e-6, atol=1e-7,
-                                   err_msg=f"{case}: grad {name}")
+        np.testing.assert_allclose(
+            getattr(grads, name), numeric, rtol=1e-6, atol=1e-7, err_msg=f"{case}: grad {name}"
+        )
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
@@ -281,8 +315,14 @@ def test_reference_matches_loralib(rng, enable_lora, fan_in_fan_out):
     if enable_lora is None:
         layer = loralib.Linear(in_f, out_f, r=r, lora_alpha=alpha, fan_in_fan_out=fan_in_fan_out)
     else:
-        layer = loralib.MergedLinear(in_f, out_f, r=r, lora_alpha=alpha, enable_lora=enable_lora,
-                                     fan_in_fan_out=fan_in_fan_out)
+        layer = loralib.MergedLinear(
+            in_f,
+            out_f,
+            r=r,
+            lora_alpha=alpha,
+            enable_lora=enable_lora,
+            fan_in_fan_out=fan_in_fan_out,
+        )
     layer = layer.double()
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -295,13 +335,18 @@ def test_reference_matches_loralib(rng, enable_lora, fan_in_fan_out):
     def npy(t):
         return t.detach().numpy()
 
-    args = (npy(layer.weight), npy(layer.bias), npy(layer.lora_A), npy(layer.lora_B),
-            layer.scaling)
+    args = (npy(layer.weight), npy(layer.bias), npy(layer.lora_A), npy(layer.lora_B), layer.scaling)
     kw = dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora)
     y_ref, _ = ref.lora_linear_forward(npy(x), *args, **kw)
     np.testing.assert_allclose(y_ref, npy(y), rtol=1e-12, atol=1e-12)
     want = ref.lora_linear_backward(g, npy(x), args[0], args[2], args[3], args[4], **kw)
-    for name, tensor in [("x", x), ("weight", layer.weight), ("bias", layer.bias),
-                         ("lora_a", layer.lora_A), ("lora_b", layer.lora_B)]:
-        np.testing.assert_allclose(want[name], npy(tensor.grad), rtol=1e-12, atol=1e-12,
-                                   err_msg=name)
+    for name, tensor in [
+        ("x", x),
+        ("weight", layer.weight),
+        ("bias", layer.bias),
+        ("lora_a", layer.lora_A),
+        ("lora_b", layer.lora_B),
+    ]:
+        np.testing.assert_allclose(
+            want[name], npy(tensor.grad), rtol=1e-12, atol=1e-12, err_msg=name
+        )

@@ -2,15 +2,23 @@
 merged forward agree with the reference and the unmerged forward, unmerge restores the weight
 bit for bit (after 1 and after 100 cycles, even where rounding or underflow lost bits), and the
 exception record is far smaller than the weight on typical data."""
+
 import math
 
 import numpy as np
 import pytest
 
 import reference as ref
+from conftest import (
+    FLOAT_DTYPES,
+    assert_close,
+    assert_unchanged,
+    bound_of,
+    frozen_copy,
+    random_array,
+    with_layout,
+)
 from cpeft import functional as F
-from conftest import (FLOAT_DTYPES, assert_close, assert_unchanged, bound_of, frozen_copy,
-                      random_array, with_layout)
 
 IN, OUT, R, M = 24, 18, 4, 5
 
@@ -60,8 +68,13 @@ def lora_problem(rng, dtype, variant, weights="typical"):
         lora_b = random_array(rng, (seg * k, R), dtype, 3.0)
     if variant == "fan_in_fan_out_view":
         weight = with_layout(weight, "transposed")
-    return dict(weight=weight, lora_a=random_array(rng, (R * k, IN), dtype, 1 / math.sqrt(IN)),
-                lora_b=lora_b, scale=2.0, kw=kw)
+    return dict(
+        weight=weight,
+        lora_a=random_array(rng, (R * k, IN), dtype, 1 / math.sqrt(IN)),
+        lora_b=lora_b,
+        scale=2.0,
+        kw=kw,
+    )
 
 
 def logical(weight, kw):
@@ -75,20 +88,32 @@ def test_lora_merge_matches_reference_and_forward(rng, dtype, variant):
     kw = p["kw"]
     x = random_array(rng, (M, IN), dtype)
     bias = random_array(rng, (OUT,), dtype)
-    y_unmerged, _ = F.lora_linear_forward(x, p["weight"], bias, p["lora_a"], p["lora_b"],
-                                          p["scale"], **kw)
+    y_unmerged, _ = F.lora_linear_forward(
+        x, p["weight"], bias, p["lora_a"], p["lora_b"], p["scale"], **kw
+    )
     before = frozen_copy(p["weight"])
     record = F.lora_merge(p["weight"], p["lora_a"], p["lora_b"], p["scale"], **kw)
     args = (before, p["lora_a"], p["lora_b"], p["scale"])
-    assert_close(p["weight"], ref.lora_merged_weight(*args, **kw),
-                 bound_of(ref.lora_merged_weight, *args, **kw), dtype, R + 2, "merged weight")
+    assert_close(
+        p["weight"],
+        ref.lora_merged_weight(*args, **kw),
+        bound_of(ref.lora_merged_weight, *args, **kw),
+        dtype,
+        R + 2,
+        "merged weight",
+    )
     assert record_bytes_equal(record, logical(before, kw))
-    y_merged, _ = F.lora_linear_forward(x, p["weight"], bias, p["lora_a"], p["lora_b"], 0.0,
-                                        **kw)
+    y_merged, _ = F.lora_linear_forward(x, p["weight"], bias, p["lora_a"], p["lora_b"], 0.0, **kw)
     fargs = (x, before, bias, p["lora_a"], p["lora_b"], p["scale"])
     y_bound, _ = bound_of(ref.lora_linear_forward, *fargs, **kw)
-    assert_close(y_merged, y_unmerged.astype(np.float64), 2 * y_bound, dtype, M + IN + OUT + R,
-                 "merged forward vs unmerged forward")
+    assert_close(
+        y_merged,
+        y_unmerged.astype(np.float64),
+        2 * y_bound,
+        dtype,
+        M + IN + OUT + R,
+        "merged forward vs unmerged forward",
+    )
     F.lora_unmerge(p["weight"], p["lora_a"], p["lora_b"], p["scale"], record, **kw)
     assert_unchanged(p["weight"], before, "weight after merge + unmerge")
 
@@ -127,8 +152,7 @@ def test_lora_record_small_on_typical_data(rng, dtype):
 def test_lora_zero_delta_needs_no_record(rng, dtype):
     weight = random_array(rng, (OUT, IN), dtype)
     before = frozen_copy(weight)
-    record = F.lora_merge(weight, random_array(rng, (R, IN), dtype), np.zeros((OUT, R), dtype),
-                          1.5)
+    record = F.lora_merge(weight, random_array(rng, (R, IN), dtype), np.zeros((OUT, R), dtype), 1.5)
     assert_unchanged(weight, before, "weight merged with B = 0")
     assert len(record.index) == 0 and len(record.value) == 0
 
@@ -155,12 +179,24 @@ def test_lora_embedding_merge(rng, dtype, weights):
     assert record_bytes_equal(record, before.T)
     args = (before, lora_a, lora_b, scale)
     if weights == "typical":
-        assert_close(weight, ref.lora_embedding_merged_weight(*args),
-                     bound_of(ref.lora_embedding_merged_weight, *args), dtype, R + 2, "merged")
+        assert_close(
+            weight,
+            ref.lora_embedding_merged_weight(*args),
+            bound_of(ref.lora_embedding_merged_weight, *args),
+            dtype,
+            R + 2,
+            "merged",
+        )
         y_merged = F.lora_embedding_forward(indices, weight, lora_a, lora_b, 0.0)
         y_bound = bound_of(ref.lora_embedding_forward, indices, *args)
-        assert_close(y_merged, y_unmerged.astype(np.float64), 2 * y_bound, dtype, R + 2,
-                     "merged forward vs unmerged forward")
+        assert_close(
+            y_merged,
+            y_unmerged.astype(np.float64),
+            2 * y_bound,
+            dtype,
+            R + 2,
+            "merged forward vs unmerged forward",
+        )
     F.lora_embedding_unmerge(weight, lora_a, lora_b, scale, record)
     assert_unchanged(weight, before, "weight after 1 cycle")
     for _ in range(100):
@@ -186,7 +222,7 @@ def special_l(rng, n, dtype):
     l = (1 + 0.1 * rng.standard_normal(n)).astype(dtype)
     tiny = np.finfo(dtype).tiny
     specials = [0.0, tiny / 8, 1e-30, -1e-20, 1.0, -2.5, 1e20, 3 * tiny]
-    l[:len(specials)] = np.array(specials[:n], dtype=dtype)
+    l[: len(specials)] = np.array(specials[:n], dtype=dtype)
     return l
 
 
@@ -232,8 +268,14 @@ def test_ia3_merge_matches_reference_and_forward(rng, dtype, variant):
     ones = np.ones_like(l)
     y_merged, _ = F.ia3_linear_forward(x, weight, bias, ones, **kw)
     y_bound, _ = bound_of(ref.ia3_linear_forward, x, w_before, b_before, l, **kw)
-    assert_close(y_merged, y_unmerged.astype(np.float64), 2 * y_bound, dtype, M + IN + OUT,
-                 "merged forward vs unmerged forward")
+    assert_close(
+        y_merged,
+        y_unmerged.astype(np.float64),
+        2 * y_bound,
+        dtype,
+        M + IN + OUT,
+        "merged forward vs unmerged forward",
+    )
     F.ia3_unmerge(weight, l, (w_record, b_record), bias=bias, **kw)
     assert_unchanged(weight, w_before, "weight after merge + unmerge")
     if bias is not None:
@@ -315,6 +357,7 @@ def test_ia3_embedding_merge(rng, dtype, data):
 # allocated with torch, then the merge reading ΔW from the scratch (functional._merge). Its result
 # and record are the NumPy path's (one C call that runs the GEMMs in both of its passes).
 
+
 def torch_copy(array):
     """A torch tensor holding a copy of array in the same memory layout (transposed views stay
     transposed)."""
@@ -343,8 +386,14 @@ def test_lora_merge_of_torch_weight_matches_numpy_path(rng, dtype, variant, weig
     assert record_bytes_equal(record, logical(before, kw))
     if weights == "typical":
         args = (before, p["lora_a"], p["lora_b"], p["scale"])
-        assert_close(weight.numpy(), ref.lora_merged_weight(*args, **kw),
-                     bound_of(ref.lora_merged_weight, *args, **kw), dtype, R + 2, "merged weight")
+        assert_close(
+            weight.numpy(),
+            ref.lora_merged_weight(*args, **kw),
+            bound_of(ref.lora_merged_weight, *args, **kw),
+            dtype,
+            R + 2,
+            "merged weight",
+        )
     F.lora_unmerge(weight, lora_a, lora_b, p["scale"], record, **kw)
     assert_unchanged(weight.numpy(), before, "torch weight after merge + unmerge")
 
@@ -352,8 +401,11 @@ def test_lora_merge_of_torch_weight_matches_numpy_path(rng, dtype, variant, weig
 @pytest.mark.parametrize("weights", ["typical", "mixed_magnitudes"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_lora_embedding_merge_of_torch_weight_matches_numpy_path(rng, dtype, weights):
-    weight = (random_array(rng, (V, D), dtype) if weights == "typical"
-              else mixed_magnitudes(rng, (V, D), dtype))
+    weight = (
+        random_array(rng, (V, D), dtype)
+        if weights == "typical"
+        else mixed_magnitudes(rng, (V, D), dtype)
+    )
     lora_a, lora_b = random_array(rng, (R, V), dtype, 0.1), random_array(rng, (D, R), dtype, 0.1)
     before = frozen_copy(weight)
     tw, ta, tb = torch_copy(weight), torch_copy(lora_a), torch_copy(lora_b)
@@ -363,8 +415,14 @@ def test_lora_embedding_merge_of_torch_weight_matches_numpy_path(rng, dtype, wei
     assert_same_record(record, numpy_record, "torch record vs the NumPy path's")
     if weights == "typical":
         args = (before, lora_a, lora_b, 0.75)
-        assert_close(tw.numpy(), ref.lora_embedding_merged_weight(*args),
-                     bound_of(ref.lora_embedding_merged_weight, *args), dtype, R + 2, "merged")
+        assert_close(
+            tw.numpy(),
+            ref.lora_embedding_merged_weight(*args),
+            bound_of(ref.lora_embedding_merged_weight, *args),
+            dtype,
+            R + 2,
+            "merged",
+        )
     F.lora_embedding_unmerge(tw, ta, tb, 0.75, record)
     assert_unchanged(tw.numpy(), before, "torch weight after merge + unmerge")
 
@@ -373,6 +431,7 @@ def counted_with_delta(rng, dtype):
     """A torch weight, its adapter, and the count pass's result with a NaN-filled ΔW scratch."""
     torch = pytest.importorskip("torch")
     from cpeft import _C
+
     weight = torch_copy(random_array(rng, (OUT, IN), dtype, 0.02))
     lora_a = torch_copy(random_array(rng, (R, IN), dtype, 1 / math.sqrt(IN)))
     lora_b = torch_copy(random_array(rng, (OUT, R), dtype, 0.01))
@@ -392,12 +451,19 @@ def test_lora_merge_applies_the_delta_its_count_pass_kept(rng, dtype):
     assert_unchanged(weight.numpy(), before, "weight after the count pass")
     want = ref.lora_delta(lora_a.numpy(), lora_b.numpy(), 2.0, OUT).reshape(-1)
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(np.sort(delta.numpy()), np.sort(want), rtol=tol,
-                               atol=tol * np.abs(want).max())
+    np.testing.assert_allclose(
+        np.sort(delta.numpy()), np.sort(want), rtol=tol, atol=tol * np.abs(want).max()
+    )
     delta.zero_()
-    record = _C.lora_merge(weight, lora_a, lora_b, 2.0, delta=delta,
-                           index=torch.empty(0, dtype=torch.int64),
-                           value=torch.empty(0, dtype=weight.dtype))
+    record = _C.lora_merge(
+        weight,
+        lora_a,
+        lora_b,
+        2.0,
+        delta=delta,
+        index=torch.empty(0, dtype=torch.int64),
+        value=torch.empty(0, dtype=weight.dtype),
+    )
     assert len(record[0]) == 0
     assert_unchanged(weight.numpy(), before, "weight merged with a zeroed ΔW scratch")
 
@@ -407,6 +473,7 @@ def test_functional_torch_merge_hands_one_delta_to_both_calls(rng, monkeypatch, 
     """cpeft.functional's side of computing ΔW once: the count pass and the merge of a torch
     weight get the same scratch, so the merge reads what the count pass computed."""
     from cpeft import _C
+
     calls = []
 
     def recording(*args, **kwargs):
@@ -414,10 +481,13 @@ def test_functional_torch_merge_hands_one_delta_to_both_calls(rng, monkeypatch, 
         return getattr(_C, entry)(*args, **kwargs)
 
     monkeypatch.setattr(F, "_C", type("RecordingC", (), {entry: staticmethod(recording)}))
-    shapes = {"lora_merge": ((OUT, IN), (R, IN), (OUT, R)),
-              "lora_embedding_merge": ((V, D), (R, V), (D, R))}[entry]
-    weight, lora_a, lora_b = (torch_copy(random_array(rng, shape, np.float32, 0.1))
-                              for shape in shapes)
+    shapes = {
+        "lora_merge": ((OUT, IN), (R, IN), (OUT, R)),
+        "lora_embedding_merge": ((V, D), (R, V), (D, R)),
+    }[entry]
+    weight, lora_a, lora_b = (
+        torch_copy(random_array(rng, shape, np.float32, 0.1)) for shape in shapes
+    )
     getattr(F, entry)(weight, lora_a, lora_b, 0.5)
     assert [bool(kw.get("count_only")) for kw in calls] == [True, False]
     assert calls[0]["delta"] is calls[1]["delta"] and calls[0]["delta"].numel() == weight.numel()
@@ -431,19 +501,26 @@ def test_lora_merge_refuses_a_weight_or_delta_changed_after_the_count_pass(rng, 
     _C, torch, weight, lora_a, lora_b, delta, count = counted_with_delta(rng, np.float32)
     assert 0 < count < weight.numel() // 2
     if changed == "weight":
-        weight.zero_()   # 0 + d - d is 0 again: nothing to record
+        weight.zero_()  # 0 + d - d is 0 again: nothing to record
     else:
-        delta.fill_(1.0)   # W + 1 - 1 loses low bits of almost every element
+        delta.fill_(1.0)  # W + 1 - 1 loses low bits of almost every element
     before = frozen_copy(weight.numpy())
     with pytest.raises(ValueError, match="record.index must have exactly .* entries"):
-        _C.lora_merge(weight, lora_a, lora_b, 2.0, delta=delta,
-                      index=torch.empty(count, dtype=torch.int64),
-                      value=torch.empty(count, dtype=weight.dtype))
+        _C.lora_merge(
+            weight,
+            lora_a,
+            lora_b,
+            2.0,
+            delta=delta,
+            index=torch.empty(count, dtype=torch.int64),
+            value=torch.empty(count, dtype=weight.dtype),
+        )
     assert_unchanged(weight.numpy(), before, "weight after the refused merge")
 
 
 def test_lora_merge_delta_is_checked(rng):
     from cpeft import _C
+
     weight = random_array(rng, (OUT, IN), np.float32)
     lora_a, lora_b = random_array(rng, (R, IN), np.float32), random_array(rng, (OUT, R), np.float32)
     before = frozen_copy(weight)

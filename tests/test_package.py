@@ -1,5 +1,6 @@
 """The package surface without torch: the functional API works and the torch names fail with a
 message that says what to install."""
+
 import subprocess
 import sys
 import textwrap
@@ -44,8 +45,14 @@ def test_supported_dtypes_is_what_the_cpu_boundary_accepts():
     assert set(table) == {"cpu", "cuda"} and set(table["cpu"]) < set(table["cuda"])
     for name in ("float16", "bfloat16", "float32", "float64"):
         dtype = getattr(torch, name)
-        args = (torch.ones(2, 3, dtype=dtype), torch.ones(4, 3, dtype=dtype), None,
-                torch.ones(1, 3, dtype=dtype), torch.ones(4, 1, dtype=dtype), 0.5)
+        args = (
+            torch.ones(2, 3, dtype=dtype),
+            torch.ones(4, 3, dtype=dtype),
+            None,
+            torch.ones(1, 3, dtype=dtype),
+            torch.ones(4, 1, dtype=dtype),
+            0.5,
+        )
         if name in table["cpu"]:
             y, _ = F.lora_linear_forward(*args)
             assert y.dtype == dtype and float(y[0, 0]) == 4.5

@@ -1,6 +1,7 @@
 """cpeft's peft-style API checked against the real Hugging Face peft on small models built from
 configs (no download): same target matching, same parameter counts, same adapter files, and
 adapters that cross between the two libraries in both directions with equal outputs."""
+
 import io
 import json
 import math
@@ -17,7 +18,13 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from cpeft import BaseTunerLayer  # noqa: E402
 from cpeft.peft import (  # noqa: E402
-    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, IA3Config, LoraConfig, PeftModel, get_peft_model)
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -32,16 +39,32 @@ def _quiet():
 
 def gpt2(seed=0):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
 def bert(seed=0, classifier=False, hidden=32):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100, max_position_embeddings=64,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    config = transformers.BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     cls = transformers.BertForSequenceClassification if classifier else transformers.BertModel
     return cls(config).eval()
 
@@ -69,35 +92,73 @@ def randomize_adapters(model, seed=5):
 
 def to_peft_config(config):
     if isinstance(config, LoraConfig):
-        return hf_peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-                                  bias=config.bias, use_rslora=config.use_rslora,
-                                  modules_to_save=config.modules_to_save, task_type=config.task_type)
-    return hf_peft.IA3Config(target_modules=config.target_modules, feedforward_modules=config.feedforward_modules,
-                             modules_to_save=config.modules_to_save, task_type=config.task_type)
+        return hf_peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            target_modules=config.target_modules,
+            bias=config.bias,
+            use_rslora=config.use_rslora,
+            modules_to_save=config.modules_to_save,
+            task_type=config.task_type,
+        )
+    return hf_peft.IA3Config(
+        target_modules=config.target_modules,
+        feedforward_modules=config.feedforward_modules,
+        modules_to_save=config.modules_to_save,
+        task_type=config.task_type,
+    )
 
 
 CASES = {
-    "gpt2-lora-conv1d-embedding": (gpt2, LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "mlp.c_proj", "wte"])),
-    "gpt2-lora-regex-rslora-bias": (gpt2, LoraConfig(r=4, lora_alpha=8, use_rslora=True, bias="lora_only",
-                                                     target_modules=r".*\.h\.1\.(attn\.c_attn|mlp\.c_fc)")),
-    "bert-lora-bias-all": (bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")),
-    "bert-seqcls-lora": (lambda: bert(classifier=True),
-                         LoraConfig(r=4, target_modules=["query", "key"], task_type="SEQ_CLS")),
-    "gpt2-ia3": (gpt2, IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])),
-    "bert-ia3": (bert, IA3Config(target_modules=["key", "value", "output.dense"],
-                                 feedforward_modules=["output.dense"])),
+    "gpt2-lora-conv1d-embedding": (
+        gpt2,
+        LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "mlp.c_proj", "wte"]),
+    ),
+    "gpt2-lora-regex-rslora-bias": (
+        gpt2,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            bias="lora_only",
+            target_modules=r".*\.h\.1\.(attn\.c_attn|mlp\.c_fc)",
+        ),
+    ),
+    "bert-lora-bias-all": (
+        bert,
+        LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], bias="all"),
+    ),
+    "bert-seqcls-lora": (
+        lambda: bert(classifier=True),
+        LoraConfig(r=4, target_modules=["query", "key"], task_type="SEQ_CLS"),
+    ),
+    "gpt2-ia3": (
+        gpt2,
+        IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+    ),
+    "bert-ia3": (
+        bert,
+        IA3Config(
+            target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]
+        ),
+    ),
 }
 
 
 def replaced_paths(model):
-    return sorted(name for name, module in model.named_modules()
-                  if isinstance(module, BaseTunerLayer))
+    return sorted(
+        name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+    )
 
 
 def peft_replaced_paths(model):
     from peft.tuners.tuners_utils import BaseTunerLayer
-    return sorted(name.removeprefix("base_model.model.") for name, module in model.named_modules()
-                  if isinstance(module, BaseTunerLayer))
+
+    return sorted(
+        name.removeprefix("base_model.model.")
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -105,8 +166,9 @@ def test_same_targets_counts_and_file_layout_as_peft(case, tmp_path):
     make, config = CASES[case]
     ours = get_peft_model(make(), config)
     theirs = hf_peft.get_peft_model(make(), to_peft_config(config))
-    assert replaced_paths(ours.get_base_model()) == \
-        [p.removeprefix("base_model.model.") for p in peft_replaced_paths(theirs)]
+    assert replaced_paths(ours.get_base_model()) == [
+        p.removeprefix("base_model.model.") for p in peft_replaced_paths(theirs)
+    ]
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     printed = []
     for model in (ours, theirs):
@@ -120,16 +182,29 @@ def test_same_targets_counts_and_file_layout_as_peft(case, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     our_tensors = safetensors_torch.load_file(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME)
     their_tensors = safetensors_torch.load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS_NAME)
-    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == \
-        {k: tuple(v.shape) for k, v in their_tensors.items()}
+    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == {
+        k: tuple(v.shape) for k, v in their_tensors.items()
+    }
     our_json = json.loads((tmp_path / "ours" / ADAPTER_CONFIG_NAME).read_text())
     their_json = json.loads((tmp_path / "theirs" / ADAPTER_CONFIG_NAME).read_text())
     assert set(our_json) - {"auto_mapping"} == set(their_json) - {"auto_mapping"}
-    for key in ("peft_type", "bias", "fan_in_fan_out", "task_type", "inference_mode", "r", "lora_alpha",
-                "use_rslora", "init_ia3_weights"):
+    for key in (
+        "peft_type",
+        "bias",
+        "fan_in_fan_out",
+        "task_type",
+        "inference_mode",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "init_ia3_weights",
+    ):
         assert our_json.get(key) == their_json.get(key), key
-    assert sorted(our_json["target_modules"]) == sorted(their_json["target_modules"]) \
-        if isinstance(their_json["target_modules"], list) else our_json["target_modules"] == their_json["target_modules"]
+    assert (
+        sorted(our_json["target_modules"]) == sorted(their_json["target_modules"])
+        if isinstance(their_json["target_modules"], list)
+        else our_json["target_modules"] == their_json["target_modules"]
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -195,7 +270,9 @@ def test_pretrained_weights_kept_and_only_adapters_train():
 def test_disable_adapter_merge_and_unload_and_unload():
     ids = tokens()
     base_out = output(gpt2(), ids)
-    peft_model = get_peft_model(gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    peft_model = get_peft_model(
+        gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"])
+    )
     randomize_adapters(peft_model)
     adapted = output(peft_model, ids)
     with peft_model.disable_adapter():
@@ -221,14 +298,18 @@ def test_ia3_merge_and_unload_matches_peft():
     theirs = hf_peft.get_peft_model(bert(), to_peft_config(config))
     randomize_adapters(ours)
     randomize_adapters(theirs)
-    torch.testing.assert_close(output(ours.merge_and_unload(), ids), output(theirs.merge_and_unload(), ids), **TOL)
+    torch.testing.assert_close(
+        output(ours.merge_and_unload(), ids), output(theirs.merge_and_unload(), ids), **TOL
+    )
 
 
 def test_modules_to_save_trains_a_copy_and_disable_uses_the_original():
     ids = tokens()
     model = bert(classifier=True)
     original_weight = model.classifier.weight.detach().clone()
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+    )
     copy_weight = peft_model.base_model.model.classifier.modules_to_save["default"].weight
     assert copy_weight.requires_grad
     assert not peft_model.base_model.model.classifier.original_module.weight.requires_grad
@@ -236,14 +317,20 @@ def test_modules_to_save_trains_a_copy_and_disable_uses_the_original():
         copy_weight.add_(1.0)
     changed = output(peft_model, ids)
     with peft_model.disable_adapter():
-        torch.testing.assert_close(output(peft_model, ids), output(bert(classifier=True), ids), rtol=0, atol=0)
-    assert torch.equal(peft_model.base_model.model.classifier.original_module.weight, original_weight)
+        torch.testing.assert_close(
+            output(peft_model, ids), output(bert(classifier=True), ids), rtol=0, atol=0
+        )
+    assert torch.equal(
+        peft_model.base_model.model.classifier.original_module.weight, original_weight
+    )
     torch.testing.assert_close(output(peft_model.merge_and_unload(), ids), changed, rtol=0, atol=0)
 
 
 def test_init_lora_weights_variants_follow_peft():
     for init in (True, "gaussian"):
-        peft_model = get_peft_model(bert(hidden=64), LoraConfig(r=16, target_modules=["query"], init_lora_weights=init))
+        peft_model = get_peft_model(
+            bert(hidden=64), LoraConfig(r=16, target_modules=["query"], init_lora_weights=init)
+        )
         layer = peft_model.base_model.model.encoder.layer[0].attention.self.query
         lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         assert torch.count_nonzero(lora_b) == 0
@@ -253,22 +340,41 @@ def test_init_lora_weights_variants_follow_peft():
             bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
             assert lora_a.abs().max().item() <= bound
             assert lora_a.std().item() > bound / 3
-    peft_model = get_peft_model(bert(), LoraConfig(r=4, target_modules=["query"], init_lora_weights=False))
-    lora_b = peft_model.base_model.model.encoder.layer[0].attention.self.query.lora_B["default"].weight
+    peft_model = get_peft_model(
+        bert(), LoraConfig(r=4, target_modules=["query"], init_lora_weights=False)
+    )
+    lora_b = (
+        peft_model.base_model.model.encoder.layer[0].attention.self.query.lora_B["default"].weight
+    )
     assert torch.count_nonzero(lora_b) == lora_b.numel()
-    rslora = get_peft_model(bert(), LoraConfig(r=16, lora_alpha=8, target_modules=["query"], use_rslora=True))
-    assert rslora.base_model.model.encoder.layer[0].attention.self.query.scaling["default"] == pytest.approx(2.0)
+    rslora = get_peft_model(
+        bert(), LoraConfig(r=16, lora_alpha=8, target_modules=["query"], use_rslora=True)
+    )
+    assert rslora.base_model.model.encoder.layer[0].attention.self.query.scaling[
+        "default"
+    ] == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("kwargs, field_name", [
-    ({"r": 0}, "r"), ({"r": 2.5}, "r"), ({"r": True}, "r"),
-    ({"lora_alpha": float("nan")}, "lora_alpha"), ({"lora_dropout": 1.0}, "lora_dropout"),
-    ({"lora_dropout": -0.1}, "lora_dropout"), ({"bias": "some"}, "bias"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights"), ({"init_lora_weights": 1}, "init_lora_weights"),
-    ({"use_rslora": "yes"}, "use_rslora"), ({"target_modules": ["q", 3]}, "target_modules"),
-    ({"target_modules": "(unclosed"}, "target_modules"), ({"task_type": "CLASSIFY"}, "task_type"),
-    ({"fan_in_fan_out": 1}, "fan_in_fan_out"), ({"modules_to_save": 5}, "modules_to_save"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field_name",
+    [
+        ({"r": 0}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"r": True}, "r"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"bias": "some"}, "bias"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"init_lora_weights": 1}, "init_lora_weights"),
+        ({"use_rslora": "yes"}, "use_rslora"),
+        ({"target_modules": ["q", 3]}, "target_modules"),
+        ({"target_modules": "(unclosed"}, "target_modules"),
+        ({"task_type": "CLASSIFY"}, "task_type"),
+        ({"fan_in_fan_out": 1}, "fan_in_fan_out"),
+        ({"modules_to_save": 5}, "modules_to_save"),
+    ],
+)
 def test_lora_config_rejects_bad_values_naming_the_field(kwargs, field_name):
     with pytest.raises(ValueError, match=field_name):
         LoraConfig(**kwargs)
@@ -281,26 +387,51 @@ def test_ia3_config_validation_and_feedforward_subset_rule():
         hf_peft.IA3Config(target_modules=["key", "value"], feedforward_modules=["output.dense"])
     with pytest.raises(ValueError, match="init_ia3_weights"):
         IA3Config(target_modules=["key"], init_ia3_weights="no")
-    IA3Config(target_modules=r".*key", feedforward_modules=["output.dense"])  # regex: no subset check
+    IA3Config(
+        target_modules=r".*key", feedforward_modules=["output.dense"]
+    )  # regex: no subset check
 
 
-@pytest.mark.parametrize("target_modules", [
-    ["attention.self.query"], ["query"], ["0.attention.self.query"], ["uery"],
-    r"encoder\.layer\.\d\.attention\.self\.(query|value)", r"query", ["dense"], "all-linear",
-])
+@pytest.mark.parametrize(
+    "target_modules",
+    [
+        ["attention.self.query"],
+        ["query"],
+        ["0.attention.self.query"],
+        ["uery"],
+        r"encoder\.layer\.\d\.attention\.self\.(query|value)",
+        r"query",
+        ["dense"],
+        "all-linear",
+    ],
+)
 def test_target_matching_equals_peft(target_modules):
     def attempt(module_factory, get):
         try:
             return peft_paths_or_ours(get(module_factory(), target_modules))
         except ValueError as exc:
-            return "ValueError" if "not found" in str(exc) or "matched no module" in str(exc) else str(exc)
+            return (
+                "ValueError"
+                if "not found" in str(exc) or "matched no module" in str(exc)
+                else str(exc)
+            )
 
     def peft_paths_or_ours(model):
-        return [p.removeprefix("base_model.model.") for p in
-                (peft_replaced_paths(model) if isinstance(model, hf_peft.PeftModel) else replaced_paths(model))]
+        return [
+            p.removeprefix("base_model.model.")
+            for p in (
+                peft_replaced_paths(model)
+                if isinstance(model, hf_peft.PeftModel)
+                else replaced_paths(model)
+            )
+        ]
 
-    ours = attempt(bert, lambda m, t: get_peft_model(m, LoraConfig(r=2, target_modules=t)).get_base_model())
-    theirs = attempt(bert, lambda m, t: hf_peft.get_peft_model(m, hf_peft.LoraConfig(r=2, target_modules=t)))
+    ours = attempt(
+        bert, lambda m, t: get_peft_model(m, LoraConfig(r=2, target_modules=t)).get_base_model()
+    )
+    theirs = attempt(
+        bert, lambda m, t: hf_peft.get_peft_model(m, hf_peft.LoraConfig(r=2, target_modules=t))
+    )
     assert ours == theirs
 
 
@@ -326,9 +457,11 @@ def saved_lora(tmp_path):
 
 
 def snapshot(model):
-    return ([type(m).__name__ for m in model.modules()],
-            {name: tensor.clone() for name, tensor in model.state_dict().items()},
-            {name: p.requires_grad for name, p in model.named_parameters()})
+    return (
+        [type(m).__name__ for m in model.modules()],
+        {name: tensor.clone() for name, tensor in model.state_dict().items()},
+        {name: p.requires_grad for name, p in model.named_parameters()},
+    )
 
 
 def assert_refused_untouched(model, directory, error, *patterns):
@@ -358,14 +491,17 @@ def test_invalid_json_and_wrong_adapter_type(saved_lora):
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "invalid JSON")
     data = json.loads(text)
     config_path.write_text(json.dumps(dict(data, peft_type="PREFIX_TUNING")))
-    assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "peft_type", "PREFIX_TUNING")
+    assert_refused_untouched(
+        gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "peft_type", "PREFIX_TUNING"
+    )
     config_path.write_text(json.dumps(dict(data, use_qalora=True)))
     assert_refused_untouched(gpt2(), saved_lora, ValueError, "use_qalora")
     config_path.write_text(json.dumps(dict(data, r=-1)))
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_CONFIG_NAME, "r:")
     # An IA3 config next to LoRA tensors: every key mismatches.
-    config_path.write_text(json.dumps({"peft_type": "IA3", "target_modules": ["c_attn"],
-                                       "feedforward_modules": []}))
+    config_path.write_text(
+        json.dumps({"peft_type": "IA3", "target_modules": ["c_attn"], "feedforward_modules": []})
+    )
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_WEIGHTS_NAME, "ia3_l")
 
 
@@ -388,16 +524,23 @@ def test_keys_and_shapes_that_do_not_match_the_model(saved_lora):
     safetensors_torch.save_file({k: v for k, v in tensors.items() if k != key}, weights_path)
     assert_refused_untouched(gpt2(), saved_lora, ValueError, ADAPTER_WEIGHTS_NAME, key, "missing")
 
-    safetensors_torch.save_file(dict(tensors, **{"base_model.model.transformer.extra.lora_A.weight":
-                                                  torch.zeros(4, 32)}), weights_path)
-    assert_refused_untouched(gpt2(), saved_lora, ValueError, "base_model.model.transformer.extra.lora_A.weight")
+    safetensors_torch.save_file(
+        dict(tensors, **{"base_model.model.transformer.extra.lora_A.weight": torch.zeros(4, 32)}),
+        weights_path,
+    )
+    assert_refused_untouched(
+        gpt2(), saved_lora, ValueError, "base_model.model.transformer.extra.lora_A.weight"
+    )
 
     safetensors_torch.save_file(dict(tensors, **{key: torch.zeros(95, 4)}), weights_path)
     assert_refused_untouched(gpt2(), saved_lora, ValueError, key, "(96, 4)", "(95, 4)")
 
     safetensors_torch.save_file(tensors, weights_path)
     torch.manual_seed(0)
-    wider = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=100,
-                                                                 n_positions=64))
+    wider = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=100, n_positions=64)
+    )
     assert_refused_untouched(wider, saved_lora, ValueError, ADAPTER_WEIGHTS_NAME, "expected shape")
-    assert isinstance(PeftModel.from_pretrained(gpt2(), saved_lora), PeftModel)  # the restored file loads
+    assert isinstance(
+        PeftModel.from_pretrained(gpt2(), saved_lora), PeftModel
+    )  # the restored file loads

@@ -1,6 +1,7 @@
 """Several adapters per model with peft's API and files, the adapter-layer protocol, per-layer
 configuration (rank_pattern, alpha_pattern, layers_to_transform, exclude_modules), checked
 against the real Hugging Face peft 0.21 on small models built from configs (no download)."""
+
 import json
 import os
 import warnings
@@ -13,8 +14,17 @@ hf_peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import cpeft  # noqa: E402
-from cpeft import (BaseTunerLayer, IA3Config, LoraConfig, PeftConfig, PeftModel,  # noqa: E402
-                   TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict)
+from cpeft import (  # noqa: E402
+    BaseTunerLayer,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -29,16 +39,32 @@ def _quiet():
 
 def gpt2(seed=0, layers=2):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_layer=layers,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
 def bert(seed=0, layers=2):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100, max_position_embeddings=64,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
@@ -64,12 +90,18 @@ def randomize(model, seed=5):
 
 
 ADAPTERS = {
-    "default": (LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]),
-                hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])),
-    "wide": (LoraConfig(r=8, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"]),
-             hf_peft.LoraConfig(r=8, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"])),
-    "small": (LoraConfig(r=2, lora_alpha=2, use_rslora=True, target_modules=["mlp.c_proj"]),
-              hf_peft.LoraConfig(r=2, lora_alpha=2, use_rslora=True, target_modules=["mlp.c_proj"])),
+    "default": (
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]),
+        hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]),
+    ),
+    "wide": (
+        LoraConfig(r=8, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"]),
+        hf_peft.LoraConfig(r=8, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"]),
+    ),
+    "small": (
+        LoraConfig(r=2, lora_alpha=2, use_rslora=True, target_modules=["mlp.c_proj"]),
+        hf_peft.LoraConfig(r=2, lora_alpha=2, use_rslora=True, target_modules=["mlp.c_proj"]),
+    ),
 }
 
 
@@ -117,8 +149,12 @@ def test_save_layout_and_files_cross_both_ways(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     for name in ("default", "wide", "small"):
         sub = "" if name == "default" else name
-        ours_tensors = safetensors_torch.load_file(tmp_path / "ours" / sub / "adapter_model.safetensors")
-        theirs_tensors = safetensors_torch.load_file(tmp_path / "theirs" / sub / "adapter_model.safetensors")
+        ours_tensors = safetensors_torch.load_file(
+            tmp_path / "ours" / sub / "adapter_model.safetensors"
+        )
+        theirs_tensors = safetensors_torch.load_file(
+            tmp_path / "theirs" / sub / "adapter_model.safetensors"
+        )
         assert sorted(ours_tensors) == sorted(theirs_tensors), name
         for key, tensor in theirs_tensors.items():
             torch.testing.assert_close(ours_tensors[key], tensor, rtol=0, atol=0)
@@ -138,8 +174,12 @@ def test_save_layout_and_files_cross_both_ways(tmp_path):
             for name in ("default", "wide", "small"):
                 loaded.set_adapter(name)
                 theirs.set_adapter(name)
-                torch.testing.assert_close(logits(loaded.eval(), ids), logits(theirs, ids), **TOL,
-                                           msg=f"{writer} -> {loader}, adapter {name}")
+                torch.testing.assert_close(
+                    logits(loaded.eval(), ids),
+                    logits(theirs, ids),
+                    **TOL,
+                    msg=f"{writer} -> {loader}, adapter {name}",
+                )
 
 
 def test_selected_adapters_and_from_pretrained_adapter_name(tmp_path):
@@ -153,21 +193,30 @@ def test_selected_adapters_and_from_pretrained_adapter_name(tmp_path):
     ours.set_adapter("wide")
     torch.testing.assert_close(logits(loaded, tokens()), logits(ours, tokens()), **TOL)
     assert loaded.get_nb_trainable_parameters()[0] == 0
-    trainable = PeftModel.from_pretrained(gpt2(), tmp_path / "wide", adapter_name="wide", is_trainable=True)
+    trainable = PeftModel.from_pretrained(
+        gpt2(), tmp_path / "wide", adapter_name="wide", is_trainable=True
+    )
     assert trainable.get_nb_trainable_parameters()[0] > 0
 
 
 def test_lora_and_ia3_adapters_in_one_model_with_mismatched_types_refused():
     model = get_peft_model(gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
-    model.add_adapter("scale", IA3Config(target_modules=["c_fc", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]))
+    model.add_adapter(
+        "scale",
+        IA3Config(target_modules=["c_fc", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
+    )
     randomize(model)
     ids = tokens()
     lora_out = logits(model, ids)
     model.set_adapter("scale")
     ia3_out = logits(model, ids)
     # The same IA3 adapter alone in peft gives the same output.
-    reference = hf_peft.get_peft_model(gpt2(), hf_peft.IA3Config(target_modules=["c_fc", "mlp.c_proj"],
-                                                                 feedforward_modules=["mlp.c_proj"]))
+    reference = hf_peft.get_peft_model(
+        gpt2(),
+        hf_peft.IA3Config(
+            target_modules=["c_fc", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]
+        ),
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".ia3_l.scale" in name:
@@ -233,7 +282,10 @@ def test_adapter_layer_protocol_matches_peft():
         assert layer.merged == reference.merged is False
         assert layer.merged_adapters == reference.merged_adapters == []
         assert layer.disable_adapters == reference.disable_adapters is False
-        assert (layer.in_features, layer.out_features) == (reference.in_features, reference.out_features)
+        assert (layer.in_features, layer.out_features) == (
+            reference.in_features,
+            reference.out_features,
+        )
         assert layer.weight is layer.get_base_layer().weight
         assert sorted(layer.r) == sorted(reference.r) and layer.r == reference.r
         assert layer.scaling == pytest.approx(reference.scaling)
@@ -243,7 +295,9 @@ def test_adapter_layer_protocol_matches_peft():
     layer.merge()
     reference.merge()
     assert layer.merged_adapters == reference.merged_adapters == ["default"]
-    torch.testing.assert_close(layer.get_base_layer().weight, reference.get_base_layer().weight, **TOL)
+    torch.testing.assert_close(
+        layer.get_base_layer().weight, reference.get_base_layer().weight, **TOL
+    )
     torch.testing.assert_close(layer(x), reference(x), **TOL)
     layer.unmerge()
     reference.unmerge()
@@ -259,7 +313,9 @@ def test_state_dict_functions_and_config_files(tmp_path):
         assert sorted(mine) == sorted(reference)
         for key in mine:
             torch.testing.assert_close(mine[key], reference[key], rtol=0, atol=0)
-    fresh = get_peft_model(gpt2(), LoraConfig(r=8, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"]))
+    fresh = get_peft_model(
+        gpt2(), LoraConfig(r=8, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"])
+    )
     set_peft_model_state_dict(fresh, get_peft_model_state_dict(ours, adapter_name="wide"))
     ours.set_adapter("wide")
     torch.testing.assert_close(logits(fresh, tokens()), logits(ours, tokens()), **TOL)
@@ -284,16 +340,23 @@ def test_state_dict_functions_and_config_files(tmp_path):
 def test_task_classes_and_base_model_name_or_path(tmp_path):
     model = gpt2()
     model.name_or_path = "org/tiny-gpt2"
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    )
     assert type(peft_model).__name__ == "PeftModelForCausalLM"
     assert isinstance(peft_model, cpeft.PeftModelForCausalLM) and isinstance(peft_model, PeftModel)
     assert peft_model.peft_config["default"].base_model_name_or_path == "org/tiny-gpt2"
     peft_model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-gpt2"
+    assert (
+        json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == "org/tiny-gpt2"
+    )
     assert "base_model: org/tiny-gpt2" in (tmp_path / "README.md").read_text()
     reloaded = PeftModel.from_pretrained(gpt2(), tmp_path)
     assert type(reloaded).__name__ == "PeftModelForCausalLM"
-    classifier = get_peft_model(bert(), LoraConfig(r=2, target_modules=["query"], task_type=TaskType.SEQ_CLS))
+    classifier = get_peft_model(
+        bert(), LoraConfig(r=2, target_modules=["query"], task_type=TaskType.SEQ_CLS)
+    )
     assert isinstance(classifier, cpeft.PeftModelForSequenceClassification)
 
 
@@ -301,11 +364,14 @@ def test_auto_peft_model_loads_base_from_base_model_name_or_path(tmp_path):
     base_dir = tmp_path / "base"
     gpt2().save_pretrained(base_dir)
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    )
     randomize(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
-        == str(base_dir)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(base_dir)
     loaded = cpeft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     assert isinstance(loaded, cpeft.PeftModelForCausalLM)
     torch.testing.assert_close(logits(loaded, tokens()), logits(peft_model.eval(), tokens()), **TOL)
@@ -319,8 +385,10 @@ def test_auto_peft_model_loads_base_from_base_model_name_or_path(tmp_path):
 
 def test_auto_peft_model_without_task_type_uses_auto_mapping(tmp_path):
     gpt2().save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                LoraConfig(r=2, target_modules=["c_attn"]))
+    peft_model = get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        LoraConfig(r=2, target_modules=["c_attn"]),
+    )
     randomize(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     mapping = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["auto_mapping"]
@@ -328,20 +396,31 @@ def test_auto_peft_model_without_task_type_uses_auto_mapping(tmp_path):
     for auto in (cpeft.AutoPeftModel, hf_peft.AutoPeftModel):
         loaded = auto.from_pretrained(tmp_path / "adapter")
         assert type(loaded.get_base_model()).__name__ == "GPT2LMHeadModel"
-        torch.testing.assert_close(logits(loaded, tokens()), logits(peft_model.eval(), tokens()), **TOL)
+        torch.testing.assert_close(
+            logits(loaded, tokens()), logits(peft_model.eval(), tokens()), **TOL
+        )
 
 
 # ------------------------------------------------------------------------ per-layer configuration
 
 PER_LAYER = {
-    "rank-alpha-patterns": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "mlp.c_proj"],
-                                rank_pattern={"h.0.attn.c_attn": 8, "c_fc": 2},
-                                alpha_pattern={r"h\.1\.attn\.c_attn": 32, "mlp.c_proj": 3}),
-    "layers-to-transform": dict(r=4, target_modules=["c_attn", "c_fc"], layers_to_transform=[1],
-                                layers_pattern="h"),
+    "rank-alpha-patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_fc", "mlp.c_proj"],
+        rank_pattern={"h.0.attn.c_attn": 8, "c_fc": 2},
+        alpha_pattern={r"h\.1\.attn\.c_attn": 32, "mlp.c_proj": 3},
+    ),
+    "layers-to-transform": dict(
+        r=4, target_modules=["c_attn", "c_fc"], layers_to_transform=[1], layers_pattern="h"
+    ),
     "layers-to-transform-no-pattern": dict(r=4, target_modules=["c_attn"], layers_to_transform=0),
-    "exclude-list": dict(r=4, target_modules=["c_attn", "c_fc", "c_proj"], exclude_modules=["mlp.c_proj"]),
-    "exclude-regex": dict(r=4, target_modules=["c_attn", "c_proj"], exclude_modules=r".*\.h\.0\..*"),
+    "exclude-list": dict(
+        r=4, target_modules=["c_attn", "c_fc", "c_proj"], exclude_modules=["mlp.c_proj"]
+    ),
+    "exclude-regex": dict(
+        r=4, target_modules=["c_attn", "c_proj"], exclude_modules=r".*\.h\.0\..*"
+    ),
 }
 
 
@@ -356,16 +435,27 @@ def test_per_layer_configuration_matches_peft_and_files_cross(case, tmp_path):
     for name, layer in ours.named_modules():
         if isinstance(layer, BaseTunerLayer):
             reference = theirs.get_submodule(name)
-            assert layer.r == reference.r and layer.scaling == pytest.approx(reference.scaling), name
+            assert layer.r == reference.r and layer.scaling == pytest.approx(reference.scaling), (
+                name
+            )
     randomize(ours)
     randomize(theirs)
     ids = tokens()
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules"):
+    for key in (
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "exclude_modules",
+    ):
         if key in kwargs:
-            assert saved[key] == json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())[key], key
+            assert (
+                saved[key]
+                == json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())[key]
+            ), key
     from_theirs = PeftModel.from_pretrained(gpt2(layers=3), tmp_path / "theirs")
     torch.testing.assert_close(logits(from_theirs, ids), logits(theirs.eval(), ids), **TOL)
     from_ours = hf_peft.PeftModel.from_pretrained(gpt2(layers=3), tmp_path / "ours").eval()
@@ -373,19 +463,39 @@ def test_per_layer_configuration_matches_peft_and_files_cross(case, tmp_path):
 
 
 def test_bert_layers_pattern_selects_the_same_layers_as_peft():
-    kwargs = dict(r=2, target_modules=["query", "value"], layers_to_transform=[0, 2], layers_pattern="layer")
+    kwargs = dict(
+        r=2, target_modules=["query", "value"], layers_to_transform=[0, 2], layers_pattern="layer"
+    )
     ours = get_peft_model(bert(layers=3), LoraConfig(**kwargs))
     theirs = hf_peft.get_peft_model(bert(layers=3), hf_peft.LoraConfig(**kwargs))
-    assert sorted(n for n, m in ours.named_modules() if isinstance(m, BaseTunerLayer)) == \
-        sorted(n for n, m in theirs.named_modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, BaseTunerLayer)) == sorted(
+        n
+        for n, m in theirs.named_modules()
+        if type(m).__name__ == "Linear" and hasattr(m, "lora_A")
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(target_modules=["c_attn"], rank_pattern={"c_fc": 4}), "rank_pattern: the key 'c_fc' matches no"),
-    (dict(target_modules=["c_attn"], alpha_pattern={r"h\.9\.attn\.c_attn": 4}), "alpha_pattern"),
-    (dict(target_modules=["c_attn"], exclude_modules=["c_attn"]), "excluded by exclude_modules"),
-    (dict(target_modules=["c_attn"], layers_to_transform=[7], layers_pattern="h"), "matched no module"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(target_modules=["c_attn"], rank_pattern={"c_fc": 4}),
+            "rank_pattern: the key 'c_fc' matches no",
+        ),
+        (
+            dict(target_modules=["c_attn"], alpha_pattern={r"h\.9\.attn\.c_attn": 4}),
+            "alpha_pattern",
+        ),
+        (
+            dict(target_modules=["c_attn"], exclude_modules=["c_attn"]),
+            "excluded by exclude_modules",
+        ),
+        (
+            dict(target_modules=["c_attn"], layers_to_transform=[7], layers_pattern="h"),
+            "matched no module",
+        ),
+    ],
+)
 def test_per_layer_configuration_errors_leave_the_model_untouched(kwargs, message):
     model = gpt2()
     before = sorted(model.state_dict())
@@ -394,13 +504,20 @@ def test_per_layer_configuration_errors_leave_the_model_untouched(kwargs, messag
     assert sorted(model.state_dict()) == before
 
 
-@pytest.mark.parametrize("kwargs, field_name", [
-    ({"rank_pattern": {"x": 0}}, "rank_pattern"), ({"rank_pattern": {"(": 2}}, "rank_pattern"),
-    ({"rank_pattern": ["x"]}, "rank_pattern"), ({"alpha_pattern": {"x": float("inf")}}, "alpha_pattern"),
-    ({"layers_to_transform": [-1]}, "layers_to_transform"), ({"layers_to_transform": "1"}, "layers_to_transform"),
-    ({"layers_pattern": "h"}, "layers_pattern"), ({"exclude_modules": [3]}, "exclude_modules"),
-    ({"target_modules": r".*c_attn", "layers_to_transform": [0]}, "layers_to_transform"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field_name",
+    [
+        ({"rank_pattern": {"x": 0}}, "rank_pattern"),
+        ({"rank_pattern": {"(": 2}}, "rank_pattern"),
+        ({"rank_pattern": ["x"]}, "rank_pattern"),
+        ({"alpha_pattern": {"x": float("inf")}}, "alpha_pattern"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"layers_to_transform": "1"}, "layers_to_transform"),
+        ({"layers_pattern": "h"}, "layers_pattern"),
+        ({"exclude_modules": [3]}, "exclude_modules"),
+        ({"target_modules": r".*c_attn", "layers_to_transform": [0]}, "layers_to_transform"),
+    ],
+)
 def test_per_layer_config_fields_are_validated(kwargs, field_name):
     with pytest.raises(ValueError, match=field_name):
         LoraConfig(**kwargs)
@@ -410,7 +527,9 @@ def test_forward_signature_is_the_wrapped_models_and_the_model_pickles(tmp_path)
     import inspect
     import io
 
-    model = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        gpt2(), LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    )
     parameters = list(inspect.signature(model.forward).parameters)
     assert parameters[:3] == list(inspect.signature(model.get_base_model().forward).parameters)[:3]
     assert "input_ids" in parameters and "labels" in parameters
@@ -422,7 +541,9 @@ def test_forward_signature_is_the_wrapped_models_and_the_model_pickles(tmp_path)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert type(loaded) is type(model) and loaded.active_adapter == "default"
-    torch.testing.assert_close(logits(loaded.eval(), tokens()), logits(model.eval(), tokens()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits(loaded.eval(), tokens()), logits(model.eval(), tokens()), rtol=0, atol=0
+    )
     # peft's own methods never show through: what cpeft lacks is looked up on the wrapped model.
     with pytest.raises(AttributeError):
         model.add_weighted_adapter  # noqa: B018 - the attribute lookup is what is tested
@@ -433,7 +554,9 @@ def test_classifier_heads_per_adapter_match_peft_in_files_and_mixed_batches(tmp_
         lora = LoraConfig if library == "cpeft" else hf_peft.LoraConfig
         get = get_peft_model if library == "cpeft" else hf_peft.get_peft_model
         model = get(bert(), lora(r=2, target_modules=["query"], task_type="SEQ_CLS"))
-        model.add_adapter("other", lora(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        model.add_adapter(
+            "other", lora(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+        )
         randomize(model)
         return model.eval()
 
@@ -442,12 +565,14 @@ def test_classifier_heads_per_adapter_match_peft_in_files_and_mixed_batches(tmp_
     ids = tokens(batch=4)
     names = ["other", "default", "__base__", "other"]
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids, adapter_names=names).logits,
-                                   theirs(ids, adapter_names=names).logits, **TOL)
+        torch.testing.assert_close(
+            ours(ids, adapter_names=names).logits, theirs(ids, adapter_names=names).logits, **TOL
+        )
     ours.set_adapter("other")
     theirs.set_adapter("other")
-    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
-        {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    }
     ours.save_pretrained(tmp_path)
     loaded = hf_peft.PeftModel.from_pretrained(bert(), tmp_path)
     loaded.load_adapter(tmp_path / "other", adapter_name="other")

@@ -2,6 +2,7 @@
 adapter dtype (autocast_adapter_dtype), merge and save options, loading options, PeftType,
 inject_adapter_in_model and get_base_model_state_dict. Outputs, gradients and files are compared
 with peft's own on the same models and adapter values; files cross in both directions."""
+
 import json
 import os
 import warnings
@@ -18,8 +19,17 @@ from torch import nn  # noqa: E402
 import cpeft  # noqa: E402
 from conftest import skip_without_cuda  # noqa: E402
 from cpeft.peft import (  # noqa: E402
-    ADAPTER_BIN_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, IA3Config, LoraConfig, PeftModel,
-    PeftType, get_base_model_state_dict, get_peft_model, inject_adapter_in_model)
+    ADAPTER_BIN_WEIGHTS_NAME,
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PeftType,
+    get_base_model_state_dict,
+    get_peft_model,
+    inject_adapter_in_model,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -53,9 +63,17 @@ def mlp(seed=0, dtype=torch.float32):
 
 def bert(seed=0):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100, max_position_embeddings=64,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
@@ -68,7 +86,9 @@ def adapter_items(model):
     module path plus lora_A / lora_B / ia3_l (embeddings' lora_embedding_A/B read lora_A/B)."""
     items = {}
     for name, parameter in model.named_parameters():
-        parts = [p for p in name.split(".") if p not in ("default", "weight", "base_model", "model")]
+        parts = [
+            p for p in name.split(".") if p not in ("default", "weight", "base_model", "model")
+        ]
         if any(p.startswith(("lora_", "ia3_")) for p in parts):
             items[".".join(parts).replace("lora_embedding_", "lora_")] = parameter
     return items
@@ -136,7 +156,9 @@ def adapter_dtypes(model):
 def test_autocast_adapter_dtype_gives_peft_s_dtypes(dtype, autocast, method):
     ours_config, theirs_config = lora() if method == "lora" else ia3()
     ours = get_peft_model(mlp(dtype=dtype), ours_config, autocast_adapter_dtype=autocast)
-    theirs = hf_peft.get_peft_model(mlp(dtype=dtype), theirs_config, autocast_adapter_dtype=autocast)
+    theirs = hf_peft.get_peft_model(
+        mlp(dtype=dtype), theirs_config, autocast_adapter_dtype=autocast
+    )
     assert adapter_dtypes(ours) == adapter_dtypes(theirs)
     expected = torch.float32 if autocast else dtype
     assert set(adapter_dtypes(ours).values()) == {expected}
@@ -172,8 +194,9 @@ def test_fp32_adapters_on_a_16_bit_model_match_peft_outputs_and_gradients(dtype,
     assert not torch.equal(outputs[1], mlp(dtype=dtype)(tokens).float())  # the adapters matter
     for key, expected in grads[1].items():
         assert grads[0][key].dtype == torch.float32 == expected.dtype, key
-        torch.testing.assert_close(grads[0][key], expected, rtol=0,
-                                   atol=float(expected.abs().max()) * 5e-2 + 1e-6, msg=key)
+        torch.testing.assert_close(
+            grads[0][key], expected, rtol=0, atol=float(expected.abs().max()) * 5e-2 + 1e-6, msg=key
+        )
 
 
 def test_fp32_adapters_on_bf16_layer_against_float64_reference():
@@ -181,7 +204,9 @@ def test_fp32_adapters_on_bf16_layer_against_float64_reference():
     math on the same (bf16-valued) inputs, within bf16 output rounding."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(32, 40)).to(torch.bfloat16)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    )
     layer = peft_model.get_base_model()[0]
     a, b = (p for key, p in adapter_items(peft_model).items() if "lora" in key)
     assert a.dtype == b.dtype == torch.float32
@@ -219,15 +244,28 @@ def test_cuda_core_takes_fp32_adapters_without_widening_x(dtype, dropout):
     g = torch.randn(m, n_out, device=device).to(dtype)
     y, xa = functional.lora_linear_forward(x, w, None, a, b, scale, dropout=dropout, seed=7)
     grads = functional.lora_linear_backward(g, x, w, a, b, xa, scale, dropout=dropout, seed=7)
-    assert y.dtype == xa.dtype == dtype and grads.lora_a.dtype == grads.lora_b.dtype == torch.float32
-    mask = (torch.from_numpy(functional.dropout_mask((m, n_in), dropout, seed=7, dtype="float64")).to(device)
-            if dropout else 1.0)
+    assert (
+        y.dtype == xa.dtype == dtype and grads.lora_a.dtype == grads.lora_b.dtype == torch.float32
+    )
+    mask = (
+        torch.from_numpy(functional.dropout_mask((m, n_in), dropout, seed=7, dtype="float64")).to(
+            device
+        )
+        if dropout
+        else 1.0
+    )
     x64, w64, g64 = x.double(), w.double(), g.double()
     a16, b16 = a.to(dtype).double(), b.to(dtype).double()
     xd = x64 * mask
-    torch.testing.assert_close(y.double(), x64 @ w64.T + scale * (xd @ a16.T) @ b16.T, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(grads.lora_b.double(), scale * g64.T @ xa.double(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads.lora_a.double(), scale * ((g64 @ b16).T @ xd), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        y.double(), x64 @ w64.T + scale * (xd @ a16.T) @ b16.T, rtol=2e-2, atol=2e-2
+    )
+    torch.testing.assert_close(
+        grads.lora_b.double(), scale * g64.T @ xa.double(), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(
+        grads.lora_a.double(), scale * ((g64 @ b16).T @ xd), rtol=2e-2, atol=2e-2
+    )
 
 
 # ----------------------------------------------------------------------------- merge options
@@ -297,15 +335,21 @@ def test_merge_and_unload_adapter_names():
     with pytest.raises(ValueError, match="safe_merge"):
         ours.merge_and_unload(safe_merge=1)
     with torch.no_grad():
-        torch.testing.assert_close(ours.merge_and_unload(adapter_names=["default"])(tokens), adapted, **TOL)
+        torch.testing.assert_close(
+            ours.merge_and_unload(adapter_names=["default"])(tokens), adapted, **TOL
+        )
     # An empty list merges nothing, as in peft: the base model comes back.
     again = get_peft_model(mlp(), ours_config)
     copy_adapters(theirs, again)
     their_empty = hf_peft.get_peft_model(mlp(), theirs_config)
     copy_adapters(theirs, their_empty)
     with torch.no_grad():
-        torch.testing.assert_close(again.merge_and_unload(adapter_names=[])(tokens), base_out, rtol=0, atol=0)
-        torch.testing.assert_close(their_empty.merge_and_unload(adapter_names=[])(tokens), base_out, rtol=0, atol=0)
+        torch.testing.assert_close(
+            again.merge_and_unload(adapter_names=[])(tokens), base_out, rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            their_empty.merge_and_unload(adapter_names=[])(tokens), base_out, rtol=0, atol=0
+        )
 
 
 # ------------------------------------------------------------------------------ save and load
@@ -330,7 +374,9 @@ def test_bin_files_cross_both_ways(method, tmp_path):
     assert sorted(os.listdir(tmp_path / "theirs")) == sorted(os.listdir(tmp_path / "ours"))
     our_tensors = torch.load(tmp_path / "ours" / ADAPTER_BIN_WEIGHTS_NAME, weights_only=True)
     their_tensors = torch.load(tmp_path / "theirs" / ADAPTER_BIN_WEIGHTS_NAME, weights_only=True)
-    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == {k: tuple(v.shape) for k, v in their_tensors.items()}
+    assert {k: tuple(v.shape) for k, v in our_tensors.items()} == {
+        k: tuple(v.shape) for k, v in their_tensors.items()
+    }
     loaded = PeftModel.from_pretrained(mlp(), tmp_path / "theirs")
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), expected, **TOL)
@@ -343,12 +389,16 @@ def test_safetensors_is_read_before_bin_and_a_bad_bin_is_refused(tmp_path):
     randomize(first, seed=1)
     second = get_peft_model(mlp(), ours_config)
     randomize(second, seed=2)
-    first.save_pretrained(tmp_path)                            # safetensors
+    first.save_pretrained(tmp_path)  # safetensors
     second.save_pretrained(tmp_path, safe_serialization=False)  # bin beside it
     with torch.no_grad():
-        torch.testing.assert_close(PeftModel.from_pretrained(mlp(), tmp_path)(tokens), first(tokens), **TOL)
+        torch.testing.assert_close(
+            PeftModel.from_pretrained(mlp(), tmp_path)(tokens), first(tokens), **TOL
+        )
         os.remove(tmp_path / ADAPTER_WEIGHTS_NAME)
-        torch.testing.assert_close(PeftModel.from_pretrained(mlp(), tmp_path)(tokens), second(tokens), **TOL)
+        torch.testing.assert_close(
+            PeftModel.from_pretrained(mlp(), tmp_path)(tokens), second(tokens), **TOL
+        )
 
     model = mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -375,15 +425,23 @@ def test_from_pretrained_options(tmp_path):
     tokens = ids()
     with torch.no_grad():
         expected = theirs(tokens)
-    for kwargs in ({"torch_device": "cpu"}, {"device_map": "auto"}, {"device_map": "cpu"},
-                   {"device_map": {"": "cpu"}}, {"device_map": torch.device("cpu"), "torch_device": "cpu"},
-                   {"low_cpu_mem_usage": True}, {"config": ours_config}):
+    for kwargs in (
+        {"torch_device": "cpu"},
+        {"device_map": "auto"},
+        {"device_map": "cpu"},
+        {"device_map": {"": "cpu"}},
+        {"device_map": torch.device("cpu"), "torch_device": "cpu"},
+        {"low_cpu_mem_usage": True},
+        {"config": ours_config},
+    ):
         ours = PeftModel.from_pretrained(mlp(), tmp_path, **kwargs)
         with torch.no_grad():
             torch.testing.assert_close(ours(tokens), expected, **TOL, msg=str(kwargs))
         assert not any(p.requires_grad for p in ours.parameters())
     with torch.no_grad():  # peft's subfolder= and its ignored Hub options
-        nested = PeftModel.from_pretrained(mlp(), tmp_path.parent, subfolder=tmp_path.name, revision="main")
+        nested = PeftModel.from_pretrained(
+            mlp(), tmp_path.parent, subfolder=tmp_path.name, revision="main"
+        )
         torch.testing.assert_close(nested(tokens), expected, **TOL)
     trainable = PeftModel.from_pretrained(mlp(), tmp_path, is_trainable=True)
     peft_trainable = hf_peft.PeftModel.from_pretrained(mlp(), tmp_path, is_trainable=True)
@@ -392,19 +450,23 @@ def test_from_pretrained_options(tmp_path):
 
     # config= is used instead of the file's: a different rank no longer fits the tensors.
     with pytest.raises(ValueError, match="expected shape"):
-        PeftModel.from_pretrained(mlp(), tmp_path, config=LoraConfig(r=2, target_modules=["lin0", "lin1", "emb"]))
+        PeftModel.from_pretrained(
+            mlp(), tmp_path, config=LoraConfig(r=2, target_modules=["lin0", "lin1", "emb"])
+        )
     assert ours_config.inference_mode is False  # the caller's config is not modified
-    for bad, match in (({"device_map": {"lin0": "cpu", "lin1": "cpu"}}, "device_map"),
-                       ({"device_map": "balanced"}, "device_map"),
-                       ({"torch_device": "nowhere"}, "torch_device"),
-                       ({"torch_device": "meta"}, "torch_device"),
-                       ({"device_map": "cuda:7" if torch.cuda.device_count() < 8 else "xla"}, "device_map"),
-                       ({"torch_device": "cpu", "device_map": "meta"}, "device_map"),
-                       ({"config": {"r": 4}}, "config"),
-                       ({"key_mapping": {"a": "b"}}, "key_mapping"),
-                       ({"ephemeral_gpu_offload": True}, "ephemeral_gpu_offload"),
-                       ({"adapter_nmae": "typo"}, "adapter_nmae"),
-                       ({"is_trainable": "no"}, "is_trainable")):
+    for bad, match in (
+        ({"device_map": {"lin0": "cpu", "lin1": "cpu"}}, "device_map"),
+        ({"device_map": "balanced"}, "device_map"),
+        ({"torch_device": "nowhere"}, "torch_device"),
+        ({"torch_device": "meta"}, "torch_device"),
+        ({"device_map": "cuda:7" if torch.cuda.device_count() < 8 else "xla"}, "device_map"),
+        ({"torch_device": "cpu", "device_map": "meta"}, "device_map"),
+        ({"config": {"r": 4}}, "config"),
+        ({"key_mapping": {"a": "b"}}, "key_mapping"),
+        ({"ephemeral_gpu_offload": True}, "ephemeral_gpu_offload"),
+        ({"adapter_nmae": "typo"}, "adapter_nmae"),
+        ({"is_trainable": "no"}, "is_trainable"),
+    ):
         model = mlp()
         with pytest.raises((ValueError, TypeError), match=match):
             PeftModel.from_pretrained(model, tmp_path, **bad)
@@ -414,11 +476,17 @@ def test_from_pretrained_options(tmp_path):
 @pytest.mark.parametrize("autocast", [True, False])
 def test_from_pretrained_autocast_adapter_dtype_matches_peft(autocast, tmp_path):
     ours_config, theirs_config = lora()
-    source = hf_peft.get_peft_model(mlp(dtype=torch.bfloat16), theirs_config, autocast_adapter_dtype=False)
+    source = hf_peft.get_peft_model(
+        mlp(dtype=torch.bfloat16), theirs_config, autocast_adapter_dtype=False
+    )
     randomize(source)
     source.save_pretrained(tmp_path)
-    ours = PeftModel.from_pretrained(mlp(dtype=torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
-    theirs = hf_peft.PeftModel.from_pretrained(mlp(dtype=torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
+    ours = PeftModel.from_pretrained(
+        mlp(dtype=torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast
+    )
+    theirs = hf_peft.PeftModel.from_pretrained(
+        mlp(dtype=torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast
+    )
     assert adapter_dtypes(ours) == adapter_dtypes(theirs)
     for key, parameter in adapter_items(ours).items():
         assert torch.equal(parameter.float(), adapter_items(theirs)[key].float()), key
@@ -445,11 +513,15 @@ def test_inject_adapter_in_model_matches_peft(dtype):
     copy_adapters(theirs, injected)
     tokens = ids()
     with torch.no_grad():
-        torch.testing.assert_close(injected(tokens).float(), theirs(tokens).float(),
-                                   **(TOL if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+        torch.testing.assert_close(
+            injected(tokens).float(),
+            theirs(tokens).float(),
+            **(TOL if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}),
+        )
     # The base weights are frozen and only the adapters train, as after peft's injection.
-    assert sorted(k for k, p in adapter_items(injected).items() if p.requires_grad) == \
-        sorted(k for k, p in adapter_items(theirs).items() if p.requires_grad)
+    assert sorted(k for k, p in adapter_items(injected).items() if p.requires_grad) == sorted(
+        k for k, p in adapter_items(theirs).items() if p.requires_grad
+    )
     with pytest.raises(ValueError, match="adapter_name"):
         inject_adapter_in_model(ours_config, mlp(), adapter_name="")
     # cpeft's extra keyword gives peft's get_peft_model dtypes instead.
@@ -460,15 +532,22 @@ def test_inject_adapter_in_model_matches_peft(dtype):
 def test_get_base_model_state_dict_matches_peft():
     config = LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"])
     ours = get_peft_model(bert(), config)
-    theirs = hf_peft.get_peft_model(bert(), hf_peft.LoraConfig(r=2, target_modules=["query", "value"],
-                                                             modules_to_save=["classifier"]))
+    theirs = hf_peft.get_peft_model(
+        bert(),
+        hf_peft.LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    )
     randomize(ours)
-    with torch.no_grad():  # the trained copy of the classifier changes; the base state dict must not
+    with (
+        torch.no_grad()
+    ):  # the trained copy of the classifier changes; the base state dict must not
         for model in (ours, theirs):
             for name, parameter in model.named_parameters():
                 if "modules_to_save" in name:
                     parameter.add_(1.0)
-    our_state, their_state = get_base_model_state_dict(ours), hf_peft.get_base_model_state_dict(theirs)
+    our_state, their_state = (
+        get_base_model_state_dict(ours),
+        hf_peft.get_base_model_state_dict(theirs),
+    )
     assert list(our_state) == list(their_state) == list(bert().state_dict())
     reference = bert().state_dict()
     for key, tensor in our_state.items():
@@ -510,8 +589,12 @@ def conv_net(seed=0):
 
 def conv_inputs(seed=1):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 9, generator=generator), torch.randn(2, 4, 8, 8, generator=generator),
-            torch.randn(2, 4, 3, 5, 5, generator=generator), torch.randn(2, 5, 8, generator=generator))
+    return (
+        torch.randn(2, 4, 9, generator=generator),
+        torch.randn(2, 4, 8, 8, generator=generator),
+        torch.randn(2, 4, 3, 5, 5, generator=generator),
+        torch.randn(2, 5, 8, generator=generator),
+    )
 
 
 CONV_TARGETS = ["c1", "p1", "c2", "p2", "g3"]
@@ -532,7 +615,9 @@ def test_conv_lora_matches_peft_outputs_gradients_and_files(lora_bias, tmp_path)
     theirs = hf_peft.get_peft_model(conv_net(), hf_peft.LoraConfig(**kwargs))
     ours = get_peft_model(conv_net(), LoraConfig(**kwargs))
     their_state, our_state = theirs.state_dict(), ours.state_dict()
-    assert {k: tuple(v.shape) for k, v in our_state.items()} == {k: tuple(v.shape) for k, v in their_state.items()}
+    assert {k: tuple(v.shape) for k, v in our_state.items()} == {
+        k: tuple(v.shape) for k, v in their_state.items()
+    }
     randomize(theirs)
     with torch.no_grad():
         for key, tensor in our_state.items():
@@ -547,21 +632,31 @@ def test_conv_lora_matches_peft_outputs_gradients_and_files(lora_bias, tmp_path)
     torch.testing.assert_close(outputs[0], outputs[1], **TOL)
     their_params = dict(theirs.named_parameters())
     trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
-    assert sorted(n for n, _ in trained) == sorted(n for n, p in their_params.items() if p.requires_grad)
+    assert sorted(n for n, _ in trained) == sorted(
+        n for n, p in their_params.items() if p.requires_grad
+    )
     for name, parameter in trained:
-        torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(
+            parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name
+        )
 
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     our_file = safetensors_torch.load_file(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME)
     their_file = safetensors_torch.load_file(tmp_path / "theirs" / ADAPTER_WEIGHTS_NAME)
     assert {k: v.shape for k, v in our_file.items()} == {k: v.shape for k, v in their_file.items()}
-    assert json.loads((tmp_path / "ours" / ADAPTER_CONFIG_NAME).read_text())["lora_bias"] is lora_bias
+    assert (
+        json.loads((tmp_path / "ours" / ADAPTER_CONFIG_NAME).read_text())["lora_bias"] is lora_bias
+    )
     with torch.no_grad():
-        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
-                                   outputs[1], **TOL)
-        torch.testing.assert_close(PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs),
-                                   outputs[1], **TOL)
+        torch.testing.assert_close(
+            hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
+            outputs[1],
+            **TOL,
+        )
+        torch.testing.assert_close(
+            PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs), outputs[1], **TOL
+        )
 
 
 @pytest.mark.parametrize("lora_bias", [False, True])
@@ -585,10 +680,14 @@ def test_conv_merge_is_exact_and_matches_peft(lora_bias):
         assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
         merged = ours.merge_and_unload()
         assert type(merged.c2) is nn.Conv2d
-        torch.testing.assert_close(merged(*inputs), theirs.merge_and_unload()(*inputs), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            merged(*inputs), theirs.merge_and_unload()(*inputs), rtol=1e-5, atol=1e-5
+        )
 
     grouped = get_peft_model(conv_net(), LoraConfig(r=4, target_modules=["g3"]))
-    their_grouped = hf_peft.get_peft_model(conv_net(), hf_peft.LoraConfig(r=4, target_modules=["g3"]))
+    their_grouped = hf_peft.get_peft_model(
+        conv_net(), hf_peft.LoraConfig(r=4, target_modules=["g3"])
+    )
     for model in (grouped, their_grouped):
         with pytest.raises(NotImplementedError, match="groups > 1"):
             model.merge_and_unload()
@@ -602,9 +701,11 @@ def test_conv_targets_peft_refuses_are_refused_untouched():
             self.grouped = nn.Conv2d(4, 4, 3, groups=4)
             self.c1 = nn.Conv1d(4, 4, 3)
 
-    for config, match in ((LoraConfig(r=4, target_modules=["dilated"]), "dilation"),
-                          (LoraConfig(r=2, target_modules=["grouped"]), "divisible by groups"),
-                          (IA3Config(target_modules=["c1"]), "nn.Conv1d")):
+    for config, match in (
+        (LoraConfig(r=4, target_modules=["dilated"]), "dilation"),
+        (LoraConfig(r=2, target_modules=["grouped"]), "divisible by groups"),
+        (IA3Config(target_modules=["c1"]), "nn.Conv1d"),
+    ):
         model = Odd()
         with pytest.raises(ValueError, match=match):
             get_peft_model(model, config)
@@ -617,7 +718,9 @@ def test_conv_targets_peft_refuses_are_refused_untouched():
 
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_ia3_conv_matches_peft(feedforward, tmp_path):
-    kwargs = dict(target_modules=["c2", "p2", "g3"], feedforward_modules=["p2", "g3"] if feedforward else [])
+    kwargs = dict(
+        target_modules=["c2", "p2", "g3"], feedforward_modules=["p2", "g3"] if feedforward else []
+    )
     theirs = hf_peft.get_peft_model(conv_net(), hf_peft.IA3Config(**kwargs))
     ours = get_peft_model(conv_net(), IA3Config(**kwargs))
     randomize(theirs)
@@ -635,14 +738,20 @@ def test_ia3_conv_matches_peft(feedforward, tmp_path):
     their_params = dict(theirs.named_parameters())
     for name, parameter in ours.named_parameters():
         if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+            torch.testing.assert_close(
+                parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name
+            )
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     with torch.no_grad():
-        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
-                                   results[1], **TOL)
-        torch.testing.assert_close(PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs),
-                                   results[1], **TOL)
+        torch.testing.assert_close(
+            hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
+            results[1],
+            **TOL,
+        )
+        torch.testing.assert_close(
+            PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs), results[1], **TOL
+        )
         before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
         ours.merge_adapter()
         torch.testing.assert_close(ours(*inputs), results[0], rtol=1e-5, atol=1e-5)
@@ -657,9 +766,12 @@ def mha_reference(model, lora, inputs):
     with torch.no_grad():
         layer = lora.base_model.model.attn
         out_layer = layer.base_layer.out_proj
-        attn.in_proj_weight += (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
-        attn.out_proj.weight += ((out_layer.lora_B["default"].weight @ out_layer.lora_A["default"].weight)
-                                 * out_layer.scaling["default"])
+        attn.in_proj_weight += (
+            layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        ) * layer.scaling["default"]
+        attn.out_proj.weight += (
+            out_layer.lora_B["default"].weight @ out_layer.lora_A["default"].weight
+        ) * out_layer.scaling["default"]
         return attn(inputs[3], inputs[3], inputs[3], need_weights=False)[0]
 
 
@@ -667,18 +779,23 @@ def test_mha_matches_plain_torch_and_peft(tmp_path):
     config = dict(r=4, lora_alpha=8, target_modules=["attn"])
     theirs = hf_peft.get_peft_model(conv_net(), hf_peft.LoraConfig(**config))
     ours = get_peft_model(conv_net(), LoraConfig(**config))
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()
+    }
     randomize(theirs)
     with torch.no_grad():
         for key, tensor in ours.state_dict().items():
             tensor.copy_(theirs.state_dict()[key])
     inputs = conv_inputs()
     with torch.no_grad():
-        attn_out = ours.base_model.model.attn(inputs[3], inputs[3], inputs[3], need_weights=False)[0]
+        attn_out = ours.base_model.model.attn(inputs[3], inputs[3], inputs[3], need_weights=False)[
+            0
+        ]
         torch.testing.assert_close(attn_out, mha_reference(conv_net(), ours, inputs), **TOL)
         # peft 0.21 adds out_proj's delta twice, so with it non-zero the outputs differ...
-        their_out = theirs.base_model.model.attn(inputs[3], inputs[3], inputs[3], need_weights=False)[0]
+        their_out = theirs.base_model.model.attn(
+            inputs[3], inputs[3], inputs[3], need_weights=False
+        )[0]
         assert not torch.allclose(attn_out, their_out, **TOL)
     # ...and agree, with gradients, when it is zero.
     zero_out_proj_lora_b(ours)
@@ -693,14 +810,20 @@ def test_mha_matches_plain_torch_and_peft(tmp_path):
     their_params = dict(theirs.named_parameters())
     for name, parameter in ours.named_parameters():
         if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+            torch.testing.assert_close(
+                parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name
+            )
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     with torch.no_grad():
-        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
-                                   results[1], **TOL)
-        torch.testing.assert_close(PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs),
-                                   results[1], **TOL)
+        torch.testing.assert_close(
+            hf_peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours")(*inputs),
+            results[1],
+            **TOL,
+        )
+        torch.testing.assert_close(
+            PeftModel.from_pretrained(conv_net(), tmp_path / "theirs")(*inputs), results[1], **TOL
+        )
 
 
 def test_mha_merge_unmerge_unload():
@@ -718,7 +841,9 @@ def test_mha_merge_unmerge_unload():
         assert all(torch.equal(before[k], v) for k, v in get_base_model_state_dict(ours).items())
         torch.testing.assert_close(disabled, conv_net()(*inputs), rtol=1e-6, atol=1e-6)
         merged = ours.merge_and_unload()
-        assert type(merged.attn) is nn.MultiheadAttention and type(merged.attn.out_proj) is not type(ours)
+        assert type(merged.attn) is nn.MultiheadAttention and type(
+            merged.attn.out_proj
+        ) is not type(ours)
         assert not any(isinstance(m, cpeft.BaseTunerLayer) for m in merged.modules())
         torch.testing.assert_close(merged(*inputs), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="IA3"):
@@ -729,8 +854,9 @@ def test_lora_bias_on_linear_matches_peft_and_merges_into_the_bias(tmp_path):
     kwargs = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], lora_bias=True)
     theirs = hf_peft.get_peft_model(mlp(), hf_peft.LoraConfig(**kwargs))
     ours = get_peft_model(mlp(), LoraConfig(**kwargs))
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()
+    }
     randomize(theirs)
     with torch.no_grad():
         for name, parameter in theirs.named_parameters():
@@ -747,32 +873,47 @@ def test_lora_bias_on_linear_matches_peft_and_merges_into_the_bias(tmp_path):
         results.append(result.detach())
     torch.testing.assert_close(results[0], results[1], **TOL)
     their_params = dict(theirs.named_parameters())
-    bias_grads = [n for n, p in ours.named_parameters() if p.requires_grad and n.endswith("lora_B.default.bias")]
+    bias_grads = [
+        n
+        for n, p in ours.named_parameters()
+        if p.requires_grad and n.endswith("lora_B.default.bias")
+    ]
     assert len(bias_grads) == 2
     for name, parameter in ours.named_parameters():
         if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+            torch.testing.assert_close(
+                parameter.grad, their_params[name].grad, rtol=1e-4, atol=1e-4, msg=name
+            )
     ours.save_pretrained(tmp_path)
-    assert "base_model.model.lin0.lora_B.bias" in safetensors_torch.load_file(tmp_path / ADAPTER_WEIGHTS_NAME)
+    assert "base_model.model.lin0.lora_B.bias" in safetensors_torch.load_file(
+        tmp_path / ADAPTER_WEIGHTS_NAME
+    )
     with torch.no_grad():
-        torch.testing.assert_close(hf_peft.PeftModel.from_pretrained(mlp(), tmp_path)(tokens), results[1], **TOL)
+        torch.testing.assert_close(
+            hf_peft.PeftModel.from_pretrained(mlp(), tmp_path)(tokens), results[1], **TOL
+        )
         before = {k: v.clone() for k, v in get_base_model_state_dict(ours).items()}
         ours.merge_adapter()
         torch.testing.assert_close(ours(tokens), results[0], rtol=1e-5, atol=1e-5)
         assert not torch.equal(get_base_model_state_dict(ours)["lin0.bias"], before["lin0.bias"])
         ours.unmerge_adapter()
         assert all(torch.equal(before[k], v) for k, v in get_base_model_state_dict(ours).items())
-        torch.testing.assert_close(ours.merge_and_unload()(tokens), theirs.merge_and_unload()(tokens),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ours.merge_and_unload()(tokens), theirs.merge_and_unload()(tokens), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_lora_bias_without_a_base_bias_trains_but_cannot_merge():
     model = nn.Sequential(nn.Linear(8, 8, bias=False))
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0"], lora_bias=True, init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["0"], lora_bias=True, init_lora_weights=False)
+    )
     x = torch.randn(3, 8)
     peft_model(x).sum().backward()
     bias = peft_model.base_model.model[0].lora_B["default"].bias
-    torch.testing.assert_close(bias.grad, torch.full((8,), 3.0 * peft_model.base_model.model[0].scaling["default"]))
+    torch.testing.assert_close(
+        bias.grad, torch.full((8,), 3.0 * peft_model.base_model.model[0].scaling["default"])
+    )
     with pytest.raises(RuntimeError, match="no bias"):
         peft_model.merge_and_unload()
 
@@ -785,16 +926,26 @@ def test_add_adapter_and_load_adapter_autocast_like_peft(autocast, tmp_path):
     source.save_pretrained(tmp_path)
     ours = get_peft_model(mlp(dtype=torch.bfloat16), ours_config)
     theirs = hf_peft.get_peft_model(mlp(dtype=torch.bfloat16), theirs_config)
-    ours.add_adapter("second", LoraConfig(r=2, target_modules=["lin0"]), autocast_adapter_dtype=autocast)
-    theirs.add_adapter("second", hf_peft.LoraConfig(r=2, target_modules=["lin0"]), autocast_adapter_dtype=autocast)
+    ours.add_adapter(
+        "second", LoraConfig(r=2, target_modules=["lin0"]), autocast_adapter_dtype=autocast
+    )
+    theirs.add_adapter(
+        "second", hf_peft.LoraConfig(r=2, target_modules=["lin0"]), autocast_adapter_dtype=autocast
+    )
     ours.load_adapter(tmp_path, "third", autocast_adapter_dtype=autocast)
     theirs.load_adapter(tmp_path, "third", autocast_adapter_dtype=autocast)
 
     def dtypes(model):
-        return {name.replace("lora_embedding_", "lora_"): p.dtype for name, p in model.named_parameters()
-                if "lora_" in name}
+        return {
+            name.replace("lora_embedding_", "lora_"): p.dtype
+            for name, p in model.named_parameters()
+            if "lora_" in name
+        }
+
     assert dtypes(ours) == dtypes(theirs)
-    assert {d for n, d in dtypes(ours).items() if ".third." in n} == {torch.float32 if autocast else torch.bfloat16}
+    assert {d for n, d in dtypes(ours).items() if ".third." in n} == {
+        torch.float32 if autocast else torch.bfloat16
+    }
     ours.set_adapter("third")
     theirs.set_adapter("third")
     with torch.no_grad():
@@ -804,9 +955,12 @@ def test_add_adapter_and_load_adapter_autocast_like_peft(autocast, tmp_path):
 def test_conv_and_attention_with_fp32_adapters_on_a_bf16_model():
     targets = ["c1", "c2", "p2", "attn"]
     model = conv_net().to(torch.bfloat16)
-    ours = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    theirs = hf_peft.get_peft_model(conv_net().to(torch.bfloat16),
-                                    hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    ours = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+    theirs = hf_peft.get_peft_model(
+        conv_net().to(torch.bfloat16), hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    )
     assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
     with torch.no_grad():
         for key, tensor in ours.state_dict().items():
@@ -820,7 +974,9 @@ def test_conv_and_attention_with_fp32_adapters_on_a_bf16_model():
         assert result.dtype == torch.bfloat16
         result.float().square().sum().backward()
         results.append(result.detach().float())
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=float(results[1].abs().max()) * 3e-2)
+    torch.testing.assert_close(
+        results[0], results[1], rtol=0, atol=float(results[1].abs().max()) * 3e-2
+    )
     for name, parameter in ours.named_parameters():
         if parameter.requires_grad:
             assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
@@ -837,6 +993,7 @@ def test_core_boundary_keeps_one_dtype_on_the_cpu_and_in_merges():
     """float32 adapters beside 16-bit data exist on CUDA only; on the CPU (and in every merge)
     the adapters must share the weight's dtype, and the error names the argument."""
     import numpy as np
+
     from cpeft import functional
 
     x = np.ones((3, 4))
@@ -848,9 +1005,12 @@ def test_core_boundary_keeps_one_dtype_on_the_cpu_and_in_merges():
         functional.lora_linear_forward(x, weight, None, lora_a.astype(np.float64), lora_b, 1.0)
     with pytest.raises(ValueError, match="lora_a must have the same dtype as weight"):
         functional.lora_merge(weight.copy(), lora_a, lora_b, 1.0)
-    y, xa = functional.lora_linear_forward(x, weight, None, lora_a.astype(np.float64), lora_b.astype(np.float64), 1.0)
-    grads = functional.lora_linear_backward(np.ones((3, 5)), x, weight, lora_a.astype(np.float64),
-                                            lora_b.astype(np.float64), xa, 1.0)
+    y, xa = functional.lora_linear_forward(
+        x, weight, None, lora_a.astype(np.float64), lora_b.astype(np.float64), 1.0
+    )
+    grads = functional.lora_linear_backward(
+        np.ones((3, 5)), x, weight, lora_a.astype(np.float64), lora_b.astype(np.float64), xa, 1.0
+    )
     assert grads.lora_a.dtype == grads.lora_b.dtype == np.float64
     np.testing.assert_allclose(y, x @ weight.T + (x @ np.ones((4, 2))) @ np.ones((2, 5)))
 
@@ -866,17 +1026,26 @@ def test_mha_core_path_equals_torch_attention_with_the_deltas(batch_first, adapt
     reference.load_state_dict(base.state_dict())
     holder = nn.Module()
     holder.attn = base
-    peft_model = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["attn"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        holder, LoraConfig(r=4, lora_alpha=8, target_modules=["attn"], init_lora_weights=False)
+    )
     if adapters == 2:
-        peft_model.add_adapter("other", LoraConfig(r=2, target_modules=["attn"], init_lora_weights=False))
+        peft_model.add_adapter(
+            "other", LoraConfig(r=2, target_modules=["attn"], init_lora_weights=False)
+        )
         peft_model.base_model.set_adapter(["default", "other"])
     layer = peft_model.base_model.model.attn
     names = layer.active_adapters
     x = torch.randn(3, 5, 8, requires_grad=True)
     out = layer(x, x, x, need_weights=False)[0]
-    delta_in = sum((layer.lora_B[a].weight @ layer.lora_A[a].weight) * layer.scaling[a] for a in names)
+    delta_in = sum(
+        (layer.lora_B[a].weight @ layer.lora_A[a].weight) * layer.scaling[a] for a in names
+    )
     out_layer = layer.base_layer.out_proj
-    delta_out = sum((out_layer.lora_B[a].weight @ out_layer.lora_A[a].weight) * out_layer.scaling[a] for a in names)
+    delta_out = sum(
+        (out_layer.lora_B[a].weight @ out_layer.lora_A[a].weight) * out_layer.scaling[a]
+        for a in names
+    )
     x_ref = x.detach().clone().requires_grad_(True)
     reference.in_proj_weight.data += delta_in.detach()
     reference.out_proj.weight.data += delta_out.detach()
@@ -885,14 +1054,26 @@ def test_mha_core_path_equals_torch_attention_with_the_deltas(batch_first, adapt
     # The general path (need_weights=True) agrees too, and so do the gradients of both paths.
     general = layer(x, x, x, need_weights=True)[0]
     torch.testing.assert_close(general, expected, **TOL)
-    grads = torch.autograd.grad(out.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
-    general_grads = torch.autograd.grad(general.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+    grads = torch.autograd.grad(
+        out.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad]
+    )
+    general_grads = torch.autograd.grad(
+        general.square().sum(), [x] + [p for p in layer.parameters() if p.requires_grad]
+    )
     for ours_grad, their_grad in zip(grads, general_grads):
-        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-4, atol=1e-5 * float(their_grad.abs().max()))
+        torch.testing.assert_close(
+            ours_grad, their_grad, rtol=1e-4, atol=1e-5 * float(their_grad.abs().max())
+        )
     expected.square().sum().backward()
-    torch.testing.assert_close(grads[0], x_ref.grad, rtol=1e-4, atol=1e-5 * float(x_ref.grad.abs().max()))
-    unbatched = layer(x[0] if batch_first else x[:, 0], x[0] if batch_first else x[:, 0],
-                      x[0] if batch_first else x[:, 0], need_weights=False)[0]
+    torch.testing.assert_close(
+        grads[0], x_ref.grad, rtol=1e-4, atol=1e-5 * float(x_ref.grad.abs().max())
+    )
+    unbatched = layer(
+        x[0] if batch_first else x[:, 0],
+        x[0] if batch_first else x[:, 0],
+        x[0] if batch_first else x[:, 0],
+        need_weights=False,
+    )[0]
     torch.testing.assert_close(unbatched, out[0] if batch_first else out[:, 0], **TOL)
 
 
@@ -913,7 +1094,9 @@ def test_safe_merge_in_merge_adapter_and_on_a_layer(tmp_path):
     source = get_peft_model(mlp(), lora()[0])
     randomize(source, seed=9)
     source.save_pretrained(tmp_path, safe_serialization=False)
-    ours.load_adapter(tmp_path, "loaded", torch_device="cpu", device_map={"": "cpu"}, low_cpu_mem_usage=True)
+    ours.load_adapter(
+        tmp_path, "loaded", torch_device="cpu", device_map={"": "cpu"}, low_cpu_mem_usage=True
+    )
     ours.set_adapter("loaded")
     with torch.no_grad():
         torch.testing.assert_close(ours(ids()), source(ids()), **TOL)
@@ -924,8 +1107,14 @@ def test_safe_merge_in_merge_adapter_and_on_a_layer(tmp_path):
 
 def resnet(seed=0):
     torch.manual_seed(seed)
-    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                       layer_type="basic", num_labels=3)
+    config = transformers.ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=3,
+    )
     return transformers.ResNetForImageClassification(config).eval()
 
 
@@ -963,10 +1152,17 @@ def test_transformers_resnet_with_conv_lora_trains_and_crosses_to_peft(tmp_path)
 
 
 def test_conv_lora_takes_unbatched_inputs_like_torch():
-    ours = get_peft_model(conv_net(), LoraConfig(r=4, target_modules=CONV_TARGETS, init_lora_weights=False))
+    ours = get_peft_model(
+        conv_net(), LoraConfig(r=4, target_modules=CONV_TARGETS, init_lora_weights=False)
+    )
     x1, x2, x3, _ = conv_inputs()
     model = ours.base_model.model
     with torch.no_grad():
-        for layer, x in ((model.c1, x1), (model.p1, model.c1(x1)), (model.c2, x2), (model.p2, model.c2(x2)),
-                         (model.g3, x3)):
+        for layer, x in (
+            (model.c1, x1),
+            (model.p1, model.c1(x1)),
+            (model.c2, x2),
+            (model.p2, model.c2(x2)),
+            (model.g3, x3),
+        ):
             torch.testing.assert_close(layer(x[0]), layer(x)[0], **TOL)

@@ -1,6 +1,7 @@
 """Every ```python block of README.md runs as written, so the examples cannot drift from the
 API, and a `print(...)  # text` line must print that text. Each block runs in a fresh namespace
 inside a temporary directory (the peft example writes an adapter folder)."""
+
 import pathlib
 import re
 

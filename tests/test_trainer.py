@@ -2,6 +2,7 @@
 visible (Trainer keeps the columns the model takes), checkpoints and the final save hold only the
 adapter in peft's layout, resume_from_checkpoint continues the same run, and the saved adapter
 loads in peft with equal outputs. Tiny models built from configs, a few steps each."""
+
 import os
 import warnings
 
@@ -39,8 +40,17 @@ class Rows(torch.utils.data.Dataset):
 def classification_data(n=16):
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 100, (n, 8), generator=generator)
-    return Rows([{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long),
-                  "label": int(ids[i, 0] % 3), "note": i} for i in range(n)])
+    return Rows(
+        [
+            {
+                "input_ids": ids[i],
+                "attention_mask": torch.ones(8, dtype=torch.long),
+                "label": int(ids[i, 0] % 3),
+                "note": i,
+            }
+            for i in range(n)
+        ]
+    )
 
 
 def lm_data(n=16):
@@ -51,21 +61,43 @@ def lm_data(n=16):
 
 def bert_classifier():
     torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=100, max_position_embeddings=64,
-                                     num_labels=3)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(config)
-    return model, cpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                   task_type="SEQ_CLS"), classification_data
+    return (
+        model,
+        cpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
+        classification_data,
+    )
 
 
 def gpt2_lm():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(config)
-    return model, cpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
-                                   task_type="CAUSAL_LM"), lm_data
+    return (
+        model,
+        cpeft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"
+        ),
+        lm_data,
+    )
 
 
 def make_peft_model(case):
@@ -74,9 +106,17 @@ def make_peft_model(case):
 
 
 def trainer_for(model, data, output_dir, max_steps=4):
-    args = transformers.TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, save_steps=2,
-                                          per_device_train_batch_size=4, learning_rate=5e-2, use_cpu=True,
-                                          report_to=[], disable_tqdm=True, seed=7)
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=7,
+    )
     return transformers.Trainer(model=model, args=args, train_dataset=data())
 
 
@@ -120,4 +160,6 @@ def test_trainer_trains_saves_adapter_only_resumes_and_reloads_in_peft(case, tmp
     with torch.no_grad():
         expected = theirs(input_ids=batch).logits
         torch.testing.assert_close(ours(input_ids=batch).logits, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.eval()(input_ids=batch).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model.eval()(input_ids=batch).logits, expected, rtol=1e-5, atol=1e-5
+        )

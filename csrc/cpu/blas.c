@@ -44,10 +44,7 @@ static int blas_layout_of(cpeft_mat m, blas_layout *out)
     return 0;
 }
 
-static int fits_blasint(int64_t v)
-{
-    return v >= 0 && v <= INT_MAX;
-}
+static int fits_blasint(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
 /* C = beta * C for the K == 0 product; beta == 0 writes zeros without reading C. */
 static void scale_in_place(cpeft_dtype dtype, cpeft_mat c, double beta)
@@ -82,12 +79,14 @@ static void scale_in_place(cpeft_dtype dtype, cpeft_mat c, double beta)
 /* Rows [r0, r0+nr) of op(X) as a view of X, and columns likewise. */
 static cpeft_mat op_rows(cpeft_dtype dt, cpeft_mat x, int trans, int64_t r0, int64_t nr)
 {
-    return trans ? cpeft_mat_sub(dt, x, 0, x.rows, r0, nr) : cpeft_mat_sub(dt, x, r0, nr, 0, x.cols);
+    return trans ? cpeft_mat_sub(dt, x, 0, x.rows, r0, nr)
+                 : cpeft_mat_sub(dt, x, r0, nr, 0, x.cols);
 }
 
 static cpeft_mat op_cols(cpeft_dtype dt, cpeft_mat x, int trans, int64_t c0, int64_t nc)
 {
-    return trans ? cpeft_mat_sub(dt, x, c0, nc, 0, x.cols) : cpeft_mat_sub(dt, x, 0, x.rows, c0, nc);
+    return trans ? cpeft_mat_sub(dt, x, c0, nc, 0, x.cols)
+                 : cpeft_mat_sub(dt, x, 0, x.rows, c0, nc);
 }
 
 /* A product with M, N or K beyond one BLAS call, as products of blocks that fit: M and N split C,
@@ -143,9 +142,9 @@ int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cp
         return cpeft_fail(st, CPEFT_ERR_INTERNAL,
                           "gemm: an operand is not a BLAS-able view (strides A %lld,%lld "
                           "B %lld,%lld C %lld,%lld) (%s:%d)",
-                          (long long)a.row_stride, (long long)a.col_stride,
-                          (long long)b.row_stride, (long long)b.col_stride,
-                          (long long)c.row_stride, (long long)c.col_stride, __FILE__, __LINE__);
+                          (long long)a.row_stride, (long long)a.col_stride, (long long)b.row_stride,
+                          (long long)b.col_stride, (long long)c.row_stride, (long long)c.col_stride,
+                          __FILE__, __LINE__);
 
     /* Row-major CBLAS transposes an operand when the requested op and its storage disagree. */
     int ta = trans_a ^ la.col_major;
@@ -154,10 +153,18 @@ int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cp
     int64_t lda = la.ld, ldb = lb.ld;
     if (lc.col_major) {
         /* A column-major C is Cᵀ row-major: Cᵀ = op(B)ᵀ·op(A)ᵀ, so swap operands and sizes. */
-        const void *pt = pa; pa = pb; pb = pt;
-        int64_t lt = lda; lda = ldb; ldb = lt;
-        int tt = ta; ta = !tb; tb = !tt;
-        int64_t mt = m; m = n; n = mt;
+        const void *pt = pa;
+        pa = pb;
+        pb = pt;
+        int64_t lt = lda;
+        lda = ldb;
+        ldb = lt;
+        int tt = ta;
+        ta = !tb;
+        tb = !tt;
+        int64_t mt = m;
+        m = n;
+        n = mt;
     }
     if (!fits_blasint(m) || !fits_blasint(n) || !fits_blasint(k) || !fits_blasint(lda) ||
         !fits_blasint(ldb) || !fits_blasint(lc.ld))
@@ -189,8 +196,8 @@ int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cp
         if (dtype == CPEFT_FLOAT32)
             scipy_cblas_sgemm(CblasRowMajor, cta, ctb, (blasint)m, (blasint)nb, (blasint)k,
                               (float)alpha, (const float *)pa, (blasint)lda,
-                              (const float *)pb_block, (blasint)ldb, (float)beta,
-                              (float *)pc_block, (blasint)lc.ld);
+                              (const float *)pb_block, (blasint)ldb, (float)beta, (float *)pc_block,
+                              (blasint)lc.ld);
         else
             scipy_cblas_dgemm(CblasRowMajor, cta, ctb, (blasint)m, (blasint)nb, (blasint)k, alpha,
                               (const double *)pa, (blasint)lda, (const double *)pb_block,
@@ -199,8 +206,7 @@ int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cp
     return CPEFT_OK;
 }
 
-int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out,
-                     cpeft_status *st)
+int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out, cpeft_status *st)
 {
     if (a.cols == 0)
         return CPEFT_OK;
@@ -221,8 +227,8 @@ int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out
     }
     /* out (1 x cols) = alpha * ones (1 x rows) · A: a GEMM with M = 1 is a GEMV, and the GEMM
      * wrapper already handles every storage order of A and of out. */
-    int rc = cpeft_gemm_cpu(dtype, 0, 0, alpha, cpeft_mat_compact(ones, 1, a.rows), a, 0.0,
-                            out_row, st);
+    int rc = cpeft_gemm_cpu(dtype, 0, 0, alpha, cpeft_mat_compact(ones, 1, a.rows), a, 0.0, out_row,
+                            st);
     free(ones);
     return rc;
 }

@@ -20,7 +20,6 @@ int cpeft_gemm_cpu(cpeft_dtype dtype, int trans_a, int trans_b, double alpha, cp
                    cpeft_mat b, double beta, cpeft_mat c, cpeft_status *st);
 
 /* out[j] = alpha * Σ_i A[i][j] (overwrites out), as a GEMV against a ones vector. */
-int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out,
-                     cpeft_status *st);
+int cpeft_colsum_cpu(cpeft_dtype dtype, double alpha, cpeft_mat a, cpeft_vec out, cpeft_status *st);
 
 #endif /* CPEFT_CPU_BLAS_H */

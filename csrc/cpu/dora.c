@@ -23,12 +23,12 @@
 #undef T
 #undef SUFFIX
 
-#define DORA_DISPATCH(dt, name, ...)                                                           \
-    do {                                                                                       \
-        if ((dt) == CPEFT_FLOAT32)                                                             \
-            name##_f32(__VA_ARGS__);                                                           \
-        else                                                                                   \
-            name##_f64(__VA_ARGS__);                                                           \
+#define DORA_DISPATCH(dt, name, ...) \
+    do {                             \
+        if ((dt) == CPEFT_FLOAT32)   \
+            name##_f32(__VA_ARGS__); \
+        else                         \
+            name##_f64(__VA_ARGS__); \
     } while (0)
 
 static void *alloc_doubles(int64_t count, const char *what, cpeft_status *st)
@@ -90,10 +90,9 @@ static int dora_norm(const cpeft_dora_norm_args *a, cpeft_vec norm, cpeft_status
 {
     cpeft_dtype dt = a->dtype;
     double *wsq = alloc_doubles(a->out, "the squared row norms", st);
-    void *work = wsq ? cpeft_alloc_temp(dt,
-                                        2 * a->out * a->r + a->r * a->r + a->r * a->in +
-                                            a->out * a->r,
-                                        "W·Aᵀ, B·A·Aᵀ and normalized A, B", st)
+    void *work = wsq ? cpeft_alloc_temp(
+                           dt, 2 * a->out * a->r + a->r * a->r + a->r * a->in + a->out * a->r,
+                           "W·Aᵀ, B·A·Aᵀ and normalized A, B", st)
                      : NULL;
     if (work == NULL) {
         free(wsq);
@@ -140,8 +139,9 @@ int cpeft_dora_norm_cpu(const cpeft_dora_norm_args *a, cpeft_vec norm, cpeft_sta
 static cpeft_dora_norm_args linear_norm_args(const cpeft_dora_linear_args *a)
 {
     const cpeft_lora_linear_args *l = &a->lora;
-    cpeft_dora_norm_args n = {l->dtype, l->out, l->in, l->r, l->weight, l->lora_a, l->lora_b,
-                              l->scale, a->weight_sq_norm};
+    cpeft_dora_norm_args n = {l->dtype,  l->out,    l->in,
+                              l->r,      l->weight, l->lora_a,
+                              l->lora_b, l->scale,  a->weight_sq_norm};
     return n;
 }
 
@@ -150,8 +150,10 @@ static int check_plain(const cpeft_lora_linear_args *l, const char *op, cpeft_st
     int64_t seg, k;
     int rc = cpeft_lora_groups(l, &seg, &k, st);
     if (rc == CPEFT_OK && (l->groups != 1 || k != 1))
-        rc = cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: DoRA takes one ungrouped adapter, got %lld "
-                        "groups", op, (long long)l->groups);
+        rc = cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                        "%s: DoRA takes one ungrouped adapter, got %lld "
+                        "groups",
+                        op, (long long)l->groups);
     return rc;
 }
 
@@ -402,8 +404,8 @@ static int dropped_input_grads(const cpeft_lora_linear_args *l, cpeft_mat g, cpe
         if (o->grad_a.data != NULL) {
             cpeft_dropout_rows_cpu(dt, &l->dropout, row0, 1.0,
                                    cpeft_mat_sub(dt, l->x, row0, n, 0, l->in), 0, tmp);
-            rc = cpeft_gemm_cpu(dt, 1, 0, l->scale, gb_rows, tmp, row0 == 0 ? 0.0 : 1.0,
-                                o->grad_a, st);
+            rc = cpeft_gemm_cpu(dt, 1, 0, l->scale, gb_rows, tmp, row0 == 0 ? 0.0 : 1.0, o->grad_a,
+                                st);
         }
         if (o->grad_x.data != NULL && rc == CPEFT_OK && n > 0) {
             rc = cpeft_gemm_cpu(dt, 0, 0, l->scale, gb_rows, l->lora_a, 0.0, tmp, st);
@@ -482,9 +484,9 @@ static const cpeft_vec no_scale = {NULL, 0, 1};
 static cpeft_dora_norm_args embedding_norm_args(const cpeft_dora_embedding_args *a)
 {
     const cpeft_lora_embedding_args *l = &a->lora;
-    cpeft_dora_norm_args n = {l->dtype, l->dim, l->num_embeddings, l->r,
-                              cpeft_mat_transpose(l->weight), l->lora_a, l->lora_b, l->scale,
-                              a->weight_sq_norm};
+    cpeft_dora_norm_args n = {
+        l->dtype,  l->dim,   l->num_embeddings, l->r, cpeft_mat_transpose(l->weight), l->lora_a,
+        l->lora_b, l->scale, a->weight_sq_norm};
     return n;
 }
 
@@ -495,8 +497,8 @@ static void *gather_a_rows(const cpeft_lora_embedding_args *l, cpeft_mat *rows, 
     if (data == NULL)
         return NULL;
     *rows = cpeft_mat_compact(data, l->n, l->r);
-    if (cpeft_gather_rows_cpu(l->dtype, l->index_dtype, l->indices,
-                              cpeft_mat_transpose(l->lora_a), no_scale, *rows, st) != CPEFT_OK) {
+    if (cpeft_gather_rows_cpu(l->dtype, l->index_dtype, l->indices, cpeft_mat_transpose(l->lora_a),
+                              no_scale, *rows, st) != CPEFT_OK) {
         free(data);
         return NULL;
     }
@@ -605,8 +607,8 @@ int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat g
             cpeft_scaled_copy_cpu(dt, l->lora_b, c, 0, b_scaled);
             rc = cpeft_gemm_cpu(dt, 0, 0, l->scale, g, b_scaled, 0.0, gb, st);
             if (rc == CPEFT_OK)
-                rc = cpeft_scatter_add_rows_cpu(dt, l->index_dtype, l->indices, l->padding_idx,
-                                                gb, no_scale, cpeft_mat_transpose(o->grad_a), st);
+                rc = cpeft_scatter_add_rows_cpu(dt, l->index_dtype, l->indices, l->padding_idx, gb,
+                                                no_scale, cpeft_mat_transpose(o->grad_a), st);
         }
     }
     free(acc);

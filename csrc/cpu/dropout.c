@@ -10,8 +10,8 @@
  * so calling cpeft_dropout_keep per element runs one chain per element (four per counter block)
  * with no overlap. Here eight independent counter blocks advance through the rounds together,
  * so their multiplies overlap in the pipeline, and each block serves its four lanes (about 4x
- * fewer chains, 6 ns per element measured single-threaded). The rounds are exactly cpeft_philox4x32_10 (core.h); the harness checks every
- * flag against cpeft_dropout_keep.
+ * fewer chains, 6 ns per element measured single-threaded). The rounds are exactly
+ * cpeft_philox4x32_10 (core.h); the harness checks every flag against cpeft_dropout_keep.
  */
 #define PHILOX_BATCH 8
 #define KEEP_RUN 512            /* counters per flag buffer (on the stack) */
@@ -106,8 +106,8 @@ int cpeft_dropout_mask_cpu(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat 
     return CPEFT_OK;
 }
 
-void cpeft_dropout_rows_cpu(cpeft_dtype dtype, const cpeft_dropout *d, int64_t row0,
-                            double alpha, cpeft_mat src, int accumulate, cpeft_mat dst)
+void cpeft_dropout_rows_cpu(cpeft_dtype dtype, const cpeft_dropout *d, int64_t row0, double alpha,
+                            cpeft_mat src, int accumulate, cpeft_mat dst)
 {
     if (dtype == CPEFT_FLOAT32)
         rows_f32(d, row0, alpha, src, accumulate, dst);

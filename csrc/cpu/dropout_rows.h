@@ -12,7 +12,7 @@
  *   accumulate == 0:  dst  = alpha * factor * src
  *   accumulate != 0:  dst += alpha * factor * src
  */
-void cpeft_dropout_rows_cpu(cpeft_dtype dtype, const cpeft_dropout *d, int64_t row0,
-                            double alpha, cpeft_mat src, int accumulate, cpeft_mat dst);
+void cpeft_dropout_rows_cpu(cpeft_dtype dtype, const cpeft_dropout *d, int64_t row0, double alpha,
+                            cpeft_mat src, int accumulate, cpeft_mat dst);
 
 #endif /* CPEFT_CPU_DROPOUT_ROWS_H */

@@ -18,8 +18,10 @@
 int cpeft_check_index_dtype_cpu(cpeft_dtype index_dtype, const char *op, cpeft_status *st)
 {
     if (index_dtype != CPEFT_INT32 && index_dtype != CPEFT_INT64)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: indices must be int32 or int64, got dtype "
-                          "code %d", op, (int)index_dtype);
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                          "%s: indices must be int32 or int64, got dtype "
+                          "code %d",
+                          op, (int)index_dtype);
     return CPEFT_OK;
 }
 

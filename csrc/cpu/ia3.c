@@ -92,7 +92,8 @@ static int ia3_output_scaling_fwd(const cpeft_ia3_linear_args *a, const cpeft_ia
         scaled_bias.data = (char *)ws_data + (size_t)(a->out * a->in) * cpeft_dtype_size(dt);
         scaled_bias.len = a->out;
         cpeft_mat bias_row = {a->bias.data, 1, a->out, a->out, a->out <= 1 ? 1 : a->bias.stride};
-        cpeft_scaled_copy_cpu(dt, bias_row, a->l, 1, cpeft_mat_compact(scaled_bias.data, 1, a->out));
+        cpeft_scaled_copy_cpu(dt, bias_row, a->l, 1,
+                              cpeft_mat_compact(scaled_bias.data, 1, a->out));
     }
     rc = linear_with_bias(dt, a->x, ws, scaled_bias, o->y, st);
     free(ws_data);
@@ -200,7 +201,8 @@ static int ia3_input_scaling_bwd(const cpeft_ia3_linear_args *a, const cpeft_ia3
     cpeft_dtype dt = a->dtype;
     cpeft_mat g = in->grad_out;
     int rc;
-    if (o->grad_bias.data != NULL && (rc = cpeft_colsum_cpu(dt, 1.0, g, o->grad_bias, st)) != CPEFT_OK)
+    if (o->grad_bias.data != NULL &&
+        (rc = cpeft_colsum_cpu(dt, 1.0, g, o->grad_bias, st)) != CPEFT_OK)
         return rc;
     if (o->grad_weight.data != NULL) {
         if ((rc = cpeft_gemm_cpu(dt, 1, 0, 1.0, g, a->x, 0.0, o->grad_weight, st)) != CPEFT_OK)
@@ -255,7 +257,8 @@ int cpeft_ia3_linear_bwd_cpu(const cpeft_ia3_linear_args *a, const cpeft_ia3_lin
     int rc = cpeft_op_begin(a->dtype, "ia3_linear_backward", st);
     if (rc != CPEFT_OK)
         return rc;
-    return a->feedforward ? ia3_input_scaling_bwd(a, in, o, st) : ia3_output_scaling_bwd(a, in, o, st);
+    return a->feedforward ? ia3_input_scaling_bwd(a, in, o, st)
+                          : ia3_output_scaling_bwd(a, in, o, st);
 }
 
 int cpeft_ia3_embedding_fwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat y, cpeft_status *st)
@@ -263,8 +266,7 @@ int cpeft_ia3_embedding_fwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat y, 
     int rc = cpeft_op_begin(a->dtype, "ia3_embedding_forward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "ia3_embedding_forward", st)) !=
-        CPEFT_OK)
+    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "ia3_embedding_forward", st)) != CPEFT_OK)
         return rc;
     return cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, a->weight, a->l, y, st);
 }
@@ -292,8 +294,8 @@ int cpeft_ia3_embedding_bwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat gra
     }
     if (o->grad_weight.data != NULL) {
         cpeft_fill_zero_cpu(dt, o->grad_weight);
-        return cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx,
-                                          grad_out, a->l, o->grad_weight, st);
+        return cpeft_scatter_add_rows_cpu(dt, a->index_dtype, a->indices, a->padding_idx, grad_out,
+                                          a->l, o->grad_weight, st);
     }
     return CPEFT_OK;
 }

@@ -13,15 +13,14 @@ static const cpeft_vec no_scale = {NULL, 0, 1};
 
 /* Aᵀ[idx] (N x R): the rank-sized rows the LoRA term needs, so the product with B is one GEMM
  * instead of N rank-R dot products per output row. */
-static void *gather_a_columns(const cpeft_lora_embedding_args *a, cpeft_mat *out,
-                              cpeft_status *st)
+static void *gather_a_columns(const cpeft_lora_embedding_args *a, cpeft_mat *out, cpeft_status *st)
 {
     void *data = cpeft_alloc_temp(a->dtype, a->n * a->r, "Aᵀ[indices]", st);
     if (data == NULL)
         return NULL;
     *out = cpeft_mat_compact(data, a->n, a->r);
-    if (cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices,
-                              cpeft_mat_transpose(a->lora_a), no_scale, *out, st) != CPEFT_OK) {
+    if (cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, cpeft_mat_transpose(a->lora_a),
+                              no_scale, *out, st) != CPEFT_OK) {
         free(data);
         return NULL;
     }

@@ -48,9 +48,10 @@ static int group_rows(const cpeft_lora_grouped_args *a, grouping *gr, cpeft_stat
         if (g < -1 || g >= g_count) {
             free(next);
             grouping_free(gr);
-            return cpeft_fail(st, CPEFT_ERR_INDEX, "lora_grouped: adapter index %lld of row %lld "
-                              "is outside [-1, %lld)", (long long)g, (long long)m,
-                              (long long)g_count);
+            return cpeft_fail(st, CPEFT_ERR_INDEX,
+                              "lora_grouped: adapter index %lld of row %lld "
+                              "is outside [-1, %lld)",
+                              (long long)g, (long long)m, (long long)g_count);
         }
         if (g >= 0)
             gr->start[g + 1] += 1;
@@ -67,8 +68,7 @@ static int group_rows(const cpeft_lora_grouped_args *a, grouping *gr, cpeft_stat
         int64_t g = cpeft_index_at(a->index_dtype, a->index, m);
         if (g < -1 || g >= g_count || (g >= 0 && next[g] >= gr->start[g + 1])) {
             changed = 1;
-        }
-        else if (g >= 0) {
+        } else if (g >= 0) {
             gr->order[next[g]++] = m;
         }
     }
@@ -78,7 +78,8 @@ static int group_rows(const cpeft_lora_grouped_args *a, grouping *gr, cpeft_stat
     free(next);
     if (changed) {
         grouping_free(gr);
-        return cpeft_fail(st, CPEFT_ERR_INDEX, "lora_grouped: the adapter index changed while "
+        return cpeft_fail(st, CPEFT_ERR_INDEX,
+                          "lora_grouped: the adapter index changed while "
                           "the call was reading it");
     }
     return CPEFT_OK;
@@ -247,7 +248,8 @@ static void gather_input_row(const cpeft_lora_grouped_args *a, int64_t m, cpeft_
 
 /* One adapter's rows inside the current chunk of grouped rows. */
 typedef struct {
-    int64_t adapter, rank, offset;   /* offset: the adapter's first row in lora_a / column in lora_b */
+    int64_t adapter, rank,
+        offset;   /* offset: the adapter's first row in lora_a / column in lora_b */
     int64_t first, rows;              /* rows [first, first + rows) of the chunk buffers */
 } chunk_part;
 
@@ -366,16 +368,23 @@ int cpeft_lora_grouped_fwd_cpu(const cpeft_lora_grouped_args *a,
         int parts = chunk_parts(a, &w, p0, p0 + n, w.parts);
         for (int q = 0; q < parts; ++q) {   /* xa_g = drop(x_g)·A_gᵀ */
             chunk_part c = w.parts[q];
-            w.problems[q] = (gemm_problem){0, 1, 1.0, 0.0,
-                cpeft_mat_sub(dt, xs, c.first, c.rows, 0, a->in),
-                cpeft_mat_sub(dt, a->lora_a, c.offset, c.rank, 0, a->in),
-                cpeft_mat_sub(dt, xas, c.first, c.rows, 0, c.rank)};
+            w.problems[q] = (gemm_problem){0,
+                                           1,
+                                           1.0,
+                                           0.0,
+                                           cpeft_mat_sub(dt, xs, c.first, c.rows, 0, a->in),
+                                           cpeft_mat_sub(dt, a->lora_a, c.offset, c.rank, 0, a->in),
+                                           cpeft_mat_sub(dt, xas, c.first, c.rows, 0, c.rank)};
         }
         if ((rc = run_batch(dt, w.problems, parts, &w.batch, st)) != CPEFT_OK)
             break;
         for (int q = 0; q < parts; ++q) {   /* d_g = s_g · xa_g·B_gᵀ */
             chunk_part c = w.parts[q];
-            w.problems[q] = (gemm_problem){0, 1, a->scales[c.adapter], 0.0,
+            w.problems[q] = (gemm_problem){
+                0,
+                1,
+                a->scales[c.adapter],
+                0.0,
                 cpeft_mat_sub(dt, xas, c.first, c.rows, 0, c.rank),
                 cpeft_mat_sub(dt, a->lora_b, 0, a->out, c.offset, c.rank),
                 cpeft_mat_sub(dt, ys, c.first, c.rows, 0, a->out)};
@@ -407,11 +416,11 @@ int cpeft_lora_grouped_bwd_cpu(const cpeft_lora_grouped_args *a,
     if (o->grad_bias.data != NULL &&
         (rc = cpeft_colsum_cpu(dt, 1.0, in->grad_out, o->grad_bias, st)) != CPEFT_OK)
         return rc;
-    if (o->grad_weight.data != NULL &&
-        (rc = cpeft_gemm_cpu(dt, 1, 0, 1.0, in->grad_out, a->x, 0.0, o->grad_weight, st)) != CPEFT_OK)
+    if (o->grad_weight.data != NULL && (rc = cpeft_gemm_cpu(dt, 1, 0, 1.0, in->grad_out, a->x, 0.0,
+                                                            o->grad_weight, st)) != CPEFT_OK)
         return rc;
-    if (want_x && (rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, in->grad_out, a->weight, 0.0, o->grad_x, st))
-                      != CPEFT_OK)
+    if (want_x && (rc = cpeft_gemm_cpu(dt, 0, 0, 1.0, in->grad_out, a->weight, 0.0, o->grad_x,
+                                       st)) != CPEFT_OK)
         return rc;
     if (want_a)
         cpeft_fill_zero_cpu(dt, o->grad_a);
@@ -439,7 +448,11 @@ int cpeft_lora_grouped_bwd_cpu(const cpeft_lora_grouped_args *a,
                 move_row(dt, row_of(dt, in->xa, ms[i], a->r_max), row_of(dt, xas, i, a->r_max), 0);
             for (int q = 0; q < parts; ++q) {
                 chunk_part c = w.parts[q];
-                w.problems[q] = (gemm_problem){1, 0, a->scales[c.adapter], 1.0,
+                w.problems[q] = (gemm_problem){
+                    1,
+                    0,
+                    a->scales[c.adapter],
+                    1.0,
                     cpeft_mat_sub(dt, gs, c.first, c.rows, 0, a->out),
                     cpeft_mat_sub(dt, xas, c.first, c.rows, 0, c.rank),
                     cpeft_mat_sub(dt, o->grad_b, 0, a->out, c.offset, c.rank)};
@@ -451,7 +464,11 @@ int cpeft_lora_grouped_bwd_cpu(const cpeft_lora_grouped_args *a,
             continue;
         for (int q = 0; q < parts; ++q) {   /* gb_g = g_g·B_g */
             chunk_part c = w.parts[q];
-            w.problems[q] = (gemm_problem){0, 0, 1.0, 0.0,
+            w.problems[q] = (gemm_problem){
+                0,
+                0,
+                1.0,
+                0.0,
                 cpeft_mat_sub(dt, gs, c.first, c.rows, 0, a->out),
                 cpeft_mat_sub(dt, a->lora_b, 0, a->out, c.offset, c.rank),
                 cpeft_mat_sub(dt, gb, c.first, c.rows, 0, c.rank)};
@@ -463,7 +480,11 @@ int cpeft_lora_grouped_bwd_cpu(const cpeft_lora_grouped_args *a,
                 gather_input_row(a, ms[i], xs, i);
             for (int q = 0; q < parts; ++q) {
                 chunk_part c = w.parts[q];
-                w.problems[q] = (gemm_problem){1, 0, a->scales[c.adapter], 1.0,
+                w.problems[q] = (gemm_problem){
+                    1,
+                    0,
+                    a->scales[c.adapter],
+                    1.0,
                     cpeft_mat_sub(dt, gb, c.first, c.rows, 0, c.rank),
                     cpeft_mat_sub(dt, xs, c.first, c.rows, 0, a->in),
                     cpeft_mat_sub(dt, o->grad_a, c.offset, c.rank, 0, a->in)};
@@ -474,7 +495,11 @@ int cpeft_lora_grouped_bwd_cpu(const cpeft_lora_grouped_args *a,
         if (want_x) {   /* grad_x[rows] += drop'(s_g · gb_g·A_g), xs reused once grad_a is done */
             for (int q = 0; q < parts; ++q) {
                 chunk_part c = w.parts[q];
-                w.problems[q] = (gemm_problem){0, 0, a->scales[c.adapter], 0.0,
+                w.problems[q] = (gemm_problem){
+                    0,
+                    0,
+                    a->scales[c.adapter],
+                    0.0,
                     cpeft_mat_sub(dt, gb, c.first, c.rows, 0, c.rank),
                     cpeft_mat_sub(dt, a->lora_a, c.offset, c.rank, 0, a->in),
                     cpeft_mat_sub(dt, xs, c.first, c.rows, 0, a->in)};

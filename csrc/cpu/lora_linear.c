@@ -9,10 +9,7 @@
 #include "op_setup.h"
 #include "strided.h"
 
-static int has_dropout(const cpeft_lora_linear_args *a)
-{
-    return a->dropout.p > 0.0;
-}
+static int has_dropout(const cpeft_lora_linear_args *a) { return a->dropout.p > 0.0; }
 
 /* xa = drop(x)·Aᵀ. Without dropout x feeds the GEMM directly; with it, dropped rows are built
  * a chunk at a time so the temporary stays CPEFT_CHUNK_BYTES whatever M is. */
@@ -33,8 +30,8 @@ static int compute_xa(const cpeft_lora_linear_args *a, cpeft_mat xa, cpeft_statu
     for (int64_t row0 = 0; row0 < a->m && rc == CPEFT_OK; row0 += chunk) {
         int64_t n = a->m - row0 < chunk ? a->m - row0 : chunk;
         cpeft_mat dropped = cpeft_mat_compact(buf, n, a->in);
-        cpeft_dropout_rows_cpu(dt, &a->dropout, row0, 1.0, cpeft_mat_sub(dt, a->x, row0, n, 0, a->in),
-                               0, dropped);
+        cpeft_dropout_rows_cpu(dt, &a->dropout, row0, 1.0,
+                               cpeft_mat_sub(dt, a->x, row0, n, 0, a->in), 0, dropped);
         rc = cpeft_gemm_cpu(dt, 0, 1, 1.0, dropped, a->lora_a, 0.0,
                             cpeft_mat_sub(dt, xa, row0, n, 0, xa.cols), st);
     }
@@ -102,7 +99,8 @@ static int scaling_lost_range_f64(cpeft_mat src, cpeft_mat dst)
 
 static int scaling_lost_range(cpeft_dtype dt, cpeft_mat src, cpeft_mat dst)
 {
-    return dt == CPEFT_FLOAT32 ? scaling_lost_range_f32(src, dst) : scaling_lost_range_f64(src, dst);
+    return dt == CPEFT_FLOAT32 ? scaling_lost_range_f32(src, dst)
+                               : scaling_lost_range_f64(src, dst);
 }
 
 /* Column `col` of m set to 1: the bias column of an [xa | 1] operand, through which a GEMM also

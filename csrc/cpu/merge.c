@@ -52,8 +52,10 @@ static int begin_pass(const char *op, int direction, cpeft_merge_record *rec, cp
     if (rec == NULL)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: a merge record is required, got NULL", op);
     if (direction == CPEFT_UNMERGE && rec->delta != NULL)
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: unmerge computes its own ΔW, got a delta "
-                          "scratch", op);
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                          "%s: unmerge computes its own ΔW, got a delta "
+                          "scratch",
+                          op);
     mp->direction = direction;
     mp->rec = rec;
     mp->count = 0;
@@ -63,17 +65,21 @@ static int begin_pass(const char *op, int direction, cpeft_merge_record *rec, cp
         if (rec->count < 0 || (rec->count > 0 && (rec->index == NULL || rec->value == NULL)))
             return cpeft_fail(st, CPEFT_ERR_INTERNAL,
                               "%s: the record must hold count >= 0 entries with index and value "
-                              "arrays, got count %lld", op, (long long)rec->count);
+                              "arrays, got count %lld",
+                              op, (long long)rec->count);
         int64_t size = view.rows * view.cols;
         for (int64_t k = 0; k < rec->count; ++k)
             if (rec->index[k] < 0 || rec->index[k] >= size)
                 return cpeft_fail(st, CPEFT_ERR_INDEX,
                                   "%s: record index[%lld] = %lld is outside the %lld x %lld "
-                                  "weight view", op, (long long)k, (long long)rec->index[k],
-                                  (long long)view.rows, (long long)view.cols);
+                                  "weight view",
+                                  op, (long long)k, (long long)rec->index[k], (long long)view.rows,
+                                  (long long)view.cols);
     } else if (rec->index != NULL && rec->value == NULL) {
-        return cpeft_fail(st, CPEFT_ERR_INTERNAL, "%s: record has an index array but no value "
-                          "array", op);
+        return cpeft_fail(st, CPEFT_ERR_INTERNAL,
+                          "%s: record has an index array but no value "
+                          "array",
+                          op);
     }
     return CPEFT_OK;
 }
@@ -87,25 +93,22 @@ static int end_pass(const char *op, cpeft_dtype dt, merge_pass *mp, cpeft_mat vi
             return cpeft_fail(st, CPEFT_ERR_INDEX,
                               "%s: record index[%lld] is outside the %lld x %lld weight view "
                               "(it was changed during the call); the weight is partially "
-                              "restored", op, (long long)bad, (long long)view.rows,
-                              (long long)view.cols);
+                              "restored",
+                              op, (long long)bad, (long long)view.rows, (long long)view.cols);
         return CPEFT_OK;
     }
     if (mp->overflow)
         return cpeft_fail(st, CPEFT_ERR_CHANGED,
                           "%s: the record's capacity %lld (the count pass) is smaller than the "
                           "number of elements to record: the weight changed during the call "
-                          "(written by another thread?) and is now partially merged", op,
-                          (long long)mp->rec->capacity);
+                          "(written by another thread?) and is now partially merged",
+                          op, (long long)mp->rec->capacity);
     mp->rec->count = mp->count;
     return CPEFT_OK;
 }
 
 /* Is the view stored with its rows contiguous? Otherwise it is handled through its transpose. */
-static int rows_contiguous(cpeft_mat m)
-{
-    return m.col_stride == 1 || m.cols <= 1;
-}
+static int rows_contiguous(cpeft_mat m) { return m.col_stride == 1 || m.cols <= 1; }
 
 int cpeft_lora_merge_cpu(const cpeft_lora_linear_args *a, int direction, cpeft_merge_record *rec,
                          cpeft_status *st)
@@ -154,11 +157,13 @@ int cpeft_lora_merge_cpu(const cpeft_lora_linear_args *a, int direction, cpeft_m
         cpeft_mat right = transpose ? cpeft_mat_transpose(b_k) : a_k;
         cpeft_mat target = transpose ? cpeft_mat_transpose(w_k) : w_k;
         ++kk;
-        for (int64_t row0 = 0; row0 < target_rows && rc == CPEFT_OK && !mp.overflow; row0 += chunk) {
+        for (int64_t row0 = 0; row0 < target_rows && rc == CPEFT_OK && !mp.overflow;
+             row0 += chunk) {
             int64_t n = target_rows - row0 < chunk ? target_rows - row0 : chunk;
             void *d_place = rec->delta == NULL
-                ? d_data
-                : (char *)rec->delta + (size_t)(grp * seg * a->in + row0 * target_cols) * elt;
+                                ? d_data
+                                : (char *)rec->delta +
+                                      (size_t)(grp * seg * a->in + row0 * target_cols) * elt;
             cpeft_mat d = cpeft_mat_compact(d_place, n, target_cols);
             if (run_gemms) {
                 rc = cpeft_gemm_cpu(dt, 0, 0, a->scale, cpeft_mat_sub(dt, left, row0, n, 0, a->r),
@@ -167,9 +172,8 @@ int cpeft_lora_merge_cpu(const cpeft_lora_linear_args *a, int direction, cpeft_m
                     break;
             }
             cpeft_mat part = cpeft_mat_sub(dt, target, row0, n, 0, target_cols);
-            linear_index li = transpose
-                ? (linear_index){grp * seg * a->in + row0, 1, a->in}
-                : (linear_index){(grp * seg + row0) * a->in, a->in, 1};
+            linear_index li = transpose ? (linear_index){grp * seg * a->in + row0, 1, a->in}
+                                        : (linear_index){(grp * seg + row0) * a->in, a->in, 1};
             if (dt == CPEFT_FLOAT32)
                 apply_delta_f32(&mp, part, (const float *)d.data, li);
             else

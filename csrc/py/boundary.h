@@ -37,7 +37,6 @@
 #include "cpeft/merge.h"
 #include "dlpack.h"
 
-
 /* Per-module state (multi-phase init): traversed and cleared by the module's GC hooks. */
 struct cpeft_call;
 
@@ -60,58 +59,58 @@ void cpeft_reraise_with_context(PyObject *type, const char *fmt, ...);
 
 /* ---- entry points (module.c's method table) ------------------------------------------------- */
 
-PyObject *cpeft_py_lora_linear_forward(PyObject *module,
-                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_linear_backward(PyObject *module,
-                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_embedding_forward(PyObject *module,
-                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_embedding_backward(PyObject *module,
-                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_linear_forward(PyObject *module,
-                                      PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_linear_backward(PyObject *module,
-                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_embedding_forward(PyObject *module,
-                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_embedding_backward(PyObject *module,
-                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_merge(PyObject *module,
-                              PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_unmerge(PyObject *module,
-                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_embedding_merge(PyObject *module,
-                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module,
-                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_merge(PyObject *module,
-                             PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_unmerge(PyObject *module,
-                               PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_embedding_merge(PyObject *module,
-                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module,
-                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_dropout_mask(PyObject *module,
-                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module,
-                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_dora_weight_norm(PyObject *module,
-                                    PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_dora_linear_forward(PyObject *module,
-                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_dora_linear_backward(PyObject *module,
-                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_dora_embedding_forward(PyObject *module,
-                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_dora_embedding_backward(PyObject *module,
-                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_grouped_forward(PyObject *module,
-                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_lora_grouped_backward(PyObject *module,
-                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module,
-                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames);
+PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames);
+PyObject *cpeft_py_lora_embedding_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames);
+PyObject *cpeft_py_lora_embedding_backward(PyObject *module, PyObject *const *args,
+                                           Py_ssize_t nargs, PyObject *kwnames);
+PyObject *cpeft_py_ia3_linear_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                      PyObject *kwnames);
+PyObject *cpeft_py_ia3_linear_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames);
+PyObject *cpeft_py_ia3_embedding_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames);
+PyObject *cpeft_py_ia3_embedding_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames);
+PyObject *cpeft_py_lora_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames);
+PyObject *cpeft_py_lora_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames);
+PyObject *cpeft_py_lora_embedding_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames);
+PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames);
+PyObject *cpeft_py_ia3_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames);
+PyObject *cpeft_py_ia3_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames);
+PyObject *cpeft_py_ia3_embedding_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames);
+PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames);
+PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames);
+PyObject *cpeft_py_dora_weight_sq_norm(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames);
+PyObject *cpeft_py_dora_weight_norm(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                    PyObject *kwnames);
+PyObject *cpeft_py_dora_linear_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames);
+PyObject *cpeft_py_dora_linear_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames);
+PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames);
+PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *const *args,
+                                           Py_ssize_t nargs, PyObject *kwnames);
+PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames);
+PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames);
+PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames);
 
 extern const char cpeft_doc_lora_linear_forward[];
 extern const char cpeft_doc_lora_linear_backward[];

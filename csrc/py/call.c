@@ -21,13 +21,14 @@ static void compute_extent(cpeft_tensor *t)
             return;
         }
         int64_t reach = (t->shape[i] - 1) * t->strides[i];
-        if (reach < 0) lo += reach;
-        else hi += reach;
+        if (reach < 0)
+            lo += reach;
+        else
+            hi += reach;
     }
     t->extent_lo = t->data + lo * (int64_t)t->itemsize;
     t->extent_hi = t->data + (hi + 1) * (int64_t)t->itemsize;
 }
-
 
 /* The export cpeft_call_prepare made for argument `name`; NULL with SystemError when the entry
  * point did not list it (a bug in cpeft, caught by the tests, never a reason to run Python code
@@ -40,8 +41,7 @@ static cpeft_prepared *prepared_export(cpeft_call *call, PyObject *obj, const ch
             return p;
         }
     }
-    PyErr_Format(PyExc_SystemError, "cpeft: argument %s was not prepared before acquisition",
-                 name);
+    PyErr_Format(PyExc_SystemError, "cpeft: argument %s was not prepared before acquisition", name);
     return NULL;
 }
 
@@ -61,7 +61,8 @@ static const cpeft_tensor *inplace_conflict(const cpeft_call *call, const cpeft_
 {
     for (const cpeft_call *other = call->state->inplace_calls; other != NULL;
          other = other->next_inplace) {
-        if (other == call) continue;
+        if (other == call)
+            continue;
         for (int i = 0; i < other->count; ++i) {
             const cpeft_tensor *o = &other->tensors[i];
             if (o->role != CPEFT_ROLE_INPLACE || o->device_type != t->device_type ||
@@ -100,7 +101,8 @@ static int register_inplace(cpeft_call *call, cpeft_tensor *t)
 
 static void unregister_inplace(cpeft_call *call)
 {
-    if (!call->inplace_registered) return;
+    if (!call->inplace_registered)
+        return;
     for (cpeft_call **link = &call->state->inplace_calls; *link != NULL;
          link = &(*link)->next_inplace) {
         if (*link == call) {
@@ -124,17 +126,18 @@ static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, 
     t->source = Py_NewRef(obj);
 
     if (PyArray_Check(obj)) {
-        if (cpeft_ndarray_import((PyArrayObject *)obj, t) < 0) return NULL;
-    }
-    else if (PyCapsule_CheckExact(obj)) {
-        if (cpeft_dlpack_import(obj, t) < 0) return NULL;
-    }
-    else {
+        if (cpeft_ndarray_import((PyArrayObject *)obj, t) < 0)
+            return NULL;
+    } else if (PyCapsule_CheckExact(obj)) {
+        if (cpeft_dlpack_import(obj, t) < 0)
+            return NULL;
+    } else {
         /* cpeft_call_prepare skips None, True and False (output requests), so they have no
          * export: as an input they are simply the wrong kind of object. */
         int request = obj == Py_None || obj == Py_True || obj == Py_False;
         cpeft_prepared *export = request ? NULL : prepared_export(call, obj, name);
-        if (export == NULL && !request) return NULL;
+        if (export == NULL && !request)
+            return NULL;
         if (request || export->capsule == NULL) {
             PyErr_Format(PyExc_TypeError,
                          "%s must be a numpy.ndarray or a tensor with __dlpack__ (torch.Tensor, "
@@ -142,7 +145,8 @@ static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, 
                          name, Py_TYPE(obj)->tp_name);
             return NULL;
         }
-        if (cpeft_dlpack_import(export->capsule, t) < 0) return NULL;
+        if (cpeft_dlpack_import(export->capsule, t) < 0)
+            return NULL;
     }
     if (cpeft_numel(t) == 0) {
         t->data = empty_tensor_storage;
@@ -151,7 +155,8 @@ static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, 
      * whole elements, which such an address does not allow. */
     t->misaligned = t->itemsize > 1 && ((uintptr_t)t->data % t->itemsize) != 0;
     compute_extent(t);
-    if (cpeft_device_join(&call->device, name, t->device_type, t->device_id) < 0) return NULL;
+    if (cpeft_device_join(&call->device, name, t->device_type, t->device_id) < 0)
+        return NULL;
     if (role != CPEFT_ROLE_INPUT && t->readonly) {
         PyErr_Format(PyExc_ValueError, "%s must be writeable, got a read-only %s", name,
                      t->from_numpy ? "array" : "tensor");
@@ -165,7 +170,8 @@ static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, 
                      name, t->itemsize, (size_t)((uintptr_t)t->data % t->itemsize));
         return NULL;
     }
-    if (role == CPEFT_ROLE_INPLACE && register_inplace(call, t) < 0) return NULL;
+    if (role == CPEFT_ROLE_INPLACE && register_inplace(call, t) < 0)
+        return NULL;
     if (role != CPEFT_ROLE_OUTPUT && !(t->from_numpy && t->device_type == CPEFT_DEVICE_CPU)) {
         call->all_numpy = 0;
     }
@@ -177,8 +183,7 @@ cpeft_tensor *cpeft_call_input(cpeft_call *call, PyObject *obj, const char *name
     return acquire(call, obj, name, role);
 }
 
-int cpeft_call_optional_input(cpeft_call *call, PyObject *obj, const char *name,
-                              cpeft_tensor **out)
+int cpeft_call_optional_input(cpeft_call *call, PyObject *obj, const char *name, cpeft_tensor **out)
 {
     *out = NULL;
     if (obj == NULL || obj == Py_None) {
@@ -188,14 +193,16 @@ int cpeft_call_optional_input(cpeft_call *call, PyObject *obj, const char *name,
     return *out ? 0 : -1;
 }
 
-int cpeft_call_output(cpeft_call *call, PyObject *obj, const char *name, int required,
-                      int dtype, int ndim, const int64_t *shape, cpeft_tensor **out)
+int cpeft_call_output(cpeft_call *call, PyObject *obj, const char *name, int required, int dtype,
+                      int ndim, const int64_t *shape, cpeft_tensor **out)
 {
     *out = NULL;
     if (obj == NULL || obj == Py_False || (obj == Py_None && !required)) {
         if (obj == Py_False && required) {
-            PyErr_Format(PyExc_ValueError, "%s is always written; pass None, True or an array, "
-                         "got False", name);
+            PyErr_Format(PyExc_ValueError,
+                         "%s is always written; pass None, True or an array, "
+                         "got False",
+                         name);
             return -1;
         }
         return 0;
@@ -210,19 +217,22 @@ int cpeft_call_output(cpeft_call *call, PyObject *obj, const char *name, int req
             return -1;
         }
         PyObject *arr = cpeft_ndarray_new(name, dtype, ndim, shape);
-        if (arr == NULL) return -1;
+        if (arr == NULL)
+            return -1;
         *out = acquire(call, arr, name, CPEFT_ROLE_OUTPUT);
         Py_DECREF(arr);   /* the tensor holds its own references (source and array) */
         return *out ? 0 : -1;
     }
     cpeft_tensor *t = acquire(call, obj, name, CPEFT_ROLE_OUTPUT);
-    if (t == NULL) return -1;
+    if (t == NULL)
+        return -1;
     if (t->dtype != dtype) {
-        PyErr_Format(PyExc_ValueError, "%s must have dtype %s, got %s", name, cpeft_dtype_name(dtype),
-                     t->dtype_name);
+        PyErr_Format(PyExc_ValueError, "%s must have dtype %s, got %s", name,
+                     cpeft_dtype_name(dtype), t->dtype_name);
         return -1;
     }
-    if (cpeft_check_shape(t, ndim, shape, NULL) < 0) return -1;
+    if (cpeft_check_shape(t, ndim, shape, NULL) < 0)
+        return -1;
     *out = t;
     return 0;
 }
@@ -236,15 +246,18 @@ int cpeft_parse_stream(PyObject *obj, uintptr_t *stream)
         return 0;
     }
     if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "stream must be None or an int CUDA stream handle, got %.200s",
+        PyErr_Format(PyExc_TypeError,
+                     "stream must be None or an int CUDA stream handle, got %.200s",
                      Py_TYPE(obj)->tp_name);
         return -1;
     }
     unsigned long long value = PyLong_AsUnsignedLongLong(obj);
     if (value == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "stream must be None or an int CUDA stream handle >= 0, "
-                     "got %R", obj);
+        PyErr_Format(PyExc_ValueError,
+                     "stream must be None or an int CUDA stream handle >= 0, "
+                     "got %R",
+                     obj);
         return -1;
     }
     *stream = value == 0 ? 1 : (uintptr_t)value;
@@ -358,10 +371,12 @@ int cpeft_call_check_aliasing(cpeft_call *call)
 {
     for (int i = 0; i < call->count; ++i) {
         cpeft_tensor *w = &call->tensors[i];
-        if (w->role == CPEFT_ROLE_INPUT || w->extent_lo == w->extent_hi) continue;
+        if (w->role == CPEFT_ROLE_INPUT || w->extent_lo == w->extent_hi)
+            continue;
         for (int j = 0; j < call->count; ++j) {
             cpeft_tensor *o = &call->tensors[j];
-            if (j == i || o->extent_lo == o->extent_hi) continue;
+            if (j == i || o->extent_lo == o->extent_hi)
+                continue;
             if (w->extent_lo < o->extent_hi && o->extent_lo < w->extent_hi) {
                 PyErr_Format(PyExc_ValueError,
                              "%s aliases %s: outputs and in-place targets must not share memory "

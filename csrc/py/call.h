@@ -4,8 +4,8 @@
  * tensor back.
  *
  * Ownership: a cpeft_call owns every tensor it acquired. An ndarray tensor holds a strong reference
- * to the array; a DLPack tensor holds the consumed capsule (renamed used_*) and calls the producer's
- * deleter exactly once when the call ends. Input copies made to get a BLAS-able view are
+ * to the array; a DLPack tensor holds the consumed capsule (renamed used_*) and calls the
+ * producer's deleter exactly once when the call ends. Input copies made to get a BLAS-able view are
  * PyMem_Raw buffers owned by the tensor.
  *
  * Every entry point has the same shape:
@@ -89,8 +89,8 @@ int cpeft_call_optional_input(cpeft_call *call, PyObject *obj, const char *name,
  * NumPy array); None and False mean "not requested" (*out = NULL) unless `required`, in which case
  * None also allocates. Returns 0 or -1 with an exception set.
  */
-int cpeft_call_output(cpeft_call *call, PyObject *obj, const char *name, int required,
-                      int dtype, int ndim, const int64_t *shape, cpeft_tensor **out);
+int cpeft_call_output(cpeft_call *call, PyObject *obj, const char *name, int required, int dtype,
+                      int ndim, const int64_t *shape, cpeft_tensor **out);
 
 /* Outputs and in-place targets must not share memory with any other tensor of the call. */
 int cpeft_call_check_aliasing(cpeft_call *call);
@@ -106,27 +106,26 @@ static inline int cpeft_call_on_cuda(const cpeft_call *call)
  * a failure is raised as the matching exception (cpeft_raise_status). The CUDA branch makes the
  * tensors' device current and restores the caller's afterwards.
  */
-#define CPEFT_DISPATCH(call, rc, cpu_expr, cuda_expr)                                   \
-    do {                                                                               \
-        cpeft_call_gc_resume(call);                                                    \
-        Py_BEGIN_ALLOW_THREADS                                                         \
-        if (cpeft_call_on_cuda(call)) {                                                \
-            int previous_device_;                                                      \
-            (rc) = cpeft_device_enter((call)->device.id, &previous_device_,            \
-                                      &(call)->status);                                \
-            if ((rc) == CPEFT_OK) {                                                    \
-                (rc) = (cuda_expr);                                                    \
-                cpeft_device_leave(previous_device_);                                  \
-            }                                                                          \
-        }                                                                              \
-        else {                                                                         \
-            (rc) = (cpu_expr);                                                         \
-        }                                                                              \
-        Py_END_ALLOW_THREADS                                                           \
-        cpeft_call_gc_pause(call);                                                     \
-        if ((rc) != CPEFT_OK) {                                                        \
-            cpeft_raise_status((call)->state, &(call)->status);                        \
-        }                                                                              \
+#define CPEFT_DISPATCH(call, rc, cpu_expr, cuda_expr)                                         \
+    do {                                                                                      \
+        cpeft_call_gc_resume(call);                                                           \
+        Py_BEGIN_ALLOW_THREADS if (cpeft_call_on_cuda(call))                                  \
+        {                                                                                     \
+            int previous_device_;                                                             \
+            (rc) = cpeft_device_enter((call)->device.id, &previous_device_, &(call)->status); \
+            if ((rc) == CPEFT_OK) {                                                           \
+                (rc) = (cuda_expr);                                                           \
+                cpeft_device_leave(previous_device_);                                         \
+            }                                                                                 \
+        }                                                                                     \
+        else                                                                                  \
+        {                                                                                     \
+            (rc) = (cpu_expr);                                                                \
+        }                                                                                     \
+        Py_END_ALLOW_THREADS cpeft_call_gc_pause(call);                                       \
+        if ((rc) != CPEFT_OK) {                                                               \
+            cpeft_raise_status((call)->state, &(call)->status);                               \
+        }                                                                                     \
     } while (0)
 
 #endif /* CPEFT_PY_CALL_H */

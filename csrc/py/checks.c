@@ -22,8 +22,8 @@ int cpeft_check_float_dtype(const cpeft_tensor *t, const cpeft_tensor *like)
     if (!cpeft_float_dtype_supported(dt, on_cuda)) {
         char expected[64];
         cpeft_format_float_dtypes(expected, sizeof expected, on_cuda);
-        PyErr_Format(PyExc_ValueError, "%s must have dtype %s on the %s, got %s", t->name,
-                     expected, on_cuda ? "GPU" : "CPU", t->dtype_name);
+        PyErr_Format(PyExc_ValueError, "%s must have dtype %s on the %s, got %s", t->name, expected,
+                     on_cuda ? "GPU" : "CPU", t->dtype_name);
         return -1;
     }
     if (like != NULL && like->dtype != dt) {
@@ -71,7 +71,8 @@ int cpeft_check_min_ndim(const cpeft_tensor *t, int ndim)
 int cpeft_check_shape(const cpeft_tensor *t, int ndim, const int64_t *shape, const char *meaning)
 {
     int same = t->ndim == ndim;
-    for (int i = 0; same && i < ndim; ++i) same = t->shape[i] == shape[i];
+    for (int i = 0; same && i < ndim; ++i)
+        same = t->shape[i] == shape[i];
     if (!same) {
         char want[256], got[256];
         cpeft_format_shape(want, sizeof want, ndim, shape);
@@ -79,8 +80,7 @@ int cpeft_check_shape(const cpeft_tensor *t, int ndim, const int64_t *shape, con
         if (meaning != NULL) {
             PyErr_Format(PyExc_ValueError, "%s must have shape %s = %s, got %s", t->name, want,
                          meaning, got);
-        }
-        else {
+        } else {
             PyErr_Format(PyExc_ValueError, "%s must have shape %s, got %s", t->name, want, got);
         }
         return -1;

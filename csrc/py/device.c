@@ -10,8 +10,7 @@ static void format_device(char *buf, size_t size, int device_type, int device_id
 {
     if (device_type == CPEFT_DEVICE_CUDA) {
         snprintf(buf, size, "cuda:%d", device_id);
-    }
-    else {
+    } else {
         snprintf(buf, size, "cpu");
     }
 }
@@ -45,8 +44,8 @@ int cpeft_device_enter(int device_id, int *previous, cpeft_status *st)
         err = cudaSetDevice(device_id);
     }
     if (err != cudaSuccess) {
-        return cpeft_fail(st, CPEFT_ERR_CUDA, "selecting CUDA device %d failed: %s (%s)",
-                          device_id, cudaGetErrorName(err), cudaGetErrorString(err));
+        return cpeft_fail(st, CPEFT_ERR_CUDA, "selecting CUDA device %d failed: %s (%s)", device_id,
+                          cudaGetErrorName(err), cudaGetErrorString(err));
     }
     return CPEFT_OK;
 }
@@ -77,14 +76,8 @@ int cpeft_device_enter(int device_id, int *previous, cpeft_status *st)
     return cpeft_fail(st, CPEFT_ERR_UNSUPPORTED, CPEFT_NO_CUDA_MESSAGE);
 }
 
-void cpeft_device_leave(int previous)
-{
-    (void)previous;
-}
+void cpeft_device_leave(int previous) { (void)previous; }
 
-int cpeft_cuda_device_count(void)
-{
-    return 0;
-}
+int cpeft_cuda_device_count(void) { return 0; }
 
 #endif

@@ -4,9 +4,9 @@
  * ABI exactly, so capsules from torch, NumPy, CuPy and JAX can be read through these definitions.
  *
  * Two exchange structs exist. The legacy DLManagedTensor (capsule "dltensor") starts with the
- * tensor; the versioned one (capsule "dltensor_versioned", DLPack >= 1.0) starts with the ABI-frozen
- * version/manager_ctx/deleter/flags block and ends with the tensor, so a consumer that meets an
- * unknown major version may touch nothing but the deleter.
+ * tensor; the versioned one (capsule "dltensor_versioned", DLPack >= 1.0) starts with the
+ * ABI-frozen version/manager_ctx/deleter/flags block and ends with the tensor, so a consumer that
+ * meets an unknown major version may touch nothing but the deleter.
  */
 #ifndef CPEFT_PY_DLPACK_H
 #define CPEFT_PY_DLPACK_H

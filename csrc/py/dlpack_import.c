@@ -5,14 +5,20 @@
 
 static int dlpack_dtype(DLDataType dt, char *name, size_t name_size)
 {
-    if (dt.code == kDLFloat && dt.bits == 32) return CPEFT_FLOAT32;
-    if (dt.code == kDLFloat && dt.bits == 64) return CPEFT_FLOAT64;
-    if (dt.code == kDLFloat && dt.bits == 16) return CPEFT_FLOAT16;
-    if (dt.code == kDLBfloat && dt.bits == 16) return CPEFT_BFLOAT16;
-    if (dt.code == kDLInt && dt.bits == 32) return CPEFT_INT32;
-    if (dt.code == kDLInt && dt.bits == 64) return CPEFT_INT64;
-    static const char *const codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex",
-                                        "bool"};
+    if (dt.code == kDLFloat && dt.bits == 32)
+        return CPEFT_FLOAT32;
+    if (dt.code == kDLFloat && dt.bits == 64)
+        return CPEFT_FLOAT64;
+    if (dt.code == kDLFloat && dt.bits == 16)
+        return CPEFT_FLOAT16;
+    if (dt.code == kDLBfloat && dt.bits == 16)
+        return CPEFT_BFLOAT16;
+    if (dt.code == kDLInt && dt.bits == 32)
+        return CPEFT_INT32;
+    if (dt.code == kDLInt && dt.bits == 64)
+        return CPEFT_INT64;
+    static const char *const codes[] = {"int",    "uint",    "float", "opaque",
+                                        "bfloat", "complex", "bool"};
     snprintf(name, name_size, "%s%u", dt.code < 7 ? codes[dt.code] : "dlpack-code-",
              dt.code < 7 ? (unsigned)dt.bits : (unsigned)dt.code);
     return CPEFT_DTYPE_UNSUPPORTED;
@@ -136,16 +142,14 @@ int cpeft_dlpack_import(PyObject *capsule, cpeft_tensor *t)
         }
         t->readonly = (m->flags & CPEFT_DLPACK_FLAG_READ_ONLY) != 0;
         dl = &m->dl_tensor;
-    }
-    else if (capsule_name != NULL && strcmp(capsule_name, "dltensor") == 0) {
+    } else if (capsule_name != NULL && strcmp(capsule_name, "dltensor") == 0) {
         DLManagedTensor *m = PyCapsule_GetPointer(capsule, "dltensor");
         if (m == NULL || PyCapsule_SetName(capsule, "used_dltensor") < 0) {
             return -1;
         }
         t->managed = m;
         dl = &m->dl_tensor;
-    }
-    else {
+    } else {
         PyErr_Format(PyExc_BufferError,
                      "%s: expected a DLPack capsule named 'dltensor' or 'dltensor_versioned', "
                      "got one named '%s' (a capsule can be consumed only once)",

@@ -7,8 +7,8 @@
 
 /* In the order messages list them; CPEFT_DTYPE_UNSUPPORTED ends each list. */
 static const int cpu_float_dtypes[] = {CPEFT_FLOAT32, CPEFT_FLOAT64, CPEFT_DTYPE_UNSUPPORTED};
-static const int cuda_float_dtypes[] = {CPEFT_FLOAT32, CPEFT_FLOAT16, CPEFT_BFLOAT16,
-                                        CPEFT_FLOAT64, CPEFT_DTYPE_UNSUPPORTED};
+static const int cuda_float_dtypes[] = {CPEFT_FLOAT32, CPEFT_FLOAT16, CPEFT_BFLOAT16, CPEFT_FLOAT64,
+                                        CPEFT_DTYPE_UNSUPPORTED};
 
 static const int *float_dtypes(int on_cuda)
 {
@@ -39,7 +39,8 @@ void cpeft_format_float_dtypes(char *buf, size_t size, int on_cuda)
 static PyObject *dtype_names(const int *d)
 {
     int n = 0;
-    while (d[n] != CPEFT_DTYPE_UNSUPPORTED) ++n;
+    while (d[n] != CPEFT_DTYPE_UNSUPPORTED)
+        ++n;
     PyObject *names = PyTuple_New(n);
     for (int i = 0; names != NULL && i < n; ++i) {
         PyObject *name = PyUnicode_FromString(cpeft_dtype_name(d[i]));

@@ -11,23 +11,14 @@ int cpeft_raise_status(const cpeft_state *state, const cpeft_status *st)
 {
     const char *message = st->message[0] ? st->message : "no detail reported";
     switch (st->code) {
-    case CPEFT_ERR_NOMEM:
-        PyErr_Format(PyExc_MemoryError, "cpeft: %s", message);
-        break;
-    case CPEFT_ERR_INDEX:
-        PyErr_Format(PyExc_IndexError, "%s", message);
-        break;
+    case CPEFT_ERR_NOMEM: PyErr_Format(PyExc_MemoryError, "cpeft: %s", message); break;
+    case CPEFT_ERR_INDEX: PyErr_Format(PyExc_IndexError, "%s", message); break;
     case CPEFT_ERR_CUDA:
-    case CPEFT_ERR_CUBLAS:
-        PyErr_Format(state->CudaError, "%s", message);
-        break;
+    case CPEFT_ERR_CUBLAS: PyErr_Format(state->CudaError, "%s", message); break;
     case CPEFT_ERR_UNSUPPORTED:
-    case CPEFT_ERR_CHANGED:
-        PyErr_Format(PyExc_RuntimeError, "%s", message);
-        break;
+    case CPEFT_ERR_CHANGED: PyErr_Format(PyExc_RuntimeError, "%s", message); break;
     default:
-        PyErr_Format(PyExc_RuntimeError, "cpeft internal error (status %d): %s", st->code,
-                     message);
+        PyErr_Format(PyExc_RuntimeError, "cpeft internal error (status %d): %s", st->code, message);
         break;
     }
     return -1;

@@ -11,14 +11,11 @@
 #define CPEFT_BUILD_BLAS "unknown"
 #endif
 
-cpeft_state *cpeft_get_state(PyObject *module)
-{
-    return (cpeft_state *)PyModule_GetState(module);
-}
+cpeft_state *cpeft_get_state(PyObject *module) { return (cpeft_state *)PyModule_GetState(module); }
 
 PyDoc_STRVAR(has_cuda_doc,
-"has_cuda()\n--\n\n"
-"True when cpeft was compiled with CUDA and at least one CUDA device is visible.");
+             "has_cuda()\n--\n\n"
+             "True when cpeft was compiled with CUDA and at least one CUDA device is visible.");
 
 static PyObject *has_cuda(PyObject *module, PyObject *unused)
 {
@@ -31,10 +28,11 @@ static PyObject *has_cuda(PyObject *module, PyObject *unused)
 #endif
 }
 
-PyDoc_STRVAR(build_info_doc,
-"build_info()\n--\n\n"
-"How this copy of cpeft was built: a dict with 'cuda' (bool), 'cuda_version' and 'cuda_archs'\n"
-"(str, or None without CUDA), 'blas' (the CPU BLAS library and version) and 'debug' (bool).");
+PyDoc_STRVAR(
+    build_info_doc,
+    "build_info()\n--\n\n"
+    "How this copy of cpeft was built: a dict with 'cuda' (bool), 'cuda_version' and 'cuda_archs'\n"
+    "(str, or None without CUDA), 'blas' (the CPU BLAS library and version) and 'debug' (bool).");
 
 static PyObject *build_info(PyObject *module, PyObject *unused)
 {
@@ -61,7 +59,7 @@ static PyObject *build_info(PyObject *module, PyObject *unused)
     return info;
 }
 
-#define CPEFT_ENTRY(name) \
+#define CPEFT_ENTRY(name)                                                                \
     {#name, (PyCFunction)(void (*)(void))cpeft_py_##name, METH_FASTCALL | METH_KEYWORDS, \
      cpeft_doc_##name}
 
@@ -127,10 +125,7 @@ static int cpeft_clear(PyObject *module)
     return 0;
 }
 
-static void cpeft_free(void *module)
-{
-    cpeft_clear((PyObject *)module);
-}
+static void cpeft_free(void *module) { cpeft_clear((PyObject *)module); }
 
 static PyModuleDef_Slot cpeft_slots[] = {
     {Py_mod_exec, cpeft_exec},
@@ -150,7 +145,4 @@ static struct PyModuleDef cpeft_module = {
     .m_free = cpeft_free,
 };
 
-PyMODINIT_FUNC PyInit__C(void)
-{
-    return PyModuleDef_Init(&cpeft_module);
-}
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&cpeft_module); }

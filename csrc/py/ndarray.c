@@ -7,16 +7,20 @@ static int numpy_dtype(PyArray_Descr *descr, size_t itemsize)
 {
     switch (descr->kind) {
     case 'f':
-        if (itemsize == 4) return CPEFT_FLOAT32;
-        if (itemsize == 8) return CPEFT_FLOAT64;
-        if (itemsize == 2) return CPEFT_FLOAT16;
+        if (itemsize == 4)
+            return CPEFT_FLOAT32;
+        if (itemsize == 8)
+            return CPEFT_FLOAT64;
+        if (itemsize == 2)
+            return CPEFT_FLOAT16;
         return CPEFT_DTYPE_UNSUPPORTED;
     case 'i':
-        if (itemsize == 4) return CPEFT_INT32;
-        if (itemsize == 8) return CPEFT_INT64;
+        if (itemsize == 4)
+            return CPEFT_INT32;
+        if (itemsize == 8)
+            return CPEFT_INT64;
         return CPEFT_DTYPE_UNSUPPORTED;
-    default:
-        return CPEFT_DTYPE_UNSUPPORTED;
+    default: return CPEFT_DTYPE_UNSUPPORTED;
     }
 }
 
@@ -87,6 +91,7 @@ PyObject *cpeft_ndarray_new(const char *name, int dtype, int ndim, const int64_t
         return NULL;
     }
     npy_intp dims[CPEFT_MAX_NDIM];
-    for (int i = 0; i < ndim; ++i) dims[i] = (npy_intp)shape[i];
+    for (int i = 0; i < ndim; ++i)
+        dims[i] = (npy_intp)shape[i];
     return PyArray_SimpleNew(ndim, dims, typenum);
 }

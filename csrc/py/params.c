@@ -24,20 +24,25 @@ static int keyword_position(const char *key, char *const *kwlist, int first, int
     return -1;
 }
 
-int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                     const char *format, char *const *kwlist, ...)
+int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *format,
+                     char *const *kwlist, ...)
 {
     const char *function = strchr(format, ':');
     function = function ? function + 1 : "function";
     char kinds[MAX_ARGUMENTS];
     int count = 0, required = -1, positional = -1;
     for (const char *f = format; *f != '\0' && *f != ':' && count < MAX_ARGUMENTS; ++f) {
-        if (*f == '|') required = count;
-        else if (*f == '$') positional = count;
-        else kinds[count++] = *f;
+        if (*f == '|')
+            required = count;
+        else if (*f == '$')
+            positional = count;
+        else
+            kinds[count++] = *f;
     }
-    if (required < 0) required = count;
-    if (positional < 0) positional = count;
+    if (required < 0)
+        required = count;
+    if (positional < 0)
+        positional = count;
 
     PyObject *values[MAX_ARGUMENTS] = {NULL};
     if (nargs > positional) {
@@ -45,7 +50,8 @@ int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                      function, positional, nargs);
         return 0;
     }
-    for (Py_ssize_t i = 0; i < nargs; ++i) values[i] = args[i];
+    for (Py_ssize_t i = 0; i < nargs; ++i)
+        values[i] = args[i];
     Py_ssize_t keywords = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t k = 0; k < keywords; ++k) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, k);
@@ -65,8 +71,10 @@ int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
             return 0;
         }
         if (values[i] != NULL) {
-            PyErr_Format(PyExc_TypeError, "argument for %.200s() given by name ('%s') and "
-                         "position (%d)", function, kwlist[i], i + 1);
+            PyErr_Format(PyExc_TypeError,
+                         "argument for %.200s() given by name ('%s') and "
+                         "position (%d)",
+                         function, kwlist[i], i + 1);
             return 0;
         }
         values[i] = args[nargs + k];
@@ -83,7 +91,8 @@ int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     int ok = 1;
     for (int i = 0; i < count; ++i) {
         void *destination = va_arg(va, void *);
-        if (values[i] == NULL) continue;
+        if (values[i] == NULL)
+            continue;
         if (kinds[i] == 'p') {
             int truth = PyObject_IsTrue(values[i]);
             if (truth < 0) {
@@ -91,8 +100,7 @@ int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                 break;
             }
             *(int *)destination = truth;
-        }
-        else {
+        } else {
             *(PyObject **)destination = values[i];
         }
     }
@@ -226,7 +234,8 @@ int cpeft_parse_groups(PyObject *obj, cpeft_groups *g)
         PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
         int truth = PyObject_IsTrue(item);
         Py_DECREF(item);
-        if (truth < 0) goto finish;
+        if (truth < 0)
+            goto finish;
         g->enabled[i] = (uint8_t)truth;
         count += truth;
     }
@@ -301,8 +310,8 @@ int cpeft_parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft
 /* ---- tensor parameters shared by op families ------------------------------------------------ */
 
 /* lora_a's dtype: the weight's, or float32 beside a float16/bfloat16 weight when allowed. */
-static int check_lora_a_dtype(const cpeft_call *call, const cpeft_tensor *la,
-                              const cpeft_tensor *w, int allow_fp32_adapters)
+static int check_lora_a_dtype(const cpeft_call *call, const cpeft_tensor *la, const cpeft_tensor *w,
+                              int allow_fp32_adapters)
 {
     int sixteen_bit = w->dtype == CPEFT_FLOAT16 || w->dtype == CPEFT_BFLOAT16;
     if (allow_fp32_adapters && sixteen_bit && la->dtype == CPEFT_FLOAT32) {
@@ -320,8 +329,7 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
                                 PyObject *lora_a_obj, PyObject *lora_b_obj, double scale,
                                 int fan_in_fan_out, const cpeft_groups *groups,
                                 const cpeft_tensor *x, int allow_fp32_adapters,
-                                cpeft_lora_linear_args *a,
-                                cpeft_tensor **weight)
+                                cpeft_lora_linear_args *a, cpeft_tensor **weight)
 {
     cpeft_tensor *w = cpeft_call_input(call, weight_obj, "weight", weight_role);
     if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, x) < 0) {
@@ -346,8 +354,10 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
     a->r = lb->shape[1];
     a->scale = scale;
     if (a->r < 1) {
-        PyErr_Format(PyExc_ValueError, "lora_b must have shape (out_features/groups*k, r) with "
-                     "r >= 1, got r = lora_b.shape[1] = %lld", (long long)a->r);
+        PyErr_Format(PyExc_ValueError,
+                     "lora_b must have shape (out_features/groups*k, r) with "
+                     "r >= 1, got r = lora_b.shape[1] = %lld",
+                     (long long)a->r);
         return -1;
     }
     if (cpeft_check_groups(groups, a->out) < 0) {
@@ -363,8 +373,7 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
         return -1;
     }
     if (cpeft_tensor_mat(w, fan_in_fan_out, &a->weight) < 0 ||
-        cpeft_tensor_mat(la, 0, &a->lora_a) < 0 ||
-        cpeft_tensor_mat(lb, 0, &a->lora_b) < 0) {
+        cpeft_tensor_mat(la, 0, &a->lora_a) < 0 || cpeft_tensor_mat(lb, 0, &a->lora_b) < 0) {
         return -1;
     }
     *weight = w;
@@ -373,7 +382,8 @@ int cpeft_py_lora_linear_params(cpeft_call *call, PyObject *weight_obj, cpeft_ro
 
 int cpeft_py_leading_shape_with(const cpeft_tensor *x, int64_t last, int64_t *shape)
 {
-    for (int i = 0; i + 1 < x->ndim; ++i) shape[i] = x->shape[i];
+    for (int i = 0; i + 1 < x->ndim; ++i)
+        shape[i] = x->shape[i];
     shape[x->ndim - 1] = last;
     return x->ndim;
 }
@@ -414,8 +424,7 @@ int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft
     cpeft_tensor *w = NULL;
     if (weight_obj != NULL) {
         w = cpeft_call_input(call, weight_obj, "weight", weight_role);
-        if (w == NULL || cpeft_check_ndim(w, 2) < 0 ||
-            cpeft_check_float_dtype(w, like) < 0) {
+        if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, like) < 0) {
             return -1;
         }
         like = w;
@@ -434,8 +443,10 @@ int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft
     a->r = lb->shape[1];
     a->scale = scale;
     if (a->r < 1) {
-        PyErr_Format(PyExc_ValueError, "lora_b must have shape (embedding_dim, r) with r >= 1, "
-                     "got r = lora_b.shape[1] = %lld", (long long)a->r);
+        PyErr_Format(PyExc_ValueError,
+                     "lora_b must have shape (embedding_dim, r) with r >= 1, "
+                     "got r = lora_b.shape[1] = %lld",
+                     (long long)a->r);
         return -1;
     }
     int64_t expect_a[2] = {a->r, a->num_embeddings};
@@ -444,8 +455,7 @@ int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft
         cpeft_check_shape(lb, 2, expect_b, "(embedding_dim, r)") < 0) {
         return -1;
     }
-    if ((w && cpeft_tensor_mat(w, 0, &a->weight) < 0) ||
-        cpeft_tensor_mat(la, 0, &a->lora_a) < 0 ||
+    if ((w && cpeft_tensor_mat(w, 0, &a->weight) < 0) || cpeft_tensor_mat(la, 0, &a->lora_a) < 0 ||
         cpeft_tensor_mat(lb, 0, &a->lora_b) < 0) {
         return -1;
     }
@@ -454,8 +464,8 @@ int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft
 }
 
 /* CPU: every index in [0, num_embeddings), scanned before any compute (IndexError otherwise). */
-static int check_indices_in_range(const cpeft_call *call, const cpeft_tensor *t,
-                                  cpeft_vec indices, int64_t num_embeddings)
+static int check_indices_in_range(const cpeft_call *call, const cpeft_tensor *t, cpeft_vec indices,
+                                  int64_t num_embeddings)
 {
     if (cpeft_call_on_cuda(call)) {
         return 0;   /* device memory: the CUDA kernels flag out-of-range values themselves */
@@ -493,7 +503,8 @@ int cpeft_py_embedding_shape(const cpeft_tensor *indices, int64_t dim, int64_t *
                      CPEFT_MAX_NDIM, indices->ndim);
         return -1;
     }
-    for (int i = 0; i < indices->ndim; ++i) shape[i] = indices->shape[i];
+    for (int i = 0; i < indices->ndim; ++i)
+        shape[i] = indices->shape[i];
     shape[indices->ndim] = dim;
     return indices->ndim + 1;
 }

@@ -22,8 +22,8 @@
  * not given leaves its variable as it was. Like PyArg_ParseTupleAndKeywords, returns 1, or 0 with
  * TypeError (or the error of a __bool__) on failure.
  */
-int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                     const char *format, char *const *kwlist, ...);
+int cpeft_parse_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *format,
+                     char *const *kwlist, ...);
 
 /* ---- scalar arguments ------------------------------------------------------------------------ */
 

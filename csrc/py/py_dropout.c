@@ -13,8 +13,7 @@ static int parse_shape(PyObject *obj, int *ndim, int64_t *shape)
         if (cpeft_parse_i64(obj, "shape", "an int or a sequence of ints", &shape[0]) < 0) {
             return -1;
         }
-    }
-    else {
+    } else {
         if (PyUnicode_Check(obj) || PyBytes_Check(obj) || !PySequence_Check(obj)) {
             PyErr_Format(PyExc_TypeError, "shape must be an int or a sequence of ints, got %.200s",
                          Py_TYPE(obj)->tp_name);
@@ -69,18 +68,17 @@ static int parse_mask_dtype(PyObject *obj, int *dtype)
         PyErr_Clear();
         PyErr_Format(PyUnicode_Check(obj) ? PyExc_ValueError : PyExc_TypeError,
                      "dtype must be float32 or float64 (a name, numpy.dtype or NumPy type), "
-                     "got %R", obj);
+                     "got %R",
+                     obj);
         return -1;
     }
     int typenum = descr->type_num;
     Py_DECREF(descr);
     if (typenum == NPY_FLOAT32) {
         *dtype = CPEFT_FLOAT32;
-    }
-    else if (typenum == NPY_FLOAT64) {
+    } else if (typenum == NPY_FLOAT64) {
         *dtype = CPEFT_FLOAT64;
-    }
-    else {
+    } else {
         PyErr_Format(PyExc_ValueError, "dtype must be float32 or float64, got %R", obj);
         return -1;
     }
@@ -93,16 +91,15 @@ const char cpeft_doc_dropout_mask[] =
     "(m, i) is 1/(1-p) where counter offset + m*IN + i is kept, else 0. Written into out when\n"
     "given (an array of exactly that shape and dtype), else into a new NumPy array; returned.";
 
-PyObject *cpeft_py_dropout_mask(PyObject *module,
-                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_dropout_mask(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
 {
     static char *kwlist[] = {"shape", "p", "seed", "offset", "dtype", "out", "stream", NULL};
     PyObject *shape_obj, *p_obj, *seed_obj, *offset_obj = NULL, *dtype_obj = NULL,
-             *out_obj = Py_None, *stream = Py_None;
+                                            *out_obj = Py_None, *stream = Py_None;
     double p = 0.0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOO|O$OOO:dropout_mask", kwlist, &shape_obj,
-                          &p_obj, &seed_obj, &offset_obj, &dtype_obj, &out_obj,
-                          &stream)) {
+                          &p_obj, &seed_obj, &offset_obj, &dtype_obj, &out_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -117,9 +114,8 @@ PyObject *cpeft_py_dropout_mask(PyObject *module,
     cpeft_tensor *out;
     PyObject *const tensor_objs[] = {out_obj};
     static const char *const tensor_names[] = {"out"};
-    if (parse_shape(shape_obj, &ndim, shape) < 0 ||
-        cpeft_parse_real(p_obj, "p", &p) < 0 || cpeft_check_probability(p, "p") < 0 ||
-        cpeft_parse_u64(seed_obj, "seed", &d.seed) < 0 ||
+    if (parse_shape(shape_obj, &ndim, shape) < 0 || cpeft_parse_real(p_obj, "p", &p) < 0 ||
+        cpeft_check_probability(p, "p") < 0 || cpeft_parse_u64(seed_obj, "seed", &d.seed) < 0 ||
         cpeft_parse_u64(offset_obj, "offset", &d.offset) < 0 ||
         (dtype_obj != NULL && parse_mask_dtype(dtype_obj, &dtype) < 0) ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 1) < 0 ||
@@ -130,10 +126,9 @@ PyObject *cpeft_py_dropout_mask(PyObject *module,
     d.p = p;
 
     int rc;
-    CPEFT_DISPATCH(&call, rc,
-                   cpeft_dropout_mask_cpu((cpeft_dtype)out->dtype, &d, mask, &call.status),
-                   cpeft_dropout_mask_cuda((cpeft_dtype)out->dtype, &d, mask, call.stream,
-                                           &call.status));
+    CPEFT_DISPATCH(
+        &call, rc, cpeft_dropout_mask_cpu((cpeft_dtype)out->dtype, &d, mask, &call.status),
+        cpeft_dropout_mask_cuda((cpeft_dtype)out->dtype, &d, mask, call.stream, &call.status));
     if (rc == CPEFT_OK) {
         ret = Py_NewRef(out->source);
     }

@@ -55,8 +55,10 @@ static int parse_adapters(PyObject *ranks_obj, PyObject *scales_obj, grouped_lis
         goto done;
     }
     if (PySequence_Fast_GET_SIZE(scales) != g_count) {
-        PyErr_Format(PyExc_ValueError, "scales must have one entry per adapter (len(ranks) = %zd), "
-                     "got %zd", g_count, PySequence_Fast_GET_SIZE(scales));
+        PyErr_Format(PyExc_ValueError,
+                     "scales must have one entry per adapter (len(ranks) = %zd), "
+                     "got %zd",
+                     g_count, PySequence_Fast_GET_SIZE(scales));
         goto done;
     }
     l->ranks = PyMem_Calloc((size_t)g_count, sizeof(int64_t));
@@ -97,9 +99,10 @@ static int check_packed_rank(const grouped_lists *l, int64_t packed_rank,
                              cpeft_lora_grouped_args *a)
 {
     if (l->total_rank != packed_rank) {
-        PyErr_Format(PyExc_ValueError, "ranks must sum to the packed rank lora_a.shape[0] = "
-                     "lora_b.shape[1] = %lld, got sum %lld", (long long)packed_rank,
-                     (long long)l->total_rank);
+        PyErr_Format(PyExc_ValueError,
+                     "ranks must sum to the packed rank lora_a.shape[0] = "
+                     "lora_b.shape[1] = %lld, got sum %lld",
+                     (long long)packed_rank, (long long)l->total_rank);
         return -1;
     }
     a->adapters = l->count;
@@ -122,8 +125,10 @@ static int parse_index(cpeft_call *call, PyObject *obj, const cpeft_tensor *x,
         char want[256], got[256];
         cpeft_format_shape(want, sizeof want, x->ndim - 1, x->shape);
         cpeft_format_shape(got, sizeof got, t->ndim, t->shape);
-        PyErr_Format(PyExc_ValueError, "index must have one entry per row of x (x.shape[:-1] = %s, "
-                     "%lld rows), got shape %s", want, (long long)a->m, got);
+        PyErr_Format(PyExc_ValueError,
+                     "index must have one entry per row of x (x.shape[:-1] = %s, "
+                     "%lld rows), got shape %s",
+                     want, (long long)a->m, got);
         return -1;
     }
     if (cpeft_tensor_vec(t, &a->index) < 0) {
@@ -136,9 +141,10 @@ static int parse_index(cpeft_call *call, PyObject *obj, const cpeft_tensor *x,
                             ? ((const int32_t *)a->index.data)[m * a->index.stride]
                             : ((const int64_t *)a->index.data)[m * a->index.stride];
             if (g < -1 || g >= a->adapters) {
-                PyErr_Format(PyExc_IndexError, "index[%lld] = %lld is not an adapter: expected -1 "
-                             "(no adapter) or a value in [0, %lld)", (long long)m, (long long)g,
-                             (long long)a->adapters);
+                PyErr_Format(PyExc_IndexError,
+                             "index[%lld] = %lld is not an adapter: expected -1 "
+                             "(no adapter) or a value in [0, %lld)",
+                             (long long)m, (long long)g, (long long)a->adapters);
                 return -1;
             }
         }
@@ -151,16 +157,15 @@ static int parse_index(cpeft_call *call, PyObject *obj, const cpeft_tensor *x,
  * converted before (see cpeft_call_prepare). */
 static int parse_common(cpeft_call *call, PyObject *x_obj, PyObject *weight_obj,
                         PyObject *lora_a_obj, PyObject *lora_b_obj, PyObject *index_obj,
-                        int fan_in_fan_out, const grouped_lists *lists,
-                        cpeft_lora_grouped_args *a, cpeft_tensor **x, cpeft_tensor **weight)
+                        int fan_in_fan_out, const grouped_lists *lists, cpeft_lora_grouped_args *a,
+                        cpeft_tensor **x, cpeft_tensor **weight)
 {
     cpeft_lora_linear_args packed = {0};
     cpeft_groups one_group = {.groups = 1, .enabled_count = 1, .enabled = {1}};
     *x = cpeft_call_input(call, x_obj, "x", CPEFT_ROLE_INPUT);
-    if (*x == NULL || cpeft_check_min_ndim(*x, 1) < 0 ||
-        cpeft_check_float_dtype(*x, NULL) < 0 ||
-        cpeft_py_lora_linear_params(call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
-                                    1.0, fan_in_fan_out, &one_group, *x, 0, &packed, weight) < 0) {
+    if (*x == NULL || cpeft_check_min_ndim(*x, 1) < 0 || cpeft_check_float_dtype(*x, NULL) < 0 ||
+        cpeft_py_lora_linear_params(call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj, 1.0,
+                                    fan_in_fan_out, &one_group, *x, 0, &packed, weight) < 0) {
         return -1;
     }
     a->dtype = packed.dtype;
@@ -184,22 +189,21 @@ const char cpeft_doc_lora_grouped_forward[] =
     "adapters packed: lora_a (sum(ranks), IN), lora_b (OUT, sum(ranks)). Returns (y, xa),\n"
     "xa (..., max(ranks)) kept for backward.";
 
-PyObject *cpeft_py_lora_grouped_forward(PyObject *module,
-                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames)
 {
-    static char *kwlist[] = {"x", "weight", "bias", "lora_a", "lora_b", "index", "ranks",
-                             "scales", "fan_in_fan_out", "dropout", "seed", "offset", "out",
-                             "out_xa", "stream", NULL};
+    static char *kwlist[] = {"x",     "weight", "bias",           "lora_a",  "lora_b", "index",
+                             "ranks", "scales", "fan_in_fan_out", "dropout", "seed",   "offset",
+                             "out",   "out_xa", "stream",         NULL};
     PyObject *x_obj, *weight_obj, *bias_obj, *lora_a_obj, *lora_b_obj, *index_obj, *ranks_obj,
         *scales_obj;
     PyObject *p = NULL, *seed = NULL, *offset = NULL, *out_obj = Py_None, *out_xa_obj = Py_None,
              *stream = Py_None;
     int fan_in_fan_out = 0;
-    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$pOOOOOO:lora_grouped_forward",
-                          kwlist, &x_obj, &weight_obj, &bias_obj, &lora_a_obj,
-                          &lora_b_obj, &index_obj, &ranks_obj, &scales_obj,
-                          &fan_in_fan_out, &p, &seed, &offset, &out_obj, &out_xa_obj,
-                          &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOO|$pOOOOOO:lora_grouped_forward", kwlist,
+                          &x_obj, &weight_obj, &bias_obj, &lora_a_obj, &lora_b_obj, &index_obj,
+                          &ranks_obj, &scales_obj, &fan_in_fan_out, &p, &seed, &offset, &out_obj,
+                          &out_xa_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -213,10 +217,10 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module,
     cpeft_tensor *x, *weight, *bias, *y, *xa;
     int64_t shape[CPEFT_MAX_NDIM];
 
-    PyObject *const tensor_objs[] = {x_obj, weight_obj, lora_a_obj, lora_b_obj, index_obj,
-                                     bias_obj, out_obj, out_xa_obj};
-    static const char *const tensor_names[] = {"x", "weight", "lora_a", "lora_b", "index",
-                                               "bias", "out", "out_xa"};
+    PyObject *const tensor_objs[] = {x_obj,     weight_obj, lora_a_obj, lora_b_obj,
+                                     index_obj, bias_obj,   out_obj,    out_xa_obj};
+    static const char *const tensor_names[] = {"x",     "weight", "lora_a", "lora_b",
+                                               "index", "bias",   "out",    "out_xa"};
     if (parse_adapters(ranks_obj, scales_obj, &lists) < 0 ||
         cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 8) < 0) {
@@ -262,24 +266,24 @@ const char cpeft_doc_lora_grouped_backward[] =
     "Gradients of lora_grouped_forward as (x, lora_a, lora_b, bias, weight), None where not\n"
     "requested; grad_lora_a / grad_lora_b are packed like lora_a / lora_b.";
 
-PyObject *cpeft_py_lora_grouped_backward(PyObject *module,
-                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_grouped_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames)
 {
-    static char *kwlist[] = {"grad_out", "x", "weight", "lora_a", "lora_b", "xa", "index",
-                             "ranks", "scales", "fan_in_fan_out", "dropout", "seed", "offset",
-                             "grad_x", "grad_lora_a", "grad_lora_b", "grad_bias", "grad_weight",
-                             "stream", NULL};
+    static char *kwlist[] = {"grad_out",    "x",         "weight",      "lora_a", "lora_b",
+                             "xa",          "index",     "ranks",       "scales", "fan_in_fan_out",
+                             "dropout",     "seed",      "offset",      "grad_x", "grad_lora_a",
+                             "grad_lora_b", "grad_bias", "grad_weight", "stream", NULL};
     PyObject *grad_out_obj, *x_obj, *weight_obj, *lora_a_obj, *lora_b_obj, *xa_obj, *index_obj,
         *ranks_obj, *scales_obj;
     PyObject *p = NULL, *seed = NULL, *offset = NULL, *stream = Py_None;
     PyObject *grad_x_obj = Py_True, *grad_a_obj = Py_True, *grad_b_obj = Py_True,
              *grad_bias_obj = Py_False, *grad_weight_obj = Py_False;
     int fan_in_fan_out = 0;
-    if (!cpeft_parse_args(
-            args, nargs, kwnames, "OOOOOOOOO|$pOOOOOOOOO:lora_grouped_backward", kwlist, &grad_out_obj,
-            &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &xa_obj, &index_obj, &ranks_obj,
-            &scales_obj, &fan_in_fan_out, &p, &seed, &offset, &grad_x_obj, &grad_a_obj,
-            &grad_b_obj, &grad_bias_obj, &grad_weight_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOOOO|$pOOOOOOOOO:lora_grouped_backward",
+                          kwlist, &grad_out_obj, &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj,
+                          &xa_obj, &index_obj, &ranks_obj, &scales_obj, &fan_in_fan_out, &p, &seed,
+                          &offset, &grad_x_obj, &grad_a_obj, &grad_b_obj, &grad_bias_obj,
+                          &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -294,12 +298,12 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module,
     cpeft_tensor *x, *weight, *grad_out, *xa, *gx, *ga, *gb, *gbias, *gw;
     int64_t shape[CPEFT_MAX_NDIM];
 
-    PyObject *const tensor_objs[] = {grad_out_obj, x_obj, weight_obj, lora_a_obj, lora_b_obj,
-                                     xa_obj, index_obj, grad_x_obj, grad_a_obj, grad_b_obj,
-                                     grad_bias_obj, grad_weight_obj};
-    static const char *const tensor_names[] = {"grad_out", "x", "weight", "lora_a", "lora_b",
-                                               "xa", "index", "grad_x", "grad_lora_a",
-                                               "grad_lora_b", "grad_bias", "grad_weight"};
+    PyObject *const tensor_objs[] = {grad_out_obj, x_obj,      weight_obj,    lora_a_obj,
+                                     lora_b_obj,   xa_obj,     index_obj,     grad_x_obj,
+                                     grad_a_obj,   grad_b_obj, grad_bias_obj, grad_weight_obj};
+    static const char *const tensor_names[] = {
+        "grad_out", "x",      "weight",      "lora_a",      "lora_b",    "xa",
+        "index",    "grad_x", "grad_lora_a", "grad_lora_b", "grad_bias", "grad_weight"};
     if (parse_adapters(ranks_obj, scales_obj, &lists) < 0 ||
         cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 12) < 0) {
@@ -331,10 +335,8 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module,
                           &gw) < 0) {
         goto finish;
     }
-    if (cpeft_tensor_mat(x, 0, &a.x) < 0 ||
-        cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
-        cpeft_tensor_mat(xa, 0, &in.xa) < 0 ||
-        (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
+    if (cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
+        cpeft_tensor_mat(xa, 0, &in.xa) < 0 || (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
         (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
         (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
         (gbias && cpeft_tensor_vec(gbias, &o.grad_bias) < 0) ||
@@ -348,8 +350,8 @@ PyObject *cpeft_py_lora_grouped_backward(PyObject *module,
                    cpeft_lora_grouped_bwd_cuda(&a, &in, &o, call.stream, &call.status));
     if (rc == CPEFT_OK) {
         ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
-                       gb ? gb->source : Py_None, gbias ? gbias->source : Py_None,
-                       gw ? gw->source : Py_None);
+                           gb ? gb->source : Py_None, gbias ? gbias->source : Py_None,
+                           gw ? gw->source : Py_None);
     }
 
 finish:

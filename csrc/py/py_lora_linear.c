@@ -13,20 +13,21 @@ const char cpeft_doc_lora_linear_forward[] =
     "y = x W^T + bias + scale * scatter(drop(x) A^T B^T); returns (y, xa) with xa = drop(x) A^T.\n"
     "out / out_xa: None or True allocate NumPy arrays (NumPy inputs only), or arrays to write.";
 
-PyObject *cpeft_py_lora_linear_forward(PyObject *module,
-                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames)
 {
-    static char *kwlist[] = {"x", "weight", "bias", "lora_a", "lora_b", "scale",
-                             "fan_in_fan_out", "enable_lora", "dropout", "seed", "offset", "out",
-                             "out_xa", "stream", NULL};
+    static char *kwlist[] = {
+        "x",           "weight",  "bias", "lora_a", "lora_b", "scale",  "fan_in_fan_out",
+        "enable_lora", "dropout", "seed", "offset", "out",    "out_xa", "stream",
+        NULL};
     PyObject *x_obj, *weight_obj, *bias_obj, *lora_a_obj, *lora_b_obj, *scale;
     PyObject *enable_lora = Py_None, *p = NULL, *seed = NULL, *offset = NULL, *out_obj = Py_None,
              *out_xa_obj = Py_None, *stream = Py_None;
     int fan_in_fan_out = 0;
     if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$pOOOOOOO:lora_linear_forward", kwlist,
-                          &x_obj, &weight_obj, &bias_obj, &lora_a_obj, &lora_b_obj,
-                          &scale, &fan_in_fan_out, &enable_lora, &p, &seed, &offset,
-                          &out_obj, &out_xa_obj, &stream)) {
+                          &x_obj, &weight_obj, &bias_obj, &lora_a_obj, &lora_b_obj, &scale,
+                          &fan_in_fan_out, &enable_lora, &p, &seed, &offset, &out_obj, &out_xa_obj,
+                          &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -40,10 +41,10 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module,
     int64_t shape[CPEFT_MAX_NDIM];
     double scale_value;
     cpeft_groups groups;
-    PyObject *const tensor_objs[] = {x_obj, weight_obj, lora_a_obj, lora_b_obj, bias_obj,
-                                     out_obj, out_xa_obj};
-    static const char *const tensor_names[] = {"x", "weight", "lora_a", "lora_b", "bias", "out",
-                                               "out_xa"};
+    PyObject *const tensor_objs[] = {x_obj,    weight_obj, lora_a_obj, lora_b_obj,
+                                     bias_obj, out_obj,    out_xa_obj};
+    static const char *const tensor_names[] = {"x",    "weight", "lora_a", "lora_b",
+                                               "bias", "out",    "out_xa"};
     if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) < 0 ||
         cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 7) < 0) {
@@ -94,23 +95,22 @@ const char cpeft_doc_lora_linear_backward[] =
     "Gradients of lora_linear_forward, returned as (x, lora_a, lora_b, bias, weight) with None\n"
     "where not requested. Each grad_* is False/None (skip), True (allocate NumPy) or an array.";
 
-PyObject *cpeft_py_lora_linear_backward(PyObject *module,
-                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames)
 {
-    static char *kwlist[] = {"grad_out", "x", "weight", "lora_a", "lora_b", "xa", "scale",
-                             "fan_in_fan_out", "enable_lora", "dropout", "seed", "offset",
-                             "grad_x", "grad_lora_a", "grad_lora_b", "grad_bias", "grad_weight",
-                             "stream", NULL};
+    static char *kwlist[] = {
+        "grad_out",       "x",           "weight",      "lora_a", "lora_b", "xa",     "scale",
+        "fan_in_fan_out", "enable_lora", "dropout",     "seed",   "offset", "grad_x", "grad_lora_a",
+        "grad_lora_b",    "grad_bias",   "grad_weight", "stream", NULL};
     PyObject *grad_out_obj, *x_obj, *weight_obj, *lora_a_obj, *lora_b_obj, *xa_obj, *scale;
     PyObject *enable_lora = Py_None, *p = NULL, *seed = NULL, *offset = NULL, *stream = Py_None;
     PyObject *grad_x_obj = Py_True, *grad_a_obj = Py_True, *grad_b_obj = Py_True,
              *grad_bias_obj = Py_False, *grad_weight_obj = Py_False;
     int fan_in_fan_out = 0;
-    if (!cpeft_parse_args(
-            args, nargs, kwnames, "OOOOOOO|$pOOOOOOOOOO:lora_linear_backward", kwlist, &grad_out_obj,
-            &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &xa_obj, &scale, &fan_in_fan_out,
-            &enable_lora, &p, &seed, &offset, &grad_x_obj, &grad_a_obj, &grad_b_obj,
-            &grad_bias_obj, &grad_weight_obj, &stream)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "OOOOOOO|$pOOOOOOOOOO:lora_linear_backward", kwlist,
+                          &grad_out_obj, &x_obj, &weight_obj, &lora_a_obj, &lora_b_obj, &xa_obj,
+                          &scale, &fan_in_fan_out, &enable_lora, &p, &seed, &offset, &grad_x_obj,
+                          &grad_a_obj, &grad_b_obj, &grad_bias_obj, &grad_weight_obj, &stream)) {
         return NULL;
     }
     cpeft_call call;
@@ -125,12 +125,12 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module,
     int64_t shape[CPEFT_MAX_NDIM];
     double scale_value;
     cpeft_groups groups;
-    PyObject *const tensor_objs[] = {grad_out_obj, x_obj, weight_obj, lora_a_obj, lora_b_obj,
-                                     xa_obj, grad_x_obj, grad_a_obj, grad_b_obj, grad_bias_obj,
-                                     grad_weight_obj};
-    static const char *const tensor_names[] = {"grad_out", "x", "weight", "lora_a", "lora_b",
-                                               "xa", "grad_x", "grad_lora_a", "grad_lora_b",
-                                               "grad_bias", "grad_weight"};
+    PyObject *const tensor_objs[] = {grad_out_obj, x_obj,         weight_obj,     lora_a_obj,
+                                     lora_b_obj,   xa_obj,        grad_x_obj,     grad_a_obj,
+                                     grad_b_obj,   grad_bias_obj, grad_weight_obj};
+    static const char *const tensor_names[] = {
+        "grad_out", "x",           "weight",      "lora_a",    "lora_b",     "xa",
+        "grad_x",   "grad_lora_a", "grad_lora_b", "grad_bias", "grad_weight"};
     if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) < 0 ||
         cpeft_parse_dropout(p, seed, offset, &a.dropout) < 0 ||
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 11) < 0) {
@@ -158,16 +158,17 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module,
     a.m = cpeft_leading_numel(x);
     int adapter_dtype = a.fp32_adapters ? CPEFT_FLOAT32 : x->dtype;
     if (cpeft_call_output(&call, grad_x_obj, "grad_x", 0, x->dtype, x->ndim, x->shape, &gx) < 0 ||
-        cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, adapter_dtype, 2, (int64_t[]){a.lora_a.rows, a.in}, &ga) < 0 ||
-        cpeft_call_output(&call, grad_b_obj, "grad_lora_b", 0, adapter_dtype, 2, (int64_t[]){a.lora_b.rows, a.r}, &gb) < 0 ||
+        cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, adapter_dtype, 2,
+                          (int64_t[]){a.lora_a.rows, a.in}, &ga) < 0 ||
+        cpeft_call_output(&call, grad_b_obj, "grad_lora_b", 0, adapter_dtype, 2,
+                          (int64_t[]){a.lora_b.rows, a.r}, &gb) < 0 ||
         cpeft_call_output(&call, grad_bias_obj, "grad_bias", 0, x->dtype, 1, &a.out, &gbias) < 0 ||
-        cpeft_call_output(&call, grad_weight_obj, "grad_weight", 0, x->dtype, 2, weight->shape, &gw) < 0) {
+        cpeft_call_output(&call, grad_weight_obj, "grad_weight", 0, x->dtype, 2, weight->shape,
+                          &gw) < 0) {
         goto finish;
     }
-    if (cpeft_tensor_mat(x, 0, &a.x) < 0 ||
-        cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
-        cpeft_tensor_mat(xa, 0, &in.xa) < 0 ||
-        (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
+    if (cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
+        cpeft_tensor_mat(xa, 0, &in.xa) < 0 || (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
         (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
         (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
         (gbias && cpeft_tensor_vec(gbias, &o.grad_bias) < 0) ||
@@ -181,8 +182,8 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module,
                    cpeft_lora_linear_bwd_cuda(&a, &in, &o, call.stream, &call.status));
     if (rc == CPEFT_OK) {
         ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
-                       gb ? gb->source : Py_None, gbias ? gbias->source : Py_None,
-                       gw ? gw->source : Py_None);
+                           gb ? gb->source : Py_None, gbias ? gbias->source : Py_None,
+                           gw ? gw->source : Py_None);
     }
 
 finish:

@@ -47,8 +47,7 @@ static int run_pass(cpeft_call *call, merge_target *m, int direction)
         CPEFT_DISPATCH(call, rc, cpeft_lora_merge_cpu(&m->lora, direction, &m->rec, &call->status),
                        cpeft_lora_merge_cuda(&m->lora, direction, &m->rec, call->stream,
                                              &call->status));
-    }
-    else {
+    } else {
         CPEFT_DISPATCH(call, rc,
                        cpeft_ia3_merge_cpu(m->dtype, m->target, m->l, m->along_cols, direction,
                                            &m->rec, &call->status),
@@ -91,8 +90,7 @@ static int bind_record(cpeft_call *call, merge_target *m, merge_mode mode, PyObj
             cpeft_call_output(call, Py_True, m->value_name, 1, m->dtype, 1, &n, &m->value) < 0) {
             return -1;
         }
-    }
-    else {
+    } else {
         if (index_obj == Py_None || value_obj == Py_None) {
             PyErr_Format(PyExc_ValueError, "%s and %s must be given together", m->index_name,
                          m->value_name);
@@ -110,8 +108,7 @@ static int bind_record(cpeft_call *call, merge_target *m, merge_mode mode, PyObj
         }
         if (mode == MODE_UNMERGE) {
             n = m->index->shape[0];
-        }
-        else if (m->index->shape[0] != n) {
+        } else if (m->index->shape[0] != n) {
             PyErr_Format(PyExc_ValueError,
                          "%s must have exactly %lld entries (this merge's count pass), got %lld",
                          m->index_name, (long long)n, (long long)m->index->shape[0]);
@@ -184,7 +181,8 @@ static int bind_delta(cpeft_call *call, merge_target *m, merge_mode mode, PyObje
  * nothing. (Device records are checked by the compute only, a scan here would need a copy.) */
 static int check_later_record(const cpeft_call *call, const merge_target *m)
 {
-    if (cpeft_call_on_cuda(call)) return 0;
+    if (cpeft_call_on_cuda(call))
+        return 0;
     int64_t size = target_size(m);
     const int64_t *index = m->rec.index;
     for (int64_t i = 0; i < m->rec.count; ++i) {
@@ -206,26 +204,31 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
                            PyObject *const *records, int as_tuple_of_pairs)
 {
     for (int i = 0; mode != MODE_UNMERGE && i < n; ++i) {
-        if (count_pass(call, &targets[i], mode) < 0) return NULL;
+        if (count_pass(call, &targets[i], mode) < 0)
+            return NULL;
     }
     if (mode == MODE_COUNT) {
-        if (!as_tuple_of_pairs) return PyLong_FromLongLong(targets[0].count);
-        return n == 2 ? Py_BuildValue("(LL)", (long long)targets[0].count,
-                                      (long long)targets[1].count)
-                      : Py_BuildValue("(LO)", (long long)targets[0].count, Py_None);
+        if (!as_tuple_of_pairs)
+            return PyLong_FromLongLong(targets[0].count);
+        return n == 2
+                   ? Py_BuildValue("(LL)", (long long)targets[0].count, (long long)targets[1].count)
+                   : Py_BuildValue("(LO)", (long long)targets[0].count, Py_None);
     }
     for (int i = 0; i < n; ++i) {
         if (bind_record(call, &targets[i], mode, records[2 * i], records[2 * i + 1]) < 0) {
             return NULL;
         }
     }
-    if (cpeft_call_check_aliasing(call) < 0) return NULL;
+    if (cpeft_call_check_aliasing(call) < 0)
+        return NULL;
     for (int i = 1; mode == MODE_UNMERGE && i < n; ++i) {
-        if (check_later_record(call, &targets[i]) < 0) return NULL;
+        if (check_later_record(call, &targets[i]) < 0)
+            return NULL;
     }
     for (int i = 0; i < n; ++i) {
         merge_target *m = &targets[i];
-        if (run_pass(call, m, mode == MODE_MERGE ? CPEFT_MERGE : CPEFT_UNMERGE) < 0) return NULL;
+        if (run_pass(call, m, mode == MODE_MERGE ? CPEFT_MERGE : CPEFT_UNMERGE) < 0)
+            return NULL;
         if (mode == MODE_MERGE && m->rec.count != m->count) {
             /* The two passes see the same weight (and ΔW scratch) unless something wrote to it
              * in between; two cpeft merges are refused up front (call.c), so this is another
@@ -240,7 +243,8 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
             return NULL;
         }
     }
-    if (mode == MODE_UNMERGE) Py_RETURN_NONE;
+    if (mode == MODE_UNMERGE)
+        Py_RETURN_NONE;
     PyObject *pairs[2] = {NULL, NULL};
     for (int i = 0; i < n; ++i) {
         pairs[i] = PyTuple_Pack(2, targets[i].index->source, targets[i].value->source);
@@ -249,43 +253,39 @@ static PyObject *run_merge(cpeft_call *call, merge_mode mode, merge_target *targ
             return NULL;
         }
     }
-    if (!as_tuple_of_pairs) return pairs[0];
+    if (!as_tuple_of_pairs)
+        return pairs[0];
     PyObject *result = PyTuple_Pack(2, pairs[0], n == 2 ? pairs[1] : Py_None);
     Py_DECREF(pairs[0]);
     Py_XDECREF(pairs[1]);
     return result;
 }
 
-static merge_mode merge_mode_of(int count_only)
-{
-    return count_only ? MODE_COUNT : MODE_MERGE;
-}
+static merge_mode merge_mode_of(int count_only) { return count_only ? MODE_COUNT : MODE_MERGE; }
 
 /* ---- LoRA linear ---------------------------------------------------------------------------- */
 
-static PyObject *lora_merge_impl(PyObject *module,
-                                 PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int unmerge)
+static PyObject *lora_merge_impl(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames, int unmerge)
 {
-    static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "fan_in_fan_out",
-                                   "enable_lora", "index", "value", "count_only", "delta",
-                                   "stream", NULL};
-    static char *unmerge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
-                                     "fan_in_fan_out", "enable_lora", "stream", NULL};
+    static char *merge_kwlist[] = {"weight",         "lora_a",      "lora_b", "scale",
+                                   "fan_in_fan_out", "enable_lora", "index",  "value",
+                                   "count_only",     "delta",       "stream", NULL};
+    static char *unmerge_kwlist[] = {"weight", "lora_a",         "lora_b",      "scale",  "index",
+                                     "value",  "fan_in_fan_out", "enable_lora", "stream", NULL};
     PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale, *enable_lora = Py_None,
-             *stream = Py_None, *delta_obj = Py_None;
+                                                            *stream = Py_None, *delta_obj = Py_None;
     PyObject *records[2] = {Py_None, Py_None};
     int fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$pOO:lora_unmerge", unmerge_kwlist,
-                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                              &records[0], &records[1], &fan_in_fan_out, &enable_lora,
-                              &stream);
-    }
-    else {
+                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale, &records[0],
+                              &records[1], &fan_in_fan_out, &enable_lora, &stream);
+    } else {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$pOOOpOO:lora_merge", merge_kwlist,
-                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
-                              &fan_in_fan_out, &enable_lora, &records[0], &records[1],
-                              &count_only, &delta_obj, &stream);
+                              &weight_obj, &lora_a_obj, &lora_b_obj, &scale, &fan_in_fan_out,
+                              &enable_lora, &records[0], &records[1], &count_only, &delta_obj,
+                              &stream);
     }
     if (!ok) {
         return NULL;
@@ -299,10 +299,10 @@ static PyObject *lora_merge_impl(PyObject *module,
     cpeft_tensor *weight;
     double scale_value;
     cpeft_groups groups;
-    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1],
-                                     delta_obj};
-    static const char *const tensor_names[] = {"weight", "lora_a", "lora_b", "record.index",
-                                               "record.value", "delta"};
+    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj,
+                                     records[0], records[1], delta_obj};
+    static const char *const tensor_names[] = {"weight",       "lora_a",       "lora_b",
+                                               "record.index", "record.value", "delta"};
     if (cpeft_py_lora_linear_scalars(scale, enable_lora, &scale_value, &groups) == 0 &&
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 6) == 0 &&
         cpeft_py_lora_linear_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj, lora_b_obj,
@@ -325,8 +325,8 @@ const char cpeft_doc_lora_merge[] =
     "scratch of OUT*IN elements (float32 for float16/bfloat16 weights, else weight.dtype),\n"
     "keeps dW from the count_only call for the merge that follows, so it is computed once.";
 
-PyObject *cpeft_py_lora_merge(PyObject *module,
-                              PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
 {
     return lora_merge_impl(module, args, nargs, kwnames, 0);
 }
@@ -336,35 +336,32 @@ const char cpeft_doc_lora_unmerge[] =
     "enable_lora=None, stream=None)\n--\n\n"
     "Undo lora_merge in place, bit for bit, given its record and the same adapter.";
 
-PyObject *cpeft_py_lora_unmerge(PyObject *module,
-                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
 {
     return lora_merge_impl(module, args, nargs, kwnames, 1);
 }
 
 /* ---- LoRA embedding: the (V, D) weight merges as its (D, V) view with B (D, R), A (R, V) --- */
 
-static PyObject *lora_embedding_merge_impl(PyObject *module,
-                                           PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                                           int unmerge)
+static PyObject *lora_embedding_merge_impl(PyObject *module, PyObject *const *args,
+                                           Py_ssize_t nargs, PyObject *kwnames, int unmerge)
 {
-    static char *merge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
-                                   "count_only", "delta", "stream", NULL};
-    static char *unmerge_kwlist[] = {"weight", "lora_a", "lora_b", "scale", "index", "value",
-                                     "stream", NULL};
-    PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale, *stream = Py_None,
-             *delta_obj = Py_None;
+    static char *merge_kwlist[] = {"weight", "lora_a",     "lora_b", "scale",  "index",
+                                   "value",  "count_only", "delta",  "stream", NULL};
+    static char *unmerge_kwlist[] = {"weight", "lora_a", "lora_b", "scale",
+                                     "index",  "value",  "stream", NULL};
+    PyObject *weight_obj, *lora_a_obj, *lora_b_obj, *scale, *stream = Py_None, *delta_obj = Py_None;
     PyObject *records[2] = {Py_None, Py_None};
     int count_only = 0, ok;
     if (unmerge) {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOOOO|$O:lora_embedding_unmerge",
-                              unmerge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
-                              &scale, &records[0], &records[1], &stream);
-    }
-    else {
+                              unmerge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                              &records[0], &records[1], &stream);
+    } else {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOpOO:lora_embedding_merge",
-                              merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj,
-                              &scale, &records[0], &records[1], &count_only, &delta_obj, &stream);
+                              merge_kwlist, &weight_obj, &lora_a_obj, &lora_b_obj, &scale,
+                              &records[0], &records[1], &count_only, &delta_obj, &stream);
     }
     if (!ok) {
         return NULL;
@@ -378,10 +375,10 @@ static PyObject *lora_embedding_merge_impl(PyObject *module,
     cpeft_lora_embedding_args e = {0};
     cpeft_tensor *weight;
     double scale_value;
-    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj, records[0], records[1],
-                                     delta_obj};
-    static const char *const tensor_names[] = {"weight", "lora_a", "lora_b", "record.index",
-                                               "record.value", "delta"};
+    PyObject *const tensor_objs[] = {weight_obj, lora_a_obj, lora_b_obj,
+                                     records[0], records[1], delta_obj};
+    static const char *const tensor_names[] = {"weight",       "lora_a",       "lora_b",
+                                               "record.index", "record.value", "delta"};
     if (cpeft_py_parse_scale(scale, &scale_value) == 0 &&
         cpeft_call_prepare(&call, tensor_objs, tensor_names, 6) == 0 &&
         cpeft_py_lora_embedding_params(&call, weight_obj, CPEFT_ROLE_INPLACE, lora_a_obj,
@@ -412,8 +409,8 @@ const char cpeft_doc_lora_embedding_merge[] =
     "weight (V, D) += scale * (B A)^T in place; the record indexes the (D, V) view. delta\n"
     "(V*D elements) as in lora_merge.";
 
-PyObject *cpeft_py_lora_embedding_merge(PyObject *module,
-                                        PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_embedding_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                        PyObject *kwnames)
 {
     return lora_embedding_merge_impl(module, args, nargs, kwnames, 0);
 }
@@ -422,8 +419,8 @@ const char cpeft_doc_lora_embedding_unmerge[] =
     "lora_embedding_unmerge(weight, lora_a, lora_b, scale, index, value, *, stream=None)\n--\n\n"
     "Undo lora_embedding_merge in place, bit for bit.";
 
-PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module,
-                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames)
 {
     return lora_embedding_merge_impl(module, args, nargs, kwnames, 1);
 }
@@ -433,8 +430,7 @@ PyObject *cpeft_py_lora_embedding_unmerge(PyObject *module,
 /* weight in its stored layout, scaled by ia3_l along its columns (scale_cols) or rows; `meaning`
  * names what that axis is for messages. */
 static int ia3_target(cpeft_call *call, PyObject *weight_obj, PyObject *l_obj, int scale_cols,
-                      const char *meaning, merge_target *m, cpeft_tensor **weight,
-                      cpeft_tensor **l)
+                      const char *meaning, merge_target *m, cpeft_tensor **weight, cpeft_tensor **l)
 {
     cpeft_tensor *w = cpeft_call_input(call, weight_obj, "weight", CPEFT_ROLE_INPLACE);
     if (w == NULL || cpeft_check_ndim(w, 2) < 0 || cpeft_check_float_dtype(w, NULL) < 0 ||
@@ -451,29 +447,27 @@ static int ia3_target(cpeft_call *call, PyObject *weight_obj, PyObject *l_obj, i
     return 0;
 }
 
-static PyObject *ia3_merge_impl(PyObject *module,
-                                PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int unmerge)
+static PyObject *ia3_merge_impl(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames, int unmerge)
 {
-    static char *merge_kwlist[] = {"weight", "ia3_l", "bias", "feedforward", "fan_in_fan_out",
-                                   "index", "value", "bias_index", "bias_value", "count_only",
-                                   "stream", NULL};
-    static char *unmerge_kwlist[] = {"weight", "ia3_l", "index", "value", "bias",
-                                     "bias_index", "bias_value", "feedforward",
-                                     "fan_in_fan_out", "stream", NULL};
+    static char *merge_kwlist[] = {"weight",         "ia3_l",      "bias",   "feedforward",
+                                   "fan_in_fan_out", "index",      "value",  "bias_index",
+                                   "bias_value",     "count_only", "stream", NULL};
+    static char *unmerge_kwlist[] = {"weight",         "ia3_l",      "index",      "value",
+                                     "bias",           "bias_index", "bias_value", "feedforward",
+                                     "fan_in_fan_out", "stream",     NULL};
     PyObject *weight_obj, *l_obj, *bias_obj = Py_None, *stream = Py_None;
     PyObject *records[4] = {Py_None, Py_None, Py_None, Py_None};
     int feedforward = 0, fan_in_fan_out = 0, count_only = 0, ok;
     if (unmerge) {
         ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$OOOppO:ia3_unmerge", unmerge_kwlist,
-                              &weight_obj, &l_obj, &records[0], &records[1], &bias_obj,
-                              &records[2], &records[3], &feedforward, &fan_in_fan_out,
-                              &stream);
-    }
-    else {
+                              &weight_obj, &l_obj, &records[0], &records[1], &bias_obj, &records[2],
+                              &records[3], &feedforward, &fan_in_fan_out, &stream);
+    } else {
         ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OppOOOOpO:ia3_merge", merge_kwlist,
-                              &weight_obj, &l_obj, &bias_obj, &feedforward,
-                              &fan_in_fan_out, &records[0], &records[1], &records[2],
-                              &records[3], &count_only, &stream);
+                              &weight_obj, &l_obj, &bias_obj, &feedforward, &fan_in_fan_out,
+                              &records[0], &records[1], &records[2], &records[3], &count_only,
+                              &stream);
     }
     if (!ok) {
         return NULL;
@@ -492,17 +486,17 @@ static PyObject *ia3_merge_impl(PyObject *module,
      * layout OUT is the row axis unless fan_in_fan_out stores the weight as (IN, OUT). */
     int scale_cols = feedforward ? !fan_in_fan_out : fan_in_fan_out;
     int n = 1;
-    PyObject *const tensor_objs[] = {weight_obj, l_obj, bias_obj, records[0], records[1],
-                                     records[2], records[3]};
-    static const char *const tensor_names[] = {"weight", "ia3_l", "bias", "records[0].index",
-                                               "records[0].value", "records[1].index",
-                                               "records[1].value"};
+    PyObject *const tensor_objs[] = {weight_obj, l_obj,      bias_obj,  records[0],
+                                     records[1], records[2], records[3]};
+    static const char *const tensor_names[] = {
+        "weight",           "ia3_l",           "bias", "records[0].index", "records[0].value",
+        "records[1].index", "records[1].value"};
     if (cpeft_call_prepare(&call, tensor_objs, tensor_names, 7) < 0) {
         goto finish;
     }
     if (ia3_target(&call, weight_obj, l_obj, scale_cols,
-                   feedforward ? "in_features, feedforward" : "out_features", &targets[0],
-                   &weight, &l) < 0) {
+                   feedforward ? "in_features, feedforward" : "out_features", &targets[0], &weight,
+                   &l) < 0) {
         goto finish;
     }
     /* peft leaves the bias of feedforward modules alone: it is added after the scaled GEMM.
@@ -526,8 +520,8 @@ static PyObject *ia3_merge_impl(PyObject *module,
         targets[1].along_cols = 1;
         n = 2;
     }
-    ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), targets, n,
-                    records, 1);
+    ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), targets, n, records,
+                    1);
 
 finish:
     return cpeft_call_end(&call, ret);
@@ -541,8 +535,8 @@ const char cpeft_doc_ia3_merge[] =
     "scaling. Returns ((index, value), (bias_index, bias_value) or None); with count_only, the\n"
     "record sizes (weight's, bias's or None).";
 
-PyObject *cpeft_py_ia3_merge(PyObject *module,
-                             PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_ia3_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
 {
     return ia3_merge_impl(module, args, nargs, kwnames, 0);
 }
@@ -552,31 +546,27 @@ const char cpeft_doc_ia3_unmerge[] =
     "feedforward=False, fan_in_fan_out=False, stream=None)\n--\n\n"
     "Undo ia3_merge in place, bit for bit, given its records.";
 
-PyObject *cpeft_py_ia3_unmerge(PyObject *module,
-                               PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_ia3_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
 {
     return ia3_merge_impl(module, args, nargs, kwnames, 1);
 }
 
-static PyObject *ia3_embedding_merge_impl(PyObject *module,
-                                          PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                                          int unmerge)
+static PyObject *ia3_embedding_merge_impl(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames, int unmerge)
 {
-    static char *merge_kwlist[] = {"weight", "ia3_l", "index", "value", "count_only", "stream",
-                                   NULL};
+    static char *merge_kwlist[] = {"weight",     "ia3_l",  "index", "value",
+                                   "count_only", "stream", NULL};
     static char *unmerge_kwlist[] = {"weight", "ia3_l", "index", "value", "stream", NULL};
     PyObject *weight_obj, *l_obj, *stream = Py_None;
     PyObject *records[2] = {Py_None, Py_None};
     int count_only = 0, ok;
     if (unmerge) {
-        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$O:ia3_embedding_unmerge",
-                              unmerge_kwlist, &weight_obj, &l_obj, &records[0],
-                              &records[1], &stream);
-    }
-    else {
-        ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OOpO:ia3_embedding_merge",
-                              merge_kwlist, &weight_obj, &l_obj, &records[0],
-                              &records[1], &count_only, &stream);
+        ok = cpeft_parse_args(args, nargs, kwnames, "OOOO|$O:ia3_embedding_unmerge", unmerge_kwlist,
+                              &weight_obj, &l_obj, &records[0], &records[1], &stream);
+    } else {
+        ok = cpeft_parse_args(args, nargs, kwnames, "OO|$OOpO:ia3_embedding_merge", merge_kwlist,
+                              &weight_obj, &l_obj, &records[0], &records[1], &count_only, &stream);
     }
     if (!ok) {
         return NULL;
@@ -592,8 +582,8 @@ static PyObject *ia3_embedding_merge_impl(PyObject *module,
     static const char *const tensor_names[] = {"weight", "ia3_l", "record.index", "record.value"};
     if (cpeft_call_prepare(&call, tensor_objs, tensor_names, 4) == 0 &&
         ia3_target(&call, weight_obj, l_obj, 1, "embedding_dim", &m, &weight, &l) == 0) {
-        ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1,
-                        records, 0);
+        ret = run_merge(&call, unmerge ? MODE_UNMERGE : merge_mode_of(count_only), &m, 1, records,
+                        0);
     }
     return cpeft_call_end(&call, ret);
 }
@@ -603,8 +593,8 @@ const char cpeft_doc_ia3_embedding_merge[] =
     "stream=None)\n--\n\n"
     "weight (V, D) *= l along D in place; returns the record (index, value).";
 
-PyObject *cpeft_py_ia3_embedding_merge(PyObject *module,
-                                       PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_ia3_embedding_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames)
 {
     return ia3_embedding_merge_impl(module, args, nargs, kwnames, 0);
 }
@@ -613,8 +603,8 @@ const char cpeft_doc_ia3_embedding_unmerge[] =
     "ia3_embedding_unmerge(weight, ia3_l, index, value, *, stream=None)\n--\n\n"
     "Undo ia3_embedding_merge in place, bit for bit.";
 
-PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module,
-                                         PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_ia3_embedding_unmerge(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames)
 {
     return ia3_embedding_merge_impl(module, args, nargs, kwnames, 1);
 }

@@ -14,13 +14,13 @@ const char cpeft_doc_cuda_reserve_workspace[] =
     "stream: a captured call that needs a larger workspace raises instead of growing it. Returns\n"
     "the workspace's size in bytes.";
 
-PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *const *args,
-                                          Py_ssize_t nargs, PyObject *kwnames)
+PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                          PyObject *kwnames)
 {
     static char *const kwlist[] = {"nbytes", "stream", "device", NULL};
     PyObject *nbytes_obj = NULL, *stream_obj = Py_None, *device_obj = Py_None;
-    if (!cpeft_parse_args(args, nargs, kwnames, "O|OO:cuda_reserve_workspace", kwlist,
-                          &nbytes_obj, &stream_obj, &device_obj)) {
+    if (!cpeft_parse_args(args, nargs, kwnames, "O|OO:cuda_reserve_workspace", kwlist, &nbytes_obj,
+                          &stream_obj, &device_obj)) {
         return NULL;
     }
     int64_t nbytes = 0, device = -1;
@@ -39,16 +39,17 @@ PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *const *arg
         }
         int count = cpeft_cuda_device_count();
         if (device < 0 || device >= count) {
-            PyErr_Format(PyExc_ValueError, "device must be None or a CUDA device index in "
-                         "[0, %d), got %lld", count, (long long)device);
+            PyErr_Format(PyExc_ValueError,
+                         "device must be None or a CUDA device index in "
+                         "[0, %d), got %lld",
+                         count, (long long)device);
             return NULL;
         }
     }
     cpeft_status st = {CPEFT_OK, ""};
     size_t reserved = 0;
     int rc = CPEFT_OK;
-    Py_BEGIN_ALLOW_THREADS
-    int previous = 0;
+    Py_BEGIN_ALLOW_THREADS int previous = 0;
     if (device >= 0) {
         rc = cpeft_device_enter((int)device, &previous, &st);
     }
@@ -58,8 +59,8 @@ PyObject *cpeft_py_cuda_reserve_workspace(PyObject *module, PyObject *const *arg
             cpeft_device_leave(previous);
         }
     }
-    Py_END_ALLOW_THREADS
-    if (rc != CPEFT_OK) {
+    Py_END_ALLOW_THREADS if (rc != CPEFT_OK)
+    {
         cpeft_raise_status(cpeft_get_state(module), &st);
         return NULL;
     }

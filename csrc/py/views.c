@@ -8,21 +8,26 @@
 /* Collapse dims [first, last) into one evenly spaced run: its size and stride, or 0 when the
  * elements are not evenly spaced. Size-1 dims carry no stride information (producers export
  * anything there), so they are skipped; *stride_free says the run has at most one element. */
-static int collapse_dims(const cpeft_tensor *t, int first, int last, int64_t *size,
-                         int64_t *stride, int *stride_free)
+static int collapse_dims(const cpeft_tensor *t, int first, int last, int64_t *size, int64_t *stride,
+                         int *stride_free)
 {
     int64_t n = 1;
-    for (int i = first; i < last; ++i) n *= t->shape[i];
+    for (int i = first; i < last; ++i)
+        n *= t->shape[i];
     *size = n;
     *stride = 1;
     *stride_free = n <= 1;
-    if (n <= 1) return 1;
+    if (n <= 1)
+        return 1;
     int64_t expected = 0;
     int have_inner = 0;
     for (int i = last - 1; i >= first; --i) {
-        if (t->shape[i] == 1) continue;
-        if (have_inner && t->strides[i] != expected) return 0;
-        if (!have_inner) *stride = t->strides[i];
+        if (t->shape[i] == 1)
+            continue;
+        if (have_inner && t->strides[i] != expected)
+            return 0;
+        if (!have_inner)
+            *stride = t->strides[i];
         have_inner = 1;
         expected = t->strides[i] * t->shape[i];
     }
@@ -30,8 +35,8 @@ static int collapse_dims(const cpeft_tensor *t, int first, int last, int64_t *si
 }
 
 /* A BLAS-able description of a rows x cols run, or 0 (see cpeft_mat in core.h). */
-static int blas_layout(int64_t rows, int64_t cols, int64_t rs, int rs_free, int64_t cs,
-                       int cs_free, cpeft_mat *m)
+static int blas_layout(int64_t rows, int64_t cols, int64_t rs, int rs_free, int64_t cs, int cs_free,
+                       cpeft_mat *m)
 {
     m->rows = rows;
     m->cols = cols;
@@ -77,7 +82,8 @@ static int make_compact_copy(cpeft_tensor *t)
         memcpy(dst + (size_t)e * t->itemsize, src, t->itemsize);
         for (int d = t->ndim - 1; d >= 0; --d) {
             src += t->strides[d] * (int64_t)t->itemsize;
-            if (++index[d] < t->shape[d]) break;
+            if (++index[d] < t->shape[d])
+                break;
             src -= t->shape[d] * t->strides[d] * (int64_t)t->itemsize;
             index[d] = 0;
         }
@@ -95,14 +101,16 @@ static int make_compact_copy(cpeft_tensor *t)
 static int copy_or_reject(cpeft_tensor *t, const char *layout)
 {
     if (t->role == CPEFT_ROLE_INPUT && t->device_type != CPEFT_DEVICE_CUDA) {
-        if (make_compact_copy(t) < 0) return -1;
+        if (make_compact_copy(t) < 0)
+            return -1;
         t->misaligned = 0;   /* PyMem_RawMalloc aligns for every dtype */
         return 0;
     }
     if (t->misaligned) {
         PyErr_Format(PyExc_ValueError,
                      "%s must be aligned to its itemsize (%zu bytes); CUDA inputs are never "
-                     "copied, pass an aligned tensor", t->name, t->itemsize);
+                     "copied, pass an aligned tensor",
+                     t->name, t->itemsize);
         return -1;
     }
     char strides[256];
@@ -127,8 +135,7 @@ int cpeft_tensor_mat(cpeft_tensor *t, int transpose, cpeft_mat *mat)
             rs = cs = 1;
             rs_free = cs_free = 1;
             ok = 1;
-        }
-        else {
+        } else {
             ok = collapse_dims(t, 0, t->ndim - 1, &rows, &rs, &rs_free);
             cols = t->shape[t->ndim - 1];
             cs = t->strides[t->ndim - 1];
@@ -149,13 +156,14 @@ int cpeft_tensor_mat(cpeft_tensor *t, int transpose, cpeft_mat *mat)
             if (attempt == 1) {
                 PyErr_Format(PyExc_ValueError,
                              "%s has %lld elements per row, beyond the 32-bit BLAS range of "
-                             "leading dimensions", t->name, (long long)ld);
+                             "leading dimensions",
+                             t->name, (long long)ld);
                 return -1;
             }
         }
         if (attempt == 0 &&
             copy_or_reject(t, "BLAS-able 2-D view with a 32-bit leading dimension and an "
-                                    "address aligned to its itemsize") < 0) {
+                              "address aligned to its itemsize") < 0) {
             return -1;
         }
     }
@@ -178,9 +186,8 @@ int cpeft_tensor_vec(cpeft_tensor *t, cpeft_vec *vec)
             vec->stride = stride_free ? 1 : stride;
             return 0;
         }
-        if (attempt == 0 &&
-            copy_or_reject(t, "positive, uniform stride below 2**31 and an aligned "
-                                    "address") < 0) {
+        if (attempt == 0 && copy_or_reject(t, "positive, uniform stride below 2**31 and an aligned "
+                                              "address") < 0) {
             return -1;
         }
     }
@@ -191,10 +198,13 @@ int cpeft_tensor_vec(cpeft_tensor *t, cpeft_vec *vec)
 int cpeft_tensor_contiguous(cpeft_tensor *t, void **data)
 {
     cpeft_vec v;
-    if (cpeft_tensor_vec(t, &v) < 0) return -1;
+    if (cpeft_tensor_vec(t, &v) < 0)
+        return -1;
     if (v.stride != 1) {
-        if (copy_or_reject(t, "contiguous layout") < 0) return -1;
-        if (cpeft_tensor_vec(t, &v) < 0) return -1;
+        if (copy_or_reject(t, "contiguous layout") < 0)
+            return -1;
+        if (cpeft_tensor_vec(t, &v) < 0)
+            return -1;
     }
     *data = v.data;
     return 0;

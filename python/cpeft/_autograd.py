@@ -51,6 +51,7 @@ Dtype rule (shared by every layer, see docs/loralib-differences.md): torch's own
     gradients in float32; x is never widened (peft casts x to float32). On the CPU the float32
     adapters need no cast either, since the call already computes in float32 there.
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,8 +66,10 @@ from . import _C, functional
 from .functional import _out_features
 
 # The float dtypes the core's kernels take, per device type, as the C boundary checks them.
-_CORE_DTYPES = {device_type: frozenset(getattr(torch, name) for name in names)
-                for device_type, names in _C.supported_dtypes().items()}
+_CORE_DTYPES = {
+    device_type: frozenset(getattr(torch, name) for name in names)
+    for device_type, names in _C.supported_dtypes().items()
+}
 _ANY_CORE_DTYPE = frozenset().union(*_CORE_DTYPES.values())
 # Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are.
 _FP32_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
@@ -113,8 +116,10 @@ def compute_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: 
         x_dtype = autocast_dtype if _autocast_casts(x_dtype) else x_dtype
         weight_dtype = autocast_dtype if _autocast_casts(weight_dtype) else weight_dtype
     if x_dtype != weight_dtype:
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
-                           f"{_torch_type_name(x_dtype)} and {_torch_type_name(weight_dtype)}")
+        raise RuntimeError(
+            f"mat1 and mat2 must have the same dtype, but got "
+            f"{_torch_type_name(x_dtype)} and {_torch_type_name(weight_dtype)}"
+        )
     return x_dtype
 
 
@@ -168,6 +173,7 @@ def _first_order(backward):
         if torch.is_grad_enabled():
             return delayed(ctx, *grads)
         return backward(ctx, *grads)
+
     return wrapper
 
 
@@ -215,8 +221,10 @@ def _bool_list(values: Optional[Sequence[bool]]) -> Optional[List[bool]]:
 
 # ---- LoRA linear -----------------------------------------------------------------------------
 
-def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora,
-                     dropout, seed):
+
+def _lora_linear_fwd(
+    x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora, dropout, seed
+):
     """(y, xa) with xa = drop(x)·Aᵀ kept for backward."""
     # This and _lora_linear_bwd are the per-call path of every LoRA linear layer: the helpers
     # (_stream_of, _dl, _new, _dl_or_false) are written out inline, each call of them costing
@@ -229,21 +237,47 @@ def _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, ena
     y = x.new_empty(lead + (_out_features(weight, fan_in_fan_out),))
     xa = x.new_empty(lead + (lora_a.shape[0],))
     _C.lora_linear_forward(
-        to_dlpack(x), to_dlpack(weight), None if bias is None else to_dlpack(bias),
-        to_dlpack(lora_a), to_dlpack(lora_b), scale, fan_in_fan_out=fan_in_fan_out,
-        enable_lora=enable_lora, dropout=dropout, seed=seed, out=to_dlpack(y),
-        out_xa=to_dlpack(xa), stream=stream)
+        to_dlpack(x),
+        to_dlpack(weight),
+        None if bias is None else to_dlpack(bias),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora,
+        dropout=dropout,
+        seed=seed,
+        out=to_dlpack(y),
+        out_xa=to_dlpack(xa),
+        stream=stream,
+    )
     return y, xa
 
 
-def _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out,
-                     enable_lora, dropout, seed, needs):
+def _lora_linear_bwd(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    xa,
+    scale,
+    fan_in_fan_out,
+    enable_lora,
+    dropout,
+    seed,
+    needs,
+):
     """(grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b), None where not in needs."""
     need_x, need_weight, need_bias, need_a, need_b = needs
     stream = cuda_stream(grad_out.device) if grad_out.is_cuda else None
     if stream is not None:
-        grad_out, x, weight, xa = _cuda_view(grad_out), _cuda_view(x), _cuda_view(weight), \
-            _cuda_view(xa)
+        grad_out, x, weight, xa = (
+            _cuda_view(grad_out),
+            _cuda_view(x),
+            _cuda_view(weight),
+            _cuda_view(xa),
+        )
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
     grad_x = x.new_empty(tuple(x.shape)) if need_x else None
     grad_weight = x.new_empty(tuple(weight.shape)) if need_weight else None
@@ -252,14 +286,24 @@ def _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_
     grad_a = lora_a.new_empty(tuple(lora_a.shape)) if need_a else None
     grad_b = lora_b.new_empty(tuple(lora_b.shape)) if need_b else None
     _C.lora_linear_backward(
-        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
-        to_dlpack(lora_b), to_dlpack(xa), scale, fan_in_fan_out=fan_in_fan_out,
-        enable_lora=enable_lora, dropout=dropout, seed=seed,
+        to_dlpack(grad_out),
+        to_dlpack(x),
+        to_dlpack(weight),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        to_dlpack(xa),
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora,
+        dropout=dropout,
+        seed=seed,
         grad_x=False if grad_x is None else to_dlpack(grad_x),
         grad_lora_a=False if grad_a is None else to_dlpack(grad_a),
         grad_lora_b=False if grad_b is None else to_dlpack(grad_b),
         grad_bias=False if grad_bias is None else to_dlpack(grad_bias),
-        grad_weight=False if grad_weight is None else to_dlpack(grad_weight), stream=stream)
+        grad_weight=False if grad_weight is None else to_dlpack(grad_weight),
+        stream=stream,
+    )
     return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
@@ -287,19 +331,44 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grads = _lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, *ctx.settings,
-                                 (need_x, need_weight, need_bias and ctx.has_bias, need_a,
-                                  need_b))
+        grads = _lora_linear_bwd(
+            grad_out,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            xa,
+            *ctx.settings,
+            (need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b),
+        )
         return (*grads, None)
 
 
 @torch.library.custom_op("cpeft::lora_linear", mutates_args=())
-def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-                    lora_b: Tensor, scale: float, fan_in_fan_out: bool,
-                    enable_lora: Optional[List[bool]], dropout: float,
-                    seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora,
-                            dropout, _seed_value(seed))
+def _lora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    fan_in_fan_out: bool,
+    enable_lora: Optional[List[bool]],
+    dropout: float,
+    seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    return _lora_linear_fwd(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scale,
+        fan_in_fan_out,
+        enable_lora,
+        dropout,
+        _seed_value(seed),
+    )
 
 
 @_lora_linear_op.register_fake
@@ -310,18 +379,54 @@ def _(x, weight, bias, lora_a, lora_b, scale, fan_in_fan_out, enable_lora, dropo
 
 
 @torch.library.custom_op("cpeft::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
-                             lora_b: Tensor, xa: Tensor, scale: float, fan_in_fan_out: bool,
-                             enable_lora: Optional[List[bool]], dropout: float,
-                             seed: Optional[Tensor], needs: List[bool]) -> List[Tensor]:
-    return _requested(_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, xa, scale,
-                                       fan_in_fan_out, enable_lora, dropout, _seed_value(seed),
-                                       needs), needs)
+def _lora_linear_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    xa: Tensor,
+    scale: float,
+    fan_in_fan_out: bool,
+    enable_lora: Optional[List[bool]],
+    dropout: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
+) -> List[Tensor]:
+    return _requested(
+        _lora_linear_bwd(
+            grad_out,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            xa,
+            scale,
+            fan_in_fan_out,
+            enable_lora,
+            dropout,
+            _seed_value(seed),
+            needs,
+        ),
+        needs,
+    )
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out, enable_lora, dropout,
-      seed, needs):
+def _(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    xa,
+    scale,
+    fan_in_fan_out,
+    enable_lora,
+    dropout,
+    seed,
+    needs,
+):
     likes = (x, weight, grad_out, lora_a, lora_b)
     shapes = (x.shape, weight.shape, grad_out.shape[-1:], lora_a.shape, lora_b.shape)
     return [like.new_empty(shape) for like, shape, need in zip(likes, shapes, needs) if need]
@@ -338,41 +443,65 @@ def _lora_linear_op_backward(ctx, grad_y, grad_xa):
     x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
     need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     needs = [need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b]
-    grads = _lora_linear_backward_op(grad_y, x, weight, lora_a, lora_b, xa, *ctx.settings, seed,
-                                     needs)
+    grads = _lora_linear_backward_op(
+        grad_y, x, weight, lora_a, lora_b, xa, *ctx.settings, seed, needs
+    )
     return (*_spread(grads, needs), None, None, None, None, None)
 
 
 _lora_linear_op.register_autograd(_lora_linear_op_backward, setup_context=_lora_linear_setup)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enable_lora,
-                dropout):
+def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enable_lora, dropout):
     """LoRA linear under the module-wide dtype rule; returns the compute dtype."""
     device_type = "cpu" if x.is_cpu else x.device.type  # is_cpu spares a torch.device object
     dtype = compute_dtype(x.dtype, weight.dtype, device_type)
     kernel_dtype = core_dtype(dtype, device_type)
-    adapter_dtype = (torch.float32 if kernel_dtype in _FP32_ADAPTER_DTYPES
-                     and lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
-                     else kernel_dtype)
+    adapter_dtype = (
+        torch.float32
+        if kernel_dtype in _FP32_ADAPTER_DTYPES
+        and lora_a.dtype == torch.float32
+        and lora_b.dtype == torch.float32
+        else kernel_dtype
+    )
     # One test for the common case, where nothing is cast (the four calls cost about 1.5 µs).
-    if not (x.dtype == weight.dtype == kernel_dtype and
-            lora_a.dtype == lora_b.dtype == adapter_dtype):
+    if not (
+        x.dtype == weight.dtype == kernel_dtype and lora_a.dtype == lora_b.dtype == adapter_dtype
+    ):
         x, weight = _cast(x, kernel_dtype), _cast(weight, kernel_dtype)
         lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
     bias = _cast(bias, kernel_dtype)
     if torch.compiler.is_compiling():
         seed = _draw_seed_tensor() if dropout > 0.0 else None
-        y = _lora_linear_op(x, weight, bias, lora_a, lora_b, float(scale), bool(fan_in_fan_out),
-                            _bool_list(enable_lora), float(dropout), seed)[0]
+        y = _lora_linear_op(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            float(scale),
+            bool(fan_in_fan_out),
+            _bool_list(enable_lora),
+            float(dropout),
+            seed,
+        )[0]
     else:
         seed = draw_dropout_seed() if dropout > 0.0 else 0
-        y = LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, LoraLinearSettings(
-            float(scale), bool(fan_in_fan_out), enable_lora, float(dropout), seed))
+        y = LoraLinearFunction.apply(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            LoraLinearSettings(
+                float(scale), bool(fan_in_fan_out), enable_lora, float(dropout), seed
+            ),
+        )
     return _cast(y, dtype)
 
 
 # ---- LoRA embedding --------------------------------------------------------------------------
+
 
 def _lora_embedding_fwd(indices, weight, lora_a, lora_b, scale, padding_idx):
     stream = _stream_of(weight)
@@ -380,9 +509,16 @@ def _lora_embedding_fwd(indices, weight, lora_a, lora_b, scale, padding_idx):
         indices, weight = _cuda_view(indices), _cuda_view(weight)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
     y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
-    _C.lora_embedding_forward(to_dlpack(indices), to_dlpack(weight), to_dlpack(lora_a),
-                              to_dlpack(lora_b), scale, padding_idx=padding_idx, out=to_dlpack(y),
-                              stream=stream)
+    _C.lora_embedding_forward(
+        to_dlpack(indices),
+        to_dlpack(weight),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        scale,
+        padding_idx=padding_idx,
+        out=to_dlpack(y),
+        stream=stream,
+    )
     return y
 
 
@@ -396,9 +532,17 @@ def _lora_embedding_bwd(grad_out, indices, lora_a, lora_b, scale, padding_idx, n
     grad_weight = _new(lora_a, need_weight, (lora_a.shape[1], lora_b.shape[0]))
     grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_a, need_b, lora_b.shape)
     _C.lora_embedding_backward(
-        to_dlpack(grad_out), to_dlpack(indices), to_dlpack(lora_a), to_dlpack(lora_b), scale,
-        padding_idx=padding_idx, grad_lora_a=_dl_or_false(grad_a),
-        grad_lora_b=_dl_or_false(grad_b), grad_weight=_dl_or_false(grad_weight), stream=stream)
+        to_dlpack(grad_out),
+        to_dlpack(indices),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        scale,
+        padding_idx=padding_idx,
+        grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b),
+        grad_weight=_dl_or_false(grad_weight),
+        stream=stream,
+    )
     return grad_weight, grad_a, grad_b
 
 
@@ -421,14 +565,21 @@ class LoraEmbeddingFunction(torch.autograd.Function):
     @_first_order
     def backward(ctx, grad_out):
         indices, lora_a, lora_b = ctx.saved_tensors
-        grads = _lora_embedding_bwd(grad_out, indices, lora_a, lora_b, *ctx.settings,
-                                    ctx.needs_input_grad[1:4])
+        grads = _lora_embedding_bwd(
+            grad_out, indices, lora_a, lora_b, *ctx.settings, ctx.needs_input_grad[1:4]
+        )
         return (None, *grads, None)
 
 
 @torch.library.custom_op("cpeft::lora_embedding", mutates_args=())
-def _lora_embedding_op(indices: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                       scale: float, padding_idx: Optional[int]) -> Tensor:
+def _lora_embedding_op(
+    indices: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    padding_idx: Optional[int],
+) -> Tensor:
     return _lora_embedding_fwd(indices, weight, lora_a, lora_b, scale, padding_idx)
 
 
@@ -438,11 +589,18 @@ def _(indices, weight, lora_a, lora_b, scale, padding_idx):
 
 
 @torch.library.custom_op("cpeft::lora_embedding_backward", mutates_args=())
-def _lora_embedding_backward_op(grad_out: Tensor, indices: Tensor, lora_a: Tensor,
-                                lora_b: Tensor, scale: float, padding_idx: Optional[int],
-                                needs: List[bool]) -> List[Tensor]:
-    return _requested(_lora_embedding_bwd(grad_out, indices, lora_a, lora_b, scale, padding_idx,
-                                          needs), needs)
+def _lora_embedding_backward_op(
+    grad_out: Tensor,
+    indices: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    padding_idx: Optional[int],
+    needs: List[bool],
+) -> List[Tensor]:
+    return _requested(
+        _lora_embedding_bwd(grad_out, indices, lora_a, lora_b, scale, padding_idx, needs), needs
+    )
 
 
 @_lora_embedding_backward_op.register_fake
@@ -464,16 +622,19 @@ def _lora_embedding_op_backward(ctx, grad_y):
     return (None, *_spread(grads, needs), None, None)
 
 
-_lora_embedding_op.register_autograd(_lora_embedding_op_backward,
-                                     setup_context=_lora_embedding_setup)
+_lora_embedding_op.register_autograd(
+    _lora_embedding_op_backward, setup_context=_lora_embedding_setup
+)
 
 
 def _check_indices(indices: Tensor) -> Tensor:
     """torch's rule for embedding indices: int64 or int32, never a cast (1.7 is not row 1)."""
     if indices.dtype not in (torch.int32, torch.int64):
-        raise RuntimeError("Expected tensor for argument #1 'indices' to have one of the following "
-                           f"scalar types: Long, Int; but got {indices.type()} instead (while "
-                           "checking arguments for embedding)")
+        raise RuntimeError(
+            "Expected tensor for argument #1 'indices' to have one of the following "
+            f"scalar types: Long, Int; but got {indices.type()} instead (while "
+            "checking arguments for embedding)"
+        )
     return indices
 
 
@@ -487,26 +648,40 @@ def lora_embedding(indices, weight, lora_a, lora_b, *, scale, padding_idx):
     if torch.compiler.is_compiling():
         y = _lora_embedding_op(indices, weight, lora_a, lora_b, float(scale), padding_idx)
     else:
-        y = LoraEmbeddingFunction.apply(indices, weight, lora_a, lora_b,
-                                        LoraEmbeddingSettings(float(scale), padding_idx))
+        y = LoraEmbeddingFunction.apply(
+            indices, weight, lora_a, lora_b, LoraEmbeddingSettings(float(scale), padding_idx)
+        )
     return _cast(y, dtype)
 
 
 # ---- IA3 linear ------------------------------------------------------------------------------
 
+
 def _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base):
     """(y, base), base = x·Wᵀ + b only when keep_base (else None)."""
     stream = _stream_of(x)
     if stream is not None:
-        x, weight, bias, ia3_l = _cuda_view(x), _cuda_view(weight), _cuda_view(bias), \
-            _cuda_view(ia3_l)
+        x, weight, bias, ia3_l = (
+            _cuda_view(x),
+            _cuda_view(weight),
+            _cuda_view(bias),
+            _cuda_view(ia3_l),
+        )
     out_features = _out_features(weight, fan_in_fan_out)
     y = x.new_empty(tuple(x.shape)[:-1] + (out_features,))
     base = _new(y, keep_base, y.shape)
-    _C.ia3_linear_forward(to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(ia3_l),
-                          feedforward=feedforward, fan_in_fan_out=fan_in_fan_out,
-                          keep_base=keep_base, out=to_dlpack(y), out_base=_dl(base),
-                          stream=stream)
+    _C.ia3_linear_forward(
+        to_dlpack(x),
+        to_dlpack(weight),
+        _dl(bias),
+        to_dlpack(ia3_l),
+        feedforward=feedforward,
+        fan_in_fan_out=fan_in_fan_out,
+        keep_base=keep_base,
+        out=to_dlpack(y),
+        out_base=_dl(base),
+        stream=stream,
+    )
     return y, base
 
 
@@ -521,10 +696,19 @@ def _ia3_linear_bwd(grad_out, x, weight, ia3_l, base, feedforward, fan_in_fan_ou
     grad_bias = _new(x, need_bias, grad_out.shape[-1:])
     grad_l = _new(x, need_l, ia3_l.shape)
     _C.ia3_linear_backward(
-        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(ia3_l), _dl(base),
-        feedforward=feedforward, fan_in_fan_out=fan_in_fan_out, grad_x=_dl_or_false(grad_x),
-        grad_ia3_l=_dl_or_false(grad_l), grad_bias=_dl_or_false(grad_bias),
-        grad_weight=_dl_or_false(grad_weight), stream=stream)
+        to_dlpack(grad_out),
+        to_dlpack(x),
+        to_dlpack(weight),
+        to_dlpack(ia3_l),
+        _dl(base),
+        feedforward=feedforward,
+        fan_in_fan_out=fan_in_fan_out,
+        grad_x=_dl_or_false(grad_x),
+        grad_ia3_l=_dl_or_false(grad_l),
+        grad_bias=_dl_or_false(grad_bias),
+        grad_weight=_dl_or_false(grad_weight),
+        stream=stream,
+    )
     return grad_x, grad_weight, grad_bias, grad_l
 
 
@@ -552,15 +736,28 @@ class IA3LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, ia3_l, base = ctx.saved_tensors
         need_x, need_weight, need_bias, need_l = ctx.needs_input_grad[:4]
-        grads = _ia3_linear_bwd(grad_out, x, weight, ia3_l, base, *ctx.settings,
-                                (need_x, need_weight, need_bias and ctx.has_bias, need_l))
+        grads = _ia3_linear_bwd(
+            grad_out,
+            x,
+            weight,
+            ia3_l,
+            base,
+            *ctx.settings,
+            (need_x, need_weight, need_bias and ctx.has_bias, need_l),
+        )
         return (*grads, None)
 
 
 @torch.library.custom_op("cpeft::ia3_linear", mutates_args=())
-def _ia3_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor,
-                   feedforward: bool, fan_in_fan_out: bool,
-                   keep_base: bool) -> Tuple[Tensor, Tensor]:
+def _ia3_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ia3_l: Tensor,
+    feedforward: bool,
+    fan_in_fan_out: bool,
+    keep_base: bool,
+) -> Tuple[Tensor, Tensor]:
     """(y, base); base is empty when not kept (schemas have no optional outputs)."""
     y, base = _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base)
     return y, (y.new_empty((0,)) if base is None else base)
@@ -573,11 +770,19 @@ def _(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_base):
 
 
 @torch.library.custom_op("cpeft::ia3_linear_backward", mutates_args=())
-def _ia3_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, ia3_l: Tensor,
-                            base: Optional[Tensor], feedforward: bool, fan_in_fan_out: bool,
-                            needs: List[bool]) -> List[Tensor]:
-    return _requested(_ia3_linear_bwd(grad_out, x, weight, ia3_l, base, feedforward,
-                                      fan_in_fan_out, needs), needs)
+def _ia3_linear_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    ia3_l: Tensor,
+    base: Optional[Tensor],
+    feedforward: bool,
+    fan_in_fan_out: bool,
+    needs: List[bool],
+) -> List[Tensor]:
+    return _requested(
+        _ia3_linear_bwd(grad_out, x, weight, ia3_l, base, feedforward, fan_in_fan_out, needs), needs
+    )
 
 
 @_ia3_linear_backward_op.register_fake
@@ -612,23 +817,27 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward, fan_in_fan_out):
     ia3_l = _cast(ia3_l, kernel_dtype)
     if torch.compiler.is_compiling():
         keep_base = torch.is_grad_enabled() and ia3_l.requires_grad and not feedforward
-        y = _ia3_linear_op(x, weight, bias, ia3_l, bool(feedforward), bool(fan_in_fan_out),
-                           keep_base)[0]
+        y = _ia3_linear_op(
+            x, weight, bias, ia3_l, bool(feedforward), bool(fan_in_fan_out), keep_base
+        )[0]
     else:
-        y = IA3LinearFunction.apply(x, weight, bias, ia3_l,
-                                    IA3LinearSettings(bool(feedforward), bool(fan_in_fan_out)))
+        y = IA3LinearFunction.apply(
+            x, weight, bias, ia3_l, IA3LinearSettings(bool(feedforward), bool(fan_in_fan_out))
+        )
     return _cast(y, dtype)
 
 
 # ---- IA3 embedding ---------------------------------------------------------------------------
+
 
 def _ia3_embedding_fwd(indices, weight, ia3_l):
     stream = _stream_of(weight)
     if stream is not None:
         indices, weight, ia3_l = _cuda_view(indices), _cuda_view(weight), _cuda_view(ia3_l)
     y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
-    _C.ia3_embedding_forward(to_dlpack(indices), to_dlpack(weight), to_dlpack(ia3_l),
-                             out=to_dlpack(y), stream=stream)
+    _C.ia3_embedding_forward(
+        to_dlpack(indices), to_dlpack(weight), to_dlpack(ia3_l), out=to_dlpack(y), stream=stream
+    )
     return y
 
 
@@ -639,12 +848,17 @@ def _ia3_embedding_bwd(grad_out, indices, weight, ia3_l, padding_idx, needs):
     if stream is not None:
         grad_out, indices = _cuda_view(grad_out), _cuda_view(indices)
         weight, ia3_l = _cuda_view(weight), _cuda_view(ia3_l)
-    grad_weight, grad_l = _new(weight, need_weight, weight.shape), _new(weight, need_l,
-                                                                        ia3_l.shape)
+    grad_weight, grad_l = _new(weight, need_weight, weight.shape), _new(weight, need_l, ia3_l.shape)
     _C.ia3_embedding_backward(
-        to_dlpack(grad_out), to_dlpack(indices), to_dlpack(weight), to_dlpack(ia3_l),
-        padding_idx=padding_idx, grad_ia3_l=_dl_or_false(grad_l),
-        grad_weight=_dl_or_false(grad_weight), stream=stream)
+        to_dlpack(grad_out),
+        to_dlpack(indices),
+        to_dlpack(weight),
+        to_dlpack(ia3_l),
+        padding_idx=padding_idx,
+        grad_ia3_l=_dl_or_false(grad_l),
+        grad_weight=_dl_or_false(grad_weight),
+        stream=stream,
+    )
     return grad_weight, grad_l
 
 
@@ -662,14 +876,16 @@ class IA3EmbeddingFunction(torch.autograd.Function):
     @_first_order
     def backward(ctx, grad_out):
         indices, weight, ia3_l = ctx.saved_tensors
-        grads = _ia3_embedding_bwd(grad_out, indices, weight, ia3_l, ctx.padding_idx,
-                                   ctx.needs_input_grad[1:3])
+        grads = _ia3_embedding_bwd(
+            grad_out, indices, weight, ia3_l, ctx.padding_idx, ctx.needs_input_grad[1:3]
+        )
         return (None, *grads, None)
 
 
 @torch.library.custom_op("cpeft::ia3_embedding", mutates_args=())
-def _ia3_embedding_op(indices: Tensor, weight: Tensor, ia3_l: Tensor,
-                      padding_idx: Optional[int]) -> Tensor:
+def _ia3_embedding_op(
+    indices: Tensor, weight: Tensor, ia3_l: Tensor, padding_idx: Optional[int]
+) -> Tensor:
     """padding_idx only affects the backward; it is an argument so autograd's context has it."""
     return _ia3_embedding_fwd(indices, weight, ia3_l)
 
@@ -680,10 +896,17 @@ def _(indices, weight, ia3_l, padding_idx):
 
 
 @torch.library.custom_op("cpeft::ia3_embedding_backward", mutates_args=())
-def _ia3_embedding_backward_op(grad_out: Tensor, indices: Tensor, weight: Tensor, ia3_l: Tensor,
-                               padding_idx: Optional[int], needs: List[bool]) -> List[Tensor]:
-    return _requested(_ia3_embedding_bwd(grad_out, indices, weight, ia3_l, padding_idx, needs),
-                      needs)
+def _ia3_embedding_backward_op(
+    grad_out: Tensor,
+    indices: Tensor,
+    weight: Tensor,
+    ia3_l: Tensor,
+    padding_idx: Optional[int],
+    needs: List[bool],
+) -> List[Tensor]:
+    return _requested(
+        _ia3_embedding_bwd(grad_out, indices, weight, ia3_l, padding_idx, needs), needs
+    )
 
 
 @_ia3_embedding_backward_op.register_fake
@@ -705,8 +928,7 @@ def _ia3_embedding_op_backward(ctx, grad_y):
     return (None, *_spread(grads, needs), None)
 
 
-_ia3_embedding_op.register_autograd(_ia3_embedding_op_backward,
-                                    setup_context=_ia3_embedding_setup)
+_ia3_embedding_op.register_autograd(_ia3_embedding_op_backward, setup_context=_ia3_embedding_setup)
 
 
 def ia3_embedding(indices, weight, ia3_l, *, padding_idx):
@@ -738,29 +960,52 @@ class WeightSqNormCache:
         self._key = self._value = None
 
     def get(self, weight: torch.Tensor, kernel_weight: torch.Tensor, fan_in_fan_out: bool):
-        key = (weight._version, weight.data_ptr(), weight.device, kernel_weight.dtype,
-               tuple(weight.shape), weight.stride(), bool(fan_in_fan_out))
+        key = (
+            weight._version,
+            weight.data_ptr(),
+            weight.device,
+            kernel_weight.dtype,
+            tuple(weight.shape),
+            weight.stride(),
+            bool(fan_in_fan_out),
+        )
         if key != self._key:
-            value = kernel_weight.new_empty(
-                (_out_features(kernel_weight, fan_in_fan_out),))
-            functional.dora_weight_sq_norm(_dl(kernel_weight.detach()),
-                                           fan_in_fan_out=fan_in_fan_out, out=_dl(value),
-                                           stream=cuda_stream(weight.device))
+            value = kernel_weight.new_empty((_out_features(kernel_weight, fan_in_fan_out),))
+            functional.dora_weight_sq_norm(
+                _dl(kernel_weight.detach()),
+                fan_in_fan_out=fan_in_fan_out,
+                out=_dl(value),
+                stream=cuda_stream(weight.device),
+            )
             self._key, self._value = key, value
         return self._value
 
 
 # ---- DoRA linear -----------------------------------------------------------------------------
 
+
 def _refuse_weight_grad(weight: torch.Tensor, layer: str) -> None:
     if weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
             f"{layer} with DoRA keeps the base weight frozen (peft trains lora_A, lora_B and "
-            "lora_magnitude_vector); got a weight with requires_grad=True")
+            "lora_magnitude_vector); got a weight with requires_grad=True"
+        )
 
 
-def _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale,
-                     fan_in_fan_out, dropout, seed, keep_base):
+def _dora_linear_fwd(
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    magnitude,
+    weight_sq_norm,
+    scale,
+    fan_in_fan_out,
+    dropout,
+    seed,
+    keep_base,
+):
     """(y, xa, base, norm) with xa = drop(x)·Aᵀ and the norm (OUT,) kept for backward, and
     base = drop(x)·Wᵀ + s·xa·Bᵀ only when keep_base (the magnitude's gradient needs it; else
     None). weight_sq_norm None: the core computes ‖W‖² itself."""
@@ -774,15 +1019,42 @@ def _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
     norm = x.new_empty((out_features,))
     base = _new(y, keep_base, y.shape)
     _C.dora_linear_forward(
-        to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b),
-        to_dlpack(magnitude), scale, fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
-        weight_sq_norm=_dl(weight_sq_norm), out=to_dlpack(y), out_xa=to_dlpack(xa),
-        out_base=_dl(base), out_norm=to_dlpack(norm), stream=stream)
+        to_dlpack(x),
+        to_dlpack(weight),
+        _dl(bias),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        to_dlpack(magnitude),
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        weight_sq_norm=_dl(weight_sq_norm),
+        out=to_dlpack(y),
+        out_xa=to_dlpack(xa),
+        out_base=_dl(base),
+        out_norm=to_dlpack(norm),
+        stream=stream,
+    )
     return y, xa, base, norm
 
 
-def _dora_linear_bwd(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, scale,
-                     fan_in_fan_out, dropout, seed, needs):
+def _dora_linear_bwd(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    magnitude,
+    norm,
+    xa,
+    base,
+    scale,
+    fan_in_fan_out,
+    dropout,
+    seed,
+    needs,
+):
     """(grad_x, grad_bias, grad_lora_a, grad_lora_b, grad_magnitude), None where not in needs;
     the weight is frozen, so it has none."""
     need_x, need_bias, need_a, need_b, need_m = needs
@@ -793,12 +1065,26 @@ def _dora_linear_bwd(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, b
     grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
     grad_m = _new(magnitude, need_m, magnitude.shape)
     _C.dora_linear_backward(
-        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
-        to_dlpack(lora_b), to_dlpack(magnitude), to_dlpack(norm), to_dlpack(xa), _dl(base),
-        scale, fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
-        grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
-        grad_lora_b=_dl_or_false(grad_b), grad_magnitude=_dl_or_false(grad_m),
-        grad_bias=_dl_or_false(grad_bias), stream=stream)
+        to_dlpack(grad_out),
+        to_dlpack(x),
+        to_dlpack(weight),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        to_dlpack(magnitude),
+        to_dlpack(norm),
+        to_dlpack(xa),
+        _dl(base),
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        grad_x=_dl_or_false(grad_x),
+        grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b),
+        grad_magnitude=_dl_or_false(grad_m),
+        grad_bias=_dl_or_false(grad_bias),
+        stream=stream,
+    )
     return grad_x, grad_bias, grad_a, grad_b, grad_m
 
 
@@ -816,10 +1102,28 @@ class DoraLinearFunction(torch.autograd.Function):
     one output-sized tensor DoRA adds to LoRA's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm,
-                settings: DoraLinearSettings):
-        y, xa, base, norm = _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude,
-                                             weight_sq_norm, *settings, ctx.needs_input_grad[5])
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        magnitude,
+        weight_sq_norm,
+        settings: DoraLinearSettings,
+    ):
+        y, xa, base, norm = _dora_linear_fwd(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            magnitude,
+            weight_sq_norm,
+            *settings,
+            ctx.needs_input_grad[5],
+        )
         ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, xa, base)
         ctx.settings = settings
         ctx.has_bias = bias is not None
@@ -831,26 +1135,55 @@ class DoraLinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, magnitude, norm, xa, base = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         grad_x, grad_bias, grad_a, grad_b, grad_m = _dora_linear_bwd(
-            grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, *ctx.settings,
-            (need_x, need_bias and ctx.has_bias, need_a, need_b, need_m))
+            grad_out,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            magnitude,
+            norm,
+            xa,
+            base,
+            *ctx.settings,
+            (need_x, need_bias and ctx.has_bias, need_a, need_b, need_m),
+        )
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
 
 
 @torch.library.custom_op("cpeft::dora_linear", mutates_args=())
-def _dora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-                    lora_b: Tensor, magnitude: Tensor, scale: float, fan_in_fan_out: bool,
-                    dropout: float, seed: Optional[Tensor],
-                    keep_base: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _dora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scale: float,
+    fan_in_fan_out: bool,
+    dropout: float,
+    seed: Optional[Tensor],
+    keep_base: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, xa, base, norm); base is empty when not kept. No ‖W‖² argument: see dora_linear."""
-    y, xa, base, norm = _dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, None,
-                                         scale, fan_in_fan_out, dropout, _seed_value(seed),
-                                         keep_base)
+    y, xa, base, norm = _dora_linear_fwd(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        magnitude,
+        None,
+        scale,
+        fan_in_fan_out,
+        dropout,
+        _seed_value(seed),
+        keep_base,
+    )
     return y, xa, (y.new_empty((0,)) if base is None else base), norm
 
 
 @_dora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed,
-      keep_base):
+def _(x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed, keep_base):
     out_features = _out_features(weight, fan_in_fan_out)
     y = x.new_empty(x.shape[:-1] + (out_features,))
     base = y.new_empty(y.shape) if keep_base else y.new_empty((0,))
@@ -858,30 +1191,83 @@ def _(x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout
 
 
 @torch.library.custom_op("cpeft::dora_linear_backward", mutates_args=())
-def _dora_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
-                             lora_b: Tensor, magnitude: Tensor, norm: Tensor, xa: Tensor,
-                             base: Optional[Tensor], scale: float, fan_in_fan_out: bool,
-                             dropout: float, seed: Optional[Tensor],
-                             needs: List[bool]) -> List[Tensor]:
-    return _requested(_dora_linear_bwd(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa,
-                                       base, scale, fan_in_fan_out, dropout, _seed_value(seed),
-                                       needs), needs)
+def _dora_linear_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    norm: Tensor,
+    xa: Tensor,
+    base: Optional[Tensor],
+    scale: float,
+    fan_in_fan_out: bool,
+    dropout: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
+) -> List[Tensor]:
+    return _requested(
+        _dora_linear_bwd(
+            grad_out,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            magnitude,
+            norm,
+            xa,
+            base,
+            scale,
+            fan_in_fan_out,
+            dropout,
+            _seed_value(seed),
+            needs,
+        ),
+        needs,
+    )
 
 
 @_dora_linear_backward_op.register_fake
-def _(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, scale, fan_in_fan_out,
-      dropout, seed, needs):
+def _(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    magnitude,
+    norm,
+    xa,
+    base,
+    scale,
+    fan_in_fan_out,
+    dropout,
+    seed,
+    needs,
+):
     likes = (x, grad_out, lora_a, lora_b, magnitude)
     shapes = (x.shape, grad_out.shape[-1:], lora_a.shape, lora_b.shape, magnitude.shape)
     return [like.new_empty(shape) for like, shape, need in zip(likes, shapes, needs) if need]
 
 
 def _dora_linear_setup(ctx, inputs, output):
-    (x, weight, bias, lora_a, lora_b, magnitude, scale, fan_in_fan_out, dropout, seed,
-     keep_base) = inputs
+    (
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        magnitude,
+        scale,
+        fan_in_fan_out,
+        dropout,
+        seed,
+        keep_base,
+    ) = inputs
     _, xa, base, norm = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, norm, xa,
-                          base if keep_base else None, seed)
+    ctx.save_for_backward(
+        x, weight, lora_a, lora_b, magnitude, norm, xa, base if keep_base else None, seed
+    )
     ctx.settings = (scale, fan_in_fan_out, dropout)
     ctx.has_bias = bias is not None
 
@@ -890,8 +1276,9 @@ def _dora_linear_op_backward(ctx, grad_y, grad_xa, grad_base, grad_norm):
     x, weight, lora_a, lora_b, magnitude, norm, xa, base, seed = ctx.saved_tensors
     need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
     needs = [need_x, need_bias and ctx.has_bias, need_a, need_b, need_m]
-    grads = _dora_linear_backward_op(grad_y, x, weight, lora_a, lora_b, magnitude, norm, xa,
-                                     base, *ctx.settings, seed, needs)
+    grads = _dora_linear_backward_op(
+        grad_y, x, weight, lora_a, lora_b, magnitude, norm, xa, base, *ctx.settings, seed, needs
+    )
     grad_x, grad_bias, grad_a, grad_b, grad_m = _spread(grads, needs)
     return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
 
@@ -899,8 +1286,20 @@ def _dora_linear_op_backward(ctx, grad_y, grad_xa, grad_base, grad_norm):
 _dora_linear_op.register_autograd(_dora_linear_op_backward, setup_context=_dora_linear_setup)
 
 
-def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, *, scale, fan_in_fan_out, dropout,
-                sq_norm_cache: Optional[WeightSqNormCache] = None, layer: str = "Linear"):
+def dora_linear(
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    magnitude,
+    *,
+    scale,
+    fan_in_fan_out,
+    dropout,
+    sq_norm_cache: Optional[WeightSqNormCache] = None,
+    layer: str = "Linear",
+):
     """DoRA linear under the module-wide dtype rule; returns the compute dtype."""
     _refuse_weight_grad(weight, layer)
     device_type = x.device.type
@@ -920,19 +1319,41 @@ def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, *, scale, fan_in_fan
         # eager's and float32 ones differ from them by that rounding only.
         seed = _draw_seed_tensor() if dropout > 0.0 else None
         keep_base = torch.is_grad_enabled() and magnitude.requires_grad
-        y = _dora_linear_op(x, kernel_weight, bias, lora_a, lora_b, magnitude, float(scale),
-                            bool(fan_in_fan_out), float(dropout), seed, keep_base)[0]
+        y = _dora_linear_op(
+            x,
+            kernel_weight,
+            bias,
+            lora_a,
+            lora_b,
+            magnitude,
+            float(scale),
+            bool(fan_in_fan_out),
+            float(dropout),
+            seed,
+            keep_base,
+        )[0]
     else:
         seed = draw_dropout_seed() if dropout > 0.0 else 0
-        sq_norm = (sq_norm_cache.get(weight, kernel_weight, fan_in_fan_out)
-                   if sq_norm_cache is not None else None)
-        y = DoraLinearFunction.apply(x, kernel_weight, bias, lora_a, lora_b, magnitude, sq_norm,
-                                     DoraLinearSettings(float(scale), bool(fan_in_fan_out),
-                                                        float(dropout), seed))
+        sq_norm = (
+            sq_norm_cache.get(weight, kernel_weight, fan_in_fan_out)
+            if sq_norm_cache is not None
+            else None
+        )
+        y = DoraLinearFunction.apply(
+            x,
+            kernel_weight,
+            bias,
+            lora_a,
+            lora_b,
+            magnitude,
+            sq_norm,
+            DoraLinearSettings(float(scale), bool(fan_in_fan_out), float(dropout), seed),
+        )
     return _cast(y, dtype)
 
 
 # ---- DoRA embedding --------------------------------------------------------------------------
+
 
 def _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude, weight_sq_norm, scale):
     """(y, norm), the norm (D,) kept for backward; weight_sq_norm as in _dora_linear_fwd."""
@@ -942,14 +1363,23 @@ def _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude, weight_sq_no
     y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
     norm = weight.new_empty((weight.shape[1],))
     _C.dora_embedding_forward(
-        to_dlpack(indices), to_dlpack(weight), to_dlpack(lora_a), to_dlpack(lora_b),
-        to_dlpack(magnitude), scale, weight_sq_norm=_dl(weight_sq_norm), out=to_dlpack(y),
-        out_norm=to_dlpack(norm), stream=stream)
+        to_dlpack(indices),
+        to_dlpack(weight),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        to_dlpack(magnitude),
+        scale,
+        weight_sq_norm=_dl(weight_sq_norm),
+        out=to_dlpack(y),
+        out_norm=to_dlpack(norm),
+        stream=stream,
+    )
     return y, norm
 
 
-def _dora_embedding_bwd(grad_out, indices, weight, lora_a, lora_b, magnitude, norm, scale,
-                        padding_idx, needs):
+def _dora_embedding_bwd(
+    grad_out, indices, weight, lora_a, lora_b, magnitude, norm, scale, padding_idx, needs
+):
     """(grad_lora_a, grad_lora_b, grad_magnitude), None where not in needs."""
     need_a, need_b, need_m = needs
     stream = _stream_of(grad_out)
@@ -958,10 +1388,20 @@ def _dora_embedding_bwd(grad_out, indices, weight, lora_a, lora_b, magnitude, no
     grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
     grad_m = _new(magnitude, need_m, magnitude.shape)
     _C.dora_embedding_backward(
-        to_dlpack(grad_out), to_dlpack(indices), to_dlpack(weight), to_dlpack(lora_a),
-        to_dlpack(lora_b), to_dlpack(magnitude), to_dlpack(norm), scale,
-        padding_idx=padding_idx, grad_lora_a=_dl_or_false(grad_a),
-        grad_lora_b=_dl_or_false(grad_b), grad_magnitude=_dl_or_false(grad_m), stream=stream)
+        to_dlpack(grad_out),
+        to_dlpack(indices),
+        to_dlpack(weight),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        to_dlpack(magnitude),
+        to_dlpack(norm),
+        scale,
+        padding_idx=padding_idx,
+        grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b),
+        grad_magnitude=_dl_or_false(grad_m),
+        stream=stream,
+    )
     return grad_a, grad_b, grad_m
 
 
@@ -970,10 +1410,19 @@ class DoraEmbeddingFunction(torch.autograd.Function):
     over the vocabulary; keeps the indices and the norm (D,), nothing output-sized."""
 
     @staticmethod
-    def forward(ctx, indices, weight, lora_a, lora_b, magnitude, weight_sq_norm,
-                settings: LoraEmbeddingSettings):
-        y, norm = _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude,
-                                      weight_sq_norm, settings.scale)
+    def forward(
+        ctx,
+        indices,
+        weight,
+        lora_a,
+        lora_b,
+        magnitude,
+        weight_sq_norm,
+        settings: LoraEmbeddingSettings,
+    ):
+        y, norm = _dora_embedding_fwd(
+            indices, weight, lora_a, lora_b, magnitude, weight_sq_norm, settings.scale
+        )
         ctx.save_for_backward(indices, weight, lora_a, lora_b, magnitude, norm)
         ctx.settings = settings
         return y
@@ -982,15 +1431,30 @@ class DoraEmbeddingFunction(torch.autograd.Function):
     @_first_order
     def backward(ctx, grad_out):
         indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
-        grads = _dora_embedding_bwd(grad_out, indices, weight, lora_a, lora_b, magnitude, norm,
-                                    *ctx.settings, ctx.needs_input_grad[2:5])
+        grads = _dora_embedding_bwd(
+            grad_out,
+            indices,
+            weight,
+            lora_a,
+            lora_b,
+            magnitude,
+            norm,
+            *ctx.settings,
+            ctx.needs_input_grad[2:5],
+        )
         return (None, None, *grads, None, None)
 
 
 @torch.library.custom_op("cpeft::dora_embedding", mutates_args=())
-def _dora_embedding_op(indices: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-                       magnitude: Tensor, scale: float,
-                       padding_idx: Optional[int]) -> Tuple[Tensor, Tensor]:
+def _dora_embedding_op(
+    indices: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scale: float,
+    padding_idx: Optional[int],
+) -> Tuple[Tensor, Tensor]:
     """(y, norm); padding_idx only affects the backward, as in cpeft::ia3_embedding. No ‖W‖²
     argument: see dora_linear."""
     return _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude, None, scale)
@@ -999,16 +1463,29 @@ def _dora_embedding_op(indices: Tensor, weight: Tensor, lora_a: Tensor, lora_b: 
 @_dora_embedding_op.register_fake
 def _(indices, weight, lora_a, lora_b, magnitude, scale, padding_idx):
     return weight.new_empty(indices.shape + (weight.shape[1],)), weight.new_empty(
-        (weight.shape[1],))
+        (weight.shape[1],)
+    )
 
 
 @torch.library.custom_op("cpeft::dora_embedding_backward", mutates_args=())
-def _dora_embedding_backward_op(grad_out: Tensor, indices: Tensor, weight: Tensor,
-                                lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, norm: Tensor,
-                                scale: float, padding_idx: Optional[int],
-                                needs: List[bool]) -> List[Tensor]:
-    return _requested(_dora_embedding_bwd(grad_out, indices, weight, lora_a, lora_b, magnitude,
-                                          norm, scale, padding_idx, needs), needs)
+def _dora_embedding_backward_op(
+    grad_out: Tensor,
+    indices: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    norm: Tensor,
+    scale: float,
+    padding_idx: Optional[int],
+    needs: List[bool],
+) -> List[Tensor]:
+    return _requested(
+        _dora_embedding_bwd(
+            grad_out, indices, weight, lora_a, lora_b, magnitude, norm, scale, padding_idx, needs
+        ),
+        needs,
+    )
 
 
 @_dora_embedding_backward_op.register_fake
@@ -1026,17 +1503,28 @@ def _dora_embedding_setup(ctx, inputs, output):
 def _dora_embedding_op_backward(ctx, grad_y, grad_norm):
     indices, weight, lora_a, lora_b, magnitude, norm = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[2:5])
-    grads = _dora_embedding_backward_op(grad_y, indices, weight, lora_a, lora_b, magnitude,
-                                        norm, *ctx.settings, needs)
+    grads = _dora_embedding_backward_op(
+        grad_y, indices, weight, lora_a, lora_b, magnitude, norm, *ctx.settings, needs
+    )
     return (None, None, *_spread(grads, needs), None, None)
 
 
-_dora_embedding_op.register_autograd(_dora_embedding_op_backward,
-                                     setup_context=_dora_embedding_setup)
+_dora_embedding_op.register_autograd(
+    _dora_embedding_op_backward, setup_context=_dora_embedding_setup
+)
 
 
-def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding_idx,
-                   sq_norm_cache: Optional[WeightSqNormCache] = None):
+def dora_embedding(
+    indices,
+    weight,
+    lora_a,
+    lora_b,
+    magnitude,
+    *,
+    scale,
+    padding_idx,
+    sq_norm_cache: Optional[WeightSqNormCache] = None,
+):
     """As lora_embedding: the output has the weight's dtype, the adapters are cast to it."""
     _refuse_weight_grad(weight, "Embedding")
     dtype = weight.dtype
@@ -1047,20 +1535,31 @@ def dora_embedding(indices, weight, lora_a, lora_b, magnitude, *, scale, padding
     magnitude = _cast(magnitude, kernel_dtype)
     if torch.compiler.is_compiling():
         # ‖W‖² computed inside the op, for the reasons given in dora_linear.
-        y = _dora_embedding_op(indices, kernel_weight, lora_a, lora_b, magnitude, float(scale),
-                               padding_idx)[0]
+        y = _dora_embedding_op(
+            indices, kernel_weight, lora_a, lora_b, magnitude, float(scale), padding_idx
+        )[0]
     else:
-        sq_norm = (sq_norm_cache.get(weight, kernel_weight, True)
-                   if sq_norm_cache is not None else None)
-        y = DoraEmbeddingFunction.apply(indices, kernel_weight, lora_a, lora_b, magnitude,
-                                        sq_norm, LoraEmbeddingSettings(float(scale), padding_idx))
+        sq_norm = (
+            sq_norm_cache.get(weight, kernel_weight, True) if sq_norm_cache is not None else None
+        )
+        y = DoraEmbeddingFunction.apply(
+            indices,
+            kernel_weight,
+            lora_a,
+            lora_b,
+            magnitude,
+            sq_norm,
+            LoraEmbeddingSettings(float(scale), padding_idx),
+        )
     return _cast(y, dtype)
 
 
 # ---- LoRA grouped (mixed-adapter batches) ----------------------------------------------------
 
-def _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out,
-                      dropout, seed):
+
+def _lora_grouped_fwd(
+    x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dropout, seed
+):
     """(y, xa) with xa (..., max rank) kept for backward."""
     stream = _stream_of(x)
     if stream is not None:
@@ -1070,14 +1569,40 @@ def _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan
     y = x.new_empty(lead + (out_features,))
     xa = x.new_empty(lead + (max(ranks),))
     _C.lora_grouped_forward(
-        to_dlpack(x), to_dlpack(weight), _dl(bias), to_dlpack(lora_a), to_dlpack(lora_b),
-        to_dlpack(index), ranks, scales, fan_in_fan_out=fan_in_fan_out, dropout=dropout,
-        seed=seed, offset=0, out=to_dlpack(y), out_xa=to_dlpack(xa), stream=stream)
+        to_dlpack(x),
+        to_dlpack(weight),
+        _dl(bias),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        to_dlpack(index),
+        ranks,
+        scales,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        offset=0,
+        out=to_dlpack(y),
+        out_xa=to_dlpack(xa),
+        stream=stream,
+    )
     return y, xa
 
 
-def _lora_grouped_bwd(grad_out, x, weight, lora_a, lora_b, xa, index, ranks, scales,
-                      fan_in_fan_out, dropout, seed, needs):
+def _lora_grouped_bwd(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    xa,
+    index,
+    ranks,
+    scales,
+    fan_in_fan_out,
+    dropout,
+    seed,
+    needs,
+):
     """(grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b), None where not in needs."""
     need_x, need_weight, need_bias, need_a, need_b = needs
     stream = _stream_of(grad_out)
@@ -1086,12 +1611,26 @@ def _lora_grouped_bwd(grad_out, x, weight, lora_a, lora_b, xa, index, ranks, sca
     grad_a, grad_b = _new(lora_a, need_a, lora_a.shape), _new(lora_b, need_b, lora_b.shape)
     grad_bias = _new(grad_out, need_bias, grad_out.shape[-1:])
     _C.lora_grouped_backward(
-        to_dlpack(grad_out), to_dlpack(x), to_dlpack(weight), to_dlpack(lora_a),
-        to_dlpack(lora_b), to_dlpack(xa), to_dlpack(index), ranks, scales,
-        fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed, offset=0,
-        grad_x=_dl_or_false(grad_x), grad_lora_a=_dl_or_false(grad_a),
-        grad_lora_b=_dl_or_false(grad_b), grad_bias=_dl_or_false(grad_bias),
-        grad_weight=_dl_or_false(grad_weight), stream=stream)
+        to_dlpack(grad_out),
+        to_dlpack(x),
+        to_dlpack(weight),
+        to_dlpack(lora_a),
+        to_dlpack(lora_b),
+        to_dlpack(xa),
+        to_dlpack(index),
+        ranks,
+        scales,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        offset=0,
+        grad_x=_dl_or_false(grad_x),
+        grad_lora_a=_dl_or_false(grad_a),
+        grad_lora_b=_dl_or_false(grad_b),
+        grad_bias=_dl_or_false(grad_bias),
+        grad_weight=_dl_or_false(grad_weight),
+        stream=stream,
+    )
     return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
@@ -1120,19 +1659,47 @@ class LoraGroupedFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, xa, index = ctx.saved_tensors
         need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grads = _lora_grouped_bwd(grad_out, x, weight, lora_a, lora_b, xa, index, *ctx.settings,
-                                  (need_x, need_weight, need_bias and ctx.has_bias, need_a,
-                                   need_b))
+        grads = _lora_grouped_bwd(
+            grad_out,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            xa,
+            index,
+            *ctx.settings,
+            (need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b),
+        )
         return (*grads, None, None)
 
 
 @torch.library.custom_op("cpeft::lora_grouped", mutates_args=())
-def _lora_grouped_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-                     lora_b: Tensor, index: Tensor, ranks: List[int], scales: List[float],
-                     fan_in_fan_out: bool, dropout: float,
-                     seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _lora_grouped_fwd(x, weight, bias, lora_a, lora_b, index, ranks, scales,
-                             fan_in_fan_out, dropout, _seed_value(seed))
+def _lora_grouped_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    index: Tensor,
+    ranks: List[int],
+    scales: List[float],
+    fan_in_fan_out: bool,
+    dropout: float,
+    seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    return _lora_grouped_fwd(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        index,
+        ranks,
+        scales,
+        fan_in_fan_out,
+        dropout,
+        _seed_value(seed),
+    )
 
 
 @_lora_grouped_op.register_fake
@@ -1143,26 +1710,64 @@ def _(x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dro
 
 
 @torch.library.custom_op("cpeft::lora_grouped_backward", mutates_args=())
-def _lora_grouped_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
-                              lora_b: Tensor, xa: Tensor, index: Tensor, ranks: List[int],
-                              scales: List[float], fan_in_fan_out: bool, dropout: float,
-                              seed: Optional[Tensor], needs: List[bool]) -> List[Tensor]:
-    return _requested(_lora_grouped_bwd(grad_out, x, weight, lora_a, lora_b, xa, index, ranks,
-                                        scales, fan_in_fan_out, dropout, _seed_value(seed),
-                                        needs), needs)
+def _lora_grouped_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    xa: Tensor,
+    index: Tensor,
+    ranks: List[int],
+    scales: List[float],
+    fan_in_fan_out: bool,
+    dropout: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
+) -> List[Tensor]:
+    return _requested(
+        _lora_grouped_bwd(
+            grad_out,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            xa,
+            index,
+            ranks,
+            scales,
+            fan_in_fan_out,
+            dropout,
+            _seed_value(seed),
+            needs,
+        ),
+        needs,
+    )
 
 
 @_lora_grouped_backward_op.register_fake
-def _(grad_out, x, weight, lora_a, lora_b, xa, index, ranks, scales, fan_in_fan_out, dropout,
-      seed, needs):
+def _(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    xa,
+    index,
+    ranks,
+    scales,
+    fan_in_fan_out,
+    dropout,
+    seed,
+    needs,
+):
     likes = (x, weight, grad_out, lora_a, lora_b)
     shapes = (x.shape, weight.shape, grad_out.shape[-1:], lora_a.shape, lora_b.shape)
     return [like.new_empty(shape) for like, shape, need in zip(likes, shapes, needs) if need]
 
 
 def _lora_grouped_setup(ctx, inputs, output):
-    (x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dropout,
-     seed) = inputs
+    (x, weight, bias, lora_a, lora_b, index, ranks, scales, fan_in_fan_out, dropout, seed) = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], index, seed)
     ctx.settings = (ranks, scales, fan_in_fan_out, dropout)
     ctx.has_bias = bias is not None
@@ -1172,16 +1777,16 @@ def _lora_grouped_op_backward(ctx, grad_y, grad_xa):
     x, weight, lora_a, lora_b, xa, index, seed = ctx.saved_tensors
     need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     needs = [need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b]
-    grads = _lora_grouped_backward_op(grad_y, x, weight, lora_a, lora_b, xa, index,
-                                      *ctx.settings, seed, needs)
+    grads = _lora_grouped_backward_op(
+        grad_y, x, weight, lora_a, lora_b, xa, index, *ctx.settings, seed, needs
+    )
     return (*_spread(grads, needs), None, None, None, None, None, None)
 
 
 _lora_grouped_op.register_autograd(_lora_grouped_op_backward, setup_context=_lora_grouped_setup)
 
 
-def lora_grouped(x, weight, bias, lora_a, lora_b, index, *, ranks, scales, fan_in_fan_out,
-                 dropout):
+def lora_grouped(x, weight, bias, lora_a, lora_b, index, *, ranks, scales, fan_in_fan_out, dropout):
     """Mixed-adapter LoRA linear under the module-wide dtype rule. lora_a (ΣR, IN) and lora_b
     (OUT, ΣR) are the adapters packed (torch.cat keeps each adapter's gradient path); index is
     an int64 tensor with one entry per row of x."""
@@ -1193,10 +1798,30 @@ def lora_grouped(x, weight, bias, lora_a, lora_b, index, *, ranks, scales, fan_i
     lora_a, lora_b = _cast(lora_a, kernel_dtype), _cast(lora_b, kernel_dtype)
     if torch.compiler.is_compiling():
         seed = _draw_seed_tensor() if dropout > 0.0 else None
-        y = _lora_grouped_op(x, weight, bias, lora_a, lora_b, index, ranks, scales,
-                             bool(fan_in_fan_out), float(dropout), seed)[0]
+        y = _lora_grouped_op(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            index,
+            ranks,
+            scales,
+            bool(fan_in_fan_out),
+            float(dropout),
+            seed,
+        )[0]
     else:
         seed = draw_dropout_seed() if dropout > 0.0 else 0
-        y = LoraGroupedFunction.apply(x, weight, bias, lora_a, lora_b, index, LoraGroupedSettings(
-            tuple(ranks), tuple(scales), bool(fan_in_fan_out), float(dropout), seed))
+        y = LoraGroupedFunction.apply(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            index,
+            LoraGroupedSettings(
+                tuple(ranks), tuple(scales), bool(fan_in_fan_out), float(dropout), seed
+            ),
+        )
     return _cast(y, dtype)

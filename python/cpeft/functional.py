@@ -23,6 +23,7 @@ are detached (zero-copy) before crossing into C.
 ``stream`` is an int CUDA stream handle used for CUDA tensors (``None`` or 0: the legacy default
 stream); the caller's pending work on the tensors is ordered before it through DLPack.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,21 +34,44 @@ import numpy as np
 from . import _C
 
 __all__ = [
-    "LoraLinearGrads", "LoraEmbeddingGrads", "IA3LinearGrads", "IA3EmbeddingGrads",
-    "MergeRecord", "lora_linear_forward", "lora_linear_backward", "lora_embedding_forward",
-    "lora_embedding_backward", "ia3_linear_forward", "ia3_linear_backward",
-    "ia3_embedding_forward", "ia3_embedding_backward", "lora_merge", "lora_unmerge",
-    "lora_embedding_merge", "lora_embedding_unmerge", "ia3_merge", "ia3_unmerge",
-    "ia3_embedding_merge", "ia3_embedding_unmerge", "dropout_mask", "lora_grouped_forward",
+    "LoraLinearGrads",
+    "LoraEmbeddingGrads",
+    "IA3LinearGrads",
+    "IA3EmbeddingGrads",
+    "MergeRecord",
+    "lora_linear_forward",
+    "lora_linear_backward",
+    "lora_embedding_forward",
+    "lora_embedding_backward",
+    "ia3_linear_forward",
+    "ia3_linear_backward",
+    "ia3_embedding_forward",
+    "ia3_embedding_backward",
+    "lora_merge",
+    "lora_unmerge",
+    "lora_embedding_merge",
+    "lora_embedding_unmerge",
+    "ia3_merge",
+    "ia3_unmerge",
+    "ia3_embedding_merge",
+    "ia3_embedding_unmerge",
+    "dropout_mask",
+    "lora_grouped_forward",
     "lora_grouped_backward",
-    "DoraLinearGrads", "DoraEmbeddingGrads", "dora_weight_sq_norm", "dora_weight_norm",
-    "dora_linear_forward", "dora_linear_backward", "dora_embedding_forward",
+    "DoraLinearGrads",
+    "DoraEmbeddingGrads",
+    "dora_weight_sq_norm",
+    "dora_weight_norm",
+    "dora_linear_forward",
+    "dora_linear_backward",
+    "dora_embedding_forward",
     "dora_embedding_backward",
 ]
 
 
 class LoraLinearGrads(NamedTuple):
     """Gradients of lora_linear_forward; None where not requested."""
+
     x: Any
     lora_a: Any
     lora_b: Any
@@ -57,6 +81,7 @@ class LoraLinearGrads(NamedTuple):
 
 class LoraEmbeddingGrads(NamedTuple):
     """Gradients of lora_embedding_forward; None where not requested."""
+
     lora_a: Any
     lora_b: Any
     weight: Any
@@ -64,6 +89,7 @@ class LoraEmbeddingGrads(NamedTuple):
 
 class IA3LinearGrads(NamedTuple):
     """Gradients of ia3_linear_forward; None where not requested."""
+
     x: Any
     ia3_l: Any
     bias: Any
@@ -72,12 +98,14 @@ class IA3LinearGrads(NamedTuple):
 
 class IA3EmbeddingGrads(NamedTuple):
     """Gradients of ia3_embedding_forward; None where not requested."""
+
     ia3_l: Any
     weight: Any
 
 
 class DoraLinearGrads(NamedTuple):
     """Gradients of dora_linear_forward; None where not requested."""
+
     x: Any
     lora_a: Any
     lora_b: Any
@@ -87,6 +115,7 @@ class DoraLinearGrads(NamedTuple):
 
 class DoraEmbeddingGrads(NamedTuple):
     """Gradients of dora_embedding_forward; None where not requested."""
+
     lora_a: Any
     lora_b: Any
     magnitude: Any
@@ -97,12 +126,14 @@ class MergeRecord(NamedTuple):
     into the merged tensor's logical 2-D view of the elements whose merge/unmerge round trip
     would not restore them bit for bit, and ``value`` (the weight's dtype, (n,)) their original
     values. Same framework and device as the weight; usually a tiny fraction of its size."""
+
     index: Any
     value: Any
 
 
 # ---- framework plumbing (no framework is imported here: torch/CuPy are found in sys.modules
 # through the tensors the caller passed, which proves they are already imported) ---------------
+
 
 def _framework(obj) -> str:
     return type(obj).__module__.split(".", 1)[0]
@@ -154,8 +185,10 @@ def _out_features(weight, fan_in_fan_out):
 
 def _record(record, name):
     if not (isinstance(record, tuple) and len(record) == 2):
-        raise TypeError(f"{name} must be the MergeRecord(index, value) returned by the merge, "
-                        f"got {type(record).__name__}")
+        raise TypeError(
+            f"{name} must be the MergeRecord(index, value) returned by the merge, "
+            f"got {type(record).__name__}"
+        )
     return _detached(record[0]), _detached(record[1])
 
 
@@ -165,10 +198,24 @@ def _new_record(weight, count):
 
 # ---- LoRA linear -----------------------------------------------------------------------------
 
-def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale: float, *,
-                        fan_in_fan_out: bool = False,
-                        enable_lora: Optional[Sequence[bool]] = None, dropout: float = 0.0,
-                        seed: int = 0, offset: int = 0, out=None, out_xa=None, stream=None):
+
+def lora_linear_forward(
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+    enable_lora: Optional[Sequence[bool]] = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    out=None,
+    out_xa=None,
+    stream=None,
+):
     """LoRA linear forward (loralib ``Linear``; ``MergedLinear`` with ``enable_lora``).
 
     ``y = x·Wᵀ + bias + scale · scatter_K(drop(x)·A_kᵀ·B_kᵀ)``, with ``xa = drop(x)·Aᵀ`` kept for
@@ -193,21 +240,49 @@ def lora_linear_forward(x, weight, bias, lora_a, lora_b, scale: float, *,
         (y, xa): y (..., OUT) and xa (..., R*K), both x's dtype.
     """
     x, weight, bias, lora_a, lora_b = map(_detached, (x, weight, bias, lora_a, lora_b))
-    out = _output(out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),),
-                  required=True)
+    out = _output(
+        out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),), required=True
+    )
     out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (lora_a.shape[0],), required=True)
-    return _C.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale,
-                                  fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
-                                  dropout=dropout, seed=seed, offset=offset, out=out,
-                                  out_xa=out_xa, stream=stream)
+    return _C.lora_linear_forward(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora,
+        dropout=dropout,
+        seed=seed,
+        offset=offset,
+        out=out,
+        out_xa=out_xa,
+        stream=stream,
+    )
 
 
-def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale: float, *,
-                         fan_in_fan_out: bool = False,
-                         enable_lora: Optional[Sequence[bool]] = None, dropout: float = 0.0,
-                         seed: int = 0, offset: int = 0, grad_x=True, grad_lora_a=True,
-                         grad_lora_b=True, grad_bias=False, grad_weight=False,
-                         stream=None) -> LoraLinearGrads:
+def lora_linear_backward(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    xa,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+    enable_lora: Optional[Sequence[bool]] = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    grad_x=True,
+    grad_lora_a=True,
+    grad_lora_b=True,
+    grad_bias=False,
+    grad_weight=False,
+    stream=None,
+) -> LoraLinearGrads:
     """Gradients of ``lora_linear_forward`` (same weight layout, groups, dropout, seed, offset).
 
     Args:
@@ -227,21 +302,34 @@ def lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale: float, 
     Returns:
         LoraLinearGrads(x, lora_a, lora_b, bias, weight), None where not requested.
     """
-    grad_out, x, weight, lora_a, lora_b, xa = map(_detached,
-                                                  (grad_out, x, weight, lora_a, lora_b, xa))
+    grad_out, x, weight, lora_a, lora_b, xa = map(
+        _detached, (grad_out, x, weight, lora_a, lora_b, xa)
+    )
     grads = _C.lora_linear_backward(
-        grad_out, x, weight, lora_a, lora_b, xa, scale, fan_in_fan_out=fan_in_fan_out,
-        enable_lora=enable_lora, dropout=dropout, seed=seed, offset=offset,
+        grad_out,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        xa,
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora,
+        dropout=dropout,
+        seed=seed,
+        offset=offset,
         grad_x=_output(grad_x, x, lambda: x.shape),
         grad_lora_a=_output(grad_lora_a, lora_a, lambda: lora_a.shape),
         grad_lora_b=_output(grad_lora_b, lora_b, lambda: lora_b.shape),
         grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
         grad_weight=_output(grad_weight, x, lambda: weight.shape),
-        stream=stream)
+        stream=stream,
+    )
     return LoraLinearGrads(*grads)
 
 
 # ---- LoRA linear over mixed-adapter batches -----------------------------------------------------
+
 
 def _grouped_r_max(ranks) -> int:
     try:
@@ -250,10 +338,24 @@ def _grouped_r_max(ranks) -> int:
         return 0  # malformed ranks: C reports them before it looks at the outputs
 
 
-def lora_grouped_forward(x, weight, bias, lora_a, lora_b, index, ranks: Sequence[int],
-                         scales: Sequence[float], *, fan_in_fan_out: bool = False,
-                         dropout: float = 0.0, seed: int = 0, offset: int = 0, out=None,
-                         out_xa=None, stream=None):
+def lora_grouped_forward(
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    index,
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    *,
+    fan_in_fan_out: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    out=None,
+    out_xa=None,
+    stream=None,
+):
     """LoRA linear where each row uses its own adapter (peft's mixed-adapter batches), every
     adapter of the layer in one call: ``y[m] = x[m]·Wᵀ + bias + s_g · drop(x[m])·A_gᵀ·B_gᵀ`` with
     ``g = index[m]`` (-1: the base layer only). Rows are grouped by adapter inside the call, so
@@ -273,42 +375,99 @@ def lora_grouped_forward(x, weight, bias, lora_a, lora_b, index, ranks: Sequence
     Returns:
         (y, xa): xa[m, :R_g] = drop(x[m])·A_gᵀ (unscaled), zero elsewhere; kept for backward.
     """
-    x, weight, bias, lora_a, lora_b, index = map(_detached, (x, weight, bias, lora_a, lora_b, index))
-    out = _output(out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),),
-                  required=True)
+    x, weight, bias, lora_a, lora_b, index = map(
+        _detached, (x, weight, bias, lora_a, lora_b, index)
+    )
+    out = _output(
+        out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),), required=True
+    )
     out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (_grouped_r_max(ranks),), required=True)
-    return _C.lora_grouped_forward(x, weight, bias, lora_a, lora_b, index, ranks, scales,
-                                   fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
-                                   offset=offset, out=out, out_xa=out_xa, stream=stream)
+    return _C.lora_grouped_forward(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        index,
+        ranks,
+        scales,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        offset=offset,
+        out=out,
+        out_xa=out_xa,
+        stream=stream,
+    )
 
 
-def lora_grouped_backward(grad_out, x, weight, lora_a, lora_b, xa, index, ranks: Sequence[int],
-                          scales: Sequence[float], *, fan_in_fan_out: bool = False,
-                          dropout: float = 0.0, seed: int = 0, offset: int = 0, grad_x=True,
-                          grad_lora_a=True, grad_lora_b=True, grad_bias=False,
-                          grad_weight=False, stream=None) -> LoraLinearGrads:
+def lora_grouped_backward(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    xa,
+    index,
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    *,
+    fan_in_fan_out: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    grad_x=True,
+    grad_lora_a=True,
+    grad_lora_b=True,
+    grad_bias=False,
+    grad_weight=False,
+    stream=None,
+) -> LoraLinearGrads:
     """Gradients of ``lora_grouped_forward`` (same arguments; ``xa`` its second result), as
     LoraLinearGrads(x, lora_a, lora_b, bias, weight): grad_lora_a (ΣR, IN) and grad_lora_b
     (OUT, ΣR) are packed like the adapters, zero for adapters without rows in the batch. All
     gradients are overwritten, not accumulated into."""
     grad_out, x, weight, lora_a, lora_b, xa, index = map(
-        _detached, (grad_out, x, weight, lora_a, lora_b, xa, index))
+        _detached, (grad_out, x, weight, lora_a, lora_b, xa, index)
+    )
     grads = _C.lora_grouped_backward(
-        grad_out, x, weight, lora_a, lora_b, xa, index, ranks, scales,
-        fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed, offset=offset,
+        grad_out,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        xa,
+        index,
+        ranks,
+        scales,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        offset=offset,
         grad_x=_output(grad_x, x, lambda: x.shape),
         grad_lora_a=_output(grad_lora_a, x, lambda: lora_a.shape),
         grad_lora_b=_output(grad_lora_b, x, lambda: lora_b.shape),
         grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
         grad_weight=_output(grad_weight, x, lambda: weight.shape),
-        stream=stream)
+        stream=stream,
+    )
     return LoraLinearGrads(*grads)
 
 
 # ---- LoRA embedding --------------------------------------------------------------------------
 
-def lora_embedding_forward(indices, weight, lora_a, lora_b, scale: float, *,
-                           padding_idx: Optional[int] = None, out=None, stream=None):
+
+def lora_embedding_forward(
+    indices,
+    weight,
+    lora_a,
+    lora_b,
+    scale: float,
+    *,
+    padding_idx: Optional[int] = None,
+    out=None,
+    stream=None,
+):
     """LoRA embedding forward (loralib ``Embedding``):
     ``y[n] = weight[indices[n]] + scale · (lora_a[:, indices[n]]ᵀ·lora_bᵀ)``.
 
@@ -325,14 +484,24 @@ def lora_embedding_forward(indices, weight, lora_a, lora_b, scale: float, *,
     """
     weight, lora_a, lora_b = map(_detached, (weight, lora_a, lora_b))
     out = _output(out, weight, lambda: tuple(indices.shape) + (weight.shape[1],), required=True)
-    return _C.lora_embedding_forward(indices, weight, lora_a, lora_b, scale,
-                                     padding_idx=padding_idx, out=out, stream=stream)
+    return _C.lora_embedding_forward(
+        indices, weight, lora_a, lora_b, scale, padding_idx=padding_idx, out=out, stream=stream
+    )
 
 
-def lora_embedding_backward(grad_out, indices, lora_a, lora_b, scale: float, *,
-                            padding_idx: Optional[int] = None, grad_lora_a=True,
-                            grad_lora_b=True, grad_weight=False,
-                            stream=None) -> LoraEmbeddingGrads:
+def lora_embedding_backward(
+    grad_out,
+    indices,
+    lora_a,
+    lora_b,
+    scale: float,
+    *,
+    padding_idx: Optional[int] = None,
+    grad_lora_a=True,
+    grad_lora_b=True,
+    grad_weight=False,
+    stream=None,
+) -> LoraEmbeddingGrads:
     """Gradients of ``lora_embedding_forward``. Rows whose index equals padding_idx contribute
     nothing to grad_lora_a and grad_weight (torch's padding_idx semantics).
 
@@ -349,19 +518,36 @@ def lora_embedding_backward(grad_out, indices, lora_a, lora_b, scale: float, *,
     """
     grad_out, lora_a, lora_b = map(_detached, (grad_out, lora_a, lora_b))
     grads = _C.lora_embedding_backward(
-        grad_out, indices, lora_a, lora_b, scale, padding_idx=padding_idx,
+        grad_out,
+        indices,
+        lora_a,
+        lora_b,
+        scale,
+        padding_idx=padding_idx,
         grad_lora_a=_output(grad_lora_a, lora_a, lambda: lora_a.shape),
         grad_lora_b=_output(grad_lora_b, lora_a, lambda: lora_b.shape),
         grad_weight=_output(grad_weight, lora_a, lambda: (lora_a.shape[1], lora_b.shape[0])),
-        stream=stream)
+        stream=stream,
+    )
     return LoraEmbeddingGrads(*grads)
 
 
 # ---- IA3 -------------------------------------------------------------------------------------
 
-def ia3_linear_forward(x, weight, bias, ia3_l, *, feedforward: bool = False,
-                       fan_in_fan_out: bool = False, keep_base: bool = False, out=None,
-                       out_base=None, stream=None):
+
+def ia3_linear_forward(
+    x,
+    weight,
+    bias,
+    ia3_l,
+    *,
+    feedforward: bool = False,
+    fan_in_fan_out: bool = False,
+    keep_base: bool = False,
+    out=None,
+    out_base=None,
+    stream=None,
+):
     """IA3 linear forward (peft ``IA3`` Linear).
 
     Output scaling: ``y = (x·Wᵀ + bias) ⊙ l``; input scaling (``feedforward``):
@@ -388,14 +574,35 @@ def ia3_linear_forward(x, weight, bias, ia3_l, *, feedforward: bool = False,
     out = _output(out, x, y_shape, required=True)
     if out_base is True or (out_base is None and keep_base and not feedforward):
         out_base = _output(True, x, y_shape)
-    return _C.ia3_linear_forward(x, weight, bias, ia3_l, feedforward=feedforward,
-                                 fan_in_fan_out=fan_in_fan_out, keep_base=keep_base, out=out,
-                                 out_base=out_base, stream=stream)
+    return _C.ia3_linear_forward(
+        x,
+        weight,
+        bias,
+        ia3_l,
+        feedforward=feedforward,
+        fan_in_fan_out=fan_in_fan_out,
+        keep_base=keep_base,
+        out=out,
+        out_base=out_base,
+        stream=stream,
+    )
 
 
-def ia3_linear_backward(grad_out, x, weight, ia3_l, base, *, feedforward: bool = False,
-                        fan_in_fan_out: bool = False, grad_x=True, grad_ia3_l=True,
-                        grad_bias=False, grad_weight=False, stream=None) -> IA3LinearGrads:
+def ia3_linear_backward(
+    grad_out,
+    x,
+    weight,
+    ia3_l,
+    base,
+    *,
+    feedforward: bool = False,
+    fan_in_fan_out: bool = False,
+    grad_x=True,
+    grad_ia3_l=True,
+    grad_bias=False,
+    grad_weight=False,
+    stream=None,
+) -> IA3LinearGrads:
     """Gradients of ``ia3_linear_forward``.
 
     Args:
@@ -413,13 +620,19 @@ def ia3_linear_backward(grad_out, x, weight, ia3_l, base, *, feedforward: bool =
     """
     grad_out, x, weight, ia3_l, base = map(_detached, (grad_out, x, weight, ia3_l, base))
     grads = _C.ia3_linear_backward(
-        grad_out, x, weight, ia3_l, base, feedforward=feedforward,
+        grad_out,
+        x,
+        weight,
+        ia3_l,
+        base,
+        feedforward=feedforward,
         fan_in_fan_out=fan_in_fan_out,
         grad_x=_output(grad_x, x, lambda: x.shape),
         grad_ia3_l=_output(grad_ia3_l, x, lambda: ia3_l.shape),
         grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
         grad_weight=_output(grad_weight, x, lambda: weight.shape),
-        stream=stream)
+        stream=stream,
+    )
     return IA3LinearGrads(*grads)
 
 
@@ -440,9 +653,17 @@ def ia3_embedding_forward(indices, weight, ia3_l, *, out=None, stream=None):
     return _C.ia3_embedding_forward(indices, weight, ia3_l, out=out, stream=stream)
 
 
-def ia3_embedding_backward(grad_out, indices, weight, ia3_l, *, padding_idx: Optional[int] = None,
-                           grad_ia3_l=True, grad_weight=False,
-                           stream=None) -> IA3EmbeddingGrads:
+def ia3_embedding_backward(
+    grad_out,
+    indices,
+    weight,
+    ia3_l,
+    *,
+    padding_idx: Optional[int] = None,
+    grad_ia3_l=True,
+    grad_weight=False,
+    stream=None,
+) -> IA3EmbeddingGrads:
     """Gradients of ``ia3_embedding_forward``; rows at padding_idx are skipped for grad_weight.
 
     Args:
@@ -457,10 +678,15 @@ def ia3_embedding_backward(grad_out, indices, weight, ia3_l, *, padding_idx: Opt
     """
     grad_out, weight, ia3_l = map(_detached, (grad_out, weight, ia3_l))
     grads = _C.ia3_embedding_backward(
-        grad_out, indices, weight, ia3_l, padding_idx=padding_idx,
+        grad_out,
+        indices,
+        weight,
+        ia3_l,
+        padding_idx=padding_idx,
         grad_ia3_l=_output(grad_ia3_l, weight, lambda: ia3_l.shape),
         grad_weight=_output(grad_weight, weight, lambda: weight.shape),
-        stream=stream)
+        stream=stream,
+    )
     return IA3EmbeddingGrads(*grads)
 
 
@@ -469,6 +695,7 @@ def ia3_embedding_backward(grad_out, indices, weight, ia3_l, *, padding_idx: Opt
 # pass, the record allocated with the weight's framework, then the merge. A LoRA merge also
 # passes a weight-sized scratch that keeps ΔW from the count pass for the merge, so its GEMMs run
 # once (merges are not a hot path: the temporary is worth the two GEMMs it saves).
+
 
 def _delta_scratch(weight):
     """ΔW's scratch for a LoRA merge: as many elements as the weight, in the dtype C computes ΔW
@@ -479,8 +706,9 @@ def _delta_scratch(weight):
         return weight.new_empty((weight.numel(),), dtype=torch.float32 if half else weight.dtype)
     cupy = sys.modules["cupy"]
     with weight.device:
-        return cupy.empty((weight.size,), dtype=cupy.float32 if weight.dtype == cupy.float16
-                          else weight.dtype)
+        return cupy.empty(
+            (weight.size,), dtype=cupy.float32 if weight.dtype == cupy.float16 else weight.dtype
+        )
 
 
 def _merge(entry, weight, args, kwargs, computes_delta=False):
@@ -493,8 +721,16 @@ def _merge(entry, weight, args, kwargs, computes_delta=False):
     return MergeRecord(*entry(weight, *args, index=index, value=value, **kwargs))
 
 
-def lora_merge(weight, lora_a, lora_b, scale: float, *, fan_in_fan_out: bool = False,
-               enable_lora: Optional[Sequence[bool]] = None, stream=None) -> MergeRecord:
+def lora_merge(
+    weight,
+    lora_a,
+    lora_b,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+    enable_lora: Optional[Sequence[bool]] = None,
+    stream=None,
+) -> MergeRecord:
     """Merge a LoRA adapter into its weight in place: ``W_view += scale · B_k·A_k`` on each
     enabled output group, where W_view is the weight's (OUT, IN) view.
 
@@ -506,20 +742,41 @@ def lora_merge(weight, lora_a, lora_b, scale: float, *, fan_in_fan_out: bool = F
         MergeRecord(index, value) for ``lora_unmerge``; index into the (OUT, IN) view.
     """
     weight, lora_a, lora_b = map(_detached, (weight, lora_a, lora_b))
-    return _merge(_C.lora_merge, weight, (lora_a, lora_b, scale),
-                  dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, stream=stream),
-                  computes_delta=True)
+    return _merge(
+        _C.lora_merge,
+        weight,
+        (lora_a, lora_b, scale),
+        dict(fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora, stream=stream),
+        computes_delta=True,
+    )
 
 
-def lora_unmerge(weight, lora_a, lora_b, scale: float, record: MergeRecord, *,
-                 fan_in_fan_out: bool = False, enable_lora: Optional[Sequence[bool]] = None,
-                 stream=None) -> None:
+def lora_unmerge(
+    weight,
+    lora_a,
+    lora_b,
+    scale: float,
+    record: MergeRecord,
+    *,
+    fan_in_fan_out: bool = False,
+    enable_lora: Optional[Sequence[bool]] = None,
+    stream=None,
+) -> None:
     """Undo ``lora_merge`` in place, restoring the weight bit for bit (the adapter must be the
     one that was merged)."""
     weight, lora_a, lora_b = map(_detached, (weight, lora_a, lora_b))
     index, value = _record(record, "record")
-    _C.lora_unmerge(weight, lora_a, lora_b, scale, index, value, fan_in_fan_out=fan_in_fan_out,
-                    enable_lora=enable_lora, stream=stream)
+    _C.lora_unmerge(
+        weight,
+        lora_a,
+        lora_b,
+        scale,
+        index,
+        value,
+        fan_in_fan_out=fan_in_fan_out,
+        enable_lora=enable_lora,
+        stream=stream,
+    )
 
 
 def lora_embedding_merge(weight, lora_a, lora_b, scale: float, *, stream=None) -> MergeRecord:
@@ -532,20 +789,33 @@ def lora_embedding_merge(weight, lora_a, lora_b, scale: float, *, stream=None) -
         MergeRecord(index, value); index into the (D, V) view.
     """
     weight, lora_a, lora_b = map(_detached, (weight, lora_a, lora_b))
-    return _merge(_C.lora_embedding_merge, weight, (lora_a, lora_b, scale), dict(stream=stream),
-                  computes_delta=True)
+    return _merge(
+        _C.lora_embedding_merge,
+        weight,
+        (lora_a, lora_b, scale),
+        dict(stream=stream),
+        computes_delta=True,
+    )
 
 
-def lora_embedding_unmerge(weight, lora_a, lora_b, scale: float, record: MergeRecord, *,
-                           stream=None) -> None:
+def lora_embedding_unmerge(
+    weight, lora_a, lora_b, scale: float, record: MergeRecord, *, stream=None
+) -> None:
     """Undo ``lora_embedding_merge`` in place, bit for bit."""
     weight, lora_a, lora_b = map(_detached, (weight, lora_a, lora_b))
     index, value = _record(record, "record")
     _C.lora_embedding_unmerge(weight, lora_a, lora_b, scale, index, value, stream=stream)
 
 
-def ia3_merge(weight, ia3_l, *, bias=None, feedforward: bool = False,
-              fan_in_fan_out: bool = False, stream=None):
+def ia3_merge(
+    weight,
+    ia3_l,
+    *,
+    bias=None,
+    feedforward: bool = False,
+    fan_in_fan_out: bool = False,
+    stream=None,
+):
     """Merge IA3 scaling into the weight in place: rows of the (OUT, IN) view scaled by l
     (columns when ``feedforward``); with output scaling a given bias is scaled by l too
     (peft leaves feedforward biases alone).
@@ -560,41 +830,70 @@ def ia3_merge(weight, ia3_l, *, bias=None, feedforward: bool = False,
         stored 2-D view, a bias as (1, OUT).
     """
     weight, ia3_l, bias = map(_detached, (weight, ia3_l, bias))
-    kwargs = dict(bias=bias, feedforward=feedforward, fan_in_fan_out=fan_in_fan_out,
-                  stream=stream)
+    kwargs = dict(bias=bias, feedforward=feedforward, fan_in_fan_out=fan_in_fan_out, stream=stream)
     if _c_allocates(weight):
         weight_record, bias_record = _C.ia3_merge(weight, ia3_l, **kwargs)
     else:
         counts = _C.ia3_merge(weight, ia3_l, count_only=True, **kwargs)
         index, value = _new_record(weight, counts[0])
-        bias_index, bias_value = (None, None) if counts[1] is None else _new_record(weight,
-                                                                                  counts[1])
-        weight_record, bias_record = _C.ia3_merge(weight, ia3_l, index=index, value=value,
-                                                  bias_index=bias_index,
-                                                  bias_value=bias_value, **kwargs)
+        bias_index, bias_value = (
+            (None, None) if counts[1] is None else _new_record(weight, counts[1])
+        )
+        weight_record, bias_record = _C.ia3_merge(
+            weight,
+            ia3_l,
+            index=index,
+            value=value,
+            bias_index=bias_index,
+            bias_value=bias_value,
+            **kwargs,
+        )
     return MergeRecord(*weight_record), None if bias_record is None else MergeRecord(*bias_record)
 
 
-def ia3_unmerge(weight, ia3_l, records, *, bias=None, feedforward: bool = False,
-                fan_in_fan_out: bool = False, stream=None) -> None:
+def ia3_unmerge(
+    weight,
+    ia3_l,
+    records,
+    *,
+    bias=None,
+    feedforward: bool = False,
+    fan_in_fan_out: bool = False,
+    stream=None,
+) -> None:
     """Undo ``ia3_merge`` in place, bit for bit; ``records`` is what ia3_merge returned."""
     if not (isinstance(records, tuple) and len(records) == 2):
-        raise TypeError("records must be the (weight record, bias record or None) pair returned "
-                        f"by ia3_merge, got {type(records).__name__}")
+        raise TypeError(
+            "records must be the (weight record, bias record or None) pair returned "
+            f"by ia3_merge, got {type(records).__name__}"
+        )
     weight, ia3_l, bias = map(_detached, (weight, ia3_l, bias))
     index, value = _record(records[0], "records[0]")
     bias_index = bias_value = None
     if bias is not None and not feedforward:
         if records[1] is None:
-            raise ValueError("records[1] must be the bias record of ia3_merge when bias is given "
-                             "with output scaling, got None")
+            raise ValueError(
+                "records[1] must be the bias record of ia3_merge when bias is given "
+                "with output scaling, got None"
+            )
         bias_index, bias_value = _record(records[1], "records[1]")
     elif records[1] is not None:
-        raise ValueError("records[1] is a bias record, but no bias is unmerged (bias is None or "
-                         "feedforward=True)")
-    _C.ia3_unmerge(weight, ia3_l, index, value, bias=bias, bias_index=bias_index,
-                   bias_value=bias_value, feedforward=feedforward,
-                   fan_in_fan_out=fan_in_fan_out, stream=stream)
+        raise ValueError(
+            "records[1] is a bias record, but no bias is unmerged (bias is None or "
+            "feedforward=True)"
+        )
+    _C.ia3_unmerge(
+        weight,
+        ia3_l,
+        index,
+        value,
+        bias=bias,
+        bias_index=bias_index,
+        bias_value=bias_value,
+        feedforward=feedforward,
+        fan_in_fan_out=fan_in_fan_out,
+        stream=stream,
+    )
 
 
 def ia3_embedding_merge(weight, ia3_l, *, stream=None) -> MergeRecord:
@@ -616,6 +915,7 @@ def ia3_embedding_unmerge(weight, ia3_l, record: MergeRecord, *, stream=None) ->
 
 # ---- DoRA ------------------------------------------------------------------------------------
 
+
 def dora_weight_sq_norm(weight, *, fan_in_fan_out: bool = False, out=None, stream=None):
     """``‖w_j‖²`` for every row j of the weight's (OUT, IN) view (summed in double): the part of
     DoRA's row norms that changes only when the weight does, so a caller can keep it while the
@@ -630,8 +930,17 @@ def dora_weight_sq_norm(weight, *, fan_in_fan_out: bool = False, out=None, strea
     return _C.dora_weight_sq_norm(weight, fan_in_fan_out=fan_in_fan_out, out=out, stream=stream)
 
 
-def dora_weight_norm(weight, lora_a, lora_b, scale: float, *, fan_in_fan_out: bool = False,
-                     weight_sq_norm=None, out=None, stream=None):
+def dora_weight_norm(
+    weight,
+    lora_a,
+    lora_b,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+    weight_sq_norm=None,
+    out=None,
+    stream=None,
+):
     """DoRA's row norms ``n_j = ‖w_j + scale · lora_b[j]·lora_a‖`` of the (OUT, IN) view, from
     ``‖w_j‖² + 2s·b_j·(A·w_jᵀ) + s²·b_j·(A·Aᵀ)·b_jᵀ``: W + s·B·A is never formed.
 
@@ -643,17 +952,43 @@ def dora_weight_norm(weight, lora_a, lora_b, scale: float, *, fan_in_fan_out: bo
     Returns:
         (OUT,) in the weight's dtype.
     """
-    weight, lora_a, lora_b, weight_sq_norm = map(_detached,
-                                                 (weight, lora_a, lora_b, weight_sq_norm))
+    weight, lora_a, lora_b, weight_sq_norm = map(
+        _detached, (weight, lora_a, lora_b, weight_sq_norm)
+    )
     out = _output(out, weight, lambda: (_out_features(weight, fan_in_fan_out),), required=True)
-    return _C.dora_weight_norm(weight, lora_a, lora_b, scale, fan_in_fan_out=fan_in_fan_out,
-                               weight_sq_norm=weight_sq_norm, out=out, stream=stream)
+    return _C.dora_weight_norm(
+        weight,
+        lora_a,
+        lora_b,
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        weight_sq_norm=weight_sq_norm,
+        out=out,
+        stream=stream,
+    )
 
 
-def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale: float, *,
-                        fan_in_fan_out: bool = False, dropout: float = 0.0, seed: int = 0,
-                        offset: int = 0, weight_sq_norm=None, keep_base: bool = False,
-                        out=None, out_xa=None, out_base=None, out_norm=None, stream=None):
+def dora_linear_forward(
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    magnitude,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    weight_sq_norm=None,
+    keep_base: bool = False,
+    out=None,
+    out_xa=None,
+    out_base=None,
+    out_norm=None,
+    stream=None,
+):
     """DoRA linear forward with peft 0.21's semantics (``LoraConfig(use_dora=True)``).
 
     With ``n = dora_weight_norm(...)`` (a constant for backward, as peft detaches it),
@@ -680,7 +1015,8 @@ def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale: float
         (y, xa, base or None, norm): y (..., OUT), xa (..., R), norm (OUT,).
     """
     x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm = map(
-        _detached, (x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm))
+        _detached, (x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm)
+    )
 
     def y_shape():
         return x.shape[:-1] + (_out_features(weight, fan_in_fan_out),)
@@ -689,20 +1025,51 @@ def dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale: float
     out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (lora_a.shape[0],), required=True)
     if out_base is True or (out_base is None and keep_base):
         out_base = _output(True, x, y_shape)
-    out_norm = _output(out_norm, x, lambda: (_out_features(weight, fan_in_fan_out),),
-                       required=True)
-    return _C.dora_linear_forward(x, weight, bias, lora_a, lora_b, magnitude, scale,
-                                  fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed,
-                                  offset=offset, weight_sq_norm=weight_sq_norm, out=out,
-                                  out_xa=out_xa, out_base=out_base, out_norm=out_norm,
-                                  stream=stream)
+    out_norm = _output(out_norm, x, lambda: (_out_features(weight, fan_in_fan_out),), required=True)
+    return _C.dora_linear_forward(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        magnitude,
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        offset=offset,
+        weight_sq_norm=weight_sq_norm,
+        out=out,
+        out_xa=out_xa,
+        out_base=out_base,
+        out_norm=out_norm,
+        stream=stream,
+    )
 
 
-def dora_linear_backward(grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base,
-                         scale: float, *, fan_in_fan_out: bool = False, dropout: float = 0.0,
-                         seed: int = 0, offset: int = 0, grad_x=True, grad_lora_a=True,
-                         grad_lora_b=True, grad_magnitude=True, grad_bias=False,
-                         stream=None) -> DoraLinearGrads:
+def dora_linear_backward(
+    grad_out,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    magnitude,
+    norm,
+    xa,
+    base,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    grad_x=True,
+    grad_lora_a=True,
+    grad_lora_b=True,
+    grad_magnitude=True,
+    grad_bias=False,
+    stream=None,
+) -> DoraLinearGrads:
     """Gradients of ``dora_linear_forward`` (the norm is a constant, as in peft).
 
     Args:
@@ -719,21 +1086,46 @@ def dora_linear_backward(grad_out, x, weight, lora_a, lora_b, magnitude, norm, x
         DoraLinearGrads(x, lora_a, lora_b, magnitude, bias), None where not requested.
     """
     grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base = map(
-        _detached, (grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base))
+        _detached, (grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base)
+    )
     grads = _C.dora_linear_backward(
-        grad_out, x, weight, lora_a, lora_b, magnitude, norm, xa, base, scale,
-        fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed, offset=offset,
+        grad_out,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        magnitude,
+        norm,
+        xa,
+        base,
+        scale,
+        fan_in_fan_out=fan_in_fan_out,
+        dropout=dropout,
+        seed=seed,
+        offset=offset,
         grad_x=_output(grad_x, x, lambda: x.shape),
         grad_lora_a=_output(grad_lora_a, x, lambda: lora_a.shape),
         grad_lora_b=_output(grad_lora_b, x, lambda: lora_b.shape),
         grad_magnitude=_output(grad_magnitude, x, lambda: magnitude.shape),
         grad_bias=_output(grad_bias, x, lambda: (_out_features(weight, fan_in_fan_out),)),
-        stream=stream)
+        stream=stream,
+    )
     return DoraLinearGrads(*grads)
 
 
-def dora_embedding_forward(indices, weight, lora_a, lora_b, magnitude, scale: float, *,
-                           weight_sq_norm=None, out=None, out_norm=None, stream=None):
+def dora_embedding_forward(
+    indices,
+    weight,
+    lora_a,
+    lora_b,
+    magnitude,
+    scale: float,
+    *,
+    weight_sq_norm=None,
+    out=None,
+    out_norm=None,
+    stream=None,
+):
     """DoRA embedding forward with peft 0.21's semantics:
     ``y[n] = c ⊙ (weight[indices[n]] + scale · lora_a[:, indices[n]]ᵀ·lora_bᵀ)``, ``c =
     magnitude / norm``, ``norm[d] = ‖weight[:, d] + scale · (lora_b·lora_a)[d]‖`` (over the
@@ -748,18 +1140,40 @@ def dora_embedding_forward(indices, weight, lora_a, lora_b, magnitude, scale: fl
         (y, norm): y (..., D), norm (D,), the weight's dtype.
     """
     weight, lora_a, lora_b, magnitude, weight_sq_norm = map(
-        _detached, (weight, lora_a, lora_b, magnitude, weight_sq_norm))
+        _detached, (weight, lora_a, lora_b, magnitude, weight_sq_norm)
+    )
     out = _output(out, weight, lambda: tuple(indices.shape) + (weight.shape[1],), required=True)
     out_norm = _output(out_norm, weight, lambda: (weight.shape[1],), required=True)
-    return _C.dora_embedding_forward(indices, weight, lora_a, lora_b, magnitude, scale,
-                                     weight_sq_norm=weight_sq_norm, out=out, out_norm=out_norm,
-                                     stream=stream)
+    return _C.dora_embedding_forward(
+        indices,
+        weight,
+        lora_a,
+        lora_b,
+        magnitude,
+        scale,
+        weight_sq_norm=weight_sq_norm,
+        out=out,
+        out_norm=out_norm,
+        stream=stream,
+    )
 
 
-def dora_embedding_backward(grad_out, indices, weight, lora_a, lora_b, magnitude, norm,
-                            scale: float, *, padding_idx: Optional[int] = None,
-                            grad_lora_a=True, grad_lora_b=True, grad_magnitude=True,
-                            stream=None) -> DoraEmbeddingGrads:
+def dora_embedding_backward(
+    grad_out,
+    indices,
+    weight,
+    lora_a,
+    lora_b,
+    magnitude,
+    norm,
+    scale: float,
+    *,
+    padding_idx: Optional[int] = None,
+    grad_lora_a=True,
+    grad_lora_b=True,
+    grad_magnitude=True,
+    stream=None,
+) -> DoraEmbeddingGrads:
     """Gradients of ``dora_embedding_forward``; rows at padding_idx contribute nothing to
     grad_lora_a (peft looks lora_A up with the layer's padding_idx).
 
@@ -767,18 +1181,28 @@ def dora_embedding_backward(grad_out, indices, weight, lora_a, lora_b, magnitude
         DoraEmbeddingGrads(lora_a, lora_b, magnitude), None where not requested.
     """
     grad_out, weight, lora_a, lora_b, magnitude, norm = map(
-        _detached, (grad_out, weight, lora_a, lora_b, magnitude, norm))
+        _detached, (grad_out, weight, lora_a, lora_b, magnitude, norm)
+    )
     grads = _C.dora_embedding_backward(
-        grad_out, indices, weight, lora_a, lora_b, magnitude, norm, scale,
+        grad_out,
+        indices,
+        weight,
+        lora_a,
+        lora_b,
+        magnitude,
+        norm,
+        scale,
         padding_idx=padding_idx,
         grad_lora_a=_output(grad_lora_a, weight, lambda: lora_a.shape),
         grad_lora_b=_output(grad_lora_b, weight, lambda: lora_b.shape),
         grad_magnitude=_output(grad_magnitude, weight, lambda: magnitude.shape),
-        stream=stream)
+        stream=stream,
+    )
     return DoraEmbeddingGrads(*grads)
 
 
 # ---- dropout ---------------------------------------------------------------------------------
+
 
 def dropout_mask(shape, p: float, seed: int, offset: int = 0, dtype="float32") -> np.ndarray:
     """The dropout mask the LoRA ops apply to x, as a NumPy array of ``shape``.

@@ -9,6 +9,7 @@ Forward passes of unmerged adapters are one autograd node each (cpeft._autograd)
 core; merged layers, and layers without an adapter, run the plain torch op on the merged weight.
 Merge and unmerge go through cpeft.functional's exact merge: unmerge restores W bit for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,17 @@ import torch.nn.functional as F
 from . import _autograd, functional
 
 __all__ = [
-    "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d",
-    "IA3Layer", "IA3Linear", "IA3Embedding",
+    "LoRALayer",
+    "Linear",
+    "Embedding",
+    "MergedLinear",
+    "ConvLoRA",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "IA3Layer",
+    "IA3Linear",
+    "IA3Embedding",
 ]
 
 
@@ -69,8 +79,11 @@ def _embedding_options_in_use(layer: nn.Embedding) -> List[str]:
     refuse, in the order messages name them: loralib applies max_norm to lora_A in place (and
     to the merged W, which breaks the next unmerge; torch renormalizes whenever it is not
     None), its sparse backward fails, and scale_grad_by_freq has no C kernel."""
-    in_use = {"max_norm": layer.max_norm is not None, "sparse": bool(layer.sparse),
-              "scale_grad_by_freq": bool(layer.scale_grad_by_freq)}
+    in_use = {
+        "max_norm": layer.max_norm is not None,
+        "sparse": bool(layer.sparse),
+        "scale_grad_by_freq": bool(layer.scale_grad_by_freq),
+    }
     return [option for option, on in in_use.items() if on]
 
 
@@ -80,7 +93,8 @@ def _reject_embedding_options(layer: nn.Embedding, adapter: str) -> None:
         option = in_use[0]
         raise ValueError(
             f"{type(layer).__name__}: {option}={getattr(layer, option)!r} is not supported with "
-            f"{adapter}; expected {option}={'None' if option == 'max_norm' else 'False'}")
+            f"{adapter}; expected {option}={'None' if option == 'max_norm' else 'False'}"
+        )
 
 
 def _state_dict_unmerged_hook(module, state_dict, prefix, local_metadata):
@@ -132,8 +146,10 @@ class _MergeOnEval:
             records = self._merge_tensors(targets)
         else:
             originals = {name: t.clone() for name, t in targets.items()}
-            work = {name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
-                    for name, t in targets.items()}
+            work = {
+                name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
+                for name, t in targets.items()
+            }
             self._merge_tensors(work)
             for name, t in targets.items():
                 t.copy_(work[name])
@@ -162,10 +178,14 @@ class _MergeOnEval:
         else:
             # Weights whose dtype was changed behind the layer's back (``weight.data = ...``):
             # unmerge in a dtype the core has kernels for, then round back.
-            work = {name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
-                    for name, t in targets.items()}
-            work_records = {name: (index, value.to(work[name].dtype))
-                            for name, (index, value) in records.items()}
+            work = {
+                name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
+                for name, t in targets.items()
+            }
+            work_records = {
+                name: (index, value.to(work[name].dtype))
+                for name, (index, value) in records.items()
+            }
             self._unmerge_tensors(work, work_records)
             for name, t in targets.items():
                 t.copy_(work[name])
@@ -241,7 +261,7 @@ class LoRALayer:
     def __init__(self, r: int, lora_alpha: int, lora_dropout: float, merge_weights: bool):
         self.r = r
         self.lora_alpha = lora_alpha
-        if lora_dropout > 0.:
+        if lora_dropout > 0.0:
             self.lora_dropout = nn.Dropout(p=lora_dropout)
         else:
             self.lora_dropout = _identity
@@ -254,9 +274,11 @@ class LoRALayer:
         return self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
 
     def _lora_repr(self) -> str:
-        return (f"r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"lora_dropout={_configured_dropout_p(self.lora_dropout)}, "
-                f"merge_weights={self.merge_weights}, merged={self.merged}")
+        return (
+            f"r={self.r}, lora_alpha={self.lora_alpha}, "
+            f"lora_dropout={_configured_dropout_p(self.lora_dropout)}, "
+            f"merge_weights={self.merge_weights}, merged={self.merged}"
+        )
 
 
 def _configured_dropout_p(dropout) -> float:
@@ -272,8 +294,9 @@ _DORA_RECORD = "weight.dora_factor"
 
 def _check_dora_rank(layer, use_dora, r) -> None:
     if use_dora and r <= 0:
-        raise ValueError(f"{type(layer).__name__}: use_dora=True needs an adapter (r > 0), "
-                         f"got r={r}")
+        raise ValueError(
+            f"{type(layer).__name__}: use_dora=True needs an adapter (r > 0), got r={r}"
+        )
 
 
 def _init_magnitude_from_norm(self) -> None:
@@ -303,13 +326,21 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
     embedding dimension over the vocabulary, and ``y = (m / n) ⊙ (W[x] + scaling·Aᵀ[x]·Bᵀ)``;
     eval merges ``(m / n) ⊙ (W + scaling·(B·A)ᵀ)`` exactly (see ``_DoraMerge``)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: int = 1,
-                 merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: int = 1,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         # Taken from kwargs so the signature stays loralib's.
         use_dora = kwargs.pop("use_dora", False)
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0,
-                           merge_weights=merge_weights)
+        LoRALayer.__init__(
+            self, r=r, lora_alpha=lora_alpha, lora_dropout=0, merge_weights=merge_weights
+        )
         _check_dora_rank(self, use_dora, r)
         self.use_dora = bool(use_dora)
         if r > 0:
@@ -336,9 +367,14 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
     def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """n per embedding dimension, of W's (D, V) view."""
         lora_a, lora_b = self._adapters(weight.dtype)
-        return functional.dora_weight_norm(weight, lora_a, lora_b, self.scaling,
-                                           fan_in_fan_out=True,
-                                           stream=_autograd.cuda_stream(weight.device))
+        return functional.dora_weight_norm(
+            weight,
+            lora_a,
+            lora_b,
+            self.scaling,
+            fan_in_fan_out=True,
+            stream=_autograd.cuda_stream(weight.device),
+        )
 
     _init_magnitude = _init_magnitude_from_norm
 
@@ -353,24 +389,36 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
         self._merged_scale = self.scaling
         factor = self._dora_factor(weight) if self.use_dora else None
         record = functional.lora_embedding_merge(
-            weight, *self._adapters(weight.dtype), self._merged_scale,
-            stream=_autograd.cuda_stream(weight.device))
+            weight,
+            *self._adapters(weight.dtype),
+            self._merged_scale,
+            stream=_autograd.cuda_stream(weight.device),
+        )
         records = {"weight": tuple(record)}
         if factor is not None:
-            records[_DORA_RECORD] = tuple(functional.ia3_embedding_merge(
-                weight, factor, stream=_autograd.cuda_stream(weight.device)))
+            records[_DORA_RECORD] = tuple(
+                functional.ia3_embedding_merge(
+                    weight, factor, stream=_autograd.cuda_stream(weight.device)
+                )
+            )
         return records
 
     def _unmerge_tensors(self, targets, records):
         weight = targets["weight"]
         if _DORA_RECORD in records:
             functional.ia3_embedding_unmerge(
-                weight, self._dora_merge_factor, functional.MergeRecord(*records[_DORA_RECORD]),
-                stream=_autograd.cuda_stream(weight.device))
+                weight,
+                self._dora_merge_factor,
+                functional.MergeRecord(*records[_DORA_RECORD]),
+                stream=_autograd.cuda_stream(weight.device),
+            )
         functional.lora_embedding_unmerge(
-            weight, *self._adapters(weight.dtype), self._merged_scale,
+            weight,
+            *self._adapters(weight.dtype),
+            self._merged_scale,
             functional.MergeRecord(*records["weight"]),
-            stream=_autograd.cuda_stream(weight.device))
+            stream=_autograd.cuda_stream(weight.device),
+        )
 
     _dora_factor = _dora_merge_factor_of
 
@@ -378,11 +426,23 @@ class Embedding(_MergeOnEval, nn.Embedding, LoRALayer):
         if self.r > 0 and not self.merged:
             if self.use_dora:
                 return _autograd.dora_embedding(
-                    x, self.weight, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-                    scale=self.scaling, padding_idx=self.padding_idx,
-                    sq_norm_cache=self._dora_sq_norm)
-            return _autograd.lora_embedding(x, self.weight, self.lora_A, self.lora_B,
-                                            scale=self.scaling, padding_idx=self.padding_idx)
+                    x,
+                    self.weight,
+                    self.lora_A,
+                    self.lora_B,
+                    self.lora_magnitude_vector,
+                    scale=self.scaling,
+                    padding_idx=self.padding_idx,
+                    sq_norm_cache=self._dora_sq_norm,
+                )
+            return _autograd.lora_embedding(
+                x,
+                self.weight,
+                self.lora_A,
+                self.lora_B,
+                scale=self.scaling,
+                padding_idx=self.padding_idx,
+            )
         return nn.Embedding.forward(self, x)
 
     def extra_repr(self) -> str:
@@ -409,14 +469,21 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
         use_dora = getattr(self, "use_dora", False)
         factor = self._dora_factor(weight) if use_dora else None
         record = functional.lora_merge(
-            weight, *self._adapters(weight.dtype), self._merged_scale,
-            fan_in_fan_out=self.fan_in_fan_out, enable_lora=self._enable_lora(),
-            stream=_autograd.cuda_stream(weight.device))
+            weight,
+            *self._adapters(weight.dtype),
+            self._merged_scale,
+            fan_in_fan_out=self.fan_in_fan_out,
+            enable_lora=self._enable_lora(),
+            stream=_autograd.cuda_stream(weight.device),
+        )
         records = {"weight": tuple(record)}
         if factor is not None:
             weight_record, _ = functional.ia3_merge(
-                weight, factor, fan_in_fan_out=self.fan_in_fan_out,
-                stream=_autograd.cuda_stream(weight.device))
+                weight,
+                factor,
+                fan_in_fan_out=self.fan_in_fan_out,
+                stream=_autograd.cuda_stream(weight.device),
+            )
             records[_DORA_RECORD] = tuple(weight_record)
         return records
 
@@ -424,9 +491,14 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
 
     def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = self._adapters(weight.dtype)
-        return functional.dora_weight_norm(weight, lora_a, lora_b, self.scaling,
-                                           fan_in_fan_out=self.fan_in_fan_out,
-                                           stream=_autograd.cuda_stream(weight.device))
+        return functional.dora_weight_norm(
+            weight,
+            lora_a,
+            lora_b,
+            self.scaling,
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_autograd.cuda_stream(weight.device),
+        )
 
     _init_magnitude = _init_magnitude_from_norm
 
@@ -434,13 +506,21 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
         weight = targets["weight"]
         if _DORA_RECORD in records:
             functional.ia3_unmerge(
-                weight, self._dora_merge_factor,
+                weight,
+                self._dora_merge_factor,
                 (functional.MergeRecord(*records[_DORA_RECORD]), None),
-                fan_in_fan_out=self.fan_in_fan_out, stream=_autograd.cuda_stream(weight.device))
+                fan_in_fan_out=self.fan_in_fan_out,
+                stream=_autograd.cuda_stream(weight.device),
+            )
         functional.lora_unmerge(
-            weight, *self._adapters(weight.dtype), self._merged_scale,
-            functional.MergeRecord(*records["weight"]), fan_in_fan_out=self.fan_in_fan_out,
-            enable_lora=self._enable_lora(), stream=_autograd.cuda_stream(weight.device))
+            weight,
+            *self._adapters(weight.dtype),
+            self._merged_scale,
+            functional.MergeRecord(*records["weight"]),
+            fan_in_fan_out=self.fan_in_fan_out,
+            enable_lora=self._enable_lora(),
+            stream=_autograd.cuda_stream(weight.device),
+        )
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
@@ -448,19 +528,36 @@ class _LoraLinearBase(_MergeOnEval, nn.Linear, LoRALayer):
     def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "use_dora", False):
             return _autograd.dora_linear(
-                x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-                scale=self.scaling, fan_in_fan_out=self.fan_in_fan_out,
-                dropout=_active_dropout_p(self.lora_dropout), sq_norm_cache=self._dora_sq_norm,
-                layer=type(self).__name__)
+                x,
+                self.weight,
+                self.bias,
+                self.lora_A,
+                self.lora_B,
+                self.lora_magnitude_vector,
+                scale=self.scaling,
+                fan_in_fan_out=self.fan_in_fan_out,
+                dropout=_active_dropout_p(self.lora_dropout),
+                sq_norm_cache=self._dora_sq_norm,
+                layer=type(self).__name__,
+            )
         weight, bias, lora_a, lora_b = _lora_linear_parameters(self)
         return _autograd.lora_linear(
-            x, weight, bias, lora_a, lora_b, scale=self.scaling,
-            fan_in_fan_out=self.fan_in_fan_out, enable_lora=self._enable_lora(),
-            dropout=_active_dropout_p(self.lora_dropout))
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            scale=self.scaling,
+            fan_in_fan_out=self.fan_in_fan_out,
+            enable_lora=self._enable_lora(),
+            dropout=_active_dropout_p(self.lora_dropout),
+        )
 
     def extra_repr(self) -> str:
-        return (f"{nn.Linear.extra_repr(self)}, {self._lora_repr()}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}")
+        return (
+            f"{nn.Linear.extra_repr(self)}, {self._lora_repr()}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}"
+        )
 
 
 class Linear(_LoraLinearBase):
@@ -478,14 +575,23 @@ class Linear(_LoraLinearBase):
     ‖W‖² is cached while W is unchanged (cpeft._autograd.WeightSqNormCache). Eval merges
     ``(m / n) ⊙ (W + scaling·B·A)`` and unmerge restores W bit for bit."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
-                 lora_dropout: float = 0., fan_in_fan_out: bool = False,
-                 merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: int = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         # Taken from kwargs so the signature stays loralib's.
         use_dora = kwargs.pop("use_dora", False)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           merge_weights=merge_weights)
+        LoRALayer.__init__(
+            self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights
+        )
         _check_dora_rank(self, use_dora, r)
         self.use_dora = bool(use_dora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -530,28 +636,39 @@ class MergedLinear(_LoraLinearBase):
     AttributeError; Q6); ``lora_ind`` is a non-persistent buffer that follows ``.to()`` (Q10);
     ``enable_lora`` is copied; a bad length raises ValueError instead of AssertionError."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: int = 1,
-                 lora_dropout: float = 0., enable_lora: List[bool] = (False,),
-                 fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: int = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: List[bool] = (False,),
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         enable_lora = [bool(enabled) for enabled in enable_lora]
         if not enable_lora or out_features % len(enable_lora) != 0:
             raise ValueError(
                 "The length of enable_lora must divide out_features: got "
-                f"len(enable_lora)={len(enable_lora)}, out_features={out_features}")
+                f"len(enable_lora)={len(enable_lora)}, out_features={out_features}"
+            )
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           merge_weights=merge_weights)
+        LoRALayer.__init__(
+            self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights
+        )
         self.enable_lora = enable_lora
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0 and any(enable_lora):
             groups, enabled = len(enable_lora), sum(enable_lora)
             self.lora_A = nn.Parameter(self.weight.new_zeros((r * enabled, in_features)))
-            self.lora_B = nn.Parameter(
-                self.weight.new_zeros((out_features // groups * enabled, r)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features // groups * enabled, r)))
             self.scaling = self.lora_alpha / self.r
             self.weight.requires_grad = False
-            lora_ind = torch.zeros((groups, out_features // groups), dtype=torch.bool,
-                                   device=self.weight.device)
+            lora_ind = torch.zeros(
+                (groups, out_features // groups), dtype=torch.bool, device=self.weight.device
+            )
             lora_ind[enable_lora, :] = True
             self.register_buffer("lora_ind", lora_ind.view(-1), persistent=False)
         self.reset_parameters()
@@ -600,25 +717,47 @@ class ConvLoRA(_MergeOnEval, nn.Module, LoRALayer):
     as in loralib, has no effect (a warning says so). A non-int ``kernel_size`` raises TypeError
     (loralib: AssertionError)."""
 
-    def __init__(self, conv_module, in_channels, out_channels, kernel_size, r=0, lora_alpha=1,
-                 lora_dropout=0., merge_weights=True, **kwargs):
+    def __init__(
+        self,
+        conv_module,
+        in_channels,
+        out_channels,
+        kernel_size,
+        r=0,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        merge_weights=True,
+        **kwargs,
+    ):
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-            raise TypeError(f"{type(self).__name__}: kernel_size must be an int, "
-                            f"got {kernel_size!r}")
+            raise TypeError(
+                f"{type(self).__name__}: kernel_size must be an int, got {kernel_size!r}"
+            )
         nn.Module.__init__(self)
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           merge_weights=merge_weights)
-        if lora_dropout > 0.:
-            warnings.warn(f"{type(self).__name__}: lora_dropout={lora_dropout} has no effect on "
-                          "convolutions (as in loralib)", UserWarning, stacklevel=2)
+        LoRALayer.__init__(
+            self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights
+        )
+        if lora_dropout > 0.0:
+            warnings.warn(
+                f"{type(self).__name__}: lora_dropout={lora_dropout} has no effect on "
+                "convolutions (as in loralib)",
+                UserWarning,
+                stacklevel=2,
+            )
         if r > 0:
             kernel_dims = self.conv.weight.dim() - 2
             self.lora_A = nn.Parameter(
-                self.conv.weight.new_zeros((r * kernel_size, in_channels * kernel_size)))
-            self.lora_B = nn.Parameter(self.conv.weight.new_zeros(
-                (out_channels // self.conv.groups * kernel_size ** (kernel_dims - 1),
-                 r * kernel_size)))
+                self.conv.weight.new_zeros((r * kernel_size, in_channels * kernel_size))
+            )
+            self.lora_B = nn.Parameter(
+                self.conv.weight.new_zeros(
+                    (
+                        out_channels // self.conv.groups * kernel_size ** (kernel_dims - 1),
+                        r * kernel_size,
+                    )
+                )
+            )
             self.scaling = self.lora_alpha / self.r
             self.conv.weight.requires_grad = False
         self.reset_parameters()
@@ -644,23 +783,30 @@ class ConvLoRA(_MergeOnEval, nn.Module, LoRALayer):
         kernel = targets["conv.weight"]
         self._merged_scale = self.scaling
         record = functional.lora_merge(
-            self._matrix_view(kernel), *self._adapters(kernel.dtype), self._merged_scale,
-            stream=_autograd.cuda_stream(kernel.device))
+            self._matrix_view(kernel),
+            *self._adapters(kernel.dtype),
+            self._merged_scale,
+            stream=_autograd.cuda_stream(kernel.device),
+        )
         return {"conv.weight": tuple(record)}
 
     def _unmerge_tensors(self, targets, records):
         kernel = targets["conv.weight"]
         functional.lora_unmerge(
-            self._matrix_view(kernel), *self._adapters(kernel.dtype), self._merged_scale,
+            self._matrix_view(kernel),
+            *self._adapters(kernel.dtype),
+            self._merged_scale,
             functional.MergeRecord(*records["conv.weight"]),
-            stream=_autograd.cuda_stream(kernel.device))
+            stream=_autograd.cuda_stream(kernel.device),
+        )
 
     def forward(self, x):
         if self.r > 0 and not self.merged:
             weight = self.conv.weight
-            delta = (self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype))
+            delta = self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype)
             return self.conv._conv_forward(
-                x, weight + delta.view(weight.shape) * self.scaling, self.conv.bias)
+                x, weight + delta.view(weight.shape) * self.scaling, self.conv.bias
+            )
         return self.conv(x)
 
     def extra_repr(self) -> str:
@@ -700,9 +846,16 @@ class IA3Linear(_MergeOnEval, nn.Linear, IA3Layer):
     b for output scaling) exactly: unmerge restores the original bits even where l is 0, where
     peft's division by l + 1e-8 cannot."""
 
-    def __init__(self, in_features: int, out_features: int, is_feedforward: bool = False,
-                 bias: bool = True, fan_in_fan_out: bool = False, merge_weights: bool = True,
-                 **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        is_feedforward: bool = False,
+        bias: bool = True,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, **kwargs)
         IA3Layer.__init__(self, merge_weights=merge_weights)
         self.is_feedforward = is_feedforward
@@ -731,9 +884,13 @@ class IA3Linear(_MergeOnEval, nn.Linear, IA3Layer):
     def _merge_tensors(self, targets):
         weight = targets["weight"]
         records = functional.ia3_merge(
-            weight, self.ia3_l.detach().to(weight.dtype), bias=targets.get("bias"),
-            feedforward=self.is_feedforward, fan_in_fan_out=self.fan_in_fan_out,
-            stream=_autograd.cuda_stream(weight.device))
+            weight,
+            self.ia3_l.detach().to(weight.dtype),
+            bias=targets.get("bias"),
+            feedforward=self.is_feedforward,
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_autograd.cuda_stream(weight.device),
+        )
         weight_record, bias_record = records
         merged = {"weight": tuple(weight_record)}
         if "bias" in targets:
@@ -744,23 +901,36 @@ class IA3Linear(_MergeOnEval, nn.Linear, IA3Layer):
         weight = targets["weight"]
         bias_record = records.get("bias")
         functional.ia3_unmerge(
-            weight, self.ia3_l.detach().to(weight.dtype),
-            (functional.MergeRecord(*records["weight"]),
-             None if bias_record is None else functional.MergeRecord(*bias_record)),
-            bias=targets.get("bias"), feedforward=self.is_feedforward,
-            fan_in_fan_out=self.fan_in_fan_out, stream=_autograd.cuda_stream(weight.device))
+            weight,
+            self.ia3_l.detach().to(weight.dtype),
+            (
+                functional.MergeRecord(*records["weight"]),
+                None if bias_record is None else functional.MergeRecord(*bias_record),
+            ),
+            bias=targets.get("bias"),
+            feedforward=self.is_feedforward,
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_autograd.cuda_stream(weight.device),
+        )
 
     def forward(self, x: torch.Tensor):
         if not self.merged:
-            return _autograd.ia3_linear(x, self.weight, self.bias, self.ia3_l,
-                                        feedforward=self.is_feedforward,
-                                        fan_in_fan_out=self.fan_in_fan_out)
+            return _autograd.ia3_linear(
+                x,
+                self.weight,
+                self.bias,
+                self.ia3_l,
+                feedforward=self.is_feedforward,
+                fan_in_fan_out=self.fan_in_fan_out,
+            )
         return F.linear(x, _transpose_if(self.weight, self.fan_in_fan_out), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{nn.Linear.extra_repr(self)}, is_feedforward={self.is_feedforward}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, merge_weights={self.merge_weights}, "
-                f"merged={self.merged}")
+        return (
+            f"{nn.Linear.extra_repr(self)}, is_feedforward={self.is_feedforward}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}, merge_weights={self.merge_weights}, "
+            f"merged={self.merged}"
+        )
 
 
 class IA3Embedding(_MergeOnEval, nn.Embedding, IA3Layer):
@@ -768,8 +938,9 @@ class IA3Embedding(_MergeOnEval, nn.Embedding, IA3Layer):
     peft has no IA3 embedding; this follows its Linear semantics (output scaling). The weight
     is frozen at construction; ``max_norm``, ``sparse`` and ``scale_grad_by_freq`` are rejected."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, merge_weights: bool = True,
-                 **kwargs):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, merge_weights: bool = True, **kwargs
+    ):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         IA3Layer.__init__(self, merge_weights=merge_weights)
         _reject_embedding_options(self, "IA3")
@@ -790,23 +961,29 @@ class IA3Embedding(_MergeOnEval, nn.Embedding, IA3Layer):
 
     def _merge_tensors(self, targets):
         weight = targets["weight"]
-        record = functional.ia3_embedding_merge(weight, self.ia3_l.detach().to(weight.dtype),
-                                                stream=_autograd.cuda_stream(weight.device))
+        record = functional.ia3_embedding_merge(
+            weight,
+            self.ia3_l.detach().to(weight.dtype),
+            stream=_autograd.cuda_stream(weight.device),
+        )
         return {"weight": tuple(record)}
 
     def _unmerge_tensors(self, targets, records):
         weight = targets["weight"]
         functional.ia3_embedding_unmerge(
-            weight, self.ia3_l.detach().to(weight.dtype),
+            weight,
+            self.ia3_l.detach().to(weight.dtype),
             functional.MergeRecord(*records["weight"]),
-            stream=_autograd.cuda_stream(weight.device))
+            stream=_autograd.cuda_stream(weight.device),
+        )
 
     def forward(self, x: torch.Tensor):
         if not self.merged:
-            return _autograd.ia3_embedding(x, self.weight, self.ia3_l,
-                                           padding_idx=self.padding_idx)
+            return _autograd.ia3_embedding(x, self.weight, self.ia3_l, padding_idx=self.padding_idx)
         return nn.Embedding.forward(self, x)
 
     def extra_repr(self) -> str:
-        return (f"{nn.Embedding.extra_repr(self)}, merge_weights={self.merge_weights}, "
-                f"merged={self.merged}")
+        return (
+            f"{nn.Embedding.extra_repr(self)}, merge_weights={self.merge_weights}, "
+            f"merged={self.merged}"
+        )

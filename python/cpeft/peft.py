@@ -105,19 +105,36 @@ class PeftType(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
 # peft's task-specific model classes add their heads to modules_to_save.
-_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
-               "QUESTION_ANS": ["qa_outputs"]}
+_TASK_HEADS = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
 _ALL_LINEAR = "all-linear"
 
 # Subsets of peft's TRANSFORMERS_MODELS_TO_{LORA,IA3}_*_MAPPING used when target_modules is None.
 _LORA_DEFAULT_TARGETS = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"], "gpt_neo": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"], "t5": ["q", "v"],
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
 _IA3_DEFAULT_TARGETS = {
     "bert": (["key", "value", "output.dense"], ["output.dense"]),
@@ -133,14 +150,24 @@ _IA3_DEFAULT_TARGETS = {
 # Fields peft 0.21 writes that cpeft does not implement, with the value meaning "feature off".
 # Files carrying any other value are refused rather than loaded with different semantics.
 _LORA_UNSUPPORTED_FIELDS = {
-    "alora_invocation_tokens": None, "arrow_config": None,
-    "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
-    "kasa_config": None, "layer_replication": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
     "loftq_config": {},
-    "lora_ga_config": None, "megatron_config": None,
-    "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16,
-    "target_parameters": None, "trainable_token_indices": None,
-    "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
 }
 _IA3_UNSUPPORTED_FIELDS: dict[str, Any] = {}
 # Written by peft, meaningless for loading here.
@@ -157,17 +184,23 @@ def _name_list(value: Any, field_name: str, allow_regex: bool) -> str | list[str
         try:
             re.compile(value)
         except re.error as exc:
-            raise ValueError(f"{field_name}: expected a valid regular expression, got {value!r} ({exc})") from None
+            raise ValueError(
+                f"{field_name}: expected a valid regular expression, got {value!r} ({exc})"
+            ) from None
         return value
     if isinstance(value, (list, tuple, set, frozenset)):
         names = []
-        for entry in (sorted(value) if isinstance(value, (set, frozenset)) else value):
+        for entry in sorted(value) if isinstance(value, (set, frozenset)) else value:
             if not isinstance(entry, str) or not entry:
-                raise ValueError(f"{field_name}: expected non-empty strings, got the entry {entry!r}")
+                raise ValueError(
+                    f"{field_name}: expected non-empty strings, got the entry {entry!r}"
+                )
             if entry not in names:
                 names.append(entry)
         return names
-    raise ValueError(f"{field_name}: expected None, a string or a list of strings, got {type(value).__name__} {value!r}")
+    raise ValueError(
+        f"{field_name}: expected None, a string or a list of strings, got {type(value).__name__} {value!r}"
+    )
 
 
 def _check_bool(value: Any, field_name: str) -> None:
@@ -177,7 +210,9 @@ def _check_bool(value: Any, field_name: str) -> None:
 
 def _check_task_type(task_type: Any) -> None:
     if task_type is not None and task_type not in _TASK_TYPES:
-        raise ValueError(f"task_type: expected None or one of {', '.join(_TASK_TYPES)}, got {task_type!r}")
+        raise ValueError(
+            f"task_type: expected None or one of {', '.join(_TASK_TYPES)}, got {task_type!r}"
+        )
 
 
 def _task_type_value(task_type: Any) -> str | None:
@@ -185,7 +220,9 @@ def _task_type_value(task_type: Any) -> str | None:
         return None
     value = task_type.value if isinstance(task_type, TaskType) else task_type
     if value not in _TASK_TYPES:
-        raise ValueError(f"task_type: expected None or one of {', '.join(_TASK_TYPES)}, got {task_type!r}")
+        raise ValueError(
+            f"task_type: expected None or one of {', '.join(_TASK_TYPES)}, got {task_type!r}"
+        )
     return value
 
 
@@ -194,30 +231,45 @@ def _layer_indexes(value: Any) -> int | list[int] | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in value):
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
         return list(value)
-    raise ValueError(f"layers_to_transform: expected None, a layer index or a list of layer indexes "
-                     f"(ints >= 0), got {value!r}")
+    raise ValueError(
+        f"layers_to_transform: expected None, a layer index or a list of layer indexes "
+        f"(ints >= 0), got {value!r}"
+    )
 
 
 def _pattern_dict(value: Any, field_name: str, positive_int: bool) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValueError(f"{field_name}: expected a dict of regex -> value, got {type(value).__name__}")
+        raise ValueError(
+            f"{field_name}: expected a dict of regex -> value, got {type(value).__name__}"
+        )
     for key, entry in value.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"{field_name}: expected non-empty string keys, got {key!r}")
         try:
             re.compile(key)
         except re.error as exc:
-            raise ValueError(f"{field_name}: the key {key!r} is not a valid regular expression ({exc})") from None
+            raise ValueError(
+                f"{field_name}: the key {key!r} is not a valid regular expression ({exc})"
+            ) from None
         if positive_int:
             if isinstance(entry, bool) or not isinstance(entry, int) or entry <= 0:
-                raise ValueError(f"{field_name}: the rank for {key!r} must be a positive integer, got {entry!r}")
-        elif isinstance(entry, bool) or not isinstance(entry, (int, float)) or not math.isfinite(entry):
-            raise ValueError(f"{field_name}: the alpha for {key!r} must be a finite number, got {entry!r}")
+                raise ValueError(
+                    f"{field_name}: the rank for {key!r} must be a positive integer, got {entry!r}"
+                )
+        elif (
+            isinstance(entry, bool)
+            or not isinstance(entry, (int, float))
+            or not math.isfinite(entry)
+        ):
+            raise ValueError(
+                f"{field_name}: the alpha for {key!r} must be a finite number, got {entry!r}"
+            )
     return dict(value)
 
 
@@ -242,7 +294,11 @@ class PeftConfig:
 
     def to_dict(self) -> dict:
         """The adapter_config.json content, with every key peft 0.21 writes."""
-        out = dict(_LORA_UNSUPPORTED_FIELDS if getattr(self, "peft_type", None) == "LORA" else _IA3_UNSUPPORTED_FIELDS)
+        out = dict(
+            _LORA_UNSUPPORTED_FIELDS
+            if getattr(self, "peft_type", None) == "LORA"
+            else _IA3_UNSUPPORTED_FIELDS
+        )
         out.update(dataclasses.asdict(self))
         out.update(auto_mapping=None, peft_version=None, inference_mode=True)
         if "peft_type" in out:
@@ -253,29 +309,39 @@ class PeftConfig:
         """Writes ``adapter_config.json`` into ``save_directory`` (created if needed)."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory: expected a directory, got the file {save_directory!r}")
+            raise ValueError(
+                f"save_directory: expected a directory, got the file {save_directory!r}"
+            )
         os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
         data.update(kwargs)
         _write_json(os.path.join(save_directory, ADAPTER_CONFIG_NAME), data)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        **kwargs: Any) -> PeftConfig:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> PeftConfig:
         """Reads ``adapter_config.json`` from a local directory; ``kwargs`` override its fields."""
         directory = os.fspath(pretrained_model_name_or_path)
         if subfolder is not None:
             directory = os.path.join(directory, subfolder)
         config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path}: adapter config not found (cpeft reads local "
-                                    f"directories only, not the Hugging Face Hub)")
+            raise FileNotFoundError(
+                f"{config_path}: adapter config not found (cpeft reads local "
+                f"directories only, not the Hugging Face Hub)"
+            )
         data = _read_json(config_path)
         if isinstance(data, dict):
             data = dict(data, **kwargs)
         config = _config_from_dict(data, config_path)
         if cls is not PeftConfig and not isinstance(config, cls):
-            raise ValueError(f"{config_path}: peft_type {config.peft_type!r} is not a {cls.__name__}")
+            raise ValueError(
+                f"{config_path}: peft_type {config.peft_type!r} is not a {cls.__name__}"
+            )
         return config
 
 
@@ -305,27 +371,44 @@ class LoraConfig(PeftConfig):
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r: expected a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha):
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not math.isfinite(self.lora_alpha)
+        ):
             raise ValueError(f"lora_alpha: expected a finite number, got {self.lora_alpha!r}")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
-                or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout!r}")
+        if (
+            isinstance(self.lora_dropout, bool)
+            or not isinstance(self.lora_dropout, (int, float))
+            or not 0.0 <= self.lora_dropout < 1.0
+        ):
+            raise ValueError(
+                f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout!r}"
+            )
         self.target_modules = _name_list(self.target_modules, "target_modules", allow_regex=True)
         self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules", allow_regex=True)
         if self.bias not in _BIAS_MODES:
             *others, last = map(repr, _BIAS_MODES)
             raise ValueError(f"bias: expected {', '.join(others)} or {last}, got {self.bias!r}")
         _check_bool(self.fan_in_fan_out, "fan_in_fan_out")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
-            raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if not (
+            self.init_lora_weights is True
+            or self.init_lora_weights is False
+            or self.init_lora_weights == "gaussian"
+        ):
+            raise ValueError(
+                f"init_lora_weights: expected True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
         _check_bool(self.use_rslora, "use_rslora")
         _check_bool(self.lora_bias, "lora_bias")
         _check_bool(self.use_dora, "use_dora")
         if self.use_dora and self.lora_bias:
-            raise ValueError("lora_bias: True is not supported for DoRA (as in peft); pass use_dora=False")
-        self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save", allow_regex=False)
+            raise ValueError(
+                "lora_bias: True is not supported for DoRA (as in peft); pass use_dora=False"
+            )
+        self.modules_to_save = _name_list(
+            self.modules_to_save, "modules_to_save", allow_regex=False
+        )
         _check_layer_selection(self)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", positive_int=True)
         self.alpha_pattern = _pattern_dict(self.alpha_pattern, "alpha_pattern", positive_int=False)
@@ -341,10 +424,14 @@ def _check_layer_selection(config: PeftConfig) -> None:
     if isinstance(config.layers_pattern, list) and len(config.layers_pattern) == 1:
         config.layers_pattern = config.layers_pattern[0]
     if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError("layers_pattern: only meaningful together with layers_to_transform, which is None")
+        raise ValueError(
+            "layers_pattern: only meaningful together with layers_to_transform, which is None"
+        )
     if config.layers_to_transform is not None and isinstance(config.target_modules, str):
-        raise ValueError("layers_to_transform: cannot be used when target_modules is a regular expression "
-                         "(a string); pass target_modules as a list")
+        raise ValueError(
+            "layers_to_transform: cannot be used when target_modules is a regular expression "
+            "(a string); pass target_modules as a list"
+        )
 
 
 @dataclass
@@ -363,14 +450,20 @@ class IA3Config(PeftConfig):
         super().__post_init__()
         self.target_modules = _name_list(self.target_modules, "target_modules", allow_regex=True)
         self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules", allow_regex=True)
-        self.feedforward_modules = _name_list(self.feedforward_modules, "feedforward_modules", allow_regex=True)
+        self.feedforward_modules = _name_list(
+            self.feedforward_modules, "feedforward_modules", allow_regex=True
+        )
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             outside = [m for m in self.feedforward_modules if m not in self.target_modules]
             if outside:
-                raise ValueError(f"feedforward_modules: expected a subset of target_modules "
-                                 f"{self.target_modules}, got the extra entries {outside}")
+                raise ValueError(
+                    f"feedforward_modules: expected a subset of target_modules "
+                    f"{self.target_modules}, got the extra entries {outside}"
+                )
         _check_bool(self.fan_in_fan_out, "fan_in_fan_out")
-        self.modules_to_save = _name_list(self.modules_to_save, "modules_to_save", allow_regex=False)
+        self.modules_to_save = _name_list(
+            self.modules_to_save, "modules_to_save", allow_regex=False
+        )
         _check_bool(self.init_ia3_weights, "init_ia3_weights")
 
 
@@ -385,7 +478,9 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _write_weights(directory: str, tensors: dict[str, torch.Tensor], safe_serialization: bool) -> None:
+def _write_weights(
+    directory: str, tensors: dict[str, torch.Tensor], safe_serialization: bool
+) -> None:
     """adapter_model.safetensors, or peft's pickled adapter_model.bin; written beside the target
     and renamed, like _write_json."""
     if safe_serialization:
@@ -404,7 +499,9 @@ def _read_json(config_path: str) -> Any:
         with open(config_path, encoding="utf-8") as handle:
             return json.load(handle)
     except OSError as exc:
-        raise ValueError(f"{config_path}: cannot read the adapter config ({exc.strerror or exc})") from None
+        raise ValueError(
+            f"{config_path}: cannot read the adapter config ({exc.strerror or exc})"
+        ) from None
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError, bad UTF-8 and integers beyond Python's digit limit;
         # RecursionError is json's answer to deeply nested arrays or objects.
@@ -418,7 +515,9 @@ def _config_from_file(config_path: str) -> LoraConfig | IA3Config:
     except (TypeError, RecursionError) as exc:
         # A field of an unexpected JSON type that a check did not anticipate, or a value nested
         # too deeply to print in a message.
-        raise ValueError(f"{config_path}: unusable adapter config ({type(exc).__name__}: {exc})") from None
+        raise ValueError(
+            f"{config_path}: unusable adapter config ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _config_from_dict(data: Any, path: str) -> LoraConfig | IA3Config:
@@ -436,8 +535,10 @@ def _config_from_dict(data: Any, path: str) -> LoraConfig | IA3Config:
             kwargs[key] = value
         elif key in unsupported:
             if value != unsupported[key] and value not in (None, False, {}, []):
-                raise ValueError(f"{path}: field {key!r} = {value!r} is not supported by cpeft "
-                                 f"(supported: {unsupported[key]!r})")
+                raise ValueError(
+                    f"{path}: field {key!r} = {value!r} is not supported by cpeft "
+                    f"(supported: {unsupported[key]!r})"
+                )
         elif key not in _INFORMATIONAL_FIELDS:
             warnings.warn(f"{path}: ignoring unknown field {key!r}", stacklevel=3)
     try:
@@ -506,7 +607,7 @@ def _kind_refusal(base: nn.Module, kind: str, config: PeftConfig, r: int) -> str
 @dataclass
 class _Target:
     path: str
-    module: nn.Module          # what is at ``path`` now: the original module or a cpeft layer
+    module: nn.Module  # what is at ``path`` now: the original module or a cpeft layer
     kind: str
     in_features: int
     out_features: int
@@ -558,7 +659,9 @@ def _matches(config: PeftConfig, name: str) -> bool:
         return re.fullmatch(pattern, name) is not None
     if name in pattern:
         return True
-    return any(name.endswith("." + entry) for entry in pattern) and _layer_index_allowed(config, name)
+    return any(name.endswith("." + entry) for entry in pattern) and _layer_index_allowed(
+        config, name
+    )
 
 
 def _pattern_key(pattern_keys, name: str) -> str | None:
@@ -570,8 +673,9 @@ def _pattern_key(pattern_keys, name: str) -> str | None:
 
 
 def _matches_modules_to_save(modules_to_save: list[str] | None, name: str) -> bool:
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name)
-                                         for m in modules_to_save)
+    return bool(modules_to_save) and any(
+        re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save
+    )
 
 
 def _resolve_config(model: nn.Module, config: LoraConfig | IA3Config) -> LoraConfig | IA3Config:
@@ -581,8 +685,10 @@ def _resolve_config(model: nn.Module, config: LoraConfig | IA3Config) -> LoraCon
     if config.target_modules is None:
         defaults = _LORA_DEFAULT_TARGETS if isinstance(config, LoraConfig) else _IA3_DEFAULT_TARGETS
         if model_type not in defaults:
-            raise ValueError(f"target_modules: None has no default for model_type {model_type!r}; "
-                             f"pass target_modules explicitly")
+            raise ValueError(
+                f"target_modules: None has no default for model_type {model_type!r}; "
+                f"pass target_modules explicitly"
+            )
         if isinstance(config, LoraConfig):
             config.target_modules = list(defaults[model_type])
         else:
@@ -592,17 +698,22 @@ def _resolve_config(model: nn.Module, config: LoraConfig | IA3Config) -> LoraCon
     if isinstance(config, IA3Config) and config.feedforward_modules is None:
         config.feedforward_modules = []
     if isinstance(config, LoraConfig) and config.target_modules == _ALL_LINEAR:
-        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        output_layer = (
+            model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        )
         if isinstance(output_layer, BaseTunerLayer):
             output_layer = output_layer.get_base_layer()
-        names = {name.rsplit(".", 1)[-1] for name, module in _plain_named_modules(model)
-                 if _module_kind(module) in ("linear", "conv1d")
-                 and _base_of(module) is not output_layer}
+        names = {
+            name.rsplit(".", 1)[-1]
+            for name, module in _plain_named_modules(model)
+            if _module_kind(module) in ("linear", "conv1d") and _base_of(module) is not output_layer
+        }
         config.target_modules = sorted(names)
     heads = _TASK_HEADS.get(config.task_type, [])
     if heads:
-        config.modules_to_save = (config.modules_to_save or []) + [h for h in heads
-                                                                    if h not in (config.modules_to_save or [])]
+        config.modules_to_save = (config.modules_to_save or []) + [
+            h for h in heads if h not in (config.modules_to_save or [])
+        ]
     return config
 
 
@@ -622,14 +733,20 @@ def _plain_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             inside.append(name + ".")
 
 
-def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = DEFAULT_ADAPTER) -> _Plan:
+def _plan(
+    model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = DEFAULT_ADAPTER
+) -> _Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, PeftModel):
-        raise ValueError("model: expected a plain model, got a cpeft PeftModel; pass "
-                         "model.get_base_model() or call unload() first")
+        raise ValueError(
+            "model: expected a plain model, got a cpeft PeftModel; pass "
+            "model.get_base_model() or call unload() first"
+        )
     if not isinstance(config, (LoraConfig, IA3Config)):
-        raise TypeError(f"config: expected cpeft.LoraConfig or cpeft.IA3Config, got {type(config).__name__}")
+        raise TypeError(
+            f"config: expected cpeft.LoraConfig or cpeft.IA3Config, got {type(config).__name__}"
+        )
     _check_adapter_name(adapter_name)
     config = _resolve_config(model, config)
     is_lora = isinstance(config, LoraConfig)
@@ -647,29 +764,41 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
             excluded_any = True
             continue
         if isinstance(module, ModulesToSaveWrapper):
-            raise ValueError(f"target_modules: {name!r} is a modules_to_save copy of another adapter; "
-                             f"it cannot also be an adapter target")
+            raise ValueError(
+                f"target_modules: {name!r} is a modules_to_save copy of another adapter; "
+                f"it cannot also be an adapter target"
+            )
         kind = _module_kind(module)
         if kind is None:
-            raise ValueError(f"target_modules: the module {name!r} ({type(module).__name__}) is not supported; "
-                             f"cpeft adapts torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, "
-                             f"torch.nn.MultiheadAttention and transformers' Conv1D")
+            raise ValueError(
+                f"target_modules: the module {name!r} ({type(module).__name__}) is not supported; "
+                f"cpeft adapts torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, "
+                f"torch.nn.MultiheadAttention and transformers' Conv1D"
+            )
         if isinstance(module, BaseTunerLayer):
             if not isinstance(module, layer_class):
-                raise ValueError(f"target_modules: {name!r} already holds {type(module).__name__} adapters "
-                                 f"{module.adapter_names}; cpeft does not stack {config.peft_type} adapters on "
-                                 f"another adapter type in one module")
+                raise ValueError(
+                    f"target_modules: {name!r} already holds {type(module).__name__} adapters "
+                    f"{module.adapter_names}; cpeft does not stack {config.peft_type} adapters on "
+                    f"another adapter type in one module"
+                )
             if adapter_name in module.adapter_names:
-                raise ValueError(f"adapter_name: {name!r} already holds an adapter named {adapter_name!r}")
+                raise ValueError(
+                    f"adapter_name: {name!r} already holds an adapter named {adapter_name!r}"
+                )
         base = _base_of(module)
         options_in_use = _embedding_options_in_use(base) if kind == "embedding" else []
         if options_in_use:
-            raise ValueError(f"target_modules: the embedding {name!r} uses "
-                             f"{' and '.join(options_in_use)}, which cpeft's Embedding does not "
-                             f"support")
+            raise ValueError(
+                f"target_modules: the embedding {name!r} uses "
+                f"{' and '.join(options_in_use)}, which cpeft's Embedding does not "
+                f"support"
+            )
         if is_lora and config.use_dora and kind in ("conv", "mha"):
-            raise ValueError(f"use_dora: {name!r} is a {type(base).__name__}; cpeft runs DoRA on linear, "
-                             f"Conv1D and embedding targets only")
+            raise ValueError(
+                f"use_dora: {name!r} is a {type(base).__name__}; cpeft runs DoRA on linear, "
+                f"Conv1D and embedding targets only"
+            )
         in_features, out_features = _in_out_features(base, kind)
         target = _Target(name, module, kind, in_features, out_features)
         if is_lora:
@@ -680,15 +809,21 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
             target.r = config.rank_pattern.get(rank_key, config.r)
             target.lora_alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
         else:
-            feedforward = (re.fullmatch(config.feedforward_modules, name) is not None
-                           if isinstance(config.feedforward_modules, str)
-                           else any(name.endswith(entry) for entry in config.feedforward_modules))
+            feedforward = (
+                re.fullmatch(config.feedforward_modules, name) is not None
+                if isinstance(config.feedforward_modules, str)
+                else any(name.endswith(entry) for entry in config.feedforward_modules)
+            )
             if feedforward and kind == "embedding":
-                raise ValueError(f"feedforward_modules: {name!r} is an embedding; only linear layers "
-                                 f"can scale their input")
+                raise ValueError(
+                    f"feedforward_modules: {name!r} is an embedding; only linear layers "
+                    f"can scale their input"
+                )
             if isinstance(module, tuners.IA3Layer) and module.is_feedforward != feedforward:
-                raise ValueError(f"feedforward_modules: {name!r} already holds IA3 adapters with "
-                                 f"is_feedforward={module.is_feedforward}; a new adapter cannot change it")
+                raise ValueError(
+                    f"feedforward_modules: {name!r} already holds IA3 adapters with "
+                    f"is_feedforward={module.is_feedforward}; a new adapter cannot change it"
+                )
             target.feedforward = feedforward
         refusal = _kind_refusal(base, kind, config, target.r)
         if refusal is not None:
@@ -696,34 +831,51 @@ def _plan(model: nn.Module, config: LoraConfig | IA3Config, adapter_name: str = 
         targets.append(target)
     if not targets:
         if excluded_any:
-            raise ValueError(f"target_modules: every module matching {config.target_modules!r} is excluded "
-                             f"by exclude_modules {config.exclude_modules!r}")
-        raise ValueError(f"target_modules: {config.target_modules!r} matched no module of the model")
+            raise ValueError(
+                f"target_modules: every module matching {config.target_modules!r} is excluded "
+                f"by exclude_modules {config.exclude_modules!r}"
+            )
+        raise ValueError(
+            f"target_modules: {config.target_modules!r} matched no module of the model"
+        )
     if is_lora:
-        for field_name, keys, used in (("rank_pattern", config.rank_pattern, used_rank_keys),
-                                       ("alpha_pattern", config.alpha_pattern, used_alpha_keys)):
+        for field_name, keys, used in (
+            ("rank_pattern", config.rank_pattern, used_rank_keys),
+            ("alpha_pattern", config.alpha_pattern, used_alpha_keys),
+        ):
             unused = [key for key in keys if key not in used]
             if unused:
-                raise ValueError(f"{field_name}: the key {unused[0]!r} matches no targeted module "
-                                 f"(targets: {[t.path for t in targets][:8]}...)")
+                raise ValueError(
+                    f"{field_name}: the key {unused[0]!r} matches no targeted module "
+                    f"(targets: {[t.path for t in targets][:8]}...)"
+                )
     # As in peft: the layer layout decides, and the stored config records what was used.
     if any(t.kind == "conv1d" for t in targets) and not config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
-                      "Setting fan_in_fan_out to True.", stacklevel=3)
+        warnings.warn(
+            "fan_in_fan_out is set to False but the target module is `Conv1D`. "
+            "Setting fan_in_fan_out to True.",
+            stacklevel=3,
+        )
         config.fan_in_fan_out = True
     elif config.fan_in_fan_out and not any(t.kind == "conv1d" for t in targets):
-        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                      "Setting fan_in_fan_out to False.", stacklevel=3)
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+            "Setting fan_in_fan_out to False.",
+            stacklevel=3,
+        )
         config.fan_in_fan_out = False
     saved_paths: list[str] = []
     target_paths = {t.path for t in targets}
     for name, module in _plain_named_modules(model):
         if not name or not config.modules_to_save or name in target_paths:
             continue
-        if any(name.endswith(m) for m in config.modules_to_save) \
-                and not any(name.startswith(p + ".") for p in saved_paths):
+        if any(name.endswith(m) for m in config.modules_to_save) and not any(
+            name.startswith(p + ".") for p in saved_paths
+        ):
             if isinstance(module, BaseTunerLayer):
-                raise ValueError(f"modules_to_save: {name!r} holds adapters; it cannot also be saved whole")
+                raise ValueError(
+                    f"modules_to_save: {name!r} holds adapters; it cannot also be saved whole"
+                )
             saved_paths.append(name)
     return _Plan(config, targets, saved_paths)
 
@@ -732,8 +884,10 @@ def _check_adapter_name(adapter_name: Any) -> None:
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name: expected a non-empty string, got {adapter_name!r}")
     if "." in adapter_name or adapter_name == "__base__":
-        raise ValueError(f"adapter_name: {adapter_name!r} cannot be used as an adapter name "
-                         f"(no '.', and '__base__' means 'no adapter' in mixed batches)")
+        raise ValueError(
+            f"adapter_name: {adapter_name!r} cannot be used as an adapter name "
+            f"(no '.', and '__base__' means 'no adapter' in mixed batches)"
+        )
 
 
 def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[int, ...]]:
@@ -770,8 +924,9 @@ def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[i
     for path in plan.saved_paths:
         for name, tensor in model.get_submodule(path).state_dict().items():
             shapes[f"{_KEY_PREFIX}{path}.{name}"] = tuple(tensor.shape)
-    for key, parameter in _trainable_bias_slots(model, getattr(config, "bias", "none"),
-                                                {t.path for t in plan.targets}, plan.saved_paths).items():
+    for key, parameter in _trainable_bias_slots(
+        model, getattr(config, "bias", "none"), {t.path for t in plan.targets}, plan.saved_paths
+    ).items():
         shapes[key] = tuple(parameter.shape)
     return shapes
 
@@ -779,14 +934,17 @@ def _expected_adapter_shapes(model: nn.Module, plan: _Plan) -> dict[str, tuple[i
 def _integer_slots(model: nn.Module, plan: _Plan) -> dict[str, torch.dtype]:
     """peft key -> dtype of the non-floating tensors of ``modules_to_save`` (a BatchNorm's int64
     ``num_batches_tracked``): loaded only from a tensor of that very dtype, never cast."""
-    return {f"{_KEY_PREFIX}{path}.{name}": tensor.dtype
-            for path in plan.saved_paths
-            for name, tensor in model.get_submodule(path).state_dict().items()
-            if not tensor.is_floating_point()}
+    return {
+        f"{_KEY_PREFIX}{path}.{name}": tensor.dtype
+        for path in plan.saved_paths
+        for name, tensor in model.get_submodule(path).state_dict().items()
+        if not tensor.is_floating_point()
+    }
 
 
-def _trainable_bias_slots(model: nn.Module, mode: str, target_paths: set[str],
-                          saved_paths: list[str]) -> dict[str, nn.Parameter]:
+def _trainable_bias_slots(
+    model: nn.Module, mode: str, target_paths: set[str], saved_paths: list[str]
+) -> dict[str, nn.Parameter]:
     """peft file key -> bias Parameter for LoRA's bias="all"/"lora_only" (peft 0.21's key names:
     a targeted module's bias is ``<path>.base_layer.bias``)."""
     if mode == "none":
@@ -841,22 +999,28 @@ class ModulesToSaveWrapper(nn.Module):
     def _mixed_forward(self, names: list[str], x: torch.Tensor, *args, **kwargs):
         """Each sample through its adapter's copy (the original for others), as peft does."""
         if x.shape[0] != len(names):
-            raise ValueError(f"adapter_names: expected one name per sample, i.e. {x.shape[0]} names for "
-                             f"an input of shape {tuple(x.shape)}, got {len(names)}")
+            raise ValueError(
+                f"adapter_names: expected one name per sample, i.e. {x.shape[0]} names for "
+                f"an input of shape {tuple(x.shape)}, got {len(names)}"
+            )
         result = self.original_module(x, *args, **kwargs)
         for adapter in dict.fromkeys(names):
             if adapter not in self.modules_to_save:
                 continue
             rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=x.device)
-            result = result.index_put((rows,), self.modules_to_save[adapter](x[rows], *args, **kwargs))
+            result = result.index_put(
+                (rows,), self.modules_to_save[adapter](x[rows], *args, **kwargs)
+            )
         return result
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save", "active_adapter", "disable_adapters") \
-                    or "_modules" not in self.__dict__:
+            if (
+                name in ("original_module", "modules_to_save", "active_adapter", "disable_adapters")
+                or "_modules" not in self.__dict__
+            ):
                 raise
             # As peft: the attributes of the copy that runs (the original when disabled).
             if self.disable_adapters or self.active_adapter not in self.modules_to_save:
@@ -874,19 +1038,32 @@ def _new_layer(t: _Target, config: LoraConfig | IA3Config) -> BaseTunerLayer:
     if isinstance(config, LoraConfig):
         if t.kind == "embedding":
             return tuners.Embedding(t.module, t.in_features, t.out_features)
-        return tuners.Linear(t.module, t.in_features, t.out_features, fan_in_fan_out=t.kind == "conv1d")
+        return tuners.Linear(
+            t.module, t.in_features, t.out_features, fan_in_fan_out=t.kind == "conv1d"
+        )
     if t.kind == "embedding":
         return tuners.IA3Embedding(t.module, t.in_features, t.out_features)
-    return tuners.IA3Linear(t.module, t.in_features, t.out_features, is_feedforward=t.feedforward,
-                            fan_in_fan_out=t.kind == "conv1d")
+    return tuners.IA3Linear(
+        t.module,
+        t.in_features,
+        t.out_features,
+        is_feedforward=t.feedforward,
+        fan_in_fan_out=t.kind == "conv1d",
+    )
 
 
 def _add_lora(layer: BaseTunerLayer, adapter: str, t: _Target, config: LoraConfig) -> None:
     if t.kind == "embedding":
         layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora)
     else:
-        layer.update_layer(adapter, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
-                           lora_bias=config.lora_bias)
+        layer.update_layer(
+            adapter,
+            t.r,
+            t.lora_alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            lora_bias=config.lora_bias,
+        )
     _init_lora(layer, adapter, t, config)
     if t.kind == "mha":
         _init_lora(layer.base_layer.out_proj, adapter, t, config)
@@ -941,8 +1118,9 @@ def _cast_adapter_dtype(layer: BaseTunerLayer, adapter: str, autocast_adapter_dt
                     if parameter.dtype in _AUTOCAST_ADAPTER_DTYPES:
                         parameter.data = parameter.data.to(torch.float32)
             elif entry.dtype in _AUTOCAST_ADAPTER_DTYPES:
-                container[adapter] = nn.Parameter(entry.detach().to(torch.float32),
-                                                  requires_grad=entry.requires_grad)
+                container[adapter] = nn.Parameter(
+                    entry.detach().to(torch.float32), requires_grad=entry.requires_grad
+                )
 
 
 def _progress(items: list, enabled: bool, description: str):
@@ -951,8 +1129,10 @@ def _progress(items: list, enabled: bool, description: str):
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        warnings.warn("progressbar=True needs tqdm, which is not installed; continuing without a bar",
-                      stacklevel=4)
+        warnings.warn(
+            "progressbar=True needs tqdm, which is not installed; continuing without a bar",
+            stacklevel=4,
+        )
         return items
     return tqdm(items, desc=description)
 
@@ -1045,16 +1225,23 @@ class PeftModel(nn.Module):
     """A model with cpeft adapter layers in place: peft's ``PeftModel`` surface, with any number
     of named adapters (``add_adapter``, ``load_adapter``, ``set_adapter``, ``delete_adapter``)."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig | IA3Config,
-                 adapter_name: str = DEFAULT_ADAPTER, autocast_adapter_dtype: bool = True,
-                 low_cpu_mem_usage: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig | IA3Config,
+        adapter_name: str = DEFAULT_ADAPTER,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ):
         _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
         plan = _plan(model, peft_config, adapter_name)
         for name, module in model.named_modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                raise ValueError(f"model: already contains a cpeft adapter layer at {name!r}; "
-                                 f"call unload() on its PeftModel first")
+                raise ValueError(
+                    f"model: already contains a cpeft adapter layer at {name!r}; "
+                    f"call unload() on its PeftModel first"
+                )
         super().__init__()
         self.base_model = _TunerModel(model)
         self.__dict__["_peft_config"] = {}
@@ -1114,7 +1301,11 @@ class PeftModel(nn.Module):
             return generate(*args, **kwargs)
         num_beams = kwargs.get("num_beams")
         names = adapter_names
-        if isinstance(num_beams, int) and num_beams > 1 and isinstance(adapter_names, (list, tuple)):
+        if (
+            isinstance(num_beams, int)
+            and num_beams > 1
+            and isinstance(adapter_names, (list, tuple))
+        ):
             names = [name for name in adapter_names for _ in range(num_beams)]
         with self._mixed_batch(names, encoder_names=adapter_names):
             return generate(*args, **kwargs)
@@ -1122,12 +1313,18 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: Any, encoder_names: Any = None) -> Iterator[None]:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-            raise ValueError(f"adapter_names: expected a list with one adapter name per sample, "
-                             f"got {adapter_names!r}")
-        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config}, key=str)
+            raise ValueError(
+                f"adapter_names: expected a list with one adapter name per sample, "
+                f"got {adapter_names!r}"
+            )
+        unknown = sorted(
+            {n for n in adapter_names if n != "__base__" and n not in self.peft_config}, key=str
+        )
         if unknown:
-            raise ValueError(f"adapter_names: unknown adapters {unknown}; expected names among "
-                             f"{list(self.peft_config)} or '__base__'")
+            raise ValueError(
+                f"adapter_names: unknown adapters {unknown}; expected names among "
+                f"{list(self.peft_config)} or '__base__'"
+            )
         model = self.base_model.model
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
         if checkpointing is None:
@@ -1135,13 +1332,19 @@ class PeftModel(nn.Module):
         if model.training and checkpointing:
             # Checkpointed blocks run their forward again during backward, after this call has
             # returned and the names are gone: the recomputation would use other adapters.
-            raise ValueError("adapter_names: mixed-adapter batches cannot train with gradient "
-                             "checkpointing enabled; disable it or train one adapter per batch")
+            raise ValueError(
+                "adapter_names: mixed-adapter batches cannot train with gradient "
+                "checkpointing enabled; disable it or train one adapter per batch"
+            )
         names = list(adapter_names)
-        modules = [m for _, m in self.base_model.tuner_layers()] + [m for _, m in self.base_model.wrappers()]
+        modules = [m for _, m in self.base_model.tuner_layers()] + [
+            m for _, m in self.base_model.wrappers()
+        ]
         for module in modules:
             module._mixed_adapter_names = names
-        if encoder_names is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if encoder_names is not None and getattr(
+            getattr(model, "config", None), "is_encoder_decoder", False
+        ):
             for module in model.get_encoder().modules():
                 if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                     module._mixed_adapter_names = list(encoder_names)
@@ -1164,8 +1367,10 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- several adapters ----------------------------------------------------------------------
 
@@ -1174,16 +1379,23 @@ class PeftModel(nn.Module):
         goes in, so a failure leaves the model as it was."""
         config = plan.config
         if isinstance(config, LoraConfig) and config.bias != "none":
-            others = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+            others = [
+                n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"
+            ]
             if others:
-                raise ValueError(f"bias: only one adapter may train biases; {others} already sets bias, "
-                                 f"so {adapter_name!r} needs bias='none'")
+                raise ValueError(
+                    f"bias: only one adapter may train biases; {others} already sets bias, "
+                    f"so {adapter_name!r} needs bias='none'"
+                )
         model = self.base_model.model
         name_or_path = model.__dict__.get("name_or_path")
         if name_or_path is not None:
             config.base_model_name_or_path = name_or_path
-        new_layers = {t.path: _new_layer(t, config) for t in plan.targets
-                      if not isinstance(t.module, BaseTunerLayer)}
+        new_layers = {
+            t.path: _new_layer(t, config)
+            for t in plan.targets
+            if not isinstance(t.module, BaseTunerLayer)
+        }
         for t in plan.targets:
             layer = new_layers.get(t.path, t.module)
             if isinstance(config, LoraConfig):
@@ -1208,45 +1420,74 @@ class PeftModel(nn.Module):
         for path, wrapper in wrappers.items():
             _set_parent(model, path, wrapper)
         self.peft_config[adapter_name] = config
-        self.__dict__["_adapter_paths"][adapter_name] = ([t.path for t in plan.targets], list(plan.saved_paths))
+        self.__dict__["_adapter_paths"][adapter_name] = (
+            [t.path for t in plan.targets],
+            list(plan.saved_paths),
+        )
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig | IA3Config,
-                    low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig | IA3Config,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Adds a new adapter, not active and frozen until ``set_adapter(adapter_name)``."""
         _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
         _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
-        self._inject(adapter_name, _plan(self.base_model.model, peft_config, adapter_name), autocast_adapter_dtype)
-        self.base_model.set_adapter(self.active_adapter,
-                                    inference_mode=self.peft_config[self.active_adapter].inference_mode)
+        self._inject(
+            adapter_name,
+            _plan(self.base_model.model, peft_config, adapter_name),
+            autocast_adapter_dtype,
+        )
+        self.base_model.set_adapter(
+            self.active_adapter, inference_mode=self.peft_config[self.active_adapter].inference_mode
+        )
 
     def set_adapter(self, adapter_name: str) -> None:
         """Makes ``adapter_name`` the one active adapter (trainable unless in inference mode)."""
         self._check_known(adapter_name)
-        self.base_model.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
+        self.base_model.set_adapter(
+            adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode
+        )
         self.__dict__["_active"] = adapter_name
 
     def _check_known(self, adapter_name: Any) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter_name: expected one of {list(self.peft_config)}, got {adapter_name!r}")
+            raise ValueError(
+                f"adapter_name: expected one of {list(self.peft_config)}, got {adapter_name!r}"
+            )
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes an adapter everywhere; a layer left without adapters becomes its base module again."""
         self._check_known(adapter_name)
         if len(self.peft_config) == 1:
-            raise ValueError(f"adapter_name: {adapter_name!r} is the only adapter; use unload() to remove it")
-        merged = [path for path, layer in self.base_model.tuner_layers() if adapter_name in layer.merged_adapters]
+            raise ValueError(
+                f"adapter_name: {adapter_name!r} is the only adapter; use unload() to remove it"
+            )
+        merged = [
+            path
+            for path, layer in self.base_model.tuner_layers()
+            if adapter_name in layer.merged_adapters
+        ]
         if merged:
-            raise ValueError(f"adapter_name: {adapter_name!r} is merged into {merged}; call unmerge_adapter() "
-                             f"before deleting it")
+            raise ValueError(
+                f"adapter_name: {adapter_name!r} is merged into {merged}; call unmerge_adapter() "
+                f"before deleting it"
+            )
         model = self.base_model.model
         for path, layer in list(self.base_model.tuner_layers()):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
                     restore_base = getattr(layer, "restore_base", None)
-                    _set_parent(model, path, restore_base() if restore_base is not None else layer.base_layer)
+                    _set_parent(
+                        model,
+                        path,
+                        restore_base() if restore_base is not None else layer.base_layer,
+                    )
         for path, wrapper in list(self.base_model.wrappers()):
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
@@ -1259,11 +1500,17 @@ class PeftModel(nn.Module):
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
         """Folds the active adapter (or ``adapter_names``) into the base weights, keeping the
         layers. ``safe_merge=True``: every layer is checked for non-finite results first."""
         _check_bool(safe_merge, "safe_merge")
-        names = self.active_adapters if adapter_names is None else self._check_adapter_names(adapter_names)
+        names = (
+            self.active_adapters
+            if adapter_names is None
+            else self._check_adapter_names(adapter_names)
+        )
         layers = list(self.base_model.tuner_layers())
         if safe_merge:
             for path, layer in layers:
@@ -1298,7 +1545,9 @@ class PeftModel(nn.Module):
         for path, wrapper in self.base_model.wrappers():
             if adapter_name in wrapper.modules_to_save:
                 for name in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True):
-                    keys[f"{_KEY_PREFIX}{path}.{name}"] = f"{_KEY_PREFIX}{path}.modules_to_save.{adapter_name}.{name}"
+                    keys[f"{_KEY_PREFIX}{path}.{name}"] = (
+                        f"{_KEY_PREFIX}{path}.modules_to_save.{adapter_name}.{name}"
+                    )
         parameter_names = {id(p): n for n, p in model.named_parameters(prefix="base_model.model")}
         for key, parameter in self._bias_slots(adapter_name).items():
             keys[key] = parameter_names[id(parameter)]
@@ -1307,13 +1556,16 @@ class PeftModel(nn.Module):
     def _bias_slots(self, adapter_name: str) -> dict[str, nn.Parameter]:
         config = self.peft_config[adapter_name]
         targets, saved = self.__dict__["_adapter_paths"][adapter_name]
-        return _trainable_bias_slots(self.base_model.model, getattr(config, "bias", "none"), set(targets), saved)
+        return _trainable_bias_slots(
+            self.base_model.model, getattr(config, "bias", "none"), set(targets), saved
+        )
 
     def _bias_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return list(self._bias_slots(adapter_name).values())
 
-    def get_adapter_state_dict(self, adapter_name: str = DEFAULT_ADAPTER,
-                               state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def get_adapter_state_dict(
+        self, adapter_name: str = DEFAULT_ADAPTER, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The tensors peft would save for ``adapter_name``, under peft's key names, detached on
         the CPU; taken from ``state_dict`` (this model's own keys) when given."""
         self._check_known(adapter_name)
@@ -1321,17 +1573,25 @@ class PeftModel(nn.Module):
         out = {}
         for key, local in self._adapter_key_map(adapter_name).items():
             if local not in source:
-                raise ValueError(f"state_dict: missing {local!r}, needed for the adapter key {key!r}")
+                raise ValueError(
+                    f"state_dict: missing {local!r}, needed for the adapter key {key!r}"
+                )
             tensor = source[local].detach()
             if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): every rank gathers it
                 tensor = tensor.full_tensor()
             out[key] = tensor.to("cpu").contiguous().clone()
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
-                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
-                        **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Writes each adapter in peft's layout: ``default`` in ``save_directory``, any other in
         ``save_directory/<name>``, plus a model card ``README.md``. The weights go to
         ``adapter_model.safetensors``, or with ``safe_serialization=False`` to peft's pickled
@@ -1339,14 +1599,20 @@ class PeftModel(nn.Module):
         _check_bool(safe_serialization, "safe_serialization")
         _check_bool(is_main_process, "is_main_process")
         if path_initial_model_for_weight_conversion is not None:
-            raise ValueError("path_initial_model_for_weight_conversion: PiSSA/CorDA/OLoRA conversion is "
-                             "not supported by cpeft; expected None")
+            raise ValueError(
+                "path_initial_model_for_weight_conversion: PiSSA/CorDA/OLoRA conversion is "
+                "not supported by cpeft; expected None"
+            )
         if save_embedding_layers not in ("auto", False):
-            raise ValueError(f"save_embedding_layers: cpeft saves only adapter tensors; expected 'auto' or "
-                             f"False, got {save_embedding_layers!r}")
+            raise ValueError(
+                f"save_embedding_layers: cpeft saves only adapter tensors; expected 'auto' or "
+                f"False, got {save_embedding_layers!r}"
+            )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory: expected a directory, got the file {save_directory!r}")
+            raise ValueError(
+                f"save_directory: expected a directory, got the file {save_directory!r}"
+            )
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_known(name)
@@ -1358,21 +1624,27 @@ class PeftModel(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         self._write_model_card(save_directory)
         for name in names:
-            output_dir = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
+            output_dir = (
+                save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
+            )
             os.makedirs(output_dir, exist_ok=True)
             _write_weights(output_dir, tensors[name], safe_serialization)
             config = self.peft_config[name]
             auto_mapping = None
             if config.task_type is None:
                 model_class = type(self.base_model.model)
-                auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+                auto_mapping = {
+                    "base_model_class": model_class.__name__,
+                    "parent_library": model_class.__module__,
+                }
             config.save_pretrained(output_dir, auto_mapping=auto_mapping)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
             "push_to_hub: cpeft does not upload to the Hugging Face Hub; call "
             "save_pretrained(directory) and upload that directory (peft's file layout) with "
-            "huggingface_hub's upload_folder")
+            "huggingface_hub's upload_folder"
+        )
 
     def _write_model_card(self, directory: str) -> None:
         """A short model card as peft writes one (library_name: peft lets the Hub treat the
@@ -1390,29 +1662,51 @@ class PeftModel(nn.Module):
         lines += ["library_name: peft", "tags:"]
         if base:
             lines.append(f"- base_model:adapter:{base}")
-        lines += [f"- {config.peft_type.lower()}", "- cpeft", "---", "",
-                  f"# {config.peft_type} adapter" + (f" for {base}" if base else ""), "",
-                  f"Adapters {sorted(self.peft_config)} in peft's adapter format, written by cpeft "
-                  f"{__version__}; they load with `peft.PeftModel.from_pretrained` or "
-                  f"`cpeft.PeftModel.from_pretrained`.", "", "### Framework versions", "",
-                  f"- cpeft {__version__}", ""]
+        lines += [
+            f"- {config.peft_type.lower()}",
+            "- cpeft",
+            "---",
+            "",
+            f"# {config.peft_type} adapter" + (f" for {base}" if base else ""),
+            "",
+            f"Adapters {sorted(self.peft_config)} in peft's adapter format, written by cpeft "
+            f"{__version__}; they load with `peft.PeftModel.from_pretrained` or "
+            f"`cpeft.PeftModel.from_pretrained`.",
+            "",
+            "### Framework versions",
+            "",
+            f"- cpeft {__version__}",
+            "",
+        ]
         with open(path, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines))
 
-    def _load_checked(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    def _load_checked(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str
+    ) -> None:
         state = self.state_dict(keep_vars=True)
         key_map = self._adapter_key_map(adapter_name)
         expected = {key: tuple(state[local].shape) for key, local in key_map.items()}
-        integer_slots = {key: state[local].dtype for key, local in key_map.items()
-                         if not state[local].is_floating_point()}
+        integer_slots = {
+            key: state[local].dtype
+            for key, local in key_map.items()
+            if not state[local].is_floating_point()
+        }
         _check_tensors(expected, tensors, source, integer_slots)
         with torch.no_grad():
             for key, local in self._adapter_key_map(adapter_name).items():
                 state[local].copy_(tensors[key])
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     torch_device: str | torch.device | None = None, autocast_adapter_dtype: bool = True,
-                     low_cpu_mem_usage: bool = False, **kwargs: Any) -> _LoadResult:
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> _LoadResult:
         """Loads an adapter directory as ``adapter_name``: a new adapter (not activated), or new
         values for an existing one. Everything is checked before the model changes.
         ``torch_device`` / ``device_map`` choose where the file is read to (the adapter
@@ -1429,18 +1723,29 @@ class PeftModel(nn.Module):
         else:
             config.inference_mode = not is_trainable
             plan = _plan_from_file(self.base_model.model, config, adapter_name, model_id)
-            _check_tensors(_expected_adapter_shapes(self.base_model.model, plan), tensors, weights_path,
-                           _integer_slots(self.base_model.model, plan))
+            _check_tensors(
+                _expected_adapter_shapes(self.base_model.model, plan),
+                tensors,
+                weights_path,
+                _integer_slots(self.base_model.model, plan),
+            )
             self._inject(adapter_name, plan, autocast_adapter_dtype)
             self._load_checked(adapter_name, tensors, weights_path)
-            self.base_model.set_adapter(self.active_adapter,
-                                        inference_mode=self.peft_config[self.active_adapter].inference_mode)
+            self.base_model.set_adapter(
+                self.active_adapter,
+                inference_mode=self.peft_config[self.active_adapter].inference_mode,
+            )
         if not is_trainable:
             self.eval()
         return _LoadResult([], [])
 
-    def _restore(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
-                 adapter_names: list[str] | None = None) -> nn.Module:
+    def _restore(
+        self,
+        merge: bool,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
         model = self.base_model.model
         layers = list(self.base_model.tuner_layers())
         if merge:
@@ -1457,7 +1762,9 @@ class PeftModel(nn.Module):
             else:
                 layer.unmerge()
             restore_base = getattr(layer, "restore_base", None)
-            _set_parent(model, path, restore_base() if restore_base is not None else layer.base_layer)
+            _set_parent(
+                model, path, restore_base() if restore_base is not None else layer.base_layer
+            )
         for path, wrapper in list(self.base_model.wrappers()):
             keep = wrapper.original_module
             if merge and wrapper.active_adapter in wrapper.modules_to_save:
@@ -1467,17 +1774,25 @@ class PeftModel(nn.Module):
 
     @staticmethod
     def _layer_adapters(layer: BaseTunerLayer, adapter_names: list[str] | None) -> list[str] | None:
-        return None if adapter_names is None else [n for n in adapter_names if n in layer.adapter_names]
+        return (
+            None
+            if adapter_names is None
+            else [n for n in adapter_names if n in layer.adapter_names]
+        )
 
     def _check_adapter_names(self, adapter_names: Any) -> list[str] | None:
         if adapter_names is None:
             return None
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-            raise ValueError(f"adapter_names: expected None or a list of adapter names, got {adapter_names!r}")
+            raise ValueError(
+                f"adapter_names: expected None or a list of adapter names, got {adapter_names!r}"
+            )
         unknown = [name for name in adapter_names if name not in self.peft_config]
         if unknown:
-            raise ValueError(f"adapter_names: {unknown} are not adapters of this model "
-                             f"(it has {list(self.peft_config)})")
+            raise ValueError(
+                f"adapter_names: {unknown} are not adapters of this model "
+                f"(it has {list(self.peft_config)})"
+            )
         return list(dict.fromkeys(adapter_names))
 
     def _warn_about_tied_targets(self) -> None:
@@ -1486,14 +1801,24 @@ class PeftModel(nn.Module):
         uses: dict[int, int] = {}
         for _, parameter in self.base_model.model.named_parameters(remove_duplicate=False):
             uses[id(parameter)] = uses.get(id(parameter), 0) + 1
-        tied = [path for path, layer in self.base_model.tuner_layers()
-                if uses.get(id(getattr(layer.get_base_layer(), "weight", None)), 0) > 1]
+        tied = [
+            path
+            for path, layer in self.base_model.tuner_layers()
+            if uses.get(id(getattr(layer.get_base_layer(), "weight", None)), 0) > 1
+        ]
         if tied:
-            warnings.warn(f"merge_and_unload: the weights of {tied} are tied to other modules of the "
-                          f"model; merging changes those modules as well", stacklevel=3)
+            warnings.warn(
+                f"merge_and_unload: the weights of {tied} are tied to other modules of the "
+                f"model; merging changes those modules as well",
+                stacklevel=3,
+            )
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
         """Folds the active adapters (or ``adapter_names``; ``[]`` merges none) into the
         pretrained weights; returns the plain model (use the return value).
 
@@ -1503,18 +1828,30 @@ class PeftModel(nn.Module):
         """
         _check_bool(progressbar, "progressbar")
         _check_bool(safe_merge, "safe_merge")
-        return self._restore(merge=True, progressbar=progressbar, safe_merge=safe_merge,
-                             adapter_names=self._check_adapter_names(adapter_names))
+        return self._restore(
+            merge=True,
+            progressbar=progressbar,
+            safe_merge=safe_merge,
+            adapter_names=self._check_adapter_names(adapter_names),
+        )
 
     def unload(self) -> nn.Module:
         """Removes the adapters; returns the plain model with its original modules and weights."""
         return self._restore(merge=False)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False, config: PeftConfig | None = None,
-                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
-                        low_cpu_mem_usage: bool = False, **kwargs: Any) -> PeftModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
         """Loads an adapter directory written by cpeft or peft onto ``model``.
 
         The weights come from ``adapter_model.safetensors``, or from peft's pickled
@@ -1532,24 +1869,35 @@ class PeftModel(nn.Module):
         _check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         _check_bool(low_cpu_mem_usage, "low_cpu_mem_usage")
         if ephemeral_gpu_offload is not False:
-            raise ValueError(f"ephemeral_gpu_offload: not supported by cpeft; expected False, "
-                             f"got {ephemeral_gpu_offload!r}")
+            raise ValueError(
+                f"ephemeral_gpu_offload: not supported by cpeft; expected False, "
+                f"got {ephemeral_gpu_offload!r}"
+            )
         if config is not None and not isinstance(config, (LoraConfig, IA3Config)):
-            raise TypeError(f"config: expected None, cpeft.LoraConfig or cpeft.IA3Config, "
-                            f"got {type(config).__name__}")
+            raise TypeError(
+                f"config: expected None, cpeft.LoraConfig or cpeft.IA3Config, "
+                f"got {type(config).__name__}"
+            )
         model_id = _local_adapter_dir(model_id, kwargs, "from_pretrained", extra=("torch_device",))
         load_device = _load_device(kwargs.get("torch_device"), kwargs.get("device_map"))
-        file_config, tensors, weights_path = _read_adapter_dir(model_id, load_device,
-                                                               need_config=config is None)
+        file_config, tensors, weights_path = _read_adapter_dir(
+            model_id, load_device, need_config=config is None
+        )
         config = copy.deepcopy(config) if config is not None else file_config
         config.inference_mode = not is_trainable
         plan = _plan_from_file(model, config, adapter_name, model_id)
-        _check_tensors(_expected_adapter_shapes(model, plan), tensors, weights_path,
-                       _integer_slots(model, plan))
+        _check_tensors(
+            _expected_adapter_shapes(model, plan),
+            tensors,
+            weights_path,
+            _integer_slots(model, plan),
+        )
         model_class = cls
         if cls is PeftModel:
             model_class = _TASK_MODEL_CLASSES.get(config.task_type, PeftModel)
-        peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model = model_class(
+            model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+        )
         peft_model._load_checked(adapter_name, tensors, weights_path)
         if not is_trainable:
             peft_model.eval()
@@ -1580,43 +1928,64 @@ def _new_instance(cls: type) -> PeftModel:
 
 def _refuse_unsupported(kwargs: dict, where: str) -> None:
     if kwargs:
-        raise TypeError(f"{where}: unsupported arguments {sorted(kwargs)} (cpeft does not implement them)")
+        raise TypeError(
+            f"{where}: unsupported arguments {sorted(kwargs)} (cpeft does not implement them)"
+        )
 
 
-def _plan_from_file(model: nn.Module, config: PeftConfig, adapter_name: str,
-                    model_id: str | os.PathLike) -> _Plan:
+def _plan_from_file(
+    model: nn.Module, config: PeftConfig, adapter_name: str, model_id: str | os.PathLike
+) -> _Plan:
     """The injection plan of a config read from ``model_id``; its errors name the config file."""
     try:
         return _plan(model, config, adapter_name)
     except ValueError as exc:
-        raise ValueError(f"{os.path.join(os.fspath(model_id), ADAPTER_CONFIG_NAME)}: {exc}") from None
+        raise ValueError(
+            f"{os.path.join(os.fspath(model_id), ADAPTER_CONFIG_NAME)}: {exc}"
+        ) from None
 
 
-def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str,
-                   integer_slots: dict[str, torch.dtype] | None = None) -> None:
+def _check_tensors(
+    expected: dict[str, tuple[int, ...]],
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    integer_slots: dict[str, torch.dtype] | None = None,
+) -> None:
     """Every expected key present with its shape, nothing else; floating-point tensors except
     for ``integer_slots`` (key -> dtype, e.g. a BatchNorm's ``num_batches_tracked``), which must
     come in exactly that dtype: nothing is cast."""
     integer_slots = integer_slots or {}
     missing = [key for key in expected if key not in tensors]
     if missing:
-        raise ValueError(f"{source}: missing the key {missing[0]!r} of shape {expected[missing[0]]} "
-                         f"that the model needs ({len(missing)} missing in all)")
+        raise ValueError(
+            f"{source}: missing the key {missing[0]!r} of shape {expected[missing[0]]} "
+            f"that the model needs ({len(missing)} missing in all)"
+        )
     unexpected = [key for key in tensors if key not in expected]
     if unexpected:
-        raise ValueError(f"{source}: the key {unexpected[0]!r} matches no adapter slot of the model "
-                         f"({len(unexpected)} unexpected in all)")
+        raise ValueError(
+            f"{source}: the key {unexpected[0]!r} matches no adapter slot of the model "
+            f"({len(unexpected)} unexpected in all)"
+        )
     for key, shape in expected.items():
         tensor = tensors[key]
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{source}: key {key!r}: expected a tensor, got {type(tensor).__name__}")
+            raise ValueError(
+                f"{source}: key {key!r}: expected a tensor, got {type(tensor).__name__}"
+            )
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{source}: key {key!r}: expected shape {shape}, got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{source}: key {key!r}: expected shape {shape}, got {tuple(tensor.shape)}"
+            )
         slot_dtype = integer_slots.get(key)
         if slot_dtype is None and not tensor.is_floating_point():
-            raise ValueError(f"{source}: key {key!r}: expected a floating-point tensor, got {tensor.dtype}")
+            raise ValueError(
+                f"{source}: key {key!r}: expected a floating-point tensor, got {tensor.dtype}"
+            )
         if slot_dtype is not None and tensor.dtype != slot_dtype:
-            raise ValueError(f"{source}: key {key!r}: expected {slot_dtype} as in the model, got {tensor.dtype}")
+            raise ValueError(
+                f"{source}: key {key!r}: expected {slot_dtype} as in the model, got {tensor.dtype}"
+            )
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -1644,9 +2013,12 @@ class PeftModelForFeatureExtraction(PeftModel):
 
 
 _TASK_MODEL_CLASSES = {
-    "CAUSAL_LM": PeftModelForCausalLM, "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
-    "SEQ_CLS": PeftModelForSequenceClassification, "TOKEN_CLS": PeftModelForTokenClassification,
-    "QUESTION_ANS": PeftModelForQuestionAnswering, "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
 
 
@@ -1659,9 +2031,21 @@ _TASK_MODEL_CLASSES = {
 # or hidden (then found on the wrapped model, as for any other attribute). peft's __init__ is
 # never called.
 _TRAINER_VISIBLE: dict[type, type] = {}
-_NOT_COPIED = frozenset(("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
-                         "__annotations__", "__init__", "__firstlineno__", "__static_attributes__",
-                         "__orig_bases__", "__parameters__"))
+_NOT_COPIED = frozenset(
+    (
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__init__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+    )
+)
 
 
 class _Hidden:
@@ -1691,8 +2075,12 @@ def _trainer_visible(cls: type) -> type:
         if klass is nn.Module:
             break
         ours.update(vars(klass))
-    namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                 "__doc__": cls.__doc__, "_cpeft_class": cls}
+    namespace: dict[str, Any] = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_cpeft_class": cls,
+    }
     for klass in HFPeftModel.__mro__:
         if klass is nn.Module or klass is object:
             break
@@ -1708,18 +2096,33 @@ def _trainer_visible(cls: type) -> type:
 
 # Hub download options of peft's loaders: meaningless for a local directory, so accepted and
 # ignored; key_mapping only as None.
-_HUB_KWARGS = ("revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download",
-               "proxies")
+_HUB_KWARGS = (
+    "revision",
+    "cache_dir",
+    "token",
+    "use_auth_token",
+    "local_files_only",
+    "force_download",
+    "proxies",
+)
 
 
-def _local_adapter_dir(model_id: Any, kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()) -> str:
+def _local_adapter_dir(
+    model_id: Any, kwargs: dict[str, Any], caller: str, extra: tuple[str, ...] = ()
+) -> str:
     """The adapter directory (``subfolder`` joined); refuses loader options cpeft does not
     implement instead of ignoring them."""
     if kwargs.get("key_mapping") is not None:
         raise ValueError(f"{caller}: key_mapping is not supported by cpeft; expected None")
     if kwargs.get("ephemeral_gpu_offload", False) is not False:
-        raise ValueError(f"{caller}: ephemeral_gpu_offload is not supported by cpeft; expected False")
-    known = set(_HUB_KWARGS) | {"device_map", "subfolder", "key_mapping", "ephemeral_gpu_offload"} | set(extra)
+        raise ValueError(
+            f"{caller}: ephemeral_gpu_offload is not supported by cpeft; expected False"
+        )
+    known = (
+        set(_HUB_KWARGS)
+        | {"device_map", "subfolder", "key_mapping", "ephemeral_gpu_offload"}
+        | set(extra)
+    )
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"{caller}: unsupported arguments {unknown}")
@@ -1735,10 +2138,13 @@ def _local_adapter_dir(model_id: Any, kwargs: dict[str, Any], caller: str, extra
 
 def _load_device(torch_device: Any, device_map: Any) -> torch.device:
     """The device adapter files are read to, from peft's ``torch_device`` and ``device_map``."""
+
     def as_device(value: Any, name: str) -> torch.device:
         if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
-            raise ValueError(f"{name}: expected a device (a string such as 'cpu' or 'cuda:0', an index "
-                             f"or a torch.device), got {value!r}")
+            raise ValueError(
+                f"{name}: expected a device (a string such as 'cpu' or 'cuda:0', an index "
+                f"or a torch.device), got {value!r}"
+            )
         try:
             device = torch.device(value)
         except (RuntimeError, ValueError) as exc:
@@ -1748,26 +2154,35 @@ def _load_device(torch_device: Any, device_map: Any) -> torch.device:
         if device.type != "cuda":
             raise ValueError(f"{name}: expected a CPU or CUDA device, got {value!r}")
         if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"{name}: {value!r} names a CUDA device this process does not have "
-                             f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} visible)")
+            raise ValueError(
+                f"{name}: {value!r} names a CUDA device this process does not have "
+                f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} visible)"
+            )
         return device
 
-    device = torch.device("cpu") if torch_device is None else as_device(torch_device, "torch_device")
+    device = (
+        torch.device("cpu") if torch_device is None else as_device(torch_device, "torch_device")
+    )
     if device_map is None or device_map == "auto":
         return device
     if isinstance(device_map, dict):
         if set(device_map) != {""}:
-            raise ValueError(f"device_map: cpeft places an adapter on one device; expected 'auto', a device "
-                             f"or {{'': device}}, got a map of {len(device_map)} entries {list(device_map)[:4]}")
+            raise ValueError(
+                f"device_map: cpeft places an adapter on one device; expected 'auto', a device "
+                f"or {{'': device}}, got a map of {len(device_map)} entries {list(device_map)[:4]}"
+            )
         device_map = device_map[""]
     mapped = as_device(device_map, "device_map")
     if torch_device is not None and mapped != device:
-        raise ValueError(f"device_map: names {mapped} but torch_device names {device}; pass one of them")
+        raise ValueError(
+            f"device_map: names {mapped} but torch_device names {device}; pass one of them"
+        )
     return mapped
 
 
-def _read_adapter_dir(model_id: str | os.PathLike, device: torch.device | None = None, need_config: bool = True
-                      ) -> tuple[LoraConfig | IA3Config | None, dict[str, torch.Tensor], str]:
+def _read_adapter_dir(
+    model_id: str | os.PathLike, device: torch.device | None = None, need_config: bool = True
+) -> tuple[LoraConfig | IA3Config | None, dict[str, torch.Tensor], str]:
     """(config, or None when not needed; tensors read to ``device``; the weights file's path)."""
     directory = os.fspath(model_id)
     if not os.path.isdir(directory):
@@ -1792,20 +2207,33 @@ def _read_adapter_dir(model_id: str | os.PathLike, device: torch.device | None =
             raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
         return config, tensors, weights_path
     if not os.path.isfile(bin_path):
-        raise FileNotFoundError(f"{weights_path}: adapter weights not found (nor {ADAPTER_BIN_WEIGHTS_NAME})")
+        raise FileNotFoundError(
+            f"{weights_path}: adapter weights not found (nor {ADAPTER_BIN_WEIGHTS_NAME})"
+        )
     try:
         tensors = torch.load(bin_path, map_location=device, weights_only=True)
     except Exception as exc:  # torch.load raises many types for a bad file (pickle, zip, EOF, ...)
-        raise ValueError(f"{bin_path}: not a readable torch state dict ({type(exc).__name__}: {exc})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in tensors.items()):
-        raise ValueError(f"{bin_path}: expected a dict of tensors keyed by name, got {type(tensors).__name__}")
+        raise ValueError(
+            f"{bin_path}: not a readable torch state dict ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise ValueError(
+            f"{bin_path}: expected a dict of tensors keyed by name, got {type(tensors).__name__}"
+        )
     return config, tensors, bin_path
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig | IA3Config,
-                   adapter_name: str = DEFAULT_ADAPTER, mixed: bool = False, autocast_adapter_dtype: bool = True,
-                   revision: str | None = None, low_cpu_mem_usage: bool = False) -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig | IA3Config,
+    adapter_name: str = DEFAULT_ADAPTER,
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
     """Injects cpeft adapter layers into ``model`` (in place) and returns the wrapper, of peft's
     task class for ``peft_config.task_type`` (``PeftModelForCausalLM``...) when one is set.
 
@@ -1815,37 +2243,62 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig | IA3Config,
     float32; with False they take the layer's dtype.
     """
     if mixed is not False:
-        raise TypeError(f"get_peft_model: mixed={mixed!r} (PeftMixedModel) is not supported; expected False")
+        raise TypeError(
+            f"get_peft_model: mixed={mixed!r} (PeftMixedModel) is not supported; expected False"
+        )
     if revision is not None:
         raise TypeError(f"get_peft_model: revision={revision!r} is not supported; expected None")
     model_class = _TASK_MODEL_CLASSES.get(getattr(peft_config, "task_type", None), PeftModel)
-    return model_class(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                       low_cpu_mem_usage=low_cpu_mem_usage)
+    return model_class(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
 
 
-def inject_adapter_in_model(peft_config: LoraConfig | IA3Config, model: nn.Module,
-                            adapter_name: str = DEFAULT_ADAPTER, low_cpu_mem_usage: bool = False, *,
-                            autocast_adapter_dtype: bool = False) -> nn.Module:
+def inject_adapter_in_model(
+    peft_config: LoraConfig | IA3Config,
+    model: nn.Module,
+    adapter_name: str = DEFAULT_ADAPTER,
+    low_cpu_mem_usage: bool = False,
+    *,
+    autocast_adapter_dtype: bool = False,
+) -> nn.Module:
     """peft's low-level API: puts adapter layers into ``model`` in place and returns ``model``
     itself (no wrapper), the new adapter active and trainable, everything else frozen. As in
     peft 0.21 the adapters keep the layers' dtype; cpeft's extra ``autocast_adapter_dtype=True``
     gives float32 adapters on 16-bit layers instead."""
-    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                     low_cpu_mem_usage=low_cpu_mem_usage).get_base_model()
+    return PeftModel(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    ).get_base_model()
 
 
-def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, torch.Tensor] | None = None,
-                              adapter_name: str = DEFAULT_ADAPTER, unwrap_compiled: bool = False,
-                              save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+def get_peft_model_state_dict(
+    model: PeftModel,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+    unwrap_compiled: bool = False,
+    save_embedding_layers: str | bool = "auto",
+) -> dict[str, torch.Tensor]:
     """peft's function: the tensors of ``adapter_name`` under the keys peft writes to files."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"model: expected a cpeft PeftModel, got {type(model).__name__}")
     return model.get_adapter_state_dict(adapter_name, state_dict)
 
 
-def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = DEFAULT_ADAPTER, ignore_mismatched_sizes: bool = False,
-                              low_cpu_mem_usage: bool = False) -> _LoadResult:
+def set_peft_model_state_dict(
+    model: PeftModel,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = DEFAULT_ADAPTER,
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> _LoadResult:
     """peft's function: loads tensors keyed as in peft's files into ``adapter_name``. Every key
     and shape is checked before anything is written."""
     if not isinstance(model, PeftModel):
@@ -1897,28 +2350,46 @@ class AutoPeftModel:
     _peft_class: type = PeftModel
 
     def __init__(self, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is used through {type(self).__name__}.from_pretrained(...)")
+        raise TypeError(
+            f"{type(self).__name__} is used through {type(self).__name__}.from_pretrained(...)"
+        )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False, config: PeftConfig | None = None, revision: str | None = None,
-                        **kwargs: Any) -> PeftModel:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
         import transformers
 
-        peft_config = config if config is not None else PeftConfig.from_pretrained(pretrained_model_name_or_path)
+        peft_config = (
+            config
+            if config is not None
+            else PeftConfig.from_pretrained(pretrained_model_name_or_path)
+        )
         base_name = peft_config.base_model_name_or_path
         if not base_name:
-            raise ValueError(f"{os.path.join(os.fspath(pretrained_model_name_or_path), ADAPTER_CONFIG_NAME)}: "
-                             f"base_model_name_or_path is empty; load the base model yourself and use "
-                             f"PeftModel.from_pretrained(base_model, path)")
+            raise ValueError(
+                f"{os.path.join(os.fspath(pretrained_model_name_or_path), ADAPTER_CONFIG_NAME)}: "
+                f"base_model_name_or_path is empty; load the base model yourself and use "
+                f"PeftModel.from_pretrained(base_model, path)"
+            )
         task_type = peft_config.task_type
         if cls is AutoPeftModel and task_type is not None:
-            raise ValueError(f"AutoPeftModel: the adapter has task_type {task_type!r}; use the class for that "
-                             f"task (e.g. AutoPeftModelForCausalLM for 'CAUSAL_LM')")
+            raise ValueError(
+                f"AutoPeftModel: the adapter has task_type {task_type!r}; use the class for that "
+                f"task (e.g. AutoPeftModelForCausalLM for 'CAUSAL_LM')"
+            )
         expected_class = _TASK_MODEL_CLASSES.get(task_type)
         if expected_class is not None and cls._peft_class is not expected_class:
-            raise ValueError(f"{cls.__name__}: the adapter has task_type {task_type!r}, which needs "
-                             f"{expected_class.__name__}, not {cls._peft_class.__name__}")
+            raise ValueError(
+                f"{cls.__name__}: the adapter has task_type {task_type!r}, which needs "
+                f"{expected_class.__name__}, not {cls._peft_class.__name__}"
+            )
         auto_class = getattr(transformers, cls._auto_class_name)
         if task_type is None and cls is AutoPeftModel:
             auto_class = _auto_mapping_class(pretrained_model_name_or_path) or auto_class
@@ -1929,8 +2400,12 @@ class AutoPeftModel:
         peft_class = cls._peft_class
         if peft_class is PeftModel:
             peft_class = _TASK_MODEL_CLASSES.get(peft_config.task_type, PeftModel)
-        return peft_class.from_pretrained(base_model, pretrained_model_name_or_path, adapter_name=adapter_name,
-                                          is_trainable=is_trainable)
+        return peft_class.from_pretrained(
+            base_model,
+            pretrained_model_name_or_path,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+        )
 
 
 def _auto_mapping_class(directory: str | os.PathLike) -> type | None:
@@ -1942,10 +2417,15 @@ def _auto_mapping_class(directory: str | os.PathLike) -> type | None:
     if not isinstance(mapping, dict):
         return None
     library, class_name = mapping.get("parent_library"), mapping.get("base_model_class")
-    if not isinstance(library, str) or not isinstance(class_name, str) \
-            or not (library == "transformers" or library.startswith("transformers.")):
-        raise ValueError(f"{config_path}: auto_mapping: cpeft imports base model classes from transformers only, "
-                         f"got {mapping!r}")
+    if (
+        not isinstance(library, str)
+        or not isinstance(class_name, str)
+        or not (library == "transformers" or library.startswith("transformers."))
+    ):
+        raise ValueError(
+            f"{config_path}: auto_mapping: cpeft imports base model classes from transformers only, "
+            f"got {mapping!r}"
+        )
     import importlib
 
     return getattr(importlib.import_module(library), class_name)

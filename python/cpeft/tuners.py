@@ -18,6 +18,7 @@ concatenated along the rank (``[A_1; A_2]``, ``[s_1 B_1, s_2 B_2]``), which is e
 Merges go through cpeft.functional's exact merge: unmerging (in reverse merge order) restores
 the base weights bit for bit.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -28,8 +29,15 @@ import torch.nn as nn
 from . import _autograd, functional
 from .layers import _core_merges
 
-__all__ = ["BaseTunerLayer", "LoraLayer", "Linear", "Embedding", "IA3Layer", "IA3Linear",
-           "IA3Embedding"]
+__all__ = [
+    "BaseTunerLayer",
+    "LoraLayer",
+    "Linear",
+    "Embedding",
+    "IA3Layer",
+    "IA3Linear",
+    "IA3Embedding",
+]
 
 
 def _active_dropout_p(dropout: nn.Module) -> float:
@@ -127,8 +135,10 @@ class BaseTunerLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter_name: {adapter_name!r} is merged into the base weights; "
-                             f"unmerge it before deleting it")
+            raise ValueError(
+                f"adapter_name: {adapter_name!r} is merged into the base weights; "
+                f"unmerge it before deleting it"
+            )
         for container_name in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, container_name)
             if adapter_name in container:
@@ -148,8 +158,10 @@ class BaseTunerLayer(nn.Module):
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         unknown = [name for name in names if name not in self.adapter_names]
         if adapter_names is not None and unknown:
-            raise ValueError(f"adapter_names: {unknown} are not adapters of this layer "
-                             f"(it holds {self.adapter_names})")
+            raise ValueError(
+                f"adapter_names: {unknown} are not adapters of this layer "
+                f"(it holds {self.adapter_names})"
+            )
         if safe_merge:
             self.check_merge_is_finite(names)
         for adapter in names:
@@ -159,7 +171,9 @@ class BaseTunerLayer(nn.Module):
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
-    def check_merge_is_finite(self, adapter_names: Optional[list[str]] = None, where: str = "") -> None:
+    def check_merge_is_finite(
+        self, adapter_names: Optional[list[str]] = None, where: str = ""
+    ) -> None:
         """peft's safe_merge check: merges ``adapter_names`` (default: the active adapters) in
         order on a copy of the base tensors and raises ValueError, with peft's message, when a
         result is not finite in the base dtype. The layer itself is not touched."""
@@ -168,15 +182,19 @@ class BaseTunerLayer(nn.Module):
         if not names:
             return
         targets = self._merge_targets()
-        work = {name: t.to(_autograd.core_dtype(t.dtype, t.device.type), copy=True).contiguous()
-                for name, t in targets.items()}
+        work = {
+            name: t.to(_autograd.core_dtype(t.dtype, t.device.type), copy=True).contiguous()
+            for name, t in targets.items()
+        }
         for adapter in names:
             self._merge_into(adapter, work)
             for name, merged in work.items():
                 if not bool(torch.isfinite(merged.to(targets[name].dtype)).all()):
                     place = f" (layer {where!r}, {name})" if where else f" ({name})"
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems "
-                                     f"to be broken{place}; no weight was changed")
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {adapter} seems "
+                        f"to be broken{place}; no weight was changed"
+                    )
 
     def unmerge(self) -> None:
         """Removes every merged adapter, last merged first, restoring the base weights bit for bit."""
@@ -193,8 +211,10 @@ class BaseTunerLayer(nn.Module):
         else:
             # Dtypes or layouts the core cannot merge in place keep a full copy of the original.
             originals = {name: t.clone() for name, t in targets.items()}
-            work = {name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
-                    for name, t in targets.items()}
+            work = {
+                name: t.to(_autograd.core_dtype(t.dtype, t.device.type)).contiguous()
+                for name, t in targets.items()
+            }
             self._merge_into(adapter, work)
             for name, t in targets.items():
                 t.copy_(work[name])
@@ -237,8 +257,10 @@ class BaseTunerLayer(nn.Module):
         wanted = set(names)
         used = [a for a in self.adapter_names if a in wanted]
         if used and self.merged:
-            raise ValueError(f"adapter_names: cannot run a mixed-adapter batch while adapters "
-                             f"{self.merged_adapters} are merged; call unmerge_adapter() first")
+            raise ValueError(
+                f"adapter_names: cannot run a mixed-adapter batch while adapters "
+                f"{self.merged_adapters} are merged; call unmerge_adapter() first"
+            )
         return used
 
     def _adapters_to_run(self) -> list[str]:
@@ -252,8 +274,10 @@ class BaseTunerLayer(nn.Module):
         while such a batch runs (its samples see the base layer), and an error if the batch
         names one of this layer's adapters."""
         if self._mixed_batch_adapters():
-            raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
-                             f"layers only; this {type(self).__name__} holds {self.adapter_names}")
+            raise ValueError(
+                f"adapter_names: mixed-adapter batches run LoRA adapters of linear "
+                f"layers only; this {type(self).__name__} holds {self.adapter_names}"
+            )
         return [] if self._mixed_adapter_names is not None else self._adapters_to_run()
 
 
@@ -265,16 +289,29 @@ def _merge_lora_bias(lora_bias: torch.Tensor, scaling: float, bias: Optional[tor
     """bias += scaling · lora_B.bias through the core's exact merge (bias as an (OUT, 1) matrix,
     lora_B.bias as a rank-1 B against A = [[1]]); returns the merge record."""
     if bias is None:
-        raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        raise RuntimeError(
+            "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
+        )
     column = bias.view(-1, 1)
-    return functional.lora_merge(column, column.new_ones((1, 1)),
-                                 lora_bias.detach().to(bias.dtype).view(-1, 1), scaling, stream=_stream(bias))
+    return functional.lora_merge(
+        column,
+        column.new_ones((1, 1)),
+        lora_bias.detach().to(bias.dtype).view(-1, 1),
+        scaling,
+        stream=_stream(bias),
+    )
 
 
 def _unmerge_lora_bias(lora_bias: torch.Tensor, scaling: float, bias: torch.Tensor, record) -> None:
     column = bias.view(-1, 1)
-    functional.lora_unmerge(column, column.new_ones((1, 1)), lora_bias.detach().to(bias.dtype).view(-1, 1),
-                            scaling, functional.MergeRecord(*record), stream=_stream(bias))
+    functional.lora_unmerge(
+        column,
+        column.new_ones((1, 1)),
+        lora_bias.detach().to(bias.dtype).view(-1, 1),
+        scaling,
+        functional.MergeRecord(*record),
+        stream=_stream(bias),
+    )
 
 
 class DoraMagnitude(nn.Module):
@@ -305,9 +342,14 @@ class _DoraMixin:
 
     def _dora_weight_norm(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = self._adapter_pair(adapter, weight.dtype)
-        return functional.dora_weight_norm(weight, lora_a, lora_b, self.scaling[adapter],
-                                           fan_in_fan_out=self._dora_fan_in_fan_out,
-                                           stream=_stream(weight))
+        return functional.dora_weight_norm(
+            weight,
+            lora_a,
+            lora_b,
+            self.scaling[adapter],
+            fan_in_fan_out=self._dora_fan_in_fan_out,
+            stream=_stream(weight),
+        )
 
     @torch.no_grad()
     def _unmerged_weight(self) -> torch.Tensor:
@@ -332,7 +374,8 @@ class _DoraMixin:
         weight = self._unmerged_weight()
         norm = self._dora_weight_norm(adapter, weight)
         self.lora_magnitude_vector[adapter] = DoraMagnitude(
-            norm.to(self.get_base_layer().weight.dtype))
+            norm.to(self.get_base_layer().weight.dtype)
+        )
 
     def _dora_factor_name(self, adapter: str) -> str:
         return f"_dora_factor_{adapter}"
@@ -357,8 +400,10 @@ class _DoraMixin:
         if not dora:
             return None
         if len(adapters) > 1:
-            raise ValueError(f"active adapters {adapters} of one layer include DoRA adapters {dora}; "
-                             f"cpeft runs a DoRA adapter only as the one active adapter of a layer")
+            raise ValueError(
+                f"active adapters {adapters} of one layer include DoRA adapters {dora}; "
+                f"cpeft runs a DoRA adapter only as the one active adapter of a layer"
+            )
         return dora[0]
 
 
@@ -376,7 +421,7 @@ class LoraLayer(BaseTunerLayer):
     def _set_settings(self, adapter: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
         self.r[adapter] = r
         self.lora_alpha[adapter] = lora_alpha
-        self.scaling[adapter] = lora_alpha / (r ** 0.5 if use_rslora else r)
+        self.scaling[adapter] = lora_alpha / (r**0.5 if use_rslora else r)
 
 
 class Linear(_DoraMixin, LoraLayer):
@@ -390,8 +435,9 @@ class Linear(_DoraMixin, LoraLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias")
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
-                 fan_in_fan_out: bool):
+    def __init__(
+        self, base_layer: nn.Module, in_features: int, out_features: int, fan_in_fan_out: bool
+    ):
         super().__init__(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
@@ -405,27 +451,45 @@ class Linear(_DoraMixin, LoraLayer):
         return self.fan_in_fan_out
 
     def _scale_merge(self, weight, factor):
-        record, _ = functional.ia3_merge(weight, factor, fan_in_fan_out=self.fan_in_fan_out,
-                                         stream=_stream(weight))
+        record, _ = functional.ia3_merge(
+            weight, factor, fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight)
+        )
         return record
 
     def _scale_unmerge(self, weight, factor, record):
-        functional.ia3_unmerge(weight, factor, (record, None), fan_in_fan_out=self.fan_in_fan_out,
-                               stream=_stream(weight))
+        functional.ia3_unmerge(
+            weight,
+            factor,
+            (record, None),
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_stream(weight),
+        )
 
-    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
-                     use_rslora: bool, lora_bias: bool = False) -> None:
+    def update_layer(
+        self,
+        adapter: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        lora_bias: bool = False,
+    ) -> None:
         weight = self.get_base_layer().weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=lora_bias, **factory)
-        self.lora_dropout[adapter] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter] = (
+            nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        )
         self.lora_bias[adapter] = lora_bias
         self._set_settings(adapter, r, lora_alpha, use_rslora)
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
         """peft file key suffix -> this layer's state-dict key, for ``adapter``."""
-        tensors = {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+        tensors = {
+            "lora_A.weight": f"lora_A.{adapter}.weight",
+            "lora_B.weight": f"lora_B.{adapter}.weight",
+        }
         if self.lora_bias.get(adapter):
             tensors["lora_B.bias"] = f"lora_B.{adapter}.bias"
         if self._is_dora(adapter):
@@ -440,19 +504,28 @@ class Linear(_DoraMixin, LoraLayer):
         return targets
 
     def _adapter_pair(self, adapter: str, dtype: torch.dtype):
-        return (self.lora_A[adapter].weight.detach().to(dtype),
-                self.lora_B[adapter].weight.detach().to(dtype))
+        return (
+            self.lora_A[adapter].weight.detach().to(dtype),
+            self.lora_B[adapter].weight.detach().to(dtype),
+        )
 
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
         factor = self._dora_merge_factor(adapter, weight.dtype)
-        record = functional.lora_merge(weight, *self._adapter_pair(adapter, weight.dtype),
-                                       self.scaling[adapter], fan_in_fan_out=self.fan_in_fan_out,
-                                       stream=_stream(weight))
+        record = functional.lora_merge(
+            weight,
+            *self._adapter_pair(adapter, weight.dtype),
+            self.scaling[adapter],
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_stream(weight),
+        )
         records = {"weight": tuple(record)}
         if self.lora_bias.get(adapter):
-            records["bias"] = tuple(_merge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter],
-                                                     targets.get("bias")))
+            records["bias"] = tuple(
+                _merge_lora_bias(
+                    self.lora_B[adapter].bias, self.scaling[adapter], targets.get("bias")
+                )
+            )
         if factor is not None:
             records[_DORA_RECORD] = tuple(self._scale_merge(weight, factor))
         return records
@@ -461,12 +534,18 @@ class Linear(_DoraMixin, LoraLayer):
         weight = targets["weight"]
         if _DORA_RECORD in records:
             self._unmerge_dora(adapter, weight, records)
-        functional.lora_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
-                                self.scaling[adapter], functional.MergeRecord(*records["weight"]),
-                                fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
-        if "bias" in records and "bias" in targets:   # DoRA's norm of the bare weight passes no bias
-            _unmerge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter], targets["bias"],
-                               records["bias"])
+        functional.lora_unmerge(
+            weight,
+            *self._adapter_pair(adapter, weight.dtype),
+            self.scaling[adapter],
+            functional.MergeRecord(*records["weight"]),
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_stream(weight),
+        )
+        if "bias" in records and "bias" in targets:  # DoRA's norm of the bare weight passes no bias
+            _unmerge_lora_bias(
+                self.lora_B[adapter].bias, self.scaling[adapter], targets["bias"], records["bias"]
+            )
 
     def _lora_bias_term(self, adapters: list[str]) -> Optional[torch.Tensor]:
         """Σ scaling · lora_B.bias over the active adapters that have one (None if none do)."""
@@ -484,9 +563,11 @@ class Linear(_DoraMixin, LoraLayer):
             a = adapters[0]
             return (self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], dropouts.pop())
         if len(dropouts) > 1:
-            raise ValueError(f"active adapters {adapters} of one layer have different lora_dropout "
-                             f"values {sorted(dropouts)}; cpeft runs several active adapters of a "
-                             f"layer as one product and needs one dropout probability")
+            raise ValueError(
+                f"active adapters {adapters} of one layer have different lora_dropout "
+                f"values {sorted(dropouts)}; cpeft runs several active adapters of a "
+                f"layer as one product and needs one dropout probability"
+            )
         lora_a = torch.cat([self.lora_A[a].weight for a in adapters], dim=0)
         lora_b = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in adapters], dim=1)
         return lora_a, lora_b, 1.0, dropouts.pop()
@@ -498,29 +579,48 @@ class Linear(_DoraMixin, LoraLayer):
         names = self._mixed_adapter_names
         with_bias = [a for a in used if self.lora_bias.get(a)]
         if with_bias:
-            raise ValueError(f"adapter_names: adapters {with_bias} have lora_bias=True, which mixed-adapter "
-                             f"batches do not support")
+            raise ValueError(
+                f"adapter_names: adapters {with_bias} have lora_bias=True, which mixed-adapter "
+                f"batches do not support"
+            )
         dora = [a for a in used if self._is_dora(a)]
         if dora:
-            raise ValueError(f"adapter_names: mixed-adapter batches run plain LoRA adapters; "
-                             f"{dora} of this layer use DoRA (as in peft, which refuses "
-                             f"adapter_names with DoRA)")
+            raise ValueError(
+                f"adapter_names: mixed-adapter batches run plain LoRA adapters; "
+                f"{dora} of this layer use DoRA (as in peft, which refuses "
+                f"adapter_names with DoRA)"
+            )
         if x.dim() < 2 or x.shape[0] != len(names):
-            raise ValueError(f"adapter_names: expected one name per sample, i.e. {x.shape[0] if x.dim() > 1 else 1} "
-                             f"names for an input of shape {tuple(x.shape)}, got {len(names)}")
+            raise ValueError(
+                f"adapter_names: expected one name per sample, i.e. {x.shape[0] if x.dim() > 1 else 1} "
+                f"names for an input of shape {tuple(x.shape)}, got {len(names)}"
+            )
         dropouts = {_active_dropout_p(self.lora_dropout[a]) for a in used}
         if len(dropouts) > 1:
-            raise ValueError(f"adapter_names: adapters {used} of one layer have different lora_dropout "
-                             f"values; a mixed-adapter batch needs one dropout probability per layer")
+            raise ValueError(
+                f"adapter_names: adapters {used} of one layer have different lora_dropout "
+                f"values; a mixed-adapter batch needs one dropout probability per layer"
+            )
         position = {a: i for i, a in enumerate(used)}
-        per_sample = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
+        per_sample = torch.tensor(
+            [position.get(n, -1) for n in names], dtype=torch.int64, device=x.device
+        )
         index = per_sample.repeat_interleave(x[0].numel() // x.shape[-1])
         base = self.get_base_layer()
         lora_a = torch.cat([self.lora_A[a].weight for a in used], dim=0)
         lora_b = torch.cat([self.lora_B[a].weight for a in used], dim=1)
-        return _autograd.lora_grouped(x, base.weight, base.bias, lora_a, lora_b, index,
-                                      ranks=[self.r[a] for a in used], scales=[self.scaling[a] for a in used],
-                                      fan_in_fan_out=self.fan_in_fan_out, dropout=dropouts.pop())
+        return _autograd.lora_grouped(
+            x,
+            base.weight,
+            base.bias,
+            lora_a,
+            lora_b,
+            index,
+            ranks=[self.r[a] for a in used],
+            scales=[self.scaling[a] for a in used],
+            fan_in_fan_out=self.fan_in_fan_out,
+            dropout=dropouts.pop(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         used = self._mixed_batch_adapters()
@@ -533,19 +633,34 @@ class Linear(_DoraMixin, LoraLayer):
         dora = self._single_dora(adapters)
         if dora is not None:
             return _autograd.dora_linear(
-                x, base.weight, base.bias, self.lora_A[dora].weight, self.lora_B[dora].weight,
-                self.lora_magnitude_vector[dora].weight, scale=self.scaling[dora],
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A[dora].weight,
+                self.lora_B[dora].weight,
+                self.lora_magnitude_vector[dora].weight,
+                scale=self.scaling[dora],
                 fan_in_fan_out=self.fan_in_fan_out,
                 dropout=_active_dropout_p(self.lora_dropout[dora]),
-                sq_norm_cache=self._dora_sq_norm, layer=type(self).__name__)
+                sq_norm_cache=self._dora_sq_norm,
+                layer=type(self).__name__,
+            )
         lora_a, lora_b, scale, dropout = self._stacked(adapters)
         bias = base.bias
         lora_bias = self._lora_bias_term(adapters)
         if lora_bias is not None:
             bias = lora_bias if bias is None else bias + lora_bias
-        return _autograd.lora_linear(x, base.weight, bias, lora_a, lora_b, scale=scale,
-                                     fan_in_fan_out=self.fan_in_fan_out, enable_lora=None,
-                                     dropout=dropout)
+        return _autograd.lora_linear(
+            x,
+            base.weight,
+            bias,
+            lora_a,
+            lora_b,
+            scale=scale,
+            fan_in_fan_out=self.fan_in_fan_out,
+            enable_lora=None,
+            dropout=dropout,
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
@@ -573,16 +688,19 @@ class Embedding(_DoraMixin, LoraLayer):
     def _scale_unmerge(self, weight, factor, record):
         functional.ia3_embedding_unmerge(weight, factor, record, stream=_stream(weight))
 
-    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
-                     use_rslora: bool) -> None:
+    def update_layer(
+        self, adapter: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool
+    ) -> None:
         weight = self.get_base_layer().weight
         self.lora_embedding_A[adapter] = nn.Parameter(weight.new_zeros((r, self.in_features)))
         self.lora_embedding_B[adapter] = nn.Parameter(weight.new_zeros((self.out_features, r)))
         self._set_settings(adapter, r, lora_alpha, use_rslora)
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
-        keys = {"lora_embedding_A": f"lora_embedding_A.{adapter}",
-                "lora_embedding_B": f"lora_embedding_B.{adapter}"}
+        keys = {
+            "lora_embedding_A": f"lora_embedding_A.{adapter}",
+            "lora_embedding_B": f"lora_embedding_B.{adapter}",
+        }
         if self._is_dora(adapter):
             keys["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter}.weight"
         return keys
@@ -591,14 +709,20 @@ class Embedding(_DoraMixin, LoraLayer):
         return {"weight": self.get_base_layer().weight.detach()}
 
     def _adapter_pair(self, adapter, dtype):
-        return (self.lora_embedding_A[adapter].detach().to(dtype),
-                self.lora_embedding_B[adapter].detach().to(dtype))
+        return (
+            self.lora_embedding_A[adapter].detach().to(dtype),
+            self.lora_embedding_B[adapter].detach().to(dtype),
+        )
 
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
         factor = self._dora_merge_factor(adapter, weight.dtype)
-        record = functional.lora_embedding_merge(weight, *self._adapter_pair(adapter, weight.dtype),
-                                                 self.scaling[adapter], stream=_stream(weight))
+        record = functional.lora_embedding_merge(
+            weight,
+            *self._adapter_pair(adapter, weight.dtype),
+            self.scaling[adapter],
+            stream=_stream(weight),
+        )
         records = {"weight": tuple(record)}
         if factor is not None:
             records[_DORA_RECORD] = tuple(self._scale_merge(weight, factor))
@@ -608,10 +732,13 @@ class Embedding(_DoraMixin, LoraLayer):
         weight = targets["weight"]
         if _DORA_RECORD in records:
             self._unmerge_dora(adapter, weight, records)
-        functional.lora_embedding_unmerge(weight, *self._adapter_pair(adapter, weight.dtype),
-                                          self.scaling[adapter],
-                                          functional.MergeRecord(*records["weight"]),
-                                          stream=_stream(weight))
+        functional.lora_embedding_unmerge(
+            weight,
+            *self._adapter_pair(adapter, weight.dtype),
+            self.scaling[adapter],
+            functional.MergeRecord(*records["weight"]),
+            stream=_stream(weight),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._adapters_outside_mixed_batches()
@@ -621,18 +748,31 @@ class Embedding(_DoraMixin, LoraLayer):
         dora = self._single_dora(adapters)
         if dora is not None:
             return _autograd.dora_embedding(
-                x, base.weight, self.lora_embedding_A[dora], self.lora_embedding_B[dora],
-                self.lora_magnitude_vector[dora].weight, scale=self.scaling[dora],
-                padding_idx=base.padding_idx, sq_norm_cache=self._dora_sq_norm)
+                x,
+                base.weight,
+                self.lora_embedding_A[dora],
+                self.lora_embedding_B[dora],
+                self.lora_magnitude_vector[dora].weight,
+                scale=self.scaling[dora],
+                padding_idx=base.padding_idx,
+                sq_norm_cache=self._dora_sq_norm,
+            )
         if len(adapters) == 1:
             a = adapters[0]
-            lora_a, lora_b, scale = self.lora_embedding_A[a], self.lora_embedding_B[a], self.scaling[a]
+            lora_a, lora_b, scale = (
+                self.lora_embedding_A[a],
+                self.lora_embedding_B[a],
+                self.scaling[a],
+            )
         else:
             lora_a = torch.cat([self.lora_embedding_A[a] for a in adapters], dim=0)
-            lora_b = torch.cat([self.lora_embedding_B[a] * self.scaling[a] for a in adapters], dim=1)
+            lora_b = torch.cat(
+                [self.lora_embedding_B[a] * self.scaling[a] for a in adapters], dim=1
+            )
             scale = 1.0
-        return _autograd.lora_embedding(x, base.weight, lora_a, lora_b, scale=scale,
-                                        padding_idx=base.padding_idx)
+        return _autograd.lora_embedding(
+            x, base.weight, lora_a, lora_b, scale=scale, padding_idx=base.padding_idx
+        )
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.in_features}, embedding_dim={self.out_features}"
@@ -644,8 +784,9 @@ class IA3Layer(BaseTunerLayer):
 
     adapter_layer_names = ("ia3_l",)
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
-                 is_feedforward: bool):
+    def __init__(
+        self, base_layer: nn.Module, in_features: int, out_features: int, is_feedforward: bool
+    ):
         super().__init__(base_layer, in_features, out_features)
         self.is_feedforward = is_feedforward
         self.ia3_l = nn.ParameterDict()
@@ -674,8 +815,14 @@ class IA3Layer(BaseTunerLayer):
 class IA3Linear(IA3Layer):
     """IA3 around ``nn.Linear`` or transformers' ``Conv1D``."""
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
-                 is_feedforward: bool, fan_in_fan_out: bool):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        is_feedforward: bool,
+        fan_in_fan_out: bool,
+    ):
         super().__init__(base_layer, in_features, out_features, is_feedforward)
         self.fan_in_fan_out = fan_in_fan_out
 
@@ -689,9 +836,13 @@ class IA3Linear(IA3Layer):
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
         weight_record, bias_record = functional.ia3_merge(
-            weight, self.ia3_l[adapter].detach().to(weight.dtype), bias=targets.get("bias"),
-            feedforward=self.is_feedforward, fan_in_fan_out=self.fan_in_fan_out,
-            stream=_stream(weight))
+            weight,
+            self.ia3_l[adapter].detach().to(weight.dtype),
+            bias=targets.get("bias"),
+            feedforward=self.is_feedforward,
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_stream(weight),
+        )
         records = {"weight": tuple(weight_record)}
         if "bias" in targets:
             records["bias"] = tuple(bias_record)
@@ -701,24 +852,37 @@ class IA3Linear(IA3Layer):
         weight = targets["weight"]
         bias_record = records.get("bias")
         functional.ia3_unmerge(
-            weight, self.ia3_l[adapter].detach().to(weight.dtype),
-            (functional.MergeRecord(*records["weight"]),
-             None if bias_record is None else functional.MergeRecord(*bias_record)),
-            bias=targets.get("bias"), feedforward=self.is_feedforward,
-            fan_in_fan_out=self.fan_in_fan_out, stream=_stream(weight))
+            weight,
+            self.ia3_l[adapter].detach().to(weight.dtype),
+            (
+                functional.MergeRecord(*records["weight"]),
+                None if bias_record is None else functional.MergeRecord(*bias_record),
+            ),
+            bias=targets.get("bias"),
+            feedforward=self.is_feedforward,
+            fan_in_fan_out=self.fan_in_fan_out,
+            stream=_stream(weight),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._adapters_outside_mixed_batches()
         if not adapters:
             return self._base_forward(x)
         base = self.get_base_layer()
-        return _autograd.ia3_linear(x, base.weight, base.bias, self._vector(adapters),
-                                    feedforward=self.is_feedforward,
-                                    fan_in_fan_out=self.fan_in_fan_out)
+        return _autograd.ia3_linear(
+            x,
+            base.weight,
+            base.bias,
+            self._vector(adapters),
+            feedforward=self.is_feedforward,
+            fan_in_fan_out=self.fan_in_fan_out,
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"is_feedforward={self.is_feedforward}, fan_in_fan_out={self.fan_in_fan_out}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"is_feedforward={self.is_feedforward}, fan_in_fan_out={self.fan_in_fan_out}"
+        )
 
 
 class IA3Embedding(IA3Layer):
@@ -732,23 +896,28 @@ class IA3Embedding(IA3Layer):
 
     def _merge_into(self, adapter, targets):
         weight = targets["weight"]
-        record = functional.ia3_embedding_merge(weight, self.ia3_l[adapter].detach().to(weight.dtype),
-                                                stream=_stream(weight))
+        record = functional.ia3_embedding_merge(
+            weight, self.ia3_l[adapter].detach().to(weight.dtype), stream=_stream(weight)
+        )
         return {"weight": tuple(record)}
 
     def _unmerge_from(self, adapter, targets, records):
         weight = targets["weight"]
-        functional.ia3_embedding_unmerge(weight, self.ia3_l[adapter].detach().to(weight.dtype),
-                                         functional.MergeRecord(*records["weight"]),
-                                         stream=_stream(weight))
+        functional.ia3_embedding_unmerge(
+            weight,
+            self.ia3_l[adapter].detach().to(weight.dtype),
+            functional.MergeRecord(*records["weight"]),
+            stream=_stream(weight),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._adapters_outside_mixed_batches()
         if not adapters:
             return self._base_forward(x)
         base = self.get_base_layer()
-        return _autograd.ia3_embedding(x, base.weight, self._vector(adapters),
-                                       padding_idx=base.padding_idx)
+        return _autograd.ia3_embedding(
+            x, base.weight, self._vector(adapters), padding_idx=base.padding_idx
+        )
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.in_features}, embedding_dim={self.out_features}"

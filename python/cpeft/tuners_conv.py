@@ -30,6 +30,7 @@ torch's ``scaled_dot_product_attention``; every other call runs torch's
 ``multi_head_attention_forward`` with ``W + scaling · B·A`` for both projections (the parameters
 themselves are never reassigned, unlike peft's merge-per-call).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -53,8 +54,10 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _adapters_outside_mixed_batches(layer: BaseTunerLayer) -> list[str]:
     """The adapters to run; mixed-adapter batches (adapter_names=) run linear layers only."""
     if layer._mixed_batch_adapters():
-        raise ValueError(f"adapter_names: mixed-adapter batches run LoRA adapters of linear layers only; "
-                         f"this {type(layer).__name__} holds {layer.adapter_names}")
+        raise ValueError(
+            f"adapter_names: mixed-adapter batches run LoRA adapters of linear layers only; "
+            f"this {type(layer).__name__} holds {layer.adapter_names}"
+        )
     return [] if layer._mixed_adapter_names is not None else layer._adapters_to_run()
 
 
@@ -65,10 +68,14 @@ def conv_refusal(base: nn.Module, method: str, r: int = 0) -> Optional[str]:
             return "IA3 adapts nn.Conv2d and nn.Conv3d (as peft); nn.Conv1d is not supported"
         return None
     if any(d != 1 for d in base.dilation):
-        return (f"dilation={base.dilation}: peft's lora_A ignores the base layer's dilation, so a dilated "
-                f"convolution has no peft-compatible LoRA")
+        return (
+            f"dilation={base.dilation}: peft's lora_A ignores the base layer's dilation, so a dilated "
+            f"convolution has no peft-compatible LoRA"
+        )
     if r % base.groups != 0:
-        return f"groups={base.groups} and rank {r}: the rank must be divisible by groups (peft's rule)"
+        return (
+            f"groups={base.groups} and rank {r}: the rank must be divisible by groups (peft's rule)"
+        )
     return None
 
 
@@ -87,22 +94,36 @@ class Conv(LoraLayer):
         self.lora_bias: dict[str, bool] = {}
         self._kernel_dim = base_layer.weight.dim()
 
-    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
-                     use_rslora: bool, lora_bias: bool = False) -> None:
+    def update_layer(
+        self,
+        adapter: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        lora_bias: bool = False,
+    ) -> None:
         base = self.get_base_layer()
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         conv = type(base)
         ones = (1,) * (self._kernel_dim - 2)
-        self.lora_A[adapter] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                                    bias=False, **factory)
-        self.lora_B[adapter] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias,
-                                    **factory)
-        self.lora_dropout[adapter] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter] = conv(
+            self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **factory
+        )
+        self.lora_B[adapter] = conv(
+            r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias, **factory
+        )
+        self.lora_dropout[adapter] = (
+            nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        )
         self.lora_bias[adapter] = lora_bias
         self._set_settings(adapter, r, lora_alpha, use_rslora)
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
-        tensors = {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+        tensors = {
+            "lora_A.weight": f"lora_A.{adapter}.weight",
+            "lora_B.weight": f"lora_B.{adapter}.weight",
+        }
         if self.lora_bias.get(adapter):
             tensors["lora_B.bias"] = f"lora_B.{adapter}.bias"
         return tensors
@@ -119,33 +140,47 @@ class Conv(LoraLayer):
     def _matrices(self, adapter: str, kernel: torch.Tensor):
         """The kernel as an (out, in·k) matrix and A, B as the (r, in·k), (out, r) factors of ΔW."""
         if self.get_base_layer().groups > 1:
-            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+            raise NotImplementedError(
+                "Merging is not supported for _ConvNd layers with groups > 1!"
+            )
         lora_a = self.lora_A[adapter].weight.detach().to(kernel.dtype)
         lora_b = self.lora_B[adapter].weight.detach().to(kernel.dtype)
-        return (kernel.view(kernel.shape[0], -1), lora_a.reshape(lora_a.shape[0], -1),
-                lora_b.reshape(lora_b.shape[0], -1))
+        return (
+            kernel.view(kernel.shape[0], -1),
+            lora_a.reshape(lora_a.shape[0], -1),
+            lora_b.reshape(lora_b.shape[0], -1),
+        )
 
     def _merge_into(self, adapter, targets):
         from .tuners import _merge_lora_bias
 
         kernel = targets["weight"]
-        record = functional.lora_merge(*self._matrices(adapter, kernel), self.scaling[adapter],
-                                       stream=_stream(kernel))
+        record = functional.lora_merge(
+            *self._matrices(adapter, kernel), self.scaling[adapter], stream=_stream(kernel)
+        )
         records = {"weight": tuple(record)}
         if self.lora_bias.get(adapter):
-            records["bias"] = tuple(_merge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter],
-                                                     targets.get("bias")))
+            records["bias"] = tuple(
+                _merge_lora_bias(
+                    self.lora_B[adapter].bias, self.scaling[adapter], targets.get("bias")
+                )
+            )
         return records
 
     def _unmerge_from(self, adapter, targets, records):
         from .tuners import _unmerge_lora_bias
 
         kernel = targets["weight"]
-        functional.lora_unmerge(*self._matrices(adapter, kernel), self.scaling[adapter],
-                                functional.MergeRecord(*records["weight"]), stream=_stream(kernel))
+        functional.lora_unmerge(
+            *self._matrices(adapter, kernel),
+            self.scaling[adapter],
+            functional.MergeRecord(*records["weight"]),
+            stream=_stream(kernel),
+        )
         if "bias" in records:
-            _unmerge_lora_bias(self.lora_B[adapter].bias, self.scaling[adapter], targets["bias"],
-                               records["bias"])
+            _unmerge_lora_bias(
+                self.lora_B[adapter].bias, self.scaling[adapter], targets["bias"], records["bias"]
+            )
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -153,8 +188,11 @@ class Conv(LoraLayer):
         """1x1 kernel, no padding, one group: a matrix product over the channels of x (of every
         stride-th position when strided, e.g. ResNet's shortcut convolutions)."""
         base = self.get_base_layer()
-        return (all(k == 1 for k in base.kernel_size) and base.groups == 1
-                and (base.padding in ("valid", "same") or all(p == 0 for p in base.padding)))
+        return (
+            all(k == 1 for k in base.kernel_size)
+            and base.groups == 1
+            and (base.padding in ("valid", "same") or all(p == 0 for p in base.padding))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = _adapters_outside_mixed_batches(self)
@@ -176,8 +214,10 @@ class Conv(LoraLayer):
         base = self.get_base_layer()
         dropouts = {_active_dropout_p(self.lora_dropout[a]) for a in adapters}
         if len(dropouts) > 1:
-            raise ValueError(f"active adapters {adapters} of one layer have different lora_dropout values "
-                             f"{sorted(dropouts)}; cpeft runs them as one product and needs one probability")
+            raise ValueError(
+                f"active adapters {adapters} of one layer have different lora_dropout values "
+                f"{sorted(dropouts)}; cpeft runs them as one product and needs one probability"
+            )
         if len(adapters) == 1:
             a = adapters[0]
             lora_a = self.lora_A[a].weight.flatten(1)
@@ -185,7 +225,9 @@ class Conv(LoraLayer):
             scale = self.scaling[a]
         else:
             lora_a = torch.cat([self.lora_A[a].weight.flatten(1) for a in adapters], dim=0)
-            lora_b = torch.cat([self.lora_B[a].weight.flatten(1) * self.scaling[a] for a in adapters], dim=1)
+            lora_b = torch.cat(
+                [self.lora_B[a].weight.flatten(1) * self.scaling[a] for a in adapters], dim=1
+            )
             scale = 1.0
         bias = base.bias
         lora_bias = self._bias_term(adapters)
@@ -198,8 +240,17 @@ class Conv(LoraLayer):
             x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in base.stride)]
         # A zero-copy view for channels-last inputs; a contiguous NC... input is transposed once.
         channels_last = x.movedim(1, -1).contiguous()
-        y = _autograd.lora_linear(channels_last, base.weight.flatten(1), bias, lora_a, lora_b, scale=scale,
-                                  fan_in_fan_out=False, enable_lora=None, dropout=dropouts.pop())
+        y = _autograd.lora_linear(
+            channels_last,
+            base.weight.flatten(1),
+            bias,
+            lora_a,
+            lora_b,
+            scale=scale,
+            fan_in_fan_out=False,
+            enable_lora=None,
+            dropout=dropouts.pop(),
+        )
         y = y.movedim(-1, 1)
         return y if batched else y.squeeze(0)
 
@@ -220,7 +271,9 @@ class Conv(LoraLayer):
                 batched = result.dim() == self._kernel_dim
                 y, zs = (result, z) if batched else (result.unsqueeze(0), z.unsqueeze(0))
                 matrix_b = b_weight.flatten(1).expand(y.shape[0], -1, -1)
-                result = torch.baddbmm(y.flatten(2), matrix_b, zs.flatten(2), alpha=self.scaling[a]).view(y.shape)
+                result = torch.baddbmm(
+                    y.flatten(2), matrix_b, zs.flatten(2), alpha=self.scaling[a]
+                ).view(y.shape)
                 if not batched:
                     result = result.squeeze(0)
             else:
@@ -239,7 +292,9 @@ class IA3Conv(IA3Layer):
     """IA3 around ``nn.Conv2d``/``nn.Conv3d`` in peft's layout (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool):
-        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, is_feedforward)
+        super().__init__(
+            base_layer, base_layer.in_channels, base_layer.out_channels, is_feedforward
+        )
         self._kernel_dim = base_layer.weight.dim()
 
     def update_layer(self, adapter: str, init_ia3_weights: bool) -> None:
@@ -298,11 +353,15 @@ class IA3Conv(IA3Layer):
         if self.is_feedforward:
             return base(x * (vector if x.dim() == self._kernel_dim else vector.squeeze(0)))
         result = base(x)
-        return result * (vector if result.dim() == self._kernel_dim else vector.squeeze(0)).to(result.dtype)
+        return result * (vector if result.dim() == self._kernel_dim else vector.squeeze(0)).to(
+            result.dtype
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_features}, out_channels={self.out_features}, "
-                f"is_feedforward={self.is_feedforward}")
+        return (
+            f"in_channels={self.in_features}, out_channels={self.out_features}, "
+            f"is_feedforward={self.is_feedforward}"
+        )
 
 
 class MultiheadAttention(LoraLayer):
@@ -319,14 +378,23 @@ class MultiheadAttention(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         out_proj = base_layer.out_proj
-        base_layer.out_proj = Linear(out_proj, out_proj.in_features, out_proj.out_features, fan_in_fan_out=False)
+        base_layer.out_proj = Linear(
+            out_proj, out_proj.in_features, out_proj.out_features, fan_in_fan_out=False
+        )
 
     @property
     def _out_proj(self) -> Linear:
         return self.base_layer.out_proj
 
-    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
-                     use_rslora: bool, lora_bias: bool = False) -> None:
+    def update_layer(
+        self,
+        adapter: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        lora_bias: bool = False,
+    ) -> None:
         if lora_bias:
             raise ValueError("lora_bias=True is not supported for MultiheadAttention")
         weight = self.get_base_layer().in_proj_weight
@@ -335,12 +403,17 @@ class MultiheadAttention(LoraLayer):
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, **factory)
         # peft's MultiheadAttention merges its adapters into the weights for each call, so its
         # lora_dropout never applies; the module is kept for the layout.
-        self.lora_dropout[adapter] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter] = (
+            nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        )
         self._set_settings(adapter, r, lora_alpha, use_rslora)
         self._out_proj.update_layer(adapter, r, lora_alpha, lora_dropout, use_rslora)
 
     def adapter_tensors(self, adapter: str) -> dict[str, str]:
-        tensors = {"lora_A.weight": f"lora_A.{adapter}.weight", "lora_B.weight": f"lora_B.{adapter}.weight"}
+        tensors = {
+            "lora_A.weight": f"lora_A.{adapter}.weight",
+            "lora_B.weight": f"lora_B.{adapter}.weight",
+        }
         for suffix, local in self._out_proj.adapter_tensors(adapter).items():
             tensors[f"base_layer.out_proj.{suffix}"] = f"base_layer.out_proj.{local}"
         return tensors
@@ -373,23 +446,38 @@ class MultiheadAttention(LoraLayer):
         return {"in_proj_weight": self.get_base_layer().in_proj_weight.detach()}
 
     def _adapter_pair(self, adapter: str, dtype: torch.dtype):
-        return (self.lora_A[adapter].weight.detach().to(dtype),
-                self.lora_B[adapter].weight.detach().to(dtype))
+        return (
+            self.lora_A[adapter].weight.detach().to(dtype),
+            self.lora_B[adapter].weight.detach().to(dtype),
+        )
 
     def _merge_into(self, adapter, targets):
         weight = targets["in_proj_weight"]
-        record = functional.lora_merge(weight, *self._adapter_pair(adapter, weight.dtype), self.scaling[adapter],
-                                       stream=_stream(weight))
+        record = functional.lora_merge(
+            weight,
+            *self._adapter_pair(adapter, weight.dtype),
+            self.scaling[adapter],
+            stream=_stream(weight),
+        )
         return {"in_proj_weight": tuple(record)}
 
     def _unmerge_from(self, adapter, targets, records):
         weight = targets["in_proj_weight"]
-        functional.lora_unmerge(weight, *self._adapter_pair(adapter, weight.dtype), self.scaling[adapter],
-                                functional.MergeRecord(*records["in_proj_weight"]), stream=_stream(weight))
+        functional.lora_unmerge(
+            weight,
+            *self._adapter_pair(adapter, weight.dtype),
+            self.scaling[adapter],
+            functional.MergeRecord(*records["in_proj_weight"]),
+            stream=_stream(weight),
+        )
 
-    def check_merge_is_finite(self, adapter_names: Optional[list[str]] = None, where: str = "") -> None:
+    def check_merge_is_finite(
+        self, adapter_names: Optional[list[str]] = None, where: str = ""
+    ) -> None:
         super().check_merge_is_finite(adapter_names, where)
-        self._out_proj.check_merge_is_finite(adapter_names, where + ".out_proj" if where else "out_proj")
+        self._out_proj.check_merge_is_finite(
+            adapter_names, where + ".out_proj" if where else "out_proj"
+        )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         if safe_merge:
@@ -403,30 +491,54 @@ class MultiheadAttention(LoraLayer):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def _delta(self, layer: LoraLayer, adapters: list[str], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def _delta(
+        self, layer: LoraLayer, adapters: list[str], dtype: torch.dtype
+    ) -> Optional[torch.Tensor]:
         delta = None
         for a in adapters:
             if a not in layer.lora_A:
                 continue
-            part = (layer.lora_B[a].weight.to(dtype) @ layer.lora_A[a].weight.to(dtype)) * layer.scaling[a]
+            part = (
+                layer.lora_B[a].weight.to(dtype) @ layer.lora_A[a].weight.to(dtype)
+            ) * layer.scaling[a]
             delta = part if delta is None else delta + part
         return delta
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
-                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         adapters = _adapters_outside_mixed_batches(self)
         base = self.get_base_layer()
-        options = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-                       average_attn_weights=average_attn_weights, is_causal=is_causal)
+        options = dict(
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
         if not adapters:
             if self.merged and self.disable_adapters:
                 self.unmerge()
             return base(query, key, value, **options)
-        if (query is key and key is value and key_padding_mask is None and attn_mask is None
-                and not need_weights and not is_causal and base.bias_k is None and not base.add_zero_attn
-                and query.dim() in (2, 3)):
+        if (
+            query is key
+            and key is value
+            and key_padding_mask is None
+            and attn_mask is None
+            and not need_weights
+            and not is_causal
+            and base.bias_k is None
+            and not base.add_zero_attn
+            and query.dim() in (2, 3)
+        ):
             return self._self_attention_on_core(query, adapters), None
         out_base = self._out_proj.get_base_layer()
         dtype = base.in_proj_weight.dtype
@@ -437,9 +549,22 @@ class MultiheadAttention(LoraLayer):
         if base.batch_first and batched:
             query, key, value = (t.transpose(1, 0) for t in (query, key, value))
         output, weights = F.multi_head_attention_forward(
-            query, key, value, base.embed_dim, base.num_heads, in_weight, base.in_proj_bias, base.bias_k,
-            base.bias_v, base.add_zero_attn, base.dropout, out_weight, out_base.bias, training=self.training,
-            **options)
+            query,
+            key,
+            value,
+            base.embed_dim,
+            base.num_heads,
+            in_weight,
+            base.in_proj_bias,
+            base.bias_k,
+            base.bias_v,
+            base.add_zero_attn,
+            base.dropout,
+            out_weight,
+            out_base.bias,
+            training=self.training,
+            **options,
+        )
         if base.batch_first and batched:
             output = output.transpose(1, 0)
         return output, weights
@@ -459,12 +584,19 @@ class MultiheadAttention(LoraLayer):
         batch, length, embed = x.shape
         heads = base.num_heads
         qkv = _lora_projection(self, adapters, x, base.in_proj_weight, base.in_proj_bias)
-        q, k, v = (t.reshape(batch, length, heads, embed // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=base.dropout if self.training else 0.0)
+        q, k, v = (
+            t.reshape(batch, length, heads, embed // heads).transpose(1, 2)
+            for t in qkv.chunk(3, dim=-1)
+        )
+        attended = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=base.dropout if self.training else 0.0
+        )
         attended = attended.transpose(1, 2).reshape(batch, length, embed)
         out_adapters = [a for a in adapters if a in self._out_proj.lora_A]
         if out_adapters:
-            out = _lora_projection(self._out_proj, out_adapters, attended, out_base.weight, out_base.bias)
+            out = _lora_projection(
+                self._out_proj, out_adapters, attended, out_base.weight, out_base.bias
+            )
         else:
             out = F.linear(attended, out_base.weight, out_base.bias)
         if not base.batch_first:
@@ -475,8 +607,13 @@ class MultiheadAttention(LoraLayer):
         return f"embed_dim={self.in_features}"
 
 
-def _lora_projection(layer: LoraLayer, adapters: list[str], x: torch.Tensor, weight: torch.Tensor,
-                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _lora_projection(
+    layer: LoraLayer,
+    adapters: list[str],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
     """x·Wᵀ + b + Σ scaling·(x·Aᵀ)·Bᵀ over ``adapters`` as one core call (several adapters are
     stacked along the rank, each B pre-scaled)."""
     if len(adapters) == 1:
@@ -486,5 +623,14 @@ def _lora_projection(layer: LoraLayer, adapters: list[str], x: torch.Tensor, wei
         lora_a = torch.cat([layer.lora_A[a].weight for a in adapters], dim=0)
         lora_b = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], dim=1)
         scale = 1.0
-    return _autograd.lora_linear(x, weight, bias, lora_a, lora_b, scale=scale, fan_in_fan_out=False,
-                                 enable_lora=None, dropout=0.0)
+    return _autograd.lora_linear(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scale=scale,
+        fan_in_fan_out=False,
+        enable_lora=None,
+        dropout=0.0,
+    )

@@ -7,6 +7,7 @@ parameter, a name containing ``bias`` is a bias for ``bias='all'``. Differences 
 ``'lora_only'`` (an extension), and an unknown ``bias`` mode raises NotImplementedError with a
 message before anything is frozen (loralib freezes first; Q14).
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -26,7 +27,8 @@ _BIAS_MODES = ("none", "all", "lora_only")
 def _check_bias_mode(bias) -> None:
     if bias not in _BIAS_MODES:
         raise NotImplementedError(
-            f"bias must be one of {', '.join(repr(m) for m in _BIAS_MODES)}; got {bias!r}")
+            f"bias must be one of {', '.join(repr(m) for m in _BIAS_MODES)}; got {bias!r}"
+        )
 
 
 def _adapter_marker(name: str):
@@ -35,7 +37,7 @@ def _adapter_marker(name: str):
     return min(found)[1] if found else None
 
 
-def mark_only_lora_as_trainable(model: nn.Module, bias: str = 'none') -> None:
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freezes every parameter whose name contains neither ``lora_`` nor ``ia3_``; never
     unfreezes adapter parameters. ``bias='all'`` then unfreezes every parameter whose name
     contains ``bias``; ``'lora_only'`` unfreezes the ``bias`` of LoRA and IA3 layers."""
@@ -43,34 +45,36 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = 'none') -> None:
     for name, param in model.named_parameters():
         if _adapter_marker(name) is None:
             param.requires_grad = False
-    if bias == 'all':
+    if bias == "all":
         for name, param in model.named_parameters():
-            if 'bias' in name:
+            if "bias" in name:
                 param.requires_grad = True
-    elif bias == 'lora_only':
+    elif bias == "lora_only":
         for module in model.modules():
-            if isinstance(module, (LoRALayer, IA3Layer)) and \
-                    getattr(module, 'bias', None) is not None:
+            if (
+                isinstance(module, (LoRALayer, IA3Layer))
+                and getattr(module, "bias", None) is not None
+            ):
                 module.bias.requires_grad = True
 
 
-def lora_state_dict(model: nn.Module, bias: str = 'none') -> Dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, torch.Tensor]:
     """The adapter entries of ``model.state_dict()`` (buffers included, tensors shared, not
     cloned). ``'all'`` adds every key containing ``bias``; ``'lora_only'`` adds, for each
     adapter key, ``key.split(marker)[0] + 'bias'`` when that key exists."""
     _check_bias_mode(bias)
     state = model.state_dict()
-    if bias == 'none':
+    if bias == "none":
         return {k: v for k, v in state.items() if _adapter_marker(k) is not None}
-    if bias == 'all':
-        return {k: v for k, v in state.items() if _adapter_marker(k) is not None or 'bias' in k}
+    if bias == "all":
+        return {k: v for k, v in state.items() if _adapter_marker(k) is not None or "bias" in k}
     selected = {}
     for key, value in state.items():
         marker = _adapter_marker(key)
         if marker is None:
             continue
         selected[key] = value
-        bias_name = key.split(marker)[0] + 'bias'
+        bias_name = key.split(marker)[0] + "bias"
         if bias_name in state:
             selected[bias_name] = state[bias_name]
     return selected

@@ -91,8 +91,14 @@ static int64_t tm_off(const tmat *t, int64_t i, int64_t j)
 {
     return 1 + i * t->m.row_stride + j * t->m.col_stride;
 }
-static double tm_get(const tmat *t, int64_t i, int64_t j) { return buf_get(t->dt, t->buf, tm_off(t, i, j)); }
-static void tm_set(tmat *t, int64_t i, int64_t j, double v) { buf_set(t->dt, t->buf, tm_off(t, i, j), v); }
+static double tm_get(const tmat *t, int64_t i, int64_t j)
+{
+    return buf_get(t->dt, t->buf, tm_off(t, i, j));
+}
+static void tm_set(tmat *t, int64_t i, int64_t j, double v)
+{
+    buf_set(t->dt, t->buf, tm_off(t, i, j), v);
+}
 static void tm_rand(tmat *t)
 {
     for (int64_t i = 0; i < t->m.rows; ++i)
@@ -249,7 +255,8 @@ static double ref_mask(const cpeft_dropout *d, int64_t row, int64_t col, int64_t
 {
     if (d->p <= 0.0)
         return 1.0;
-    return cpeft_dropout_keep(d, (uint64_t)(row * cols + col)) ? cpeft_dropout_keep_scale(d->p) : 0.0;
+    return cpeft_dropout_keep(d, (uint64_t)(row * cols + col)) ? cpeft_dropout_keep_scale(d->p)
+                                                               : 0.0;
 }
 
 static void run_lora_case(cpeft_dtype dt, const lora_case *c)
@@ -267,17 +274,29 @@ static void run_lora_case(cpeft_dtype dt, const lora_case *c)
     tmat y = tm_new(dt, c->m, c->out, c->out_layout);
     tmat xa = tm_new(dt, c->m, rk, c->out_layout);
     tmat g = tm_new(dt, c->m, c->out, c->x_layout);
-    tm_rand(&x); tm_rand(&w); tm_rand(&bias); tm_rand(&la); tm_rand(&lb); tm_rand(&g);
-    tm_poison(&y); tm_poison(&xa);
+    tm_rand(&x);
+    tm_rand(&w);
+    tm_rand(&bias);
+    tm_rand(&la);
+    tm_rand(&lb);
+    tm_rand(&g);
+    tm_poison(&y);
+    tm_poison(&xa);
 
     cpeft_lora_linear_args a;
     memset(&a, 0, sizeof a);
     a.dtype = dt;
-    a.m = c->m; a.in = c->in; a.out = c->out; a.r = c->r; a.groups = c->groups;
+    a.m = c->m;
+    a.in = c->in;
+    a.out = c->out;
+    a.r = c->r;
+    a.groups = c->groups;
     memcpy(a.enabled, c->enabled, (size_t)c->groups);
-    a.x = x.m; a.weight = w.m;
+    a.x = x.m;
+    a.weight = w.m;
     a.bias = (cpeft_vec){c->bias ? bias.m.data : NULL, c->out, bias.m.col_stride};
-    a.lora_a = la.m; a.lora_b = lb.m;
+    a.lora_a = la.m;
+    a.lora_b = lb.m;
     a.scale = 0.75;
     a.dropout = (cpeft_dropout){c->p, c->seed, c->offset};
 
@@ -303,7 +322,8 @@ static void run_lora_case(cpeft_dtype dt, const lora_case *c)
                 kk += c->enabled[t] != 0;
             if (c->enabled[grp])
                 for (int64_t q = 0; q < c->r; ++q)
-                    s += a.scale * ref_xa[i * rk + kk * c->r + q] * tm_get(&lb, kk * seg + o % seg, q);
+                    s += a.scale * ref_xa[i * rk + kk * c->r + q] *
+                         tm_get(&lb, kk * seg + o % seg, q);
             ref_y[i * c->out + o] = s;
         }
 
@@ -327,7 +347,11 @@ static void run_lora_case(cpeft_dtype dt, const lora_case *c)
         tmat gbm = tm_new(dt, seg * k, c->r, c->out_layout);
         tmat gbias = tm_new(dt, c->out, 1, ROW_MAJOR);
         tmat gw = tm_new(dt, c->out, c->in, c->fan_in_fan_out ? COL_MAJOR : ROW_MAJOR);
-        tm_poison(&gx); tm_poison(&ga); tm_poison(&gbm); tm_poison(&gbias); tm_poison(&gw);
+        tm_poison(&gx);
+        tm_poison(&ga);
+        tm_poison(&gbm);
+        tm_poison(&gbias);
+        tm_poison(&gw);
         double *r_gx = ref_new(c->m, c->in), *r_ga = ref_new(rk, c->in);
         double *r_gb = ref_new(seg * k, c->r), *r_gbias = ref_new(c->out, 1);
         double *r_gw = ref_new(c->out, c->in);
@@ -357,8 +381,8 @@ static void run_lora_case(cpeft_dtype dt, const lora_case *c)
                 }
             }
         cpeft_lora_linear_bwd_in bi = {g.m, xa.m};
-        cpeft_lora_linear_bwd_out bo = {gx.m, ga.m, gbm.m, {gbias.m.data, c->out, gbias.m.row_stride},
-                                        gw.m};
+        cpeft_lora_linear_bwd_out bo = {
+            gx.m, ga.m, gbm.m, {gbias.m.data, c->out, gbias.m.row_stride}, gw.m};
         expect_rc("lora bwd", cpeft_lora_linear_bwd_cpu(&a, &bi, &bo, &st), CPEFT_OK, &st);
         snprintf(what, sizeof what, "lora bwd m%lld in%lld out%lld r%lld G%lld fifo%d p%.1f",
                  (long long)c->m, (long long)c->in, (long long)c->out, (long long)c->r,
@@ -376,12 +400,28 @@ static void run_lora_case(cpeft_dtype dt, const lora_case *c)
                   CPEFT_OK, &st);
         compare("lora bwd grad_a only", &ga, r_ga, 0);
 
-        free(r_gx); free(r_ga); free(r_gb); free(r_gbias); free(r_gw);
-        tm_free(&gx); tm_free(&ga); tm_free(&gbm); tm_free(&gbias); tm_free(&gw);
+        free(r_gx);
+        free(r_ga);
+        free(r_gb);
+        free(r_gbias);
+        free(r_gw);
+        tm_free(&gx);
+        tm_free(&ga);
+        tm_free(&gbm);
+        tm_free(&gbias);
+        tm_free(&gw);
     }
-    free(dx); free(ref_xa); free(ref_y);
-    tm_free(&x); tm_free(&w); tm_free(&bias); tm_free(&la); tm_free(&lb);
-    tm_free(&y); tm_free(&xa); tm_free(&g);
+    free(dx);
+    free(ref_xa);
+    free(ref_y);
+    tm_free(&x);
+    tm_free(&w);
+    tm_free(&bias);
+    tm_free(&la);
+    tm_free(&lb);
+    tm_free(&y);
+    tm_free(&xa);
+    tm_free(&g);
 }
 
 static void test_lora_linear(void)
@@ -396,36 +436,66 @@ static void test_lora_linear(void)
             int grouped_case = (v / 27) % 2;
             for (int flags = 0; flags < 16; ++flags) {
                 lora_case c = {
-                    .m = m, .in = in, .r = (flags & 1) ? 3 : 1,
+                    .m = m,
+                    .in = in,
+                    .r = (flags & 1) ? 3 : 1,
                     .groups = grouped_case ? 3 : 1,
                     .enabled = grouped_case ? grouped : plain,
-                    .bias = (flags >> 1) & 1, .fan_in_fan_out = (flags >> 2) & 1,
-                    .x_layout = (flags >> 3) & 1, .out_layout = (flags >> 1) & 1,
+                    .bias = (flags >> 1) & 1,
+                    .fan_in_fan_out = (flags >> 2) & 1,
+                    .x_layout = (flags >> 3) & 1,
+                    .out_layout = (flags >> 1) & 1,
                     .keep_xa = 1,
-                    .p = (flags & 5) == 5 ? 1.0 : (flags & 8) ? 0.3 : 0.0,
-                    .seed = 42 + (uint64_t)v, .offset = (uint64_t)flags * 7,
+                    .p = (flags & 5) == 5 ? 1.0
+                         : (flags & 8)    ? 0.3
+                                          : 0.0,
+                    .seed = 42 + (uint64_t)v,
+                    .offset = (uint64_t)flags * 7,
                 };
                 c.out = seg * c.groups;
                 run_lora_case(dtypes[d], &c);
             }
         }
     /* No enabled block: xa has zero columns and y is the base linear. */
-    lora_case empty = {.m = 3, .in = 5, .out = 4, .r = 2, .groups = 2, .enabled = none,
-                       .bias = 1, .keep_xa = 1, .p = 0.2};
+    lora_case empty = {.m = 3,
+                       .in = 5,
+                       .out = 4,
+                       .r = 2,
+                       .groups = 2,
+                       .enabled = none,
+                       .bias = 1,
+                       .keep_xa = 1,
+                       .p = 0.2};
     run_lora_case(CPEFT_FLOAT32, &empty);
     /* M == 0 (and forward without kept xa). */
-    lora_case zero_m = {.m = 0, .in = 5, .out = 4, .r = 2, .groups = 1, .enabled = plain,
-                        .keep_xa = 1, .p = 0.5};
+    lora_case zero_m = {
+        .m = 0, .in = 5, .out = 4, .r = 2, .groups = 1, .enabled = plain, .keep_xa = 1, .p = 0.5};
     run_lora_case(CPEFT_FLOAT64, &zero_m);
-    lora_case no_xa = {.m = 7, .in = 5, .out = 4, .r = 2, .groups = 1, .enabled = plain,
-                       .keep_xa = 0, .p = 0.5, .seed = 9};
+    lora_case no_xa = {.m = 7,
+                       .in = 5,
+                       .out = 4,
+                       .r = 2,
+                       .groups = 1,
+                       .enabled = plain,
+                       .keep_xa = 0,
+                       .p = 0.5,
+                       .seed = 9};
     run_lora_case(CPEFT_FLOAT32, &no_xa);
     /* Several dropout chunks (2 MiB / (5000 * 4 B) = 104 rows per chunk), offset not aligned to
      * a Philox block and crossing 2^32 in the counter. */
     for (int d = 0; d < 2; ++d) {
-        lora_case chunked = {.m = 230, .in = 5000, .out = 6, .r = 2, .groups = 3,
-                             .enabled = grouped, .bias = 1, .x_layout = d, .out_layout = d,
-                             .keep_xa = 1, .p = 0.4, .seed = 0xDEADBEEFCAFEull,
+        lora_case chunked = {.m = 230,
+                             .in = 5000,
+                             .out = 6,
+                             .r = 2,
+                             .groups = 3,
+                             .enabled = grouped,
+                             .bias = 1,
+                             .x_layout = d,
+                             .out_layout = d,
+                             .keep_xa = 1,
+                             .p = 0.4,
+                             .seed = 0xDEADBEEFCAFEull,
                              .offset = (1ull << 32) - 12345};
         run_lora_case(dtypes[d], &chunked);
     }
@@ -445,10 +515,16 @@ static void run_embedding_case(cpeft_dtype dt, cpeft_dtype idt, int64_t n, int64
         else
             ((int64_t *)idx)[2 * i] = ref_idx[i];
     }
-    tmat w = tm_new(dt, V, D, layout), la = tm_new(dt, r, V, !layout), lb = tm_new(dt, D, r, layout);
+    tmat w = tm_new(dt, V, D, layout), la = tm_new(dt, r, V, !layout),
+         lb = tm_new(dt, D, r, layout);
     tmat y = tm_new(dt, n, D, !layout), g = tm_new(dt, n, D, layout);
-    tm_rand(&w); tm_rand(&la); tm_rand(&lb); tm_rand(&g); tm_poison(&y);
-    cpeft_lora_embedding_args a = {dt, idt, n, V, D, r, {idx, n, 2}, w.m, la.m, lb.m, 1.25, padding};
+    tm_rand(&w);
+    tm_rand(&la);
+    tm_rand(&lb);
+    tm_rand(&g);
+    tm_poison(&y);
+    cpeft_lora_embedding_args a = {dt,          idt, n,    V,    D,    r,
+                                   {idx, n, 2}, w.m, la.m, lb.m, 1.25, padding};
     double *ry = ref_new(n, D), *rga = ref_new(r, V), *rgb = ref_new(D, r), *rgw = ref_new(V, D);
     for (int64_t i = 0; i < n; ++i) {
         int64_t v = ref_idx[i];
@@ -470,8 +546,11 @@ static void run_embedding_case(cpeft_dtype dt, cpeft_dtype idt, int64_t n, int64
     cpeft_status st;
     expect_rc("emb fwd", cpeft_lora_embedding_fwd_cpu(&a, y.m, &st), CPEFT_OK, &st);
     compare("emb fwd", &y, ry, 0);
-    tmat ga = tm_new(dt, r, V, layout), gb = tm_new(dt, D, r, !layout), gw = tm_new(dt, V, D, layout);
-    tm_poison(&ga); tm_poison(&gb); tm_poison(&gw);
+    tmat ga = tm_new(dt, r, V, layout), gb = tm_new(dt, D, r, !layout),
+         gw = tm_new(dt, V, D, layout);
+    tm_poison(&ga);
+    tm_poison(&gb);
+    tm_poison(&gw);
     cpeft_lora_embedding_bwd_in bi = {g.m};
     cpeft_lora_embedding_bwd_out bo = {ga.m, gb.m, gw.m};
     a.weight.data = NULL; /* backward must not need the weight */
@@ -486,11 +565,23 @@ static void run_embedding_case(cpeft_dtype dt, cpeft_dtype idt, int64_t n, int64
         else
             ((int64_t *)idx)[2 * (n - 1)] = -1;
         a.weight = w.m;
-        expect_rc("emb fwd bad index", cpeft_lora_embedding_fwd_cpu(&a, y.m, &st), CPEFT_ERR_INDEX, &st);
+        expect_rc("emb fwd bad index", cpeft_lora_embedding_fwd_cpu(&a, y.m, &st), CPEFT_ERR_INDEX,
+                  &st);
     }
-    free(ry); free(rga); free(rgb); free(rgw); free(idx); free(ref_idx);
-    tm_free(&w); tm_free(&la); tm_free(&lb); tm_free(&y); tm_free(&g);
-    tm_free(&ga); tm_free(&gb); tm_free(&gw);
+    free(ry);
+    free(rga);
+    free(rgb);
+    free(rgw);
+    free(idx);
+    free(ref_idx);
+    tm_free(&w);
+    tm_free(&la);
+    tm_free(&lb);
+    tm_free(&y);
+    tm_free(&g);
+    tm_free(&ga);
+    tm_free(&gb);
+    tm_free(&gw);
 }
 
 static void test_lora_embedding(void)
@@ -514,11 +605,18 @@ static void run_ia3_case(cpeft_dtype dt, int64_t m, int64_t in, int64_t out, int
     int64_t nl = ff ? in : out;
     tmat x = tm_new(dt, m, in, layout), w = tm_new(dt, out, in, !layout);
     tmat b = tm_new(dt, out, 1, ROW_MAJOR), l = tm_new(dt, 1, nl, COL_MAJOR);
-    tmat y = tm_new(dt, m, out, layout), base = tm_new(dt, m, out, !layout), g = tm_new(dt, m, out, layout);
-    tm_rand(&x); tm_rand(&w); tm_rand(&b); tm_rand(&l); tm_rand(&g); tm_poison(&y); tm_poison(&base);
+    tmat y = tm_new(dt, m, out, layout), base = tm_new(dt, m, out, !layout),
+         g = tm_new(dt, m, out, layout);
+    tm_rand(&x);
+    tm_rand(&w);
+    tm_rand(&b);
+    tm_rand(&l);
+    tm_rand(&g);
+    tm_poison(&y);
+    tm_poison(&base);
     cpeft_vec lv = {l.m.data, nl, l.m.col_stride};
-    cpeft_ia3_linear_args a = {dt, m, in, out, ff, x.m, w.m,
-                               {bias_on ? b.m.data : NULL, out, b.m.row_stride}, lv};
+    cpeft_ia3_linear_args a = {
+        dt, m, in, out, ff, x.m, w.m, {bias_on ? b.m.data : NULL, out, b.m.row_stride}, lv};
     double *ry = ref_new(m, out), *rbase = ref_new(m, out), *rgx = ref_new(m, in);
     double *rgl = ref_new(nl, 1), *rgb = ref_new(out, 1), *rgw = ref_new(out, in);
     for (int64_t i = 0; i < m; ++i)
@@ -561,10 +659,13 @@ static void run_ia3_case(cpeft_dtype dt, int64_t m, int64_t in, int64_t out, int
     tmat gx = tm_new(dt, m, in, !layout), gl = tm_new(dt, nl, 1, COL_MAJOR);
     tmat gb = tm_new(dt, 1, out, COL_MAJOR), gw = tm_new(dt, out, in, layout);
     for (int variant = 0; variant < 2; ++variant) {
-        tm_poison(&gx); tm_poison(&gl); tm_poison(&gb); tm_poison(&gw);
+        tm_poison(&gx);
+        tm_poison(&gl);
+        tm_poison(&gb);
+        tm_poison(&gw);
         cpeft_ia3_linear_bwd_in bi = {g.m, ff ? (cpeft_mat){0} : base.m};
-        cpeft_ia3_linear_bwd_out bo = {gx.m, {gl.m.data, nl, gl.m.row_stride},
-                                       {gb.m.data, out, gb.m.col_stride}, gw.m};
+        cpeft_ia3_linear_bwd_out bo = {
+            gx.m, {gl.m.data, nl, gl.m.row_stride}, {gb.m.data, out, gb.m.col_stride}, gw.m};
         if (variant == 1) /* grad_l alone (ff: the chunked g·W path) */
             bo.grad_x.data = bo.grad_bias.data = bo.grad_weight.data = NULL;
         snprintf(what, sizeof what, "ia3 bwd m%lld in%lld out%lld ff%d variant%d", (long long)m,
@@ -577,9 +678,23 @@ static void run_ia3_case(cpeft_dtype dt, int64_t m, int64_t in, int64_t out, int
             compare("ia3 bwd grad_weight", &gw, rgw, 0);
         }
     }
-    free(ry); free(rbase); free(rgx); free(rgl); free(rgb); free(rgw);
-    tm_free(&x); tm_free(&w); tm_free(&b); tm_free(&l); tm_free(&y); tm_free(&base); tm_free(&g);
-    tm_free(&gx); tm_free(&gl); tm_free(&gb); tm_free(&gw);
+    free(ry);
+    free(rbase);
+    free(rgx);
+    free(rgl);
+    free(rgb);
+    free(rgw);
+    tm_free(&x);
+    tm_free(&w);
+    tm_free(&b);
+    tm_free(&l);
+    tm_free(&y);
+    tm_free(&base);
+    tm_free(&g);
+    tm_free(&gx);
+    tm_free(&gl);
+    tm_free(&gb);
+    tm_free(&gw);
 }
 
 static void run_ia3_embedding_case(cpeft_dtype dt, int64_t n, int64_t V, int64_t D, int64_t padding,
@@ -590,9 +705,12 @@ static void run_ia3_embedding_case(cpeft_dtype dt, int64_t n, int64_t V, int64_t
         idx[i] = (int64_t)(rng_next() % (uint64_t)V);
     tmat w = tm_new(dt, V, D, layout), l = tm_new(dt, D, 1, ROW_MAJOR);
     tmat y = tm_new(dt, n, D, !layout), g = tm_new(dt, n, D, layout);
-    tm_rand(&w); tm_rand(&l); tm_rand(&g); tm_poison(&y);
-    cpeft_ia3_embedding_args a = {dt, CPEFT_INT64, n, V, D, {idx, n, 1}, w.m,
-                                  {l.m.data, D, l.m.row_stride}, padding};
+    tm_rand(&w);
+    tm_rand(&l);
+    tm_rand(&g);
+    tm_poison(&y);
+    cpeft_ia3_embedding_args a = {
+        dt, CPEFT_INT64, n, V, D, {idx, n, 1}, w.m, {l.m.data, D, l.m.row_stride}, padding};
     double *ry = ref_new(n, D), *rgl = ref_new(D, 1), *rgw = ref_new(V, D);
     for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < D; ++j) {
@@ -606,13 +724,22 @@ static void run_ia3_embedding_case(cpeft_dtype dt, int64_t n, int64_t V, int64_t
     expect_rc("ia3 emb fwd", cpeft_ia3_embedding_fwd_cpu(&a, y.m, &st), CPEFT_OK, &st);
     compare("ia3 emb fwd", &y, ry, 0);
     tmat gl = tm_new(dt, 1, D, COL_MAJOR), gw = tm_new(dt, V, D, !layout);
-    tm_poison(&gl); tm_poison(&gw);
+    tm_poison(&gl);
+    tm_poison(&gw);
     cpeft_ia3_embedding_bwd_out bo = {{gl.m.data, D, gl.m.col_stride}, gw.m};
     expect_rc("ia3 emb bwd", cpeft_ia3_embedding_bwd_cpu(&a, g.m, &bo, &st), CPEFT_OK, &st);
     compare("ia3 emb bwd grad_l", &gl, rgl, 0);
     compare("ia3 emb bwd grad_weight", &gw, rgw, 0);
-    free(idx); free(ry); free(rgl); free(rgw);
-    tm_free(&w); tm_free(&l); tm_free(&y); tm_free(&g); tm_free(&gl); tm_free(&gw);
+    free(idx);
+    free(ry);
+    free(rgl);
+    free(rgw);
+    tm_free(&w);
+    tm_free(&l);
+    tm_free(&y);
+    tm_free(&g);
+    tm_free(&gl);
+    tm_free(&gw);
 }
 
 static void test_ia3(void)
@@ -652,12 +779,14 @@ static void test_dropout(void)
                             int keep = cpeft_dropout_keep(&dr, (uint64_t)(i * 13 + j));
                             kept += keep;
                             ref[i * 13 + j] = keep ? (double)(dt == CPEFT_FLOAT32
-                                                                  ? (float)cpeft_dropout_keep_scale(dr.p)
+                                                                  ? (float)cpeft_dropout_keep_scale(
+                                                                        dr.p)
                                                                   : cpeft_dropout_keep_scale(dr.p))
                                                    : 0.0;
                         }
                     cpeft_status st;
-                    expect_rc("dropout mask", cpeft_dropout_mask_cpu(dt, &dr, mask.m, &st), CPEFT_OK, &st);
+                    expect_rc("dropout mask", cpeft_dropout_mask_cpu(dt, &dr, mask.m, &st),
+                              CPEFT_OK, &st);
                     compare("dropout mask", &mask, ref, 0);
                     ++checks;
                     if ((ps[pi] == 0.0 && kept != 17 * 13) || (ps[pi] == 1.0 && kept != 0))
@@ -734,9 +863,16 @@ static void run_lora_merge_case(cpeft_dtype dt, int64_t in, int64_t seg, int64_t
 
     cpeft_lora_linear_args a;
     memset(&a, 0, sizeof a);
-    a.dtype = dt; a.in = in; a.out = out; a.r = r; a.groups = groups;
+    a.dtype = dt;
+    a.in = in;
+    a.out = out;
+    a.r = r;
+    a.groups = groups;
     memcpy(a.enabled, enabled, (size_t)groups);
-    a.weight = w.m; a.lora_a = la.m; a.lora_b = lb.m; a.scale = 0.37;
+    a.weight = w.m;
+    a.lora_a = la.m;
+    a.lora_b = lb.m;
+    a.scale = 0.37;
 
     /* Reference merged weight, in double. */
     double *ref = ref_new(out, in);
@@ -786,8 +922,7 @@ static void run_lora_merge_case(cpeft_dtype dt, int64_t in, int64_t seg, int64_t
             compare("merged weight", &w, ref, 0);
             if (out * in > 2)
                 tm_set(&w, out - 1, in - 1, NAN);
-        }
-        else if (!bits_equal(&w, first_merge)) {
+        } else if (!bits_equal(&w, first_merge)) {
             fail("merge of cycle %d (%s ΔW scratch) differs from cycle 0's", cycle,
                  with_delta ? "with" : "without");
         }
@@ -829,11 +964,13 @@ static void run_lora_merge_case(cpeft_dtype dt, int64_t in, int64_t seg, int64_t
     free(first_merge);
     free(ref);
     free(original);
-    tm_free(&w); tm_free(&la); tm_free(&lb);
+    tm_free(&w);
+    tm_free(&la);
+    tm_free(&lb);
 }
 
-static void run_ia3_merge_case(cpeft_dtype dt, int64_t rows, int64_t cols, int along_cols, int layout,
-                               int cycles)
+static void run_ia3_merge_case(cpeft_dtype dt, int64_t rows, int64_t cols, int along_cols,
+                               int layout, int cycles)
 {
     tmat w = tm_new(dt, rows, cols, layout);
     int64_t nl = along_cols ? cols : rows;
@@ -856,8 +993,9 @@ static void run_ia3_merge_case(cpeft_dtype dt, int64_t rows, int64_t cols, int a
     cpeft_status st;
     for (int cycle = 0; cycle < cycles; ++cycle) {
         cpeft_merge_record rec = {NULL, NULL, 0, -1, NULL, 0};
-        expect_rc("ia3 merge count", cpeft_ia3_merge_cpu(dt, w.m, lv, along_cols, CPEFT_MERGE, &rec, &st),
-                  CPEFT_OK, &st);
+        expect_rc("ia3 merge count",
+                  cpeft_ia3_merge_cpu(dt, w.m, lv, along_cols, CPEFT_MERGE, &rec, &st), CPEFT_OK,
+                  &st);
         int64_t count = rec.count;
         rec.index = malloc((size_t)(count + 1) * sizeof(int64_t));
         rec.value = malloc((size_t)(count + 1) * cpeft_dtype_size(dt));
@@ -866,8 +1004,9 @@ static void run_ia3_merge_case(cpeft_dtype dt, int64_t rows, int64_t cols, int a
                   CPEFT_OK, &st);
         if (cycle == 0)
             compare("ia3 merged weight", &w, ref, 0);
-        expect_rc("ia3 unmerge", cpeft_ia3_merge_cpu(dt, w.m, lv, along_cols, CPEFT_UNMERGE, &rec, &st),
-                  CPEFT_OK, &st);
+        expect_rc("ia3 unmerge",
+                  cpeft_ia3_merge_cpu(dt, w.m, lv, along_cols, CPEFT_UNMERGE, &rec, &st), CPEFT_OK,
+                  &st);
         ++checks;
         if (!bits_equal(&w, original)) {
             fail("ia3 unmerge not bit-exact after cycle %d", cycle);
@@ -891,7 +1030,8 @@ static void test_merge(void)
         for (int v = 0; v < 9; ++v)
             for (int layout = 0; layout < 2; ++layout) {
                 run_lora_merge_case(dtypes[d], sizes[v % 3], sizes[v / 3], 2, 1, plain, layout, 3);
-                run_lora_merge_case(dtypes[d], sizes[v % 3], sizes[v / 3], 3, 3, grouped, layout, 3);
+                run_lora_merge_case(dtypes[d], sizes[v % 3], sizes[v / 3], 3, 3, grouped, layout,
+                                    3);
                 run_ia3_merge_case(dtypes[d], sizes[v % 3], sizes[v / 3], 0, layout, 3);
                 run_ia3_merge_case(dtypes[d], sizes[v % 3], sizes[v / 3], 1, layout, 3);
             }
@@ -921,7 +1061,8 @@ static void test_unsupported_dtype(void)
     a.dtype = CPEFT_BFLOAT16;
     cpeft_lora_linear_fwd_out fo;
     memset(&fo, 0, sizeof fo);
-    expect_rc("bfloat16 lora fwd", cpeft_lora_linear_fwd_cpu(&a, &fo, &st), CPEFT_ERR_INTERNAL, &st);
+    expect_rc("bfloat16 lora fwd", cpeft_lora_linear_fwd_cpu(&a, &fo, &st), CPEFT_ERR_INTERNAL,
+              &st);
 }
 
 int main(void)

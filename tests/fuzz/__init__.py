@@ -4,6 +4,7 @@ The references live in tests/reference.py and tests/conftest.py, imported as top
 the way the test files import them; putting tests/ on sys.path here lets the fuzzer also run as
 ``python -m tests.fuzz.replay`` / ``python -m tests.fuzz.campaign`` from the repository root.
 """
+
 import os
 import sys
 

@@ -10,6 +10,7 @@ with the reference; each exception type raised; ``either:returned`` / ``hostile:
 calls that were allowed to return and did, correctly), the failures by class with replay lines,
 and the time taken; ``--json FILE`` also writes it as JSON.
 """
+
 import argparse
 import collections
 import json
@@ -42,13 +43,19 @@ def worker(seed, start, stop, progress_path):
                 case = make_case(seed, index)
                 outcome = run_case(case)
             except Exception as exc:  # a defect of the fuzzer itself; the chunk goes on
-                record.update(label="harness-error", failure=f"harness-error:{type(exc).__name__}",
-                              entry="?", mutation="?", message=str(exc)[:300])
+                record.update(
+                    label="harness-error",
+                    failure=f"harness-error:{type(exc).__name__}",
+                    entry="?",
+                    mutation="?",
+                    message=str(exc)[:300],
+                )
             else:
                 record.update(label=outcome.label, entry=case.entry, mutation=case.mutation)
                 if outcome.kind == "fail":
-                    record.update(failure=outcome.failure,
-                                  message=outcome.message.splitlines()[0][:300])
+                    record.update(
+                        failure=outcome.failure, message=outcome.message.splitlines()[0][:300]
+                    )
             progress.write(json.dumps(record) + "\n")
             progress.flush()
 
@@ -61,11 +68,20 @@ def run_chunk(seed, start, stop, timeout):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     while start < stop:
         with tempfile.NamedTemporaryFile("w+", suffix=".progress") as progress:
-            command = [sys.executable, "-m", "tests.fuzz.campaign", "--worker", str(seed),
-                       str(start), str(stop), progress.name]
+            command = [
+                sys.executable,
+                "-m",
+                "tests.fuzz.campaign",
+                "--worker",
+                str(seed),
+                str(start),
+                str(stop),
+                progress.name,
+            ]
             try:
-                done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
-                                      text=True, timeout=timeout)
+                done = subprocess.run(
+                    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+                )
                 status, stderr = done.returncode, done.stderr
             except subprocess.TimeoutExpired as expired:
                 status, stderr = "hang", str(expired.stderr or "")
@@ -92,8 +108,15 @@ def run_chunk(seed, start, stop, timeout):
         else:
             kind = f"crash:exit{status}"
         counts[kind] += 1
-        failures.append(dict(index=started, failure=kind, entry="?", mutation="?",
-                             message=(stderr.strip().splitlines() or [""])[-1][:300]))
+        failures.append(
+            dict(
+                index=started,
+                failure=kind,
+                entry="?",
+                mutation="?",
+                message=(stderr.strip().splitlines() or [""])[-1][:300],
+            )
+        )
         start = started + 1
     return counts, failures
 
@@ -101,8 +124,9 @@ def run_chunk(seed, start, stop, timeout):
 def summarize(seed, cases, counts, failures, seconds, jobs):
     from .generator import ENTRIES, replay_line
 
-    lines = [f"cpeft fuzz campaign: seed {seed}, {cases} cases, {jobs} worker processes, "
-             f"{seconds:.0f} s"]
+    lines = [
+        f"cpeft fuzz campaign: seed {seed}, {cases} cases, {jobs} worker processes, {seconds:.0f} s"
+    ]
     ok = sum(v for k, v in counts.items()) - len(failures)
     lines.append(f"passed {ok}, failed {len(failures)}")
     lines.append("outcomes by class (including failed cases):")
@@ -113,11 +137,13 @@ def summarize(seed, cases, counts, failures, seconds, jobs):
         by_class[f["failure"]].append(f)
     lines.append("failures by class:" if failures else "failures by class: none")
     for failure, items in sorted(by_class.items(), key=lambda kv: -len(kv[1])):
-        entries = collections.Counter(i["entry"] if i["entry"] != "?" else
-                                      ENTRIES[i["index"] % len(ENTRIES)] for i in items)
+        entries = collections.Counter(
+            i["entry"] if i["entry"] != "?" else ENTRIES[i["index"] % len(ENTRIES)] for i in items
+        )
         mutations = collections.Counter(i["mutation"].split(":")[0] for i in items)
-        lines.append(f"  {failure}: {len(items)}  entries {dict(entries)}  "
-                     f"changes {dict(mutations)}")
+        lines.append(
+            f"  {failure}: {len(items)}  entries {dict(entries)}  changes {dict(mutations)}"
+        )
         for item in items[:3]:
             lines.append(f"    {replay_line(seed, item['index'])}   # {item['message'][:160]}")
     return "\n".join(lines)
@@ -132,8 +158,9 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--chunk-timeout", type=float, default=1800.0)
     parser.add_argument("--json", help="also write the summary data here")
-    parser.add_argument("--worker", nargs=4, metavar=("SEED", "START", "STOP", "PROGRESS"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("SEED", "START", "STOP", "PROGRESS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.worker:
         seed, start, stop, progress = args.worker
@@ -150,15 +177,29 @@ def main(argv=None):
             c, f = future.result()
             counts.update(c)
             failures.extend(f)
-            print(f"chunk {n}/{len(chunks)} done, {len(failures)} failures so far, "
-                  f"{time.time() - began:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"chunk {n}/{len(chunks)} done, {len(failures)} failures so far, "
+                f"{time.time() - began:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     failures.sort(key=lambda f: f["index"])
     seconds = time.time() - began
     print(summarize(args.seed, args.cases, counts, failures, seconds, args.jobs))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(dict(seed=args.seed, cases=args.cases, start=args.start, seconds=seconds,
-                           counts=counts, failures=failures), out, indent=1)
+            json.dump(
+                dict(
+                    seed=args.seed,
+                    cases=args.cases,
+                    start=args.start,
+                    seconds=seconds,
+                    counts=counts,
+                    failures=failures,
+                ),
+                out,
+                indent=1,
+            )
     return 1 if failures else 0
 
 

@@ -52,6 +52,7 @@ Oracle (every outcome that is not listed fails):
   MemoryError (never SystemError, nor the RuntimeError "cpeft internal error"), its message is
   not empty, and every array passed, inputs and outputs alike, is bitwise as it was.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,21 +62,38 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
+import test_dora as td
+import test_lora_grouped as tg
 
 import reference as ref
 from conftest import TOL_FACTOR
-import test_dora as td
-import test_lora_grouped as tg
 from cpeft import functional as F
 
 ENTRIES = (
-    "lora_linear_forward", "lora_linear_backward", "lora_embedding_forward",
-    "lora_embedding_backward", "ia3_linear_forward", "ia3_linear_backward",
-    "ia3_embedding_forward", "ia3_embedding_backward", "lora_merge", "lora_unmerge",
-    "lora_embedding_merge", "lora_embedding_unmerge", "ia3_merge", "ia3_unmerge",
-    "ia3_embedding_merge", "ia3_embedding_unmerge", "dropout_mask",
-    "dora_weight_sq_norm", "dora_weight_norm", "dora_linear_forward", "dora_linear_backward",
-    "dora_embedding_forward", "dora_embedding_backward", "lora_grouped_forward",
+    "lora_linear_forward",
+    "lora_linear_backward",
+    "lora_embedding_forward",
+    "lora_embedding_backward",
+    "ia3_linear_forward",
+    "ia3_linear_backward",
+    "ia3_embedding_forward",
+    "ia3_embedding_backward",
+    "lora_merge",
+    "lora_unmerge",
+    "lora_embedding_merge",
+    "lora_embedding_unmerge",
+    "ia3_merge",
+    "ia3_unmerge",
+    "ia3_embedding_merge",
+    "ia3_embedding_unmerge",
+    "dropout_mask",
+    "dora_weight_sq_norm",
+    "dora_weight_norm",
+    "dora_linear_forward",
+    "dora_linear_backward",
+    "dora_embedding_forward",
+    "dora_embedding_backward",
+    "lora_grouped_forward",
     "lora_grouped_backward",
 )
 POSITIONAL = {
@@ -99,15 +117,41 @@ POSITIONAL = {
     "dora_weight_sq_norm": ("weight",),
     "dora_weight_norm": ("weight", "lora_a", "lora_b", "scale"),
     "dora_linear_forward": ("x", "weight", "bias", "lora_a", "lora_b", "magnitude", "scale"),
-    "dora_linear_backward": ("grad_out", "x", "weight", "lora_a", "lora_b", "magnitude", "norm",
-                             "xa", "base", "scale"),
+    "dora_linear_backward": (
+        "grad_out",
+        "x",
+        "weight",
+        "lora_a",
+        "lora_b",
+        "magnitude",
+        "norm",
+        "xa",
+        "base",
+        "scale",
+    ),
     "dora_embedding_forward": ("indices", "weight", "lora_a", "lora_b", "magnitude", "scale"),
-    "dora_embedding_backward": ("grad_out", "indices", "weight", "lora_a", "lora_b",
-                                "magnitude", "norm", "scale"),
-    "lora_grouped_forward": ("x", "weight", "bias", "lora_a", "lora_b", "index", "ranks",
-                             "scales"),
-    "lora_grouped_backward": ("grad_out", "x", "weight", "lora_a", "lora_b", "xa", "index",
-                              "ranks", "scales"),
+    "dora_embedding_backward": (
+        "grad_out",
+        "indices",
+        "weight",
+        "lora_a",
+        "lora_b",
+        "magnitude",
+        "norm",
+        "scale",
+    ),
+    "lora_grouped_forward": ("x", "weight", "bias", "lora_a", "lora_b", "index", "ranks", "scales"),
+    "lora_grouped_backward": (
+        "grad_out",
+        "x",
+        "weight",
+        "lora_a",
+        "lora_b",
+        "xa",
+        "index",
+        "ranks",
+        "scales",
+    ),
 }
 DOCUMENTED = (TypeError, ValueError, BufferError, IndexError, MemoryError)
 FLOATS = (np.float32, np.float64)
@@ -121,18 +165,38 @@ def replay_line(seed, index):
 
 # ---- arrays inside sentinel-filled buffers ---------------------------------------------------
 
-INPUT_LAYOUTS = ("c", "c", "c", "f", "offset", "strided_last", "strided_first", "reversed",
-                 "negative_all", "size1_huge", "readonly", "broadcast")
+INPUT_LAYOUTS = (
+    "c",
+    "c",
+    "c",
+    "f",
+    "offset",
+    "strided_last",
+    "strided_first",
+    "reversed",
+    "negative_all",
+    "size1_huge",
+    "readonly",
+    "broadcast",
+)
 # Layouts that keep every value (inputs derived from others, and chosen bad indices).
 KEEPING_LAYOUTS = tuple(layout for layout in INPUT_LAYOUTS if layout != "broadcast")
 OUTPUT_LAYOUTS_PLAIN = ("c", "c", "offset", "strided_first")
-OUTPUT_LAYOUTS_OTHER = ("f", "strided_last", "reversed", "negative_all", "size1_huge",
-                        "unaligned", "overlapping_self")
+OUTPUT_LAYOUTS_OTHER = (
+    "f",
+    "strided_last",
+    "reversed",
+    "negative_all",
+    "size1_huge",
+    "unaligned",
+    "overlapping_self",
+)
 
 
 @dataclass
 class Placed:
     """A view and the buffer it lives in."""
+
     view: np.ndarray
     storage: np.ndarray
     start: int  # element index of view[0, ..., 0] in storage (itemsize units of storage)
@@ -165,7 +229,7 @@ class Arrays:
             return view
         if layout == "unaligned":
             storage = np.zeros(values.nbytes + 2 * dtype.itemsize + 1, np.uint8)
-            view = storage[1:1 + values.nbytes].view(dtype).reshape(shape)
+            view = storage[1 : 1 + values.nbytes].view(dtype).reshape(shape)
             view[...] = values
             self.placed[id(view)] = Placed(view, storage, -1)
             return view
@@ -210,8 +274,9 @@ class Arrays:
         storage = np.full(high - low + 1 + 2 * margin, SENTINEL, dtype)
         start = margin - low
         item = dtype.itemsize
-        view = np.lib.stride_tricks.as_strided(storage[start:], shape,
-                                               [s * item for s in strides], writeable=True)
+        view = np.lib.stride_tricks.as_strided(
+            storage[start:], shape, [s * item for s in strides], writeable=True
+        )
         if values.size:
             view[...] = values
         self.placed[id(view)] = Placed(view, storage, start)
@@ -230,13 +295,14 @@ class Arrays:
         """A boolean array over placed.storage: True where the view has an element."""
         if placed.start < 0:  # unaligned: a byte buffer
             mask = np.zeros(placed.storage.shape, bool)
-            mask[1:1 + placed.view.nbytes] = True
+            mask[1 : 1 + placed.view.nbytes] = True
             return mask
         mask = np.zeros(placed.storage.shape, np.uint8)
         v = placed.view
         item = v.dtype.itemsize
         covered = np.lib.stride_tricks.as_strided(
-            mask[placed.start:], v.shape, [s // item for s in v.strides], writeable=True)
+            mask[placed.start :], v.shape, [s // item for s in v.strides], writeable=True
+        )
         covered[...] = 1
         return mask.astype(bool)
 
@@ -246,6 +312,7 @@ def raw(a):
 
 
 # ---- hostile arguments -----------------------------------------------------------------------
+
 
 class Hostile:
     """An argument whose conversion resizes (and so frees the data of) an owning array."""
@@ -276,6 +343,7 @@ class Hostile:
 
 # ---- cases -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     seed: int
@@ -304,14 +372,16 @@ class Case:
     def describe(self):
         def show(v):
             if isinstance(v, np.ndarray):
-                return (f"array{v.shape} {v.dtype} strides={v.strides} "
-                        f"writeable={v.flags.writeable}")
+                return f"array{v.shape} {v.dtype} strides={v.strides} writeable={v.flags.writeable}"
             if isinstance(v, tuple) and v and isinstance(v[0], np.ndarray):
                 return "(" + ", ".join(show(e) for e in v) + ")"
             text = repr(v)
             return text if len(text) < 120 else text[:117] + "..."
-        lines = [f"case {self.seed}:{self.index} {self.entry} expect={self.expect} "
-                 f"mutation={self.mutation} dims={self.dims}"]
+
+        lines = [
+            f"case {self.seed}:{self.index} {self.entry} expect={self.expect} "
+            f"mutation={self.mutation} dims={self.dims}"
+        ]
         lines += [f"  {k} = {show(v)}" for k, v in self.args.items()]
         return "\n".join(lines)
 
@@ -372,8 +442,9 @@ def _dropout(rng):
         return 0.0, 0, 0
     p = pick(rng, [0.1, 0.5, 0.9, 1.0, float(rng.random())])
     seed = pick(rng, [0, 1, 2**32 + 5, 2**64 - 1, int(rng.integers(0, 2**63))])
-    offset = pick(rng, [0, 7, 2**32 - 3, 2**63, 2**64 - 3, 2**64 - 1000,
-                        int(rng.integers(0, 2**40))])
+    offset = pick(
+        rng, [0, 7, 2**32 - 3, 2**63, 2**64 - 3, 2**64 - 1000, int(rng.integers(0, 2**40))]
+    )
     return p, seed, offset
 
 
@@ -399,11 +470,11 @@ def _mask_for(x, p, seed, offset):
     x = np.asarray(x)
     in_features = x.shape[-1] if x.ndim else 1
     rows = x.size // in_features if in_features else 0
-    return ref.dropout_mask((rows, in_features), float(p), int(seed), int(offset) % 2**64,
-                            x.dtype)
+    return ref.dropout_mask((rows, in_features), float(p), int(seed), int(offset) % 2**64, x.dtype)
 
 
 # Each builder returns a valid Case for its entry point.
+
 
 def _lora_linear(rng, entry, arrays):
     dtype = rng.choice(FLOATS)
@@ -423,24 +494,28 @@ def _lora_linear(rng, entry, arrays):
     for name in ("fan_in_fan_out", "enable_lora", "dropout", "seed", "offset"):
         if options[name] in (False, None, 0, 0.0) and rng.random() < 0.5:
             del options[name]  # the default
-    dims = dict(M=int(np.prod(lead, dtype=np.int64)), IN=in_f, OUT=out_f, R=rank, G=groups,
-                K=enabled)
+    dims = dict(
+        M=int(np.prod(lead, dtype=np.int64)), IN=in_f, OUT=out_f, R=rank, G=groups, K=enabled
+    )
     case = Case(0, 0, entry, {}, dims=dims, arrays=arrays)
 
     def kw(s):
-        return dict(fan_in_fan_out=s.get("fan_in_fan_out", False),
-                    enable_lora=s.get("enable_lora"))
+        return dict(fan_in_fan_out=s.get("fan_in_fan_out", False), enable_lora=s.get("enable_lora"))
 
     def mask_of(s):
         return _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
 
     if entry == "lora_linear_forward":
-        bias = None if rng.random() < 0.4 else arrays.place(_values(rng, (out_f,), dtype),
-                                                            _layout(rng))
+        bias = (
+            None
+            if rng.random() < 0.4
+            else arrays.place(_values(rng, (out_f,), dtype), _layout(rng))
+        )
         out = _request(rng, arrays, lead + (out_f,), dtype, optional=False)
         out_xa = _request(rng, arrays, lead + (rank * enabled,), dtype, optional=False)
-        case.args = dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-                         scale=scale, **options)
+        case.args = dict(
+            x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, scale=scale, **options
+        )
         for name, value in (("out", out), ("out_xa", out_xa)):
             if value is not True or rng.random() < 0.5:
                 case.args[name] = value
@@ -456,22 +531,49 @@ def _lora_linear(rng, entry, arrays):
     else:
         grad_out = arrays.place(_values(rng, lead + (out_f,), dtype), _layout(rng))
         mask = _mask_for(raw(x), p, seed, offset)
-        _, xa_values = ref.lora_linear_forward(raw(x), raw(weight), None, raw(lora_a),
-                                               raw(lora_b), scale, fan_in_fan_out=fan,
-                                               enable_lora=enable, mask=mask)
+        _, xa_values = ref.lora_linear_forward(
+            raw(x),
+            raw(weight),
+            None,
+            raw(lora_a),
+            raw(lora_b),
+            scale,
+            fan_in_fan_out=fan,
+            enable_lora=enable,
+            mask=mask,
+        )
         xa = arrays.place(xa_values.astype(dtype), _layout(rng, KEEPING_LAYOUTS))
-        case.args = dict(grad_out=grad_out, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b,
-                         xa=xa, scale=scale, **options)
-        shapes = dict(grad_x=lead + (in_f,), grad_lora_a=(rank * enabled, in_f),
-                      grad_lora_b=(seg * enabled, rank), grad_bias=(out_f,), grad_weight=wshape)
+        case.args = dict(
+            grad_out=grad_out,
+            x=x,
+            weight=weight,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            xa=xa,
+            scale=scale,
+            **options,
+        )
+        shapes = dict(
+            grad_x=lead + (in_f,),
+            grad_lora_a=(rank * enabled, in_f),
+            grad_lora_b=(seg * enabled, rank),
+            grad_bias=(out_f,),
+            grad_weight=wshape,
+        )
         for name, shape in shapes.items():
             if rng.random() < 0.6:
                 case.args[name] = _request(rng, arrays, shape, dtype)
         case.result_names = ("x", "lora_a", "lora_b", "bias", "weight")
-        case.requested_by = {"x": "grad_x", "lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
-                             "bias": "grad_bias", "weight": "grad_weight"}
-        case.notes["defaults"] = dict(grad_x=True, grad_lora_a=True, grad_lora_b=True,
-                                      grad_bias=False, grad_weight=False)
+        case.requested_by = {
+            "x": "grad_x",
+            "lora_a": "grad_lora_a",
+            "lora_b": "grad_lora_b",
+            "bias": "grad_bias",
+            "weight": "grad_weight",
+        }
+        case.notes["defaults"] = dict(
+            grad_x=True, grad_lora_a=True, grad_lora_b=True, grad_bias=False, grad_weight=False
+        )
 
         def reference(s):
             args = (s["grad_out"], s["x"], s["weight"], s["lora_a"], s["lora_b"], s["scale"])
@@ -480,18 +582,21 @@ def _lora_linear(rng, entry, arrays):
             bounds = _bound(ref.lora_linear_backward, args, opts)
             k = _k(*dims.values())
             return {n: (grads[n], bounds[n], k) for n in grads}
+
     case.reference = reference
     return case
 
 
 def _bound(fn, args, kwargs):
     """The reference evaluated on absolute values of all float inputs (tests/conftest.py)."""
+
     def absolute(v):
         if isinstance(v, np.ndarray) and v.dtype.kind == "f":
             return np.abs(v)
         if isinstance(v, float):
             return abs(v)
         return v
+
     return fn(*[absolute(a) for a in args], **{k: absolute(v) for k, v in kwargs.items()})
 
 
@@ -527,8 +632,7 @@ def _lora_embedding(rng, entry, arrays):
     case = Case(0, 0, entry, {}, dims=dims, arrays=arrays)
     if entry == "lora_embedding_forward":
         weight = arrays.place(_values(rng, (vocab, dim), dtype), _layout(rng))
-        case.args = dict(indices=indices, weight=weight, lora_a=lora_a, lora_b=lora_b,
-                         scale=scale)
+        case.args = dict(indices=indices, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=scale)
         if padding is not None:
             case.args["padding_idx"] = padding
         out = _request(rng, arrays, lead + (dim,), dtype, optional=False)
@@ -537,22 +641,30 @@ def _lora_embedding(rng, entry, arrays):
 
         def reference(s):
             args = (s["indices"], s["weight"], s["lora_a"], s["lora_b"], s["scale"])
-            return {None: (ref.lora_embedding_forward(*args),
-                           _bound(ref.lora_embedding_forward, args, {}), _k(*dims.values()))}
+            return {
+                None: (
+                    ref.lora_embedding_forward(*args),
+                    _bound(ref.lora_embedding_forward, args, {}),
+                    _k(*dims.values()),
+                )
+            }
     else:
         grad_out = arrays.place(_values(rng, lead + (dim,), dtype), _layout(rng))
-        case.args = dict(grad_out=grad_out, indices=indices, lora_a=lora_a, lora_b=lora_b,
-                         scale=scale)
+        case.args = dict(
+            grad_out=grad_out, indices=indices, lora_a=lora_a, lora_b=lora_b, scale=scale
+        )
         if padding is not None:
             case.args["padding_idx"] = padding
-        shapes = dict(grad_lora_a=(rank, vocab), grad_lora_b=(dim, rank),
-                      grad_weight=(vocab, dim))
+        shapes = dict(grad_lora_a=(rank, vocab), grad_lora_b=(dim, rank), grad_weight=(vocab, dim))
         for name, shape in shapes.items():
             if rng.random() < 0.6:
                 case.args[name] = _request(rng, arrays, shape, dtype)
         case.result_names = ("lora_a", "lora_b", "weight")
-        case.requested_by = {"lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
-                             "weight": "grad_weight"}
+        case.requested_by = {
+            "lora_a": "grad_lora_a",
+            "lora_b": "grad_lora_b",
+            "weight": "grad_weight",
+        }
         case.notes["defaults"] = dict(grad_lora_a=True, grad_lora_b=True, grad_weight=False)
 
         def reference(s):
@@ -563,6 +675,7 @@ def _lora_embedding(rng, entry, arrays):
             bounds = _bound(ref.lora_embedding_backward, args, opts)
             k = _k(*dims.values())
             return {n: (grads[n], bounds[n], k) for n in grads}
+
     case.reference = reference
     return case
 
@@ -591,12 +704,16 @@ def _ia3_linear(rng, entry, arrays):
         options["fan_in_fan_out"] = fan
 
     def kw(s):
-        return dict(feedforward=s.get("feedforward", False),
-                    fan_in_fan_out=s.get("fan_in_fan_out", False))
+        return dict(
+            feedforward=s.get("feedforward", False), fan_in_fan_out=s.get("fan_in_fan_out", False)
+        )
 
     if entry == "ia3_linear_forward":
-        bias = None if rng.random() < 0.4 else arrays.place(_values(rng, (out_f,), dtype),
-                                                            _layout(rng))
+        bias = (
+            None
+            if rng.random() < 0.4
+            else arrays.place(_values(rng, (out_f,), dtype), _layout(rng))
+        )
         case.args = dict(x=x, weight=weight, bias=bias, ia3_l=ia3_l, **options)
         out = _request(rng, arrays, lead + (out_f,), dtype, optional=False)
         if out is not True or rng.random() < 0.5:
@@ -617,29 +734,40 @@ def _ia3_linear(rng, entry, arrays):
             by, bbase = _bound(ref.ia3_linear_forward, args, kw(s))
             k = _k(*dims.values())
             wants_base = not kw(s)["feedforward"] and (
-                bool(s.get("keep_base")) or isinstance(s.get("out_base"), np.ndarray)
-                or s.get("out_base") is True)
+                bool(s.get("keep_base"))
+                or isinstance(s.get("out_base"), np.ndarray)
+                or s.get("out_base") is True
+            )
             return {"y": (y, by, k), "base": (base, bbase, k) if wants_base else None}
     else:
         hidden_bias = None if rng.random() < 0.5 else _values(rng, (out_f,), dtype)
         case.notes["hidden_bias"] = hidden_bias
         grad_out = arrays.place(_values(rng, lead + (out_f,), dtype), _layout(rng))
-        _, base_values = ref.ia3_linear_forward(raw(x), raw(weight), hidden_bias,
-                                                np.ones(out_f), fan_in_fan_out=fan)
-        base = None if feedforward and rng.random() < 0.7 else arrays.place(
-            base_values.astype(dtype), _layout(rng, KEEPING_LAYOUTS))
-        case.args = dict(grad_out=grad_out, x=x, weight=weight, ia3_l=ia3_l, base=base,
-                         **options)
-        shapes = dict(grad_x=lead + (in_f,), grad_ia3_l=ia3_l.shape, grad_bias=(out_f,),
-                      grad_weight=wshape)
+        _, base_values = ref.ia3_linear_forward(
+            raw(x), raw(weight), hidden_bias, np.ones(out_f), fan_in_fan_out=fan
+        )
+        base = (
+            None
+            if feedforward and rng.random() < 0.7
+            else arrays.place(base_values.astype(dtype), _layout(rng, KEEPING_LAYOUTS))
+        )
+        case.args = dict(grad_out=grad_out, x=x, weight=weight, ia3_l=ia3_l, base=base, **options)
+        shapes = dict(
+            grad_x=lead + (in_f,), grad_ia3_l=ia3_l.shape, grad_bias=(out_f,), grad_weight=wshape
+        )
         for name, shape in shapes.items():
             if rng.random() < 0.6:
                 case.args[name] = _request(rng, arrays, shape, dtype)
         case.result_names = ("x", "ia3_l", "bias", "weight")
-        case.requested_by = {"x": "grad_x", "ia3_l": "grad_ia3_l", "bias": "grad_bias",
-                             "weight": "grad_weight"}
-        case.notes["defaults"] = dict(grad_x=True, grad_ia3_l=True, grad_bias=False,
-                                      grad_weight=False)
+        case.requested_by = {
+            "x": "grad_x",
+            "ia3_l": "grad_ia3_l",
+            "bias": "grad_bias",
+            "weight": "grad_weight",
+        }
+        case.notes["defaults"] = dict(
+            grad_x=True, grad_ia3_l=True, grad_bias=False, grad_weight=False
+        )
 
         def reference(s):
             args = (s["grad_out"], s["x"], s["weight"], hidden_bias, s["ia3_l"])
@@ -647,6 +775,7 @@ def _ia3_linear(rng, entry, arrays):
             bounds = _bound(ref.ia3_linear_backward, args, kw(s))
             k = _k(*dims.values())
             return {n: (grads[n], bounds[n], k) for n in grads}
+
     case.reference = reference
     return case
 
@@ -668,8 +797,13 @@ def _ia3_embedding(rng, entry, arrays):
 
         def reference(s):
             args = (s["indices"], s["weight"], s["ia3_l"])
-            return {None: (ref.ia3_embedding_forward(*args),
-                           _bound(ref.ia3_embedding_forward, args, {}), _k(*dims.values()))}
+            return {
+                None: (
+                    ref.ia3_embedding_forward(*args),
+                    _bound(ref.ia3_embedding_forward, args, {}),
+                    _k(*dims.values()),
+                )
+            }
     else:
         grad_out = arrays.place(_values(rng, lead + (dim,), dtype), _layout(rng))
         case.args = dict(grad_out=grad_out, indices=indices, weight=weight, ia3_l=ia3_l)
@@ -691,6 +825,7 @@ def _ia3_embedding(rng, entry, arrays):
             bounds = _bound(ref.ia3_embedding_backward, args, opts)
             k = _k(*dims.values())
             return {n: (grads[n], bounds[n], k) for n in grads}
+
     case.reference = reference
     return case
 
@@ -710,12 +845,12 @@ def _merge(rng, entry, arrays):
         out_f, in_f, rank = seg * groups, _size(rng, arrays, 10), _size(rng, arrays, 5)
         fan = bool(rng.random() < 0.3)
         wshape = (in_f, out_f) if fan else (out_f, in_f)
-        case.args = dict(weight=arrays.place(_values(rng, wshape, dtype), wlayout),
-                         lora_a=arrays.place(_values(rng, (rank * enabled, in_f), dtype),
-                                             _layout(rng)),
-                         lora_b=arrays.place(_values(rng, (seg * enabled, rank), dtype),
-                                             _layout(rng)),
-                         scale=float(rng.choice([0.5, -3.0, 1e-3, float(rng.standard_normal())])))
+        case.args = dict(
+            weight=arrays.place(_values(rng, wshape, dtype), wlayout),
+            lora_a=arrays.place(_values(rng, (rank * enabled, in_f), dtype), _layout(rng)),
+            lora_b=arrays.place(_values(rng, (seg * enabled, rank), dtype), _layout(rng)),
+            scale=float(rng.choice([0.5, -3.0, 1e-3, float(rng.standard_normal())])),
+        )
         if fan or rng.random() < 0.5:
             case.args["fan_in_fan_out"] = fan
         if enable is not None:
@@ -724,36 +859,50 @@ def _merge(rng, entry, arrays):
 
         def merged(s):
             args = (s["weight"], s["lora_a"], s["lora_b"], s["scale"])
-            opts = dict(fan_in_fan_out=s.get("fan_in_fan_out", False),
-                        enable_lora=s.get("enable_lora"))
-            return {"weight": (ref.lora_merged_weight(*args, **opts),
-                               _bound(ref.lora_merged_weight, args, opts), _k(rank, 2))}
+            opts = dict(
+                fan_in_fan_out=s.get("fan_in_fan_out", False), enable_lora=s.get("enable_lora")
+            )
+            return {
+                "weight": (
+                    ref.lora_merged_weight(*args, **opts),
+                    _bound(ref.lora_merged_weight, args, opts),
+                    _k(rank, 2),
+                )
+            }
     elif family == "lora_embedding_merge":
         vocab, dim = _size(rng, arrays, 10), _size(rng, arrays, 7)
         rank = _size(rng, arrays, 5)
-        case.args = dict(weight=arrays.place(_values(rng, (vocab, dim), dtype), wlayout),
-                         lora_a=arrays.place(_values(rng, (rank, vocab), dtype), _layout(rng)),
-                         lora_b=arrays.place(_values(rng, (dim, rank), dtype), _layout(rng)),
-                         scale=float(rng.choice([0.5, -3.0, float(rng.standard_normal())])))
+        case.args = dict(
+            weight=arrays.place(_values(rng, (vocab, dim), dtype), wlayout),
+            lora_a=arrays.place(_values(rng, (rank, vocab), dtype), _layout(rng)),
+            lora_b=arrays.place(_values(rng, (dim, rank), dtype), _layout(rng)),
+            scale=float(rng.choice([0.5, -3.0, float(rng.standard_normal())])),
+        )
         case.dims = dict(V=vocab, D=dim, R=rank)
 
         def merged(s):
             args = (s["weight"], s["lora_a"], s["lora_b"], s["scale"])
-            return {"weight": (ref.lora_embedding_merged_weight(*args),
-                               _bound(ref.lora_embedding_merged_weight, args, {}),
-                               _k(rank, 2))}
+            return {
+                "weight": (
+                    ref.lora_embedding_merged_weight(*args),
+                    _bound(ref.lora_embedding_merged_weight, args, {}),
+                    _k(rank, 2),
+                )
+            }
     elif family == "ia3_merge":
         in_f, out_f = _size(rng, arrays, 10), _size(rng, arrays, 10)
         fan = bool(rng.random() < 0.3)
         feedforward = bool(rng.random() < 0.4)
         wshape = (in_f, out_f) if fan else (out_f, in_f)
         n = in_f if feedforward else out_f
-        case.args = dict(weight=arrays.place(_values(rng, wshape, dtype), wlayout),
-                         ia3_l=arrays.place(_values(rng, _l_shape(rng, n), dtype) + 1,
-                                            _layout(rng)))
+        case.args = dict(
+            weight=arrays.place(_values(rng, wshape, dtype), wlayout),
+            ia3_l=arrays.place(_values(rng, _l_shape(rng, n), dtype) + 1, _layout(rng)),
+        )
         if rng.random() < 0.6:
-            case.args["bias"] = arrays.place(_values(rng, (out_f,), dtype),
-                                             _layout(rng, ("c", "offset")))
+            case.args["bias"] = arrays.place(
+                _values(rng, (out_f,), dtype), _layout(rng, ("c", "offset"))
+            )
         if feedforward or rng.random() < 0.5:
             case.args["feedforward"] = feedforward
         if fan or rng.random() < 0.5:
@@ -761,8 +910,11 @@ def _merge(rng, entry, arrays):
         case.dims = dict(OUT=out_f, IN=in_f)
 
         def merged(s):
-            opts = dict(bias=s.get("bias"), feedforward=s.get("feedforward", False),
-                        fan_in_fan_out=s.get("fan_in_fan_out", False))
+            opts = dict(
+                bias=s.get("bias"),
+                feedforward=s.get("feedforward", False),
+                fan_in_fan_out=s.get("fan_in_fan_out", False),
+            )
             w, b = ref.ia3_merged(s["weight"], s["ia3_l"], **opts)
             bw, bb = _bound(ref.ia3_merged, (s["weight"], s["ia3_l"]), opts)
             result = {"weight": (w, bw, 2)}
@@ -771,15 +923,22 @@ def _merge(rng, entry, arrays):
             return result
     else:
         vocab, dim = _size(rng, arrays, 10), _size(rng, arrays, 7)
-        case.args = dict(weight=arrays.place(_values(rng, (vocab, dim), dtype), wlayout),
-                         ia3_l=arrays.place(_values(rng, _l_shape(rng, dim), dtype) + 1,
-                                            _layout(rng)))
+        case.args = dict(
+            weight=arrays.place(_values(rng, (vocab, dim), dtype), wlayout),
+            ia3_l=arrays.place(_values(rng, _l_shape(rng, dim), dtype) + 1, _layout(rng)),
+        )
         case.dims = dict(V=vocab, D=dim)
 
         def merged(s):
             args = (s["weight"], s["ia3_l"])
-            return {"weight": (ref.ia3_embedding_merged_weight(*args),
-                               _bound(ref.ia3_embedding_merged_weight, args, {}), 2)}
+            return {
+                "weight": (
+                    ref.ia3_embedding_merged_weight(*args),
+                    _bound(ref.ia3_embedding_merged_weight, args, {}),
+                    2,
+                )
+            }
+
     case.reference = merged
     case.notes["family"] = family
     return case
@@ -795,8 +954,7 @@ def merge_first(case):
     if isinstance(case.args.get("bias"), np.ndarray):
         case.notes["unmerged_bias"] = raw(case.args["bias"])
     record = getattr(F, family)(*[case.args[n] for n in names], **keywords)
-    if case.entry == "ia3_unmerge" and (case.args.get("feedforward")
-                                        or "bias" not in case.args):
+    if case.entry == "ia3_unmerge" and (case.args.get("feedforward") or "bias" not in case.args):
         record = (record[0], None)
     case.args["records" if case.entry == "ia3_unmerge" else "record"] = record
 
@@ -813,23 +971,30 @@ def _dropout_mask(rng, entry, arrays):
     if p == 0.0 and rng.random() < 0.5:
         p = float(rng.random())
     case = Case(0, 0, entry, {}, arrays=arrays, dims=dict(N=int(np.prod(shape))))
-    case.args = dict(shape=list(shape) if rng.random() < 0.2 else shape, p=p, seed=seed,
-                     offset=offset)
+    case.args = dict(
+        shape=list(shape) if rng.random() < 0.2 else shape, p=p, seed=seed, offset=offset
+    )
     if rng.random() < 0.5:
-        case.args["dtype"] = str(rng.choice(["float32", "float64"])) if rng.random() < 0.7 \
+        case.args["dtype"] = (
+            str(rng.choice(["float32", "float64"]))
+            if rng.random() < 0.7
             else np.dtype(rng.choice(FLOATS))
+        )
 
     def reference(s):
         dtype = np.dtype(s.get("dtype", "float32"))
-        want = ref.dropout_mask(tuple(s["shape"]), float(s["p"]), int(s["seed"]),
-                                int(s.get("offset", 0)) % 2**64, dtype)
+        want = ref.dropout_mask(
+            tuple(s["shape"]), float(s["p"]), int(s["seed"]), int(s.get("offset", 0)) % 2**64, dtype
+        )
         return {None: (want, None, 0)}
+
     case.reference = reference
     return case
 
 
 # ---- DoRA and the grouped (mixed-adapter) LoRA op --------------------------------------------
 # The float64 references are those of tests/test_dora.py and tests/test_lora_grouped.py.
+
 
 def _dora_n2(weight, lora_a, lora_b, scale, sq=None):
     """(n², n_abs²) of DoRA's row norms over the (OUT, IN) view ``weight``: n² = ‖w‖² (or the
@@ -840,8 +1005,9 @@ def _dora_n2(weight, lora_a, lora_b, scale, sq=None):
     sq = (w * w).sum(1) if sq is None else np.asarray(sq, np.float64)
     n2 = sq + 2 * scale * (ba * w).sum(1) + scale * scale * (ba * ba).sum(1)
     aba = np.abs(b) @ np.abs(a)
-    n2_abs = np.abs(sq) + 2 * abs(scale) * (aba * np.abs(w)).sum(1) + scale * scale * (
-        aba * aba).sum(1)
+    n2_abs = (
+        np.abs(sq) + 2 * abs(scale) * (aba * np.abs(w)).sum(1) + scale * scale * (aba * aba).sum(1)
+    )
     return n2, n2_abs
 
 
@@ -885,8 +1051,9 @@ def _dora_norms(rng, entry, arrays):
     if entry == "dora_weight_norm":
         case.args["lora_a"] = arrays.place(_values(rng, (rank, in_f), dtype), _layout(rng))
         case.args["lora_b"] = arrays.place(_values(rng, (out_f, rank), dtype), _layout(rng))
-        case.args["scale"] = float(rng.choice([0.5, 2.0, -1.25, 0.0,
-                                               float(rng.standard_normal() * 4)]))
+        case.args["scale"] = float(
+            rng.choice([0.5, 2.0, -1.25, 0.0, float(rng.standard_normal() * 4)])
+        )
         if rng.random() < 0.3:
             sq = (_logical_w(raw(weight), fan) ** 2).sum(1)
             case.args["weight_sq_norm"] = arrays.place(sq.astype(dtype), _layout(rng))
@@ -899,10 +1066,12 @@ def _dora_norms(rng, entry, arrays):
         if entry == "dora_weight_sq_norm":
             want = (w * w).sum(1)
             return {None: (want, want, k)}
-        n2, n2_abs = _dora_n2(w, s["lora_a"], s["lora_b"], float(s["scale"]),
-                              s.get("weight_sq_norm"))
+        n2, n2_abs = _dora_n2(
+            w, s["lora_a"], s["lora_b"], float(s["scale"]), s.get("weight_sq_norm")
+        )
         n = np.sqrt(n2)
         return {None: (n, n2_abs / n, k)}
+
     case.reference = reference
     return case
 
@@ -932,15 +1101,29 @@ def _dora_linear(rng, entry, arrays):
         return _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
 
     if entry == "dora_linear_forward":
-        bias = None if rng.random() < 0.4 else arrays.place(_values(rng, (out_f,), dtype),
-                                                            _layout(rng))
-        case.args = dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-                         magnitude=magnitude, scale=scale, **options)
+        bias = (
+            None
+            if rng.random() < 0.4
+            else arrays.place(_values(rng, (out_f,), dtype), _layout(rng))
+        )
+        case.args = dict(
+            x=x,
+            weight=weight,
+            bias=bias,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            magnitude=magnitude,
+            scale=scale,
+            **options,
+        )
         if rng.random() < 0.3:
             sq = (_logical_w(raw(weight), fan) ** 2).sum(1)
             case.args["weight_sq_norm"] = arrays.place(sq.astype(dtype), _layout(rng))
-        for name, shape in (("out", lead + (out_f,)), ("out_xa", lead + (rank,)),
-                            ("out_norm", (out_f,))):
+        for name, shape in (
+            ("out", lead + (out_f,)),
+            ("out_xa", lead + (rank,)),
+            ("out_norm", (out_f,)),
+        ):
             value = _request(rng, arrays, shape, dtype, optional=False)
             if value is not True or rng.random() < 0.5:
                 case.args[name] = value
@@ -957,73 +1140,128 @@ def _dora_linear(rng, entry, arrays):
             f = s.get("fan_in_fan_out", False)
             w = _logical_w(s["weight"], f)
             sc = float(s["scale"])
-            n, spread = _dora_norm_and_spread(w, s["lora_a"], s["lora_b"], sc,
-                                              s.get("weight_sq_norm"))
+            n, spread = _dora_norm_and_spread(
+                w, s["lora_a"], s["lora_b"], sc, s.get("weight_sq_norm")
+            )
             mask = mask_of(s)
-            y, xa, base, _ = td.ref_linear(s["x"], s["weight"], s["bias"], s["lora_a"],
-                                           s["lora_b"], s["magnitude"], sc, fan_in_fan_out=f,
-                                           mask=mask, norm=n)
-            absolute = (_abs(s["x"]), _abs(s["weight"]), _abs(s["bias"]), _abs(s["lora_a"]),
-                        _abs(s["lora_b"]))
+            y, xa, base, _ = td.ref_linear(
+                s["x"],
+                s["weight"],
+                s["bias"],
+                s["lora_a"],
+                s["lora_b"],
+                s["magnitude"],
+                sc,
+                fan_in_fan_out=f,
+                mask=mask,
+                norm=n,
+            )
+            absolute = (
+                _abs(s["x"]),
+                _abs(s["weight"]),
+                _abs(s["bias"]),
+                _abs(s["lora_a"]),
+                _abs(s["lora_b"]),
+            )
             m_abs = _abs(s["magnitude"]) + _c_floor(case, n)
-            _, bxa, bbase, _ = td.ref_linear(*absolute, m_abs, abs(sc), fan_in_fan_out=f,
-                                             mask=mask, norm=n)
-            by, _, _, _ = td.ref_linear(*absolute, m_abs * spread, abs(sc), fan_in_fan_out=f,
-                                        norm=np.abs(n))
+            _, bxa, bbase, _ = td.ref_linear(
+                *absolute, m_abs, abs(sc), fan_in_fan_out=f, mask=mask, norm=n
+            )
+            by, _, _, _ = td.ref_linear(
+                *absolute, m_abs * spread, abs(sc), fan_in_fan_out=f, norm=np.abs(n)
+            )
             if mask is not None:
                 # x·Wᵀ + bias + (c - 1)·xd·Wᵀ + c·lora: the |c - 1| <= c + 1 part and x·Wᵀ.
                 xm = absolute[0].reshape(-1, w.shape[1])
                 xd = xm * mask.reshape(xm.shape)
                 extra = (xm + xd) @ np.abs(w).T
                 c_b = m_abs * spread / np.abs(n)
-                by = (c_b * (xd @ np.abs(w).T + abs(sc) * (bxa.reshape(len(xm), absolute[3].shape[0]) @
-                                                           absolute[4].T))
-                      + extra).reshape(by.shape)
+                by = (
+                    c_b
+                    * (
+                        xd @ np.abs(w).T
+                        + abs(sc) * (bxa.reshape(len(xm), absolute[3].shape[0]) @ absolute[4].T)
+                    )
+                    + extra
+                ).reshape(by.shape)
                 if s["bias"] is not None:
                     by = by + absolute[2]
-            wants_base = bool(s.get("keep_base")) or s.get("out_base") is True or isinstance(
-                s.get("out_base"), np.ndarray)
-            return {"y": (y, by, k), "xa": (xa, bxa, k),
-                    "base": (base, bbase, k) if wants_base else None,
-                    "norm": (n, (spread - 1) * np.abs(n), k)}
+            wants_base = (
+                bool(s.get("keep_base"))
+                or s.get("out_base") is True
+                or isinstance(s.get("out_base"), np.ndarray)
+            )
+            return {
+                "y": (y, by, k),
+                "xa": (xa, bxa, k),
+                "base": (base, bbase, k) if wants_base else None,
+                "norm": (n, (spread - 1) * np.abs(n), k),
+            }
     else:
         grad_out = arrays.place(_values(rng, lead + (out_f,), dtype), _layout(rng))
-        case.args = dict(grad_out=grad_out, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b,
-                         magnitude=magnitude, norm=None, xa=None, base=None, scale=scale,
-                         **options)
-        shapes = dict(grad_x=lead + (in_f,), grad_lora_a=(rank, in_f),
-                      grad_lora_b=(out_f, rank), grad_magnitude=(out_f,), grad_bias=(out_f,))
+        case.args = dict(
+            grad_out=grad_out,
+            x=x,
+            weight=weight,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            magnitude=magnitude,
+            norm=None,
+            xa=None,
+            base=None,
+            scale=scale,
+            **options,
+        )
+        shapes = dict(
+            grad_x=lead + (in_f,),
+            grad_lora_a=(rank, in_f),
+            grad_lora_b=(out_f, rank),
+            grad_magnitude=(out_f,),
+            grad_bias=(out_f,),
+        )
         for name, shape in shapes.items():
             if rng.random() < 0.6:
                 case.args[name] = _request(rng, arrays, shape, dtype)
-        drop_base = case.args.get("grad_magnitude", True) is None or \
-            case.args.get("grad_magnitude", True) is False
+        drop_base = (
+            case.args.get("grad_magnitude", True) is None
+            or case.args.get("grad_magnitude", True) is False
+        )
         drop_base = drop_base and rng.random() < 0.5
         case.notes["derive"] = lambda: _derive_dora_linear(case, drop_base)
         _derive_dora_linear(case, drop_base, layouts=True)
         case.result_names = ("x", "lora_a", "lora_b", "magnitude", "bias")
-        case.requested_by = {"x": "grad_x", "lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
-                             "magnitude": "grad_magnitude", "bias": "grad_bias"}
-        case.notes["defaults"] = dict(grad_x=True, grad_lora_a=True, grad_lora_b=True,
-                                      grad_magnitude=True, grad_bias=False)
+        case.requested_by = {
+            "x": "grad_x",
+            "lora_a": "grad_lora_a",
+            "lora_b": "grad_lora_b",
+            "magnitude": "grad_magnitude",
+            "bias": "grad_bias",
+        }
+        case.notes["defaults"] = dict(
+            grad_x=True, grad_lora_a=True, grad_lora_b=True, grad_magnitude=True, grad_bias=False
+        )
 
         def reference(s):
             f = s.get("fan_in_fan_out", False)
             sc = float(s["scale"])
             mask = mask_of(s)
-            args = (s["grad_out"], s["x"], s["weight"], s["lora_a"], s["lora_b"],
-                    s["magnitude"])
+            args = (s["grad_out"], s["x"], s["weight"], s["lora_a"], s["lora_b"], s["magnitude"])
             grads = td.ref_linear_grads(*args, sc, fan_in_fan_out=f, mask=mask, norm=s["norm"])
             absolute = list(map(_abs, args))
             absolute[5] = absolute[5] + _c_floor(case, s["norm"])
-            bounds = td.ref_linear_grads(*absolute, abs(sc), fan_in_fan_out=f,
-                                         mask=mask, norm=_abs(s["norm"]))
+            bounds = td.ref_linear_grads(
+                *absolute, abs(sc), fan_in_fan_out=f, mask=mask, norm=_abs(s["norm"])
+            )
             if mask is not None:
                 g = _abs(s["grad_out"]).reshape(-1, bounds["bias"].shape[0])
-                extra = 2 * mask.reshape(-1, s["x"].shape[-1]) * (
-                    g @ np.abs(_logical_w(s["weight"], f)))
+                extra = (
+                    2
+                    * mask.reshape(-1, s["x"].shape[-1])
+                    * (g @ np.abs(_logical_w(s["weight"], f)))
+                )
                 bounds["x"] = bounds["x"] + extra.reshape(bounds["x"].shape)
             return {n: (grads[n], bounds[n], k) for n in grads}
+
     case.reference = reference
     return case
 
@@ -1031,17 +1269,27 @@ def _dora_linear(rng, entry, arrays):
 def _derive_dora_linear(case, drop_base, layouts=False):
     """norm, xa and base of the backward from the forward's reference on the current x."""
     args, rng = case.args, case.arrays.rng
-    if not all(isinstance(args.get(n), np.ndarray) and args[n].dtype.kind == "f"
-               for n in ("x", "weight", "lora_a", "lora_b", "magnitude")):
+    if not all(
+        isinstance(args.get(n), np.ndarray) and args[n].dtype.kind == "f"
+        for n in ("x", "weight", "lora_a", "lora_b", "magnitude")
+    ):
         return
     s = {k: raw(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
     dtype = s["x"].dtype
     f = s.get("fan_in_fan_out", False)
     mask = _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
     with np.errstate(all="ignore"):
-        _, xa, base, n = td.ref_linear(s["x"], s["weight"], None, s["lora_a"], s["lora_b"],
-                                       s["magnitude"], float(s["scale"]), fan_in_fan_out=f,
-                                       mask=mask)
+        _, xa, base, n = td.ref_linear(
+            s["x"],
+            s["weight"],
+            None,
+            s["lora_a"],
+            s["lora_b"],
+            s["magnitude"],
+            float(s["scale"]),
+            fan_in_fan_out=f,
+            mask=mask,
+        )
     for name, value in (("norm", n), ("xa", xa), ("base", base)):
         if name == "norm" and not layouts:
             continue  # a given norm is an input like any other
@@ -1066,8 +1314,14 @@ def _dora_embedding(rng, entry, arrays):
     k = _k(*dims.values())
     case = Case(0, 0, entry, {}, dims=dims, arrays=arrays)
     if entry == "dora_embedding_forward":
-        case.args = dict(indices=indices, weight=weight, lora_a=lora_a, lora_b=lora_b,
-                         magnitude=magnitude, scale=scale)
+        case.args = dict(
+            indices=indices,
+            weight=weight,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            magnitude=magnitude,
+            scale=scale,
+        )
         if rng.random() < 0.3:
             sq = (raw(weight).astype(np.float64) ** 2).sum(0)
             case.args["weight_sq_norm"] = arrays.place(sq.astype(dtype), _layout(rng))
@@ -1079,47 +1333,80 @@ def _dora_embedding(rng, entry, arrays):
 
         def reference(s):
             sc = float(s["scale"])
-            n, spread = _dora_norm_and_spread(np.asarray(s["weight"], np.float64).T,
-                                              s["lora_a"], s["lora_b"], sc,
-                                              s.get("weight_sq_norm"))
-            y, _ = td.ref_embedding(s["indices"], s["weight"], s["lora_a"], s["lora_b"],
-                                    s["magnitude"], sc, norm=n)
-            by, _ = td.ref_embedding(s["indices"], _abs(s["weight"]), _abs(s["lora_a"]),
-                                     _abs(s["lora_b"]),
-                                     (_abs(s["magnitude"]) + _c_floor(case, n)) * spread,
-                                     abs(sc), norm=np.abs(n))
+            n, spread = _dora_norm_and_spread(
+                np.asarray(s["weight"], np.float64).T,
+                s["lora_a"],
+                s["lora_b"],
+                sc,
+                s.get("weight_sq_norm"),
+            )
+            y, _ = td.ref_embedding(
+                s["indices"], s["weight"], s["lora_a"], s["lora_b"], s["magnitude"], sc, norm=n
+            )
+            by, _ = td.ref_embedding(
+                s["indices"],
+                _abs(s["weight"]),
+                _abs(s["lora_a"]),
+                _abs(s["lora_b"]),
+                (_abs(s["magnitude"]) + _c_floor(case, n)) * spread,
+                abs(sc),
+                norm=np.abs(n),
+            )
             return {"y": (y, by, k), "norm": (n, (spread - 1) * np.abs(n), k)}
     else:
         grad_out = arrays.place(_values(rng, lead + (dim,), dtype), _layout(rng))
         with np.errstate(all="ignore"):
-            _, n = td.ref_embedding(np.zeros(0, np.int64), raw(weight), raw(lora_a),
-                                    raw(lora_b), raw(magnitude), scale)
+            _, n = td.ref_embedding(
+                np.zeros(0, np.int64), raw(weight), raw(lora_a), raw(lora_b), raw(magnitude), scale
+            )
         norm = arrays.place(n.astype(dtype), _layout(rng))
-        case.args = dict(grad_out=grad_out, indices=indices, weight=weight, lora_a=lora_a,
-                         lora_b=lora_b, magnitude=magnitude, norm=norm, scale=scale)
+        case.args = dict(
+            grad_out=grad_out,
+            indices=indices,
+            weight=weight,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            magnitude=magnitude,
+            norm=norm,
+            scale=scale,
+        )
         if rng.random() < 0.5:
             case.args["padding_idx"] = _padding_idx(rng, vocab)
-        for name, shape in (("grad_lora_a", (rank, vocab)), ("grad_lora_b", (dim, rank)),
-                            ("grad_magnitude", (dim,))):
+        for name, shape in (
+            ("grad_lora_a", (rank, vocab)),
+            ("grad_lora_b", (dim, rank)),
+            ("grad_magnitude", (dim,)),
+        ):
             if rng.random() < 0.6:
                 case.args[name] = _request(rng, arrays, shape, dtype)
         case.result_names = ("lora_a", "lora_b", "magnitude")
-        case.requested_by = {"lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
-                             "magnitude": "grad_magnitude"}
+        case.requested_by = {
+            "lora_a": "grad_lora_a",
+            "lora_b": "grad_lora_b",
+            "magnitude": "grad_magnitude",
+        }
         case.notes["defaults"] = dict(grad_lora_a=True, grad_lora_b=True, grad_magnitude=True)
 
         def reference(s):
             sc = float(s["scale"])
             pad = s.get("padding_idx")
             pad = None if pad is None else int(pad)
-            args = (s["grad_out"], s["indices"], s["weight"], s["lora_a"], s["lora_b"],
-                    s["magnitude"])
+            args = (
+                s["grad_out"],
+                s["indices"],
+                s["weight"],
+                s["lora_a"],
+                s["lora_b"],
+                s["magnitude"],
+            )
             grads = td.ref_embedding_grads(*args, sc, padding_idx=pad, norm=s["norm"])
             absolute = [_abs(a) if a.dtype.kind == "f" else a for a in args]
             absolute[5] = absolute[5] + _c_floor(case, s["norm"])
-            bounds = td.ref_embedding_grads(*absolute, abs(sc), padding_idx=pad,
-                                            norm=_abs(s["norm"]))
+            bounds = td.ref_embedding_grads(
+                *absolute, abs(sc), padding_idx=pad, norm=_abs(s["norm"])
+            )
             return {n: (grads[n], bounds[n], k) for n in grads}
+
     case.reference = reference
     return case
 
@@ -1130,8 +1417,9 @@ def _grouped(rng, entry, arrays):
     in_f, out_f = _size(rng, arrays, 10), _size(rng, arrays, 10)
     groups = int(rng.integers(1, 5))
     ranks = [int(r) for r in rng.integers(1, 5, groups)]
-    scales = [float(rng.choice([0.5, 2.0, -1.25, 0.0, float(rng.standard_normal() * 4)]))
-              for _ in ranks]
+    scales = [
+        float(rng.choice([0.5, 2.0, -1.25, 0.0, float(rng.standard_normal() * 4)])) for _ in ranks
+    ]
     fan = bool(rng.random() < 0.3)
     p, seed, offset = _dropout(rng)
     x = arrays.place(_values(rng, lead + (in_f,), dtype), _layout(rng))
@@ -1147,8 +1435,7 @@ def _grouped(rng, entry, arrays):
     for name in ("fan_in_fan_out", "dropout", "seed", "offset"):
         if options[name] in (False, 0, 0.0) and rng.random() < 0.5:
             del options[name]
-    dims = dict(M=int(np.prod(lead, dtype=np.int64)), IN=in_f, OUT=out_f, R=sum(ranks),
-                G=groups)
+    dims = dict(M=int(np.prod(lead, dtype=np.int64)), IN=in_f, OUT=out_f, R=sum(ranks), G=groups)
     k = _k(*dims.values())
     case = Case(0, 0, entry, {}, dims=dims, arrays=arrays)
 
@@ -1159,16 +1446,37 @@ def _grouped(rng, entry, arrays):
         f = s.get("fan_in_fan_out", False)
         conv = _abs if absolute else (lambda v: v)
         scales = [abs(float(v)) if absolute else float(v) for v in s["scales"]]
-        return tg.grouped_reference(conv(s["x"]), conv(s["weight"]), conv(s["bias"]),
-                                    conv(s["lora_a"]), conv(s["lora_b"]), s["index"],
-                                    [int(r) for r in s["ranks"]], scales, fan_in_fan_out=f,
-                                    mask=mask_of(s), grad_out=conv(grad_out))
+        return tg.grouped_reference(
+            conv(s["x"]),
+            conv(s["weight"]),
+            conv(s["bias"]),
+            conv(s["lora_a"]),
+            conv(s["lora_b"]),
+            s["index"],
+            [int(r) for r in s["ranks"]],
+            scales,
+            fan_in_fan_out=f,
+            mask=mask_of(s),
+            grad_out=conv(grad_out),
+        )
 
     if entry == "lora_grouped_forward":
-        bias = None if rng.random() < 0.4 else arrays.place(_values(rng, (out_f,), dtype),
-                                                            _layout(rng))
-        case.args = dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-                         index=index, ranks=ranks, scales=scales, **options)
+        bias = (
+            None
+            if rng.random() < 0.4
+            else arrays.place(_values(rng, (out_f,), dtype), _layout(rng))
+        )
+        case.args = dict(
+            x=x,
+            weight=weight,
+            bias=bias,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            index=index,
+            ranks=ranks,
+            scales=scales,
+            **options,
+        )
         for name, shape in (("out", lead + (out_f,)), ("out_xa", lead + (max(ranks),))):
             value = _request(rng, arrays, shape, dtype, optional=False)
             if value is not True or rng.random() < 0.5:
@@ -1181,54 +1489,95 @@ def _grouped(rng, entry, arrays):
             return {"y": (y, by, k), "xa": (xa, bxa, k)}
     else:
         grad_out = arrays.place(_values(rng, lead + (out_f,), dtype), _layout(rng))
-        case.args = dict(grad_out=grad_out, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b,
-                         xa=None, index=index, ranks=ranks, scales=scales, **options)
-        shapes = dict(grad_x=lead + (in_f,), grad_lora_a=lora_a.shape,
-                      grad_lora_b=lora_b.shape, grad_bias=(out_f,), grad_weight=wshape)
+        case.args = dict(
+            grad_out=grad_out,
+            x=x,
+            weight=weight,
+            lora_a=lora_a,
+            lora_b=lora_b,
+            xa=None,
+            index=index,
+            ranks=ranks,
+            scales=scales,
+            **options,
+        )
+        shapes = dict(
+            grad_x=lead + (in_f,),
+            grad_lora_a=lora_a.shape,
+            grad_lora_b=lora_b.shape,
+            grad_bias=(out_f,),
+            grad_weight=wshape,
+        )
         for name, shape in shapes.items():
             if rng.random() < 0.6:
                 case.args[name] = _request(rng, arrays, shape, dtype)
         case.notes["derive"] = lambda: _derive_grouped_xa(case)
         _derive_grouped_xa(case, layout=_layout(rng, KEEPING_LAYOUTS))
         case.result_names = ("x", "lora_a", "lora_b", "bias", "weight")
-        case.requested_by = {"x": "grad_x", "lora_a": "grad_lora_a", "lora_b": "grad_lora_b",
-                             "bias": "grad_bias", "weight": "grad_weight"}
-        case.notes["defaults"] = dict(grad_x=True, grad_lora_a=True, grad_lora_b=True,
-                                      grad_bias=False, grad_weight=False)
+        case.requested_by = {
+            "x": "grad_x",
+            "lora_a": "grad_lora_a",
+            "lora_b": "grad_lora_b",
+            "bias": "grad_bias",
+            "weight": "grad_weight",
+        }
+        case.notes["defaults"] = dict(
+            grad_x=True, grad_lora_a=True, grad_lora_b=True, grad_bias=False, grad_weight=False
+        )
 
         def reference(s):
             s = dict(s, bias=None)
             grads = grouped(s, grad_out=s["grad_out"])
             bounds = grouped(s, absolute=True, grad_out=s["grad_out"])
             return {n: (grads[n], bounds[n], k) for n in grads}
+
     case.reference = reference
     return case
 
 
 def _derive_grouped_xa(case, layout="c"):
     args = case.args
-    if not all(isinstance(args.get(n), np.ndarray) and args[n].dtype.kind == "f"
-               for n in ("x", "weight", "lora_a", "lora_b")):
+    if not all(
+        isinstance(args.get(n), np.ndarray) and args[n].dtype.kind == "f"
+        for n in ("x", "weight", "lora_a", "lora_b")
+    ):
         return
     s = {k: raw(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
     mask = _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
     with np.errstate(all="ignore"):
-        _, xa = tg.grouped_reference(s["x"], s["weight"], None, s["lora_a"], s["lora_b"],
-                                     s["index"], s["ranks"], s["scales"],
-                                     fan_in_fan_out=s.get("fan_in_fan_out", False), mask=mask)
+        _, xa = tg.grouped_reference(
+            s["x"],
+            s["weight"],
+            None,
+            s["lora_a"],
+            s["lora_b"],
+            s["index"],
+            s["ranks"],
+            s["scales"],
+            fan_in_fan_out=s.get("fan_in_fan_out", False),
+            mask=mask,
+        )
     args["xa"] = case.arrays.place(xa.astype(s["x"].dtype), layout)
 
 
 BUILDERS = {
-    "lora_linear_forward": _lora_linear, "lora_linear_backward": _lora_linear,
-    "lora_embedding_forward": _lora_embedding, "lora_embedding_backward": _lora_embedding,
-    "ia3_linear_forward": _ia3_linear, "ia3_linear_backward": _ia3_linear,
-    "ia3_embedding_forward": _ia3_embedding, "ia3_embedding_backward": _ia3_embedding,
+    "lora_linear_forward": _lora_linear,
+    "lora_linear_backward": _lora_linear,
+    "lora_embedding_forward": _lora_embedding,
+    "lora_embedding_backward": _lora_embedding,
+    "ia3_linear_forward": _ia3_linear,
+    "ia3_linear_backward": _ia3_linear,
+    "ia3_embedding_forward": _ia3_embedding,
+    "ia3_embedding_backward": _ia3_embedding,
     "dropout_mask": _dropout_mask,
-    "dora_weight_sq_norm": _dora_norms, "dora_weight_norm": _dora_norms,
-    "dora_linear_forward": _dora_linear, "dora_linear_backward": _dora_linear,
-    "dora_embedding_forward": _dora_embedding, "dora_embedding_backward": _dora_embedding,
-    "lora_grouped_forward": _grouped, "lora_grouped_backward": _grouped,
+    "dora_weight_sq_norm": _dora_norms,
+    "dora_weight_norm": _dora_norms,
+    "dora_linear_forward": _dora_linear,
+    "dora_linear_backward": _dora_linear,
+    "dora_embedding_forward": _dora_embedding,
+    "dora_embedding_backward": _dora_embedding,
+    "lora_grouped_forward": _grouped,
+    "lora_grouped_backward": _grouped,
 }
 for _entry in ENTRIES:
     BUILDERS.setdefault(_entry, _merge)
@@ -1239,22 +1588,50 @@ for _entry in ENTRIES:
 # Axes of each argument that must agree with another argument (changing one makes the call
 # invalid); "all" for every axis. Embedding vocabularies are free where nothing else has V.
 TIED = {
-    "lora_linear_forward": dict(x=[-1], weight="all", bias="all", lora_a="all", lora_b="all",
-                                out="all", out_xa="all"),
-    "lora_linear_backward": dict(grad_out="all", x="all", weight="all", lora_a="all",
-                                 lora_b="all", xa="all", grad_x="all", grad_lora_a="all",
-                                 grad_lora_b="all", grad_bias="all", grad_weight="all"),
+    "lora_linear_forward": dict(
+        x=[-1], weight="all", bias="all", lora_a="all", lora_b="all", out="all", out_xa="all"
+    ),
+    "lora_linear_backward": dict(
+        grad_out="all",
+        x="all",
+        weight="all",
+        lora_a="all",
+        lora_b="all",
+        xa="all",
+        grad_x="all",
+        grad_lora_a="all",
+        grad_lora_b="all",
+        grad_bias="all",
+        grad_weight="all",
+    ),
     "lora_embedding_forward": dict(weight="all", lora_a="all", lora_b="all", out="all"),
-    "lora_embedding_backward": dict(grad_out="all", indices="all", lora_a=[0], lora_b="all",
-                                    grad_lora_a="all", grad_lora_b="all", grad_weight="all"),
-    "ia3_linear_forward": dict(x=[-1], weight="all", bias="all", ia3_l="all", out="all",
-                               out_base="all"),
-    "ia3_linear_backward": dict(grad_out="all", x="all", weight="all", ia3_l="all",
-                                base="all", grad_x="all", grad_ia3_l="all", grad_bias="all",
-                                grad_weight="all"),
+    "lora_embedding_backward": dict(
+        grad_out="all",
+        indices="all",
+        lora_a=[0],
+        lora_b="all",
+        grad_lora_a="all",
+        grad_lora_b="all",
+        grad_weight="all",
+    ),
+    "ia3_linear_forward": dict(
+        x=[-1], weight="all", bias="all", ia3_l="all", out="all", out_base="all"
+    ),
+    "ia3_linear_backward": dict(
+        grad_out="all",
+        x="all",
+        weight="all",
+        ia3_l="all",
+        base="all",
+        grad_x="all",
+        grad_ia3_l="all",
+        grad_bias="all",
+        grad_weight="all",
+    ),
     "ia3_embedding_forward": dict(weight=[1], ia3_l="all", out="all"),
-    "ia3_embedding_backward": dict(grad_out="all", indices="all", weight=[1], ia3_l="all",
-                                   grad_ia3_l="all", grad_weight="all"),
+    "ia3_embedding_backward": dict(
+        grad_out="all", indices="all", weight=[1], ia3_l="all", grad_ia3_l="all", grad_weight="all"
+    ),
     "lora_merge": dict(weight="all", lora_a="all", lora_b="all"),
     "lora_unmerge": dict(weight="all", lora_a="all", lora_b="all"),
     "lora_embedding_merge": dict(weight="all", lora_a="all", lora_b="all"),
@@ -1265,55 +1642,155 @@ TIED = {
     "ia3_embedding_unmerge": dict(weight="all", ia3_l="all"),
     "dropout_mask": {},
     "dora_weight_sq_norm": dict(out="all"),
-    "dora_weight_norm": dict(weight="all", lora_a="all", lora_b="all", weight_sq_norm="all",
-                             out="all"),
-    "dora_linear_forward": dict(x=[-1], weight="all", bias="all", lora_a="all", lora_b="all",
-                                magnitude="all", weight_sq_norm="all", out="all", out_xa="all",
-                                out_base="all", out_norm="all"),
-    "dora_linear_backward": dict(grad_out="all", x="all", weight="all", lora_a="all",
-                                 lora_b="all", magnitude="all", norm="all", xa="all",
-                                 base="all", grad_x="all", grad_lora_a="all", grad_lora_b="all",
-                                 grad_magnitude="all", grad_bias="all"),
-    "dora_embedding_forward": dict(weight="all", lora_a="all", lora_b="all", magnitude="all",
-                                   weight_sq_norm="all", out="all", out_norm="all"),
-    "dora_embedding_backward": dict(grad_out="all", indices="all", weight="all", lora_a="all",
-                                    lora_b="all", magnitude="all", norm="all",
-                                    grad_lora_a="all", grad_lora_b="all",
-                                    grad_magnitude="all"),
-    "lora_grouped_forward": dict(x=[-1], weight="all", bias="all", lora_a="all", lora_b="all",
-                                 index="all", out="all", out_xa="all"),
-    "lora_grouped_backward": dict(grad_out="all", x="all", weight="all", lora_a="all",
-                                  lora_b="all", xa="all", index="all", grad_x="all",
-                                  grad_lora_a="all", grad_lora_b="all", grad_bias="all",
-                                  grad_weight="all"),
+    "dora_weight_norm": dict(
+        weight="all", lora_a="all", lora_b="all", weight_sq_norm="all", out="all"
+    ),
+    "dora_linear_forward": dict(
+        x=[-1],
+        weight="all",
+        bias="all",
+        lora_a="all",
+        lora_b="all",
+        magnitude="all",
+        weight_sq_norm="all",
+        out="all",
+        out_xa="all",
+        out_base="all",
+        out_norm="all",
+    ),
+    "dora_linear_backward": dict(
+        grad_out="all",
+        x="all",
+        weight="all",
+        lora_a="all",
+        lora_b="all",
+        magnitude="all",
+        norm="all",
+        xa="all",
+        base="all",
+        grad_x="all",
+        grad_lora_a="all",
+        grad_lora_b="all",
+        grad_magnitude="all",
+        grad_bias="all",
+    ),
+    "dora_embedding_forward": dict(
+        weight="all",
+        lora_a="all",
+        lora_b="all",
+        magnitude="all",
+        weight_sq_norm="all",
+        out="all",
+        out_norm="all",
+    ),
+    "dora_embedding_backward": dict(
+        grad_out="all",
+        indices="all",
+        weight="all",
+        lora_a="all",
+        lora_b="all",
+        magnitude="all",
+        norm="all",
+        grad_lora_a="all",
+        grad_lora_b="all",
+        grad_magnitude="all",
+    ),
+    "lora_grouped_forward": dict(
+        x=[-1],
+        weight="all",
+        bias="all",
+        lora_a="all",
+        lora_b="all",
+        index="all",
+        out="all",
+        out_xa="all",
+    ),
+    "lora_grouped_backward": dict(
+        grad_out="all",
+        x="all",
+        weight="all",
+        lora_a="all",
+        lora_b="all",
+        xa="all",
+        index="all",
+        grad_x="all",
+        grad_lora_a="all",
+        grad_lora_b="all",
+        grad_bias="all",
+        grad_weight="all",
+    ),
 }
-ACTIVATIONS = {"x", "grad_out", "xa", "base", "indices", "out", "out_xa", "out_base", "grad_x",
-               "index"}
-OUTPUT_NAMES = {"out", "out_xa", "out_base", "out_norm", "grad_magnitude", "grad_x",
-                "grad_lora_a", "grad_lora_b",
-                "grad_bias", "grad_weight", "grad_ia3_l"}
+ACTIVATIONS = {
+    "x",
+    "grad_out",
+    "xa",
+    "base",
+    "indices",
+    "out",
+    "out_xa",
+    "out_base",
+    "grad_x",
+    "index",
+}
+OUTPUT_NAMES = {
+    "out",
+    "out_xa",
+    "out_base",
+    "out_norm",
+    "grad_magnitude",
+    "grad_x",
+    "grad_lora_a",
+    "grad_lora_b",
+    "grad_bias",
+    "grad_weight",
+    "grad_ia3_l",
+}
 OPTIONAL_INPUTS = {"bias", "base"}
 RECORD_NAMES = {"record", "records"}
-MUTATIONS = ("type", "dtype", "shape", "ndim", "scalar", "indices", "alias_output",
-             "overlapping_outputs", "readonly_output", "output_layout", "shared_inputs",
-             "nonfinite", "extreme", "odd_layout", "huge", "hostile", "int_types", "record",
-             "flags", "zero_dim")
+MUTATIONS = (
+    "type",
+    "dtype",
+    "shape",
+    "ndim",
+    "scalar",
+    "indices",
+    "alias_output",
+    "overlapping_outputs",
+    "readonly_output",
+    "output_layout",
+    "shared_inputs",
+    "nonfinite",
+    "extreme",
+    "odd_layout",
+    "huge",
+    "hostile",
+    "int_types",
+    "record",
+    "flags",
+    "zero_dim",
+)
 
 
 def is_in_place_target(case, name):
     """Merges write their weight (and an output-scaled IA3 bias) in place."""
     if case.entry.endswith("merge") and name == "weight":
         return True
-    return (case.entry in ("ia3_merge", "ia3_unmerge") and name == "bias"
-            and isinstance(as_numpy(case.args.get("bias")), np.ndarray)
-            and not case.args.get("feedforward", False))
+    return (
+        case.entry in ("ia3_merge", "ia3_unmerge")
+        and name == "bias"
+        and isinstance(as_numpy(case.args.get("bias")), np.ndarray)
+        and not case.args.get("feedforward", False)
+    )
 
 
 def array_inputs(case, floats_only=False):
     names = []
     for name, value in case.args.items():
-        if (isinstance(value, np.ndarray) and name not in OUTPUT_NAMES
-                and not (floats_only and value.dtype.kind != "f")):
+        if (
+            isinstance(value, np.ndarray)
+            and name not in OUTPUT_NAMES
+            and not (floats_only and value.dtype.kind != "f")
+        ):
             names.append(name)
     return names
 
@@ -1322,8 +1799,13 @@ def output_slots(case):
     """Names of outputs this entry accepts."""
     slots = {
         "lora_linear_forward": ["out", "out_xa"],
-        "lora_linear_backward": ["grad_x", "grad_lora_a", "grad_lora_b", "grad_bias",
-                                 "grad_weight"],
+        "lora_linear_backward": [
+            "grad_x",
+            "grad_lora_a",
+            "grad_lora_b",
+            "grad_bias",
+            "grad_weight",
+        ],
         "lora_embedding_forward": ["out"],
         "lora_embedding_backward": ["grad_lora_a", "grad_lora_b", "grad_weight"],
         "ia3_linear_forward": ["out"] + ([] if case.args.get("feedforward") else ["out_base"]),
@@ -1333,13 +1815,23 @@ def output_slots(case):
         "dora_weight_sq_norm": ["out"],
         "dora_weight_norm": ["out"],
         "dora_linear_forward": ["out", "out_xa", "out_base", "out_norm"],
-        "dora_linear_backward": ["grad_x", "grad_lora_a", "grad_lora_b", "grad_magnitude",
-                                 "grad_bias"],
+        "dora_linear_backward": [
+            "grad_x",
+            "grad_lora_a",
+            "grad_lora_b",
+            "grad_magnitude",
+            "grad_bias",
+        ],
         "dora_embedding_forward": ["out", "out_norm"],
         "dora_embedding_backward": ["grad_lora_a", "grad_lora_b", "grad_magnitude"],
         "lora_grouped_forward": ["out", "out_xa"],
-        "lora_grouped_backward": ["grad_x", "grad_lora_a", "grad_lora_b", "grad_bias",
-                                  "grad_weight"],
+        "lora_grouped_backward": [
+            "grad_x",
+            "grad_lora_a",
+            "grad_lora_b",
+            "grad_bias",
+            "grad_weight",
+        ],
     }
     return slots.get(case.entry, [])
 
@@ -1355,20 +1847,35 @@ def output_shape(case, slot):
         w = a["weight"].shape
         out_f = w[1] if fan else w[0]
         x = a["x"].shape
-        return {"out": x[:-1] + (out_f,), "out_xa": x[:-1] + (a["lora_a"].shape[0],),
-                "grad_x": x, "grad_lora_a": a["lora_a"].shape, "grad_lora_b": a["lora_b"].shape,
-                "grad_bias": (out_f,), "grad_weight": w}[slot]
+        return {
+            "out": x[:-1] + (out_f,),
+            "out_xa": x[:-1] + (a["lora_a"].shape[0],),
+            "grad_x": x,
+            "grad_lora_a": a["lora_a"].shape,
+            "grad_lora_b": a["lora_b"].shape,
+            "grad_bias": (out_f,),
+            "grad_weight": w,
+        }[slot]
     if e.startswith("ia3_linear"):
         w = a["weight"].shape
         out_f = w[1] if fan else w[0]
         x = a["x"].shape
-        return {"out": x[:-1] + (out_f,), "out_base": x[:-1] + (out_f,), "grad_x": x,
-                "grad_ia3_l": a["ia3_l"].shape, "grad_bias": (out_f,), "grad_weight": w}[slot]
+        return {
+            "out": x[:-1] + (out_f,),
+            "out_base": x[:-1] + (out_f,),
+            "grad_x": x,
+            "grad_ia3_l": a["ia3_l"].shape,
+            "grad_bias": (out_f,),
+            "grad_weight": w,
+        }[slot]
     if e == "lora_embedding_forward":
         return a["indices"].shape + (a["weight"].shape[1],)
     if e == "lora_embedding_backward":
-        return {"grad_lora_a": a["lora_a"].shape, "grad_lora_b": a["lora_b"].shape,
-                "grad_weight": (a["lora_a"].shape[1], a["lora_b"].shape[0])}[slot]
+        return {
+            "grad_lora_a": a["lora_a"].shape,
+            "grad_lora_b": a["lora_b"].shape,
+            "grad_weight": (a["lora_a"].shape[1], a["lora_b"].shape[0]),
+        }[slot]
     if e == "ia3_embedding_forward":
         return a["indices"].shape + (a["weight"].shape[1],)
     return {"grad_ia3_l": a["ia3_l"].shape, "grad_weight": a["weight"].shape}[slot]
@@ -1381,18 +1888,30 @@ def _new_output_shape(case, slot):
     if e == "dora_embedding_forward":
         return {"out": a["indices"].shape + (w[1],), "out_norm": (w[1],)}[slot]
     if e == "dora_embedding_backward":
-        return {"grad_lora_a": a["lora_a"].shape, "grad_lora_b": a["lora_b"].shape,
-                "grad_magnitude": a["magnitude"].shape}[slot]
+        return {
+            "grad_lora_a": a["lora_a"].shape,
+            "grad_lora_b": a["lora_b"].shape,
+            "grad_magnitude": a["magnitude"].shape,
+        }[slot]
     out_f = w[1] if fan else w[0]
     if e.startswith("dora_weight"):
         return (out_f,)
     x = a["x"].shape
-    xa_width = (max(int(r) for r in a["ranks"]) if e.startswith("lora_grouped")
-                else a["lora_a"].shape[0])
-    return {"out": x[:-1] + (out_f,), "out_xa": x[:-1] + (xa_width,),
-            "out_base": x[:-1] + (out_f,), "out_norm": (out_f,), "grad_x": x,
-            "grad_lora_a": a["lora_a"].shape, "grad_lora_b": a["lora_b"].shape,
-            "grad_magnitude": (out_f,), "grad_bias": (out_f,), "grad_weight": w}[slot]
+    xa_width = (
+        max(int(r) for r in a["ranks"]) if e.startswith("lora_grouped") else a["lora_a"].shape[0]
+    )
+    return {
+        "out": x[:-1] + (out_f,),
+        "out_xa": x[:-1] + (xa_width,),
+        "out_base": x[:-1] + (out_f,),
+        "out_norm": (out_f,),
+        "grad_x": x,
+        "grad_lora_a": a["lora_a"].shape,
+        "grad_lora_b": a["lora_b"].shape,
+        "grad_magnitude": (out_f,),
+        "grad_bias": (out_f,),
+        "grad_weight": w,
+    }[slot]
 
 
 def float_dtype(case):
@@ -1404,8 +1923,7 @@ def float_dtype(case):
 
 
 def _reshape_like(arrays, value, shape):
-    values = np.resize(np.asarray(value), shape) if np.prod(shape) else np.zeros(shape,
-                                                                                 value.dtype)
+    values = np.resize(np.asarray(value), shape) if np.prod(shape) else np.zeros(shape, value.dtype)
     return arrays.place(values.astype(value.dtype), "c")
 
 
@@ -1417,8 +1935,11 @@ def mutate(rng, case, kind):
     float_inputs = array_inputs(case, floats_only=True)
 
     if kind == "type":
-        required = [n for n in POSITIONAL[e] if n not in OPTIONAL_INPUTS | RECORD_NAMES
-                    and isinstance(args.get(n), np.ndarray)]
+        required = [
+            n
+            for n in POSITIONAL[e]
+            if n not in OPTIONAL_INPUTS | RECORD_NAMES and isinstance(args.get(n), np.ndarray)
+        ]
         targets = required + [n for n in OUTPUT_NAMES if isinstance(args.get(n), np.ndarray)]
         if e == "dropout_mask":
             args["shape"] = [object(), "3,4", 3.5, None, {"a": 1}][int(rng.integers(5))]
@@ -1435,7 +1956,8 @@ def mutate(rng, case, kind):
     if kind == "dtype":
         if e == "dropout_mask":
             args["dtype"] = ["int32", "float16", "bogus", None, object(), np.int64, "complex64"][
-                int(rng.integers(7))]
+                int(rng.integers(7))
+            ]
             case.expect, case.mutation = "invalid", f"dtype:dtype={args['dtype']!r}"
             return True
         targets = inputs + [n for n in OUTPUT_NAMES if isinstance(args.get(n), np.ndarray)]
@@ -1444,16 +1966,28 @@ def mutate(rng, case, kind):
         name = str(rng.choice(targets))
         value = args[name]
         if value.dtype.kind == "i":
-            new = [np.float32, np.float64, np.int16, np.uint8, np.bool_, np.uint64, np.int8,
-                   np.uint32][int(rng.integers(8))]
+            new = [
+                np.float32,
+                np.float64,
+                np.int16,
+                np.uint8,
+                np.bool_,
+                np.uint64,
+                np.int8,
+                np.uint32,
+            ][int(rng.integers(8))]
         else:
             other = np.float64 if value.dtype == np.float32 else np.float32
-            new = [other, np.float16, np.int32, np.int64, np.complex64, np.bool_,
-                   np.uint8][int(rng.integers(7))]
+            new = [other, np.float16, np.int32, np.int64, np.complex64, np.bool_, np.uint8][
+                int(rng.integers(7))
+            ]
         args[name] = arrays.place(raw(value).astype(new), "c")
         case.expect, case.mutation = "invalid", f"dtype:{name}->{np.dtype(new).name}"
-        if e == "dora_weight_sq_norm" and new in FLOATS and not isinstance(args.get("out"),
-                                                                           np.ndarray):
+        if (
+            e == "dora_weight_sq_norm"
+            and new in FLOATS
+            and not isinstance(args.get("out"), np.ndarray)
+        ):
             case.expect = "valid"  # the weight alone decides the dtype
         return True
 
@@ -1464,8 +1998,9 @@ def mutate(rng, case, kind):
             return False
         name = str(rng.choice(targets))
         value = args[name]
-        axes = list(range(value.ndim)) if tied[name] == "all" else [
-            a % value.ndim for a in tied[name]]
+        axes = (
+            list(range(value.ndim)) if tied[name] == "all" else [a % value.ndim for a in tied[name]]
+        )
         axis = int(rng.choice(axes))
         shape = list(value.shape)
         delta = int(rng.choice([-1, 1, 2, 5]))
@@ -1486,8 +2021,9 @@ def mutate(rng, case, kind):
         return True
 
     if kind == "ndim":
-        targets = [n for n in inputs + [o for o in OUTPUT_NAMES
-                                        if isinstance(args.get(o), np.ndarray)]]
+        targets = [
+            n for n in inputs + [o for o in OUTPUT_NAMES if isinstance(args.get(o), np.ndarray)]
+        ]
         if not targets:
             return False
         name = str(rng.choice(targets))
@@ -1498,8 +2034,9 @@ def mutate(rng, case, kind):
         else:
             shape = (int(np.prod(value.shape)),)
         args[name] = arrays.place(raw(value).reshape(shape), "c")
-        fixed = name not in ACTIVATIONS and not (name in ("ia3_l", "grad_ia3_l") and (
-            len(shape) <= 2))
+        fixed = name not in ACTIVATIONS and not (
+            name in ("ia3_l", "grad_ia3_l") and (len(shape) <= 2)
+        )
         case.expect = "invalid" if fixed else "either"
         case.mutation = f"ndim:{name}{value.shape}->{shape}"
         return True
@@ -1507,25 +2044,51 @@ def mutate(rng, case, kind):
     if kind == "scalar":
         choices = []
         if "scale" in POSITIONAL[e]:
-            choices.append(("scale", [math.nan, math.inf, -math.inf, "1.0", None, [1.0],
-                                      1 + 1j]))
+            choices.append(("scale", [math.nan, math.inf, -math.inf, "1.0", None, [1.0], 1 + 1j]))
         if e.startswith(("lora_linear", "dora_linear", "lora_grouped")):
             choices.append(("dropout", [-0.1, 1.0001, math.nan, math.inf, "0.5", None]))
             choices.append(("seed", [-1, 2**64, 1.5, "1", 2**80]))
-            choices.append(("offset", [-1, 2**64 + 5, 0.0, "7", -2**70]))
+            choices.append(("offset", [-1, 2**64 + 5, 0.0, "7", -(2**70)]))
         if e.startswith("lora_grouped"):
             g = len(args["ranks"])
-            choices.append(("ranks", [[], [0] * g, [-1] + args["ranks"][1:],
-                                      args["ranks"] + [1], [1.5] * g, "12", None, 3]))
-            choices.append(("scales", [[math.nan] * g, [math.inf] + args["scales"][1:],
-                                       args["scales"][:-1], ["1"] * g, None, 2.0]))
+            choices.append(
+                (
+                    "ranks",
+                    [
+                        [],
+                        [0] * g,
+                        [-1] + args["ranks"][1:],
+                        args["ranks"] + [1],
+                        [1.5] * g,
+                        "12",
+                        None,
+                        3,
+                    ],
+                )
+            )
+            choices.append(
+                (
+                    "scales",
+                    [
+                        [math.nan] * g,
+                        [math.inf] + args["scales"][1:],
+                        args["scales"][:-1],
+                        ["1"] * g,
+                        None,
+                        2.0,
+                    ],
+                )
+            )
         if e == "dora_embedding_backward":
             vocab = args["weight"].shape[0]
-            choices.append(("padding_idx", [vocab, -vocab - 1, 2**70, 1.5, "0", -2**63]))
+            choices.append(("padding_idx", [vocab, -vocab - 1, 2**70, 1.5, "0", -(2**63)]))
         if e in ("lora_embedding_forward", "lora_embedding_backward", "ia3_embedding_backward"):
-            vocab = (args["weight"].shape[0] if "weight" in args and e != "lora_embedding_backward"
-                     else args["lora_a"].shape[1])
-            choices.append(("padding_idx", [vocab, -vocab - 1, 2**70, 1.5, "0", -2**63]))
+            vocab = (
+                args["weight"].shape[0]
+                if "weight" in args and e != "lora_embedding_backward"
+                else args["lora_a"].shape[1]
+            )
+            choices.append(("padding_idx", [vocab, -vocab - 1, 2**70, 1.5, "0", -(2**63)]))
         if e in ("lora_linear_forward", "lora_linear_backward", "lora_merge", "lora_unmerge"):
             out_f = output_groups_out(case)
             bad = [[], [False], 3, "TF", [True] * (out_f + 1), [True] * 65, [None]]
@@ -1541,8 +2104,12 @@ def mutate(rng, case, kind):
             return False
         name, values = choices[int(rng.integers(len(choices)))]
         value = values[int(rng.integers(len(values)))]
-        if name == "enable_lora" and isinstance(value, list) and len(value) > 1 and \
-                value[0] is True:
+        if (
+            name == "enable_lora"
+            and isinstance(value, list)
+            and len(value) > 1
+            and value[0] is True
+        ):
             if output_groups_out(case) % len(value) == 0:
                 return False  # would be a valid grouping of another size
         args[name] = value
@@ -1565,12 +2132,13 @@ def mutate(rng, case, kind):
         if "indices" not in args or args["indices"].size == 0:
             return False
         value = raw(args["indices"])
-        vocab = (args["lora_a"].shape[1] if e == "lora_embedding_backward"
-                 else args["weight"].shape[0])
+        vocab = (
+            args["lora_a"].shape[1] if e == "lora_embedding_backward" else args["weight"].shape[0]
+        )
         info = np.iinfo(value.dtype)
         bad = [vocab, -1, vocab + 1000, info.max, info.min]
         if value.dtype == np.int64:
-            bad += [2**40, 2**32 + 1, -2**63]
+            bad += [2**40, 2**32 + 1, -(2**63)]
         flat = value.reshape(-1)
         flat[int(rng.integers(flat.size))] = bad[int(rng.integers(len(bad)))]
         args["indices"] = arrays.place(flat.reshape(value.shape), _layout(rng, KEEPING_LAYOUTS))
@@ -1608,15 +2176,15 @@ def mutate(rng, case, kind):
             pshape = output_shape(case, partner)
             if math.prod(pshape) == 0:
                 return False
-            a, b = overlapping_pair(rng, np.full(shape, -7.25, dtype),
-                                    np.full(pshape, -7.25, dtype))
+            a, b = overlapping_pair(
+                rng, np.full(shape, -7.25, dtype), np.full(pshape, -7.25, dtype)
+            )
             args[slot], args[partner] = a, b
         else:
             pvalues = raw(args[partner])
             if pvalues.size == 0:
                 return False
-            args[slot], args[partner] = overlapping_pair(rng, np.full(shape, -7.25, dtype),
-                                                         pvalues)
+            args[slot], args[partner] = overlapping_pair(rng, np.full(shape, -7.25, dtype), pvalues)
         case.expect, case.mutation = "invalid", f"{kind}:{slot}~{partner}"
         return True
 
@@ -1624,8 +2192,14 @@ def mutate(rng, case, kind):
         slots = output_slots(case)
         if e.endswith("merge"):
             value = args["weight"]
-            ro = arrays.place(raw(value), "readonly" if rng.random() < 0.5 else "broadcast"
-                              if value.size and min(value.shape) == 1 else "readonly")
+            ro = arrays.place(
+                raw(value),
+                "readonly"
+                if rng.random() < 0.5
+                else "broadcast"
+                if value.size and min(value.shape) == 1
+                else "readonly",
+            )
             args["weight"] = ro
             case.expect, case.mutation = "invalid", "readonly_output:weight"
             if e.endswith("unmerge"):
@@ -1657,10 +2231,18 @@ def mutate(rng, case, kind):
 
     if kind == "shared_inputs":
         derived = ("xa", "base", "norm", "index")
-        pairs = [(a, b) for a in float_inputs for b in float_inputs if a < b
-                 and a not in derived and b not in derived
-                 and args[a].shape == args[b].shape and args[a].dtype == args[b].dtype
-                 and not is_in_place_target(case, a) and not is_in_place_target(case, b)]
+        pairs = [
+            (a, b)
+            for a in float_inputs
+            for b in float_inputs
+            if a < b
+            and a not in derived
+            and b not in derived
+            and args[a].shape == args[b].shape
+            and args[a].dtype == args[b].dtype
+            and not is_in_place_target(case, a)
+            and not is_in_place_target(case, b)
+        ]
         if not pairs:
             return False
         a, b = pairs[int(rng.integers(len(pairs)))]
@@ -1686,7 +2268,8 @@ def mutate(rng, case, kind):
             flat = values.reshape(-1)
             for _ in range(int(rng.integers(1, 3))):
                 flat[int(rng.integers(flat.size))] = [math.nan, math.inf, -math.inf][
-                    int(rng.integers(3))]
+                    int(rng.integers(3))
+                ]
             args[name] = arrays.place(values, relayout(name))
         case.expect, case.mutation = "valid", "nonfinite"
         case.notes["rederive"] = True
@@ -1699,10 +2282,11 @@ def mutate(rng, case, kind):
         exponent = int(rng.choice([-30, -20, -15, 15, 20, 30]))
         if dtype == np.float64:
             exponent *= 10
-        args[name] = arrays.place(raw(args[name]) * np.asarray(10.0 ** exponent).astype(
-            args[name].dtype), relayout(name))
+        args[name] = arrays.place(
+            raw(args[name]) * np.asarray(10.0**exponent).astype(args[name].dtype), relayout(name)
+        )
         if "scale" in args and rng.random() < 0.5:
-            args["scale"] = float(10.0 ** -exponent)
+            args["scale"] = float(10.0**-exponent)
         case.expect, case.mutation = "valid", f"extreme:{name}*1e{exponent}"
         case.notes["rederive"] = True
         return True
@@ -1725,8 +2309,9 @@ def mutate(rng, case, kind):
         return mutate_hostile(rng, case)
 
     if kind == "int_types":
-        names = [n for n in ("seed", "offset", "padding_idx") if n in args
-                 and isinstance(args[n], int)]
+        names = [
+            n for n in ("seed", "offset", "padding_idx") if n in args and isinstance(args[n], int)
+        ]
         if e == "dropout_mask":
             names.append("shape")
         if not names:
@@ -1736,9 +2321,12 @@ def mutate(rng, case, kind):
             args["shape"] = tuple(np.int64(n) for n in args["shape"])
         else:
             value = args[name]
-            itype = np.uint64 if value >= 2**63 else [np.int64, np.uint64, np.int32][
-                int(rng.integers(3))]
-            if itype == np.int32 and not -2**31 <= value < 2**31:
+            itype = (
+                np.uint64
+                if value >= 2**63
+                else [np.int64, np.uint64, np.int32][int(rng.integers(3))]
+            )
+            if itype == np.int32 and not -(2**31) <= value < 2**31:
                 itype = np.int64
             if itype == np.uint64 and value < 0:
                 itype = np.int64
@@ -1770,26 +2358,33 @@ def mutate(rng, case, kind):
         elif choice == 6:
             new = (index, value, value)
         else:
-            new = type(record)(index.reshape(-1, 1) if index.size else np.zeros((1, 1), np.int64),
-                               value)
+            new = type(record)(
+                index.reshape(-1, 1) if index.size else np.zeros((1, 1), np.int64), value
+            )
         args[key] = (new, args[key][1]) if e == "ia3_unmerge" and rng.random() < 0.8 else new
         case.expect, case.mutation = "invalid", f"record:{choice}"
         return True
 
     if kind == "flags":
-        flags = [n for n in ("fan_in_fan_out", "feedforward", "keep_base") if n in
-                 {"lora_linear_forward": ("fan_in_fan_out",),
-                  "lora_linear_backward": ("fan_in_fan_out",),
-                  "ia3_linear_forward": ("fan_in_fan_out", "feedforward", "keep_base"),
-                  "ia3_linear_backward": ("fan_in_fan_out", "feedforward"),
-                  "lora_merge": ("fan_in_fan_out",),
-                  "ia3_merge": ("fan_in_fan_out", "feedforward"),
-                  "dora_weight_sq_norm": ("fan_in_fan_out",),
-                  "dora_weight_norm": ("fan_in_fan_out",),
-                  "dora_linear_forward": ("fan_in_fan_out", "keep_base"),
-                  "dora_linear_backward": ("fan_in_fan_out",),
-                  "lora_grouped_forward": ("fan_in_fan_out",),
-                  "lora_grouped_backward": ("fan_in_fan_out",)}.get(e, ())]
+        flags = [
+            n
+            for n in ("fan_in_fan_out", "feedforward", "keep_base")
+            if n
+            in {
+                "lora_linear_forward": ("fan_in_fan_out",),
+                "lora_linear_backward": ("fan_in_fan_out",),
+                "ia3_linear_forward": ("fan_in_fan_out", "feedforward", "keep_base"),
+                "ia3_linear_backward": ("fan_in_fan_out", "feedforward"),
+                "lora_merge": ("fan_in_fan_out",),
+                "ia3_merge": ("fan_in_fan_out", "feedforward"),
+                "dora_weight_sq_norm": ("fan_in_fan_out",),
+                "dora_weight_norm": ("fan_in_fan_out",),
+                "dora_linear_forward": ("fan_in_fan_out", "keep_base"),
+                "dora_linear_backward": ("fan_in_fan_out",),
+                "lora_grouped_forward": ("fan_in_fan_out",),
+                "lora_grouped_backward": ("fan_in_fan_out",),
+            }.get(e, ())
+        ]
         if not flags:
             return False
         name = str(rng.choice(flags))
@@ -1825,8 +2420,8 @@ def overlapping_pair(rng, first_values, second_values):
     n1, n2 = first_values.size, second_values.size
     shift = int(rng.integers(0, n1))
     storage = np.full(max(n1, shift + n2) + 4, SENTINEL, first_values.dtype)
-    first = storage[2:2 + n1].reshape(first_values.shape)
-    second = storage[2 + shift:2 + shift + n2].reshape(second_values.shape)
+    first = storage[2 : 2 + n1].reshape(first_values.shape)
+    second = storage[2 + shift : 2 + shift + n2].reshape(second_values.shape)
     second[...] = second_values
     if shift >= 0:
         # The first array's values win where the two overlap; it is written last.
@@ -1843,13 +2438,13 @@ def mutate_huge(rng, case):
     rows = pick(rng, [2**36, 2**40, 2**44])
     if e == "dropout_mask":
         args["shape"] = [(rows, 2**10), (2**33 + 5, 3), (2**62, 4), (2**40, 2**40)][
-            int(rng.integers(4))]
+            int(rng.integers(4))
+        ]
         case.expect, case.mutation = "either", f"huge:shape={args['shape']}"
         return True
     if e in ("lora_linear_forward", "ia3_linear_forward", "dora_linear_forward"):
         x = args["x"]
-        row = raw(x).reshape(-1, x.shape[-1])[:1] if x.size else np.ones((1, x.shape[-1]),
-                                                                              x.dtype)
+        row = raw(x).reshape(-1, x.shape[-1])[:1] if x.size else np.ones((1, x.shape[-1]), x.dtype)
         args["x"] = np.broadcast_to(row, (rows, x.shape[-1]))
         for slot in output_slots(case):
             if isinstance(args.get(slot), np.ndarray):
@@ -1883,8 +2478,11 @@ def mutate_hostile(rng, case):
     """An argument whose __bool__/__float__/__index__ resizes an input array while cpeft
     converts the arguments (issue 12, defect 2)."""
     args, e = case.args, case.entry
-    victims = [n for n in array_inputs(case, floats_only=True)
-               if not is_in_place_target(case, n) and args[n].size]
+    victims = [
+        n
+        for n in array_inputs(case, floats_only=True)
+        if not is_in_place_target(case, n) and args[n].size
+    ]
     slots = []
     if "scale" in POSITIONAL[e]:
         slots.append("scale")
@@ -1892,8 +2490,10 @@ def mutate_hostile(rng, case):
         slots += ["dropout", "seed", "offset"]
     if e.startswith("lora_grouped"):
         slots += ["ranks", "scales"]
-    if e in ("lora_linear_forward", "lora_linear_backward", "lora_merge", "lora_unmerge") and \
-            args.get("enable_lora") is not None:
+    if (
+        e in ("lora_linear_forward", "lora_linear_backward", "lora_merge", "lora_unmerge")
+        and args.get("enable_lora") is not None
+    ):
         slots.append("enable_lora")
     if "padding_idx" in args:
         slots.append("padding_idx")
@@ -1935,8 +2535,9 @@ def make_case(seed, index, mutation=None, torch=None):
         merge_first(case)
     if mutation != "none":
         for _ in range(4):
-            if (unmerge and (mutation in BEFORE_MERGE) != ("records" not in case.args and
-                                                           "record" not in case.args)):
+            if unmerge and (mutation in BEFORE_MERGE) != (
+                "records" not in case.args and "record" not in case.args
+            ):
                 mutation = str(rng.choice(MUTATIONS))
                 continue
             if mutate(rng, case, mutation):
@@ -1978,8 +2579,10 @@ def as_torch_tensors(rng, case):
             continue
         try:
             if value.size == 0:
-                tensor = torch.empty(value.shape, dtype=torch.from_numpy(
-                    np.zeros(0, value.dtype.newbyteorder("="))).dtype)
+                tensor = torch.empty(
+                    value.shape,
+                    dtype=torch.from_numpy(np.zeros(0, value.dtype.newbyteorder("="))).dtype,
+                )
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -1991,8 +2594,7 @@ def as_torch_tensors(rng, case):
         kept.append(value)
         case.args[name] = tensor
         converted = True
-    mixed = any(isinstance(v, np.ndarray) for n, v in case.args.items()
-                if n not in RECORD_NAMES)
+    mixed = any(isinstance(v, np.ndarray) for n, v in case.args.items() if n not in RECORD_NAMES)
     if converted:
         case.mutation += "+torch"
         if mixed and case.expect == "valid":
@@ -2010,7 +2612,8 @@ def _dropout_wraps(case):
         except (TypeError, ValueError):
             return False
     if case.entry.startswith(("lora_linear", "dora_linear", "lora_grouped")) and isinstance(
-            args.get("x"), np.ndarray):
+        args.get("x"), np.ndarray
+    ):
         p = args.get("dropout", 0.0)
         offset = args.get("offset", 0)
         if isinstance(p, Hostile) or isinstance(offset, Hostile):
@@ -2038,32 +2641,50 @@ def _rederive(case):
     if "derive" in case.notes:
         case.notes["derive"]()
         return
-    if case.entry == "lora_linear_backward" and all(isinstance(args.get(n), np.ndarray) for n in
-                                                    ("x", "weight", "lora_a", "lora_b", "xa")):
+    if case.entry == "lora_linear_backward" and all(
+        isinstance(args.get(n), np.ndarray) for n in ("x", "weight", "lora_a", "lora_b", "xa")
+    ):
         s = {k: raw(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
         if s["x"].dtype.kind != "f" or s["xa"].dtype != s["x"].dtype:
             return
         mask = _mask_for(s["x"], s.get("dropout", 0.0), s.get("seed", 0), s.get("offset", 0))
         with np.errstate(all="ignore"):
-            _, xa = ref.lora_linear_forward(s["x"], s["weight"], None, s["lora_a"], s["lora_b"],
-                                            s["scale"], fan_in_fan_out=s.get("fan_in_fan_out",
-                                                                             False),
-                                            enable_lora=s.get("enable_lora"), mask=mask)
+            _, xa = ref.lora_linear_forward(
+                s["x"],
+                s["weight"],
+                None,
+                s["lora_a"],
+                s["lora_b"],
+                s["scale"],
+                fan_in_fan_out=s.get("fan_in_fan_out", False),
+                enable_lora=s.get("enable_lora"),
+                mask=mask,
+            )
         args["xa"] = case.arrays.place(xa.astype(s["x"].dtype), "c")
-    if case.entry == "ia3_linear_backward" and isinstance(args.get("base"), np.ndarray) and all(
+    if (
+        case.entry == "ia3_linear_backward"
+        and isinstance(args.get("base"), np.ndarray)
+        and all(
             isinstance(args.get(n), np.ndarray) and args[n].dtype.kind == "f"
-            for n in ("x", "weight", "ia3_l")):
+            for n in ("x", "weight", "ia3_l")
+        )
+    ):
         s = {k: raw(v) for k, v in args.items() if isinstance(v, np.ndarray)}
         with np.errstate(all="ignore"):
             out_f = s["weight"].shape[1 if args.get("fan_in_fan_out") else 0]
-            _, base = ref.ia3_linear_forward(s["x"], s["weight"], case.notes["hidden_bias"],
-                                             np.ones(out_f),
-                                             fan_in_fan_out=args.get("fan_in_fan_out", False))
+            _, base = ref.ia3_linear_forward(
+                s["x"],
+                s["weight"],
+                case.notes["hidden_bias"],
+                np.ones(out_f),
+                fan_in_fan_out=args.get("fan_in_fan_out", False),
+            )
         if base.shape == args["base"].shape:
             args["base"] = case.arrays.place(base.astype(args["base"].dtype), "c")
 
 
 # ---- the oracle ------------------------------------------------------------------------------
+
 
 @dataclass
 class Outcome:
@@ -2132,9 +2753,12 @@ def run_case(case) -> Outcome:
     try:
         label = _run(case)
     except Failure as failure:
-        return Outcome("fail", failure.failure, failure.failure,
-                       f"{failure}\n{case.describe()}\nreplay: "
-                       f"{replay_line(case.seed, case.index)}")
+        return Outcome(
+            "fail",
+            failure.failure,
+            failure.failure,
+            f"{failure}\n{case.describe()}\nreplay: {replay_line(case.seed, case.index)}",
+        )
     return Outcome("ok", label)
 
 
@@ -2151,8 +2775,7 @@ def _run(case):
     except BaseException as exc:  # noqa: B902 - every exception is judged here
         return _judge_raise(case, exc, watched, before, placed, buffers_before)
     if case.expect == "invalid":
-        raise Failure("accepted-invalid", f"the call returned instead of raising "
-                      f"({case.mutation})")
+        raise Failure("accepted-invalid", f"the call returned instead of raising ({case.mutation})")
     if case.expect == "hostile":
         # Judge the result against the arguments as they are now (what cpeft should have used
         # after converting every argument first); inputs were changed by the argument itself.
@@ -2162,8 +2785,9 @@ def _run(case):
         _check_merge(case, before, result)
     else:
         _check_result(case, before, result)
-    return {"valid": "valid", "either": "either:returned",
-            "hostile": "hostile:returned"}[case.expect]
+    return {"valid": "valid", "either": "either:returned", "hostile": "hostile:returned"}[
+        case.expect
+    ]
 
 
 def _judge_raise(case, exc, watched, before, placed, buffers_before):
@@ -2171,18 +2795,22 @@ def _judge_raise(case, exc, watched, before, placed, buffers_before):
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         raise exc
     if not isinstance(exc, DOCUMENTED):
-        raise Failure(f"undocumented-exception:{name}",
-                      f"raised {name}: {exc}\n{traceback.format_exc(limit=4)}")
+        raise Failure(
+            f"undocumented-exception:{name}",
+            f"raised {name}: {exc}\n{traceback.format_exc(limit=4)}",
+        )
     if not str(exc).strip():
         raise Failure(f"empty-message:{name}", f"raised {name} with an empty message")
     for n, v in watched.items():
         if not same_bits(v, before[n]):
-            raise Failure("modified-on-raise", f"{n} was modified by a call that raised {name}: "
-                          f"{exc}")
+            raise Failure(
+                "modified-on-raise", f"{n} was modified by a call that raised {name}: {exc}"
+            )
     for p, b in zip(placed, buffers_before):
         if p.storage.tobytes() != b.tobytes():
-            raise Failure("modified-on-raise", f"a buffer was modified by a call that raised "
-                          f"{name}: {exc}")
+            raise Failure(
+                "modified-on-raise", f"a buffer was modified by a call that raised {name}: {exc}"
+            )
     if case.expect == "valid":
         raise Failure(f"raised-on-valid:{name}", f"raised {name} on a valid call: {exc}")
     return f"raised:{name}"
@@ -2191,9 +2819,12 @@ def _judge_raise(case, exc, watched, before, placed, buffers_before):
 def _check_inputs_unchanged(case, watched, before, placed, buffers_before):
     """Inputs bitwise unchanged; outputs and in-place targets written only inside their view."""
     placed_of = case.arrays.placed
-    written = {id(placed_of[id(a)].view) if id(a) in placed_of else id(a)
-               for n, v in watched.items()
-               if n in OUTPUT_NAMES or is_in_place_target(case, n) for a in _arrays_in(v)}
+    written = {
+        id(placed_of[id(a)].view) if id(a) in placed_of else id(a)
+        for n, v in watched.items()
+        if n in OUTPUT_NAMES or is_in_place_target(case, n)
+        for a in _arrays_in(v)
+    }
     for n, v in watched.items():
         if n in OUTPUT_NAMES or is_in_place_target(case, n) or n in RECORD_NAMES:
             continue
@@ -2208,12 +2839,14 @@ def _check_inputs_unchanged(case, watched, before, placed, buffers_before):
         for owner in owners:
             if id(owner.view) in written:
                 allowed |= case.arrays.coverage(owner)
-        changed = now.view(np.uint8).reshape(now.size, -1) != b.view(np.uint8).reshape(
-            b.size, -1)
+        changed = now.view(np.uint8).reshape(now.size, -1) != b.view(np.uint8).reshape(b.size, -1)
         changed = changed.any(axis=1) if now.dtype != np.uint8 else changed[:, 0]
         if np.any(changed & ~allowed):
-            raise Failure("wrote-outside", "memory outside every output's elements was written "
-                          f"(element {int(np.argmax(changed & ~allowed))} of a buffer)")
+            raise Failure(
+                "wrote-outside",
+                "memory outside every output's elements was written "
+                f"(element {int(np.argmax(changed & ~allowed))} of a buffer)",
+            )
 
 
 def _compare(name, ours, want, bound, k, dtype):
@@ -2230,8 +2863,11 @@ def _compare(name, ours, want, bound, k, dtype):
     if bound is None:  # exact
         if not np.array_equal(got, want, equal_nan=True):
             bad = np.argwhere(got != want)[0]
-            raise Failure("wrong-result", f"{name}: differs at {tuple(bad)}: "
-                          f"ours={got[tuple(bad)]!r} reference={want[tuple(bad)]!r}")
+            raise Failure(
+                "wrong-result",
+                f"{name}: differs at {tuple(bad)}: "
+                f"ours={got[tuple(bad)]!r} reference={want[tuple(bad)]!r}",
+            )
         return
     bound = np.abs(np.asarray(bound, np.float64))
     info = np.finfo(dtype)
@@ -2241,10 +2877,13 @@ def _compare(name, ours, want, bound, k, dtype):
         bad = checked & ~(np.abs(got - want) <= allowed)
     if np.any(bad):
         where = tuple(np.argwhere(bad)[0])
-        raise Failure("wrong-result", f"{name} ({dtype.name}, K={k}): {int(bad.sum())} of "
-                      f"{bad.size} elements outside tolerance; first at {where}: "
-                      f"ours={got[where]!r} reference={want[where]!r} "
-                      f"allowed={allowed[where]:.3e}")
+        raise Failure(
+            "wrong-result",
+            f"{name} ({dtype.name}, K={k}): {int(bad.sum())} of "
+            f"{bad.size} elements outside tolerance; first at {where}: "
+            f"ours={got[where]!r} reference={want[where]!r} "
+            f"allowed={allowed[where]:.3e}",
+        )
 
 
 def _reference(case, snap):
@@ -2254,8 +2893,11 @@ def _reference(case, snap):
     except Failure:
         raise
     except Exception as exc:
-        raise Failure("accepted-inconsistent", "the call returned, but its arguments do not "
-                      f"make a problem the reference can compute ({type(exc).__name__}: {exc})") from exc
+        raise Failure(
+            "accepted-inconsistent",
+            "the call returned, but its arguments do not "
+            f"make a problem the reference can compute ({type(exc).__name__}: {exc})",
+        ) from exc
 
 
 def _check_result(case, snap, result):
@@ -2273,8 +2915,10 @@ def _check_result(case, snap, result):
         named = {None: result}
     else:
         if not isinstance(result, tuple) or len(result) != len(case.result_names):
-            raise Failure("wrong-result", f"result is {type(result).__name__}, expected "
-                          f"{len(case.result_names)} values")
+            raise Failure(
+                "wrong-result",
+                f"result is {type(result).__name__}, expected {len(case.result_names)} values",
+            )
         named = dict(zip(case.result_names, result))
     for name, ours in named.items():
         request_name = case.requested_by.get(name)
@@ -2286,8 +2930,11 @@ def _check_result(case, snap, result):
                 continue
             given = request
         else:
-            given = case.args.get({None: "out", "y": "out", "xa": "out_xa",
-                                   "base": "out_base", "norm": "out_norm"}[name])
+            given = case.args.get(
+                {None: "out", "y": "out", "xa": "out_xa", "base": "out_base", "norm": "out_norm"}[
+                    name
+                ]
+            )
         want = refs.get(name)
         if want is None:
             if ours is not None:
@@ -2315,8 +2962,10 @@ def _check_merge(case, snap, result):
         try:
             unmerge(args["weight"], *rest, result, **keywords)
         except Exception as exc:
-            raise Failure("unmerge-failed", f"unmerging the merge just made raised "
-                          f"{type(exc).__name__}: {exc}") from exc
+            raise Failure(
+                "unmerge-failed",
+                f"unmerging the merge just made raised {type(exc).__name__}: {exc}",
+            ) from exc
         restored = {"weight": snap["weight"]}
         if is_in_place_target(case, "bias"):
             restored["bias"] = snap["bias"]
@@ -2330,5 +2979,7 @@ def _check_merge(case, snap, result):
             restored["bias"] = case.notes["unmerged_bias"]
     for name, want in restored.items():
         if not same_bits(args[name], want):
-            raise Failure("unmerge-not-exact", f"{name} after merge + unmerge differs from the "
-                          "original bit for bit")
+            raise Failure(
+                "unmerge-not-exact",
+                f"{name} after merge + unmerge differs from the original bit for bit",
+            )

@@ -1,6 +1,7 @@
 """Replay fuzz cases: ``python -m tests.fuzz.replay SEED CASE [CASE ...]`` (from the repository
 root) rebuilds each case from (SEED, CASE), prints it and its outcome, and exits 1 if any
 failed."""
+
 import sys
 
 from .generator import make_case, run_case

@@ -1,6 +1,7 @@
 """The fuzzer's fixed budget: CPEFT_FUZZ_CASES cases (default 10,000) of stream CPEFT_FUZZ_SEED,
 in chunks of 500, each judged by the oracle of generator.py. A failing chunk lists every failed
 case with its replay line (``python -m tests.fuzz.replay SEED CASE``)."""
+
 import collections
 import os
 
@@ -19,8 +20,10 @@ SHOWN = 10
 
 def _report(failures):
     by_class = collections.Counter(o.failure for o in failures)
-    lines = [f"{len(failures)} failed cases: " + ", ".join(f"{k} x{v}"
-                                                          for k, v in by_class.most_common())]
+    lines = [
+        f"{len(failures)} failed cases: "
+        + ", ".join(f"{k} x{v}" for k, v in by_class.most_common())
+    ]
     for outcome in failures[:SHOWN]:
         lines.append("-" * 72)
         lines.append(outcome.message)
@@ -48,8 +51,9 @@ def test_dora_float32_norm_with_large_lora_a():
     want = np.linalg.norm(w.astype(np.float64) + 0.5 * b.astype(np.float64) @ a, axis=1)
     norm = F.dora_weight_norm(w, a, b, 0.5)
     assert np.allclose(norm, want, rtol=1e-5)
-    y, _, _, n = F.dora_linear_forward(np.ones((1, 2), np.float32), w, None, a, b,
-                                       np.ones(2, np.float32), 0.5)
+    y, _, _, n = F.dora_linear_forward(
+        np.ones((1, 2), np.float32), w, None, a, b, np.ones(2, np.float32), 0.5
+    )
     assert np.isfinite(y).all() and np.allclose(n, want, rtol=1e-5)
 
 
@@ -66,8 +70,9 @@ def test_dora_float32_dropout_forward_with_tiny_c(keep_base):
     b = rng.standard_normal((5, 2)).astype(np.float32)
     m = (rng.random(5) + 0.5).astype(np.float32)
     s, p, seed = 1e15, 0.25, 3
-    y, _, u, n = F.dora_linear_forward(x, w, None, a, b, m, s, dropout=p, seed=seed,
-                                       keep_base=keep_base)
+    y, _, u, n = F.dora_linear_forward(
+        x, w, None, a, b, m, s, dropout=p, seed=seed, keep_base=keep_base
+    )
     x64, w64, a64, b64 = (v.astype(np.float64) for v in (x, w, a, b))
     n64 = np.linalg.norm(w64 + s * b64 @ a64, axis=1)
     c = m / n64
@@ -88,8 +93,9 @@ def test_dora_embedding_empty_batch_with_infinite_lora_b():
     w = np.ones((4, 2))
     a = np.ones((3, 4))
     b = np.array([[1.0, 2.0, np.inf], [0.5, -1.0, 3.0]])
-    grads = F.dora_embedding_backward(np.ones((0, 2)), np.zeros(0, np.int64), w, a, b,
-                                      np.ones(2), np.array([2.0, 4.0]), 1.5)
+    grads = F.dora_embedding_backward(
+        np.ones((0, 2)), np.zeros(0, np.int64), w, a, b, np.ones(2), np.array([2.0, 4.0]), 1.5
+    )
     assert np.array_equal(grads.magnitude, [0.0, 0.0])
     assert not grads.lora_a.any() and not grads.lora_b.any()
 
@@ -102,8 +108,9 @@ def test_dora_empty_batch_with_infinite_c():
     x, g = np.ones((0, 3)), np.ones((0, 2))
     lin = F.dora_linear_backward(g, x, w, a, b, m, n, np.ones((0, 1)), np.ones((0, 2)), 1.5)
     assert not lin.lora_b.any() and not lin.lora_a.any()
-    emb = F.dora_embedding_backward(np.ones((0, 2)), np.zeros(0, np.int64), np.ones((3, 2)),
-                                    np.ones((1, 3)), b, m, n, 1.5)
+    emb = F.dora_embedding_backward(
+        np.ones((0, 2)), np.zeros(0, np.int64), np.ones((3, 2)), np.ones((1, 3)), b, m, n, 1.5
+    )
     assert not emb.lora_b.any() and not emb.lora_a.any()
 
 
@@ -112,8 +119,9 @@ def test_ia3_empty_batch_with_infinite_l():
     x, g, base = np.ones((0, 3)), np.ones((0, 2)), np.ones((0, 2))
     w = np.ones((2, 3))
     out = F.ia3_linear_backward(g, x, w, np.array([1.0, np.inf]), base, grad_bias=True)
-    ff = F.ia3_linear_backward(g, x, w, np.array([1.0, np.inf, 2.0]), None, feedforward=True,
-                               grad_weight=True)
+    ff = F.ia3_linear_backward(
+        g, x, w, np.array([1.0, np.inf, 2.0]), None, feedforward=True, grad_weight=True
+    )
     assert np.array_equal(out.bias, [0.0, 0.0]) and not ff.weight.any()
 
 
@@ -173,16 +181,20 @@ def _first_case(entry, expect, mutation=None):
     raise AssertionError(f"no {expect} case of {entry}")
 
 
-@pytest.mark.parametrize("entry", ["lora_linear_forward", "ia3_embedding_forward",
-                                   "lora_merge", "dropout_mask"])
+@pytest.mark.parametrize(
+    "entry", ["lora_linear_forward", "ia3_embedding_forward", "lora_merge", "dropout_mask"]
+)
 def test_oracle_catches_a_wrong_result(monkeypatch, entry):
     """The oracle is not vacuous: an entry point whose results are off by a little fails."""
     original = getattr(F, entry)
 
     def skewed(*args, **kwargs):
         result = original(*args, **kwargs)
-        arrays = [a for a in (result if isinstance(result, tuple) else (result,))
-                  if isinstance(a, np.ndarray) and a.size]
+        arrays = [
+            a
+            for a in (result if isinstance(result, tuple) else (result,))
+            if isinstance(a, np.ndarray) and a.size
+        ]
         target = args[0] if entry == "lora_merge" else arrays[0]
         target.reshape(-1)[0] += 1e-3 * (1 + abs(target.reshape(-1)[0]))
         return result
@@ -194,13 +206,15 @@ def test_oracle_catches_a_wrong_result(monkeypatch, entry):
     case = make_case(case.seed, case.index, "none", torch=False)
     monkeypatch.setattr(F, entry, skewed)
     outcome = run_case(case)
-    assert outcome.kind == "fail" and outcome.failure in ("wrong-result", "unmerge-not-exact"), \
+    assert outcome.kind == "fail" and outcome.failure in ("wrong-result", "unmerge-not-exact"), (
         outcome
+    )
 
 
 def _raising(exc):
     def entry(*args, **kwargs):
         raise exc
+
     return entry
 
 
@@ -208,16 +222,22 @@ def test_oracle_catches_bad_exceptions_and_modified_inputs(monkeypatch):
     """SystemError, an empty message, or a write into any buffer before raising all fail."""
     entry = "ia3_linear_forward"
     index = ENTRIES.index(entry)
-    monkeypatch.setattr(F, entry, _raising(SystemError("returned NULL without setting an "
-                                                       "exception")))
-    assert run_case(make_case(SEED, index, "type", torch=False)).failure == \
-        "undocumented-exception:SystemError"
+    monkeypatch.setattr(
+        F, entry, _raising(SystemError("returned NULL without setting an exception"))
+    )
+    assert (
+        run_case(make_case(SEED, index, "type", torch=False)).failure
+        == "undocumented-exception:SystemError"
+    )
     monkeypatch.setattr(F, entry, _raising(RuntimeError("cpeft internal error (status 6)")))
-    assert run_case(make_case(SEED, index, "type", torch=False)).failure == \
-        "undocumented-exception:RuntimeError"
+    assert (
+        run_case(make_case(SEED, index, "type", torch=False)).failure
+        == "undocumented-exception:RuntimeError"
+    )
     monkeypatch.setattr(F, entry, _raising(ValueError("")))
-    assert run_case(make_case(SEED, index, "type", torch=False)).failure == \
-        "empty-message:ValueError"
+    assert (
+        run_case(make_case(SEED, index, "type", torch=False)).failure == "empty-message:ValueError"
+    )
 
     case = make_case(SEED, index, "scalar", torch=False)
     storage = next(iter(case.arrays.placed.values())).storage

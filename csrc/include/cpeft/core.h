@@ -45,8 +45,10 @@ typedef enum {
 static inline size_t cpeft_dtype_size(cpeft_dtype dt)
 {
     switch (dt) {
-    case CPEFT_FLOAT64: case CPEFT_INT64: return 8;
-    case CPEFT_FLOAT32: case CPEFT_INT32: return 4;
+    case CPEFT_FLOAT64:
+    case CPEFT_INT64: return 8;
+    case CPEFT_FLOAT32:
+    case CPEFT_INT32: return 4;
     default: return 2;
     }
 }
@@ -116,7 +118,10 @@ CPEFT_HOST_DEVICE void cpeft_philox4x32_10(uint32_t ctr[4], uint32_t key0, uint3
         uint32_t hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
         uint32_t n0 = hi1 ^ ctr[1] ^ key0;
         uint32_t n2 = hi0 ^ ctr[3] ^ key1;
-        ctr[0] = n0; ctr[1] = lo1; ctr[2] = n2; ctr[3] = lo0;
+        ctr[0] = n0;
+        ctr[1] = lo1;
+        ctr[2] = n2;
+        ctr[3] = lo0;
         key0 += 0x9E3779B9u;
         key1 += 0xBB67AE85u;
     }

@@ -112,8 +112,8 @@ int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat g
                                  cpeft_status *st);
 
 /* CUDA twins: same contract, device pointers, work queued on `stream`, nothing synchronizes. */
-int cpeft_dora_weight_sq_norm_cuda(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec out,
-                                   void *stream, cpeft_status *st);
+int cpeft_dora_weight_sq_norm_cuda(cpeft_dtype dtype, cpeft_mat weight, cpeft_vec out, void *stream,
+                                   cpeft_status *st);
 int cpeft_dora_norm_cuda(const cpeft_dora_norm_args *a, cpeft_vec norm, void *stream,
                          cpeft_status *st);
 int cpeft_dora_linear_fwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora_linear_fwd_out *o,

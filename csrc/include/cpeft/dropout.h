@@ -14,8 +14,8 @@ extern "C" {
 
 int cpeft_dropout_mask_cpu(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask,
                            cpeft_status *st);
-int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask,
-                            void *stream, cpeft_status *st);
+int cpeft_dropout_mask_cuda(cpeft_dtype dtype, const cpeft_dropout *d, cpeft_mat mask, void *stream,
+                            cpeft_status *st);
 
 #ifdef __cplusplus
 }
