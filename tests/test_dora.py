@@ -610,7 +610,7 @@ bad(
 )
 bad(E, {"grad_lora_b": np.zeros((OUT_, R_), np.float64)}, ValueError, "grad_lora_b", "grad_b_dtype")
 for _e in ("dora_embedding_forward", "dora_embedding_backward"):
-    bad(_e, {"indices": np.array([0, 7])}, IndexError, "indices|7", "index_range")
+    bad(_e, {"indices": np.array([0, 7, 6, 3])}, IndexError, "indices|7", "index_range")
     bad(_e, {"indices": np.array([0.0, 1.0])}, ValueError, "indices", "index_float")
     bad(_e, {"magnitude": _arr(D_ + 1)}, ValueError, "magnitude", "magnitude_length")
     bad(_e, {"lora_a": _arr(R_, V_ + 1)}, ValueError, "lora_a", "lora_a_shape")

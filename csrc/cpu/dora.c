@@ -511,8 +511,8 @@ int cpeft_dora_embedding_fwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat y
     const cpeft_lora_embedding_args *l = &a->lora;
     int rc = cpeft_op_begin(l->dtype, "dora_embedding_forward", st);
     if (rc != CPEFT_OK ||
-        (rc = cpeft_check_index_dtype_cpu(l->index_dtype, "dora_embedding_forward", st)) !=
-            CPEFT_OK)
+        (rc = cpeft_check_indices_cpu(l->index_dtype, l->indices, l->num_embeddings,
+                                      "dora_embedding_forward", st)) != CPEFT_OK)
         return rc;
     cpeft_dtype dt = l->dtype;
     cpeft_dora_norm_args na = embedding_norm_args(a);
@@ -551,8 +551,8 @@ int cpeft_dora_embedding_bwd_cpu(const cpeft_dora_embedding_args *a, cpeft_mat g
     const cpeft_lora_embedding_args *l = &a->lora;
     int rc = cpeft_op_begin(l->dtype, "dora_embedding_backward", st);
     if (rc != CPEFT_OK ||
-        (rc = cpeft_check_index_dtype_cpu(l->index_dtype, "dora_embedding_backward", st)) !=
-            CPEFT_OK)
+        (rc = cpeft_check_indices_cpu(l->index_dtype, l->indices, l->num_embeddings,
+                                      "dora_embedding_backward", st)) != CPEFT_OK)
         return rc;
     cpeft_dtype dt = l->dtype;
     size_t elt = cpeft_dtype_size(dt);

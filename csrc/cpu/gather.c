@@ -15,13 +15,21 @@
 #undef T
 #undef SUFFIX
 
-int cpeft_check_index_dtype_cpu(cpeft_dtype index_dtype, const char *op, cpeft_status *st)
+int cpeft_check_indices_cpu(cpeft_dtype index_dtype, cpeft_vec indices, int64_t rows,
+                            const char *op, cpeft_status *st)
 {
     if (index_dtype != CPEFT_INT32 && index_dtype != CPEFT_INT64)
         return cpeft_fail(st, CPEFT_ERR_INTERNAL,
-                          "%s: indices must be int32 or int64, got dtype "
-                          "code %d",
-                          op, (int)index_dtype);
+                          "%s: indices must be int32 or int64, got dtype code %d", op,
+                          (int)index_dtype);
+    for (int64_t n = 0; n < indices.len; ++n) {
+        int64_t v = cpeft_index_at(index_dtype, indices, n);
+        if (v < 0 || v >= rows)
+            return cpeft_fail(st, CPEFT_ERR_INDEX,
+                              "indices must hold values in [0, %lld) (num_embeddings), got %lld at "
+                              "flat position %lld",
+                              (long long)rows, (long long)v, (long long)n);
+    }
     return CPEFT_OK;
 }
 

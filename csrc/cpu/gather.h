@@ -3,9 +3,10 @@
  * CPU-internal; functions returning int return CPEFT_OK or a cpeft_code with st->message set.
  *
  * Gather and scatter check every index where they use it (an index outside the table gives
- * CPEFT_ERR_INDEX, and the rows before it are already written): the boundary scanned the indices
- * before the call, but with the GIL released another thread may rewrite them, and a value read
- * twice may differ. A check per row costs one compare against a row copy of `cols` elements.
+ * CPEFT_ERR_INDEX, and the rows before it are already written): the op scanned the indices before
+ * its first write (cpeft_check_indices_cpu), but with the GIL released another thread may
+ * rewrite them, and a value read twice may differ. A check per row costs one compare against a row
+ * copy of `cols` elements.
  */
 #ifndef CPEFT_CPU_GATHER_H
 #define CPEFT_CPU_GATHER_H
@@ -23,8 +24,11 @@ static inline int64_t cpeft_index_at(cpeft_dtype index_dtype, cpeft_vec indices,
     return ((const volatile int64_t *)indices.data)[n * indices.stride];
 }
 
-/* CPEFT_ERR_INTERNAL naming `op` unless index_dtype is int32 or int64. */
-int cpeft_check_index_dtype_cpu(cpeft_dtype index_dtype, const char *op, cpeft_status *st);
+/* Before an op's first write: CPEFT_ERR_INTERNAL naming `op` unless index_dtype is int32 or
+ * int64, CPEFT_ERR_INDEX unless every index is in [0, rows). The one scan of the indices; a
+ * refused call has written nothing. */
+int cpeft_check_indices_cpu(cpeft_dtype index_dtype, cpeft_vec indices, int64_t rows,
+                            const char *op, cpeft_status *st);
 
 /* CPEFT_ERR_INDEX for indices[position] = value outside [0, rows). */
 int cpeft_index_error(int64_t position, int64_t value, int64_t rows, cpeft_status *st);

@@ -266,7 +266,8 @@ int cpeft_ia3_embedding_fwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat y, 
     int rc = cpeft_op_begin(a->dtype, "ia3_embedding_forward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "ia3_embedding_forward", st)) != CPEFT_OK)
+    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->num_embeddings,
+                                      "ia3_embedding_forward", st)) != CPEFT_OK)
         return rc;
     return cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, a->weight, a->l, y, st);
 }
@@ -277,8 +278,8 @@ int cpeft_ia3_embedding_bwd_cpu(const cpeft_ia3_embedding_args *a, cpeft_mat gra
     int rc = cpeft_op_begin(a->dtype, "ia3_embedding_backward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "ia3_embedding_backward", st)) !=
-        CPEFT_OK)
+    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->num_embeddings,
+                                      "ia3_embedding_backward", st)) != CPEFT_OK)
         return rc;
     cpeft_dtype dt = a->dtype;
     if (o->grad_l.data != NULL) {

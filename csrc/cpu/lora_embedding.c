@@ -32,8 +32,8 @@ int cpeft_lora_embedding_fwd_cpu(const cpeft_lora_embedding_args *a, cpeft_mat y
     int rc = cpeft_op_begin(a->dtype, "lora_embedding_forward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "lora_embedding_forward", st)) !=
-            CPEFT_OK ||
+    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->num_embeddings,
+                                      "lora_embedding_forward", st)) != CPEFT_OK ||
         (rc = cpeft_gather_rows_cpu(a->dtype, a->index_dtype, a->indices, a->weight, no_scale, y,
                                     st)) != CPEFT_OK)
         return rc;
@@ -55,8 +55,8 @@ int cpeft_lora_embedding_bwd_cpu(const cpeft_lora_embedding_args *a,
     int rc = cpeft_op_begin(a->dtype, "lora_embedding_backward", st);
     if (rc != CPEFT_OK)
         return rc;
-    if ((rc = cpeft_check_index_dtype_cpu(a->index_dtype, "lora_embedding_backward", st)) !=
-        CPEFT_OK)
+    if ((rc = cpeft_check_indices_cpu(a->index_dtype, a->indices, a->num_embeddings,
+                                      "lora_embedding_backward", st)) != CPEFT_OK)
         return rc;
     cpeft_dtype dt = a->dtype;
     cpeft_mat g = in->grad_out;

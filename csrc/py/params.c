@@ -463,34 +463,10 @@ int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft
     return 0;
 }
 
-/* CPU: every index in [0, num_embeddings), scanned before any compute (IndexError otherwise). */
-static int check_indices_in_range(const cpeft_call *call, const cpeft_tensor *t, cpeft_vec indices,
-                                  int64_t num_embeddings)
-{
-    if (cpeft_call_on_cuda(call)) {
-        return 0;   /* device memory: the CUDA kernels flag out-of-range values themselves */
-    }
-    for (int64_t i = 0; i < indices.len; ++i) {
-        int64_t v = t->dtype == CPEFT_INT32
-                        ? (int64_t)((const int32_t *)indices.data)[i * indices.stride]
-                        : ((const int64_t *)indices.data)[i * indices.stride];
-        if (v < 0 || v >= num_embeddings) {
-            PyErr_Format(PyExc_IndexError,
-                         "%s must hold values in [0, %lld) (num_embeddings), got %lld at flat "
-                         "position %lld",
-                         t->name, (long long)num_embeddings, (long long)v, (long long)i);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-int cpeft_py_indices(cpeft_call *call, PyObject *obj, int64_t num_embeddings, cpeft_tensor **t,
-                     cpeft_vec *vec)
+int cpeft_py_indices(cpeft_call *call, PyObject *obj, cpeft_tensor **t, cpeft_vec *vec)
 {
     *t = cpeft_call_input(call, obj, "indices", CPEFT_ROLE_INPUT);
-    if (*t == NULL || cpeft_check_index_dtype(*t) < 0 || cpeft_tensor_vec(*t, vec) < 0 ||
-        check_indices_in_range(call, *t, *vec, num_embeddings) < 0) {
+    if (*t == NULL || cpeft_check_index_dtype(*t) < 0 || cpeft_tensor_vec(*t, vec) < 0) {
         return -1;
     }
     return 0;

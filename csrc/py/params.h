@@ -86,9 +86,9 @@ int cpeft_py_lora_embedding_params(cpeft_call *call, PyObject *weight_obj, cpeft
                                    const cpeft_tensor *like, cpeft_lora_embedding_args *a,
                                    cpeft_tensor **weight);
 
-/* indices (...) int32/int64, all in [0, num_embeddings) on the CPU; its flat view goes to vec. */
-int cpeft_py_indices(cpeft_call *call, PyObject *obj, int64_t num_embeddings, cpeft_tensor **t,
-                     cpeft_vec *vec);
+/* indices (...) int32/int64; its flat view goes to vec. Their range is the compute's to check (it
+ * scans them before its first write and checks each where it is used). */
+int cpeft_py_indices(cpeft_call *call, PyObject *obj, cpeft_tensor **t, cpeft_vec *vec);
 
 /* indices.shape + (dim,) into shape; returns its ndim, or -1 when that is too many dims. */
 int cpeft_py_embedding_shape(const cpeft_tensor *indices, int64_t dim, int64_t *shape);

@@ -417,7 +417,7 @@ PyObject *cpeft_py_dora_embedding_forward(PyObject *module, PyObject *const *arg
             0 ||
         optional_dora_vector(&call, sq_obj, "weight_sq_norm", l->dim, "(embedding_dim,)", weight,
                              &a.weight_sq_norm) < 0 ||
-        cpeft_py_indices(&call, indices_obj, l->num_embeddings, &indices, &l->indices) < 0 ||
+        cpeft_py_indices(&call, indices_obj, &indices, &l->indices) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, l->dim, shape)) < 0 ||
         cpeft_call_output(&call, out_obj, "out", 1, l->dtype, ndim, shape, &y) < 0 ||
         vector_output(&call, out_norm_obj, "out_norm", 1, l->dtype, l->dim, &norm, &norm_vec) < 0 ||
@@ -492,7 +492,7 @@ PyObject *cpeft_py_dora_embedding_backward(PyObject *module, PyObject *const *ar
         dora_vector(&call, m_obj, "magnitude", l->dim, "(embedding_dim,)", weight, &a.magnitude) <
             0 ||
         dora_vector(&call, norm_obj, "norm", l->dim, "(embedding_dim,)", weight, &norm) < 0 ||
-        cpeft_py_indices(&call, indices_obj, l->num_embeddings, &indices, &l->indices) < 0 ||
+        cpeft_py_indices(&call, indices_obj, &indices, &l->indices) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, l->dim, shape)) < 0) {
         goto finish;
     }

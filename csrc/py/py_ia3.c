@@ -220,7 +220,7 @@ static int ia3_embedding_params(cpeft_call *call, PyObject *indices_obj, PyObjec
     a->num_embeddings = w->shape[0];
     a->dim = w->shape[1];
     if (cpeft_py_ia3_l(call, l_obj, a->dim, "embedding_dim", w, l, &a->l) < 0 ||
-        cpeft_py_indices(call, indices_obj, a->num_embeddings, indices, &a->indices) < 0) {
+        cpeft_py_indices(call, indices_obj, indices, &a->indices) < 0) {
         return -1;
     }
     a->index_dtype = (cpeft_dtype)(*indices)->dtype;

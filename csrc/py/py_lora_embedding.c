@@ -42,7 +42,7 @@ PyObject *cpeft_py_lora_embedding_forward(PyObject *module, PyObject *const *arg
         cpeft_py_lora_embedding_params(&call, weight_obj, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
                                        scale_value, NULL, &a, &weight) < 0 ||
         cpeft_check_padding_idx(&a.padding_idx, padding_given, a.num_embeddings) < 0 ||
-        cpeft_py_indices(&call, indices_obj, a.num_embeddings, &indices, &a.indices) < 0 ||
+        cpeft_py_indices(&call, indices_obj, &indices, &a.indices) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, a.dim, shape)) < 0 ||
         cpeft_call_output(&call, out_obj, "out", 1, a.dtype, ndim, shape, &y) < 0 ||
         cpeft_tensor_mat(y, 0, &y_mat) < 0 || cpeft_call_check_aliasing(&call) < 0) {
@@ -109,7 +109,7 @@ PyObject *cpeft_py_lora_embedding_backward(PyObject *module, PyObject *const *ar
         cpeft_py_lora_embedding_params(&call, NULL, CPEFT_ROLE_INPUT, lora_a_obj, lora_b_obj,
                                        scale_value, grad_out, &a, &weight) < 0 ||
         cpeft_check_padding_idx(&a.padding_idx, padding_given, a.num_embeddings) < 0 ||
-        cpeft_py_indices(&call, indices_obj, a.num_embeddings, &indices, &a.indices) < 0 ||
+        cpeft_py_indices(&call, indices_obj, &indices, &a.indices) < 0 ||
         (ndim = cpeft_py_embedding_shape(indices, a.dim, shape)) < 0 ||
         cpeft_check_shape(grad_out, ndim, shape, "indices.shape + (embedding_dim,)") < 0 ||
         cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, a.dtype, 2,
