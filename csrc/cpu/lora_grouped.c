@@ -32,6 +32,22 @@ static void grouping_free(grouping *gr)
 }
 
 /* A stable counting sort of the rows by adapter; rows without adapter (-1) are left out. */
+/* Before an op's first write: every adapter index in [-1, G), so that a refused call has written
+ * nothing. group_rows checks each index again where it reads it (another thread may rewrite
+ * them while the GIL is released). */
+static int check_index_range(const cpeft_lora_grouped_args *a, cpeft_status *st)
+{
+    for (int64_t m = 0; m < a->m; ++m) {
+        int64_t g = cpeft_index_at(a->index_dtype, a->index, m);
+        if (g < -1 || g >= a->adapters)
+            return cpeft_fail(st, CPEFT_ERR_INDEX,
+                              "index[%lld] = %lld is not an adapter: expected -1 (no adapter) or "
+                              "a value in [0, %lld)",
+                              (long long)m, (long long)g, (long long)a->adapters);
+    }
+    return CPEFT_OK;
+}
+
 static int group_rows(const cpeft_lora_grouped_args *a, grouping *gr, cpeft_status *st)
 {
     int64_t g_count = a->adapters;
@@ -347,7 +363,7 @@ int cpeft_lora_grouped_fwd_cpu(const cpeft_lora_grouped_args *a,
                                const cpeft_lora_grouped_fwd_out *o, cpeft_status *st)
 {
     int rc = cpeft_op_begin(a->dtype, "lora_grouped_forward", st);
-    if (rc != CPEFT_OK)
+    if (rc != CPEFT_OK || (rc = check_index_range(a, st)) != CPEFT_OK)
         return rc;
     cpeft_dtype dt = a->dtype;
     grouped_work w;
@@ -408,7 +424,7 @@ int cpeft_lora_grouped_bwd_cpu(const cpeft_lora_grouped_args *a,
                                const cpeft_lora_grouped_bwd_out *o, cpeft_status *st)
 {
     int rc = cpeft_op_begin(a->dtype, "lora_grouped_backward", st);
-    if (rc != CPEFT_OK)
+    if (rc != CPEFT_OK || (rc = check_index_range(a, st)) != CPEFT_OK)
         return rc;
     cpeft_dtype dt = a->dtype;
     int want_x = o->grad_x.data != NULL, want_a = o->grad_a.data != NULL,

@@ -112,8 +112,8 @@ static int check_packed_rank(const grouped_lists *l, int64_t packed_rank,
     return 0;
 }
 
-/* index: int32/int64 with one entry per row of x, every entry in [-1, G) (scanned on the CPU;
- * on CUDA the compute side reports an entry out of range). */
+/* index: int32/int64 with one entry per row of x. That every entry is in [-1, G) is the compute's
+ * to check (before its first write, and again where it reads each entry). */
 static int parse_index(cpeft_call *call, PyObject *obj, const cpeft_tensor *x,
                        cpeft_lora_grouped_args *a)
 {
@@ -135,20 +135,6 @@ static int parse_index(cpeft_call *call, PyObject *obj, const cpeft_tensor *x,
         return -1;
     }
     a->index_dtype = (cpeft_dtype)t->dtype;
-    if (!cpeft_call_on_cuda(call)) {
-        for (int64_t m = 0; m < a->m; ++m) {
-            int64_t g = a->index_dtype == CPEFT_INT32
-                            ? ((const int32_t *)a->index.data)[m * a->index.stride]
-                            : ((const int64_t *)a->index.data)[m * a->index.stride];
-            if (g < -1 || g >= a->adapters) {
-                PyErr_Format(PyExc_IndexError,
-                             "index[%lld] = %lld is not an adapter: expected -1 "
-                             "(no adapter) or a value in [0, %lld)",
-                             (long long)m, (long long)g, (long long)a->adapters);
-                return -1;
-            }
-        }
-    }
     return 0;
 }
 
