@@ -14,7 +14,7 @@ static const int kSlices = 64; /* fixed, so chunks fed with accumulate = 1 line 
 
 size_t colreduce_partial_bytes(cpeft_dtype dt, int64_t cols)
 {
-    return (size_t)kSlices * (size_t)(cols > 0 ? cols : 1) * cpeft_dtype_size(acc_dtype(dt));
+    return (size_t)kSlices * (size_t)(cols > 0 ? cols : 1) * cpeft_dtype_size(cpeft_acc_dtype(dt));
 }
 
 template <class T, class I>

@@ -232,7 +232,7 @@ int row_sq_norms(cpeft_dtype dt, const cpeft_mat &w, void *out, int out_is_acc, 
 /* Bytes dora_norm needs from the workspace. */
 size_t norm_bytes(const cpeft_dora_norm_args *a)
 {
-    const size_t acc = cpeft_dtype_size(acc_dtype(a->dtype));
+    const size_t acc = cpeft_dtype_size(cpeft_acc_dtype(a->dtype));
     return ws_align((size_t)a->out * acc) + 2 * ws_align((size_t)(a->out * a->r) * acc) +
            ws_align((size_t)(a->r * a->r) * cpeft_dtype_size(a->dtype));
 }
@@ -241,7 +241,7 @@ size_t norm_bytes(const cpeft_dora_norm_args *a)
 int dora_norm(Session &s, const cpeft_dora_norm_args *a, const cpeft_vec &norm, void *ws,
               cpeft_status *st)
 {
-    const cpeft_dtype dt = a->dtype, acc = acc_dtype(dt);
+    const cpeft_dtype dt = a->dtype, acc = cpeft_acc_dtype(dt);
     const size_t acc_elt = cpeft_dtype_size(acc);
     Carver carve(ws);
     void *wsq = carve.take((size_t)a->out * acc_elt);
@@ -505,7 +505,7 @@ int cpeft_dora_linear_bwd_cuda(const cpeft_dora_linear_args *a, const cpeft_dora
     CPEFT_TRY(check_plain(l, "dora_linear_backward", st));
     Session s;
     CPEFT_TRY(s.open(stream, st));
-    const cpeft_dtype dt = l->dtype, acc = acc_dtype(dt);
+    const cpeft_dtype dt = l->dtype, acc = cpeft_acc_dtype(dt);
     const size_t elt = cpeft_dtype_size(dt), acc_elt = cpeft_dtype_size(acc);
     const int64_t m = l->m, n_in = l->in, out = l->out, r = l->r;
     const cpeft_mat &g = in->grad_out;
@@ -652,7 +652,7 @@ int cpeft_dora_embedding_bwd_cuda(const cpeft_dora_embedding_args *a, cpeft_mat 
     const cpeft_lora_embedding_args *l = &a->lora;
     Session s;
     CPEFT_TRY(s.open(stream, st));
-    const cpeft_dtype dt = l->dtype, acc = acc_dtype(dt);
+    const cpeft_dtype dt = l->dtype, acc = cpeft_acc_dtype(dt);
     const size_t elt = cpeft_dtype_size(dt), acc_elt = cpeft_dtype_size(acc);
     const int64_t n = l->n, r = l->r, dim = l->dim;
     const cpeft_mat &g = grad_out;

@@ -19,8 +19,9 @@ namespace cpeft_cuda {
 int dropout_rows(cpeft_dtype dt, const cpeft_dropout *d, const cpeft_mat &x, int64_t row0,
                  int64_t rows, void *out, cudaStream_t stream, cpeft_status *st);
 
-/* dst rows [row0, row0 + rows) = alpha * mask ⊙ t, with t (rows x in, dense) of acc_dtype(dt):
- * the LoRA part of grad_x, written before the base GEMM accumulates onto it with beta = 1. */
+/* dst rows [row0, row0 + rows) = alpha * mask ⊙ t, with t (rows x in, dense) of
+ * cpeft_acc_dtype(dt): the LoRA part of grad_x, written before the base GEMM accumulates onto it
+ * with beta = 1. */
 int dropout_scale_rows(cpeft_dtype dt, const cpeft_dropout *d, const void *t, double alpha,
                        int64_t row0, int64_t rows, const cpeft_mat &dst, cudaStream_t stream,
                        cpeft_status *st);

@@ -26,7 +26,7 @@ int broadcast_rows(cpeft_dtype dt, const cpeft_mat &y, const cpeft_vec &row_vec,
 int scale_matrix(cpeft_dtype dt, const cpeft_mat &src, const cpeft_vec &l, int along_cols,
                  const cpeft_mat &dst, cudaStream_t stream, cpeft_status *st);
 
-/* dst (any layout) = src (compact row-major, of acc_dtype(dt)), rounded once to dt. */
+/* dst (any layout) = src (compact row-major, of cpeft_acc_dtype(dt)), rounded once to dt. */
 int store_acc(cpeft_dtype dt, const void *src, const cpeft_mat &dst, cudaStream_t stream,
               cpeft_status *st);
 

@@ -11,8 +11,8 @@
 namespace cpeft_cuda {
 
 /* C (m x n) = alpha * A (m x k) * B (k x n) + beta * C, on the Session's stream.
- * A and B are of dtype ab; C is of dtype c, which is ab or acc_dtype(ab) (fp16/bf16 inputs with an
- * fp32 C accumulate partial sums across calls without rounding to 16 bits in between).
+ * A and B are of dtype ab; C is of dtype c, which is ab or cpeft_acc_dtype(ab) (fp16/bf16 inputs
+ * with an fp32 C accumulate partial sums across calls without rounding to 16 bits in between).
  * Every view may be row- or column-major (core.h's BLAS-able rule); the transposes are chosen
  * here. Always CUBLAS_COMPUTE_32F (64F for fp64): exact fp32 products, no TF32, and the handle
  * disallows reduced-precision split-K reductions. k == 0 gives C = beta * C. */

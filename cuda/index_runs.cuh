@@ -34,8 +34,8 @@ int index_runs_build(const cpeft_vec &indices, cpeft_dtype index_dtype, int64_t 
 
 /* For every distinct key k: dst[k * key_stride + c * col_stride] =
  *   scale * col_scale[c] * Σ_{positions p with key k} src[order[p], c]    for c in [0, cols).
- * src is of dtype dt (src_is_acc = 0) or of acc_dtype(dt) (src_is_acc = 1); dst is of dtype dt.
- * Keys that never occur are left untouched (the caller zero-fills dst first). */
+ * src is of dtype dt (src_is_acc = 0) or of cpeft_acc_dtype(dt) (src_is_acc = 1); dst is of dtype
+ * dt. Keys that never occur are left untouched (the caller zero-fills dst first). */
 int scatter_runs(cpeft_dtype dt, const IndexRuns &runs, const void *src, int src_is_acc,
                  int64_t src_row_stride, int64_t src_col_stride, int64_t cols, double scale,
                  const cpeft_vec *col_scale, void *dst, int64_t dst_key_stride,

@@ -17,12 +17,6 @@
 
 namespace cpeft_cuda {
 
-/* The dtype partial results are accumulated in: fp32 for every float type except fp64. */
-inline cpeft_dtype acc_dtype(cpeft_dtype dt)
-{
-    return dt == CPEFT_FLOAT64 ? CPEFT_FLOAT64 : CPEFT_FLOAT32;
-}
-
 template <class T> struct Num;
 
 template <> struct Num<float> {

@@ -103,7 +103,7 @@ int cpeft_lora_embedding_bwd_cuda(const cpeft_lora_embedding_args *a,
 {
     Session s;
     CPEFT_TRY(s.open(stream, st));
-    const cpeft_dtype dt = a->dtype, acc = acc_dtype(dt);
+    const cpeft_dtype dt = a->dtype, acc = cpeft_acc_dtype(dt);
     const size_t elt = cpeft_dtype_size(dt);
     const int64_t n = a->n, r = a->r;
     const cpeft_mat &g = in->grad_out;

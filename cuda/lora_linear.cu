@@ -264,7 +264,7 @@ int lora_backward_cublas(Session &s, const cpeft_lora_linear_args *a, const Grou
                          const cpeft_lora_linear_bwd_in *in, const cpeft_lora_linear_bwd_out *o,
                          cpeft_status *st)
 {
-    const cpeft_dtype dt = a->dtype, acc = acc_dtype(dt);
+    const cpeft_dtype dt = a->dtype, acc = cpeft_acc_dtype(dt);
     const size_t elt = cpeft_dtype_size(dt), acc_elt = cpeft_dtype_size(acc);
     /* grad_a / grad_b: fp32 with fp32 adapters, written from the fp32 accumulators. */
     const cpeft_dtype grad_ab_dt = a->fp32_adapters ? CPEFT_FLOAT32 : dt;

@@ -251,7 +251,7 @@ int cpeft_lora_merge_cuda(const cpeft_lora_linear_args *a, int direction, cpeft_
     static const char op[] = "lora_merge";
     int64_t seg = 0, enabled_count = 0;
     CPEFT_TRY(cpeft_lora_groups(a, &seg, &enabled_count, st));
-    const cpeft_dtype dt = a->dtype, acc = acc_dtype(dt);
+    const cpeft_dtype dt = a->dtype, acc = cpeft_acc_dtype(dt);
     const int64_t in = a->in, r = a->r;
 
     const bool transpose = !rows_contiguous(a->weight);

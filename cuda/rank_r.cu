@@ -696,7 +696,7 @@ int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop
         typedef typename Num<T>::acc Acc;
         const DropoutIn<Acc> d = dropout_in<Acc>(drop, 1.0);
         constexpr int wide = wide_rank_tile<T>();
-        const cpeft_dtype out_dt = out_acc ? acc_dtype(dt) : dt;
+        const cpeft_dtype out_dt = out_acc ? cpeft_acc_dtype(dt) : dt;
         for (int64_t k0 = 0; k0 < small.rows; k0 += wide) {
             const int64_t n = small.rows - k0 < wide ? small.rows - k0 : wide;
             const cpeft_mat sm = cpeft_mat_sub(dt, small, k0, n, 0, small.cols);
@@ -726,7 +726,7 @@ static size_t reduce_tile_bytes(cpeft_dtype dt, int64_t m, int64_t len, int64_t 
     const int64_t slices = reduce_slices(m, len, cpt, &rows_per_slice);
     if (slices <= 1)
         return 0;
-    return (size_t)slices * (size_t)tile * (size_t)len * cpeft_dtype_size(acc_dtype(dt));
+    return (size_t)slices * (size_t)tile * (size_t)len * cpeft_dtype_size(cpeft_acc_dtype(dt));
 }
 
 size_t rank_reduce_partial_bytes(cpeft_dtype dt, int64_t m, int64_t len, int64_t r)

@@ -24,7 +24,7 @@ namespace cpeft_cuda {
 bool rank_r_kernels_enabled();
 
 /* out (M x R) = d(big) (M x L) · smallᵀ, small R x L (x·Aᵀ; g·B with small = Bᵀ). out is of
- * dtype dt, or of acc_dtype(dt) when out_acc (sums kept unrounded for a later reduction). */
+ * dtype dt, or of cpeft_acc_dtype(dt) when out_acc (sums kept unrounded for a later reduction). */
 int rank_project(cpeft_dtype dt, const cpeft_mat &big, const cpeft_dropout *drop,
                  const cpeft_mat &small, const cpeft_mat &out, cudaStream_t stream,
                  cpeft_status *st, bool out_acc = false);

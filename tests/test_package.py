@@ -61,3 +61,26 @@ def test_supported_dtypes_is_what_the_cpu_boundary_accepts():
             expected = f"x must have dtype {listed} on the CPU, got {name}"
             with pytest.raises(ValueError, match=expected):
                 F.lora_linear_forward(*args)
+
+
+def test_accumulation_dtypes_is_what_the_merge_boundary_takes_as_delta():
+    """cpeft._C.accumulation_dtypes() names, for every float dtype the kernels take, the dtype of
+    a LoRA merge's ΔW scratch (cpeft.functional allocates it from the table): on the CPU the
+    boundary takes exactly that dtype as `delta` and refuses the other float dtype, naming it."""
+    import numpy as np
+    import pytest
+
+    from cpeft import _C
+
+    table = _C.accumulation_dtypes()
+    assert set(table) == set(_C.supported_dtypes()["cuda"])
+    assert set(table.values()) <= set(_C.supported_dtypes()["cpu"])
+    for name in _C.supported_dtypes()["cpu"]:
+        weight = np.ones((4, 3), name)
+        a, b = np.ones((1, 3), name), np.ones((4, 1), name)
+        want = table[name]
+        delta = np.empty(12, want)
+        assert _C.lora_merge(weight, a, b, 0.5, count_only=True, delta=delta) >= 0
+        other = "float64" if want == "float32" else "float32"
+        with pytest.raises(ValueError, match=f"delta must have dtype {want}"):
+            _C.lora_merge(weight, a, b, 0.5, count_only=True, delta=np.empty(12, other))

@@ -71,3 +71,23 @@ PyObject *cpeft_py_supported_dtypes(PyObject *module, PyObject *unused)
     Py_XDECREF(cuda);
     return table;
 }
+
+const char cpeft_doc_accumulation_dtypes[] =
+    "accumulation_dtypes()\n--\n\n"
+    "The dtype each float dtype's products and sums accumulate in, by name: {'float16':\n"
+    "'float32', ...}; also the dtype of a merge's ΔW scratch (the `delta` of lora_merge).";
+
+PyObject *cpeft_py_accumulation_dtypes(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    PyObject *table = PyDict_New();
+    for (const int *d = cuda_float_dtypes; table != NULL && *d != CPEFT_DTYPE_UNSUPPORTED; ++d) {
+        PyObject *acc = PyUnicode_FromString(cpeft_dtype_name(cpeft_acc_dtype((cpeft_dtype)*d)));
+        if (acc == NULL || PyDict_SetItemString(table, cpeft_dtype_name(*d), acc) < 0) {
+            Py_CLEAR(table);
+        }
+        Py_XDECREF(acc);
+    }
+    return table;
+}

@@ -15,5 +15,8 @@ void cpeft_format_float_dtypes(char *buf, size_t size, int on_cuda);
 
 extern const char cpeft_doc_supported_dtypes[];
 PyObject *cpeft_py_supported_dtypes(PyObject *module, PyObject *unused);
+/* cpeft._C.accumulation_dtypes(): cpeft_acc_dtype (cpeft/core.h) for every float dtype, by name. */
+extern const char cpeft_doc_accumulation_dtypes[];
+PyObject *cpeft_py_accumulation_dtypes(PyObject *module, PyObject *unused);
 
 #endif /* CPEFT_PY_DTYPES_H */

@@ -93,6 +93,8 @@ static PyMethodDef cpeft_methods[] = {
     {"has_cuda", has_cuda, METH_NOARGS, has_cuda_doc},
     {"build_info", build_info, METH_NOARGS, build_info_doc},
     {"supported_dtypes", cpeft_py_supported_dtypes, METH_NOARGS, cpeft_doc_supported_dtypes},
+    {"accumulation_dtypes", cpeft_py_accumulation_dtypes, METH_NOARGS,
+     cpeft_doc_accumulation_dtypes},
     {NULL, NULL, 0, NULL},
 };
 

@@ -155,14 +155,11 @@ static int bind_delta(cpeft_call *call, merge_target *m, merge_mode mode, PyObje
     if (t == NULL) {
         return -1;
     }
-    int half = m->dtype == CPEFT_FLOAT16 || m->dtype == CPEFT_BFLOAT16;
-    int acc = half ? CPEFT_FLOAT32 : (int)m->dtype;
+    int acc = (int)cpeft_acc_dtype(m->dtype);
     if (t->dtype != acc) {
-        PyErr_Format(PyExc_ValueError, "delta must have dtype %s (%s), got %s",
-                     cpeft_dtype_name(acc),
-                     half ? "float16 and bfloat16 weights accumulate in float32"
-                          : "the weight's dtype",
-                     t->dtype_name);
+        PyErr_Format(PyExc_ValueError,
+                     "delta must have dtype %s (the dtype a %s weight accumulates in), got %s",
+                     cpeft_dtype_name(acc), cpeft_dtype_name(m->dtype), t->dtype_name);
         return -1;
     }
     int64_t n = m->lora.out * m->lora.in;

@@ -697,18 +697,22 @@ def ia3_embedding_backward(
 # once (merges are not a hot path: the temporary is worth the two GEMMs it saves).
 
 
+# The dtype each float dtype accumulates in, as the C core defines it (cpeft_acc_dtype).
+_ACCUMULATION_DTYPES = _C.accumulation_dtypes()
+
+
 def _delta_scratch(weight):
     """ΔW's scratch for a LoRA merge: as many elements as the weight, in the dtype C computes ΔW
-    in (float32 for float16 and bfloat16 weights, else the weight's; C checks it)."""
+    in (the weight's accumulation dtype; C checks it)."""
     if _framework(weight) == "torch":
         torch = sys.modules["torch"]
-        half = weight.dtype in (torch.float16, torch.bfloat16)
-        return weight.new_empty((weight.numel(),), dtype=torch.float32 if half else weight.dtype)
+        name = str(weight.dtype).removeprefix("torch.")
+        dtype = getattr(torch, _ACCUMULATION_DTYPES.get(name, name))
+        return weight.new_empty((weight.numel(),), dtype=dtype)
     cupy = sys.modules["cupy"]
     with weight.device:
-        return cupy.empty(
-            (weight.size,), dtype=cupy.float32 if weight.dtype == cupy.float16 else weight.dtype
-        )
+        name = weight.dtype.name
+        return cupy.empty((weight.size,), dtype=_ACCUMULATION_DTYPES.get(name, name))
 
 
 def _merge(entry, weight, args, kwargs, computes_delta=False):

@@ -53,6 +53,13 @@ static inline size_t cpeft_dtype_size(cpeft_dtype dt)
     }
 }
 
+/* The dtype a float dtype's products and sums accumulate in: float64 stays float64, everything
+ * else (float32, float16, bfloat16) accumulates in float32. */
+static inline cpeft_dtype cpeft_acc_dtype(cpeft_dtype dt)
+{
+    return dt == CPEFT_FLOAT64 ? CPEFT_FLOAT64 : CPEFT_FLOAT32;
+}
+
 /* Element (i, j) lives at data + i*row_stride + j*col_stride (elements). */
 typedef struct {
     void *data;
