@@ -9,9 +9,13 @@ At this shape the arithmetic is negligible: the figure is the per-call path (Pyt
 the C boundary). CPU time per step (time.process_time, torch and OpenBLAS on one thread), best of
 9 batches of 400 steps, the layer and nn.Linear measured alternately so both see the same machine.
 With --compare each build runs in its own process, alternately, and one table is printed. The
-last column is an autograd.Function that computes nothing on the same inputs: the floor of any
-Python-level autograd node, against which the rest of the layer's cost can be read.
-Then the raw C calls alone (forward, backward) at this shape and at M=1, 4->4, r=1.
+last columns are two autograd.Functions that compute nothing on the same inputs: one that saves
+them and allocates the output and the three gradients (what any Python-level node of this layer
+pays before its C calls), and one that only passes its gradient through (the bare cost of a
+Python node, to set beside nn.Linear's C++ node).
+Then the raw C calls alone (forward, backward) at this shape and at M=1, 4->4, r=1, each called
+back to back (warm caches) and each after an nn.Linear fwd+bwd step (the caches as a training
+step leaves them; only the call itself is timed there).
 --profile adds a cProfile of 300 layer steps (tottime) for the importable build.
 """
 
@@ -28,7 +32,8 @@ BATCHES, STEPS = 9, 400
 
 
 def measure():
-    """(layer, nn.Linear, empty Function) us/step for the cpeft on sys.path."""
+    """(layer, nn.Linear, empty Function, pass-through Function) us/step for the cpeft on
+    sys.path, and the layer step function."""
     import time
 
     import torch
@@ -75,7 +80,27 @@ def measure():
         layer.lora_B.grad = None
         Empty.apply(x, layer.weight, layer.lora_A, layer.lora_B).backward(grad)
 
-    best = {layer_step: float("inf"), base_step: float("inf"), empty_step: float("inf")}
+    class PassThrough(torch.autograd.Function):
+        """A Python node and nothing else: the output is allocated, the gradient handed on."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.new_empty((M, OUT))
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return grad_out
+
+    def pass_through_step():
+        x.grad = None
+        PassThrough.apply(x).backward(grad)
+
+    best = {
+        layer_step: float("inf"),
+        base_step: float("inf"),
+        empty_step: float("inf"),
+        pass_through_step: float("inf"),
+    }
     for fn in best:
         for _ in range(50):
             fn()
@@ -85,18 +110,28 @@ def measure():
             for _ in range(STEPS):
                 fn()
             best[fn] = min(best[fn], (time.process_time() - start) / STEPS)
-    return (best[layer_step] * 1e6, best[base_step] * 1e6, best[empty_step] * 1e6, layer_step)
+    steps = (layer_step, base_step, empty_step, pass_through_step)
+    return tuple(best[step] * 1e6 for step in steps) + (layer_step,)
 
 
 def c_calls():
     """us per raw _C.lora_linear_forward / _backward call (capsules included) at this shape and
-    at M=1, 4->4, r=1 (the fixed cost of a call)."""
+    at M=1, 4->4, r=1 (the fixed cost of a call): back to back, and each after an nn.Linear
+    fwd+bwd step of this shape."""
     import time
 
     import torch
+    import torch.nn as nn
     from torch.utils.dlpack import to_dlpack as dl
 
     from cpeft import _C
+
+    base = nn.Linear(IN, OUT, bias=False).requires_grad_(False)
+    step_x, step_grad = torch.randn(M, IN, requires_grad=True), torch.randn(M, OUT)
+
+    def training_step():
+        step_x.grad = None
+        base(step_x).backward(step_grad)
 
     def per_call(fn, n=3000):
         best = float("inf")
@@ -106,6 +141,18 @@ def c_calls():
                 fn()
             best = min(best, (time.process_time() - start) / n)
         return best * 1e6
+
+    def per_call_after_step(fn, n=1000):
+        best = float("inf")
+        for _ in range(7):
+            total = 0
+            for _ in range(n):
+                training_step()
+                start = time.perf_counter_ns()
+                fn()
+                total += time.perf_counter_ns() - start
+            best = min(best, total / n)
+        return best / 1e3
 
     rows = []
     for m, n_in, n_out, r in ((M, IN, OUT, R), (1, 4, 4, 1)):
@@ -132,8 +179,9 @@ def c_calls():
             )
 
         rows.append(
-            f"M={m} {n_in}->{n_out} r={r}: forward {per_call(forward):.1f} us, "
-            f"backward {per_call(backward):.1f} us"
+            f"M={m} {n_in}->{n_out} r={r}: forward {per_call(forward):.1f} us "
+            f"({per_call_after_step(forward):.1f} after a step), "
+            f"backward {per_call(backward):.1f} us ({per_call_after_step(backward):.1f} after a step)"
         )
     print("raw C calls (capsules included): " + "; ".join(rows))
 
@@ -164,8 +212,7 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        layer_us, base_us, empty_us, _ = measure()
-        print(f"{layer_us} {base_us} {empty_us}")
+        print(" ".join(str(v) for v in measure()[:4]))
         return
     import cpeft
 
@@ -187,14 +234,17 @@ def main():
         f"cpeft.Linear fwd+bwd, M={M} {IN}->{OUT} r={R} float32, CPU time per step "
         "(best of 9 batches; 3 alternating processes per build, median shown)"
     )
-    print("| build | cpeft.Linear us | nn.Linear us | ratio | empty autograd.Function us (ratio) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| build | cpeft.Linear us | nn.Linear us | ratio | empty autograd.Function us (ratio) "
+        "| pass-through Function us (ratio) |"
+    )
+    print("|---|---|---|---|---|---|")
     for label, path in builds:
         runs = sorted(results[label], key=lambda r: r[0] / r[1])
-        layer_us, base_us, empty_us = runs[len(runs) // 2]
+        layer_us, base_us, empty_us, pass_us = runs[len(runs) // 2]
         print(
             f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x "
-            f"| {empty_us:.1f} ({empty_us / base_us:.2f}x) |"
+            f"| {empty_us:.1f} ({empty_us / base_us:.2f}x) | {pass_us:.1f} ({pass_us / base_us:.2f}x) |"
         )
     c_calls()
     if args.profile:

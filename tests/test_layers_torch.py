@@ -245,6 +245,36 @@ def test_gradcheck_with_dropout_under_a_fixed_seed():
     assert torch.autograd.gradcheck(run, (x,) + params, eps=1e-6, atol=1e-8)
 
 
+FLOAT_INPUT_CASES = [name for name, _, x in make_layers() if x.is_floating_point()]
+
+
+@pytest.mark.parametrize("name", FLOAT_INPUT_CASES)
+def test_a_tensor_left_from_a_finished_transform_is_taken_as_its_value(name):
+    """autograd.Function.apply unwraps a functorch wrapper whose transform has ended (one kept
+    from inside torch.func.grad); the layers' leaner apply (_autograd._eager_apply) keeps that."""
+    layer, x = case(name)
+    leaked = []
+
+    def keep(t):
+        leaked.append(t)
+        return t.sum()
+
+    torch.func.grad(keep)(x.detach())
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    torch.testing.assert_close(layer(leaked[0]), layer(x.detach()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_functorch_transforms_reach_torchs_own_apply(name):
+    """Under an active transform the layers take autograd.Function.apply itself, so torch's
+    own error comes (their Functions define no setup_context), not a wrong result."""
+    layer, x = case(name)
+    if isinstance(layer, lora.ConvLoRA):
+        pytest.skip("convolutions are plain torch autograd, which functorch transforms")
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.vmap(layer)(x.detach().unsqueeze(0))
+
+
 def test_activation_checkpointing_recomputes_the_same_dropout_mask():
     torch.manual_seed(0)
     model = nn.Sequential(

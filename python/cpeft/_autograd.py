@@ -177,6 +177,27 @@ def _first_order(backward):
     return wrapper
 
 
+_function_apply = torch._C._FunctionBase.__dict__["apply"]
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _eager_apply(function):
+    """``function.apply`` without its Python wrapper where that wrapper changes nothing. The
+    wrapper binds default arguments (these Functions have none and no setup_context), routes to
+    functorch when a transform is active (kept: the full ``apply`` then) and unwraps tensors left
+    over from a finished transform (kept: ``unwrap_if_dead`` on each tensor). What it costs
+    besides, about 4 µs per call, is most of the Python time of a small layer step."""
+    apply_node = _function_apply.__get__(None, function)
+
+    def apply(*args):
+        if _functorch_transforms_active():
+            return function.apply(*args)
+        return apply_node(*[_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
+
+    return apply
+
+
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """Differentiable cast; the dtype test first keeps the common no-cast path free of a
     dispatcher round trip (this runs five times per layer call)."""
@@ -185,19 +206,20 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t.to(dtype)
 
 
-def _new(like: Tensor, needed: bool, shape) -> Optional[Tensor]:
-    """A contiguous, uninitialized buffer of like's dtype and device (``new_empty`` with a plain
-    tuple is torch's cheapest allocation call), or None when not needed."""
-    return like.new_empty(tuple(shape)) if needed else None
-
-
 def _empty(shape, like: Tensor) -> Tensor:
-    """Uninitialized, contiguous, like's dtype and device (the ops still on cpeft.functional)."""
-    return like.new_empty(tuple(shape))
+    """Uninitialized, contiguous, like's dtype and device. Sizes go to ``new_empty`` as separate
+    ints, its cheapest form: a tuple is first tried as one int and a TypeError is built and
+    dropped, about 1 µs per allocation. A 0-d shape has no ints to pass."""
+    return like.new_empty(*shape) if len(shape) else like.new_empty(())
+
+
+def _new(like: Tensor, needed: bool, shape) -> Optional[Tensor]:
+    """``_empty`` where needed, else None."""
+    return _empty(shape, like) if needed else None
 
 
 def _grad_buffer(needed: bool, like: Tensor) -> Optional[Tensor]:
-    return like.new_empty(tuple(like.shape)) if needed else None
+    return _empty(like.shape, like) if needed else None
 
 
 def _seed_value(seed: Optional[Tensor]) -> int:
@@ -233,9 +255,9 @@ def _lora_linear_fwd(
     if stream is not None:
         x, weight, bias = _cuda_view(x), _cuda_view(weight), _cuda_view(bias)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
-    lead = tuple(x.shape)[:-1]  # new_empty takes a tuple about 1 µs faster than a Size
-    y = x.new_empty(lead + (_out_features(weight, fan_in_fan_out),))
-    xa = x.new_empty(lead + (lora_a.shape[0],))
+    lead = x.shape[:-1]
+    y = x.new_empty(*lead, _out_features(weight, fan_in_fan_out))
+    xa = x.new_empty(*lead, lora_a.shape[0])
     _C.lora_linear_forward(
         to_dlpack(x),
         to_dlpack(weight),
@@ -279,12 +301,12 @@ def _lora_linear_bwd(
             _cuda_view(xa),
         )
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
-    grad_x = x.new_empty(tuple(x.shape)) if need_x else None
-    grad_weight = x.new_empty(tuple(weight.shape)) if need_weight else None
-    grad_bias = x.new_empty((grad_out.shape[-1],)) if need_bias else None
+    grad_x = x.new_empty(*x.shape) if need_x else None
+    grad_weight = x.new_empty(*weight.shape) if need_weight else None
+    grad_bias = x.new_empty(grad_out.shape[-1]) if need_bias else None
     # Adapter gradients in the adapters' dtype: float32 adapters beside a 16-bit x on CUDA.
-    grad_a = lora_a.new_empty(tuple(lora_a.shape)) if need_a else None
-    grad_b = lora_b.new_empty(tuple(lora_b.shape)) if need_b else None
+    grad_a = lora_a.new_empty(*lora_a.shape) if need_a else None
+    grad_b = lora_b.new_empty(*lora_b.shape) if need_b else None
     _C.lora_linear_backward(
         to_dlpack(grad_out),
         to_dlpack(x),
@@ -307,19 +329,13 @@ def _lora_linear_bwd(
     return grad_x, grad_weight, grad_bias, grad_a, grad_b
 
 
-class LoraLinearSettings(NamedTuple):
-    scale: float
-    fan_in_fan_out: bool
-    enable_lora: Optional[Sequence[bool]]
-    dropout: float
-    seed: int
-
-
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ (grouped for MergedLinear); keeps x and xa = drop(x)·Aᵀ."""
+    """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ (grouped for MergedLinear); keeps x and xa = drop(x)·Aᵀ.
+    ``settings`` is the plain tuple (scale, fan_in_fan_out, enable_lora, dropout, seed): a
+    NamedTuple's constructor is a Python call, about 0.4 µs on the per-call path."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, settings: LoraLinearSettings):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, settings):
         y, xa = _lora_linear_fwd(x, weight, bias, lora_a, lora_b, *settings)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.settings = settings
@@ -342,6 +358,9 @@ class LoraLinearFunction(torch.autograd.Function):
             (need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b),
         )
         return (*grads, None)
+
+
+_lora_linear_apply = _eager_apply(LoraLinearFunction)
 
 
 @torch.library.custom_op("cpeft::lora_linear", mutates_args=())
@@ -455,22 +474,30 @@ _lora_linear_op.register_autograd(_lora_linear_op_backward, setup_context=_lora_
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enable_lora, dropout):
     """LoRA linear under the module-wide dtype rule; returns the compute dtype."""
     device_type = "cpu" if x.is_cpu else x.device.type  # is_cpu spares a torch.device object
-    dtype = compute_dtype(x.dtype, weight.dtype, device_type)
-    kernel_dtype = core_dtype(dtype, device_type)
-    adapter_dtype = (
-        torch.float32
-        if kernel_dtype in _FP32_ADAPTER_DTYPES
-        and lora_a.dtype == torch.float32
-        and lora_b.dtype == torch.float32
-        else kernel_dtype
-    )
-    # One test for the common case, where nothing is cast (the four calls cost about 1.5 µs).
+    dtype = x.dtype
+    # The common case first, in one test: every operand already in a dtype the core computes in
+    # on this device, and no autocast, so nothing is cast (the general rule below costs about
+    # 2 µs in calls that would change nothing).
     if not (
-        x.dtype == weight.dtype == kernel_dtype and lora_a.dtype == lora_b.dtype == adapter_dtype
+        weight.dtype is dtype
+        and lora_a.dtype is dtype
+        and lora_b.dtype is dtype
+        and (bias is None or bias.dtype is dtype)
+        and dtype in _CORE_DTYPES.get(device_type, ())
+        and not torch.is_autocast_enabled(device_type)
     ):
+        dtype = compute_dtype(x.dtype, weight.dtype, device_type)
+        kernel_dtype = core_dtype(dtype, device_type)
+        adapter_dtype = (
+            torch.float32
+            if kernel_dtype in _FP32_ADAPTER_DTYPES
+            and lora_a.dtype == torch.float32
+            and lora_b.dtype == torch.float32
+            else kernel_dtype
+        )
         x, weight = _cast(x, kernel_dtype), _cast(weight, kernel_dtype)
         lora_a, lora_b = _cast(lora_a, adapter_dtype), _cast(lora_b, adapter_dtype)
-    bias = _cast(bias, kernel_dtype)
+        bias = _cast(bias, kernel_dtype)
     if torch.compiler.is_compiling():
         seed = _draw_seed_tensor() if dropout > 0.0 else None
         y = _lora_linear_op(
@@ -487,15 +514,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enabl
         )[0]
     else:
         seed = draw_dropout_seed() if dropout > 0.0 else 0
-        y = LoraLinearFunction.apply(
+        y = _lora_linear_apply(
             x,
             weight,
             bias,
             lora_a,
             lora_b,
-            LoraLinearSettings(
-                float(scale), bool(fan_in_fan_out), enable_lora, float(dropout), seed
-            ),
+            (float(scale), bool(fan_in_fan_out), enable_lora, float(dropout), seed),
         )
     return _cast(y, dtype)
 
@@ -508,7 +533,7 @@ def _lora_embedding_fwd(indices, weight, lora_a, lora_b, scale, padding_idx):
     if stream is not None:
         indices, weight = _cuda_view(indices), _cuda_view(weight)
         lora_a, lora_b = _cuda_view(lora_a), _cuda_view(lora_b)
-    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
+    y = weight.new_empty(*indices.shape, weight.shape[1])
     _C.lora_embedding_forward(
         to_dlpack(indices),
         to_dlpack(weight),
@@ -569,6 +594,9 @@ class LoraEmbeddingFunction(torch.autograd.Function):
             grad_out, indices, lora_a, lora_b, *ctx.settings, ctx.needs_input_grad[1:4]
         )
         return (None, *grads, None)
+
+
+_lora_embedding_apply = _eager_apply(LoraEmbeddingFunction)
 
 
 @torch.library.custom_op("cpeft::lora_embedding", mutates_args=())
@@ -648,7 +676,7 @@ def lora_embedding(indices, weight, lora_a, lora_b, *, scale, padding_idx):
     if torch.compiler.is_compiling():
         y = _lora_embedding_op(indices, weight, lora_a, lora_b, float(scale), padding_idx)
     else:
-        y = LoraEmbeddingFunction.apply(
+        y = _lora_embedding_apply(
             indices, weight, lora_a, lora_b, LoraEmbeddingSettings(float(scale), padding_idx)
         )
     return _cast(y, dtype)
@@ -668,7 +696,7 @@ def _ia3_linear_fwd(x, weight, bias, ia3_l, feedforward, fan_in_fan_out, keep_ba
             _cuda_view(ia3_l),
         )
     out_features = _out_features(weight, fan_in_fan_out)
-    y = x.new_empty(tuple(x.shape)[:-1] + (out_features,))
+    y = x.new_empty(*x.shape[:-1], out_features)
     base = _new(y, keep_base, y.shape)
     _C.ia3_linear_forward(
         to_dlpack(x),
@@ -748,6 +776,9 @@ class IA3LinearFunction(torch.autograd.Function):
         return (*grads, None)
 
 
+_ia3_linear_apply = _eager_apply(IA3LinearFunction)
+
+
 @torch.library.custom_op("cpeft::ia3_linear", mutates_args=())
 def _ia3_linear_op(
     x: Tensor,
@@ -821,7 +852,7 @@ def ia3_linear(x, weight, bias, ia3_l, *, feedforward, fan_in_fan_out):
             x, weight, bias, ia3_l, bool(feedforward), bool(fan_in_fan_out), keep_base
         )[0]
     else:
-        y = IA3LinearFunction.apply(
+        y = _ia3_linear_apply(
             x, weight, bias, ia3_l, IA3LinearSettings(bool(feedforward), bool(fan_in_fan_out))
         )
     return _cast(y, dtype)
@@ -834,7 +865,7 @@ def _ia3_embedding_fwd(indices, weight, ia3_l):
     stream = _stream_of(weight)
     if stream is not None:
         indices, weight, ia3_l = _cuda_view(indices), _cuda_view(weight), _cuda_view(ia3_l)
-    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
+    y = weight.new_empty(*indices.shape, weight.shape[1])
     _C.ia3_embedding_forward(
         to_dlpack(indices), to_dlpack(weight), to_dlpack(ia3_l), out=to_dlpack(y), stream=stream
     )
@@ -880,6 +911,9 @@ class IA3EmbeddingFunction(torch.autograd.Function):
             grad_out, indices, weight, ia3_l, ctx.padding_idx, ctx.needs_input_grad[1:3]
         )
         return (None, *grads, None)
+
+
+_ia3_embedding_apply = _eager_apply(IA3EmbeddingFunction)
 
 
 @torch.library.custom_op("cpeft::ia3_embedding", mutates_args=())
@@ -939,7 +973,7 @@ def ia3_embedding(indices, weight, ia3_l, *, padding_idx):
     if torch.compiler.is_compiling():
         y = _ia3_embedding_op(indices, weight, ia3_l, padding_idx)
     else:
-        y = IA3EmbeddingFunction.apply(indices, weight, ia3_l, padding_idx)
+        y = _ia3_embedding_apply(indices, weight, ia3_l, padding_idx)
     return _cast(y, dtype)
 
 
@@ -1150,6 +1184,9 @@ class DoraLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None
 
 
+_dora_linear_apply = _eager_apply(DoraLinearFunction)
+
+
 @torch.library.custom_op("cpeft::dora_linear", mutates_args=())
 def _dora_linear_op(
     x: Tensor,
@@ -1339,7 +1376,7 @@ def dora_linear(
             if sq_norm_cache is not None
             else None
         )
-        y = DoraLinearFunction.apply(
+        y = _dora_linear_apply(
             x,
             kernel_weight,
             bias,
@@ -1360,7 +1397,7 @@ def _dora_embedding_fwd(indices, weight, lora_a, lora_b, magnitude, weight_sq_no
     stream = _stream_of(weight)
     if stream is not None:
         indices = _cuda_view(indices)
-    y = weight.new_empty(tuple(indices.shape) + (weight.shape[1],))
+    y = weight.new_empty(*indices.shape, weight.shape[1])
     norm = weight.new_empty((weight.shape[1],))
     _C.dora_embedding_forward(
         to_dlpack(indices),
@@ -1443,6 +1480,9 @@ class DoraEmbeddingFunction(torch.autograd.Function):
             ctx.needs_input_grad[2:5],
         )
         return (None, None, *grads, None, None)
+
+
+_dora_embedding_apply = _eager_apply(DoraEmbeddingFunction)
 
 
 @torch.library.custom_op("cpeft::dora_embedding", mutates_args=())
@@ -1542,7 +1582,7 @@ def dora_embedding(
         sq_norm = (
             sq_norm_cache.get(weight, kernel_weight, True) if sq_norm_cache is not None else None
         )
-        y = DoraEmbeddingFunction.apply(
+        y = _dora_embedding_apply(
             indices,
             kernel_weight,
             lora_a,
@@ -1671,6 +1711,9 @@ class LoraGroupedFunction(torch.autograd.Function):
             (need_x, need_weight, need_bias and ctx.has_bias, need_a, need_b),
         )
         return (*grads, None, None)
+
+
+_lora_grouped_apply = _eager_apply(LoraGroupedFunction)
 
 
 @torch.library.custom_op("cpeft::lora_grouped", mutates_args=())
@@ -1813,7 +1856,7 @@ def lora_grouped(x, weight, bias, lora_a, lora_b, index, *, ranks, scales, fan_i
         )[0]
     else:
         seed = draw_dropout_seed() if dropout > 0.0 else 0
-        y = LoraGroupedFunction.apply(
+        y = _lora_grouped_apply(
             x,
             weight,
             bias,
