@@ -11,7 +11,9 @@ The pattern (every op here follows it; a new op copies it):
      C exporter (``to_dlpack``, about 0.4 µs; ``__dlpack__`` costs about 8 µs per tensor), the
      raw handle of torch's current stream (None on the CPU), no validation that C repeats.
      The backward computes only the gradients in ``needs`` and returns None for the others.
-  2. ``<Op>Function`` (``torch.autograd.Function``): the eager path, the cheapest per call.
+  2. ``<Op>Function`` (``torch.autograd.Function``): the eager path, the cheapest per call,
+     entered through ``_<op>_apply = _eager_apply(<Op>Function)`` (the C apply without
+     ``Function.apply``'s Python wrapper, whose functorch handling it keeps).
   3. ``cpeft::<op>`` and ``cpeft::<op>_backward`` (``torch.library.custom_op``) over the same
      kernels, with ``register_fake`` (output shapes only) and ``register_autograd`` (the
      backward calls the backward op, so AOTAutograd traces it too). Schemas take Tensor, float,
@@ -177,9 +179,11 @@ def _first_order(backward):
     return wrapper
 
 
-_function_apply = torch._C._FunctionBase.__dict__["apply"]
-_functorch_transforms_active = torch._C._are_functorch_transforms_active
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# torch internals behind Function.apply (present since torch 2.1); a torch without them gets
+# Function.apply itself.
+_function_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
 
 
 def _eager_apply(function):
@@ -187,7 +191,9 @@ def _eager_apply(function):
     wrapper binds default arguments (these Functions have none and no setup_context), routes to
     functorch when a transform is active (kept: the full ``apply`` then) and unwraps tensors left
     over from a finished transform (kept: ``unwrap_if_dead`` on each tensor). What it costs
-    besides, about 4 µs per call, is most of the Python time of a small layer step."""
+    besides, about 4 µs per call, is a large part of the Python time of a small layer step."""
+    if None in (_function_apply, _functorch_transforms_active, _unwrap_if_dead):
+        return function.apply
     apply_node = _function_apply.__get__(None, function)
 
     def apply(*args):
