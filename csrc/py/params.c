@@ -1,8 +1,8 @@
 /*
  * The argument parsers and validators shared by the entry points (params.h): scalars first, then
- * the tensor parameters of each op family, then the LoRA linear backwards' gradient outputs. Each
- * names the argument in its message, says what it expected and shows what came, so a mistake reads
- * the same from cpeft.functional and _C and whichever entry point took it.
+ * the tensor parameters of each op family, then the outputs of the LoRA linear ops. Each names the
+ * argument in its message, says what it expected and shows what came, so a mistake reads the same
+ * from cpeft.functional and _C and whichever entry point took it.
  */
 #include "params.h"
 
@@ -506,6 +506,19 @@ int cpeft_py_ia3_l(cpeft_call *call, PyObject *obj, int64_t count, const char *m
     }
     *l = t;
     return cpeft_tensor_vec(t, vec);
+}
+
+int cpeft_py_lora_fwd_outputs(cpeft_call *call, PyObject *out_obj, PyObject *out_xa_obj,
+                              const cpeft_tensor *x, int64_t out, int64_t xa_cols, cpeft_tensor **y,
+                              cpeft_tensor **xa)
+{
+    int64_t shape[CPEFT_MAX_NDIM];
+    int ndim = cpeft_py_leading_shape_with(x, out, shape);
+    if (cpeft_call_output(call, out_obj, "out", 1, x->dtype, ndim, shape, y) < 0) {
+        return -1;
+    }
+    cpeft_py_leading_shape_with(x, xa_cols, shape);
+    return cpeft_call_output(call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, xa);
 }
 
 int cpeft_py_lora_grad_outputs(cpeft_call *call, PyObject *const objs[5], const cpeft_tensor *x,

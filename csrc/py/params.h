@@ -2,9 +2,8 @@
  * The argument parsers and validators the entry points (py_*.c) share, in one place so that a
  * message is the same whichever entry point the caller used. Scalars are converted before
  * cpeft_call_begin (their conversion may run Python code); the tensor parameters of an op family
- * are acquired, checked and viewed after it, and so are the gradient outputs the two LoRA linear
- * backwards (plain and grouped) share. Entry points include this header and nothing else of the
- * boundary's.
+ * are acquired, checked and viewed after it, and so are the outputs the two LoRA linear ops (plain
+ * and grouped) share. Entry points include this header and nothing else of the boundary's.
  */
 #ifndef CPEFT_PY_PARAMS_H
 #define CPEFT_PY_PARAMS_H
@@ -107,7 +106,13 @@ int cpeft_py_leading_shape_with(const cpeft_tensor *x, int64_t last, int64_t *sh
 int cpeft_py_ia3_l(cpeft_call *call, PyObject *obj, int64_t count, const char *meaning,
                    const cpeft_tensor *like, cpeft_tensor **l, cpeft_vec *vec);
 
-/* ---- gradient outputs of the LoRA linear backward, plain and grouped ------------------------- */
+/* ---- outputs of the LoRA linear ops, plain and grouped --------------------------------------- */
+
+/* out (x.shape[:-1] + (out,)) and out_xa (x.shape[:-1] + (xa_cols,)), both always written and in
+ * x's dtype, resolved with cpeft_call_output in that order. */
+int cpeft_py_lora_fwd_outputs(cpeft_call *call, PyObject *out_obj, PyObject *out_xa_obj,
+                              const cpeft_tensor *x, int64_t out, int64_t xa_cols, cpeft_tensor **y,
+                              cpeft_tensor **xa);
 
 /* The gradients of a LoRA linear backward in the order of its result tuple; each NULL when its
  * grad_* argument did not request it. */

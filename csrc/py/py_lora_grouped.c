@@ -201,7 +201,6 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *const *args,
     cpeft_lora_grouped_args a = {0};
     cpeft_lora_grouped_fwd_out o = {0};
     cpeft_tensor *x, *weight, *bias, *y, *xa;
-    int64_t shape[CPEFT_MAX_NDIM];
 
     PyObject *const tensor_objs[] = {x_obj,     weight_obj, lora_a_obj, lora_b_obj,
                                      index_obj, bias_obj,   out_obj,    out_xa_obj};
@@ -222,12 +221,7 @@ PyObject *cpeft_py_lora_grouped_forward(PyObject *module, PyObject *const *args,
                          cpeft_tensor_vec(bias, &a.bias) < 0)) {
         goto finish;
     }
-    int ndim = cpeft_py_leading_shape_with(x, a.out, shape);
-    if (cpeft_call_output(&call, out_obj, "out", 1, x->dtype, ndim, shape, &y) < 0) {
-        goto finish;
-    }
-    cpeft_py_leading_shape_with(x, a.r_max, shape);
-    if (cpeft_call_output(&call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, &xa) < 0 ||
+    if (cpeft_py_lora_fwd_outputs(&call, out_obj, out_xa_obj, x, a.out, a.r_max, &y, &xa) < 0 ||
         cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(y, 0, &o.y) < 0 ||
         cpeft_tensor_mat(xa, 0, &o.xa) < 0 || cpeft_call_check_aliasing(&call) < 0) {
         goto finish;

@@ -38,7 +38,6 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *const *args, 
     cpeft_lora_linear_args a = {0};
     cpeft_lora_linear_fwd_out o = {0};
     cpeft_tensor *weight, *bias, *y, *xa;
-    int64_t shape[CPEFT_MAX_NDIM];
     double scale_value;
     cpeft_groups groups;
     PyObject *const tensor_objs[] = {x_obj,    weight_obj, lora_a_obj, lora_b_obj,
@@ -66,12 +65,8 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *const *args, 
         }
     }
     a.m = cpeft_leading_numel(x);
-    int ndim = cpeft_py_leading_shape_with(x, a.out, shape);
-    if (cpeft_call_output(&call, out_obj, "out", 1, x->dtype, ndim, shape, &y) < 0) {
-        goto finish;
-    }
-    cpeft_py_leading_shape_with(x, a.lora_a.rows, shape);
-    if (cpeft_call_output(&call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, &xa) < 0 ||
+    if (cpeft_py_lora_fwd_outputs(&call, out_obj, out_xa_obj, x, a.out, a.lora_a.rows, &y, &xa) <
+            0 ||
         cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(y, 0, &o.y) < 0 ||
         cpeft_tensor_mat(xa, 0, &o.xa) < 0 || cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
