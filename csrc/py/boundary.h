@@ -9,9 +9,10 @@
  * release), device.{c,h} (one device per call, the current CUDA device around the compute),
  * checks.{c,h} (argument checks), views.{c,h} (matrix and vector views for the compute) and
  * call.{c,h} (the call lifecycle: begin, acquisition, dispatch, end), dtypes.{c,h} (the float
- * dtypes each device takes, also reported to Python); params.{c,h} (the argument
- * parsers and validators the entry points share); py_*.c (the entry points, each depending only
- * on params.h and the infrastructure; py_workspace.c reserves a CUDA stream's workspace).
+ * dtypes each device takes, also reported to Python); params.{c,h} (the argument parsers and
+ * validators the entry points share, and the outputs of the LoRA linear ops, plain and grouped);
+ * py_*.c (the entry points, each depending only on params.h and the infrastructure; py_workspace.c
+ * reserves a CUDA stream's workspace).
  *
  * NumPy: one translation unit (module.c) defines CPEFT_MODULE_TU and runs import_array(); the
  * others share its API table through PY_ARRAY_UNIQUE_SYMBOL (set by setup.py together with

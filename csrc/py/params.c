@@ -1,8 +1,8 @@
 /*
  * The argument parsers and validators shared by the entry points (params.h): scalars first, then
- * the tensor parameters of each op family. Each names the argument in its message, says what it
- * expected and shows what came, so a mistake reads the same from cpeft.functional and _C and
- * whichever entry point took it.
+ * the tensor parameters of each op family, then the outputs of the LoRA linear ops. Each names the
+ * argument in its message, says what it expected and shows what came, so a mistake reads the same
+ * from cpeft.functional and _C and whichever entry point took it.
  */
 #include "params.h"
 
@@ -506,4 +506,58 @@ int cpeft_py_ia3_l(cpeft_call *call, PyObject *obj, int64_t count, const char *m
     }
     *l = t;
     return cpeft_tensor_vec(t, vec);
+}
+
+int cpeft_py_lora_fwd_outputs(cpeft_call *call, PyObject *out_obj, PyObject *out_xa_obj,
+                              const cpeft_tensor *x, int64_t out, int64_t xa_cols, cpeft_tensor **y,
+                              cpeft_tensor **xa)
+{
+    int64_t shape[CPEFT_MAX_NDIM];
+    int ndim = cpeft_py_leading_shape_with(x, out, shape);
+    if (cpeft_call_output(call, out_obj, "out", 1, x->dtype, ndim, shape, y) < 0) {
+        return -1;
+    }
+    cpeft_py_leading_shape_with(x, xa_cols, shape);
+    return cpeft_call_output(call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, xa);
+}
+
+int cpeft_py_lora_grad_outputs(cpeft_call *call, PyObject *const objs[5], const cpeft_tensor *x,
+                               const cpeft_tensor *weight, int64_t out, const cpeft_mat *lora_a,
+                               const cpeft_mat *lora_b, int adapter_dtype,
+                               cpeft_py_lora_grads *grads)
+{
+    if (cpeft_call_output(call, objs[0], "grad_x", 0, x->dtype, x->ndim, x->shape, &grads->x) < 0 ||
+        cpeft_call_output(call, objs[1], "grad_lora_a", 0, adapter_dtype, 2,
+                          (int64_t[]){lora_a->rows, lora_a->cols}, &grads->lora_a) < 0 ||
+        cpeft_call_output(call, objs[2], "grad_lora_b", 0, adapter_dtype, 2,
+                          (int64_t[]){lora_b->rows, lora_b->cols}, &grads->lora_b) < 0 ||
+        cpeft_call_output(call, objs[3], "grad_bias", 0, x->dtype, 1, &out, &grads->bias) < 0 ||
+        cpeft_call_output(call, objs[4], "grad_weight", 0, x->dtype, 2, weight->shape,
+                          &grads->weight) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+int cpeft_py_lora_grad_views(const cpeft_py_lora_grads *grads, int fan_in_fan_out,
+                             cpeft_mat *grad_x, cpeft_mat *grad_a, cpeft_mat *grad_b,
+                             cpeft_vec *grad_bias, cpeft_mat *grad_weight)
+{
+    if ((grads->x && cpeft_tensor_mat(grads->x, 0, grad_x) < 0) ||
+        (grads->lora_a && cpeft_tensor_mat(grads->lora_a, 0, grad_a) < 0) ||
+        (grads->lora_b && cpeft_tensor_mat(grads->lora_b, 0, grad_b) < 0) ||
+        (grads->bias && cpeft_tensor_vec(grads->bias, grad_bias) < 0) ||
+        (grads->weight && cpeft_tensor_mat(grads->weight, fan_in_fan_out, grad_weight) < 0)) {
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *source_or_none(const cpeft_tensor *t) { return t ? t->source : Py_None; }
+
+PyObject *cpeft_py_lora_grads_tuple(const cpeft_py_lora_grads *grads)
+{
+    return PyTuple_Pack(5, source_or_none(grads->x), source_or_none(grads->lora_a),
+                        source_or_none(grads->lora_b), source_or_none(grads->bias),
+                        source_or_none(grads->weight));
 }

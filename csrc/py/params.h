@@ -2,8 +2,8 @@
  * The argument parsers and validators the entry points (py_*.c) share, in one place so that a
  * message is the same whichever entry point the caller used. Scalars are converted before
  * cpeft_call_begin (their conversion may run Python code); the tensor parameters of an op family
- * are acquired, checked and viewed after it. Entry points include this header and nothing else of
- * the boundary's.
+ * are acquired, checked and viewed after it, and so are the outputs the two LoRA linear ops (plain
+ * and grouped) share. Entry points include this header and nothing else of the boundary's.
  */
 #ifndef CPEFT_PY_PARAMS_H
 #define CPEFT_PY_PARAMS_H
@@ -105,5 +105,44 @@ int cpeft_py_leading_shape_with(const cpeft_tensor *x, int64_t last, int64_t *sh
  */
 int cpeft_py_ia3_l(cpeft_call *call, PyObject *obj, int64_t count, const char *meaning,
                    const cpeft_tensor *like, cpeft_tensor **l, cpeft_vec *vec);
+
+/* ---- outputs of the LoRA linear ops, plain and grouped --------------------------------------- */
+
+/* out (x.shape[:-1] + (out,)) and out_xa (x.shape[:-1] + (xa_cols,)), both always written and in
+ * x's dtype, resolved with cpeft_call_output in that order. */
+int cpeft_py_lora_fwd_outputs(cpeft_call *call, PyObject *out_obj, PyObject *out_xa_obj,
+                              const cpeft_tensor *x, int64_t out, int64_t xa_cols, cpeft_tensor **y,
+                              cpeft_tensor **xa);
+
+/* The gradients of a LoRA linear backward in the order of its result tuple; each NULL when its
+ * grad_* argument did not request it. */
+typedef struct {
+    cpeft_tensor *x, *lora_a, *lora_b, *bias, *weight;
+} cpeft_py_lora_grads;
+
+/*
+ * Resolve the grad_x, grad_lora_a, grad_lora_b, grad_bias and grad_weight arguments (objs, in that
+ * order, which is the order their errors are raised in) with cpeft_call_output: grad_x like x;
+ * grad_lora_a and grad_lora_b shaped like the lora_a and lora_b views, in adapter_dtype (each op
+ * has its own rule for it); grad_bias (out,) with out the out_features, and grad_weight like
+ * weight, both in x's dtype.
+ */
+int cpeft_py_lora_grad_outputs(cpeft_call *call, PyObject *const objs[5], const cpeft_tensor *x,
+                               const cpeft_tensor *weight, int64_t out, const cpeft_mat *lora_a,
+                               const cpeft_mat *lora_b, int adapter_dtype,
+                               cpeft_py_lora_grads *grads);
+
+/*
+ * The compute's views of the requested gradients (those not requested are left as they are, data
+ * NULL); grad_weight is viewed as W's (OUT, IN), so transposed with fan_in_fan_out. Not part of
+ * cpeft_py_lora_grad_outputs because the entry points view their inputs in between, and that
+ * order decides which error a call with several unusable tensors raises.
+ */
+int cpeft_py_lora_grad_views(const cpeft_py_lora_grads *grads, int fan_in_fan_out,
+                             cpeft_mat *grad_x, cpeft_mat *grad_a, cpeft_mat *grad_b,
+                             cpeft_vec *grad_bias, cpeft_mat *grad_weight);
+
+/* The backward's result (x, lora_a, lora_b, bias, weight gradients), None where not requested. */
+PyObject *cpeft_py_lora_grads_tuple(const cpeft_py_lora_grads *grads);
 
 #endif /* CPEFT_PY_PARAMS_H */

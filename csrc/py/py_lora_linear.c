@@ -38,7 +38,6 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *const *args, 
     cpeft_lora_linear_args a = {0};
     cpeft_lora_linear_fwd_out o = {0};
     cpeft_tensor *weight, *bias, *y, *xa;
-    int64_t shape[CPEFT_MAX_NDIM];
     double scale_value;
     cpeft_groups groups;
     PyObject *const tensor_objs[] = {x_obj,    weight_obj, lora_a_obj, lora_b_obj,
@@ -66,12 +65,8 @@ PyObject *cpeft_py_lora_linear_forward(PyObject *module, PyObject *const *args, 
         }
     }
     a.m = cpeft_leading_numel(x);
-    int ndim = cpeft_py_leading_shape_with(x, a.out, shape);
-    if (cpeft_call_output(&call, out_obj, "out", 1, x->dtype, ndim, shape, &y) < 0) {
-        goto finish;
-    }
-    cpeft_py_leading_shape_with(x, a.lora_a.rows, shape);
-    if (cpeft_call_output(&call, out_xa_obj, "out_xa", 1, x->dtype, ndim, shape, &xa) < 0 ||
+    if (cpeft_py_lora_fwd_outputs(&call, out_obj, out_xa_obj, x, a.out, a.lora_a.rows, &y, &xa) <
+            0 ||
         cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(y, 0, &o.y) < 0 ||
         cpeft_tensor_mat(xa, 0, &o.xa) < 0 || cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
@@ -121,7 +116,8 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *const *args,
     cpeft_lora_linear_args a = {0};
     cpeft_lora_linear_bwd_in in = {0};
     cpeft_lora_linear_bwd_out o = {0};
-    cpeft_tensor *weight, *grad_out, *xa, *gx, *ga, *gb, *gbias, *gw;
+    cpeft_tensor *weight, *grad_out, *xa;
+    cpeft_py_lora_grads grads = {0};
     int64_t shape[CPEFT_MAX_NDIM];
     double scale_value;
     cpeft_groups groups;
@@ -156,23 +152,14 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *const *args,
         goto finish;
     }
     a.m = cpeft_leading_numel(x);
-    int adapter_dtype = a.fp32_adapters ? CPEFT_FLOAT32 : x->dtype;
-    if (cpeft_call_output(&call, grad_x_obj, "grad_x", 0, x->dtype, x->ndim, x->shape, &gx) < 0 ||
-        cpeft_call_output(&call, grad_a_obj, "grad_lora_a", 0, adapter_dtype, 2,
-                          (int64_t[]){a.lora_a.rows, a.in}, &ga) < 0 ||
-        cpeft_call_output(&call, grad_b_obj, "grad_lora_b", 0, adapter_dtype, 2,
-                          (int64_t[]){a.lora_b.rows, a.r}, &gb) < 0 ||
-        cpeft_call_output(&call, grad_bias_obj, "grad_bias", 0, x->dtype, 1, &a.out, &gbias) < 0 ||
-        cpeft_call_output(&call, grad_weight_obj, "grad_weight", 0, x->dtype, 2, weight->shape,
-                          &gw) < 0) {
-        goto finish;
-    }
-    if (cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
-        cpeft_tensor_mat(xa, 0, &in.xa) < 0 || (gx && cpeft_tensor_mat(gx, 0, &o.grad_x) < 0) ||
-        (ga && cpeft_tensor_mat(ga, 0, &o.grad_a) < 0) ||
-        (gb && cpeft_tensor_mat(gb, 0, &o.grad_b) < 0) ||
-        (gbias && cpeft_tensor_vec(gbias, &o.grad_bias) < 0) ||
-        (gw && cpeft_tensor_mat(gw, fan_in_fan_out, &o.grad_weight) < 0) ||
+    PyObject *const grad_requests[] = {grad_x_obj, grad_a_obj, grad_b_obj, grad_bias_obj,
+                                       grad_weight_obj};
+    if (cpeft_py_lora_grad_outputs(&call, grad_requests, x, weight, a.out, &a.lora_a, &a.lora_b,
+                                   a.fp32_adapters ? CPEFT_FLOAT32 : x->dtype, &grads) < 0 ||
+        cpeft_tensor_mat(x, 0, &a.x) < 0 || cpeft_tensor_mat(grad_out, 0, &in.grad_out) < 0 ||
+        cpeft_tensor_mat(xa, 0, &in.xa) < 0 ||
+        cpeft_py_lora_grad_views(&grads, fan_in_fan_out, &o.grad_x, &o.grad_a, &o.grad_b,
+                                 &o.grad_bias, &o.grad_weight) < 0 ||
         cpeft_call_check_aliasing(&call) < 0) {
         goto finish;
     }
@@ -181,9 +168,7 @@ PyObject *cpeft_py_lora_linear_backward(PyObject *module, PyObject *const *args,
     CPEFT_DISPATCH(&call, rc, cpeft_lora_linear_bwd_cpu(&a, &in, &o, &call.status),
                    cpeft_lora_linear_bwd_cuda(&a, &in, &o, call.stream, &call.status));
     if (rc == CPEFT_OK) {
-        ret = PyTuple_Pack(5, gx ? gx->source : Py_None, ga ? ga->source : Py_None,
-                           gb ? gb->source : Py_None, gbias ? gbias->source : Py_None,
-                           gw ? gw->source : Py_None);
+        ret = cpeft_py_lora_grads_tuple(&grads);
     }
 
 finish:
