@@ -518,6 +518,7 @@ def _embedding_args(entry):
     return dict(base, grad_out=_arr(4, D_), norm=_arr(D_) ** 2 + 0.5)
 
 
+# The DoRA entry points' positional arguments, in order (tests/fuzz/generator.py reads it too).
 POSITIONAL = {
     "dora_linear_forward": ("x", "weight", "bias", "lora_a", "lora_b", "magnitude", "scale"),
     "dora_linear_backward": (

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def test_torch_names_without_torch_say_what_is_missing():
     # None in sys.modules makes `import torch` fail as if torch were not installed.
@@ -84,3 +86,50 @@ def test_accumulation_dtypes_is_what_the_merge_boundary_takes_as_delta():
         other = "float64" if want == "float32" else "float32"
         with pytest.raises(ValueError, match=f"delta must have dtype {want}"):
             _C.lora_merge(weight, a, b, 0.5, count_only=True, delta=np.empty(12, other))
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float64"])
+def test_fp32_adapter_compute_dtypes_is_what_the_boundary_takes(device, name):
+    """cpeft._C.fp32_adapter_compute_dtypes() is the table Python reads
+    (cpeft._autograd._FP32_ADAPTER_DTYPES); with x and weight of dtype `name`, the LoRA linear
+    forward and backward take float32 lora_a and lora_b exactly when the table lists `name` (or it
+    is float32 itself) and the device's kernels take `name`. On the CPU, whose kernels take
+    neither listed dtype, a listed x is refused for its own dtype, and float64 for the adapters'."""
+    import torch
+
+    from cpeft import _C, _autograd
+    from cpeft import functional as F
+
+    table = _C.fp32_adapter_compute_dtypes()
+    assert _autograd._FP32_ADAPTER_DTYPES == tuple(getattr(torch, t) for t in table)
+    supported = _C.supported_dtypes()
+    assert set(table) <= set(supported["cuda"]) - {"float32"}
+    dtype = getattr(torch, name)
+    x, weight = torch.ones(2, 3, dtype=dtype), torch.ones(4, 3, dtype=dtype)
+    lora_a, lora_b = torch.ones(1, 3), torch.ones(4, 1)
+    grad_out, xa = torch.ones(2, 4, dtype=dtype), torch.ones(2, 1, dtype=dtype)
+    x, weight, lora_a, lora_b, grad_out, xa = (
+        t.to(device) for t in (x, weight, lora_a, lora_b, grad_out, xa)
+    )
+
+    def forward():
+        return F.lora_linear_forward(x, weight, None, lora_a, lora_b, 0.5)
+
+    def backward():
+        return F.lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, 0.5)
+
+    if name not in supported[device]:
+        listed = " or ".join(supported[device])
+        expected = f"x must have dtype {listed} on the CPU, got {name}"
+    elif name in table or name == "float32":
+        y, _ = forward()
+        assert y.dtype == dtype and float(y[0, 0]) == 4.5
+        grads = backward()
+        assert grads.lora_a.dtype == grads.lora_b.dtype == torch.float32
+        assert float(grads.lora_a[0, 0]) == 4.0 and float(grads.lora_b[0, 0]) == 1.0
+        return
+    else:
+        expected = f"lora_a must have the same dtype as weight \\({name}\\), got float32"
+    for call in (forward, backward):
+        with pytest.raises(ValueError, match=expected):
+            call()

@@ -9,6 +9,20 @@
 static const int cpu_float_dtypes[] = {CPEFT_FLOAT32, CPEFT_FLOAT64, CPEFT_DTYPE_UNSUPPORTED};
 static const int cuda_float_dtypes[] = {CPEFT_FLOAT32, CPEFT_FLOAT16, CPEFT_BFLOAT16, CPEFT_FLOAT64,
                                         CPEFT_DTYPE_UNSUPPORTED};
+/* Beside these compute dtypes lora_a / lora_b may be float32 (peft's autocast_adapter_dtype master
+ * weights): the products read them rounded to the compute dtype (cpeft/lora_linear.h). */
+static const int fp32_adapter_compute_dtypes[] = {CPEFT_FLOAT16, CPEFT_BFLOAT16,
+                                                  CPEFT_DTYPE_UNSUPPORTED};
+
+static int listed(const int *d, int dtype)
+{
+    for (; *d != CPEFT_DTYPE_UNSUPPORTED; ++d) {
+        if (*d == dtype) {
+            return 1;
+        }
+    }
+    return 0;
+}
 
 static const int *float_dtypes(int on_cuda)
 {
@@ -17,13 +31,10 @@ static const int *float_dtypes(int on_cuda)
 
 int cpeft_float_dtype_supported(int dtype, int on_cuda)
 {
-    for (const int *d = float_dtypes(on_cuda); *d != CPEFT_DTYPE_UNSUPPORTED; ++d) {
-        if (*d == dtype) {
-            return 1;
-        }
-    }
-    return 0;
+    return listed(float_dtypes(on_cuda), dtype);
 }
+
+int cpeft_takes_fp32_adapters(int dtype) { return listed(fp32_adapter_compute_dtypes, dtype); }
 
 void cpeft_format_float_dtypes(char *buf, size_t size, int on_cuda)
 {
@@ -90,4 +101,17 @@ PyObject *cpeft_py_accumulation_dtypes(PyObject *module, PyObject *unused)
         Py_XDECREF(acc);
     }
     return table;
+}
+
+const char cpeft_doc_fp32_adapter_compute_dtypes[] =
+    "fp32_adapter_compute_dtypes()\n--\n\n"
+    "The compute dtypes (of x and weight) beside which lora_linear_forward and\n"
+    "lora_linear_backward take float32 lora_a and lora_b as they are: ('float16', 'bfloat16').\n"
+    "Only the CUDA kernels take these compute dtypes at all.";
+
+PyObject *cpeft_py_fp32_adapter_compute_dtypes(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return dtype_names(fp32_adapter_compute_dtypes);
 }

@@ -95,6 +95,8 @@ static PyMethodDef cpeft_methods[] = {
     {"supported_dtypes", cpeft_py_supported_dtypes, METH_NOARGS, cpeft_doc_supported_dtypes},
     {"accumulation_dtypes", cpeft_py_accumulation_dtypes, METH_NOARGS,
      cpeft_doc_accumulation_dtypes},
+    {"fp32_adapter_compute_dtypes", cpeft_py_fp32_adapter_compute_dtypes, METH_NOARGS,
+     cpeft_doc_fp32_adapter_compute_dtypes},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,6 +6,8 @@
  */
 #include "params.h"
 
+#include "dtypes.h"
+
 #include <math.h>
 #include <stdarg.h>
 #include <string.h>
@@ -309,15 +311,16 @@ int cpeft_parse_dropout(PyObject *p_obj, PyObject *seed, PyObject *offset, cpeft
 
 /* ---- tensor parameters shared by op families ------------------------------------------------ */
 
-/* lora_a's dtype: the weight's, or float32 beside a float16/bfloat16 weight when allowed. */
+/* lora_a's dtype: the weight's, or float32 beside a weight of a dtype that takes float32 adapters
+ * (cpeft_takes_fp32_adapters) when allowed. */
 static int check_lora_a_dtype(const cpeft_call *call, const cpeft_tensor *la, const cpeft_tensor *w,
                               int allow_fp32_adapters)
 {
-    int sixteen_bit = w->dtype == CPEFT_FLOAT16 || w->dtype == CPEFT_BFLOAT16;
-    if (allow_fp32_adapters && sixteen_bit && la->dtype == CPEFT_FLOAT32) {
+    int fp32_allowed = allow_fp32_adapters && cpeft_takes_fp32_adapters(w->dtype);
+    if (fp32_allowed && la->dtype == CPEFT_FLOAT32) {
         return 0;
     }
-    if (allow_fp32_adapters && sixteen_bit && la->dtype != w->dtype) {
+    if (fp32_allowed && la->dtype != w->dtype) {
         PyErr_Format(PyExc_ValueError, "%s must have the dtype of %s (%s) or float32, got %s",
                      la->name, w->name, w->dtype_name, la->dtype_name);
         return -1;

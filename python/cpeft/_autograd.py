@@ -73,8 +73,9 @@ _CORE_DTYPES = {
     for device_type, names in _C.supported_dtypes().items()
 }
 _ANY_CORE_DTYPE = frozenset().union(*_CORE_DTYPES.values())
-# Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are.
-_FP32_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
+# Compute dtypes with which the CUDA core takes float32 LoRA adapters as they are, as the C
+# boundary checks them.
+_FP32_ADAPTER_DTYPES = tuple(getattr(torch, name) for name in _C.fp32_adapter_compute_dtypes())
 
 # Seeds are drawn from torch's CPU generator so torch.manual_seed reproduces dropout masks and
 # activation checkpointing (which restores the CPU RNG state) recomputes the same mask.
