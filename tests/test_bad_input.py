@@ -12,6 +12,7 @@ from cpeft import functional as F
 M, IN, OUT, R, V, D = 4, 5, 6, 2, 7, 3
 DT = np.float32
 
+# The entry points' positional arguments, in order (tests/fuzz/generator.py reads it too).
 POSITIONAL = {
     "lora_linear_forward": ("x", "weight", "bias", "lora_a", "lora_b", "scale"),
     "lora_linear_backward": ("grad_out", "x", "weight", "lora_a", "lora_b", "xa", "scale"),

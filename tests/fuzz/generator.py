@@ -66,6 +66,7 @@ import test_dora as td
 import test_lora_grouped as tg
 
 import reference as ref
+import test_bad_input as tb
 from conftest import TOL_FACTOR
 from cpeft import functional as F
 
@@ -97,23 +98,7 @@ ENTRIES = (
     "lora_grouped_backward",
 )
 POSITIONAL = {
-    "lora_linear_forward": ("x", "weight", "bias", "lora_a", "lora_b", "scale"),
-    "lora_linear_backward": ("grad_out", "x", "weight", "lora_a", "lora_b", "xa", "scale"),
-    "lora_embedding_forward": ("indices", "weight", "lora_a", "lora_b", "scale"),
-    "lora_embedding_backward": ("grad_out", "indices", "lora_a", "lora_b", "scale"),
-    "ia3_linear_forward": ("x", "weight", "bias", "ia3_l"),
-    "ia3_linear_backward": ("grad_out", "x", "weight", "ia3_l", "base"),
-    "ia3_embedding_forward": ("indices", "weight", "ia3_l"),
-    "ia3_embedding_backward": ("grad_out", "indices", "weight", "ia3_l"),
-    "lora_merge": ("weight", "lora_a", "lora_b", "scale"),
-    "lora_unmerge": ("weight", "lora_a", "lora_b", "scale", "record"),
-    "lora_embedding_merge": ("weight", "lora_a", "lora_b", "scale"),
-    "lora_embedding_unmerge": ("weight", "lora_a", "lora_b", "scale", "record"),
-    "ia3_merge": ("weight", "ia3_l"),
-    "ia3_unmerge": ("weight", "ia3_l", "records"),
-    "ia3_embedding_merge": ("weight", "ia3_l"),
-    "ia3_embedding_unmerge": ("weight", "ia3_l", "record"),
-    "dropout_mask": ("shape", "p", "seed", "offset"),
+    **tb.POSITIONAL,  # LoRA, IA3, dropout_mask: as tests/test_bad_input.py calls them
     **td.POSITIONAL,  # the DoRA entry points: tests/test_dora.py calls them the same way
     "lora_grouped_forward": ("x", "weight", "bias", "lora_a", "lora_b", "index", "ranks", "scales"),
     "lora_grouped_backward": (
