@@ -180,8 +180,7 @@ def _first_order(backward):
     return wrapper
 
 
-# torch internals behind Function.apply (present since torch 2.1); a torch without them gets
-# Function.apply itself.
+# The torch internals behind Function.apply; a torch without them gets Function.apply itself.
 _function_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
 _functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
