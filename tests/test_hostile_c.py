@@ -717,6 +717,165 @@ def test_python_deleter_runs_once_with_an_exception_pending():
     )
 
 
+# ---- torch tensors through the DLPack C exchange API ---------------------------------------------
+
+
+def torch_linear_case():
+    torch = pytest.importorskip("torch")
+    x, w, a, b = (torch.from_numpy(t.copy()) for t in linear_case())
+    return torch, x, w, a, b
+
+
+def forward_into_torch(torch, x, w, a, b):
+    out, out_xa = torch.empty(64, 8), torch.empty(64, 2)
+    _C.lora_linear_forward(x, w, None, a, b, 0.5, out=out, out_xa=out_xa)
+    return out
+
+
+def test_torch_tensors_cross_without_a_dlpack_call(monkeypatch):
+    """The boundary exports torch tensors (and nn.Parameter) through the type's C table, never
+    through the Python method, and reads them right."""
+    torch, x, w, a, b = torch_linear_case()
+    calls = []
+    exported = torch.Tensor.__dlpack__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return exported(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", counting)
+    out = forward_into_torch(torch, x, torch.nn.Parameter(w), a, b)
+    assert calls == []
+    want = expected_forward(*(t.numpy() for t in (x, w, a, b)), 0.5)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_subclass_with_its_own_dlpack_is_exported_through_it():
+    torch, x, w, a, b = torch_linear_case()
+    calls = []
+
+    class Exported(torch.Tensor):
+        def __dlpack__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return torch.Tensor.__dlpack__(self, *args, **kwargs)
+
+    out = forward_into_torch(torch, x, w.as_subclass(Exported), a, b)
+    assert len(calls) == 1
+    want = expected_forward(*(t.numpy() for t in (x, w, a, b)), 0.5)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+class _ExchangeHeader(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32), ("prev", ctypes.c_void_p)]
+
+
+class _ExchangeTable(ctypes.Structure):
+    _fields_ = [("header", _ExchangeHeader)] + [(f"entry{i}", ctypes.c_void_p) for i in range(5)]
+
+
+def _capsule(pointer, name):
+    new = ctypes.pythonapi.PyCapsule_New
+    new.restype = ctypes.py_object
+    new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    return new(pointer, name, None)
+
+
+# A table of an unknown major version, with non-null entries a reader must not call.
+_FUTURE_TABLE = _ExchangeTable(_ExchangeHeader(2, 0, None), *([1] * 5))
+_FUTURE_NAME = b"dlpack_exchange_api"
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        42,
+        "dlpack_exchange_api",
+        _capsule(ctypes.addressof(_FUTURE_TABLE), b"another_api"),
+        _capsule(ctypes.addressof(_FUTURE_TABLE), _FUTURE_NAME),
+    ],
+    ids=["int", "str", "capsule-of-another-name", "major-version-2"],
+)
+def test_an_exchange_table_it_cannot_read_falls_back_to_dlpack(table):
+    """A type whose __dlpack_c_exchange_api__ is not a 1.x table is asked through __dlpack__."""
+    x, w, a, b = linear_case()
+    calls = []
+
+    class Producer:
+        __dlpack_c_exchange_api__ = table
+
+        def __dlpack__(self, **kwargs):
+            calls.append(kwargs)
+            return w.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return w.__dlpack_device__()
+
+    y, _ = F.lora_linear_forward(
+        x,
+        Producer(),
+        None,
+        a,
+        b,
+        0.5,
+        out=np.empty((64, 8), np.float32),
+        out_xa=np.empty((64, 2), np.float32),
+    )
+    assert len(calls) == 1
+    np.testing.assert_allclose(y, expected_forward(x, w, a, b, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_a_type_that_raises_when_asked_for_its_table_is_refused_by_name():
+    x, w, a, b = linear_case()
+
+    class Meta(type):
+        @property
+        def __dlpack_c_exchange_api__(cls):
+            raise RuntimeError("no table today")
+
+    class Producer(metaclass=Meta):
+        def __dlpack__(self, **kwargs):
+            return w.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return w.__dlpack_device__()
+
+    with pytest.raises(BufferError, match="weight: its type's __dlpack_c_exchange_api__") as info:
+        F.lora_linear_forward(
+            x,
+            Producer(),
+            None,
+            a,
+            b,
+            0.5,
+            out=np.empty((64, 8), np.float32),
+            out_xa=np.empty((64, 2), np.float32),
+        )
+    assert "no table today" in str(info.value.__cause__ or info.value.__context__)
+
+
+def test_exchange_exports_are_given_back_after_success_and_failure():
+    """Every tensor exported through the table is released when the call ends, also when a later
+    argument is refused after the export (here out_xa's shape)."""
+    import gc
+    import sys
+    import weakref
+
+    torch, x, w, a, b = torch_linear_case()
+    counts = [sys.getrefcount(t) for t in (x, w, a, b)]
+    for _ in range(3):
+        forward_into_torch(torch, x, w, a, b)
+    with pytest.raises(ValueError, match="out_xa"):
+        _C.lora_linear_forward(
+            x, w, None, a, b, 0.5, out=torch.empty(64, 8), out_xa=torch.empty(64, 3)
+        )
+    assert [sys.getrefcount(t) for t in (x, w, a, b)] == counts
+    storage = weakref.ref(w.untyped_storage())
+    alive = weakref.ref(w)
+    del w
+    gc.collect()
+    assert alive() is None and storage() is None
+
+
 # ---- defect 13: two threads merging one weight -------------------------------------------------------
 
 

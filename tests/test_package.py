@@ -33,6 +33,32 @@ def test_torch_names_without_torch_say_what_is_missing():
     assert result.stdout.strip() == "ok"
 
 
+def test_torch_without_the_dlpack_exchange_api_is_refused_by_version_and_numpy_still_works():
+    """torch < 2.10 (simulated by removing the table) gets an ImportError that names the version
+    needed; the NumPy API, which never imports the layers, is untouched."""
+    pytest.importorskip("torch")
+    script = textwrap.dedent("""
+        import torch
+        del torch.Tensor.__dlpack_c_exchange_api__
+        import numpy as np
+        import cpeft
+        from cpeft import functional as F
+        y, _ = F.lora_linear_forward(np.ones((2, 3)), np.ones((4, 3)), None, np.ones((1, 3)),
+                                     np.ones((4, 1)), 0.5)
+        assert float(y[0, 0]) == 4.5, y
+        try:
+            cpeft.Linear
+        except ImportError as error:
+            assert "torch >= 2.10" in str(error) and torch.__version__ in str(error), error
+        else:
+            raise AssertionError("cpeft.Linear resolved")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 def test_supported_dtypes_is_what_the_cpu_boundary_accepts():
     """cpeft._C.supported_dtypes() is the table Python reads (cpeft._autograd.core_dtype); each
     float dtype torch has is accepted by the CPU boundary exactly when the table lists it, and

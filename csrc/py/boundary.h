@@ -38,6 +38,8 @@
 #include "cpeft/merge.h"
 #include "dlpack.h"
 
+#define CPEFT_EXCHANGE_API_CACHE 8
+
 /* Per-module state (multi-phase init): traversed and cleared by the module's GC hooks. */
 struct cpeft_call;
 
@@ -46,6 +48,14 @@ typedef struct {
     /* Calls in flight that hold an in-place target (merges), linked through the calls
      * themselves; only touched with the GIL held. See register_inplace in call.c. */
     struct cpeft_call *inplace_calls;
+    /* Tensor types seen by the boundary and the DLPack C exchange API each offers (NULL: none
+     * usable), so an export costs no attribute lookup; filled round robin, a strong reference
+     * to each type. See cpeft_dlpack_exchange_api in dlpack_import.c. */
+    struct {
+        PyTypeObject *type;
+        const DLPackExchangeAPI *api;
+    } exchange_apis[CPEFT_EXCHANGE_API_CACHE];
+    int exchange_apis_next;
 } cpeft_state;
 
 cpeft_state *cpeft_get_state(PyObject *module);

@@ -1,7 +1,7 @@
 /*
  * The call lifecycle (call.h): begin (scalar stream, DLPack exports, GC pause), acquisition of
- * inputs and outputs from ndarrays or capsules, the registry of in-place targets in flight, the
- * aliasing check, and the end that gives every tensor back.
+ * inputs and outputs from ndarrays, capsules or exchange-API exports, the registry of in-place
+ * targets in flight, the aliasing check, and the end that gives every tensor back.
  */
 #include "call.h"
 
@@ -138,15 +138,21 @@ static cpeft_tensor *acquire(cpeft_call *call, PyObject *obj, const char *name, 
         cpeft_prepared *export = request ? NULL : prepared_export(call, obj, name);
         if (export == NULL && !request)
             return NULL;
-        if (request || export->capsule == NULL) {
+        if (request || (export->managed == NULL && export->capsule == NULL)) {
             PyErr_Format(PyExc_TypeError,
                          "%s must be a numpy.ndarray or a tensor with __dlpack__ (torch.Tensor, "
                          "cupy.ndarray, ...), got %.200s",
                          name, Py_TYPE(obj)->tp_name);
             return NULL;
         }
-        if (cpeft_dlpack_import(export->capsule, t) < 0)
+        if (export->managed != NULL) {
+            DLManagedTensorVersioned *m = export->managed;
+            export->managed = NULL;   /* t owns it from here */
+            if (cpeft_dlpack_import_versioned(m, t) < 0)
+                return NULL;
+        } else if (cpeft_dlpack_import(export->capsule, t) < 0) {
             return NULL;
+        }
     }
     if (cpeft_numel(t) == 0) {
         t->data = empty_tensor_storage;
@@ -300,8 +306,22 @@ int cpeft_call_prepare(cpeft_call *call, PyObject *const *objs, const char *cons
         cpeft_prepared *p = &call->exports[call->prepared_count++];
         p->name = names[i];
         p->obj = Py_NewRef(obj);
+        p->managed = NULL;
         p->capsule = NULL;
-        if (PyObject_HasAttrString(obj, "__dlpack__")) {
+        const DLPackExchangeAPI *api = cpeft_dlpack_exchange_api(call->state, obj);
+        if (api == NULL && PyErr_Occurred()) {
+            cpeft_reraise_with_context(PyExc_BufferError,
+                                       "%s: its type's __dlpack_c_exchange_api__ could not be read",
+                                       names[i]);
+            return -1;
+        }
+        if (api != NULL) {
+            p->managed = cpeft_dlpack_exchange_export(api, obj, names[i], call->stream_value);
+            if (p->managed == NULL && PyErr_Occurred()) {
+                return -1;
+            }
+        }
+        if (p->managed == NULL && PyObject_HasAttrString(obj, "__dlpack__")) {
             p->capsule = cpeft_dlpack_export(obj, names[i], call->stream_value);
             if (p->capsule == NULL) {
                 return -1;
@@ -352,6 +372,10 @@ PyObject *cpeft_call_end(cpeft_call *call, PyObject *result)
     call->count = 0;
     for (int i = 0; i < call->prepared_count; ++i) {
         /* An export the call never consumed: its capsule's destructor calls the deleter. */
+        DLManagedTensorVersioned *m = call->exports[i].managed;
+        if (m != NULL && m->deleter != NULL) {
+            m->deleter(m);
+        }
         Py_XDECREF(call->exports[i].capsule);
         Py_DECREF(call->exports[i].obj);
         if (PyErr_Occurred()) {

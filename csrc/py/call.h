@@ -26,10 +26,12 @@
 #define CPEFT_MAX_CALL_TENSORS 16
 
 /* One tensor argument's DLPack export, made by cpeft_call_prepare before any data pointer is
- * taken; capsule is NULL for an object without __dlpack__ (acquire then raises TypeError). */
+ * taken: through its type's DLPack C exchange API (managed) or its __dlpack__ (capsule); both
+ * NULL for an object with neither (acquire then raises TypeError). */
 typedef struct {
     const char *name;
     PyObject *obj;
+    DLManagedTensorVersioned *managed;
     PyObject *capsule;
 } cpeft_prepared;
 
@@ -60,8 +62,10 @@ int cpeft_parse_stream(PyObject *obj, uintptr_t *stream);
 /*
  * The last step at which Python code may run in a call. Every entry point converts its scalar
  * arguments first, then calls this with every tensor argument (names as later passed to
- * cpeft_call_input / cpeft_call_output; NULL, None, True and False entries are skipped). It calls
- * __dlpack_device__ / __dlpack__ of every object that is neither an ndarray nor a capsule, then
+ * cpeft_call_input / cpeft_call_output; NULL, None, True and False entries are skipped). It
+ * exports every object that is neither an ndarray nor a capsule, through its type's DLPack C
+ * exchange API where it has one (torch; no Python call, no capsule) and through
+ * __dlpack_device__ / __dlpack__ otherwise, then
  * pauses the cyclic GC (whose finalizers are Python code) while this thread holds the GIL inside
  * the call. From here on data pointers are taken, and nothing but the compute runs before the
  * call ends: no callback can free or resize a buffer between the check and the use.

@@ -75,4 +75,29 @@ typedef struct DLManagedTensorVersioned {
     DLTensor dl_tensor;
 } DLManagedTensorVersioned;
 
+/*
+ * The DLPack C exchange API (DLPack >= 1.2): a table of C functions a framework offers on its
+ * tensor type as the capsule `type(t).__dlpack_c_exchange_api__` ("dlpack_exchange_api"), so a
+ * consumer exports a tensor without a Python call or a capsule (torch >= 2.10 has it). Only the
+ * header is ABI-frozen; the entries after it are read when its major version is 1.
+ */
+typedef struct DLPackExchangeAPIHeader {
+    DLPackVersion version;
+    struct DLPackExchangeAPIHeader *prev_api;
+} DLPackExchangeAPIHeader;
+
+typedef struct {
+    DLPackExchangeAPIHeader header;
+    int (*managed_tensor_allocator)(DLTensor *prototype, DLManagedTensorVersioned **out,
+                                    void *error_ctx,
+                                    void (*set_error)(void *, const char *, const char *));
+    /* An owning export (the deleter gives it back), with no stream synchronization: 0, or -1
+     * with a Python exception set. */
+    int (*managed_tensor_from_py_object_no_sync)(void *py_object, DLManagedTensorVersioned **out);
+    int (*managed_tensor_to_py_object_no_sync)(DLManagedTensorVersioned *tensor, void **out);
+    int (*dltensor_from_py_object_no_sync)(void *py_object, DLTensor *out);
+    /* The framework's current stream on a device (NULL: its default stream). */
+    int (*current_work_stream)(int32_t device_type, int32_t device_id, void **out_stream);
+} DLPackExchangeAPI;
+
 #endif /* CPEFT_PY_DLPACK_H */

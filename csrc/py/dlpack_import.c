@@ -120,43 +120,9 @@ static int dlpack_device(int32_t device_type, int32_t device_id, cpeft_tensor *t
     }
 }
 
-int cpeft_dlpack_import(PyObject *capsule, cpeft_tensor *t)
+/* Fill t from the tensor dl of an export t now owns. */
+static int read_dltensor(const DLTensor *dl, cpeft_tensor *t)
 {
-    DLTensor *dl;
-    const char *capsule_name = PyCapsule_GetName(capsule);
-    if (capsule_name == NULL && PyErr_Occurred()) {
-        return -1;
-    }
-    t->capsule = Py_NewRef(capsule);
-    if (capsule_name != NULL && strcmp(capsule_name, "dltensor_versioned") == 0) {
-        DLManagedTensorVersioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
-        if (m == NULL || PyCapsule_SetName(capsule, "used_dltensor_versioned") < 0) {
-            return -1;
-        }
-        t->managed_versioned = m;
-        if (m->version.major != CPEFT_DLPACK_MAJOR) {
-            PyErr_Format(PyExc_BufferError,
-                         "%s is a DLPack %u.%u tensor; cpeft reads DLPack major version %d",
-                         t->name, m->version.major, m->version.minor, CPEFT_DLPACK_MAJOR);
-            return -1;
-        }
-        t->readonly = (m->flags & CPEFT_DLPACK_FLAG_READ_ONLY) != 0;
-        dl = &m->dl_tensor;
-    } else if (capsule_name != NULL && strcmp(capsule_name, "dltensor") == 0) {
-        DLManagedTensor *m = PyCapsule_GetPointer(capsule, "dltensor");
-        if (m == NULL || PyCapsule_SetName(capsule, "used_dltensor") < 0) {
-            return -1;
-        }
-        t->managed = m;
-        dl = &m->dl_tensor;
-    } else {
-        PyErr_Format(PyExc_BufferError,
-                     "%s: expected a DLPack capsule named 'dltensor' or 'dltensor_versioned', "
-                     "got one named '%s' (a capsule can be consumed only once)",
-                     t->name, capsule_name ? capsule_name : "");
-        return -1;
-    }
-
     if (dlpack_device(dl->device.device_type, dl->device.device_id, t) < 0) {
         return -1;
     }
@@ -183,6 +149,169 @@ int cpeft_dlpack_import(PyObject *capsule, cpeft_tensor *t)
     }
     t->data = (char *)dl->data + dl->byte_offset;
     return 0;
+}
+
+int cpeft_dlpack_import_versioned(DLManagedTensorVersioned *m, cpeft_tensor *t)
+{
+    t->managed_versioned = m;
+    if (m->version.major != CPEFT_DLPACK_MAJOR) {
+        PyErr_Format(PyExc_BufferError,
+                     "%s is a DLPack %u.%u tensor; cpeft reads DLPack major version %d", t->name,
+                     m->version.major, m->version.minor, CPEFT_DLPACK_MAJOR);
+        return -1;
+    }
+    t->readonly = (m->flags & CPEFT_DLPACK_FLAG_READ_ONLY) != 0;
+    return read_dltensor(&m->dl_tensor, t);
+}
+
+int cpeft_dlpack_import(PyObject *capsule, cpeft_tensor *t)
+{
+    const char *capsule_name = PyCapsule_GetName(capsule);
+    if (capsule_name == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    t->capsule = Py_NewRef(capsule);
+    if (capsule_name != NULL && strcmp(capsule_name, "dltensor_versioned") == 0) {
+        DLManagedTensorVersioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
+        if (m == NULL || PyCapsule_SetName(capsule, "used_dltensor_versioned") < 0) {
+            return -1;
+        }
+        return cpeft_dlpack_import_versioned(m, t);
+    }
+    if (capsule_name != NULL && strcmp(capsule_name, "dltensor") == 0) {
+        DLManagedTensor *m = PyCapsule_GetPointer(capsule, "dltensor");
+        if (m == NULL || PyCapsule_SetName(capsule, "used_dltensor") < 0) {
+            return -1;
+        }
+        t->managed = m;
+        return read_dltensor(&m->dl_tensor, t);
+    }
+    PyErr_Format(PyExc_BufferError,
+                 "%s: expected a DLPack capsule named 'dltensor' or 'dltensor_versioned', "
+                 "got one named '%s' (a capsule can be consumed only once)",
+                 t->name, capsule_name ? capsule_name : "");
+    return -1;
+}
+
+/* Whether `name` is in the type's own namespace (not inherited): 1, 0, or -1 with an error. */
+static int type_defines(PyTypeObject *type, PyObject *name)
+{
+    PyObject *dict = PyObject_GetAttrString((PyObject *)type, "__dict__");
+    if (dict == NULL)
+        return -1;
+    int found = PySequence_Contains(dict, name);
+    Py_DECREF(dict);
+    return found;
+}
+
+/*
+ * The exchange API type(obj) offers, if the boundary may use it: a capsule of a 1.x table with an
+ * exporter, and no __dlpack__ of a subclass between the type and the class that offers the table
+ * (such a subclass chose how it is exported, and is asked through __dlpack__). NULL without an
+ * error when there is none; NULL with an error when looking raised (an attribute lookup on a type
+ * may run Python code, which is why this runs before any pointer is taken).
+ */
+static const DLPackExchangeAPI *find_exchange_api(PyTypeObject *type)
+{
+    const DLPackExchangeAPI *api = NULL;
+    PyObject *attr = PyUnicode_InternFromString("__dlpack_c_exchange_api__");
+    PyObject *capsule = attr ? PyObject_GetAttr((PyObject *)type, attr) : NULL;
+    PyObject *own_dlpack = NULL, *offered_dlpack = NULL;
+    if (capsule == NULL) {
+        if (attr != NULL && PyErr_ExceptionMatches(PyExc_AttributeError))
+            PyErr_Clear();
+        goto finish;
+    }
+    if (!PyCapsule_IsValid(capsule, "dlpack_exchange_api"))
+        goto finish;
+    const DLPackExchangeAPI *table = PyCapsule_GetPointer(capsule, "dlpack_exchange_api");
+    if (table == NULL || table->header.version.major != CPEFT_DLPACK_MAJOR ||
+        table->managed_tensor_from_py_object_no_sync == NULL || table->current_work_stream == NULL)
+        goto finish;
+    PyObject *mro = type->tp_mro;
+    PyTypeObject *offering = NULL;
+    for (Py_ssize_t i = 0; mro != NULL && i < PyTuple_GET_SIZE(mro) && offering == NULL; ++i) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        int defines = type_defines(base, attr);
+        if (defines < 0)
+            goto finish;
+        if (defines)
+            offering = base;
+    }
+    if (offering == NULL)
+        goto finish;
+    own_dlpack = PyObject_GetAttrString((PyObject *)type, "__dlpack__");
+    offered_dlpack = own_dlpack ? PyObject_GetAttrString((PyObject *)offering, "__dlpack__") : NULL;
+    if (offered_dlpack == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError))
+            PyErr_Clear();
+        goto finish;
+    }
+    if (own_dlpack == offered_dlpack)
+        api = table;
+
+finish:
+    Py_XDECREF(own_dlpack);
+    Py_XDECREF(offered_dlpack);
+    Py_XDECREF(capsule);
+    Py_XDECREF(attr);
+    return api;
+}
+
+const DLPackExchangeAPI *cpeft_dlpack_exchange_api(cpeft_state *state, PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    for (int i = 0; i < CPEFT_EXCHANGE_API_CACHE; ++i) {
+        if (state->exchange_apis[i].type == type)
+            return state->exchange_apis[i].api;
+    }
+    const DLPackExchangeAPI *api = find_exchange_api(type);
+    if (api == NULL && PyErr_Occurred())
+        return NULL;
+    int slot = state->exchange_apis_next;
+    state->exchange_apis_next = (slot + 1) % CPEFT_EXCHANGE_API_CACHE;
+    PyTypeObject *evicted = state->exchange_apis[slot].type;
+    state->exchange_apis[slot].type = (PyTypeObject *)Py_NewRef(type);
+    state->exchange_apis[slot].api = api;
+    Py_XDECREF(evicted);
+    return api;
+}
+
+DLManagedTensorVersioned *cpeft_dlpack_exchange_export(const DLPackExchangeAPI *api, PyObject *obj,
+                                                       const char *name, uintptr_t stream_value)
+{
+    DLManagedTensorVersioned *m = NULL;
+    if (api->managed_tensor_from_py_object_no_sync(obj, &m) != 0 || m == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_BufferError, "the exporter failed without saying why");
+        cpeft_reraise_with_context(PyExc_BufferError, "%s could not be exported through DLPack",
+                                   name);
+        return NULL;
+    }
+#ifdef CPEFT_WITH_CUDA
+    /* Nothing orders this export after the producer's pending writes: that holds only when the
+     * call runs on the stream the producer works on. Otherwise __dlpack__(stream=...) is asked,
+     * which makes the call's stream wait for the producer's. */
+    if (m->dl_tensor.device.device_type == kDLCUDA) {
+        void *current = NULL;
+        if (api->current_work_stream(kDLCUDA, m->dl_tensor.device.device_id, &current) != 0) {
+            m->deleter(m);
+            cpeft_reraise_with_context(PyExc_BufferError,
+                                       "the current stream of %s's device could not be read", name);
+            return NULL;
+        }
+        /* NULL is the framework's default stream, the legacy one (DLPack's 1). */
+        uintptr_t producer_stream = current == NULL ? 1 : (uintptr_t)current;
+        if (producer_stream != stream_value) {
+            if (m->deleter != NULL)
+                m->deleter(m);
+            return NULL;
+        }
+    }
+#else
+    (void)stream_value;
+#endif
+    return m;
 }
 
 void cpeft_dlpack_release(cpeft_tensor *t)

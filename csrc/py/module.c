@@ -119,13 +119,21 @@ static int cpeft_exec(PyObject *module)
 
 static int cpeft_traverse(PyObject *module, visitproc visit, void *arg)
 {
-    Py_VISIT(cpeft_get_state(module)->CudaError);
+    cpeft_state *state = cpeft_get_state(module);
+    Py_VISIT(state->CudaError);
+    for (int i = 0; i < CPEFT_EXCHANGE_API_CACHE; ++i)
+        Py_VISIT(state->exchange_apis[i].type);
     return 0;
 }
 
 static int cpeft_clear(PyObject *module)
 {
-    Py_CLEAR(cpeft_get_state(module)->CudaError);
+    cpeft_state *state = cpeft_get_state(module);
+    Py_CLEAR(state->CudaError);
+    for (int i = 0; i < CPEFT_EXCHANGE_API_CACHE; ++i) {
+        Py_CLEAR(state->exchange_apis[i].type);
+        state->exchange_apis[i].api = NULL;
+    }
     return 0;
 }
 
