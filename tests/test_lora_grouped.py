@@ -3,6 +3,8 @@ written from its formula, its bad-input behaviour, and mixed-adapter batches thr
 API: outputs equal peft's, and, where peft refuses to train, gradients equal running each sample
 through its own adapter."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -344,6 +346,33 @@ def test_bad_input_is_refused_and_writes_nothing(rng, change, error, message):
         )
     assert message in str(info.value), str(info.value)
     assert np.all(out == 7.0)
+
+
+@pytest.mark.parametrize(
+    "ranks, message", [([2, 5, -1, 5], "ranks[2]"), ([2, 5, 10**12, 3], "ranks[2]")]
+)
+def test_bad_ranks_with_torch_tensors_are_named_not_failed_in_the_allocation(rng, ranks, message):
+    """out_xa is sized from max(ranks) before C sees the ranks: a negative or huge rank used to
+    fail inside torch's allocator (RuntimeError: negative dimension; fuzz case 3 1348)."""
+    torch = pytest.importorskip("torch")
+    args = {
+        k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+        for k, v in good_args(rng).items()
+    }
+    out = torch.full(args["x"].shape[:-1] + (args["weight"].shape[0],), 7.0)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        F.lora_grouped_forward(
+            args["x"],
+            args["weight"],
+            args["bias"],
+            args["lora_a"],
+            args["lora_b"],
+            args["index"],
+            ranks,
+            args["scales"],
+            out=out,
+        )
+    assert bool((out == 7.0).all())
 
 
 def test_backward_bad_xa_and_grad_out_shapes(rng):

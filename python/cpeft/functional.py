@@ -331,11 +331,16 @@ def lora_linear_backward(
 # ---- LoRA linear over mixed-adapter batches -----------------------------------------------------
 
 
-def _grouped_r_max(ranks) -> int:
+def _grouped_r_max(ranks, lora_a) -> int:
+    """max(ranks), only to size out_xa, kept within what valid ranks allow ([1, lora_a.shape[0]],
+    or 0): a bad rank (negative, or past the packed rank) then reaches C, which names it, instead
+    of failing in the allocation with the framework's own error."""
     try:
-        return max(int(r) for r in ranks)
-    except (TypeError, ValueError):
-        return 0  # malformed ranks: C reports them before it looks at the outputs
+        r_max = max(int(r) for r in ranks)
+        packed = int(lora_a.shape[0])
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return 0  # malformed ranks or lora_a: C reports them before it looks at the outputs
+    return min(max(r_max, 0), packed)
 
 
 def lora_grouped_forward(
@@ -381,7 +386,7 @@ def lora_grouped_forward(
     out = _output(
         out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),), required=True
     )
-    out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (_grouped_r_max(ranks),), required=True)
+    out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (_grouped_r_max(ranks, lora_a),), required=True)
     return _C.lora_grouped_forward(
         x,
         weight,
