@@ -386,7 +386,9 @@ def lora_grouped_forward(
     out = _output(
         out, x, lambda: x.shape[:-1] + (_out_features(weight, fan_in_fan_out),), required=True
     )
-    out_xa = _output(out_xa, x, lambda: x.shape[:-1] + (_grouped_r_max(ranks, lora_a),), required=True)
+    out_xa = _output(
+        out_xa, x, lambda: x.shape[:-1] + (_grouped_r_max(ranks, lora_a),), required=True
+    )
     return _C.lora_grouped_forward(
         x,
         weight,
