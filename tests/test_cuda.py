@@ -605,6 +605,30 @@ def test_non_default_stream():
         run_lora("bfloat16", 113, 1023, 113, 8, dropout=0.1, stream=s.cuda_stream)
 
 
+@pytest.mark.parametrize("producer_side", [True, False], ids=["torch-on-side", "call-on-side"])
+def test_tensors_on_a_stream_other_than_the_calls_are_waited_for(producer_side):
+    """torch tensors cross through torch's DLPack C exchange API, which orders nothing: that is
+    right only when the call runs on torch's current stream. When it does not, the boundary takes
+    them through __dlpack__(stream=...), which makes the call's stream wait for torch's. Here x is
+    finished by slow work on torch's current stream and the call runs on another (non-blocking)
+    stream; its result must be that of the finished x."""
+    side = torch.cuda.Stream()
+    big = randn(4096, 4096)
+    w, a, b = randn(256, 1024, scale=0.03), randn(8, 1024, scale=0.03), randn(256, 8)
+    torch.cuda.synchronize()
+    producer = side if producer_side else torch.cuda.current_stream()
+    call_stream = None if producer_side else side.cuda_stream
+    with torch.cuda.stream(producer):
+        x = torch.zeros(512, 1024, device=dev())
+        for _ in range(8):  # tens of milliseconds of work ahead of x's final value
+            big = torch.mm(big, big) * (1.0 / 64.0)
+        x.copy_(big[:512, :1024].sign())
+        y, _ = F.lora_linear_forward(x, w, None, a, b, 0.5, stream=call_stream)
+    torch.cuda.synchronize()
+    want = x @ w.T + 0.5 * (x @ a.T) @ b.T
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-3)
+
+
 def test_two_concurrent_streams():
     """Two streams, each its own problem, queued interleaved: per-stream workspaces keep them
     apart (a shared workspace would corrupt the dropout chunks)."""
