@@ -765,6 +765,33 @@ def test_a_subclass_with_its_own_dlpack_is_exported_through_it():
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_dlpack_override_added_after_use_is_honoured():
+    """The boundary remembers per type whether it may use the table; a __dlpack__ assigned to the
+    class afterwards (here, after two calls) takes effect on the next call."""
+    torch, x, w, a, b = torch_linear_case()
+    calls = []
+
+    class Later(torch.Tensor):
+        pass
+
+    weight = w.as_subclass(Later)
+    want = expected_forward(*(t.numpy() for t in (x, w, a, b)), 0.5)
+    for _ in range(2):
+        np.testing.assert_allclose(
+            forward_into_torch(torch, x, weight, a, b).numpy(), want, rtol=1e-5, atol=1e-5
+        )
+    assert calls == []
+
+    def exported(self, *args, **kwargs):
+        calls.append(kwargs)
+        return torch.Tensor.__dlpack__(self, *args, **kwargs)
+
+    Later.__dlpack__ = exported
+    out = forward_into_torch(torch, x, weight, a, b)
+    assert len(calls) == 1
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 class _ExchangeHeader(ctypes.Structure):
     _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32), ("prev", ctypes.c_void_p)]
 

@@ -50,9 +50,11 @@ typedef struct {
     struct cpeft_call *inplace_calls;
     /* Tensor types seen by the boundary and the DLPack C exchange API each offers (NULL: none
      * usable), so an export costs no attribute lookup; filled round robin, a strong reference
-     * to each type. See cpeft_dlpack_exchange_api in dlpack_import.c. */
+     * to each type, valid while the type's version tag is the one recorded (assigning an
+     * attribute to a type or a base clears it). See cpeft_dlpack_exchange_api. */
     struct {
         PyTypeObject *type;
+        unsigned int version_tag;
         const DLPackExchangeAPI *api;
     } exchange_apis[CPEFT_EXCHANGE_API_CACHE];
     int exchange_apis_next;

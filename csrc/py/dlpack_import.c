@@ -261,17 +261,28 @@ finish:
 const DLPackExchangeAPI *cpeft_dlpack_exchange_api(cpeft_state *state, PyObject *obj)
 {
     PyTypeObject *type = Py_TYPE(obj);
+    /* CPython zeroes a type's version tag when the type or a base is modified (a __dlpack__
+     * assigned later) and gives it a fresh one at the next attribute lookup, so a recorded tag
+     * still in place means the answer still holds; 0 is never a valid tag. */
+    int slot = -1;
     for (int i = 0; i < CPEFT_EXCHANGE_API_CACHE; ++i) {
-        if (state->exchange_apis[i].type == type)
-            return state->exchange_apis[i].api;
+        if (state->exchange_apis[i].type == type) {
+            if (type->tp_version_tag != 0 &&
+                type->tp_version_tag == state->exchange_apis[i].version_tag)
+                return state->exchange_apis[i].api;
+            slot = i;
+        }
     }
     const DLPackExchangeAPI *api = find_exchange_api(type);
     if (api == NULL && PyErr_Occurred())
         return NULL;
-    int slot = state->exchange_apis_next;
-    state->exchange_apis_next = (slot + 1) % CPEFT_EXCHANGE_API_CACHE;
+    if (slot < 0) {
+        slot = state->exchange_apis_next;
+        state->exchange_apis_next = (slot + 1) % CPEFT_EXCHANGE_API_CACHE;
+    }
     PyTypeObject *evicted = state->exchange_apis[slot].type;
     state->exchange_apis[slot].type = (PyTypeObject *)Py_NewRef(type);
+    state->exchange_apis[slot].version_tag = type->tp_version_tag;
     state->exchange_apis[slot].api = api;
     Py_XDECREF(evicted);
     return api;
@@ -295,7 +306,8 @@ DLManagedTensorVersioned *cpeft_dlpack_exchange_export(const DLPackExchangeAPI *
     if (m->dl_tensor.device.device_type == kDLCUDA) {
         void *current = NULL;
         if (api->current_work_stream(kDLCUDA, m->dl_tensor.device.device_id, &current) != 0) {
-            m->deleter(m);
+            if (m->deleter != NULL)
+                m->deleter(m);
             cpeft_reraise_with_context(PyExc_BufferError,
                                        "the current stream of %s's device could not be read", name);
             return NULL;
