@@ -8,11 +8,12 @@ this row is ../shared/gpu-runs/host_path.py).
 At this shape the arithmetic is negligible: the figure is the per-call path (Python, autograd,
 the C boundary). CPU time per step (time.process_time, torch and OpenBLAS on one thread), best of
 9 batches of 400 steps, the layer and nn.Linear measured alternately so both see the same machine.
-With --compare each build runs in its own process, alternately, and one table is printed. The
-last columns are two autograd.Functions that compute nothing on the same inputs: one that saves
-them and allocates the output and the three gradients (what any Python-level node of this layer
-pays before its C calls), and one that only passes its gradient through (the bare cost of a
-Python node, to set beside nn.Linear's C++ node).
+With --compare each build runs in its own process, alternately, and one table is printed. Three
+autograd.Functions on the same inputs follow: one that saves them and allocates the output and
+the three gradients but computes nothing (what any Python-level node of this layer pays before
+its C calls), one that only passes its gradient through (the bare cost of a Python node, to set
+beside nn.Linear's C++ node), and one that makes the layer's two C calls with nothing else (no
+module, no dtype rule; the layer minus it is what the layer's Python costs).
 Then the raw C calls alone (forward, backward) at this shape and at M=1, 4->4, r=1, each called
 back to back (warm caches) and each after an nn.Linear fwd+bwd step (the caches as a training
 step leaves them; only the call itself is timed there).
@@ -32,8 +33,8 @@ BATCHES, STEPS = 9, 400
 
 
 def measure():
-    """(layer, nn.Linear, empty Function, pass-through Function) us/step for the cpeft on
-    sys.path, and the layer step function."""
+    """(layer, nn.Linear, empty Function, pass-through Function, Function with the layer's C
+    calls) us/step for the cpeft on sys.path, and the layer step function."""
     import time
 
     import torch
@@ -95,11 +96,49 @@ def measure():
         x.grad = None
         PassThrough.apply(x).backward(grad)
 
+    from cpeft import _C
+
+    class SameCalls(torch.autograd.Function):
+        """The layer's two C calls in a Function with nothing else: this shape's sizes written
+        in, no module, no dtype rule, no settings. Beside the layer, what its Python costs."""
+
+        @staticmethod
+        def forward(ctx, x, weight, lora_a, lora_b):
+            y, xa = x.new_empty(M, OUT), x.new_empty(M, R)
+            _C.lora_linear_forward(x, weight, None, lora_a, lora_b, 2.0, out=y, out_xa=xa)
+            ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+            grads = x.new_empty(M, IN), lora_a.new_empty(R, IN), lora_b.new_empty(OUT, R)
+            _C.lora_linear_backward(
+                grad_out,
+                x,
+                weight,
+                lora_a,
+                lora_b,
+                xa,
+                2.0,
+                grad_x=grads[0],
+                grad_lora_a=grads[1],
+                grad_lora_b=grads[2],
+            )
+            return grads[0], None, grads[1], grads[2]
+
+    def same_calls_step():
+        x.grad = None
+        layer.lora_A.grad = None
+        layer.lora_B.grad = None
+        SameCalls.apply(x, layer.weight, layer.lora_A, layer.lora_B).backward(grad)
+
     best = {
         layer_step: float("inf"),
         base_step: float("inf"),
         empty_step: float("inf"),
         pass_through_step: float("inf"),
+        same_calls_step: float("inf"),
     }
     for fn in best:
         for _ in range(50):
@@ -110,7 +149,7 @@ def measure():
             for _ in range(STEPS):
                 fn()
             best[fn] = min(best[fn], (time.process_time() - start) / STEPS)
-    steps = (layer_step, base_step, empty_step, pass_through_step)
+    steps = (layer_step, base_step, empty_step, pass_through_step, same_calls_step)
     return tuple(best[step] * 1e6 for step in steps) + (layer_step,)
 
 
@@ -211,7 +250,7 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(" ".join(str(v) for v in measure()[:4]))
+        print(" ".join(str(v) for v in measure()[:5]))
         return
     import cpeft
 
@@ -235,15 +274,16 @@ def main():
     )
     print(
         "| build | cpeft.Linear us | nn.Linear us | ratio | empty autograd.Function us (ratio) "
-        "| pass-through Function us (ratio) |"
+        "| pass-through Function us (ratio) | Function with the same C calls us (ratio) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for label, path in builds:
         runs = sorted(results[label], key=lambda r: r[0] / r[1])
-        layer_us, base_us, empty_us, pass_us = runs[len(runs) // 2]
+        layer_us, base_us, *others = runs[len(runs) // 2]
         print(
-            f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x "
-            f"| {empty_us:.1f} ({empty_us / base_us:.2f}x) | {pass_us:.1f} ({pass_us / base_us:.2f}x) |"
+            f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x | "
+            + " | ".join(f"{us:.1f} ({us / base_us:.2f}x)" for us in others)
+            + " |"
         )
     c_calls()
     if args.profile:

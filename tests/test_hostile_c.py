@@ -801,15 +801,18 @@ class _ExchangeTable(ctypes.Structure):
 
 
 def _capsule(pointer, name):
+    """A capsule of `pointer` named by the string buffer `name` (which must outlive it)."""
     new = ctypes.pythonapi.PyCapsule_New
     new.restype = ctypes.py_object
-    new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-    return new(pointer, name, None)
+    new.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+    return new(pointer, ctypes.addressof(name), None)
 
 
-# A table of an unknown major version, with non-null entries a reader must not call.
+# A table of an unknown major version, with non-null entries a reader must not call. A capsule
+# keeps a pointer to its name, not a copy: the names live here for as long as the capsules.
 _FUTURE_TABLE = _ExchangeTable(_ExchangeHeader(2, 0, None), *([1] * 5))
-_FUTURE_NAME = b"dlpack_exchange_api"
+_TABLE_NAME = ctypes.create_string_buffer(b"dlpack_exchange_api")
+_OTHER_NAME = ctypes.create_string_buffer(b"another_api")
 
 
 @pytest.mark.parametrize(
@@ -817,8 +820,8 @@ _FUTURE_NAME = b"dlpack_exchange_api"
     [
         42,
         "dlpack_exchange_api",
-        _capsule(ctypes.addressof(_FUTURE_TABLE), b"another_api"),
-        _capsule(ctypes.addressof(_FUTURE_TABLE), _FUTURE_NAME),
+        _capsule(ctypes.addressof(_FUTURE_TABLE), _OTHER_NAME),
+        _capsule(ctypes.addressof(_FUTURE_TABLE), _TABLE_NAME),
     ],
     ids=["int", "str", "capsule-of-another-name", "major-version-2"],
 )
