@@ -299,6 +299,12 @@ def good_args(rng):
     )
 
 
+def forward_into(args, out):
+    """lora_grouped_forward of a good_args dict (possibly changed), writing into out."""
+    names = ("x", "weight", "bias", "lora_a", "lora_b", "index", "ranks", "scales")
+    return F.lora_grouped_forward(*(args[n] for n in names), out=out)
+
+
 @pytest.mark.parametrize(
     "change, error, message",
     [
@@ -333,17 +339,7 @@ def test_bad_input_is_refused_and_writes_nothing(rng, change, error, message):
     change(args)
     out = np.full(args["x"].shape[:-1] + (args["weight"].shape[0],), 7.0, dtype=np.float32)
     with pytest.raises(error) as info:
-        F.lora_grouped_forward(
-            args["x"],
-            args["weight"],
-            args["bias"],
-            args["lora_a"],
-            args["lora_b"],
-            args["index"],
-            args["ranks"],
-            args["scales"],
-            out=out,
-        )
+        forward_into(args, out)
     assert message in str(info.value), str(info.value)
     assert np.all(out == 7.0)
 
@@ -360,18 +356,9 @@ def test_bad_ranks_with_torch_tensors_are_named_not_failed_in_the_allocation(rng
         for k, v in good_args(rng).items()
     }
     out = torch.full(args["x"].shape[:-1] + (args["weight"].shape[0],), 7.0)
+    args["ranks"] = ranks
     with pytest.raises(ValueError, match=re.escape(message)):
-        F.lora_grouped_forward(
-            args["x"],
-            args["weight"],
-            args["bias"],
-            args["lora_a"],
-            args["lora_b"],
-            args["index"],
-            ranks,
-            args["scales"],
-            out=out,
-        )
+        forward_into(args, out)
     assert bool((out == 7.0).all())
 
 
