@@ -5,15 +5,19 @@ this row is ../shared/gpu-runs/host_path.py).
     PYTHONPATH=python python bench/bench_host_path.py                  # the importable cpeft
     python bench/bench_host_path.py --compare /other/checkout/python   # also another build
 
-At this shape the arithmetic is negligible: the figure is the per-call path (Python, autograd,
-the C boundary). CPU time per step (time.process_time, torch and OpenBLAS on one thread), best of
+At this shape the figure is mostly the per-call path (Python, autograd, the C boundary); the
+arithmetic is not nothing on a CPU (in a perf profile of the layer's loop, OpenBLAS's compute
+kernel took about 3.5% of the step, docs/benchmarks.md). CPU time per step (time.process_time, torch and OpenBLAS on one thread), best of
 9 batches of 400 steps, the layer and nn.Linear measured alternately so both see the same machine.
 With --compare each build runs in its own process, alternately, and one table is printed. Three
 autograd.Functions on the same inputs follow: one that saves them and allocates the output and
 the three gradients but computes nothing (what any Python-level node of this layer pays before
 its C calls), one that only passes its gradient through (the bare cost of a Python node, to set
 beside nn.Linear's C++ node), and one that makes the layer's two C calls with nothing else (no
-module, no dtype rule; the layer minus it is what the layer's Python costs).
+module, no dtype rule; the layer minus it is what the layer's Python costs), alone and as the
+forward of a bare nn.Module (the floor of any layer on such a Function: nn.Linear's step pays the
+module call as well). Every step clears the gradients through references bound once, as an
+optimizer does.
 Then the raw C calls alone (forward, backward) at this shape and at M=1, 4->4, r=1, each called
 back to back (warm caches) and each after an nn.Linear fwd+bwd step (the caches as a training
 step leaves them; only the call itself is timed there).
@@ -51,10 +55,15 @@ def measure():
     x = torch.randn(M, IN, requires_grad=True)
     grad = torch.randn(M, OUT)
 
+    # The adapters are bound once, as an optimizer holds its parameters: reaching them through
+    # layer.lora_A in every step is Module.__getattr__ (about 2 µs a step here), which is the
+    # benchmark's cost, not the layer's fwd+bwd.
+    lora_a, lora_b = layer.lora_A, layer.lora_B
+
     def layer_step():
         x.grad = None
-        layer.lora_A.grad = None
-        layer.lora_B.grad = None
+        lora_a.grad = None
+        lora_b.grad = None
         layer(x).backward(grad)
 
     def base_step():
@@ -77,9 +86,9 @@ def measure():
 
     def empty_step():
         x.grad = None
-        layer.lora_A.grad = None
-        layer.lora_B.grad = None
-        Empty.apply(x, layer.weight, layer.lora_A, layer.lora_B).backward(grad)
+        lora_a.grad = None
+        lora_b.grad = None
+        Empty.apply(x, layer.weight, lora_a, lora_b).backward(grad)
 
     class PassThrough(torch.autograd.Function):
         """A Python node and nothing else: the output is allocated, the gradient handed on."""
@@ -131,7 +140,7 @@ def measure():
     # is the C calls' share, not attribute lookups or Function.apply's Python wrapper.
     eager_apply = getattr(cpeft._autograd, "_eager_apply", lambda function: function.apply)
     same_calls = eager_apply(SameCalls)
-    weight, lora_a, lora_b = layer.weight, layer.lora_A, layer.lora_B
+    weight = layer.weight
 
     def same_calls_step():
         x.grad = None
@@ -139,12 +148,33 @@ def measure():
         lora_b.grad = None
         same_calls(x, weight, lora_a, lora_b).backward(grad)
 
+    class SameCallsModule(nn.Module):
+        """That Function as a module's forward, its parameters read from ``_parameters``: the
+        floor of any layer built on it (nn.Linear pays the module call too)."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight, self.lora_A, self.lora_B = weight, lora_a, lora_b
+
+        def forward(self, x):
+            params = self._parameters
+            return same_calls(x, params["weight"], params["lora_A"], params["lora_B"])
+
+    same_calls_module = SameCallsModule()
+
+    def same_calls_module_step():
+        x.grad = None
+        lora_a.grad = None
+        lora_b.grad = None
+        same_calls_module(x).backward(grad)
+
     best = {
         layer_step: float("inf"),
         base_step: float("inf"),
         empty_step: float("inf"),
         pass_through_step: float("inf"),
         same_calls_step: float("inf"),
+        same_calls_module_step: float("inf"),
     }
     for fn in best:
         for _ in range(50):
@@ -155,7 +185,14 @@ def measure():
             for _ in range(STEPS):
                 fn()
             best[fn] = min(best[fn], (time.process_time() - start) / STEPS)
-    steps = (layer_step, base_step, empty_step, pass_through_step, same_calls_step)
+    steps = (
+        layer_step,
+        base_step,
+        empty_step,
+        pass_through_step,
+        same_calls_step,
+        same_calls_module_step,
+    )
     return tuple(best[step] * 1e6 for step in steps) + (layer_step,)
 
 
@@ -256,7 +293,7 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(" ".join(str(v) for v in measure()[:5]))
+        print(" ".join(str(v) for v in measure()[:6]))
         return
     import cpeft
 
@@ -280,9 +317,10 @@ def main():
     )
     print(
         "| build | cpeft.Linear us | nn.Linear us | ratio | empty autograd.Function us (ratio) "
-        "| pass-through Function us (ratio) | Function with the same C calls us (ratio) |"
+        "| pass-through Function us (ratio) | Function with the same C calls us (ratio) "
+        "| that Function in a Module us (ratio) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for label, path in builds:
         runs = sorted(results[label], key=lambda r: r[0] / r[1])
         layer_us, base_us, *others = runs[len(runs) // 2]
