@@ -38,7 +38,8 @@ BATCHES, STEPS = 9, 400
 
 def measure():
     """(layer, nn.Linear, empty Function, pass-through Function, Function with the layer's C
-    calls) us/step for the cpeft on sys.path, and the layer step function."""
+    calls, that Function in a Module, then the ladder's three rungs) us/step for the cpeft on
+    sys.path, and the layer step function."""
     import time
 
     import torch
@@ -56,8 +57,8 @@ def measure():
     grad = torch.randn(M, OUT)
 
     # The adapters are bound once, as an optimizer holds its parameters: reaching them through
-    # layer.lora_A in every step is Module.__getattr__ (about 2 µs a step here), which is the
-    # benchmark's cost, not the layer's fwd+bwd.
+    # layer.lora_A in every step is Module.__getattr__ (4-6 µs a step on the development VM,
+    # docs/benchmarks.md), which is the benchmark's cost, not the layer's fwd+bwd.
     lora_a, lora_b = layer.lora_A, layer.lora_B
 
     def layer_step():
@@ -168,6 +169,40 @@ def measure():
         lora_b.grad = None
         same_calls_module(x).backward(grad)
 
+    # The layer's own path entered one level further out each time (the ladder table): its
+    # Function with the settings tuple written in, then _autograd.lora_linear (dtype rule,
+    # compile test, settings), then Linear.forward without the module call.
+    ag = cpeft._autograd
+    settings = (layer.scaling, False, None, 0.0, 0)
+
+    def function_step():
+        x.grad = None
+        lora_a.grad = None
+        lora_b.grad = None
+        ag._lora_linear_apply(x, weight, None, lora_a, lora_b, settings).backward(grad)
+
+    def lora_linear_step():
+        x.grad = None
+        lora_a.grad = None
+        lora_b.grad = None
+        ag.lora_linear(
+            x,
+            weight,
+            None,
+            lora_a,
+            lora_b,
+            scale=layer.scaling,
+            fan_in_fan_out=False,
+            enable_lora=None,
+            dropout=0.0,
+        ).backward(grad)
+
+    def forward_step():
+        x.grad = None
+        lora_a.grad = None
+        lora_b.grad = None
+        layer.forward(x).backward(grad)
+
     best = {
         layer_step: float("inf"),
         base_step: float("inf"),
@@ -175,6 +210,9 @@ def measure():
         pass_through_step: float("inf"),
         same_calls_step: float("inf"),
         same_calls_module_step: float("inf"),
+        function_step: float("inf"),
+        lora_linear_step: float("inf"),
+        forward_step: float("inf"),
     }
     for fn in best:
         for _ in range(50):
@@ -192,6 +230,9 @@ def measure():
         pass_through_step,
         same_calls_step,
         same_calls_module_step,
+        function_step,
+        lora_linear_step,
+        forward_step,
     )
     return tuple(best[step] * 1e6 for step in steps) + (layer_step,)
 
@@ -293,7 +334,7 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(" ".join(str(v) for v in measure()[:6]))
+        print(" ".join(str(v) for v in measure()[:9]))
         return
     import cpeft
 
@@ -326,8 +367,24 @@ def main():
         layer_us, base_us, *others = runs[len(runs) // 2]
         print(
             f"| {label} ({path}) | {layer_us:.1f} | {base_us:.1f} | {layer_us / base_us:.2f}x | "
-            + " | ".join(f"{us:.1f} ({us / base_us:.2f}x)" for us in others)
+            + " | ".join(f"{us:.1f} ({us / base_us:.2f}x)" for us in others[:4])
             + " |"
+        )
+    print(
+        "\nThe layer's path entered one level further out each time (ratio to nn.Linear): the "
+        "same-C-calls Function, in a bare Module, the layer's Function with its settings "
+        "written in, _autograd.lora_linear, Linear.forward, the layer called as a module"
+    )
+    print(
+        "| build | same C calls | in a Module | LoraLinearFunction | lora_linear | "
+        "Linear.forward | layer(x) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label, _ in builds:
+        runs = sorted(results[label], key=lambda r: r[0] / r[1])
+        layer_us, base_us, _, _, *rungs = runs[len(runs) // 2]
+        print(
+            f"| {label} | " + " | ".join(f"{us / base_us:.2f}x" for us in rungs + [layer_us]) + " |"
         )
     c_calls()
     if args.profile:
