@@ -6,9 +6,10 @@ this row is ../shared/gpu-runs/host_path.py).
     python bench/bench_host_path.py --compare /other/checkout/python   # also another build
 
 At this shape the figure is mostly the per-call path (Python, autograd, the C boundary); the
-arithmetic is not nothing on a CPU (in a perf profile of the layer's loop, OpenBLAS's compute
-kernel took about 3.5% of the step, docs/benchmarks.md). CPU time per step (time.process_time, torch and OpenBLAS on one thread), best of
-9 batches of 400 steps, the layer and nn.Linear measured alternately so both see the same machine.
+arithmetic is small but not nothing on a CPU (OpenBLAS's compute kernel took 3.6% of a perf
+profile of 100,000 layer steps, docs/benchmarks.md). CPU time per step (time.process_time, torch
+and OpenBLAS on one thread), best of 9 batches of 400 steps, the layer and nn.Linear measured
+alternately so both see the same machine.
 With --compare each build runs in its own process, alternately, and one table is printed. Three
 autograd.Functions on the same inputs follow: one that saves them and allocates the output and
 the three gradients but computes nothing (what any Python-level node of this layer pays before
