@@ -15,7 +15,9 @@ The pattern (every op here follows it; a new op copies it):
      The backward computes only the gradients in ``needs`` and returns None for the others.
   2. ``<Op>Function`` (``torch.autograd.Function``): the eager path, the cheapest per call,
      entered through ``_<op>_apply = _eager_apply(<Op>Function)`` (the C apply without
-     ``Function.apply``'s Python wrapper, whose functorch handling it keeps).
+     ``Function.apply``'s Python wrapper, whose functorch handling it keeps). LoRA linear, the
+     hottest path, has the same apply written out for its six arguments
+     (``_lora_linear_eager_apply``).
   3. ``cpeft::<op>`` and ``cpeft::<op>_backward`` (``torch.library.custom_op``) over the same
      kernels, with ``register_fake`` (output shapes only) and ``register_autograd`` (the
      backward calls the backward op, so AOTAutograd traces it too). Schemas take Tensor, float,
