@@ -1,14 +1,20 @@
-"""Build of cpeft's extension module cpeft._C.
+"""Build of cpeft's extension modules: cpeft._C, and cpeft._torch_node where torch is installed.
 
 Sources are globbed: csrc/common/*.c (compute code both backends share), csrc/cpu/*.c (compute,
 CPU), csrc/py/*.c (the Python boundary) and, when CUDA is enabled, cuda/*.cu compiled by nvcc into
 objects linked into the same module (without CUDA, cuda/no_cuda.c stands in for them).
+cpeft._torch_node (csrc/torch/*.cpp) is the torch layers' C++ autograd node for LoRA linear on the
+CPU; it links the torch found at build time and calls cpeft._C's compute functions, so it is
+optional: without it (no torch when building, or another torch at run time) the layers take their
+Python autograd.Function, which gives the same results.
 
 Environment:
   CPEFT_CUDA=auto|0|1   auto (default): build CUDA kernels when nvcc, cuBLAS and cuda/*.cu exist;
                         1: require them; 0: CPU only.
   CPEFT_CUDA_ARCHS      compute capabilities, e.g. "80;90" (default), "8.0 9.0" or "sm_80,sm_90";
                         SASS for each and PTX for the newest.
+  CPEFT_TORCH=auto|0|1  auto (default): build cpeft._torch_node when torch can be imported;
+                        1: require it; 0: skip it.
   CPEFT_DEBUG=1         -O0 -g -UNDEBUG.
   CPEFT_SANITIZE=1      AddressSanitizer and UBSan on the C sources (compile and link).
 """
@@ -229,6 +235,43 @@ else:
     SUMMARY = f"cpeft build: CUDA off ({CUDA_OFF_REASON}) | BLAS {BLAS['summary']}"
 
 
+def find_torch():
+    """(config, None) when cpeft._torch_node is to be built, (None, reason) when not."""
+    mode = os.environ.get("CPEFT_TORCH", "auto").strip().lower()
+    if mode == "0":
+        return None, "disabled by CPEFT_TORCH=0"
+    if mode not in ("auto", "1"):
+        raise SystemExit(f"CPEFT_TORCH must be auto, 0 or 1, got {mode!r}")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as error:
+        if mode == "1":
+            raise SystemExit(
+                f"cpeft build: CPEFT_TORCH=1 but torch cannot be imported ({error})"
+            ) from error
+        return None, "torch not importable at build time"
+    lib_dirs = cpp_extension.library_paths()
+    return (
+        dict(
+            required=mode == "1",
+            version=torch.__version__,
+            include_dirs=cpp_extension.include_paths(),
+            lib_dirs=lib_dirs,
+            cxx11_abi=int(torch._C._GLIBCXX_USE_CXX11_ABI),
+        ),
+        None,
+    )
+
+
+TORCH, TORCH_OFF_REASON = find_torch()
+SUMMARY += (
+    f" | torch node: built against torch {TORCH['version']}"
+    if TORCH
+    else f" | torch node: off ({TORCH_OFF_REASON})"
+)
+
+
 def build_configuration(numpy_version):
     """Everything besides the sources that goes into the binary: the interpreter (its
     environment), numpy and BLAS versions, the CUDA toolkit and cuBLAS locations (they become
@@ -247,6 +290,7 @@ def build_configuration(numpy_version):
         link_args=link_args,
         macros=macros,
         libraries=libraries,
+        torch=TORCH,
     )
 
 
@@ -275,6 +319,7 @@ class BuildExt(build_ext):
 
         self.configuration_key = configuration_key(build_configuration(numpy.__version__))
         self.build_temp = os.path.join(self.build_temp, f"config-{self.configuration_key}")
+        self.skipped_extensions = set()
 
     def run(self):
         print(f"{SUMMARY} | configuration {self.configuration_key}", flush=True)
@@ -297,7 +342,21 @@ class BuildExt(build_ext):
             return handle.read().strip() == file_digest(output)
 
     def build_extension(self, ext):
-        if CUDA:
+        if ext.name == "cpeft._torch_node" and not TORCH["required"]:
+            # Optional: a torch whose headers this file does not compile against leaves the
+            # layers on their Python autograd.Function, never without cpeft.
+            from setuptools.errors import CompileError, LinkError
+
+            try:
+                self.build_native_extension(ext)
+            except (CompileError, LinkError) as error:
+                print(f"cpeft build: cpeft._torch_node skipped ({error})", flush=True)
+                self.skipped_extensions.add(ext.name)
+            return
+        self.build_native_extension(ext)
+
+    def build_native_extension(self, ext):
+        if CUDA and ext.name == "cpeft._C":
             ext.extra_objects = self.compile_cuda()
         output = self.get_ext_fullpath(ext.name)
         foreign = os.path.exists(output) and not self.built_here(output)
@@ -318,6 +377,12 @@ class BuildExt(build_ext):
                 handle.write(file_digest(output))
 
     def copy_extensions_to_source(self):
+        # A module this build skipped must not be left there from an earlier build.
+        for ext in [e for e in self.extensions if e.name in self.skipped_extensions]:
+            stale = os.path.join(ROOT, "python", self.get_ext_filename(ext.name))
+            if os.path.exists(stale):
+                os.remove(stale)
+            self.extensions.remove(ext)
         # --inplace copies from build_lib only when the copy there is newer than the module in
         # the source tree, which may well come from another configuration: always copy.
         force, self.force = self.force, True
@@ -366,19 +431,46 @@ class BuildExt(build_ext):
         return objects
 
 
-setup(
-    ext_modules=[
+extensions = [
+    Extension(
+        "cpeft._C",
+        sources=c_sources,
+        depends=HEADERS + sources("cuda/*.cu") + sources("cuda/*.cuh"),
+        include_dirs=include_dirs,
+        define_macros=macros,
+        library_dirs=library_dirs,
+        libraries=libraries,
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+]
+if TORCH:
+    extensions.append(
         Extension(
-            "cpeft._C",
-            sources=c_sources,
-            depends=HEADERS + sources("cuda/*.cu") + sources("cuda/*.cuh"),
-            include_dirs=include_dirs,
-            define_macros=macros,
-            library_dirs=library_dirs,
-            libraries=libraries,
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
+            "cpeft._torch_node",
+            sources=sources("csrc/torch/*.cpp"),
+            depends=HEADERS,
+            include_dirs=["csrc/include", *TORCH["include_dirs"]],
+            define_macros=[
+                ("CPEFT_TORCH_VERSION", json.dumps(TORCH["version"])),
+                ("_GLIBCXX_USE_CXX11_ABI", str(TORCH["cxx11_abi"])),
+            ],
+            library_dirs=TORCH["lib_dirs"],
+            libraries=["c10", "torch", "torch_cpu", "torch_python"],
+            language="c++",
+            extra_compile_args=["-std=c++20", "-Wall", "-fvisibility=hidden"]
+            + [a for a in compile_args if a != "-std=c11" and a != "-Wall"],
+            # torch's libraries are found through torch's own folder next to cpeft's, or where
+            # the build found them.
+            extra_link_args=[
+                "-Wl,-rpath,$ORIGIN/../torch/lib",
+                *(f"-Wl,-rpath,{d}" for d in TORCH["lib_dirs"]),
+                *(a for a in link_args if a.startswith("-fsanitize")),
+            ],
         )
-    ],
+    )
+
+setup(
+    ext_modules=extensions,
     cmdclass={"build_ext": BuildExt},
 )

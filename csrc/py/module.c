@@ -4,6 +4,7 @@
  */
 #define CPEFT_MODULE_TU
 #include "boundary.h"
+#include "cpeft/compute_api.h"
 #include "device.h"
 #include "dtypes.h"
 
@@ -114,7 +115,21 @@ static int cpeft_exec(PyObject *module)
     if (state->CudaError == NULL) {
         return -1;
     }
-    return PyModule_AddObjectRef(module, "CudaError", state->CudaError);
+    if (PyModule_AddObjectRef(module, "CudaError", state->CudaError) < 0) {
+        return -1;
+    }
+    static const cpeft_compute_api compute_api = {
+        .version = CPEFT_COMPUTE_API_VERSION,
+        .lora_linear_fwd_cpu = cpeft_lora_linear_fwd_cpu,
+        .lora_linear_bwd_cpu = cpeft_lora_linear_bwd_cpu,
+    };
+    PyObject *capsule = PyCapsule_New((void *)&compute_api, CPEFT_COMPUTE_API_CAPSULE, NULL);
+    if (capsule == NULL) {
+        return -1;
+    }
+    int rc = PyModule_AddObjectRef(module, "_compute_api", capsule);
+    Py_DECREF(capsule);
+    return rc;
 }
 
 static int cpeft_traverse(PyObject *module, visitproc visit, void *arg)

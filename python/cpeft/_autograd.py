@@ -61,6 +61,7 @@ Dtype rule (shared by every layer, see docs/loralib-differences.md): torch's own
 from __future__ import annotations
 
 import functools
+import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -406,6 +407,29 @@ def _lora_linear_eager_apply():
 _lora_linear_apply = _lora_linear_eager_apply()
 
 
+def _load_torch_node():
+    """(cpeft._torch_node's lora_linear, None), or (None, why not). The node module links the
+    torch it was built against, so it is used only with that very torch; CPEFT_TORCH_NODE=0 turns
+    it off (every call then takes LoraLinearFunction, which gives the same results)."""
+    if os.environ.get("CPEFT_TORCH_NODE", "1").strip() == "0":
+        return None, "disabled by CPEFT_TORCH_NODE=0"
+    try:
+        from . import _torch_node
+    except ImportError as error:
+        return None, f"cpeft._torch_node cannot be imported ({error})"
+    if _torch_node.torch_version != torch.__version__:
+        return None, (
+            f"cpeft._torch_node was built against torch {_torch_node.torch_version}, this is "
+            f"torch {torch.__version__}; rebuild cpeft to use it"
+        )
+    return _torch_node.lora_linear, None
+
+
+# The C++ autograd node for LoRA linear on the CPU (csrc/torch/lora_linear_node.cpp): it takes a
+# call whose operands the CPU core can read as they are and returns None otherwise.
+_lora_linear_node, TORCH_NODE_UNAVAILABLE = _load_torch_node()
+
+
 @torch.library.custom_op("cpeft::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: Tensor,
@@ -557,6 +581,24 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enabl
         )[0]
     else:
         seed = draw_dropout_seed() if dropout > 0.0 else 0
+        if (
+            _lora_linear_node is not None
+            and enable_lora is None
+            and not _functorch_transforms_active()
+        ):
+            y = _lora_linear_node(
+                x,
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                float(scale),
+                bool(fan_in_fan_out),
+                float(dropout),
+                seed,
+            )
+            if y is not None:
+                return y if y.dtype is dtype else y.to(dtype)
         y = _lora_linear_apply(
             x,
             weight,
