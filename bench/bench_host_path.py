@@ -10,6 +10,8 @@ arithmetic is small but not nothing on a CPU (OpenBLAS's compute kernel took 3.6
 profile of 100,000 layer steps, docs/benchmarks.md). CPU time per step (time.process_time, torch
 and OpenBLAS on one thread), best of 9 batches of 400 steps, the layer and nn.Linear measured
 alternately so both see the same machine.
+This build is measured twice: as the layers run by default, on the C++ autograd node of
+cpeft._torch_node, and with CPEFT_TORCH_NODE=0, on the Python autograd.Function.
 With --compare each build runs in its own process, alternately, and one table is printed. Three
 autograd.Functions on the same inputs follow: one that saves them and allocates the output and
 the three gradients but computes nothing (what any Python-level node of this layer pays before
@@ -204,6 +206,17 @@ def measure():
         lora_b.grad = None
         layer.forward(x).backward(grad)
 
+    # The C++ autograd node called directly: the floor of the layer's path where it is in use
+    # (the Function column's twin). Without it, the step of the Function stands in.
+    node = getattr(ag, "_lora_linear_node", None)
+    scale = float(layer.scaling)
+
+    def node_step():
+        x.grad = None
+        lora_a.grad = None
+        lora_b.grad = None
+        node(x, weight, None, lora_a, lora_b, scale, False, 0.0, 0).backward(grad)
+
     best = {
         layer_step: float("inf"),
         base_step: float("inf"),
@@ -214,6 +227,7 @@ def measure():
         function_step: float("inf"),
         lora_linear_step: float("inf"),
         forward_step: float("inf"),
+        node_step if node is not None else function_step: float("inf"),
     }
     for fn in best:
         for _ in range(50):
@@ -234,6 +248,7 @@ def measure():
         function_step,
         lora_linear_step,
         forward_step,
+        node_step if node is not None else function_step,
     )
     return tuple(best[step] * 1e6 for step in steps) + (layer_step,)
 
@@ -335,16 +350,19 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(" ".join(str(v) for v in measure()[:9]))
+        print(" ".join(str(v) for v in measure()[:10]))
         return
     import cpeft
 
     here = os.path.dirname(os.path.dirname(cpeft.__file__))
-    builds = [("this build", here)] + ([("compared", args.compare)] if args.compare else [])
-    results = {label: [] for label, _ in builds}
+    builds = [
+        ("this build", here, {}),
+        ("this build, Python Function path", here, {"CPEFT_TORCH_NODE": "0"}),
+    ] + ([("compared", args.compare, {})] if args.compare else [])
+    results = {label: [] for label, _, _ in builds}
     for _ in range(3):
-        for label, path in builds:
-            env = dict(os.environ, PYTHONPATH=path)
+        for label, path, extra_env in builds:
+            env = dict(os.environ, PYTHONPATH=path, **extra_env)
             out = subprocess.run(
                 [sys.executable, __file__, "--child"],
                 env=env,
@@ -363,7 +381,7 @@ def main():
         "| that Function in a Module us (ratio) |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for label, path in builds:
+    for label, path, _ in builds:
         runs = sorted(results[label], key=lambda r: r[0] / r[1])
         layer_us, base_us, *others = runs[len(runs) // 2]
         print(
@@ -374,19 +392,22 @@ def main():
     print(
         "\nThe layer's path entered one level further out each time (ratio to nn.Linear): the "
         "same-C-calls Function, in a bare Module, the layer's Function with its settings "
-        "written in, _autograd.lora_linear, Linear.forward, the layer called as a module"
+        "written in, the C++ node called directly (the Function again where the node is not in "
+        "use), then _autograd.lora_linear, Linear.forward and the layer called as a module, "
+        "which take the node where it is in use"
     )
     print(
-        "| build | same C calls | in a Module | LoraLinearFunction | lora_linear | "
+        "| build | same C calls | in a Module | LoraLinearFunction | C++ node | lora_linear | "
         "Linear.forward | layer(x) |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for label, _ in builds:
+    print("|---|---|---|---|---|---|---|---|")
+    for label, _, _ in builds:
         runs = sorted(results[label], key=lambda r: r[0] / r[1])
-        layer_us, base_us, _, _, *rungs = runs[len(runs) // 2]
-        print(
-            f"| {label} | " + " | ".join(f"{us / base_us:.2f}x" for us in rungs + [layer_us]) + " |"
-        )
+        layer_us, base_us, _, _, same, module, function, lora_linear, forward, node = runs[
+            len(runs) // 2
+        ]
+        rungs = (same, module, function, node, lora_linear, forward, layer_us)
+        print(f"| {label} | " + " | ".join(f"{us / base_us:.2f}x" for us in rungs) + " |")
     c_calls()
     if args.profile:
         profile(measure()[-1])

@@ -17,7 +17,10 @@ The pattern (every op here follows it; a new op copies it):
      entered through ``_<op>_apply = _eager_apply(<Op>Function)`` (the C apply without
      ``Function.apply``'s Python wrapper, whose functorch handling it keeps). LoRA linear, the
      hottest path, has the same apply written out for its six arguments
-     (``_lora_linear_eager_apply``).
+     (``_lora_linear_eager_apply``), and on the CPU is first offered to the C++ autograd node of
+     ``cpeft._torch_node`` (csrc/torch/lora_linear_node.cpp; the same kernels, no Python in the
+     node), which takes calls whose operands the core reads as they are and returns None for
+     the rest.
   3. ``cpeft::<op>`` and ``cpeft::<op>_backward`` (``torch.library.custom_op``) over the same
      kernels, with ``register_fake`` (output shapes only) and ``register_autograd`` (the
      backward calls the backward op, so AOTAutograd traces it too). Schemas take Tensor, float,
