@@ -416,6 +416,8 @@ def _load_torch_node():
     it off (every call then takes LoraLinearFunction, which gives the same results)."""
     if os.environ.get("CPEFT_TORCH_NODE", "1").strip() == "0":
         return None, "disabled by CPEFT_TORCH_NODE=0"
+    if _functorch_transforms_active is None:
+        return None, "this torch has no torch._C._are_functorch_transforms_active"
     try:
         from . import _torch_node
     except ImportError as error:
@@ -586,6 +588,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale, fan_in_fan_out, enabl
         seed = draw_dropout_seed() if dropout > 0.0 else 0
         if (
             _lora_linear_node is not None
+            and device_type == "cpu"
             and enable_lora is None
             and not _functorch_transforms_active()
         ):
