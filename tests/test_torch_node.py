@@ -206,6 +206,29 @@ def test_input_changed_in_place_before_backward_is_refused():
         y.sum().backward()
 
 
+@pytest.mark.parametrize(
+    "which,replacement",
+    [
+        ("weight", lambda t: torch.randn(t.shape[0] + 3, t.shape[1])),
+        ("lora_A", lambda t: torch.randn(t.shape[0], t.shape[1] + 5)),
+        ("lora_B", lambda t: torch.randn(t.shape[0], t.shape[1] + 1)),
+        ("lora_B", lambda t: t.detach().double()),
+        ("weight", lambda t: t.detach().t().contiguous().t()[:, :-1]),
+    ],
+)
+def test_saved_tensor_data_replaced_before_backward_raises(which, replacement):
+    """``param.data = other`` changes a saved tensor without a version bump: backward must see
+    it and raise, never read the new memory with the old sizes."""
+    layer = cpeft.Linear(12, 10, r=3, bias=True)
+    x = torch.randn(7, 12, requires_grad=True)
+    y = layer(x)
+    assert NODE in y.grad_fn.name()
+    param = getattr(layer, which)
+    param.data = replacement(param)
+    with pytest.raises(RuntimeError, match="no longer has the dtype, device, shape or layout"):
+        y.sum().backward()
+
+
 def test_gradcheck_through_the_node():
     torch.manual_seed(3)
     layer = cpeft.Linear(6, 5, r=2, lora_alpha=3, bias=True).double()

@@ -110,6 +110,42 @@ bool plain_operand(PyObject *obj, at::ScalarType dtype)
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % t.element_size() == 0;
 }
 
+/* Backward's views of the saved tensors and the incoming gradient (contiguous by then), true
+ * when they still fit together as forward checked them: one CPU float dtype, x and xa
+ * contiguous, the weight and adapters BLAS-able, every shared size equal. */
+bool saved_views_agree(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &lora_a,
+                       const at::Tensor &lora_b, const at::Tensor &xa, const at::Tensor &grad_out,
+                       bool fan_in_fan_out, cpeft_lora_linear_args *a, cpeft_lora_linear_bwd_in *in)
+{
+    at::ScalarType dtype = x.scalar_type();
+    if (dtype != at::kFloat && dtype != at::kDouble)
+        return false;
+    for (const at::Tensor *t : {&x, &weight, &lora_a, &lora_b, &xa, &grad_out}) {
+        if (!t->defined() || t->layout() != at::kStrided || !t->device().is_cpu() ||
+            t->scalar_type() != dtype || !t->has_storage())
+            return false;
+    }
+    if (x.dim() < 1 || !x.is_contiguous() || !xa.is_contiguous() || !grad_out.is_contiguous() ||
+        weight.dim() != 2 || lora_a.dim() != 2 || lora_b.dim() != 2 ||
+        !blas_view(weight, fan_in_fan_out, &a->weight) || !blas_view(lora_a, false, &a->lora_a) ||
+        !blas_view(lora_b, false, &a->lora_b))
+        return false;
+    a->dtype = core_dtype(x);
+    a->out = a->weight.rows;
+    a->in = a->weight.cols;
+    a->r = a->lora_a.rows;
+    if (a->in == 0 || a->out == 0 || a->r == 0 || x.size(-1) != a->in || a->lora_a.cols != a->in ||
+        a->lora_b.rows != a->out || a->lora_b.cols != a->r)
+        return false;
+    a->x = rows_view(x, a->in);
+    a->m = a->x.rows;
+    if (xa.dim() < 1 || xa.size(-1) != a->r || xa.numel() != a->m * a->r || grad_out.dim() < 1 ||
+        grad_out.size(-1) != a->out || grad_out.numel() != a->m * a->out)
+        return false;
+    *in = {rows_view(grad_out, a->out), rows_view(xa, a->r)};
+    return true;
+}
+
 void raise_status(int code, const cpeft_status &st)
 {
     TORCH_CHECK_WITH(OutOfMemoryError, code != CPEFT_ERR_NOMEM, "cpeft: ", st.message);
@@ -150,27 +186,24 @@ public:
                          &xa = saved[4];
         bool fan_in_fan_out = ctx->saved_data["fan_in_fan_out"].toBool();
         cpeft_lora_linear_args a = {};
-        a.dtype = core_dtype(x);
-        a.in = x.size(-1);
-        a.r = lora_a.size(0);
         a.groups = 1;
         a.enabled[0] = 1;
         a.scale = ctx->saved_data["scale"].toDouble();
         a.dropout = {ctx->saved_data["dropout"].toDouble(),
                      static_cast<uint64_t>(ctx->saved_data["seed"].toInt()), 0};
-        // Saved tensors keep the views forward checked (an in-place change of one is refused by
-        // get_saved_variables through its version counter).
-        blas_view(weight, fan_in_fan_out, &a.weight);
-        blas_view(lora_a, false, &a.lora_a);
-        blas_view(lora_b, false, &a.lora_b);
-        a.out = a.weight.rows;
-        a.x = rows_view(x, a.in);
-        a.m = a.x.rows;
-
         // The gradient of y.sum() or y.mean() is expanded (stride 0): the one copy BLAS needs.
         at::Tensor grad_out = grad_outputs[0].is_contiguous() ? grad_outputs[0]
                                                               : grad_outputs[0].contiguous();
-        cpeft_lora_linear_bwd_in in = {rows_view(grad_out, a.out), rows_view(xa, a.r)};
+        cpeft_lora_linear_bwd_in in;
+        // An in-place write to a saved tensor is refused by get_saved_variables (version
+        // counters), but `tensor.data = other` replaces its sizes, strides and memory without
+        // one: every view is rebuilt from the tensors as they are now and checked again, so
+        // that such a change raises here instead of reading out of bounds.
+        TORCH_CHECK(saved_views_agree(x, weight, lora_a, lora_b, xa, grad_out, fan_in_fan_out, &a,
+                                      &in),
+                    "cpeft LoRA linear backward: a tensor saved by forward (x, weight, lora_a, "
+                    "lora_b) no longer has the dtype, device, shape or layout it had then (was "
+                    "its .data replaced?)");
 
         at::Tensor grad_x, grad_weight, grad_bias, grad_a, grad_b;
         cpeft_lora_linear_bwd_out o = {};
