@@ -401,3 +401,19 @@ def test_threads_share_a_layer_and_get_serial_results():
         t.join()
     for got, want in zip(results, serial):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_no_reference_left_behind():
+    """After a step and its output are gone, every tensor the node saw has its references back
+    (the node, its saved tensors and the wrapped output are all released)."""
+    layer = cpeft.Linear(12, 10, r=3, bias=True)
+    x = torch.randn(7, 12, requires_grad=True)
+    tensors = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    layer(x).sum().backward()  # the first step creates the .grad tensors
+    before = [t._use_count() for t in tensors]
+    for _ in range(50):
+        y = layer(x)
+        assert NODE in y.grad_fn.name()
+        y.sum().backward()
+        del y
+    assert [t._use_count() for t in tensors] == before
