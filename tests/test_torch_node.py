@@ -417,3 +417,18 @@ def test_no_reference_left_behind():
         y.sum().backward()
         del y
     assert [t._use_count() for t in tensors] == before
+
+
+def test_loader_refuses_another_torch_and_the_off_switch(monkeypatch):
+    """The node links the torch it was compiled against: with any other version (or with
+    CPEFT_TORCH_NODE=0) the loader says why and the layers keep the Python Function."""
+    monkeypatch.setattr(torch, "__version__", "0.0.1+other")
+    node, why = _autograd._load_torch_node()
+    assert node is None and "built against torch" in why and "0.0.1+other" in why
+    monkeypatch.undo()
+    monkeypatch.setenv("CPEFT_TORCH_NODE", "0")
+    node, why = _autograd._load_torch_node()
+    assert node is None and "CPEFT_TORCH_NODE=0" in why
+    monkeypatch.delenv("CPEFT_TORCH_NODE")
+    node, why = _autograd._load_torch_node()
+    assert node is _autograd._lora_linear_node and why is None
