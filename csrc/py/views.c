@@ -1,6 +1,8 @@
 /* Views of acquired tensors for the compute layer (views.h). */
 #include "views.h"
 
+#include "cpeft/views.h"
+
 #include <string.h>
 
 #include "checks.h"
@@ -32,32 +34,6 @@ static int collapse_dims(const cpeft_tensor *t, int first, int last, int64_t *si
         expected = t->strides[i] * t->shape[i];
     }
     return 1;
-}
-
-/* A BLAS-able description of a rows x cols run, or 0 (see cpeft_mat in core.h). */
-static int blas_layout(int64_t rows, int64_t cols, int64_t rs, int rs_free, int64_t cs, int cs_free,
-                       cpeft_mat *m)
-{
-    m->rows = rows;
-    m->cols = cols;
-    int64_t min_rs = cols > 1 ? cols : 1;
-    int64_t min_cs = rows > 1 ? rows : 1;
-    if (rows == 0 || cols == 0) {
-        m->row_stride = min_rs;
-        m->col_stride = 1;
-        return 1;
-    }
-    if ((cs_free || cs == 1) && (rs_free || rs >= min_rs)) {
-        m->col_stride = 1;
-        m->row_stride = rs_free ? min_rs : rs;
-        return 1;
-    }
-    if ((rs_free || rs == 1) && (cs_free || cs >= min_cs)) {
-        m->row_stride = 1;
-        m->col_stride = cs_free ? min_cs : cs;
-        return 1;
-    }
-    return 0;
 }
 
 /* Copy t's elements into a compact row-major PyMem_Raw buffer that replaces its data. */
@@ -143,11 +119,11 @@ int cpeft_tensor_mat(cpeft_tensor *t, int transpose, cpeft_mat *mat)
         }
         cpeft_mat m;
         if (ok && !t->misaligned &&
-            (transpose ? blas_layout(cols, rows, cs, cs_free, rs, rs_free, &m)
-                       : blas_layout(rows, cols, rs, rs_free, cs, cs_free, &m))) {
+            (transpose ? cpeft_mat_blas_layout(cols, rows, cs, cs_free, rs, rs_free, &m)
+                       : cpeft_mat_blas_layout(rows, cols, rs, rs_free, cs, cs_free, &m))) {
             /* BLAS takes 32-bit leading dimensions; the GEMM wrapper blocks sizes beyond that,
              * but a leading dimension is the memory's own. */
-            int64_t ld = m.col_stride == 1 ? m.row_stride : m.col_stride;
+            int64_t ld = cpeft_mat_leading_dim(m);
             if (ld <= INT32_MAX) {
                 m.data = t->data;
                 *mat = m;

@@ -30,12 +30,12 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <utility>
 
 #include "cpeft/compute_api.h"
+#include "cpeft/views.h"
 
 #ifndef CPEFT_TORCH_VERSION
 #error "CPEFT_TORCH_VERSION (the torch this module is compiled against) must be defined"
@@ -60,9 +60,9 @@ cpeft_dtype core_dtype(const at::Tensor &t)
     return t.scalar_type() == at::kDouble ? CPEFT_FLOAT64 : CPEFT_FLOAT32;
 }
 
-/* A 2-D tensor as the core's BLAS-able matrix (cpeft/core.h), transposed for a fan_in_fan_out
- * weight; false where the C boundary would copy it or refuse it. A size-1 dimension's stride is
- * free, as there. */
+/* A 2-D tensor as the core's BLAS-able matrix, transposed for a fan_in_fan_out weight, by the
+ * rule the C boundary applies (cpeft_mat_blas_layout, a size-1 dimension's stride free); false
+ * where the boundary would copy it or refuse it. */
 bool blas_view(const at::Tensor &t, bool transposed, cpeft_mat *m)
 {
     int64_t rows = t.size(0), cols = t.size(1), row_stride = t.stride(0), col_stride = t.stride(1);
@@ -70,27 +70,16 @@ bool blas_view(const at::Tensor &t, bool transposed, cpeft_mat *m)
         std::swap(rows, cols);
         std::swap(row_stride, col_stride);
     }
-    if (cols <= 1)
-        col_stride = std::max<int64_t>(1, rows);
-    if (rows <= 1)
-        row_stride = std::max<int64_t>(1, cols);
-    bool row_major = (col_stride == 1 || cols <= 1) && row_stride >= std::max<int64_t>(1, cols);
-    bool col_major = (row_stride == 1 || rows <= 1) && col_stride >= std::max<int64_t>(1, rows);
-    if (row_major) {
-        *m = {t.data_ptr(), rows, cols, row_stride, 1};
-    } else if (col_major) {
-        *m = {t.data_ptr(), rows, cols, 1, col_stride};
-    } else {
+    if (!cpeft_mat_blas_layout(rows, cols, row_stride, rows <= 1, col_stride, cols <= 1, m))
         return false;
-    }
-    // BLAS takes 32-bit leading dimensions.
-    return (m->col_stride == 1 ? m->row_stride : m->col_stride) <= INT32_MAX;
+    m->data = t.data_ptr();
+    return cpeft_mat_leading_dim(*m) <= INT32_MAX;
 }
 
 /* A contiguous tensor (..., cols) as the M x cols matrix of its flattened leading dims. */
 cpeft_mat rows_view(const at::Tensor &t, int64_t cols)
 {
-    return {t.data_ptr(), t.numel() / cols, cols, cols, 1};
+    return cpeft_mat_compact(t.data_ptr(), t.numel() / cols, cols);
 }
 
 /* A dense CPU tensor of `dtype` that the core can read: a torch.Tensor or nn.Parameter itself

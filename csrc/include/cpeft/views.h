@@ -56,6 +56,40 @@ static inline int cpeft_mat_is_col_major(cpeft_mat m)
     return m.row_stride == 1 && m.col_stride >= (m.rows > 1 ? m.rows : 1);
 }
 
+/* The BLAS-able description (strides, rows, cols; data left to the caller) of a rows x cols
+ * run with strides rs and cs, or 0 where there is none. A stride marked free belongs to a
+ * dimension of size 1 (or one merged away) and may take whatever value the layout needs. */
+static inline int cpeft_mat_blas_layout(int64_t rows, int64_t cols, int64_t rs, int rs_free,
+                                        int64_t cs, int cs_free, cpeft_mat *m)
+{
+    m->rows = rows;
+    m->cols = cols;
+    int64_t min_rs = cols > 1 ? cols : 1;
+    int64_t min_cs = rows > 1 ? rows : 1;
+    if (rows == 0 || cols == 0) {
+        m->row_stride = min_rs;
+        m->col_stride = 1;
+        return 1;
+    }
+    if ((cs_free || cs == 1) && (rs_free || rs >= min_rs)) {
+        m->col_stride = 1;
+        m->row_stride = rs_free ? min_rs : rs;
+        return 1;
+    }
+    if ((rs_free || rs == 1) && (cs_free || cs >= min_cs)) {
+        m->row_stride = 1;
+        m->col_stride = cs_free ? min_cs : cs;
+        return 1;
+    }
+    return 0;
+}
+
+/* The leading dimension BLAS is given for a BLAS-able m (32 bits in the BLAS cpeft links). */
+static inline int64_t cpeft_mat_leading_dim(cpeft_mat m)
+{
+    return m.col_stride == 1 ? m.row_stride : m.col_stride;
+}
+
 /* A compact view of like's shape over data, column-major when like is, so that an elementwise
  * pass from like into it streams through both. */
 static inline cpeft_mat cpeft_mat_compact_like(cpeft_mat like, void *data)
