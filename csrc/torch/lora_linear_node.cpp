@@ -99,9 +99,33 @@ bool plain_operand(PyObject *obj, at::ScalarType dtype)
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % t.element_size() == 0;
 }
 
+/* a's views of x, the weight and the adapters (one adapter group), as the core takes them: true
+ * when x is contiguous, the others BLAS-able 2-D views, and every shared size agrees and is
+ * nonzero. Forward's test for taking a call and backward's re-check of what it saved. */
+bool linear_views(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &lora_a,
+                  const at::Tensor &lora_b, bool fan_in_fan_out, cpeft_lora_linear_args *a)
+{
+    if (x.dim() < 1 || !x.is_contiguous() || weight.dim() != 2 || lora_a.dim() != 2 ||
+        lora_b.dim() != 2 || !blas_view(weight, fan_in_fan_out, &a->weight) ||
+        !blas_view(lora_a, false, &a->lora_a) || !blas_view(lora_b, false, &a->lora_b))
+        return false;
+    a->dtype = core_dtype(x);
+    a->groups = 1;
+    a->enabled[0] = 1;
+    a->out = a->weight.rows;
+    a->in = a->weight.cols;
+    a->r = a->lora_a.rows;
+    if (a->in == 0 || a->out == 0 || a->r == 0 || a->in > INT32_MAX || x.size(-1) != a->in ||
+        a->lora_a.cols != a->in || a->lora_b.rows != a->out || a->lora_b.cols != a->r)
+        return false;
+    a->x = rows_view(x, a->in);
+    a->m = a->x.rows;
+    return true;
+}
+
 /* Backward's views of the saved tensors and the incoming gradient (contiguous by then), true
- * when they still fit together as forward checked them: one CPU float dtype, x and xa
- * contiguous, the weight and adapters BLAS-able, every shared size equal. */
+ * when they still fit together as forward checked them: one CPU float dtype, linear_views, and
+ * xa and the gradient contiguous with x's rows. */
 bool saved_views_agree(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &lora_a,
                        const at::Tensor &lora_b, const at::Tensor &xa, const at::Tensor &grad_out,
                        bool fan_in_fan_out, cpeft_lora_linear_args *a, cpeft_lora_linear_bwd_in *in)
@@ -114,22 +138,10 @@ bool saved_views_agree(const at::Tensor &x, const at::Tensor &weight, const at::
             t->scalar_type() != dtype || !t->has_storage())
             return false;
     }
-    if (x.dim() < 1 || !x.is_contiguous() || !xa.is_contiguous() || !grad_out.is_contiguous() ||
-        weight.dim() != 2 || lora_a.dim() != 2 || lora_b.dim() != 2 ||
-        !blas_view(weight, fan_in_fan_out, &a->weight) || !blas_view(lora_a, false, &a->lora_a) ||
-        !blas_view(lora_b, false, &a->lora_b))
-        return false;
-    a->dtype = core_dtype(x);
-    a->out = a->weight.rows;
-    a->in = a->weight.cols;
-    a->r = a->lora_a.rows;
-    if (a->in == 0 || a->out == 0 || a->r == 0 || x.size(-1) != a->in || a->lora_a.cols != a->in ||
-        a->lora_b.rows != a->out || a->lora_b.cols != a->r)
-        return false;
-    a->x = rows_view(x, a->in);
-    a->m = a->x.rows;
-    if (xa.dim() < 1 || xa.size(-1) != a->r || xa.numel() != a->m * a->r || grad_out.dim() < 1 ||
-        grad_out.size(-1) != a->out || grad_out.numel() != a->m * a->out)
+    if (!linear_views(x, weight, lora_a, lora_b, fan_in_fan_out, a) || !xa.is_contiguous() ||
+        !grad_out.is_contiguous() || xa.dim() < 1 || xa.size(-1) != a->r ||
+        xa.numel() != a->m * a->r || grad_out.dim() < 1 || grad_out.size(-1) != a->out ||
+        grad_out.numel() != a->m * a->out)
         return false;
     *in = {rows_view(grad_out, a->out), rows_view(xa, a->r)};
     return true;
@@ -175,8 +187,6 @@ public:
                          &xa = saved[4];
         bool fan_in_fan_out = ctx->saved_data["fan_in_fan_out"].toBool();
         cpeft_lora_linear_args a = {};
-        a.groups = 1;
-        a.enabled[0] = 1;
         a.scale = ctx->saved_data["scale"].toDouble();
         a.dropout = {ctx->saved_data["dropout"].toDouble(),
                      static_cast<uint64_t>(ctx->saved_data["seed"].toInt()), 0};
@@ -306,21 +316,9 @@ PyObject *lora_linear(PyObject *, PyObject *const *args, Py_ssize_t nargs)
         bias = THPVariable_Unpack(bias_obj);
 
     cpeft_lora_linear_args a = {};
-    a.dtype = core_dtype(x);
-    a.groups = 1;
-    a.enabled[0] = 1;
     a.scale = settings.scale;
     a.dropout = {settings.dropout, settings.seed, 0};
-    if (x.dim() < 1 || !x.is_contiguous() || weight.dim() != 2 || lora_a.dim() != 2 ||
-        lora_b.dim() != 2 || !blas_view(weight, settings.fan_in_fan_out, &a.weight) ||
-        !blas_view(lora_a, false, &a.lora_a) || !blas_view(lora_b, false, &a.lora_b))
-        Py_RETURN_NONE;
-    a.out = a.weight.rows;
-    a.in = a.weight.cols;
-    a.r = a.lora_a.rows;
-    if (a.in == 0 || a.out == 0 || a.r == 0 || x.numel() == 0 || a.in > INT32_MAX ||
-        x.size(-1) != a.in || a.lora_a.cols != a.in || a.lora_b.rows != a.out ||
-        a.lora_b.cols != a.r)
+    if (!linear_views(x, weight, lora_a, lora_b, settings.fan_in_fan_out, &a) || a.m == 0)
         Py_RETURN_NONE;
     if (bias) {
         if (bias->dim() != 1 || bias->size(0) != a.out || (a.out > 1 && bias->stride(0) < 1) ||
@@ -328,8 +326,6 @@ PyObject *lora_linear(PyObject *, PyObject *const *args, Py_ssize_t nargs)
             Py_RETURN_NONE;
         a.bias = {bias->data_ptr(), a.out, a.out > 1 ? bias->stride(0) : 1};
     }
-    a.x = rows_view(x, a.in);
-    a.m = a.x.rows;
 
     at::Tensor y;
     {
